@@ -1,0 +1,66 @@
+"""nbllm: run local language models from Jupyter.
+
+Load a model once, prompt it from any cell, reproducibly::
+
+    import nbllm
+    nbllm.load("path/to/model", load_in_4bit=True)
+    print(nbllm.generate("Hello", temperature=0).text)
+
+In IPython: ``%load_ext nbllm``, then ``%llm_load MODEL [options]`` and ``%%llm``.
+Importing this package imports no torch, transformers or llama_cpp; the loaders do, when they load.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from .engine import Engine, Status, get_engine
+from .errors import NbllmError
+from .options import GenerationOptions, LoadOptions
+from .result import Record, Result
+
+__version__ = "0.1.0"
+
+
+def load(model: str | Path, options: LoadOptions | Mapping[str, Any] | None = None, **kwargs: Any) -> Status:
+    """Load ``model`` into this process's engine (see :meth:`Engine.load`); keyword arguments are
+    :class:`LoadOptions` fields, e.g. ``load_in_4bit=True``."""
+    return get_engine().load(model, options, **kwargs)
+
+
+def unload() -> bool:
+    """Release the loaded model and its memory."""
+    return get_engine().unload()
+
+
+def status() -> Status:
+    """What is loaded, with which options, where its layers are and the memory it uses."""
+    return get_engine().status()
+
+
+def generate(prompt: str | Sequence[Mapping[str, str]], options: GenerationOptions | Mapping[str, Any] | None = None,
+             **kwargs: Any) -> Result:
+    """Generate to the end; keyword arguments are :class:`GenerationOptions` fields (and ``chat``,
+    ``system``)."""
+    return get_engine().generate(prompt, options, **kwargs)
+
+
+def stream(prompt: str | Sequence[Mapping[str, str]], options: GenerationOptions | Mapping[str, Any] | None = None,
+           **kwargs: Any) -> Result:
+    """Start generating; iterate the result to get text as it is produced."""
+    return get_engine().stream(prompt, options, **kwargs)
+
+
+def load_ipython_extension(ipython: Any) -> None:
+    """``%load_ext nbllm``."""
+    from .magics import load_ipython_extension as load_magics
+
+    load_magics(ipython)
+
+
+__all__ = [
+    "Engine", "GenerationOptions", "LoadOptions", "NbllmError", "Record", "Result", "Status",
+    "generate", "get_engine", "load", "load_ipython_extension", "status", "stream", "unload",
+]

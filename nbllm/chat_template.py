@@ -1,0 +1,82 @@
+"""Rendering messages through a model's own chat template, in jinja's sandbox.
+
+The same rendering serves both loaders (the Transformers tokenizer's ``chat_template`` and the GGUF's
+``tokenizer.chat_template``), so a chat prompt is built one way everywhere. It follows what
+transformers' ``apply_chat_template`` does: an immutable sandbox, ``trim_blocks``/``lstrip_blocks``,
+``raise_exception``, ``strftime_now`` and a ``tojson`` that keeps non-ASCII text.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+from collections.abc import Sequence
+from functools import lru_cache
+from typing import Any
+
+from .errors import ChatError
+
+FALLBACK_TEMPLATE = (
+    "{{ bos_token }}"
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+"""ChatML, used for models that ship no chat template (nbllm says so when it uses it)."""
+
+
+@lru_cache(maxsize=16)
+def _compile(template: str) -> Any:
+    from jinja2 import TemplateError
+    from jinja2.ext import loopcontrols
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    def raise_exception(message: str) -> None:
+        raise TemplateError(message)
+
+    def tojson(value: Any, ensure_ascii: bool = False, indent: int | None = None,
+               separators: Any = None, sort_keys: bool = False) -> str:
+        return json.dumps(value, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+
+    def strftime_now(fmt: str) -> str:
+        return _dt.datetime.now().strftime(fmt)
+
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols])
+    env.filters["tojson"] = tojson
+    env.globals["raise_exception"] = raise_exception
+    env.globals["strftime_now"] = strftime_now
+    return env.from_string(template)
+
+
+def render_chat(
+    template: str | None,
+    messages: Sequence[dict[str, str]],
+    *,
+    special_tokens: dict[str, str],
+    add_generation_prompt: bool = True,
+) -> str:
+    """The prompt text for ``messages`` (dicts with ``role`` and ``content``) under ``template``.
+
+    ``template=None`` uses :data:`FALLBACK_TEMPLATE`.
+    """
+    from jinja2 import TemplateError
+
+    try:
+        return str(
+            _compile(template or FALLBACK_TEMPLATE).render(
+                messages=list(messages), add_generation_prompt=add_generation_prompt, **special_tokens
+            )
+        )
+    except TemplateError as exc:
+        raise ChatError(
+            f"the model's chat template refused these messages: {exc}",
+            "check the roles (many templates want user and assistant turns to alternate, and allow a "
+            "system prompt only first)",
+        ) from None
+
+
+def starts_with_bos(text: str, special_tokens: dict[str, str]) -> bool:
+    """Whether a rendered prompt already begins with the BOS text (then the tokenizer must not add one)."""
+    bos = special_tokens.get("bos_token") or ""
+    return bool(bos) and text.startswith(bos)

@@ -1,0 +1,402 @@
+"""The Transformers loader: Hugging Face models, with bitsandbytes, flash-attention, torch.compile,
+offloading and RoPE scaling as text-generation-webui offers them.
+
+torch, transformers, accelerate and bitsandbytes are imported inside the methods, never at import
+time, so ``%load_ext nbllm`` stays fast.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import struct
+import threading
+from collections import Counter
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any, ClassVar
+
+from ..errors import LoadError, OptionError, missing_dependency
+from ..models import ModelSource
+from ..options import TRANSFORMERS, GenerationOptions, LoadOptions
+from ..streaming import threaded_tokens
+from .base import Loader, Placement
+
+_DTYPES = {"float16", "bfloat16", "float32"}
+
+
+def cuda_devices() -> list[tuple[str, tuple[int, int]]]:
+    """(name, compute capability) of each visible CUDA GPU; empty without CUDA."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return []
+    return [
+        (torch.cuda.get_device_name(i), torch.cuda.get_device_capability(i))
+        for i in range(torch.cuda.device_count())
+    ]
+
+
+def pick_attention(requested: str, gpus: list[tuple[str, tuple[int, int]]]) -> tuple[str, str | None]:
+    """The attention implementation to use, and a note for the user when ``auto`` chose it.
+
+    flash_attention_2 needs an NVIDIA GPU of the Ampere generation or newer (compute capability 8.0)
+    and the flash-attn package; asked for explicitly, a missing piece is an error naming it.
+    """
+    if requested not in ("auto", "flash_attention_2"):
+        return requested, None
+    if not gpus:
+        why: tuple[str, str] = (
+            "FlashAttention 2 needs an NVIDIA GPU and none is available (CUDA not found)",
+            "use --attn sdpa (the default without a GPU), or run on a machine with an NVIDIA GPU",
+        )
+    elif min(cap for _, cap in gpus) < (8, 0):
+        name, cap = min(gpus, key=lambda g: g[1])
+        why = (
+            f"FlashAttention 2 needs an Ampere or newer GPU (compute capability 8.0); {name} is {cap[0]}.{cap[1]}",
+            "use --attn sdpa",
+        )
+    elif importlib.util.find_spec("flash_attn") is None:
+        why = (
+            "FlashAttention 2 needs the flash-attn package, which is not installed",
+            "install it with: pip install flash-attn --no-build-isolation (or use --attn sdpa)",
+        )
+    else:
+        return "flash_attention_2", ("attention: auto picked flash_attention_2" if requested == "auto" else None)
+    if requested == "flash_attention_2":
+        raise OptionError(*why)
+    return "sdpa", f"attention: auto picked sdpa ({why[0]})"
+
+
+def check_safetensors(path: Path) -> None:
+    """Fail early, before the current model is released, on a truncated or damaged safetensors file."""
+    size = path.stat().st_size
+    damaged = LoadError(
+        f"{path.name} is truncated or damaged", "download the model again (nbllm download ... --check verifies it)"
+    )
+    with path.open("rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            raise damaged
+        (n,) = struct.unpack("<Q", head)
+        if n > size - 8 or n > 100_000_000:
+            raise damaged
+        try:
+            header = json.loads(f.read(n))
+        except ValueError:
+            raise damaged from None
+    ends = [t["data_offsets"][1] for k, t in header.items() if k != "__metadata__"]
+    if 8 + n + max(ends, default=0) > size:
+        raise damaged
+
+
+def needs_remote_code(config: dict[str, Any]) -> bool:
+    """Whether the model's architecture exists only in code shipped with it (config.json auto_map)."""
+    if not config.get("auto_map"):
+        return False
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
+
+    return config.get("model_type") not in CONFIG_MAPPING_NAMES
+
+
+def rope_parameters(current: dict[str, Any] | None, options: LoadOptions) -> dict[str, Any] | None:
+    """The model's RoPE parameters with --alpha-value (dynamic NTK) or --compress-pos-emb (linear) applied.
+
+    rope_theta and every other key are kept: replacing the dict (transformers' rope_scaling) loses them.
+    """
+    if options.alpha_value == 1.0 and options.compress_pos_emb == 1.0:
+        return current
+    if not current:
+        flag = "--alpha-value" if options.alpha_value != 1.0 else "--compress-pos-emb"
+        raise OptionError(f"{flag} needs a model with rotary position embeddings (RoPE); this one has none", f"drop {flag}")
+    if options.alpha_value != 1.0:
+        return {**current, "rope_type": "dynamic", "factor": options.alpha_value}
+    return {**current, "rope_type": "linear", "factor": options.compress_pos_emb}
+
+
+class TransformersLoader(Loader):
+    """Loads a Hugging Face model folder with ``AutoModelForCausalLM``."""
+
+    name: ClassVar[str] = TRANSFORMERS
+    library: ClassVar[str] = "transformers"
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.model: Any = None
+        self.tokenizer: Any = None
+        self._attention: str | None = None
+        self._device_kwargs: dict[str, Any] = {}
+
+    # -- before anything is released ------------------------------------------------------------
+    @classmethod
+    def check(cls, source: ModelSource, options: LoadOptions) -> None:
+        for module, extra in (("torch", "transformers"), ("transformers", "transformers"), ("accelerate", "transformers")):
+            if importlib.util.find_spec(module) is None:
+                raise missing_dependency(module, extra)
+        if (options.load_in_4bit or options.load_in_8bit) and importlib.util.find_spec("bitsandbytes") is None:
+            raise missing_dependency("bitsandbytes (needed by --load-in-4bit/--load-in-8bit)", "gpu")
+        cls._device_arguments(options)
+        pick_attention(options.attn_requested, cuda_devices())
+        config_path = source.path / "config.json"
+        try:
+            config = json.loads(config_path.read_text())
+        except (OSError, ValueError) as exc:
+            raise LoadError(f"{config_path} cannot be read ({type(exc).__name__})", "download the model again") from None
+        if needs_remote_code(config) and not options.trust_remote_code:
+            raise LoadError(
+                f"{source.name} ships its own model code (model_type {config.get('model_type')!r}) and needs "
+                "--trust-remote-code",
+                "add --trust-remote-code if you trust the repository it comes from",
+            )
+        weights = sorted(source.path.glob("*.safetensors")) or sorted(source.path.glob("*.bin"))
+        if not weights:
+            raise LoadError(
+                f"{source.name} has no weights (no .safetensors or .bin file)", "download the model again"
+            )
+        for w in weights:
+            if w.suffix == ".safetensors":
+                check_safetensors(w)
+
+    @staticmethod
+    def _device_arguments(options: LoadOptions) -> dict[str, Any]:
+        """device_map / max_memory / offload arguments for from_pretrained (validated against this machine)."""
+        gpus = cuda_devices() if options.device != "cpu" else []
+        if options.device == "cuda" and not gpus:
+            raise OptionError(
+                "--device cuda was asked for but no CUDA GPU is available", "use --device cpu (or auto)"
+            )
+        split = options.gpu_split_values
+        if split and not gpus:
+            raise OptionError("--gpu-split needs CUDA GPUs and none is available", "drop --gpu-split")
+        if len(split) > len(gpus):
+            raise OptionError(
+                f"--gpu-split names {len(split)} GPUs but {len(gpus)} {'is' if len(gpus) == 1 else 'are'} available",
+                f"give at most {len(gpus)} values",
+            )
+        device = "cuda" if gpus else "cpu"
+        if not (split or options.cpu_memory is not None or options.disk_offload):
+            return {"device_map": {"": device}}
+        max_memory: dict[int | str, str] = {i: f"{gib}GiB" for i, gib in enumerate(split)}
+        if options.cpu_memory is not None:
+            max_memory["cpu"] = f"{options.cpu_memory}GiB"
+        kwargs: dict[str, Any] = {"device_map": "auto", "max_memory": max_memory or None}
+        if options.disk_offload:
+            cache = Path(os.environ.get("NBLLM_CACHE_DIR", Path.home() / ".cache" / "nbllm"))
+            kwargs["offload_folder"] = str(cache / "offload")
+        return kwargs
+
+    # -- loading ---------------------------------------------------------------------------------
+    def load(self, source: ModelSource, options: LoadOptions) -> None:
+        import torch
+        from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+        self.source, self.options = source, options
+        gpus = cuda_devices() if options.device != "cpu" else []
+        attention, note = pick_attention(options.attn_requested, gpus)
+        self._device_kwargs = self._device_arguments(options)
+        kwargs: dict[str, Any] = dict(self._device_kwargs)
+        path, remote = str(source.path), options.trust_remote_code
+        try:
+            config = AutoConfig.from_pretrained(path, trust_remote_code=remote, revision=options.revision)
+            rope = rope_parameters(getattr(config, "rope_parameters", None), options)
+            if rope is not None:
+                config.rope_parameters = rope
+            kwargs["config"] = config
+            if options.dtype in _DTYPES:
+                kwargs["dtype"] = getattr(torch, options.dtype)
+            else:
+                kwargs["dtype"] = "auto"
+            quantization = self._quantization_config(options, bool(gpus))
+            if quantization is not None:
+                kwargs["quantization_config"] = quantization
+            self.model = AutoModelForCausalLM.from_pretrained(
+                path, attn_implementation=attention, trust_remote_code=remote, revision=options.revision, **kwargs
+            )
+            self.model.eval()
+            self.tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=remote, revision=options.revision)
+        except (OptionError, LoadError):
+            self.unload()
+            raise
+        except (torch.OutOfMemoryError, MemoryError):
+            self.unload()
+            raise LoadError(
+                f"not enough memory to load {source.name}",
+                "use --load-in-4bit or --load-in-8bit, offload with --cpu-memory/--disk-offload, or a smaller model",
+            ) from None
+        except ImportError as exc:
+            self.unload()
+            raise LoadError(f"loading {source.name} needs a library that is missing: {_first_line(exc)}",
+                            "install it with pip and load again") from exc
+        except Exception as exc:
+            self.unload()
+            raise LoadError(
+                f"could not load {source.name}: {type(exc).__name__}: {_first_line(exc)}",
+                "check that the folder holds a complete model (config.json, weights, tokenizer); "
+                "download it again if files are damaged",
+            ) from exc
+        device_map = getattr(self.model, "hf_device_map", None) or {}
+        if "disk" in device_map.values() and not options.disk_offload:
+            self.unload()
+            raise LoadError(
+                f"{source.name} does not fit in the memory allowed (--cpu-memory {options.cpu_memory})",
+                "raise --cpu-memory, or add --disk-offload to put the rest on disk",
+            )
+        if options.compile:
+            self.model.forward = torch.compile(self.model.forward)
+        self._attention = attention
+        self.placement = self._placement(note)
+
+    @staticmethod
+    def _quantization_config(options: LoadOptions, on_gpu: bool) -> Any:
+        if not (options.load_in_4bit or options.load_in_8bit):
+            return None
+        import torch
+        from transformers import BitsAndBytesConfig
+
+        offloading = options.cpu_memory is not None or bool(options.gpu_split) or options.disk_offload
+        if options.load_in_8bit:
+            return BitsAndBytesConfig(load_in_8bit=True, llm_int8_enable_fp32_cpu_offload=offloading)
+        compute = options.compute_dtype if options.compute_dtype != "auto" else ("float16" if on_gpu else "float32")
+        return BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type=options.quant_type,
+            bnb_4bit_compute_dtype=getattr(torch, compute),
+            bnb_4bit_use_double_quant=options.double_quant,
+            llm_int8_enable_fp32_cpu_offload=offloading,
+        )
+
+    def _placement(self, note: str | None) -> Placement:
+        """Modules and bytes per device, from the parameters themselves (meta = offloaded to disk)."""
+        device_map = getattr(self.model, "hf_device_map", None)
+        memory: Counter[str] = Counter()
+        for tensor in [*self.model.parameters(), *self.model.buffers()]:
+            dev = "disk" if tensor.device.type == "meta" else str(tensor.device)
+            memory[dev] += tensor.numel() * tensor.element_size()
+        if device_map:
+            devices = Counter(_device_name(d) for d in device_map.values())
+        else:
+            devices = Counter({dev: self.model.config.num_hidden_layers for dev in memory})
+        return Placement(dict(devices), dict(memory), [note] if note else [])
+
+    def unload(self) -> None:
+        self.model = None
+        self.tokenizer = None
+
+    # -- text ------------------------------------------------------------------------------------
+    def tokenize(self, text: str, *, add_special: bool) -> list[int]:
+        return list(self.tokenizer(text, add_special_tokens=add_special)["input_ids"])
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return str(self.tokenizer.decode(list(ids), skip_special_tokens=True))
+
+    @property
+    def eos_token_ids(self) -> frozenset[int]:
+        eos = self.model.generation_config.eos_token_id
+        if eos is None:
+            eos = self.tokenizer.eos_token_id
+        return frozenset([eos] if isinstance(eos, int) else (eos or []))
+
+    @property
+    def chat_template(self) -> str | None:
+        template = getattr(self.tokenizer, "chat_template", None)
+        if isinstance(template, dict):
+            template = template.get("default")
+        return template or None
+
+    @property
+    def special_tokens(self) -> dict[str, str]:
+        return {"bos_token": self.tokenizer.bos_token or "", "eos_token": self.tokenizer.eos_token or ""}
+
+    @property
+    def context_length(self) -> int | None:
+        n = getattr(self.model.config, "max_position_embeddings", None)
+        if n is None:
+            return None
+        factor = (getattr(self.model.config, "rope_parameters", None) or {}).get("factor") or 1.0
+        return int(n * factor)
+
+    def describe(self) -> dict[str, Any]:
+        quant = getattr(self.model.config, "quantization_config", None)
+        return {
+            "attn_implementation": self._attention,
+            "dtype": str(self.model.dtype).removeprefix("torch."),
+            "quantization": quant.to_dict() if hasattr(quant, "to_dict") else quant,
+            "compiled": bool(self.options and self.options.compile),
+            "device_map": dict(getattr(self.model, "hf_device_map", None) or {}),
+        }
+
+    # -- generation ------------------------------------------------------------------------------
+    def generation_kwargs(self, options: GenerationOptions) -> dict[str, Any]:
+        """``model.generate`` keyword arguments for these options (the model's generation_config fills the rest)."""
+        kwargs: dict[str, Any] = {
+            "max_new_tokens": options.max_new_tokens,
+            "repetition_penalty": options.repetition_penalty,
+            "pad_token_id": self.tokenizer.pad_token_id
+            if self.tokenizer.pad_token_id is not None
+            else next(iter(sorted(self.eos_token_ids)), None),
+        }
+        if options.greedy:
+            kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None, min_p=None, typical_p=None)
+        else:
+            kwargs.update(
+                do_sample=True,
+                temperature=options.temperature,
+                top_p=options.top_p,
+                top_k=options.top_k,
+                min_p=options.min_p or None,
+                typical_p=options.typical_p,
+            )
+        return kwargs
+
+    def generate_tokens(
+        self, prompt_ids: list[int], options: GenerationOptions, seed: int, cancel: threading.Event
+    ) -> Iterator[int]:
+        import torch
+        from transformers import StoppingCriteria, StoppingCriteriaList, set_seed
+        from transformers.generation.streamers import BaseStreamer
+
+        model = self.model
+        kwargs = self.generation_kwargs(options)
+
+        class Cancelled(StoppingCriteria):
+            def __call__(self, input_ids: Any, scores: Any, **_: Any) -> Any:
+                return torch.full((input_ids.shape[0],), cancel.is_set(), dtype=torch.bool, device=input_ids.device)
+
+        def run(emit: Any) -> None:
+            class Emit(BaseStreamer):
+                prompt_seen = False
+
+                def put(self, value: Any) -> None:
+                    if not self.prompt_seen:  # generate() first puts the prompt itself
+                        self.prompt_seen = True
+                        return
+                    for token in value.reshape(-1).tolist():
+                        emit(token)
+
+                def end(self) -> None:
+                    pass
+
+            set_seed(seed)
+            input_ids = torch.tensor([prompt_ids], device=model.device)
+            with torch.inference_mode():
+                model.generate(
+                    input_ids=input_ids,
+                    attention_mask=torch.ones_like(input_ids),
+                    streamer=Emit(),
+                    stopping_criteria=StoppingCriteriaList([Cancelled()]),
+                    **kwargs,
+                )
+
+        return threaded_tokens(run, cancel)
+
+
+def _device_name(device: Any) -> str:
+    if isinstance(device, int):
+        return f"cuda:{device}"
+    return str(device)
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0] if text else type(exc).__name__

@@ -1,0 +1,87 @@
+"""``%llm_load``, ``%%llm``, ``%llm_unload``, ``%llm_status``: thin calls into the library."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from IPython.core import magic_arguments
+from IPython.core.magic import Magics, cell_magic, line_magic, magics_class
+
+from ..engine import _gib, get_engine, process_rss
+from ..options import GenerationOptions, LoadOptions
+from ._common import interpolate, schema_arguments, show_stream, user_errors
+
+
+@magics_class
+class CoreMagics(Magics):
+    """Load a model once; prompt it from any cell."""
+
+    @line_magic
+    @magic_arguments.magic_arguments()
+    @magic_arguments.argument("model", help="A model folder, a .gguf file, a models-folder name or a hub id (org/model).")
+    @schema_arguments(LoadOptions)
+    @user_errors
+    def llm_load(self, line: str) -> None:
+        """Load a model into this kernel's engine; it stays loaded between cells.
+
+        Loading another model releases the current one first; the same model with the same options
+        returns at once. Examples::
+
+            %llm_load ./models/org_model --load-in-4bit --compute-dtype bfloat16
+            %llm_load ./models/model.Q4_K_M.gguf --n-ctx 4096 --n-gpu-layers -1
+        """
+        args = magic_arguments.parse_argstring(self.llm_load, line)
+        options = LoadOptions.from_namespace(args)
+        status = get_engine().load(args.model, options)
+        where = ", ".join(f"{dev} {_gib(n)}" for dev, n in status.placement.memory_bytes.items())
+        print(f"Loaded {status.model} with {status.loader}" + (f" ({where})" if where else "") +
+              (f" in {status.load_seconds:.2f} s" if status.load_seconds is not None else ""))
+        for note in status.placement.notes:
+            print(note)
+
+    @cell_magic
+    @magic_arguments.magic_arguments()
+    @schema_arguments(GenerationOptions)
+    @magic_arguments.argument("--chat", action="store_true",
+                              help="Send the cell as one user turn through the model's chat template.")
+    @magic_arguments.argument("--system", metavar="TEXT", help="System prompt (implies --chat).")
+    @magic_arguments.argument("-o", "--output", metavar="VAR", help="Store the result object in VAR.")
+    @user_errors
+    def llm(self, line: str, cell: str) -> None:
+        """Prompt the loaded model with the cell; the reply streams into the output.
+
+        The cell is sent as raw text (``--chat`` sends it through the model's chat template).
+        ``{name}`` inserts the value of the variable ``name``; ``{{`` writes a literal brace; other
+        braces (code, JSON) are left alone. The run record (model, options, seed, versions) is
+        attached to the output's metadata. Example::
+
+            %%llm --temperature 0 --max-new-tokens 64 -o r
+            Translate to Portuguese: {sentence}
+        """
+        args = magic_arguments.parse_argstring(self.llm, line)
+        engine = get_engine()
+        options = GenerationOptions.from_namespace(args, base=engine.defaults)
+        prompt = interpolate(cell.strip("\n"), self.shell.user_ns)
+        chat = args.chat or args.system is not None
+        result = engine.stream(prompt, options, chat=chat, system=args.system)
+        if args.output:
+            self.shell.user_ns[args.output] = result
+        show_stream(self.shell, result)
+
+    @line_magic
+    @user_errors
+    def llm_unload(self, line: str) -> None:
+        """Unload the model and free its memory."""
+        engine = get_engine()
+        name = engine.status().model
+        before = process_rss()
+        if engine.unload():
+            print(f"Unloaded {name}; process memory {_gib(before)} → {_gib(process_rss())}.")
+        else:
+            print("No model was loaded.")
+
+    @line_magic
+    @user_errors
+    def llm_status(self, line: str) -> Any:
+        """The loaded model, its loader and options, where its layers are and the memory used."""
+        return get_engine().status()

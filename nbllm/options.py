@@ -1,0 +1,527 @@
+"""The two option schemas: how a model is loaded, and how text is generated.
+
+Each field of :class:`LoadOptions` and :class:`GenerationOptions` carries its help text, its choices or
+bounds, the loaders it applies to and the panel group it belongs in. The magics' flags, ``%llm_load?``,
+validation, the settings panel and the run record are all derived from these two classes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import math
+import warnings
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, TypeVar
+
+from .errors import OptionError
+
+TRANSFORMERS = "transformers"
+LLAMACPP = "llama.cpp"
+ALL_LOADERS = frozenset({TRANSFORMERS, LLAMACPP})
+
+
+def option(
+    default: Any,
+    help: str,
+    *,
+    choices: tuple[Any, ...] | None = None,
+    loaders: Iterable[str] = ALL_LOADERS,
+    group: str = "advanced",
+    minimum: float | None = None,
+    maximum: float | None = None,
+    flag: str | None = None,
+    metavar: str | None = None,
+    panel: bool = True,
+) -> Any:
+    """A schema field: its default plus everything needed to derive flags, help, panel and checks."""
+    meta = {
+        "help": help,
+        "choices": choices,
+        "loaders": frozenset(loaders),
+        "group": group,
+        "minimum": minimum,
+        "maximum": maximum,
+        "flag": flag,
+        "metavar": metavar,
+        "panel": panel,
+    }
+    if isinstance(default, (list, tuple)):
+        return field(default_factory=lambda: tuple(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+@dataclass(frozen=True)
+class OptionSpec:
+    """One option as the magics, panels and docs see it."""
+
+    name: str
+    type: type
+    default: Any
+    help: str
+    choices: tuple[Any, ...] | None
+    loaders: frozenset[str]
+    group: str
+    minimum: float | None
+    maximum: float | None
+    flag: str
+    metavar: str | None
+    panel: bool
+
+
+S = TypeVar("S", bound="_Schema")
+
+_TYPES: dict[str, type] = {
+    "bool": bool, "int": int, "float": float, "str": str,
+    "str | None": str, "float | None": float, "int | None": int,
+    "tuple[str, ...]": tuple, "tuple[float, ...]": tuple,
+}
+
+
+class _Schema:
+    """What both option classes share: introspection, coercion, validation and argparse flags."""
+
+    GROUPS: ClassVar[dict[str, str]] = {}
+
+    @classmethod
+    def specs(cls) -> list[OptionSpec]:
+        """Every option, in declaration order."""
+        out = []
+        for f in dataclasses.fields(cls):  # type: ignore[arg-type]
+            m = f.metadata
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+            out.append(
+                OptionSpec(
+                    name=f.name,
+                    type=_TYPES[str(f.type)],
+                    default=default,
+                    help=m["help"],
+                    choices=m["choices"],
+                    loaders=m["loaders"],
+                    group=m["group"],
+                    minimum=m["minimum"],
+                    maximum=m["maximum"],
+                    flag=m["flag"] or "--" + f.name.replace("_", "-"),
+                    metavar=m["metavar"],
+                    panel=m["panel"],
+                )
+            )
+        return out
+
+    @classmethod
+    def spec(cls, name: str) -> OptionSpec:
+        for s in cls.specs():
+            if s.name == name:
+                return s
+        raise OptionError(f"unknown option {name!r}", f"valid options: {', '.join(cls.names())}")
+
+    @classmethod
+    def names(cls) -> list[str]:
+        return [f.name for f in dataclasses.fields(cls)]  # type: ignore[arg-type]
+
+    @classmethod
+    def from_dict(cls: type[S], values: Mapping[str, Any] | None = None, **more: Any) -> S:
+        """Build from user values (strings from a panel or JSON are coerced), then validate."""
+        merged = {**(values or {}), **more}
+        unknown = sorted(set(merged) - set(cls.names()))
+        if unknown:
+            raise OptionError(
+                f"unknown option{'s' if len(unknown) > 1 else ''} {', '.join(unknown)}",
+                f"valid options: {', '.join(cls.names())}",
+            )
+        coerced = {k: _coerce(cls.spec(k), v) for k, v in merged.items()}
+        obj = cls(**coerced)
+        obj.validate()
+        return obj
+
+    def replace(self: S, **changes: Any) -> S:
+        """A copy with some options changed (validated)."""
+        return type(self).from_dict({**self.to_dict(), **changes})
+
+    def to_dict(self) -> dict[str, Any]:
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}  # type: ignore[arg-type]
+
+    def changed(self) -> dict[str, Any]:
+        """Only the options that differ from their defaults."""
+        return {s.name: getattr(self, s.name) for s in self.specs() if getattr(self, s.name) != s.default}
+
+    def validate(self) -> None:
+        """Check every field's choices and bounds; subclasses add combinations."""
+        for s in self.specs():
+            value = getattr(self, s.name)
+            if value is None:
+                continue
+            if s.choices is not None and value not in s.choices:
+                raise OptionError(
+                    f"{s.flag} {value!r} is not valid", f"use one of: {', '.join(map(str, s.choices))}"
+                )
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
+                if isinstance(value, float) and not math.isfinite(value):
+                    raise OptionError(f"{s.flag} must be a finite number, not {value}", "give a number")
+                if s.minimum is not None and value < s.minimum:
+                    raise OptionError(f"{s.flag} {value} is below {s.minimum}", _bounds_fix(s))
+                if s.maximum is not None and value > s.maximum:
+                    raise OptionError(f"{s.flag} {value} is above {s.maximum}", _bounds_fix(s))
+
+    @classmethod
+    def argparse_arguments(cls, *, defaults_none: bool = True) -> list[tuple[tuple[str, ...], dict[str, Any]]]:
+        """(flags, kwargs) pairs for ``argparse.add_argument``, one per option.
+
+        With ``defaults_none`` every default is ``None`` (or absent for switches) so that a parser
+        tells what the user typed apart from what the schema defaults to.
+        """
+        args = []
+        for s in cls.specs():
+            help_text = f"{s.help} (default: {_show(s.default)})"
+            kwargs: dict[str, Any] = {"dest": s.name, "help": help_text.replace("%", "%%")}
+            if s.type is bool:
+                kwargs["action"] = "store_true"
+                kwargs["default"] = None if defaults_none else s.default
+            elif s.type is tuple:
+                kwargs["action"] = "append"
+                kwargs["default"] = None
+                kwargs["metavar"] = s.metavar or "TEXT"
+            else:
+                kwargs["type"] = _parser_type(s)
+                kwargs["default"] = None if defaults_none else s.default
+                if s.choices:
+                    kwargs["choices"] = s.choices
+                kwargs["metavar"] = s.metavar or (None if s.choices else s.name.upper())
+            args.append(((s.flag,), kwargs))
+        return args
+
+    @classmethod
+    def from_namespace(cls: type[S], ns: argparse.Namespace, base: S | None = None) -> S:
+        """Options from parsed flags: what the user typed, over ``base`` (or the defaults)."""
+        typed = {n: getattr(ns, n) for n in cls.names() if getattr(ns, n, None) is not None}
+        start = base.to_dict() if base is not None else {}
+        return cls.from_dict({**start, **typed})
+
+
+def _bounds_fix(s: OptionSpec) -> str:
+    if s.minimum is not None and s.maximum is not None:
+        return f"use a value from {s.minimum} to {s.maximum}"
+    if s.minimum is not None:
+        return f"use a value of at least {s.minimum}"
+    return f"use a value of at most {s.maximum}"
+
+
+def _show(value: Any) -> str:
+    if value is None:
+        return "none"
+    if isinstance(value, tuple):
+        return ", ".join(map(str, value)) or "none"
+    return str(value)
+
+
+def _parser_type(s: OptionSpec) -> Any:
+    def convert(text: str) -> Any:
+        try:
+            return _coerce(s, text)
+        except OptionError as exc:
+            raise argparse.ArgumentTypeError(exc.message) from None
+
+    convert.__name__ = s.type.__name__
+    return convert
+
+
+def _coerce(s: OptionSpec, value: Any) -> Any:
+    """Turn a user value (maybe a string) into the option's type."""
+    if value is None:
+        return None
+    try:
+        if s.type is bool:
+            if isinstance(value, str):
+                low = value.strip().lower()
+                if low in ("1", "true", "yes", "on"):
+                    return True
+                if low in ("0", "false", "no", "off", ""):
+                    return False
+                raise ValueError(value)
+            return bool(value)
+        if s.type is tuple:
+            if isinstance(value, str):
+                return (value,)
+            return tuple(value)
+        if s.type is int:
+            if isinstance(value, float) and not value.is_integer():
+                raise ValueError(value)
+            return int(value)
+        if s.type is float:
+            return float(value)
+        return str(value)
+    except (TypeError, ValueError):
+        raise OptionError(
+            f"{s.flag} expects {_type_words(s)}, not {value!r}", f"for example: {s.flag} {_show(s.default)}"
+        ) from None
+
+
+def _type_words(s: OptionSpec) -> str:
+    return {bool: "true or false", int: "a whole number", float: "a number"}.get(s.type, "text")
+
+
+def parse_gpu_split(text: str | None) -> tuple[float, ...]:
+    """``"20,7"`` → ``(20.0, 7.0)``: GiB per GPU (Transformers) or proportions (llama.cpp)."""
+    if not text:
+        return ()
+    try:
+        parts = tuple(float(p) for p in text.replace(" ", "").split(","))
+    except ValueError:
+        raise OptionError(
+            f"--gpu-split {text!r} is not a list of numbers", 'write one number per GPU: --gpu-split "20,7"'
+        ) from None
+    if any(p <= 0 or not math.isfinite(p) for p in parts):
+        raise OptionError(f"--gpu-split {text!r} has a value that is not positive", "give every GPU a positive amount")
+    return parts
+
+
+T = TRANSFORMERS
+L = LLAMACPP
+
+
+@dataclass(frozen=True)
+class LoadOptions(_Schema):
+    """How a model is loaded: text-generation-webui's load options, with the same meanings."""
+
+    GROUPS: ClassVar[dict[str, str]] = {
+        "model": "Model and loader",
+        "quantization": "Quantization",
+        "memory": "Memory and offloading",
+        "rope": "RoPE (longer context)",
+        "advanced": "Advanced",
+    }
+
+    loader: str = option(
+        "auto", "Which library loads the model. auto: .gguf files go to llama.cpp, everything else to "
+        "Transformers.", choices=("auto", T, L), group="model",
+    )
+    revision: str | None = option(
+        None, "Hub revision (branch, tag or commit) to download and load; a local folder ignores it.",
+        loaders=(T, L), group="model", metavar="REV", panel=False,
+    )
+    file: str | None = option(
+        None, "Which .gguf file to load when the model folder holds several.", loaders=(L,), group="model",
+        metavar="NAME", panel=False,
+    )
+    device: str = option(
+        "auto", "Where the model runs. auto: the GPU when CUDA is available, else the CPU.",
+        choices=("auto", "cpu", "cuda"), loaders=(T,), group="model",
+    )
+    dtype: str = option(
+        "auto", "Data type of the weights. auto keeps the checkpoint's. float16/bfloat16 halve memory "
+        "on a GPU; float32 is the safe choice on a CPU.",
+        choices=("auto", "float16", "bfloat16", "float32"), loaders=(T,), group="model",
+    )
+    load_in_8bit: bool = option(
+        False, "Quantize the weights to 8 bits with bitsandbytes on load: about half the memory of "
+        "float16. Useful on small GPUs.", loaders=(T,), group="quantization",
+    )
+    load_in_4bit: bool = option(
+        False, "Quantize the weights to 4 bits with bitsandbytes on load: about a quarter of the memory "
+        "of float16. Turn it on for models that do not fit otherwise.", loaders=(T,), group="quantization",
+    )
+    quant_type: str = option(
+        "nf4", "4-bit quantization type. nf4 (NormalFloat4) is the best balance of size and quality; "
+        "change it only if the model's page asks.", choices=("nf4", "fp4"), loaders=(T,), group="quantization",
+    )
+    compute_dtype: str = option(
+        "auto", "Data type of the computations of 4-bit layers. float16 is fast on most GPUs, bfloat16 "
+        "on Ampere and newer; auto: float16 on a GPU, float32 on a CPU.",
+        choices=("auto", "float16", "bfloat16", "float32"), loaders=(T,), group="quantization",
+    )
+    double_quant: bool = option(
+        False, "Also quantize the 4-bit quantization constants (saves about 0.4 bit per weight).",
+        loaders=(T,), group="quantization",
+    )
+    attn: str = option(
+        "auto", "Attention implementation. flash_attention_2 is fastest on NVIDIA Ampere or newer GPUs "
+        "with flash-attn installed; sdpa is PyTorch's fused attention; eager is the reference. auto "
+        "picks flash_attention_2 where it can run and sdpa elsewhere.",
+        choices=("auto", "sdpa", "eager", "flash_attention_2"), loaders=(T,), group="advanced",
+    )
+    flash_attn: bool = option(
+        False, "Use FlashAttention (Transformers: same as --attn flash_attention_2; llama.cpp: its "
+        "flash attention kernels). If it errors, turn it off and try again.", group="advanced",
+    )
+    compile: bool = option(
+        False, "Compile the model's forward pass with torch.compile: the first generation is slow "
+        "(compilation), later ones faster.", loaders=(T,), group="advanced",
+    )
+    trust_remote_code: bool = option(
+        False, "Run the Python code that ships with the model (needed by models with custom "
+        "architectures). Only for repositories you trust.", loaders=(T,), group="advanced",
+    )
+    cpu_memory: float | None = option(
+        None, "Most CPU RAM in GiB for layers offloaded from the GPU; layers that do not fit go to disk "
+        "if --disk-offload. Unset: no limit.", loaders=(T,), group="memory", minimum=0, metavar="GIB",
+    )
+    gpu_split: str | None = option(
+        None, "Memory per GPU, comma separated (Transformers: GiB per GPU, e.g. \"20,7\"; llama.cpp: "
+        "proportions, e.g. \"60,40\"). Leave empty if unsure.", group="memory", metavar="LIST",
+    )
+    disk_offload: bool = option(
+        False, "Put the layers that fit neither in the GPUs nor in --cpu-memory on disk (slow, but "
+        "loads models larger than memory).", loaders=(T,), group="memory",
+    )
+    alpha_value: float = option(
+        1.0, "NTK RoPE scaling factor for a longer context than the model was trained on: 1.75 for 1.5x "
+        "context, 2.5 for 2x. Keep 1 unless the model asks.", group="rope", minimum=1.0,
+    )
+    compress_pos_emb: float = option(
+        1.0, "Linear RoPE scaling (positional embeddings compression factor): set it to (context you "
+        "want) / (model's original context), for models fine-tuned with it.", group="rope", minimum=1.0,
+    )
+    rope_freq_base: float = option(
+        0.0, "RoPE frequency base; 0 takes it from the model (or from --alpha-value).", loaders=(L,),
+        group="rope", minimum=0.0,
+    )
+    n_gpu_layers: int = option(
+        -1, "How many layers to put on the GPU: 0 keeps everything on the CPU, -1 puts all of them. "
+        "Lower it when the GPU runs out of memory.", loaders=(L,), group="memory", minimum=-1,
+    )
+    n_ctx: int = option(
+        0, "Context length in tokens. 0: the model's trained context, capped at 8192 to bound memory. "
+        "Lower it if loading runs out of memory.", loaders=(L,), group="model", minimum=0,
+    )
+    n_batch: int = option(
+        512, "Prompt tokens processed per batch. Larger is faster for long prompts and uses more memory.",
+        loaders=(L,), group="advanced", minimum=1,
+    )
+    threads: int = option(
+        0, "CPU threads for generation; 0: llama.cpp's default (the physical cores).", loaders=(L,),
+        group="advanced", minimum=0,
+    )
+    threads_batch: int = option(
+        0, "CPU threads for prompt processing; 0: same as llama.cpp's default.", loaders=(L,),
+        group="advanced", minimum=0,
+    )
+    cache_type: str = option(
+        "fp16", "Data type of the KV cache. q8_0 halves its memory, q4_0 quarters it (needs "
+        "--flash-attn for the V cache).", choices=("fp16", "q8_0", "q4_0"), loaders=(L,), group="memory",
+    )
+    no_mmap: bool = option(
+        False, "Read the whole file into memory instead of mapping it (slower to load).", loaders=(L,),
+        group="memory",
+    )
+    mlock: bool = option(
+        False, "Lock the model in RAM so the system never swaps it out.", loaders=(L,), group="memory",
+    )
+    verbose: bool = option(
+        False, "Show the loader library's own log (llama.cpp prints a lot).", loaders=(L,), group="advanced",
+    )
+
+    def validate(self) -> None:
+        """Field checks, then impossible combinations (raise) and ineffective ones (warn)."""
+        super().validate()
+        if self.load_in_8bit and self.load_in_4bit:
+            raise OptionError(
+                "--load-in-8bit and --load-in-4bit cannot be used together", "choose one of them"
+            )
+        if self.alpha_value != 1.0 and self.compress_pos_emb != 1.0:
+            raise OptionError(
+                "--alpha-value and --compress-pos-emb cannot be used together",
+                "use --alpha-value for NTK scaling or --compress-pos-emb for linear scaling, not both",
+            )
+        if self.flash_attn and self.attn not in ("auto", "flash_attention_2"):
+            raise OptionError(
+                f"--flash-attn contradicts --attn {self.attn}", "drop one of them"
+            )
+        if self.device == "cpu" and self.gpu_split:
+            raise OptionError("--gpu-split needs --device cuda or auto, not cpu", "drop --gpu-split")
+        parse_gpu_split(self.gpu_split)
+        if self.disk_offload and self.device == "cpu" and self.cpu_memory is None:
+            raise OptionError(
+                "--disk-offload on the CPU needs a limit: set --cpu-memory GIB",
+                "add --cpu-memory with the RAM the model may use, e.g. --cpu-memory 8",
+            )
+        quantized = self.load_in_4bit or self.load_in_8bit
+        if not self.load_in_4bit:
+            for name in ("quant_type", "double_quant", "compute_dtype"):
+                if getattr(self, name) != self.spec(name).default:
+                    warnings.warn(
+                        f"{self.spec(name).flag} only affects --load-in-4bit; it is ignored here",
+                        stacklevel=3,
+                    )
+        if quantized and self.dtype not in ("auto",) and self.load_in_4bit:
+            warnings.warn(
+                "--dtype is ignored for 4-bit weights; --compute-dtype sets the computation type", stacklevel=3
+            )
+
+    @property
+    def gpu_split_values(self) -> tuple[float, ...]:
+        return parse_gpu_split(self.gpu_split)
+
+    @property
+    def attn_requested(self) -> str:
+        """The attention implementation asked for, with --flash-attn folded in."""
+        return "flash_attention_2" if self.flash_attn else self.attn
+
+
+@dataclass(frozen=True)
+class GenerationOptions(_Schema):
+    """How text is sampled. The defaults are nbllm's, documented in the README."""
+
+    GROUPS: ClassVar[dict[str, str]] = {"sampling": "Sampling", "length": "Length and stopping"}
+
+    max_new_tokens: int = option(
+        512, "Most tokens to generate.", group="length", minimum=1, flag="--max-new-tokens", metavar="N"
+    )
+    temperature: float = option(
+        0.7, "Randomness. 0 is greedy (always the most likely token, fully deterministic); higher is more "
+        "varied.", group="sampling", minimum=0.0, maximum=5.0,
+    )
+    top_p: float = option(
+        0.9, "Nucleus sampling: keep the smallest set of tokens whose probabilities add up to top_p "
+        "(1 disables).", group="sampling", minimum=0.0, maximum=1.0,
+    )
+    top_k: int = option(
+        0, "Keep only the k most likely tokens (0 disables).", group="sampling", minimum=0
+    )
+    min_p: float = option(
+        0.0, "Drop tokens less likely than min_p times the most likely one (0 disables).",
+        group="sampling", minimum=0.0, maximum=1.0,
+    )
+    typical_p: float = option(
+        1.0, "Locally typical sampling (1 disables).", group="sampling", minimum=0.0, maximum=1.0
+    )
+    repetition_penalty: float = option(
+        1.0, "Penalty for tokens already present (1 disables; 1.1–1.2 curbs loops).", group="sampling",
+        minimum=0.05, maximum=10.0,
+    )
+    stop: tuple[str, ...] = option(
+        (), "Stop when this text appears (it is not shown). Repeat the flag for several.", group="length",
+        metavar="TEXT",
+    )
+    seed: int | None = option(
+        None, "Random seed. Unset: one is drawn and recorded with the output, so it can be reproduced.",
+        group="sampling", minimum=0, maximum=2**32 - 1,
+    )
+
+    def validate(self) -> None:
+        super().validate()
+        if any(s == "" for s in self.stop):
+            raise OptionError("--stop '' is empty", "give the text to stop at")
+        if self.greedy:
+            ignored = [n for n in ("top_p", "top_k", "min_p", "typical_p") if getattr(self, n) != self.spec(n).default]
+            if ignored:
+                warnings.warn(
+                    f"temperature 0 is greedy decoding; {', '.join(ignored)} {'has' if len(ignored) == 1 else 'have'} "
+                    "no effect",
+                    stacklevel=3,
+                )
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+
+def loader_refusals(options: LoadOptions, loader: str) -> list[str]:
+    """Options set away from their defaults that mean nothing to ``loader`` (one line each)."""
+    refused = []
+    for name, value in options.changed().items():
+        s = LoadOptions.spec(name)
+        if loader not in s.loaders and value not in (None, False):
+            others = " and ".join(sorted(s.loaders))
+            refused.append(f"{s.flag} is a {others} option and means nothing to the {loader} loader")
+    return refused
