@@ -246,8 +246,25 @@ class Engine:
         messages) rendered through the model's chat template. Nothing runs until iteration starts.
         """
         opts = self.generation_options(options, **kwargs)
-        loader = self.loader
         text, ids, messages = self.prompt_for(prompt, chat=chat, system=system)
+        return self.stream_prompt(text, ids, opts, messages=messages, conversation=conversation)
+
+    def stream_prompt(
+        self,
+        text: str,
+        ids: list[int],
+        options: GenerationOptions | Mapping[str, Any] | None = None,
+        *,
+        messages: list[dict[str, str]] | None = None,
+        conversation: dict[str, Any] | None = None,
+    ) -> Result:
+        """Like :meth:`stream`, for a prompt already rendered (``text``) and tokenized (``ids``).
+
+        Conversations render their own prompts (a continued reply, a history cut to fit the
+        context) and pass them here; ``messages`` (chat mode) and ``conversation`` go to the record.
+        """
+        opts = self.generation_options(options)
+        loader = self.loader
         limit = loader.context_length
         if limit is not None and len(ids) >= limit:
             raise GenerationError(
