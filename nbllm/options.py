@@ -130,10 +130,13 @@ class _Schema:
                 f"unknown option{'s' if len(unknown) > 1 else ''} {', '.join(unknown)}",
                 f"valid options: {', '.join(cls.names())}",
             )
-        coerced = {k: _coerce(cls.spec(k), v) for k, v in merged.items()}
-        obj = cls(**coerced)
-        obj.validate()
-        return obj
+        return cls(**merged)
+
+    def __post_init__(self) -> None:
+        """Coerce every value to its option's type (strings from a panel, ints for floats), then validate."""
+        for s in self.specs():
+            object.__setattr__(self, s.name, _coerce(s, getattr(self, s.name)))
+        self.validate()
 
     def replace(self: S, **changes: Any) -> S:
         """A copy with some options changed (validated)."""

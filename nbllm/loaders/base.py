@@ -41,6 +41,9 @@ class Loader(ABC):
         self.source: ModelSource | None = None
         self.options: LoadOptions | None = None
         self.placement = Placement()
+        self.reuse_prefix = True
+        """Keep the computed state (KV cache) of the last prompt and reply, and reuse the part a new
+        prompt shares with it (a chat's history), instead of recomputing it."""
 
     @classmethod
     def check(cls, source: ModelSource, options: LoadOptions) -> None:

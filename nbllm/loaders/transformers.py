@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import logging
 import os
 import struct
 import threading
@@ -127,6 +128,9 @@ class TransformersLoader(Loader):
         self.tokenizer: Any = None
         self._attention: str | None = None
         self._device_kwargs: dict[str, Any] = {}
+        self._cache: Any = None
+        """The KV cache of the last generation, and the token ids it holds (see ``reuse_prefix``)."""
+        self._cache_ids: list[int] = []
 
     # -- before anything is released ------------------------------------------------------------
     @classmethod
@@ -256,6 +260,7 @@ class TransformersLoader(Loader):
 
         offloading = options.cpu_memory is not None or bool(options.gpu_split) or options.disk_offload
         if options.load_in_8bit:
+            _quiet_int8_cast_log()
             return BitsAndBytesConfig(load_in_8bit=True, llm_int8_enable_fp32_cpu_offload=offloading)
         compute = options.compute_dtype if options.compute_dtype != "auto" else ("float16" if on_gpu else "float32")
         return BitsAndBytesConfig(
@@ -282,6 +287,7 @@ class TransformersLoader(Loader):
     def unload(self) -> None:
         self.model = None
         self.tokenizer = None
+        self._cache, self._cache_ids = None, []
 
     # -- text ------------------------------------------------------------------------------------
     def tokenize(self, text: str, *, add_special: bool) -> list[int]:
@@ -349,6 +355,23 @@ class TransformersLoader(Loader):
             )
         return kwargs
 
+    def _input_device(self) -> Any:
+        """Where the prompt goes: the model's device, or the CPU when offloading left it on meta."""
+        device = self.model.device
+        return "cpu" if device.type == "meta" else device
+
+    def _reusable_cache(self, prompt_ids: list[int]) -> Any:
+        """The last generation's KV cache cut to the prefix it shares with ``prompt_ids`` (at least
+        one prompt token is always left to compute), or a fresh cache."""
+        from transformers import DynamicCache
+
+        if self.reuse_prefix and self._cache is not None:
+            shared = min(_common_prefix(self._cache_ids, prompt_ids), len(prompt_ids) - 1)
+            if shared > 0:
+                self._cache.crop(shared - self._cache.get_seq_length())  # transformers 5: minus tokens to drop
+                return self._cache
+        return DynamicCache(config=self.model.config)
+
     def generate_tokens(
         self, prompt_ids: list[int], options: GenerationOptions, seed: int, cancel: threading.Event
     ) -> Iterator[int]:
@@ -364,6 +387,8 @@ class TransformersLoader(Loader):
                 return torch.full((input_ids.shape[0],), cancel.is_set(), dtype=torch.bool, device=input_ids.device)
 
         def run(emit: Any) -> None:
+            produced: list[int] = []
+
             class Emit(BaseStreamer):
                 prompt_seen = False
 
@@ -372,23 +397,57 @@ class TransformersLoader(Loader):
                         self.prompt_seen = True
                         return
                     for token in value.reshape(-1).tolist():
+                        produced.append(token)
                         emit(token)
 
                 def end(self) -> None:
                     pass
 
+            cache = self._reusable_cache(prompt_ids)
+            self._cache, self._cache_ids = None, []
             set_seed(seed)
-            input_ids = torch.tensor([prompt_ids], device=model.device)
+            input_ids = torch.tensor([prompt_ids], device=self._input_device())
             with torch.inference_mode():
                 model.generate(
                     input_ids=input_ids,
                     attention_mask=torch.ones_like(input_ids),
                     streamer=Emit(),
                     stopping_criteria=StoppingCriteriaList([Cancelled()]),
+                    cache=cache,
                     **kwargs,
                 )
+            if self.reuse_prefix:
+                self._cache, self._cache_ids = cache, (prompt_ids + produced)[: cache.get_seq_length()]
 
         return threaded_tokens(run, cancel)
+
+
+class _DropInt8CastWarning(logging.Filter):
+    """bitsandbytes logs "inputs will be cast ... to float16" on every 8-bit matmul: once is enough."""
+
+    seen = False
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if str(record.msg).startswith("MatMul8bitLt: inputs will be cast"):
+            if self.seen:
+                return False
+            type(self).seen = True
+        return True
+
+
+def _quiet_int8_cast_log() -> None:
+    log = logging.getLogger("bitsandbytes.autograd._functions")
+    if not any(isinstance(f, _DropInt8CastWarning) for f in log.filters):
+        log.addFilter(_DropInt8CastWarning())
+
+
+def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
 
 
 def _device_name(device: Any) -> str:

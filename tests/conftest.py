@@ -1,0 +1,80 @@
+"""Shared fixtures: offline hub, a private cache, built-in tiny models, a real IPython shell."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# Never touch the network: without this a failed hub call retries for ~23 s.
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ.setdefault("NBLLM_CACHE_DIR", str(ROOT / ".cache" / "nbllm-tests"))
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Tests marked ``gpu`` run only where CUDA is available."""
+    try:
+        import torch
+
+        has_cuda = torch.cuda.is_available()
+    except ImportError:
+        has_cuda = False
+    if has_cuda:
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def tiny_model() -> Path:
+    """A built-in tiny Transformers model (random Llama, real byte-level BPE tokenizer, chat template)."""
+    from nbllm.testing import tiny_transformers_model
+
+    return tiny_transformers_model()
+
+
+@pytest.fixture(scope="session")
+def tiny_model_64() -> Path:
+    """A tiny model whose every dimension is a multiple of 64 (bitsandbytes 4-bit on CPU needs it)."""
+    from nbllm.testing import tiny_transformers_model
+
+    return tiny_transformers_model(hidden_size=128, num_layers=2, num_heads=2, intermediate_size=256)
+
+
+@pytest.fixture(scope="session")
+def tiny_gguf() -> Path:
+    """The built-in tiny model as a GGUF file."""
+    from nbllm.testing import tiny_gguf_model
+
+    return tiny_gguf_model()
+
+
+@pytest.fixture
+def engine() -> Iterator[object]:
+    """This process's engine, emptied after the test."""
+    from nbllm import get_engine
+
+    eng = get_engine()
+    yield eng
+    eng.unload()
+    eng.defaults = type(eng.defaults)()
+
+
+@pytest.fixture
+def shell(engine: object) -> Iterator[object]:
+    """A real IPython shell with ``%load_ext nbllm`` done."""
+    from IPython.core.interactiveshell import InteractiveShell
+
+    sh = InteractiveShell.instance()
+    sh.run_line_magic("load_ext", "nbllm")
+    yield sh
+    for name in [k for k in sh.user_ns if not k.startswith("_")]:
+        if name not in ("In", "Out", "exit", "quit", "get_ipython"):
+            sh.user_ns.pop(name, None)

@@ -1,0 +1,333 @@
+"""The Transformers loader with every load option, on real tiny models (CPU)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+import nbllm
+from nbllm.errors import LoadError, OptionError
+from nbllm.loaders.transformers import TransformersLoader, pick_attention, rope_parameters
+from nbllm.models import source_from_path
+from nbllm.options import LoadOptions
+
+PROMPT = "The quick brown fox"
+
+
+def direct_greedy(engine, prompt: str, n: int) -> list[int]:
+    """What transformers itself generates greedily with the loaded model (the reference)."""
+    model, tok = engine.loader.model, engine.loader.tokenizer
+    ids = tok(prompt, return_tensors="pt")
+    out = model.generate(**ids, do_sample=False, max_new_tokens=n)
+    return out[0, ids["input_ids"].shape[1] :].tolist()
+
+
+def test_greedy_output_equals_model_generate_token_for_token(engine, tiny_model):
+    engine.load(tiny_model)
+    result = engine.generate(PROMPT, temperature=0, max_new_tokens=24)
+    assert result.token_ids == direct_greedy(engine, PROMPT, 24)
+    assert result.text == engine.loader.tokenizer.decode(result.token_ids, skip_special_tokens=True)
+    assert result.finish_reason == "length" and result.completion_tokens == 24
+
+
+def test_streamed_text_equals_the_finished_text(engine, tiny_model):
+    engine.load(tiny_model)
+    streamed = list(engine.stream(PROMPT, temperature=0, max_new_tokens=30))
+    assert "".join(streamed) == engine.generate(PROMPT, temperature=0, max_new_tokens=30).text
+    assert len(streamed) > 5  # it really streamed, piece by piece
+
+
+def test_same_seed_same_sampled_text_other_seed_other_text(engine, tiny_model):
+    engine.load(tiny_model)
+    a = engine.generate(PROMPT, temperature=1.0, top_p=0.95, seed=1234, max_new_tokens=20)
+    b = engine.generate(PROMPT, temperature=1.0, top_p=0.95, seed=1234, max_new_tokens=20)
+    c = engine.generate(PROMPT, temperature=1.0, top_p=0.95, seed=4321, max_new_tokens=20)
+    assert a.token_ids == b.token_ids != c.token_ids
+    assert a.seed == 1234 and a.record.seed == 1234
+
+
+def test_a_seed_is_drawn_and_recorded_and_reproduces_the_output(engine, tiny_model):
+    engine.load(tiny_model)
+    first = engine.generate(PROMPT, temperature=1.0, max_new_tokens=16)
+    assert first.record.generation_options["seed"] == first.seed
+    again = engine.generate(PROMPT, **{**first.record.generation_options, "stop": ()})
+    assert again.token_ids == first.token_ids
+
+
+def test_sampling_options_reach_generate(engine, tiny_model):
+    engine.load(tiny_model)
+    loader = engine.loader
+    kw = loader.generation_kwargs(nbllm.GenerationOptions(temperature=0.5, top_p=0.8, top_k=7, min_p=0.05,
+                                                          typical_p=0.9, repetition_penalty=1.2, max_new_tokens=9))
+    assert {k: kw[k] for k in ("do_sample", "temperature", "top_p", "top_k", "min_p", "typical_p",
+                               "repetition_penalty", "max_new_tokens")} == {
+        "do_sample": True, "temperature": 0.5, "top_p": 0.8, "top_k": 7, "min_p": 0.05, "typical_p": 0.9,
+        "repetition_penalty": 1.2, "max_new_tokens": 9}
+    greedy = loader.generation_kwargs(nbllm.GenerationOptions(temperature=0))
+    assert greedy["do_sample"] is False
+    # the options change the output the way transformers' own sampling does
+    ref = engine.loader.model.generate(**engine.loader.tokenizer(PROMPT, return_tensors="pt"),
+                                       **{**kw, "do_sample": True}, )
+    assert ref.shape[1] > 0
+
+
+def test_repetition_penalty_is_applied(engine, tiny_model):
+    engine.load(tiny_model)
+    plain = engine.generate(PROMPT, temperature=0, max_new_tokens=40)
+    penalized = engine.generate(PROMPT, temperature=0, max_new_tokens=40, repetition_penalty=5.0)
+    model, tok = engine.loader.model, engine.loader.tokenizer
+    ids = tok(PROMPT, return_tensors="pt")
+    ref = model.generate(**ids, do_sample=False, max_new_tokens=40, repetition_penalty=5.0)
+    assert penalized.token_ids == ref[0, ids["input_ids"].shape[1]:].tolist()
+    assert penalized.token_ids != plain.token_ids
+
+
+def test_stop_strings_end_generation_and_are_never_shown(engine, tiny_model):
+    engine.load(tiny_model)
+    full = engine.generate(PROMPT, temperature=0, max_new_tokens=40).text
+    stop = full[10:13]
+    cut = engine.generate(PROMPT, temperature=0, max_new_tokens=40, stop=[stop])
+    assert cut.finish_reason == "stop"
+    assert cut.text == full[: full.index(stop)]
+    assert stop not in "".join(cut.chunks)
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_attention_implementations_load_and_agree(engine, tiny_model, attn):
+    engine.load(tiny_model, attn=attn)
+    assert engine.loader.model.config._attn_implementation == attn
+    assert engine.status().details["attn_implementation"] == attn
+    assert engine.generate(PROMPT, temperature=0, max_new_tokens=12).token_ids == direct_greedy(engine, PROMPT, 12)
+
+
+def test_auto_attention_says_what_it_picked(engine, tiny_model):
+    status = engine.load(tiny_model)
+    assert status.details["attn_implementation"] == "sdpa"
+    assert any("auto picked sdpa" in n and "no" in n.lower() for n in status.placement.notes)
+
+
+@pytest.mark.parametrize("flags", [{"attn": "flash_attention_2"}, {"flash_attn": True}])
+def test_flash_attention_without_a_gpu_is_one_line_naming_the_cause(engine, tiny_model, flags):
+    engine.load(tiny_model)
+    with pytest.raises(OptionError) as info:
+        engine.load(tiny_model, **flags)
+    assert "FlashAttention 2 needs an NVIDIA GPU" in info.value.message
+    assert "--attn sdpa" in info.value.message
+    assert engine.loaded and engine.status().options == {}  # the model it had is kept
+
+
+def test_flash_attention_reasons_in_order(monkeypatch):
+    """Each missing piece is named: no GPU, an old GPU, the package (checked where CUDA is absent)."""
+    with pytest.raises(OptionError, match="needs an NVIDIA GPU"):
+        pick_attention("flash_attention_2", [])
+    with pytest.raises(OptionError, match=r"Ampere or newer GPU .* Tesla T4 is 7\.5"):
+        pick_attention("flash_attention_2", [("Tesla T4", (7, 5))])
+    monkeypatch.setattr("importlib.util.find_spec", lambda name, *a: None)
+    with pytest.raises(OptionError, match="needs the flash-attn package.*pip install flash-attn"):
+        pick_attention("flash_attention_2", [("NVIDIA A100", (8, 0))])
+    assert pick_attention("auto", [("NVIDIA A100", (8, 0))])[0] == "sdpa"
+
+
+def test_load_in_8bit(engine, tiny_model_64):
+    status = engine.load(tiny_model_64, load_in_8bit=True)
+    import bitsandbytes as bnb
+
+    layer = engine.loader.model.model.layers[0].self_attn.q_proj
+    assert isinstance(layer, bnb.nn.Linear8bitLt)
+    assert status.details["quantization"]["load_in_8bit"] is True
+    assert len(engine.generate(PROMPT, temperature=0, max_new_tokens=8).token_ids) == 8
+
+
+@pytest.mark.parametrize(
+    ("quant_type", "double_quant", "compute_dtype", "expected_compute"),
+    [("nf4", False, "auto", torch.float32), ("fp4", True, "bfloat16", torch.bfloat16)],
+)
+def test_load_in_4bit_with_quant_type_double_quant_and_compute_dtype(
+    engine, tiny_model_64, quant_type, double_quant, compute_dtype, expected_compute
+):
+    engine.load(tiny_model_64, load_in_4bit=True, quant_type=quant_type, double_quant=double_quant,
+                compute_dtype=compute_dtype)
+    import bitsandbytes as bnb
+
+    layer = engine.loader.model.model.layers[0].mlp.up_proj
+    assert isinstance(layer, bnb.nn.Linear4bit)
+    assert layer.weight.quant_state.quant_type == quant_type
+    assert layer.compute_dtype == expected_compute
+    assert (layer.weight.quant_state.nested) is double_quant
+    result = engine.generate(PROMPT, temperature=0, max_new_tokens=8)
+    assert len(result.token_ids) == 8
+    assert result.record.load_options["load_in_4bit"] is True
+
+
+def test_dtype(engine, tiny_model):
+    engine.load(tiny_model, dtype="bfloat16")
+    assert engine.loader.model.dtype == torch.bfloat16
+    engine.load(tiny_model, dtype="auto")
+    assert engine.loader.model.dtype == torch.float32  # the checkpoint's
+
+
+def test_alpha_value_is_dynamic_ntk_scaling_keeping_rope_theta(engine, tiny_model):
+    theta = json.loads((tiny_model / "config.json").read_text())["rope_parameters"]["rope_theta"]
+    engine.load(tiny_model, alpha_value=2.5)
+    rope = engine.loader.model.config.rope_parameters
+    assert (rope["rope_type"], rope["factor"], rope["rope_theta"]) == ("dynamic", 2.5, theta)
+    assert engine.loader.model.model.rotary_emb.rope_type == "dynamic"
+    assert len(engine.generate(PROMPT, temperature=0, max_new_tokens=4).token_ids) == 4
+
+
+def test_compress_pos_emb_is_linear_scaling_and_changes_the_output(engine, tiny_model):
+    engine.load(tiny_model)
+    plain = engine.generate(PROMPT, temperature=0, max_new_tokens=16).token_ids
+    engine.load(tiny_model, compress_pos_emb=4)
+    rope = engine.loader.model.config.rope_parameters
+    assert (rope["rope_type"], rope["factor"]) == ("linear", 4.0) and "rope_theta" in rope
+    assert engine.generate(PROMPT, temperature=0, max_new_tokens=16).token_ids != plain
+
+
+def test_dynamic_scaling_changes_outputs_only_past_the_trained_context(engine, tmp_path):
+    from nbllm.testing import tiny_transformers_model
+
+    short = tiny_transformers_model(tmp_path / "short", max_position_embeddings=32)
+    engine.load(short)
+    plain = engine.generate("a b c", temperature=0, max_new_tokens=40).token_ids
+    engine.load(short, alpha_value=4.0)
+    scaled = engine.generate("a b c", temperature=0, max_new_tokens=40).token_ids
+    n_prompt = len(engine.loader.tokenize("a b c", add_special=True))
+    inside = 32 - n_prompt
+    assert scaled[:inside] == plain[:inside]
+    assert scaled != plain
+
+
+def test_rope_parameters_helper_refuses_models_without_rope():
+    with pytest.raises(OptionError, match="needs a model with rotary position embeddings"):
+        rope_parameters(None, LoadOptions(alpha_value=2.0))
+    assert rope_parameters({"rope_theta": 5.0, "rope_type": "default"}, LoadOptions()) == {
+        "rope_theta": 5.0, "rope_type": "default"}
+
+
+def test_cpu_memory_offloads_layers_to_disk_and_output_matches(engine, tiny_model_64):
+    engine.load(tiny_model_64)
+    reference = engine.generate(PROMPT, temperature=0, max_new_tokens=12).token_ids
+    status = engine.load(tiny_model_64, cpu_memory=0.001, disk_offload=True)
+    assert "disk" in status.placement.devices and "cpu" in status.placement.devices
+    assert status.placement.memory_bytes.get("disk", 0) > 0
+    assert engine.generate(PROMPT, temperature=0, max_new_tokens=12).token_ids == reference
+
+
+def test_everything_offloaded_to_disk_still_generates(engine, tiny_model_64):
+    status = engine.load(tiny_model_64, cpu_memory=0.0001, disk_offload=True)
+    assert set(status.placement.devices) == {"disk"}
+    assert len(engine.generate(PROMPT, temperature=0, max_new_tokens=4).token_ids) == 4
+
+
+def test_cpu_memory_too_small_without_disk_offload_says_how_to_fix(engine, tiny_model_64):
+    with pytest.raises(LoadError, match=r"does not fit in the memory allowed .*--disk-offload"):
+        engine.load(tiny_model_64, cpu_memory=0.0001)
+
+
+def test_device_map_arguments_for_every_memory_option():
+    args = TransformersLoader._device_arguments
+    assert args(LoadOptions()) == {"device_map": {"": "cpu"}}
+    assert args(LoadOptions(cpu_memory=8)) == {"device_map": "auto", "max_memory": {"cpu": "8.0GiB"}}
+    with_disk = args(LoadOptions(cpu_memory=8, disk_offload=True))
+    assert with_disk["offload_folder"].endswith("offload")
+    with pytest.raises(OptionError, match="--gpu-split needs CUDA GPUs and none is available"):
+        args(LoadOptions(gpu_split="20,7"))
+    with pytest.raises(OptionError, match="--device cuda was asked for but no CUDA GPU"):
+        args(LoadOptions(device="cuda"))
+
+
+def test_quantized_offload_turns_on_fp32_cpu_offload():
+    cfg = TransformersLoader._quantization_config(LoadOptions(load_in_8bit=True, cpu_memory=4), on_gpu=False)
+    assert cfg.llm_int8_enable_fp32_cpu_offload is True
+    cfg = TransformersLoader._quantization_config(LoadOptions(load_in_4bit=True), on_gpu=True)
+    assert cfg.llm_int8_enable_fp32_cpu_offload is False
+    assert cfg.bnb_4bit_compute_dtype == torch.float16  # auto on a GPU
+
+
+@pytest.fixture
+def remote_code_model(tiny_model, tmp_path) -> Path:
+    """The tiny model dressed as a custom architecture whose code ships with it (auto_map)."""
+    folder = tmp_path / "custom_model"
+    shutil.copytree(tiny_model, folder)
+    config = json.loads((folder / "config.json").read_text())
+    config.update(model_type="nbllm_custom", architectures=["CustomForCausalLM"], auto_map={
+        "AutoConfig": "configuration_custom.CustomConfig",
+        "AutoModelForCausalLM": "modeling_custom.CustomForCausalLM"})
+    (folder / "config.json").write_text(json.dumps(config))
+    (folder / "configuration_custom.py").write_text(
+        "from transformers import LlamaConfig\n\nclass CustomConfig(LlamaConfig):\n    model_type = 'nbllm_custom'\n")
+    (folder / "modeling_custom.py").write_text(
+        "from transformers import LlamaForCausalLM\nfrom .configuration_custom import CustomConfig\n\n"
+        "class CustomForCausalLM(LlamaForCausalLM):\n    config_class = CustomConfig\n")
+    return folder
+
+
+def test_trust_remote_code_is_off_by_default_and_named_in_the_error(engine, tiny_model, remote_code_model):
+    engine.load(tiny_model)
+    with pytest.raises(LoadError) as info:
+        engine.load(remote_code_model)
+    assert "needs --trust-remote-code" in info.value.message
+    assert engine.status().model == tiny_model.name  # nothing was released
+
+
+def test_trust_remote_code_runs_the_models_code(engine, remote_code_model):
+    engine.load(remote_code_model, trust_remote_code=True)
+    assert type(engine.loader.model).__name__ == "CustomForCausalLM"
+    assert len(engine.generate(PROMPT, temperature=0, max_new_tokens=4).token_ids) == 4
+
+
+@pytest.mark.slow
+def test_compile_compiles_the_forward_pass_and_keeps_the_output(engine, tiny_model):
+    import torch._dynamo
+
+    engine.load(tiny_model)
+    reference = engine.generate(PROMPT, temperature=0, max_new_tokens=10).token_ids
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    status = engine.load(tiny_model, compile=True)
+    assert status.details["compiled"] is True
+    assert hasattr(engine.loader.model.forward, "_torchdynamo_orig_callable")
+    assert engine.generate(PROMPT, temperature=0, max_new_tokens=10).token_ids == reference
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] > 0  # it really compiled
+
+
+def test_truncated_safetensors_is_caught_before_the_current_model_is_released(engine, tiny_model, tmp_path):
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_model, broken)
+    weights = broken / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    engine.load(tiny_model)
+    with pytest.raises(LoadError, match="model.safetensors is truncated or damaged. Download the model again"):
+        engine.load(broken)
+    assert engine.status().model == tiny_model.name
+    assert len(engine.generate(PROMPT, max_new_tokens=3).token_ids) == 3
+
+
+def test_missing_weights_and_unreadable_config(engine, tiny_model, tmp_path):
+    empty = tmp_path / "noweights"
+    shutil.copytree(tiny_model, empty)
+    (empty / "model.safetensors").unlink()
+    with pytest.raises(LoadError, match="has no weights"):
+        engine.load(empty)
+    (empty / "config.json").write_text("{not json")
+    with pytest.raises(LoadError, match="config.json cannot be read"):
+        TransformersLoader.check(source_from_path(empty), LoadOptions())
+
+
+def test_load_failure_after_release_loads_the_previous_model_again(engine, tiny_model, tmp_path):
+    """A failure that no check can foresee (here: a tokenizer file that cannot be parsed)."""
+    bad = tmp_path / "badtok"
+    shutil.copytree(tiny_model, bad)
+    (bad / "tokenizer.json").write_text("{broken")
+    engine.load(tiny_model)
+    with pytest.raises(LoadError) as info:
+        engine.load(bad)
+    assert f"could not load {bad.name}" in info.value.message
+    assert f"({tiny_model.name} is loaded again)" in info.value.message
+    assert engine.status().model == tiny_model.name
+    assert len(engine.generate(PROMPT, max_new_tokens=3).token_ids) == 3
