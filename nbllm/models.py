@@ -1,0 +1,774 @@
+"""Where models live and how a name given by the user becomes files on disk.
+
+The **models folder** is laid out like text-generation-webui's ``user_data/models``: GGUF files directly
+inside, Transformers models (and GGUF models of several files) in subfolders named
+``organization_model``. Its location is, in order of precedence: :func:`set_models_dir` (what
+``%config ModelMagics.models_dir`` calls), the ``NBLLM_MODELS_DIR`` environment variable, and the default
+:func:`default_models_dir` (``~/.local/share/nbllm/models`` on Linux) — outside any notebook's working
+tree, so models survive a new project or a fresh checkout.
+
+``resolve(spec)`` turns what a user typed after ``%llm_load`` into a :class:`ModelSource`: an existing
+path, a name in the models folder (``organization_model`` or ``file.gguf``), or a hub id
+``organization/model[:revision]``, which is downloaded into the models folder first.
+
+Downloads by nbllm keep their bookkeeping in a ``.nbllm`` folder (see ``download.py``): a model folder
+holds ``.nbllm/manifest.json`` (repository, commit, files and their hashes) from the start of its
+download and ``.nbllm/complete`` only once every file is verified; a folder with the first but not the
+second is an interrupted download and is never listed as loadable nor resolved. A GGUF file at the root
+has ``.nbllm/<file>.json`` and ``.nbllm/<file>.revision`` beside it; while it downloads, only
+``.nbllm/<file>.pending.json`` and a partial file under ``.nbllm/partial/`` exist.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import fnmatch
+import html
+import json
+import os
+import re
+import struct
+import sys
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, BinaryIO, Literal
+
+from .errors import ModelNotFoundError, OptionError
+
+ModelFormat = Literal["transformers", "gguf"]
+LoaderName = Literal["transformers", "llama.cpp"]
+
+ENV_VAR = "NBLLM_MODELS_DIR"
+"""Environment variable naming the models folder."""
+
+META_DIR = ".nbllm"
+"""Bookkeeping folder nbllm writes inside a model folder (and at the models folder's root)."""
+
+# Files whose presence makes a folder a Transformers model.
+_TRANSFORMERS_MARKERS = ("config.json",)
+_SAFETENSORS = (".safetensors",)
+_PYTORCH = (".bin", ".pt", ".pth")
+# Files text-generation-webui keeps at the root of its models folder; not models.
+_NOT_MODELS = {"place-your-models-here.txt", "config.yaml", "config-user.yaml"}
+
+_SPLIT_GGUF = re.compile(r"^(?P<base>.+)-(?P<part>\d{5})-of-(?P<total>\d{5})\.gguf$", re.IGNORECASE)
+_QUANT_IN_NAME = re.compile(
+    r"(?<![A-Za-z0-9])(I?Q\d(?:_[A-Z0-9]{1,3})*|TQ\d_\d|MXFP4(?:_MOE)?|BF16|F16|FP16|F32|FP32)(?![A-Za-z0-9])",
+    re.IGNORECASE,
+)
+
+# llama.cpp's ``general.file_type`` values (gguf's LlamaFileType) → the names used in file names.
+GGUF_FILE_TYPES: dict[int, str] = {
+    0: "F32", 1: "F16", 2: "Q4_0", 3: "Q4_1", 7: "Q8_0", 8: "Q5_0", 9: "Q5_1", 10: "Q2_K",
+    11: "Q3_K_S", 12: "Q3_K_M", 13: "Q3_K_L", 14: "Q4_K_S", 15: "Q4_K_M", 16: "Q5_K_S", 17: "Q5_K_M",
+    18: "Q6_K", 19: "IQ2_XXS", 20: "IQ2_XS", 21: "Q2_K_S", 22: "IQ3_XS", 23: "IQ3_XXS", 24: "IQ1_S",
+    25: "IQ4_NL", 26: "IQ3_S", 27: "IQ3_M", 28: "IQ2_S", 29: "IQ2_M", 30: "IQ4_XS", 31: "IQ1_M",
+    32: "BF16", 36: "TQ1_0", 37: "TQ2_0", 38: "MXFP4_MOE",
+}  # fmt: skip
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """A model resolved to files on disk: what a loader is given."""
+
+    path: Path
+    """A Transformers model folder, or a ``.gguf`` file."""
+    format: ModelFormat
+    name: str
+    """The name shown to the user (folder or file name)."""
+    revision: str | None = None
+    """The commit sha of the hub revision the files came from, when known."""
+    repo_id: str | None = None
+    """The hub repository the files came from, when known."""
+
+
+# ------------------------------------------------------------------------------- the folder's location
+
+_models_dir_override: Path | None = None
+
+
+def default_models_dir() -> Path:
+    """The models folder used when nothing overrides it: the user's data folder, not the working tree.
+
+    ``$XDG_DATA_HOME/nbllm/models`` (``~/.local/share/nbllm/models``) on Linux,
+    ``~/Library/Application Support/nbllm/models`` on macOS, ``%LOCALAPPDATA%\\nbllm\\models`` on
+    Windows — the places ``platformdirs.user_data_dir`` names, where large user data is expected to stay.
+    """
+    if sys.platform == "win32":
+        base = Path(os.environ.get("LOCALAPPDATA") or Path.home() / "AppData" / "Local")
+    elif sys.platform == "darwin":
+        base = Path.home() / "Library" / "Application Support"
+    else:
+        base = Path(os.environ.get("XDG_DATA_HOME") or Path.home() / ".local" / "share")
+    return base / "nbllm" / "models"
+
+
+def set_models_dir(path: str | Path | None) -> None:
+    """Use ``path`` as the models folder from now on (``None`` or ``""``: back to the environment/default).
+
+    This is what ``%config ModelMagics.models_dir = "/path"`` calls; it wins over ``NBLLM_MODELS_DIR``.
+    """
+    global _models_dir_override
+    _models_dir_override = Path(path).expanduser() if path else None
+
+
+def models_dir() -> Path:
+    """The models folder in effect: :func:`set_models_dir`, else ``NBLLM_MODELS_DIR``, else the default."""
+    if _models_dir_override is not None:
+        return _models_dir_override
+    env = os.environ.get(ENV_VAR)
+    if env:
+        return Path(env).expanduser()
+    return default_models_dir()
+
+
+def folder_name(repo_id: str, revision: str | None = None) -> str:
+    """The subfolder a hub repository downloads to, as text-generation-webui names it.
+
+    ``organization/model`` → ``organization_model``; a revision other than ``main`` is appended
+    (``organization_model_v2``) so two revisions can sit side by side.
+    """
+    name = "_".join(repo_id.split("/")[-2:])
+    if revision and revision != "main":
+        name += "_" + re.sub(r"[^\w.-]", "_", revision)
+    return name
+
+
+_HUB_ID = re.compile(r"^(?P<repo>[A-Za-z0-9][\w.-]*/[\w.-]+)(?::(?P<rev>[\w./-]+))?$")
+
+
+def parse_hub_id(spec: str) -> tuple[str, str | None] | None:
+    """``"org/model:rev"`` → ``("org/model", "rev")``; ``None`` when ``spec`` is not shaped like a hub id."""
+    m = _HUB_ID.match(spec.strip())
+    if m is None or m["repo"].endswith((".gguf", ".safetensors")):
+        return None
+    return m["repo"], m["rev"]
+
+
+# ------------------------------------------------------------------------------------ GGUF inspection
+
+
+def gguf_files(folder: Path) -> list[Path]:
+    """The GGUF files directly inside ``folder``, sorted by name."""
+    return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() == ".gguf")
+
+
+def split_gguf_parts(file: Path) -> list[Path] | None:
+    """All parts of a split GGUF model (``name-00001-of-00003.gguf``), or ``None`` if ``file`` is whole."""
+    m = _SPLIT_GGUF.match(file.name)
+    if m is None:
+        return None
+    total = int(m["total"])
+    return [file.with_name(f"{m['base']}-{i:05d}-of-{total:05d}.gguf") for i in range(1, total + 1)]
+
+
+def quantization_from_name(name: str) -> str | None:
+    """The quantization named in a GGUF file name (``model.Q4_K_M.gguf`` → ``Q4_K_M``), if any."""
+    stem = _SPLIT_GGUF.sub(lambda m: m["base"], name)
+    found = _QUANT_IN_NAME.findall(stem.removesuffix(".gguf").removesuffix(".GGUF"))
+    if not found:
+        return None
+    quant = found[-1].upper()
+    return {"FP16": "F16", "FP32": "F32"}.get(quant, quant)
+
+
+def gguf_file_type(path: Path) -> int | None:
+    """``general.file_type`` from a GGUF file's header (llama.cpp's quantization code), if present.
+
+    Reads only the metadata, key by key, and stops at the key: cheap even on large files.
+    """
+    try:
+        with path.open("rb") as f:
+            if f.read(4) != b"GGUF":
+                return None
+            (version,) = struct.unpack("<I", f.read(4))
+            if version < 2:
+                return None
+            _n_tensors, n_kv = struct.unpack("<QQ", f.read(16))
+            for _ in range(min(n_kv, 100_000)):
+                key = _read_gguf_string(f)
+                (vtype,) = struct.unpack("<I", f.read(4))
+                if key == "general.file_type" and vtype in _GGUF_INT_TYPES:
+                    fmt = _GGUF_SCALARS[vtype]
+                    return int(struct.unpack("<" + fmt, f.read(struct.calcsize(fmt)))[0])
+                _skip_gguf_value(f, vtype)
+    except (OSError, struct.error, ValueError, UnicodeDecodeError):
+        return None
+    return None
+
+
+_GGUF_SCALARS = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "Q", 11: "q", 12: "d"}
+_GGUF_INT_TYPES = {0, 1, 2, 3, 4, 5, 10, 11}
+_GGUF_STRING, _GGUF_ARRAY = 8, 9
+
+
+def _read_gguf_string(f: BinaryIO) -> str:
+    (n,) = struct.unpack("<Q", f.read(8))
+    if n > 1 << 20:
+        raise ValueError("implausible GGUF string length")
+    return f.read(n).decode("utf-8")
+
+
+def _skip_gguf_value(f: BinaryIO, vtype: int) -> None:
+    if vtype in _GGUF_SCALARS:
+        f.seek(struct.calcsize(_GGUF_SCALARS[vtype]), os.SEEK_CUR)
+    elif vtype == _GGUF_STRING:
+        (n,) = struct.unpack("<Q", f.read(8))
+        f.seek(n, os.SEEK_CUR)
+    elif vtype == _GGUF_ARRAY:
+        (etype,) = struct.unpack("<I", f.read(4))
+        (count,) = struct.unpack("<Q", f.read(8))
+        if etype in _GGUF_SCALARS:
+            f.seek(count * struct.calcsize(_GGUF_SCALARS[etype]), os.SEEK_CUR)
+        else:
+            for _ in range(count):
+                _skip_gguf_value(f, etype)
+    else:
+        raise ValueError(f"unknown GGUF value type {vtype}")
+
+
+def gguf_quantization(path: Path) -> str | None:
+    """The quantization of a GGUF file: from its header's ``general.file_type``, else from its name."""
+    code = gguf_file_type(path)
+    if code is not None and code in GGUF_FILE_TYPES:
+        return GGUF_FILE_TYPES[code]
+    return quantization_from_name(path.name)
+
+
+# --------------------------------------------------------------------------------- nbllm's bookkeeping
+
+
+def read_revision(path: Path) -> str | None:
+    """The hub commit sha stored beside downloaded files (see ``download.py``), if any.
+
+    A model folder keeps it in ``<folder>/.nbllm/revision``; a GGUF file at the models folder's root in
+    ``<root>/.nbllm/<file>.revision``.
+    """
+    folder = path if path.is_dir() else path.parent
+    marker = folder / META_DIR / "revision"
+    if path.is_file():
+        per_file = folder / META_DIR / f"{path.name}.revision"
+        if per_file.is_file():
+            return per_file.read_text().strip() or None
+    if marker.is_file():
+        return marker.read_text().strip() or None
+    return None
+
+
+def read_record(path: Path) -> dict[str, Any] | None:
+    """The download record of a model folder (``.nbllm/manifest.json``) or root GGUF file, if any."""
+    record = (
+        path / META_DIR / "manifest.json" if path.is_dir() else path.parent / META_DIR / f"{path.name}.json"
+    )
+    try:
+        data = json.loads(record.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def incomplete_reason(folder: Path) -> str | None:
+    """Why the model folder ``folder`` cannot be loaded yet, or ``None`` if it looks whole.
+
+    An nbllm download is whole once ``.nbllm/complete`` exists. A folder from elsewhere (copied by hand,
+    downloaded by text-generation-webui) is whole when it has weights and every shard its index lists.
+    """
+    meta = folder / META_DIR
+    if (meta / "manifest.json").is_file():
+        return None if (meta / "complete").is_file() else "download not finished"
+    names = {p.name for p in folder.iterdir() if p.is_file()}
+    if any(n.lower().endswith(".gguf") for n in names):
+        for first in (folder / n for n in sorted(names) if n.lower().endswith(".gguf")):
+            parts = split_gguf_parts(first)
+            if parts and any(not p.is_file() for p in parts):
+                return f"missing parts of {first.name}"
+        return None
+    for index in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
+        if index in names:
+            try:
+                shards = set(json.loads((folder / index).read_text(encoding="utf-8"))["weight_map"].values())
+            except (OSError, ValueError, KeyError, TypeError, AttributeError):
+                return f"unreadable {index}"
+            missing = sorted(shards - names)
+            if missing:
+                return f"missing {len(missing)} of {len(shards)} weight files"
+            return None
+    if not any(n.endswith(_SAFETENSORS + _PYTORCH) for n in names):
+        return "no weight files"
+    return None
+
+
+# ------------------------------------------------------------------------------ resolving local paths
+
+
+def _gguf_models(ggufs: Sequence[Path]) -> list[Path]:
+    """GGUF files grouped into models: a split model counts once, by its first part."""
+    models: list[Path] = []
+    for p in ggufs:
+        parts = split_gguf_parts(p)
+        if parts is None:
+            models.append(p)
+        elif p == parts[0]:
+            models.append(p)
+    return models
+
+
+def source_from_path(path: Path, *, file: str | None = None) -> ModelSource:
+    """Resolve an existing local path (a model folder or a GGUF file) to a :class:`ModelSource`.
+
+    A folder whose nbllm download did not finish is refused (its files may be from two revisions or
+    missing), with the command that finishes it.
+    """
+    path = path.expanduser()
+    if not path.exists():
+        raise ModelNotFoundError(
+            f"no model at {path}", "check the path, or run %llm_models to list the models folder"
+        )
+    if path.is_file():
+        if path.suffix.lower() != ".gguf":
+            raise ModelNotFoundError(
+                f"{path} is a file but not a .gguf model",
+                "give a .gguf file or the folder of a Transformers model (the one holding config.json)",
+            )
+        parts = split_gguf_parts(path)
+        if parts is not None:
+            if missing := [p.name for p in parts if not p.is_file()]:
+                raise ModelNotFoundError(
+                    f"{path.name} is part of a split GGUF model and {len(missing)} part(s) are missing "
+                    f"({', '.join(missing[:3])})",
+                    "download the missing parts into the same folder",
+                )
+            path = parts[0]
+        record = read_record(path) or {}
+        return ModelSource(
+            path=path.resolve(),
+            format="gguf",
+            name=path.name,
+            revision=read_revision(path),
+            repo_id=record.get("repo_id"),
+        )
+    _refuse_incomplete(path)
+    record = read_record(path) or {}
+    ggufs = gguf_files(path)
+    if file is not None:
+        chosen = path / file
+        if not chosen.is_file():
+            matches = [p for p in ggufs if fnmatch.fnmatch(p.name, file)]
+            if len(_gguf_models(matches)) != 1:
+                names = ", ".join(p.name for p in ggufs) or "none"
+                raise ModelNotFoundError(f"no file {file!r} in {path}", f"pick one of: {names}")
+            chosen = _gguf_models(matches)[0]
+        return dataclasses.replace(
+            source_from_path(chosen), revision=read_revision(path), repo_id=record.get("repo_id")
+        )
+    if any((path / m).is_file() for m in _TRANSFORMERS_MARKERS) and not ggufs:
+        return ModelSource(
+            path=path.resolve(),
+            format="transformers",
+            name=path.name,
+            revision=read_revision(path),
+            repo_id=record.get("repo_id"),
+        )
+    models = _gguf_models(ggufs)
+    if len(models) == 1:
+        return dataclasses.replace(
+            source_from_path(models[0]), revision=read_revision(path), repo_id=record.get("repo_id")
+        )
+    if len(models) > 1:
+        names = ", ".join(p.name for p in models)
+        raise OptionError(f"{path} holds {len(models)} GGUF models ({names})", "choose one with --file NAME")
+    raise ModelNotFoundError(
+        f"{path} is neither a Transformers model (no config.json) nor a folder with a .gguf file",
+        "point at the folder holding config.json, or at a .gguf file",
+    )
+
+
+def _refuse_incomplete(folder: Path) -> None:
+    meta = folder / META_DIR
+    if (meta / "manifest.json").is_file() and not (meta / "complete").is_file():
+        record = read_record(folder) or {}
+        repo = record.get("repo_id")
+        fix = (
+            f"run %llm_download {repo} (or: nbllm download {repo}) to finish it"
+            if repo
+            else "download it again"
+        )
+        raise ModelNotFoundError(f"{folder.name} is an unfinished download", fix)
+
+
+# -------------------------------------------------------------------------------------- the listing
+
+
+@dataclass(frozen=True)
+class ModelEntry:
+    """One model in the models folder, as ``%llm_models`` shows it."""
+
+    name: str
+    """What to type after ``%llm_load``: a subfolder name or a ``.gguf`` file name."""
+    path: Path
+    loader: LoaderName
+    """The loader ``%llm_load`` would use with ``--loader auto``."""
+    format: str
+    """``safetensors``, ``bin`` or ``GGUF``."""
+    quantization: str | None
+    """GGUF quantization (``Q4_K_M``...) or a Transformers checkpoint's ``quantization_config`` method."""
+    size: int
+    """Bytes on disk (partial files included, so the number is the space it takes)."""
+    revision: str | None
+    """Hub commit sha recorded at download, if nbllm downloaded it."""
+    repo_id: str | None
+    complete: bool
+    """False for an interrupted download: not loadable until the download is run again."""
+    problem: str | None = None
+    """Why it is not complete."""
+
+    @property
+    def format_label(self) -> str:
+        """Format and quantization in one cell: ``GGUF Q4_K_M``, ``safetensors``."""
+        return f"{self.format} {self.quantization}" if self.quantization else self.format
+
+    @property
+    def status(self) -> str:
+        if self.complete:
+            return "ready"
+        fix = f"; resume: %llm_download {self.repo_id}" if self.repo_id else ""
+        return f"incomplete ({self.problem}){fix}"
+
+
+def format_size(n: int) -> str:
+    """Bytes as the Hub shows them (decimal units): ``1.2 GB``."""
+    size = float(n)
+    for unit in ("B", "kB", "MB", "GB", "TB"):
+        if size < 1000 or unit == "TB":
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1000
+    raise AssertionError("unreachable")
+
+
+@dataclass(frozen=True)
+class ModelList:
+    """The models of a folder: iterable, a text table as its repr, an HTML table in a notebook."""
+
+    folder: Path
+    entries: tuple[ModelEntry, ...]
+
+    def __iter__(self) -> Iterator[ModelEntry]:
+        return iter(self.entries)
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    def __getitem__(self, index: int) -> ModelEntry:
+        return self.entries[index]
+
+    @property
+    def loadable(self) -> tuple[ModelEntry, ...]:
+        """The entries ``%llm_load`` accepts."""
+        return tuple(e for e in self.entries if e.complete)
+
+    def _rows(self) -> list[tuple[str, ...]]:
+        return [
+            (e.name, e.loader, e.format_label, format_size(e.size), (e.revision or "")[:10], e.status)
+            for e in self.entries
+        ]
+
+    _HEADER = ("name", "loader", "format", "size", "revision", "status")
+
+    def _empty_message(self) -> str:
+        where = f"{self.folder}" + ("" if self.folder.is_dir() else " (does not exist yet)")
+        return (
+            f"No models in {where}. Download one with %llm_download organization/model "
+            f"(or: nbllm download organization/model), or point {ENV_VAR} at an existing models folder."
+        )
+
+    def text(self) -> str:
+        """A plain-text table."""
+        if not self.entries:
+            return self._empty_message()
+        rows = [self._HEADER, *self._rows()]
+        widths = [max(len(r[i]) for r in rows) for i in range(len(self._HEADER))]
+        lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows]
+        lines.insert(1, "  ".join("-" * w for w in widths))
+        return f"Models in {self.folder}:\n" + "\n".join(lines)
+
+    def __str__(self) -> str:
+        return self.text()
+
+    def __repr__(self) -> str:
+        return self.text()
+
+    def _repr_html_(self) -> str:
+        if not self.entries:
+            return f"<p>{html.escape(self._empty_message())}</p>"
+        head = "".join(f"<th style='text-align:left'>{h}</th>" for h in self._HEADER)
+        body = "".join(
+            "<tr>" + "".join(f"<td style='text-align:left'>{html.escape(c)}</td>" for c in row) + "</tr>"
+            for row in self._rows()
+        )
+        caption = f"<caption style='text-align:left'>Models in <code>{html.escape(str(self.folder))}</code></caption>"
+        return f"<table class='nbllm-models'>{caption}<thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+
+
+def _dir_size(folder: Path) -> int:
+    total = 0
+    for root, _dirs, files in os.walk(folder):
+        for name in files:
+            try:
+                total += os.lstat(os.path.join(root, name)).st_size
+            except OSError:
+                pass
+    return total
+
+
+def _checkpoint_quantization(folder: Path) -> str | None:
+    """``quantization_config.quant_method`` (and bits) from a Transformers ``config.json``, if any."""
+    try:
+        config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+        quant = config.get("quantization_config") or {}
+    except (OSError, ValueError, AttributeError):
+        return None
+    if not isinstance(quant, dict) or not quant.get("quant_method"):
+        return None
+    method = str(quant["quant_method"])
+    bits = quant.get("bits") or (4 if quant.get("load_in_4bit") else 8 if quant.get("load_in_8bit") else None)
+    return f"{method} {bits}-bit" if bits else method
+
+
+class ModelsFolder:
+    """A folder of models laid out like text-generation-webui's: what is there, and where a download goes."""
+
+    def __init__(self, path: str | Path | None = None) -> None:
+        self.path = Path(path).expanduser() if path is not None else models_dir()
+
+    def __repr__(self) -> str:
+        return f"ModelsFolder({str(self.path)!r})"
+
+    @property
+    def meta(self) -> Path:
+        """The root's bookkeeping folder (records and partial files of root GGUF downloads)."""
+        return self.path / META_DIR
+
+    def list(self) -> ModelList:
+        """Every model in the folder, sorted by name; interrupted downloads included, marked incomplete."""
+        entries: list[ModelEntry] = []
+        if self.path.is_dir():
+            for child in sorted(self.path.iterdir(), key=lambda p: p.name.lower()):
+                if child.name.startswith(".") or child.name in _NOT_MODELS:
+                    continue
+                entry = self._entry(child)
+                if entry is not None:
+                    entries.append(entry)
+            entries.extend(self._pending_root_downloads({e.name for e in entries}))
+        entries.sort(key=lambda e: e.name.lower())
+        return ModelList(self.path, tuple(entries))
+
+    def get(self, name: str) -> ModelEntry:
+        """The entry called ``name`` (a subfolder or a root ``.gguf`` file); :class:`ModelNotFoundError` if none."""
+        listing = self.list()
+        for entry in listing:
+            if entry.name == name:
+                return entry
+        names = [e.name for e in listing]
+        close = difflib.get_close_matches(name, names, n=3)
+        hint = f" (did you mean {' or '.join(close)}?)" if close else ""
+        raise ModelNotFoundError(
+            f"no model {name!r} in {self.path}{hint}",
+            "run %llm_models to see what is there, or give a hub id organization/model to download it",
+        )
+
+    def find_download(
+        self, repo_id: str, revision: str | None = None, file: str | None = None
+    ) -> ModelEntry | None:
+        """A complete local copy of hub repository ``repo_id`` (at ``revision`` if given), if there is one.
+
+        Looks at the subfolder text-generation-webui would use and at root GGUF files recorded as coming
+        from that repository. ``file`` (a name or pattern) narrows the choice among GGUF files.
+        """
+        folder = self.path / folder_name(repo_id, revision)
+        if folder.is_dir():
+            entry = self._entry(folder)
+            record = read_record(folder) or {}
+            same_repo = record.get("repo_id", repo_id) == repo_id
+            if entry is not None and entry.complete and same_repo and _revision_matches(record, revision):
+                if (
+                    file is None
+                    or entry.loader != "llama.cpp"
+                    or any(fnmatch.fnmatch(p.name, file) for p in gguf_files(folder))
+                ):
+                    return entry
+        candidates: list[ModelEntry] = []
+        for gguf in gguf_files(self.path) if self.path.is_dir() else []:
+            record = read_record(gguf) or {}
+            if record.get("repo_id") != repo_id or not _revision_matches(record, revision):
+                continue
+            if file is not None and not fnmatch.fnmatch(gguf.name, file) and gguf.name != file:
+                continue
+            entry = self._entry(gguf)
+            if entry is not None and entry.complete:
+                candidates.append(entry)
+        if len(candidates) > 1:  # several quantizations of one repo: the default one, as a download picks
+            preferred = [c for c in candidates if c.quantization == "Q4_K_M"]
+            candidates = preferred or candidates
+            if len(candidates) > 1:
+                names = ", ".join(c.name for c in candidates)
+                raise OptionError(
+                    f"{self.path} holds {len(candidates)} GGUF files of {repo_id} ({names})",
+                    "choose one with --file NAME",
+                )
+        return candidates[0] if candidates else None
+
+    # -- one entry ---------------------------------------------------------------------------------
+    def _entry(self, path: Path) -> ModelEntry | None:
+        if path.is_file():
+            return self._file_entry(path)
+        if path.is_dir():
+            return self._folder_entry(path)
+        return None
+
+    def _file_entry(self, path: Path) -> ModelEntry | None:
+        if path.suffix.lower() != ".gguf":
+            return None
+        parts = split_gguf_parts(path)
+        if parts is not None and path != parts[0]:
+            return None  # listed once, by its first part
+        files = parts or [path]
+        present = [p for p in files if p.is_file()]
+        missing = len(files) - len(present)
+        record = read_record(path) or {}
+        return ModelEntry(
+            name=path.name,
+            path=path,
+            loader="llama.cpp",
+            format="GGUF",
+            quantization=gguf_quantization(path) if path.is_file() else quantization_from_name(path.name),
+            size=sum(p.stat().st_size for p in present),
+            revision=read_revision(path),
+            repo_id=record.get("repo_id"),
+            complete=missing == 0,
+            problem=f"missing {missing} of {len(files)} parts" if missing else None,
+        )
+
+    def _folder_entry(self, folder: Path) -> ModelEntry | None:
+        names = {p.name for p in folder.iterdir() if p.is_file()}
+        record = read_record(folder) or {}
+        ggufs = sorted(n for n in names if n.lower().endswith(".gguf"))
+        is_download = (folder / META_DIR / "manifest.json").is_file()
+        has_config = any(m in names for m in _TRANSFORMERS_MARKERS)
+        if not (ggufs or has_config or is_download):
+            return None  # not a model (a LoRA folder, notes, ...)
+        problem = incomplete_reason(folder)
+        planned = record.get("files") or {}
+        if ggufs or (is_download and any(str(f).endswith(".gguf") for f in planned)):
+            loader: LoaderName = "llama.cpp"
+            fmt = "GGUF"
+            firsts = [folder / n for n in ggufs]
+            models = _gguf_models(firsts)
+            quants = sorted({q for q in (gguf_quantization(m) for m in models) if q})
+            quant = ", ".join(quants) or None
+        else:
+            loader = "transformers"
+            has_st = any(n.endswith(_SAFETENSORS) for n in names) or any(
+                str(f).endswith(_SAFETENSORS) for f in planned
+            )
+            fmt = "safetensors" if has_st else "bin"
+            quant = _checkpoint_quantization(folder)
+        return ModelEntry(
+            name=folder.name,
+            path=folder,
+            loader=loader,
+            format=fmt,
+            quantization=quant,
+            size=_dir_size(folder),
+            revision=read_revision(folder) if problem is None else record.get("revision"),
+            repo_id=record.get("repo_id"),
+            complete=problem is None,
+            problem=problem,
+        )
+
+    def _pending_root_downloads(self, listed: set[str]) -> Iterator[ModelEntry]:
+        """Root GGUF downloads that were interrupted: their file does not exist yet under its name."""
+        if not self.meta.is_dir():
+            return
+        for pending in sorted(self.meta.glob("*.pending.json")):
+            name = pending.name.removesuffix(".pending.json")
+            if name in listed or (self.path / name).exists():
+                continue
+            try:
+                record = json.loads(pending.read_text(encoding="utf-8"))
+            except (OSError, ValueError):
+                continue
+            partial = self.meta / "partial" / f"{record.get('sha256', '')}.part"
+            yield ModelEntry(
+                name=name,
+                path=self.path / name,
+                loader="llama.cpp",
+                format="GGUF",
+                quantization=quantization_from_name(name),
+                size=partial.stat().st_size if partial.is_file() else 0,
+                revision=record.get("revision"),
+                repo_id=record.get("repo_id"),
+                complete=False,
+                problem="download not finished",
+            )
+
+
+def _revision_matches(record: dict[str, Any], revision: str | None) -> bool:
+    """Whether a download record is of ``revision`` (a branch/tag it was asked as, or a commit sha prefix)."""
+    if not record:
+        return True  # not downloaded by nbllm: the folder's name is all there is
+    if revision is None:
+        return record.get("ref", "main") == "main"
+    sha = str(record.get("revision") or "")
+    return record.get("ref") == revision or (len(revision) >= 7 and sha.startswith(revision))
+
+
+# -------------------------------------------------------------------------------------------- resolve
+
+
+def resolve(spec: str | Path, *, revision: str | None = None, file: str | None = None) -> ModelSource:
+    """Turn what the user typed after ``%llm_load`` into a :class:`ModelSource`.
+
+    In order: an existing path (``revision`` is ignored there); a name in the models folder
+    (``organization_model`` or ``file.gguf``); a hub id ``organization/model[:revision]`` — a complete
+    local copy is used as is, otherwise the model is downloaded into the models folder first (with
+    progress bars). ``file`` picks one GGUF file (a name or a pattern). An interrupted download is never
+    resolved.
+    """
+    text = str(spec).strip()
+    if not text:
+        raise OptionError(
+            "no model given", "give a path, a name from %llm_models, or a hub id organization/model"
+        )
+    path = Path(text).expanduser()
+    if path.exists():
+        return source_from_path(path, file=file)
+    folder = ModelsFolder()
+    if "/" not in text and "\\" not in text:
+        entry = folder.get(text)  # raises ModelNotFoundError with suggestions
+        if not entry.complete:
+            fix = (
+                f"run %llm_download {entry.repo_id} (or: nbllm download {entry.repo_id}) to finish it"
+                if entry.repo_id
+                else "copy or download the missing files"
+            )
+            raise ModelNotFoundError(f"{entry.name} is not complete ({entry.problem})", fix)
+        return source_from_path(entry.path, file=file)
+    hub = parse_hub_id(text)
+    if hub is None:
+        raise ModelNotFoundError(
+            f"no model at {text}",
+            "give an existing path, a name from %llm_models, or a hub id organization/model[:revision]",
+        )
+    repo_id, rev = hub
+    if rev and revision and rev != revision:
+        raise OptionError(f"two revisions given: {rev!r} in {text} and --revision {revision!r}", "give one")
+    rev = rev or revision
+    local = folder.find_download(repo_id, rev, file)
+    if local is not None:
+        return source_from_path(local.path, file=file if local.path.is_dir() else None)
+    from .download import download  # lazy: huggingface_hub is imported only when a download happens
+
+    result = download(repo_id, revision=rev, files=[file] if file else None, models_dir=folder.path)
+    return source_from_path(result.path, file=file if result.path.is_dir() else None)
