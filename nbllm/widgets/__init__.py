@@ -1,0 +1,15 @@
+"""ipywidgets panels over the nbllm library: :class:`SettingsPanel` (choose, download and load a model;
+generation defaults) and :class:`ChatPanel` (a chat that streams replies). ``pip install 'nbllm[widgets]'``."""
+
+from __future__ import annotations
+
+try:
+    import ipywidgets  # noqa: F401
+except ImportError:  # pragma: no cover - depends on the environment
+    from ..errors import missing_dependency
+
+    raise missing_dependency("ipywidgets", "widgets") from None
+
+from .settings import GENERATION_PRESETS, SettingsPanel
+
+__all__ = ["GENERATION_PRESETS", "SettingsPanel"]

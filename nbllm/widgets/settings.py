@@ -1,0 +1,405 @@
+"""The settings panel: text-generation-webui's model page as an ipywidgets panel.
+
+Every load option comes from :meth:`LoadOptions.specs` (its widget, its help text, its group, the
+loaders it applies to), every generation default from :meth:`GenerationOptions.specs`: nothing is
+retyped here. Buttons call the library (:func:`nbllm.get_engine`, :class:`nbllm.models.ModelsFolder`,
+:func:`nbllm.download.download`); the panel holds widgets and callbacks only.
+"""
+
+from __future__ import annotations
+
+import html
+from pathlib import Path
+from typing import Any
+
+import ipywidgets as W
+
+from ..engine import Engine, Status, _gib, get_engine
+from ..errors import OptionError
+from ..models import ModelsFolder, format_size
+from ..options import LLAMACPP, TRANSFORMERS, GenerationOptions, LoadOptions, OptionSpec
+from ._common import HELP_STYLE, MessageLine, button, guarded, refresh_all, title, track, untrack
+
+GENERATION_FIELDS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty", "max_new_tokens", "seed")
+"""The generation options the panel shows (the others keep the engine's defaults)."""
+
+GENERATION_PRESETS: dict[str, dict[str, Any]] = {
+    "deterministic": {"temperature": 0.0, "top_p": 0.9, "top_k": 0, "min_p": 0.0, "repetition_penalty": 1.0},
+    "balanced": {"temperature": 0.7, "top_p": 0.9, "top_k": 0, "min_p": 0.0, "repetition_penalty": 1.0},
+    "creative": {"temperature": 1.0, "top_p": 0.95, "top_k": 0, "min_p": 0.05, "repetition_penalty": 1.1},
+}
+"""Sampling presets. deterministic is greedy decoding (same prompt, same reply; top_p and the others
+are left at their defaults because greedy decoding ignores them); balanced is nbllm's default; creative
+samples more widely and curbs repetition. None of them touches max_new_tokens or seed."""
+
+_NO_MODEL = "(no model in the models folder)"
+
+
+def option_widget(spec: OptionSpec, value: Any = None) -> W.ValueWidget:
+    """The input widget for one option, derived from its type, choices and bounds."""
+    value = spec.default if value is None else value
+    common: dict[str, Any] = {"description": spec.name, "style": {"description_width": "initial"}}
+    if spec.choices:
+        widget: W.ValueWidget = W.Dropdown(options=list(spec.choices), value=value, **common)
+    elif spec.type is bool:
+        widget = W.Checkbox(value=bool(value), indent=False, **common)
+    elif spec.default is None:  # optional: empty means unset
+        widget = W.Text(value="" if value is None else str(value), placeholder="unset", **common)
+    elif spec.type is float and spec.minimum is not None and spec.maximum is not None:
+        widget = W.FloatSlider(value=value, min=spec.minimum, max=spec.maximum, step=0.01,
+                               readout_format=".2f", continuous_update=False, **common)
+    elif spec.type is float:
+        widget = W.BoundedFloatText(value=value, min=spec.minimum if spec.minimum is not None else -1e9,
+                                    max=spec.maximum if spec.maximum is not None else 1e9, step=0.05, **common)
+    elif spec.type is int:
+        widget = W.BoundedIntText(value=value, min=spec.minimum if spec.minimum is not None else -(2**31),
+                                  max=spec.maximum if spec.maximum is not None else 2**31 - 1, **common)
+    else:
+        widget = W.Text(value=str(value), **common)
+    widget.add_class(f"nbllm-opt-{spec.name}")
+    return widget
+
+
+def widget_value(spec: OptionSpec, widget: W.ValueWidget) -> Any:
+    """What the widget holds, as an option value (an empty optional field is ``None``)."""
+    value = widget.value
+    if spec.default is None and isinstance(value, str):
+        return value.strip() or None
+    return value
+
+
+def set_widget_value(spec: OptionSpec, widget: W.ValueWidget, value: Any) -> None:
+    if spec.default is None and isinstance(widget, W.Text):
+        widget.value = "" if value is None else str(value)
+    else:
+        widget.value = value
+
+
+def _help(text: str) -> W.HTML:
+    h = W.HTML(f"<div style='{HELP_STYLE}'>{html.escape(text)}</div>", layout=W.Layout(width="100%"))
+    h.add_class("nbllm-help")
+    return h
+
+
+class OptionField(W.VBox):
+    """One option: its input widget with its help text under it."""
+
+    def __init__(self, spec: OptionSpec, value: Any = None) -> None:
+        self.spec = spec
+        self.input = option_widget(spec, value)
+        self.input.layout.width = "95%"
+        super().__init__([self.input, _help(spec.help)], layout=W.Layout(width="100%"))
+        self.add_class("nbllm-option")
+
+    @property
+    def value(self) -> Any:
+        return widget_value(self.spec, self.input)
+
+    @value.setter
+    def value(self, value: Any) -> None:
+        set_widget_value(self.spec, self.input, value)
+
+    @property
+    def shown(self) -> bool:
+        return self.layout.display != "none"
+
+    def show(self, visible: bool) -> None:
+        self.layout.display = None if visible else "none"
+
+
+def _grid(children: list[W.Widget]) -> W.GridBox:
+    return W.GridBox(children, layout=W.Layout(grid_template_columns="repeat(2, minmax(0, 1fr))",
+                                               grid_gap="2px 16px", width="100%"))
+
+
+def status_line(status: Status) -> str:
+    """One line: the loaded model, its loader, where its layers are and the memory it uses."""
+    if not status.loaded:
+        return "No model loaded."
+    layers = ", ".join(f"{n} on {dev}" for dev, n in status.placement.devices.items()) or "n/a"
+    memory = ", ".join(f"{dev} {_gib(b)}" for dev, b in status.placement.memory_bytes.items()) or "n/a"
+    return (f"Loaded {status.model} with {status.loader} · layers: {layers} · memory: {memory} · "
+            f"process {_gib(status.process_rss_bytes)}")
+
+
+class SettingsPanel(W.VBox):
+    """Choose, download and load a model; set its load options and the default generation options.
+
+    Shares the kernel's one :class:`~nbllm.engine.Engine` with the magics: a model loaded with
+    ``%llm_load`` shows in the status line (refreshed when the panel is displayed, after each cell and
+    after the panel's own actions), and the generation defaults set here are those of ``%%llm`` and
+    ``%%llm_chat``. ``models_dir`` overrides the models folder for this panel only.
+    """
+
+    def __init__(self, models_dir: str | Path | None = None, engine: Engine | None = None) -> None:
+        self.engine = engine or get_engine()
+        self.folder = ModelsFolder(models_dir)
+        self._loaders: dict[str, str] = {}
+        self._seen: tuple[Any, ...] | None = None
+        self._syncing = False
+        self.messages = MessageLine()
+
+        # -- model, loader, download ---------------------------------------------------------------
+        self.model = W.Dropdown(description="Model", options=[], style={"description_width": "initial"},
+                                layout=W.Layout(width="60%"))
+        self.model.add_class("nbllm-model")
+        self.refresh_button = button("", "refresh", icon="refresh", tooltip="List the models folder again")
+        self.folder_label = W.HTML()
+        self.download_id = W.Text(description="Download model", placeholder="organization/model[:revision]",
+                                  style={"description_width": "initial"}, layout=W.Layout(width="60%"))
+        self.download_id.add_class("nbllm-download-id")
+        self.download_button = button("Download", "download", icon="download",
+                                      tooltip="Download from the Hugging Face Hub into the models folder")
+        self.download_output = W.Output(layout=W.Layout(width="100%"))
+        self.download_output.add_class("nbllm-download-progress")
+
+        load_specs = [s for s in LoadOptions.specs() if s.panel]
+        self.load_fields: dict[str, OptionField] = {s.name: OptionField(s) for s in load_specs}
+        self.effective_loader = W.HTML()
+        self.effective_loader.add_class("nbllm-effective-loader")
+
+        self.load_button = button("Load", "load", style="primary", icon="play")
+        self.unload_button = button("Unload", "unload", icon="eject")
+        self.status = W.HTML()
+        self.status.add_class("nbllm-status")
+
+        groups = []
+        for key, group_title in LoadOptions.GROUPS.items():
+            fields = [f for f in self.load_fields.values() if f.spec.group == key]
+            if key == "model":
+                fields.insert(1, self.effective_loader)  # type: ignore[arg-type]  # next to "loader"
+            box = W.VBox([W.HTML(f"<b>{html.escape(group_title)}</b>"), _grid(fields)])  # type: ignore[arg-type]
+            box.add_class(f"nbllm-group-{key}")
+            groups.append(box)
+        self.option_groups = groups
+
+        # -- generation defaults -------------------------------------------------------------------
+        defaults = self.engine.defaults
+        self.gen_fields: dict[str, OptionField] = {
+            n: OptionField(GenerationOptions.spec(n), getattr(defaults, n)) for n in GENERATION_FIELDS
+        }
+        self.preset_buttons = {name: button(name, f"preset-{name}") for name in GENERATION_PRESETS}
+        self.preset_label = W.HTML()
+        self.preset_label.add_class("nbllm-preset")
+
+        super().__init__([
+            title("nbllm · model settings"),
+            W.HBox([self.model, self.refresh_button, self.folder_label]),
+            W.HBox([self.download_id, self.download_button]),
+            self.download_output,
+            W.HBox([self.load_button, self.unload_button]),
+            self.status,
+            self.messages,
+            W.HTML("<hr style='margin: 4px 0'>"),
+            *groups,
+            W.HTML("<hr style='margin: 4px 0'>"),
+            W.HTML("<b>Generation defaults</b> "
+                   f"<span style='{HELP_STYLE}'>(used by %%llm, %%llm_chat and the chat panel when no "
+                   "option is given)</span>"),
+            W.HBox([W.HTML("Preset:"), *self.preset_buttons.values(), self.preset_label]),
+            _grid(list(self.gen_fields.values())),
+        ], layout=W.Layout(width="100%", max_width="980px", border="1px solid var(--jp-border-color2, #ccc)",
+                           padding="8px"))
+        self.add_class("nbllm-settings")
+
+        self.refresh_button.on_click(lambda _b: self.refresh_models())
+        self.download_button.on_click(lambda _b: self.download())
+        self.load_button.on_click(lambda _b: self.load())
+        self.unload_button.on_click(lambda _b: self.unload())
+        self.model.observe(lambda _c: self._update_visibility(), names="value")
+        self.load_fields["loader"].input.observe(lambda _c: self._update_visibility(), names="value")
+        for name, b in self.preset_buttons.items():
+            b.on_click(lambda _b, name=name: self.apply_preset(name))
+        for f in self.gen_fields.values():
+            f.input.observe(lambda _c: self._generation_changed(), names="value")
+
+        self.refresh_models()
+        self.refresh()
+        track(self)
+
+    # -- reading the panel ---------------------------------------------------------------------------
+    @property
+    def loader(self) -> str:
+        """The loader that will load the selected model: the chosen one, or (auto) by its format."""
+        chosen = self.load_fields["loader"].value
+        if chosen != "auto":
+            return str(chosen)
+        return self._loaders.get(self.model.value or "", TRANSFORMERS)
+
+    def load_options(self) -> LoadOptions:
+        """The load options the panel shows for the chosen loader (hidden ones keep their defaults)."""
+        values = {name: f.value for name, f in self.load_fields.items() if f.shown}
+        return LoadOptions.from_dict({k: v for k, v in values.items() if v is not None})
+
+    def generation_options(self) -> GenerationOptions:
+        """The engine's defaults with the panel's generation fields on top."""
+        values = {name: f.value for name, f in self.gen_fields.items()}
+        return self.engine.defaults.replace(**values)
+
+    # -- actions -------------------------------------------------------------------------------------
+    def refresh_models(self) -> None:
+        """List the models folder again (the refresh button)."""
+        def run() -> None:
+            entries = self.folder.list()
+            options: list[tuple[str, str]] = []
+            self._loaders = {}
+            for e in entries.loadable:
+                options.append((f"{e.name}  ({e.format_label}, {format_size(e.size)})", str(e.path)))
+                self._loaders[str(e.path)] = e.loader
+            incomplete = len(entries) - len(entries.loadable)
+            loaded = self.engine.status()
+            if loaded.loaded and loaded.path and loaded.path not in self._loaders:
+                options.append((f"{loaded.model}  (loaded, outside the models folder)", loaded.path))
+                self._loaders[loaded.path] = LLAMACPP if loaded.format == "gguf" else TRANSFORMERS
+            current = self.model.value
+            self._syncing = True
+            try:
+                self.model.options = options or [(_NO_MODEL, "")]
+                values = [v for _label, v in options]
+                if current in values:
+                    self.model.value = current
+                elif loaded.loaded and loaded.path in values:
+                    self.model.value = loaded.path
+                else:
+                    self.model.index = 0
+            finally:
+                self._syncing = False
+            where = html.escape(str(self.folder.path))
+            extra = f" · {incomplete} incomplete download(s) not listed" if incomplete else ""
+            self.folder_label.value = f"<span style='{HELP_STYLE}'>from {where}{extra}</span>"
+            self._update_visibility()
+
+        guarded(self.messages, run)
+
+    def load(self) -> Status | None:
+        """Load the selected model with the panel's options (the Load button)."""
+        def run() -> Status:
+            if not self.model.value:
+                raise OptionError("no model is selected", "download one, or choose one in the Model list")
+            options = self.load_options()
+            self.status.value = self._status_html(f"Loading {Path(self.model.value).name}…")
+            try:
+                return self.engine.load(self.model.value, options)
+            finally:
+                self.refresh()
+
+        status = guarded(self.messages, run)
+        refresh_all(except_=self)
+        return status
+
+    def unload(self) -> None:
+        """Unload the model (the Unload button)."""
+        guarded(self.messages, self.engine.unload)
+        self.refresh()
+        refresh_all(except_=self)
+
+    def download(self) -> None:
+        """Download the hub id in the download field into the models folder, then select it.
+
+        The library's progress bars (tqdm) are shown in the panel while it runs.
+        """
+        from ..download import download
+
+        spec = self.download_id.value.strip()
+
+        def run() -> None:
+            if not spec:
+                raise OptionError("no hub id given", "type organization/model in the download field")
+            self.download_output.clear_output()
+            self.download_button.disabled = True
+            try:
+                with self.download_output:
+                    result = download(spec, models_dir=self.folder.path, echo=None)
+            finally:
+                self.download_button.disabled = False
+            self.refresh_models()
+            if str(result.path) in self._loaders:
+                self.model.value = str(result.path)
+            self.messages.show_note(result.summary)
+
+        guarded(self.messages, run)
+
+    def apply_preset(self, name: str) -> None:
+        """Set the generation fields (and so the engine's defaults) to a preset."""
+        preset = GENERATION_PRESETS[name]
+        self._syncing = True
+        try:
+            for key, value in preset.items():
+                self.gen_fields[key].value = value
+        finally:
+            self._syncing = False
+        self._generation_changed()
+
+    def refresh(self) -> None:
+        """Show the engine's state now: status line, and the loaded model's choices when they changed."""
+        status = self.engine.status()
+        self.status.value = self._status_html(status_line(status), details=str(status) if status.loaded else None)
+        seen = (status.path, tuple(sorted(status.options.items()))) if status.loaded else None
+        if seen != self._seen:
+            self._seen = seen
+            if status.loaded:
+                self._show_loaded(status)
+        self._show_defaults(self.engine.defaults)
+
+    def close(self) -> None:
+        untrack(self)
+        super().close()
+
+    # -- internals -----------------------------------------------------------------------------------
+    def _show_loaded(self, status: Status) -> None:
+        """Select the loaded model and show the options it was loaded with (it may come from %llm_load)."""
+        if status.path not in self._loaders:
+            self.refresh_models()
+        self._syncing = True
+        try:
+            if status.path in self._loaders:
+                self.model.value = status.path
+            for name, f in self.load_fields.items():
+                f.value = status.options.get(name, f.spec.default)
+        finally:
+            self._syncing = False
+        self._update_visibility()
+
+    def _show_defaults(self, defaults: GenerationOptions) -> None:
+        self._syncing = True
+        try:
+            for name, f in self.gen_fields.items():
+                if f.value != getattr(defaults, name):
+                    f.value = getattr(defaults, name)
+        finally:
+            self._syncing = False
+        self._show_preset(defaults)
+
+    def _show_preset(self, defaults: GenerationOptions) -> None:
+        matching = [n for n, p in GENERATION_PRESETS.items() if all(getattr(defaults, k) == v for k, v in p.items())]
+        self.preset_label.value = f"<i>{matching[0] if matching else 'custom'}</i>"
+        for name, b in self.preset_buttons.items():
+            b.button_style = "info" if name in matching[:1] else ""
+
+    def _generation_changed(self) -> None:
+        if self._syncing:
+            return
+
+        def run() -> None:
+            self.engine.defaults = self.generation_options()
+
+        guarded(self.messages, run)
+        self._show_preset(self.engine.defaults)
+
+    def _update_visibility(self) -> None:
+        loader = self.loader
+        for name, f in self.load_fields.items():
+            f.show(name == "loader" or loader in f.spec.loaders)
+        chosen = self.load_fields["loader"].value
+        how = "by the model's format" if chosen == "auto" else "chosen"
+        self.effective_loader.value = (
+            f"<div style='{HELP_STYLE}; margin-top: 6px'>Loader used: <b>{html.escape(loader)}</b> ({how}); "
+            "only its options are shown.</div>"
+        )
+
+    def _status_html(self, line: str, details: str | None = None) -> str:
+        body = f"<b>{html.escape(line)}</b>"
+        if details:
+            body += (f"<details><summary style='{HELP_STYLE}; cursor: pointer'>details</summary>"
+                     f"<pre style='{HELP_STYLE}'>{html.escape(details)}</pre></details>")
+        return f"<div style='margin: 4px 0'>{body}</div>"
