@@ -18,8 +18,10 @@ _VERSIONED = ("nbllm", "torch", "transformers", "accelerate", "bitsandbytes", "l
 
 def library_versions() -> dict[str, str]:
     """Installed versions of nbllm and the libraries that shape its outputs (no imports needed)."""
-    out = {"python": platform.python_version()}
-    for dist in _VERSIONED:
+    from . import __version__
+
+    out = {"python": platform.python_version(), "nbllm": __version__}
+    for dist in _VERSIONED[1:]:
         try:
             out[dist] = importlib.metadata.version(dist.replace("_", "-"))
         except importlib.metadata.PackageNotFoundError:

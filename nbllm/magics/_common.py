@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import functools
 import re
+import shlex
 import sys
 import time
 from collections.abc import Callable, Iterable, Mapping
@@ -45,6 +46,16 @@ def schema_arguments(*schemas: type[_Schema], skip: Iterable[str] = ()) -> Calla
         return func
 
     return decorate
+
+
+def parse_line(magic: Callable[..., Any], line: str) -> Any:
+    """Parse a magic's line with its ``magic_arguments`` parser, with shell quoting: ``--system
+    'Be brief.'`` gives ``Be brief.`` (IPython's own splitter keeps the quotes)."""
+    try:
+        argv = shlex.split(line, posix=True)
+    except ValueError as exc:
+        raise UsageError(f"cannot parse the line: {exc} (check the quotes)") from None
+    return magic.parser.parse_args(argv)  # type: ignore[attr-defined]
 
 
 _NAME = re.compile(r"\{\{|\{([A-Za-z_][A-Za-z0-9_]*)\}")

@@ -9,7 +9,7 @@ from IPython.core.magic import Magics, cell_magic, line_magic, magics_class
 
 from ..engine import _gib, get_engine, process_rss
 from ..options import GenerationOptions, LoadOptions
-from ._common import interpolate, schema_arguments, show_stream, user_errors
+from ._common import interpolate, parse_line, schema_arguments, show_stream, user_errors
 
 
 @magics_class
@@ -30,7 +30,7 @@ class CoreMagics(Magics):
             %llm_load ./models/org_model --load-in-4bit --compute-dtype bfloat16
             %llm_load ./models/model.Q4_K_M.gguf --n-ctx 4096 --n-gpu-layers -1
         """
-        args = magic_arguments.parse_argstring(self.llm_load, line)
+        args = parse_line(self.llm_load, line)
         options = LoadOptions.from_namespace(args)
         status = get_engine().load(args.model, options)
         where = ", ".join(f"{dev} {_gib(n)}" for dev, n in status.placement.memory_bytes.items())
@@ -58,7 +58,7 @@ class CoreMagics(Magics):
             %%llm --temperature 0 --max-new-tokens 64 -o r
             Translate to Portuguese: {sentence}
         """
-        args = magic_arguments.parse_argstring(self.llm, line)
+        args = parse_line(self.llm, line)
         engine = get_engine()
         options = GenerationOptions.from_namespace(args, base=engine.defaults)
         prompt = interpolate(cell.strip("\n"), self.shell.user_ns)

@@ -1,0 +1,210 @@
+"""The engine's lifecycle, records, interruption and failure handling, with real tiny models."""
+
+from __future__ import annotations
+
+import _thread
+import threading
+import time
+
+import pytest
+
+import nbllm
+from nbllm.engine import Engine, process_rss
+from nbllm.errors import GenerationError, ModelNotFoundError, NoModelLoadedError, OptionError
+
+PROMPT = "Once upon a time"
+MiB = 2**20
+
+
+@pytest.fixture(scope="module")
+def big_pair():
+    """Two distinct ~100 MB models, large enough for memory to show in the process RSS."""
+    from nbllm.testing import tiny_transformers_model
+
+    return [tiny_transformers_model(hidden_size=512, num_layers=8, seed=s) for s in (1, 2)]
+
+
+def test_loading_the_same_model_with_the_same_options_does_nothing(engine, tiny_model):
+    engine.load(tiny_model)
+    loader = engine.loader
+    start = time.perf_counter()
+    engine.load(tiny_model, {"attn": "auto"})  # the same options, spelled out
+    assert engine.loader is loader
+    assert time.perf_counter() - start < 0.5
+    engine.load(tiny_model, attn="eager")
+    assert engine.loader is not loader
+
+
+def test_unload_frees_the_memory(engine, big_pair):
+    model_bytes = 25_000_000 * 4
+    engine.load(big_pair[0])
+    engine.generate(PROMPT, max_new_tokens=2)  # touch every weight
+    loaded = process_rss()
+    assert engine.unload() is True
+    freed = loaded - process_rss()
+    assert freed > 0.7 * model_bytes, f"only {freed / MiB:.0f} MiB freed"
+    assert engine.unload() is False
+    assert not engine.status().loaded
+
+
+def test_loading_another_model_releases_the_first_before_loading(engine, big_pair):
+    engine.load(big_pair[0])
+    engine.generate(PROMPT, max_new_tokens=2)
+    with_first = process_rss()
+    peak, done = [0], threading.Event()
+
+    def sample():
+        while not done.is_set():
+            peak[0] = max(peak[0], process_rss())
+            time.sleep(0.001)
+
+    sampler = threading.Thread(target=sample)
+    sampler.start()
+    try:
+        engine.load(big_pair[1])
+    finally:
+        done.set()
+        sampler.join()
+    # had the first model been kept while the second loads, RSS would never have dropped below it
+    assert peak[0] < with_first - 50 * MiB, (peak[0] / MiB, with_first / MiB)
+    assert engine.status().model == big_pair[1].name
+
+
+def test_status_reports_model_loader_options_placement_and_memory(engine, tiny_model):
+    status = engine.load(tiny_model, attn="eager")
+    assert (status.model, status.loader, status.format) == (tiny_model.name, "transformers", "transformers")
+    assert status.options == {"attn": "eager"}
+    assert status.placement.devices == {"cpu": 2}
+    assert status.placement.memory_bytes["cpu"] > 100_000
+    text = str(status)
+    assert "placement: cpu: 2" in text and "--attn eager" in text and "process RSS" in text
+    assert "No model loaded" in str(Engine().status())
+
+
+def test_the_record_holds_everything_needed_to_reproduce(engine, tiny_model):
+    import hashlib
+
+    engine.load(tiny_model, attn="eager")
+    result = engine.generate(PROMPT, temperature=0.9, max_new_tokens=5, seed=7)
+    rec = result.record.to_dict()
+    weights = (tiny_model / "model.safetensors").read_bytes()
+    assert rec["model"]["path"] == str(tiny_model)
+    assert rec["model"]["sha256"] == {"model.safetensors": hashlib.sha256(weights).hexdigest()}
+    assert rec["load_options"]["attn"] == "eager"
+    assert rec["generation_options"] == {**nbllm.GenerationOptions(temperature=0.9, max_new_tokens=5).to_dict(),
+                                         "seed": 7}
+    assert rec["seed"] == 7 and rec["prompt"] == PROMPT and rec["mode"] == "raw"
+    for lib in ("nbllm", "torch", "transformers", "python"):
+        assert rec["versions"][lib]
+    assert result.timings.time_to_first_token > 0 and result.timings.decode_tokens_per_second > 0
+
+
+def test_generation_without_a_model_says_how_to_load_one(engine):
+    with pytest.raises(NoModelLoadedError, match="no model is loaded. Load one first"):
+        engine.generate("hi")
+
+
+def test_bad_path_bad_value_bad_combination_keep_the_loaded_model(engine, tiny_model):
+    engine.load(tiny_model)
+    loader = engine.loader
+    with pytest.raises(ModelNotFoundError, match="no model at /no/such/model"):
+        engine.load("/no/such/model")
+    with pytest.raises(OptionError):
+        engine.load(tiny_model, dtype="float7")
+    with pytest.raises(OptionError):
+        engine.load(tiny_model, load_in_4bit=True, load_in_8bit=True)
+    with pytest.raises(OptionError):
+        engine.generate(PROMPT, temperature=-1)
+    assert engine.loader is loader
+    assert len(engine.generate(PROMPT, max_new_tokens=3).token_ids) == 3
+
+
+def test_prompt_longer_than_the_context_is_refused(engine, tmp_path):
+    from nbllm.testing import tiny_transformers_model
+
+    engine.load(tiny_transformers_model(tmp_path / "m", max_position_embeddings=16))
+    with pytest.raises(GenerationError, match="the prompt is .* tokens and the model's context holds 16"):
+        engine.generate("word " * 40)
+
+
+def _interrupt_main_after(result, n_tokens: int) -> threading.Thread:
+    def watch():
+        while len(result.token_ids) < n_tokens:
+            time.sleep(0.001)
+        _thread.interrupt_main()
+
+    t = threading.Thread(target=watch, daemon=True)
+    t.start()
+    return t
+
+
+def test_keyboard_interrupt_stops_within_a_step_keeps_the_partial_text_and_the_model(engine, tiny_model):
+    engine.load(tiny_model)
+    result = engine.stream(PROMPT, temperature=0, max_new_tokens=5000)
+    _interrupt_main_after(result, 10)
+    seen = []
+    with pytest.raises(KeyboardInterrupt):
+        for chunk in result:
+            seen.append(chunk)
+    assert result.finish_reason == "interrupted" and result.interrupted
+    count = len(result.token_ids)
+    assert 10 <= count < 5000
+    time.sleep(0.2)
+    assert len(result.token_ids) == count  # the worker stopped
+    assert not [t for t in threading.enumerate() if t.name == "nbllm-generate"]
+    full = engine.generate(PROMPT, temperature=0, max_new_tokens=count)
+    assert full.token_ids == result.token_ids  # the partial text is exactly the start of the full one
+    assert result.text == full.text and "".join(seen) == full.text[: len("".join(seen))]
+    assert result.record is not None
+
+
+def test_cancel_from_another_thread(engine, tiny_model):
+    engine.load(tiny_model)
+    result = engine.stream(PROMPT, max_new_tokens=5000)
+    threading.Timer(0.3, result.cancel).start()
+    text = result.text
+    assert result.finish_reason == "cancelled" and 0 < result.completion_tokens < 5000
+    assert text == "".join(result.chunks)
+
+
+def test_an_exception_in_the_generating_thread_is_raised_not_a_hang(engine, tiny_model):
+    engine.load(tiny_model)
+    model = engine.loader.model
+    real_forward = model.forward
+    calls = [0]
+
+    def failing_forward(*args, **kwargs):
+        calls[0] += 1
+        if calls[0] == 4:
+            raise RuntimeError("CUDA error: device-side assert triggered")
+        return real_forward(*args, **kwargs)
+
+    model.forward = failing_forward
+    start = time.monotonic()
+    result = engine.stream(PROMPT, temperature=0, max_new_tokens=50)
+    with pytest.raises(GenerationError) as info:
+        _ = result.text
+    assert time.monotonic() - start < 10
+    assert "RuntimeError: CUDA error: device-side assert triggered" in info.value.message
+    assert result.finish_reason == "error" and len(result.token_ids) == 3
+    model.forward = real_forward
+    assert len(engine.generate(PROMPT, max_new_tokens=3).token_ids) == 3
+
+
+def test_result_replays_its_chunks_and_reports(engine, tiny_model):
+    engine.load(tiny_model)
+    result = engine.generate(PROMPT, temperature=0, max_new_tokens=8)
+    assert "".join(result) == result.text == str(result)
+    assert "8 tokens" in result.summary() and "ended: length" in result.summary()
+    assert result.to_dict()["record"]["seed"] == result.seed
+    done = []
+    result.on_done(done.append)
+    assert done == [result]
+
+
+def test_python_api_without_ipython(tiny_model, engine):
+    status = nbllm.load(tiny_model, attn="sdpa")
+    assert status.loaded and nbllm.status().model == tiny_model.name
+    assert "".join(nbllm.stream(PROMPT, temperature=0, max_new_tokens=6)) == nbllm.generate(
+        PROMPT, temperature=0, max_new_tokens=6).text
+    assert nbllm.unload() is True

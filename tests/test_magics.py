@@ -1,0 +1,192 @@
+"""The magics in a real IPython shell: thin over the library, one-line errors."""
+
+from __future__ import annotations
+
+import _thread
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+from IPython.core.error import UsageError
+
+from nbllm.magics._common import interpolate
+from nbllm.options import GenerationOptions, LoadOptions
+
+PROMPT = "The capital of France is"
+
+
+def test_load_ext_imports_no_heavy_library():
+    code = (
+        "import sys\n"
+        "from IPython.core.interactiveshell import InteractiveShell\n"
+        "InteractiveShell.instance().run_line_magic('load_ext', 'nbllm')\n"
+        "print(sorted(m for m in ('torch', 'transformers', 'llama_cpp', 'ipywidgets', 'accelerate',"
+        " 'bitsandbytes', 'huggingface_hub') if m in sys.modules))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]", out.stdout + out.stderr
+
+
+def test_greedy_cell_output_equals_model_generate(shell, tiny_model, capsys):
+    shell.run_line_magic("llm_load", f"{tiny_model} --attn sdpa")
+    capsys.readouterr()
+    shell.run_cell_magic("llm", "--temperature 0 --max-new-tokens 20 -o r", PROMPT + "\n")
+    printed = capsys.readouterr().out
+    r = shell.user_ns["r"]
+    loader = shell.user_ns.get("_nbllm_loader") or __import__("nbllm").get_engine().loader
+    ids = loader.tokenizer(PROMPT, return_tensors="pt")
+    direct = loader.model.generate(**ids, do_sample=False, max_new_tokens=20)[0, ids["input_ids"].shape[1]:].tolist()
+    assert r.token_ids == direct
+    assert printed == r.text + "\n"
+    assert r.prompt == PROMPT  # the cell's trailing newline is not part of the prompt
+
+
+def test_load_prints_one_line_summary_and_options_reach_the_engine(shell, tiny_model_64, capsys):
+    shell.run_line_magic("llm_load", f"{tiny_model_64} --load-in-4bit --quant-type fp4 --double-quant")
+    out = capsys.readouterr().out
+    assert out.startswith(f"Loaded {tiny_model_64.name} with transformers (cpu ")
+    status = __import__("nbllm").status()
+    assert status.options == {"load_in_4bit": True, "quant_type": "fp4", "double_quant": True}
+
+
+def test_generation_flags_map_to_options(shell, tiny_model):
+    shell.run_line_magic("llm_load", str(tiny_model))
+    shell.run_cell_magic(
+        "llm",
+        "--temperature 0.5 --top-p 0.8 --top-k 5 --min-p 0.1 --typical-p 0.9 --repetition-penalty 1.3 "
+        "--max-new-tokens 7 --seed 11 --stop '###' --stop END -o r",
+        "x",
+    )
+    opts = shell.user_ns["r"].record.generation_options
+    assert opts == {**GenerationOptions(temperature=0.5, top_p=0.8, top_k=5, min_p=0.1, typical_p=0.9,
+                                        repetition_penalty=1.3, max_new_tokens=7, stop=("###", "END")).to_dict(),
+                    "seed": 11}
+
+
+def test_same_seed_through_the_magic_gives_the_same_text(shell, tiny_model):
+    shell.run_line_magic("llm_load", str(tiny_model))
+    shell.run_cell_magic("llm", "--seed 5 --temperature 1 --max-new-tokens 15 -o a", PROMPT)
+    shell.run_cell_magic("llm", "--seed 5 --temperature 1 --max-new-tokens 15 -o b", PROMPT)
+    assert shell.user_ns["a"].text == shell.user_ns["b"].text
+
+
+@pytest.mark.parametrize(
+    ("cell", "expected"),
+    [
+        ("Summarize {doc}", "Summarize A DOC"),
+        ('Return JSON like {"a": {"b": [1, 2]}} for {doc}', 'Return JSON like {"a": {"b": [1, 2]}} for A DOC'),
+        ("def f():\n    return {k: v for k, v in {}.items()}", "def f():\n    return {k: v for k, v in {}.items()}"),
+        ("literal {{doc} and {undefined_name}", "literal {doc} and {undefined_name}"),
+        ("f'{x!r}' {doc:>5} {0}", "f'{x!r}' {doc:>5} {0}"),
+    ],
+)
+def test_interpolation_inserts_variables_and_leaves_other_braces(cell, expected):
+    assert interpolate(cell, {"doc": "A DOC", "k": 1}) == expected
+
+
+def test_interpolation_through_the_magic(shell, tiny_model):
+    shell.run_line_magic("llm_load", str(tiny_model))
+    shell.user_ns["topic"] = "RoPE"
+    shell.run_cell_magic("llm", "--max-new-tokens 2 -o r", 'Explain {topic} as JSON {"k": [1]}')
+    assert shell.user_ns["r"].prompt == 'Explain RoPE as JSON {"k": [1]}'
+
+
+def test_chat_sends_the_cell_through_the_models_chat_template(shell, tiny_model):
+    shell.run_line_magic("llm_load", str(tiny_model))
+    shell.run_cell_magic("llm", "--system 'Be brief.' --max-new-tokens 3 -o r", "Olá! 🤖")
+    tok = __import__("nbllm").get_engine().loader.tokenizer
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Olá! 🤖"}]
+    r = shell.user_ns["r"]
+    assert r.prompt == tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    assert r.record.mode == "chat" and r.record.messages == messages
+    ids = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+    ids = ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids
+    assert r.prompt_tokens == len(ids)  # one BOS, not two
+
+
+@pytest.mark.parametrize(
+    ("magic", "line", "cell", "message"),
+    [
+        ("llm_load", "/no/such/model", None, "no model at /no/such/model. "),
+        ("llm_load", "{model} --quant-type int3", None, "argument --quant-type"),
+        ("llm_load", "{model} --load-in-4bit --load-in-8bit", None, "cannot be used together. Choose one"),
+        ("llm_load", "{model} --n-ctx 100", None, "--n-ctx is a llama.cpp option"),
+        ("llm_load", "{model} --cpu-memory lots", None, "--cpu-memory expects a number"),
+        ("llm_load", "{model} --no-such-flag", None, "unrecognized arguments: --no-such-flag"),
+        ("llm", "--temperature 9", "hi", "--temperature 9.0 is above 5.0"),
+        ("llm", "--max-new-tokens many", "hi", "--max-new-tokens expects a whole number"),
+    ],
+)
+def test_user_mistakes_are_one_line_usage_errors(shell, tiny_model, magic, line, cell, message):
+    shell.run_line_magic("llm_load", str(tiny_model))
+    line = line.format(model=tiny_model)
+    with pytest.raises(UsageError) as info:
+        if cell is None:
+            shell.run_line_magic(magic, line)
+        else:
+            shell.run_cell_magic(magic, line, cell)
+    assert message in str(info.value)
+    assert "\n" not in str(info.value).strip()
+    assert __import__("nbllm").status().model == tiny_model.name  # the model it had
+
+
+def test_prompt_without_a_model(shell):
+    with pytest.raises(UsageError, match="no model is loaded. Load one first: %llm_load MODEL"):
+        shell.run_cell_magic("llm", "", "hi")
+
+
+def test_errors_in_run_cell_show_no_traceback(shell, capsys):
+    shell.run_cell("%llm_load /no/such/model")
+    err = capsys.readouterr()
+    text = err.out + err.err
+    assert "UsageError: no model at /no/such/model" in text
+    assert "Traceback" not in text
+
+
+def test_status_and_unload(shell, tiny_model, capsys):
+    shell.run_line_magic("llm_load", f"{tiny_model} --attn eager")
+    status = shell.run_line_magic("llm_status", "")
+    assert "--attn eager" in str(status) and "placement: cpu: 2" in str(status)
+    capsys.readouterr()
+    shell.run_line_magic("llm_unload", "")
+    assert capsys.readouterr().out.startswith(f"Unloaded {tiny_model.name}; process memory")
+    shell.run_line_magic("llm_unload", "")
+    assert "No model was loaded." in capsys.readouterr().out
+    assert "No model loaded" in str(shell.run_line_magic("llm_status", ""))
+
+
+def test_help_lists_every_option_with_its_explanation(shell, capsys):
+    from nbllm.magics.core import CoreMagics
+
+    shell.run_cell("%llm_load?")
+    shell.run_cell("%%llm?")
+    shown = capsys.readouterr().out
+    for spec in LoadOptions.specs():
+        assert spec.flag in CoreMagics.llm_load.__doc__
+        assert spec.flag in shown
+    for spec in GenerationOptions.specs():
+        assert spec.flag in CoreMagics.llm.__doc__
+    assert "Quantize the weights to 4 bits" in shown and "--chat" in shown
+
+
+def test_interrupt_keeps_the_partial_text_and_the_model(shell, tiny_model, capsys):
+    shell.run_line_magic("llm_load", str(tiny_model))
+    capsys.readouterr()
+    engine = __import__("nbllm").get_engine()
+
+    def watch():
+        while engine.last_result is None or len(engine.last_result.token_ids) < 10:
+            time.sleep(0.001)
+        _thread.interrupt_main()
+
+    threading.Thread(target=watch, daemon=True).start()
+    with pytest.raises(UsageError, match=r"Generation interrupted after \d+ tokens; the partial text is kept"):
+        shell.run_cell_magic("llm", "--temperature 0 --max-new-tokens 5000 -o r", PROMPT)
+    r = shell.user_ns["r"]
+    out = capsys.readouterr().out
+    assert r.interrupted and 10 <= r.completion_tokens < 5000
+    assert out.startswith(r.text) and f"[interrupted after {r.completion_tokens} tokens]" in out
+    shell.run_cell_magic("llm", "--temperature 0 --max-new-tokens 5 -o again", PROMPT)
+    assert shell.user_ns["again"].token_ids == r.token_ids[:5]
