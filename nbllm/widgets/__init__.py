@@ -10,6 +10,7 @@ except ImportError:  # pragma: no cover - depends on the environment
 
     raise missing_dependency("ipywidgets", "widgets") from None
 
+from .chat import ChatPanel
 from .settings import GENERATION_PRESETS, SettingsPanel
 
-__all__ = ["GENERATION_PRESETS", "SettingsPanel"]
+__all__ = ["GENERATION_PRESETS", "ChatPanel", "SettingsPanel"]

@@ -341,6 +341,10 @@ class SettingsPanel(W.VBox):
                 self._show_loaded(status)
         self._show_defaults(self.engine.defaults)
 
+    def _repr_mimebundle_(self, **kwargs: Any) -> Any:
+        self.refresh()  # shown again (e.g. re-run cell): show the engine's state now
+        return super()._repr_mimebundle_(**kwargs)
+
     def close(self) -> None:
         untrack(self)
         super().close()
