@@ -609,7 +609,9 @@ class ModelsFolder:
             if entry is not None and entry.complete:
                 candidates.append(entry)
         if len(candidates) > 1:  # several quantizations of one repo: the default one, as a download picks
-            preferred = [c for c in candidates if c.quantization == "Q4_K_M"]
+            preferred = [
+                c for c in candidates if "Q4_K_M" in (c.quantization, quantization_from_name(c.name))
+            ]
             candidates = preferred or candidates
             if len(candidates) > 1:
                 names = ", ".join(c.name for c in candidates)
