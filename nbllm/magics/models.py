@@ -1,0 +1,66 @@
+"""``%llm_models`` and ``%llm_download``: the models folder from a notebook.
+
+Thin on purpose: each magic parses its line and makes one call into :mod:`nbllm.models` or
+:mod:`nbllm.download`. The class is also the configurable behind
+``%config ModelMagics.models_dir = "/path/to/models"``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from IPython.core.magic import Magics, line_magic, magics_class
+from IPython.core.magic_arguments import argument, magic_arguments, parse_argstring
+from traitlets import Unicode, observe
+
+from .. import models
+from ._common import user_errors
+
+
+@magics_class
+class ModelMagics(Magics):
+    """Magics for the models folder; ``models_dir`` is configurable with ``%config``."""
+
+    models_dir = Unicode(
+        "",
+        help="Models folder for %llm_models, %llm_download and %llm_load names (overrides NBLLM_MODELS_DIR; "
+        "empty: NBLLM_MODELS_DIR, else ~/.local/share/nbllm/models).",
+    ).tag(config=True)
+
+    def __init__(self, shell: Any = None, **kwargs: Any) -> None:
+        super().__init__(shell=shell, **kwargs)
+        # %config only sees the shell's configurables; IPython's own %store magics register the same way.
+        if shell is not None and self not in shell.configurables:
+            shell.configurables.append(self)
+        if self.models_dir:  # set from an IPython profile before the class existed
+            models.set_models_dir(self.models_dir)
+
+    @observe("models_dir")
+    def _models_dir_changed(self, change: dict[str, Any]) -> None:
+        models.set_models_dir(change["new"] or None)
+
+    @line_magic
+    @magic_arguments()
+    @user_errors
+    def llm_models(self, line: str) -> models.ModelList:
+        """List the models folder: name, loader, format and quantization, size, revision, status."""
+        parse_argstring(self.llm_models, line)
+        return models.ModelsFolder().list()
+
+    @line_magic
+    @magic_arguments()
+    @argument("model", help="organization/model or organization/model:revision")
+    @argument("--file", nargs="+", action="extend", metavar="PATTERN", help="download only files matching")
+    @argument("--exclude", nargs="+", action="extend", metavar="PATTERN", help="skip files matching")
+    @argument("--check", action="store_true", help="verify a downloaded model again; download nothing")
+    @user_errors
+    def llm_download(self, line: str) -> None:
+        """Download a model from the Hugging Face Hub into the models folder (resumable, verified).
+
+        Config and tokenizer files always; safetensors over .bin; in a GGUF repository the Q4_K_M file
+        unless --file chooses. Run it again after an interruption to continue where it stopped.
+        """
+        from ..download import download
+
+        args = parse_argstring(self.llm_download, line)
+        download(args.model, files=args.file, exclude=args.exclude, check=args.check)
