@@ -1,0 +1,124 @@
+"""The magics in a real Jupyter kernel: streamed display updates, output metadata, interrupts."""
+
+from __future__ import annotations
+
+import queue
+import time
+
+import nbformat
+import pytest
+from jupyter_client.manager import start_new_kernel
+from nbclient import NotebookClient
+
+
+def run_notebook(cells: list[str], timeout: int = 120) -> nbformat.NotebookNode:
+    nb = nbformat.v4.new_notebook()
+    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+    nb.cells = [nbformat.v4.new_code_cell(c) for c in cells]
+    NotebookClient(nb, timeout=timeout, kernel_name="python3").execute()
+    return nb
+
+
+def test_notebook_streams_into_one_display_with_the_record_in_its_metadata(tiny_model):
+    nb = run_notebook([
+        "import os; os.environ['HF_HUB_OFFLINE'] = '1'\n%load_ext nbllm",
+        f"%llm_load {tiny_model}",
+        "%%llm --temperature 0 --max-new-tokens 40 --seed 3 -o r\nThe {{ answer }} is {what}",
+        "print(r.text, end='')",
+        "import nbllm; print(nbllm.get_engine().loader.model.generate(**nbllm.get_engine().loader.tokenizer("
+        "r.prompt, return_tensors='pt'), do_sample=False, max_new_tokens=40)[0, r.prompt_tokens:].tolist()"
+        " == r.token_ids)",
+    ])
+    printed = "".join(o.get("text", "") for o in nb.cells[1].outputs if o.get("name") == "stdout")
+    assert printed.startswith(f"Loaded {tiny_model.name} with transformers")
+    (display,) = nb.cells[2].outputs
+    assert display["output_type"] == "display_data"
+    text = display["data"]["text/plain"]
+    assert text == nb.cells[3].outputs[0]["text"]
+    record = display["metadata"]["nbllm"]
+    assert record["seed"] == 3 and record["generation_options"]["temperature"] == 0
+    assert record["prompt"] == "The {{ answer }} is {what}".replace("{{", "{", 1)
+    assert record["model"]["path"] == str(tiny_model) and record["versions"]["transformers"]
+    assert nb.cells[4].outputs[0]["text"].strip() == "True"
+
+
+class Kernel:
+    """A kernel driven message by message, to interrupt it mid-cell."""
+
+    def __init__(self) -> None:
+        self.km, self.kc = start_new_kernel(kernel_name="python3")
+
+    def execute(self, code: str, timeout: float = 60, on_message=None) -> list[dict]:
+        msg_id = self.kc.execute(code)
+        messages, deadline = [], time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                msg = self.kc.get_iopub_msg(timeout=1)
+            except queue.Empty:
+                continue
+            if msg["parent_header"].get("msg_id") != msg_id:
+                continue
+            messages.append(msg)
+            if on_message:
+                on_message(msg)
+            if msg["msg_type"] == "status" and msg["content"]["execution_state"] == "idle":
+                reply = self.kc.get_shell_msg(timeout=timeout)
+                assert reply["parent_header"]["msg_id"] == msg_id
+                self.last_status = reply["content"]["status"]
+                return messages
+        raise TimeoutError(code)
+
+    def close(self) -> None:
+        self.kc.stop_channels()
+        self.km.shutdown_kernel(now=True)
+
+
+@pytest.fixture
+def kernel():
+    k = Kernel()
+    yield k
+    k.close()
+
+
+def test_kernel_interrupt_stops_generation_keeps_partial_text_and_model(kernel, tiny_model):
+    kernel.execute(f"import os; os.environ['HF_HUB_OFFLINE'] = '1'\n%load_ext nbllm\n%llm_load {tiny_model}")
+    updates = []
+
+    def on_message(msg):
+        if msg["msg_type"] == "update_display_data":
+            updates.append(msg)
+            if len(updates) == 3:
+                kernel.km.interrupt_kernel()
+
+    start = time.monotonic()
+    messages = kernel.execute("%%llm --temperature 0 --max-new-tokens 100000 -o r\nOnce", on_message=on_message)
+    assert time.monotonic() - start < 60
+    # one line, no traceback, and the cell counts as failed so "Run All" stops here
+    stderr = "".join(m["content"]["text"] for m in messages if m["msg_type"] == "stream")
+    assert stderr.startswith("UsageError: Generation interrupted after") and stderr.count("\n") == 1
+    assert kernel.last_status == "error"
+    final = updates[-1]["content"]
+    assert "[interrupted after" in final["data"]["text/plain"]
+    assert final["metadata"]["nbllm"]["seed"] >= 0
+
+    out = kernel.execute("import nbllm\nprint(r.finish_reason, r.completion_tokens < 100000, nbllm.status().loaded)\n"
+                         "print(len(nbllm.generate('Once', temperature=0, max_new_tokens=5).token_ids))")
+    printed = "".join(m["content"].get("text", "") for m in out if m["msg_type"] == "stream")
+    assert printed == "interrupted True True\n5\n"
+    assert final["data"]["text/plain"].startswith(
+        "".join(m["content"].get("text", "") for m in kernel.execute("print(r.text, end='')")
+                if m["msg_type"] == "stream"))
+
+
+def test_display_updates_are_coalesced(kernel, tiny_model):
+    kernel.execute(f"import os; os.environ['HF_HUB_OFFLINE'] = '1'\n%load_ext nbllm\n%llm_load {tiny_model}")
+    messages = kernel.execute("%%llm --temperature 0 --max-new-tokens 400 -o r\nOnce")
+    updates = [m for m in messages if m["msg_type"] == "update_display_data"]
+    out = kernel.execute("print(r.completion_tokens, r.timings.total_seconds)")
+    tokens, seconds = "".join(m["content"].get("text", "") for m in out if m["msg_type"] == "stream").split()
+    assert int(tokens) == 400
+    # one update per 50 ms at most (plus the final one), far fewer than one per token
+    assert len(updates) <= float(seconds) / 0.05 + 2
+    assert len(updates) < 400 / 4
+    assert updates[-1]["content"]["data"]["text/plain"] == "".join(
+        m["content"].get("text", "") for m in kernel.execute("print(r.text, end='')") if m["msg_type"] == "stream")
