@@ -47,8 +47,19 @@ class MessageLine(W.VBox):
         )
         self.error.layout.display = None
 
+    @property
+    def note_text(self) -> str:
+        """The note shown now ('' when none)."""
+        return self._note_text
+
+    _note_text = ""
+
     def show_note(self, message: str) -> None:
-        self.note.value = f"<div style='{HELP_STYLE}; color: var(--jp-warn-color1, #b26a00)'>{html.escape(message)}</div>"
+        self._note_text = message
+        self.note.value = (
+            f"<div style='{HELP_STYLE}; color: var(--jp-warn-color1, #b26a00)'>{html.escape(message)}</div>"
+            if message else ""
+        )
         self.note.layout.display = None if message else "none"
 
     def clear(self) -> None:
@@ -79,7 +90,8 @@ def guarded(messages: MessageLine, action: Callable[[], T]) -> T | None:
             return None
         finally:
             notes = [str(w.message) for w in caught if issubclass(w.category, UserWarning)]
-            messages.show_note("; ".join(dict.fromkeys(notes)))
+            if notes:  # after any note the action itself showed
+                messages.show_note("; ".join(n for n in dict.fromkeys([messages.note_text, *notes]) if n))
     return result
 
 

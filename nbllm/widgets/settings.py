@@ -248,9 +248,11 @@ class SettingsPanel(W.VBox):
                 self._loaders[str(e.path)] = e.loader
             incomplete = len(entries) - len(entries.loadable)
             loaded = self.engine.status()
-            if loaded.loaded and loaded.path and loaded.path not in self._loaders:
+            loaded_value = self._listed(loaded.path)
+            if loaded.loaded and loaded.path and loaded_value is None:
                 options.append((f"{loaded.model}  (loaded, outside the models folder)", loaded.path))
                 self._loaders[loaded.path] = LLAMACPP if loaded.format == "gguf" else TRANSFORMERS
+                loaded_value = loaded.path
             current = self.model.value
             self._syncing = True
             try:
@@ -258,8 +260,8 @@ class SettingsPanel(W.VBox):
                 values = [v for _label, v in options]
                 if current in values:
                     self.model.value = current
-                elif loaded.loaded and loaded.path in values:
-                    self.model.value = loaded.path
+                elif loaded_value in values:
+                    self.model.value = loaded_value
                 else:
                     self.model.index = 0
             finally:
@@ -307,11 +309,17 @@ class SettingsPanel(W.VBox):
                 raise OptionError("no hub id given", "type organization/model in the download field")
             self.download_output.clear_output()
             self.download_button.disabled = True
+            failure: BaseException | None = None
             try:
-                with self.download_output:
-                    result = download(spec, models_dir=self.folder.path, echo=None)
+                with self.download_output:  # (an Output widget swallows exceptions: keep ours)
+                    try:
+                        result = download(spec, models_dir=self.folder.path, echo=None)
+                    except BaseException as exc:
+                        failure = exc
             finally:
                 self.download_button.disabled = False
+            if failure is not None:
+                raise failure
             self.refresh_models()
             if str(result.path) in self._loaders:
                 self.model.value = str(result.path)
@@ -352,17 +360,27 @@ class SettingsPanel(W.VBox):
     # -- internals -----------------------------------------------------------------------------------
     def _show_loaded(self, status: Status) -> None:
         """Select the loaded model and show the options it was loaded with (it may come from %llm_load)."""
-        if status.path not in self._loaders:
+        if self._listed(status.path) is None:
             self.refresh_models()
         self._syncing = True
         try:
-            if status.path in self._loaders:
-                self.model.value = status.path
+            listed = self._listed(status.path)
+            if listed is not None:
+                self.model.value = listed
             for name, f in self.load_fields.items():
                 f.value = status.options.get(name, f.spec.default)
         finally:
             self._syncing = False
         self._update_visibility()
+
+    def _listed(self, path: str | None) -> str | None:
+        """The dropdown value for a model path (the engine resolves links; the folder lists them)."""
+        if not path:
+            return None
+        if path in self._loaders:
+            return path
+        target = Path(path).resolve()
+        return next((value for value in self._loaders if value and Path(value).resolve() == target), None)
 
     def _show_defaults(self, defaults: GenerationOptions) -> None:
         self._syncing = True

@@ -1,0 +1,329 @@
+"""The panels without a browser: set their widgets, ``click()`` their buttons, check the engine.
+
+Real components throughout: the built-in tiny models loaded for real, a real models folder, the real
+download code against the local hub server, a real IPython shell for the magics.
+"""
+
+from __future__ import annotations
+
+import html
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+pytest.importorskip("ipywidgets")
+
+from nbllm import GenerationOptions, models  # noqa: E402
+from nbllm.chat import conversation, forget  # noqa: E402
+from nbllm.errors import OptionError  # noqa: E402
+from nbllm.widgets import GENERATION_PRESETS, ChatPanel, SettingsPanel  # noqa: E402
+
+try:
+    from hubserver import HubServer, hub  # noqa: F401 - `hub` is a fixture
+except ImportError:  # tests/ imported as a package
+    from tests.hubserver import HubServer, hub  # noqa: F401
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def wait_for(condition: Callable[[], Any], timeout: float = 30.0, what: str = "condition") -> Any:
+    """Poll ``condition`` until it is truthy (tests wait on conditions, not on sleeps)."""
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        value = condition()
+        if value:
+            return value
+        time.sleep(0.02)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+@pytest.fixture(scope="session")
+def long_model() -> Path:
+    """A bigger tiny model with a long context: slow enough (~100-300 tokens/s here) to stop mid-reply."""
+    from nbllm.testing import tiny_transformers_model
+
+    return tiny_transformers_model(hidden_size=256, num_layers=8, num_heads=4, max_position_embeddings=8192)
+
+
+@pytest.fixture
+def folder(tmp_path: Path, tiny_model: Path, tiny_gguf: Path) -> Iterator[Path]:
+    """A models folder laid out like text-generation-webui's: a Transformers subfolder and a GGUF file."""
+    root = tmp_path / "models"
+    root.mkdir()
+    (root / "org_tiny").symlink_to(tiny_model, target_is_directory=True)
+    (root / "tiny.gguf").symlink_to(tiny_gguf)
+    models.set_models_dir(None)
+    yield root
+
+
+@pytest.fixture
+def settings(folder: Path, engine: Any) -> Iterator[SettingsPanel]:
+    panel = SettingsPanel(models_dir=folder)
+    yield panel
+    panel.close()
+
+
+@pytest.fixture
+def chat(engine: Any) -> Iterator[ChatPanel]:
+    forget("widgets-test")
+    panel = ChatPanel("widgets-test")
+    yield panel
+    panel.stop()
+    panel.wait(30)
+    panel.close()
+    forget("widgets-test")
+
+
+def select(panel: SettingsPanel, name: str) -> None:
+    panel.model.value = next(v for label, v in panel.model.options if label.startswith(name + " "))
+
+
+def shown(panel: SettingsPanel) -> set[str]:
+    return {name for name, f in panel.load_fields.items() if f.shown}
+
+
+# ---------------------------------------------------------------------------------------- settings
+
+
+def test_every_panel_option_comes_from_the_schema_with_its_help(settings: SettingsPanel) -> None:
+    from nbllm.options import LoadOptions
+
+    assert list(settings.load_fields) == [s.name for s in LoadOptions.specs() if s.panel]
+    for name, field in settings.load_fields.items():
+        assert html.escape(LoadOptions.spec(name).help) in field.children[1].value  # help shown under it
+        assert field.spec.group in LoadOptions.GROUPS
+    assert [b.description for b in settings.preset_buttons.values()] == list(GENERATION_PRESETS)
+
+
+def test_models_folder_listing_and_loader_auto_shows_only_its_options(settings: SettingsPanel, folder: Path) -> None:
+    labels = [label for label, _ in settings.model.options]
+    assert [label.split()[0] for label in labels] == ["org_tiny", "tiny.gguf"]
+    select(settings, "org_tiny")
+    assert settings.loader == "transformers"
+    assert {"load_in_4bit", "cpu_memory", "device"} <= shown(settings)
+    assert not {"n_ctx", "n_gpu_layers", "cache_type"} & shown(settings)
+    select(settings, "tiny.gguf")
+    assert settings.loader == "llama.cpp"
+    assert {"n_ctx", "n_gpu_layers", "cache_type", "flash_attn", "alpha_value"} <= shown(settings)
+    assert not {"load_in_4bit", "device", "trust_remote_code"} & shown(settings)
+    # An explicit loader wins over the format.
+    settings.load_fields["loader"].value = "transformers"
+    assert "load_in_4bit" in shown(settings)
+    # The refresh button lists what appeared since.
+    (folder / "other_model").symlink_to(Path(settings.model.options[0][1]).resolve(), target_is_directory=True)
+    settings.refresh_button.click()
+    assert [label.split()[0] for label, _ in settings.model.options] == ["org_tiny", "other_model", "tiny.gguf"]
+
+
+def test_load_and_unload_buttons_drive_the_engine(settings: SettingsPanel, engine: Any, tiny_model: Path) -> None:
+    select(settings, "org_tiny")
+    settings.load_fields["dtype"].value = "float32"
+    settings.load_button.click()
+    assert settings.messages.error_text == ""
+    assert engine.loaded
+    status = engine.status()
+    assert Path(status.path).resolve() == tiny_model.resolve()
+    assert status.options == {"dtype": "float32"}
+    assert "Loaded org_tiny with transformers" in settings.status.value
+    assert "layers: 2 on cpu" in settings.status.value
+    settings.unload_button.click()
+    assert not engine.loaded
+    assert "No model loaded." in settings.status.value
+
+
+def test_load_errors_show_in_one_line_and_keep_the_loaded_model(settings: SettingsPanel, engine: Any) -> None:
+    select(settings, "org_tiny")
+    settings.load_button.click()
+    assert engine.loaded
+    settings.load_fields["load_in_8bit"].value = True
+    settings.load_fields["load_in_4bit"].value = True
+    settings.load_button.click()
+    expected = OptionError("--load-in-8bit and --load-in-4bit cannot be used together", "choose one of them").message
+    assert settings.messages.error_text == expected
+    assert "\n" not in settings.messages.error_text
+    assert settings.messages.error.layout.display is None  # visible
+    assert engine.loaded and engine.status().options == {}  # the first model is still loaded, unchanged
+    # An ineffective option is a note, not an error.
+    settings.load_fields["load_in_8bit"].value = False
+    settings.load_fields["load_in_4bit"].value = False
+    settings.load_fields["quant_type"].value = "fp4"
+    settings.load_button.click()
+    assert settings.messages.error_text == ""
+    assert "--quant-type only affects --load-in-4bit" in settings.messages.note_text
+
+
+def test_load_with_no_model_in_the_folder_says_what_to_do(tmp_path: Path, engine: Any) -> None:
+    panel = SettingsPanel(models_dir=tmp_path / "empty")
+    panel.load_button.click()
+    assert panel.messages.error_text.startswith("no model is selected.")
+    assert not engine.loaded
+    panel.close()
+
+
+def test_presets_and_fields_set_the_engine_defaults(settings: SettingsPanel, engine: Any) -> None:
+    settings.preset_buttons["creative"].click()
+    for key, value in GENERATION_PRESETS["creative"].items():
+        assert getattr(engine.defaults, key) == value
+    assert "creative" in settings.preset_label.value
+    settings.preset_buttons["deterministic"].click()
+    assert engine.defaults.temperature == 0.0 and engine.defaults.greedy
+    assert settings.messages.note_text == ""  # no "has no effect" warning: the preset is consistent
+    settings.gen_fields["max_new_tokens"].value = 77
+    settings.gen_fields["seed"].value = "1234"
+    assert engine.defaults.max_new_tokens == 77 and engine.defaults.seed == 1234
+    assert engine.generation_options().max_new_tokens == 77  # what %%llm gets with no flag
+    settings.gen_fields["temperature"].value = 0.5
+    assert "custom" in settings.preset_label.value
+    # A bad value is refused in the panel; the defaults stay as they were.
+    settings.gen_fields["seed"].value = "not a number"
+    assert settings.messages.error_text.startswith("--seed expects a whole number")
+    assert engine.defaults.seed == 1234
+    # Defaults set elsewhere show in the panel on refresh.
+    engine.defaults = GenerationOptions(temperature=1.5, max_new_tokens=9)
+    settings.refresh()
+    assert settings.gen_fields["temperature"].value == 1.5
+    assert settings.gen_fields["max_new_tokens"].value == 9
+
+
+def test_a_model_loaded_with_the_magic_shows_in_the_panel(settings: SettingsPanel, shell: Any, folder: Path) -> None:
+    from nbllm.widgets import _common
+
+    _common.track(settings)  # the panel was built before the shell existed in this process
+    result = shell.run_cell(f"%llm_load {folder / 'org_tiny'} --dtype float32")
+    result.raise_error()
+    assert "Loaded org_tiny with transformers" in settings.status.value  # refreshed after the cell
+    assert settings.model.value == str(folder / "org_tiny")
+    assert settings.load_fields["dtype"].value == "float32"
+    shell.run_cell("%llm_unload").raise_error()
+    assert "No model loaded." in settings.status.value
+
+
+def test_download_field_downloads_lists_and_selects_the_model(
+    hub: HubServer, tiny_model: Path, tmp_path: Path, engine: Any
+) -> None:
+    hub.add_repo("org/panel-tiny", {p.name: p for p in tiny_model.iterdir() if p.is_file()})
+    root = tmp_path / "models"
+    panel = SettingsPanel(models_dir=root)
+    panel.download_id.value = "org/panel-tiny"
+    panel.download_button.click()
+    assert panel.messages.error_text == ""
+    assert "Downloaded org/panel-tiny" in panel.messages.note_text
+    assert panel.model.value == str(root / "org_panel-tiny")
+    panel.load_button.click()
+    assert engine.loaded and engine.status().model == "org_panel-tiny"
+    panel.download_id.value = "org/missing"
+    panel.download_button.click()
+    assert "org/missing" in panel.messages.error_text and "\n" not in panel.messages.error_text
+    panel.close()
+
+
+# -------------------------------------------------------------------------------------------- chat
+
+
+def test_send_without_a_model_shows_the_error_and_keeps_the_message(chat: ChatPanel) -> None:
+    chat.input.value = "hello"
+    chat.send_button.click()
+    assert chat.messages.error_text.startswith("no model is loaded.")
+    assert chat.input.value == "hello"
+    assert not chat.generating and len(chat.chat) == 0
+
+
+def test_reply_streams_into_the_panel_and_joins_the_conversation(chat: ChatPanel, engine: Any, tiny_model: Path) -> None:
+    engine.load(tiny_model)
+    engine.defaults = GenerationOptions(temperature=0, max_new_tokens=24)
+    chat.system.value = "Be brief."
+    chat.input.value = "Hello there"
+    chat.send_button.click()
+    assert chat.input.value == ""
+    assert chat.wait(60)
+    assert chat.messages.error_text == ""
+    turn = chat.chat.turns[-1]
+    assert chat.chat.system == "Be brief."
+    assert turn.user == "Hello there" and turn.reply is not None and turn.reply.finish_reason in ("length", "eos")
+    views = chat.view.children
+    assert [v.role for v in views] == ["user", "assistant"]
+    assert views[1].text == turn.reply.content
+    # The same greedy reply as the library gives for these messages.
+    expected = engine.generate(chat.chat.messages()[:-1], temperature=0, max_new_tokens=24).text
+    assert turn.reply.content == expected
+    # Regenerate replaces the reply and keeps the first version; Clear forgets the turns.
+    chat.regenerate_button.click()
+    assert chat.wait(60)
+    assert len(chat.chat.turns) == 1 and len(chat.chat.turns[0].earlier) == 1
+    assert chat.view.children[-1].note == "version 2"
+    chat.clear_button.click()
+    assert chat.view.children == () and len(chat.chat) == 0
+
+
+def test_stop_during_a_long_reply_keeps_the_partial_reply(chat: ChatPanel, engine: Any, long_model: Path) -> None:
+    engine.load(long_model)
+    engine.defaults = GenerationOptions(temperature=0, max_new_tokens=4000)
+    chat.input.value = "Write a long story."
+    chat.send_button.click()
+    assert chat.generating and not chat.stop_button.disabled and chat.send_button.disabled
+    # The kernel's thread is free meanwhile: this test runs while the worker writes the reply.
+    wait_for(lambda: len(chat.view.children[-1].text) > 20, what="streamed text in the panel")
+    chat.stop_button.click()
+    assert chat.wait(30)
+    reply = chat.chat.turns[-1].reply
+    assert reply is not None and reply.partial and reply.finish_reason == "cancelled"
+    assert 0 < len(reply.records[-1].generation_options) and len(reply.content) > 0
+    assert chat.view.children[-1].text == reply.content
+    assert "partial" in chat.view.children[-1].note
+    assert "ended: cancelled" in chat.status.value
+    assert chat.stop_button.disabled and not chat.continue_button.disabled
+    # Continue goes on from the partial reply.
+    before = reply.content
+    chat.continue_button.click()
+    wait_for(lambda: len(chat.view.children[-1].text) > len(before), what="continued text")
+    chat.stop_button.click()
+    assert chat.wait(30)
+    assert chat.chat.turns[-1].reply.content.startswith(before)
+    assert len(chat.chat.turns[-1].reply.content) > len(before)
+
+
+def test_chat_panel_shares_the_conversation_with_the_magic(shell: Any, engine: Any, tiny_model: Path) -> None:
+    from nbllm.magics.chat import ChatMagics
+    from nbllm.widgets import _common
+
+    shell.register_magics(ChatMagics)
+    forget("shared")
+    panel = ChatPanel("shared")
+    _common.track(panel)
+    assert panel.chat is conversation("shared")
+    engine.load(tiny_model)
+    shell.run_cell("%%llm_chat shared --temperature 0 --max-new-tokens 8\nHi from a cell").raise_error()
+    assert [v.role for v in panel.view.children] == ["user", "assistant"]
+    assert panel.view.children[0].text == "Hi from a cell"
+    assert panel.view.children[1].text == conversation("shared").turns[0].reply.content
+    panel.close()
+    forget("shared")
+
+
+# ------------------------------------------------------------------------------------------ magics
+
+
+def test_panel_magics_build_the_panels(shell: Any) -> None:
+    from nbllm.magics.panels import PanelMagics
+
+    shell.register_magics(PanelMagics)
+    settings = shell.run_line_magic("llm_settings", "")
+    chat = shell.run_line_magic("llm_chat_panel", "magic-chat")
+    assert isinstance(settings, SettingsPanel) and isinstance(chat, ChatPanel)
+    assert chat.chat is conversation("magic-chat")
+    settings.close()
+    chat.close()
+    forget("magic-chat")
+
+
+def test_importing_the_panel_magics_imports_no_widgets_nor_torch() -> None:
+    code = "import sys, nbllm.magics.panels; print(sorted({'ipywidgets', 'torch'} & set(sys.modules)))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert out.stdout.strip() == "[]"
