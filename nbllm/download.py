@@ -16,6 +16,7 @@ than ``main``). See ``models.py`` for the bookkeeping files read back by ``%llm_
 
 from __future__ import annotations
 
+import dataclasses
 import fnmatch
 import hashlib
 import json
@@ -25,7 +26,7 @@ import shutil
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING, Any, Literal
 from urllib.parse import urlsplit
@@ -51,8 +52,11 @@ DEFAULT_QUANTIZATION = "Q4_K_M"
 QUANTIZATION_PREFERENCE = ("Q4_K_M", "Q4_K_S", "Q5_K_M", "Q4_0", "Q5_K_S", "Q6_K", "Q8_0")
 """Fallback order when a GGUF repository has no Q4_K_M file; after these, the smallest file."""
 
-METADATA_TIMEOUT = 10.0
-"""Seconds to wait for the Hub's answer about a repository (the HTTP client's default is no limit)."""
+CONNECT_TIMEOUT = 4.0
+"""Seconds to wait for a connection to the Hub: an unreachable network fails fast, not after minutes."""
+
+METADATA_TIMEOUT = 20.0
+"""Seconds to wait for the Hub's answer about a repository (huggingface_hub's HTTP client has no limit)."""
 
 # Small files a model needs besides its weights: configs, tokenizers, chat templates, remote code, card.
 _SUPPORT_SUFFIXES = (".json", ".txt", ".model", ".tiktoken", ".jinja", ".py", ".md")
@@ -219,7 +223,8 @@ class DownloadResult:
     bytes_downloaded: int = 0
     resumed: tuple[str, ...] = ()
     checked: bool = False
-    notes: tuple[str, ...] = field(default=())
+    notes: tuple[str, ...] = ()
+    """Lines shown before the download: which GGUF file was chosen, what was skipped."""
 
     @property
     def summary(self) -> str:
@@ -323,6 +328,7 @@ def _hub_error(
     from huggingface_hub.errors import (
         GatedRepoError,
         HfHubHTTPError,
+        HFValidationError,
         OfflineModeIsEnabled,
         RemoteEntryNotFoundError,
         RepositoryNotFoundError,
@@ -333,6 +339,11 @@ def _hub_error(
     login = "log in with `hf auth login` or set HF_TOKEN"
     if isinstance(exc, OfflineModeIsEnabled):
         return _offline_error(repo_id, folder)
+    if isinstance(exc, HFValidationError):
+        return secrets.error(
+            f"{repo_id!r} is not a valid repository id",
+            "write it as organization/model, as on the model's page",
+        )
     if isinstance(exc, _network_errors()):
         return secrets.error(
             f"cannot reach {host} to download {repo_id} ({type(exc).__name__})",
@@ -386,11 +397,26 @@ def _hub_error(
                 f"{host} is rate-limiting downloads (HTTP 429)",
                 "wait a few minutes and run the same command again; it resumes where it stopped",
             )
+        if status is not None and status < 500:
+            return secrets.error(
+                f"{host} answered HTTP {status} for {repo_id}",
+                "check the name; if HF_ENDPOINT is set, check that it points to a Hugging Face Hub or mirror",
+            )
         return secrets.error(
             f"{host} answered HTTP {status} for {repo_id}",
             "try again later; the download resumes where it stopped",
         )
     raise exc
+
+
+def _timeout() -> Any:
+    """A connect timeout shorter than the read timeout, in the HTTP library's own type when it has one."""
+    try:
+        import httpx2
+
+        return httpx2.Timeout(METADATA_TIMEOUT, connect=CONNECT_TIMEOUT)
+    except ImportError:  # pragma: no cover - older huggingface_hub (requests): (connect, read)
+        return (CONNECT_TIMEOUT, METADATA_TIMEOUT)
 
 
 def _repo_files(
@@ -402,9 +428,7 @@ def _repo_files(
     from . import __version__
 
     api = HfApi(endpoint=endpoint, library_name="nbllm", library_version=__version__)
-    info = api.model_info(
-        repo_id, revision=revision, files_metadata=True, timeout=METADATA_TIMEOUT, token=token
-    )
+    info = api.model_info(repo_id, revision=revision, files_metadata=True, timeout=_timeout(), token=token)
     files = {
         s.rfilename: RemoteFile(
             path=s.rfilename,
@@ -532,7 +556,7 @@ class _Progress:
         )
         overall = self.overall
 
-        class FileBar(tqdm):  # type: ignore[misc, valid-type]
+        class FileBar(tqdm):
             """A per-file bar that also advances the overall one; huggingface_hub creates it."""
 
             def __init__(self, *args: Any, **kwargs: Any) -> None:
@@ -542,7 +566,7 @@ class _Progress:
 
             def update(self, n: float | None = 1) -> bool | None:
                 overall.update(n)
-                return super().update(n)  # type: ignore[no-any-return]
+                return super().update(n)
 
         self.file_bar = FileBar
 
@@ -615,6 +639,8 @@ def download(
             )
         else:
             result = _download_folder(target, chosen, record, endpoint, token, secrets, folder, progress, say)
+    if selection.note:
+        result = dataclasses.replace(result, notes=(selection.note,))
     say(secrets.redact(result.summary))
     return result
 
@@ -727,13 +753,19 @@ def _download_folder(
     previous = _read_json(manifest_path)
     wanted = {f.path: f.as_record() for f in chosen}
     paths = tuple(sorted(wanted))
-    base = dict(repo_id=record["repo_id"], revision=record["revision"], path=target.path, name=target.name)
+    base = DownloadResult(
+        repo_id=record["repo_id"],
+        revision=record["revision"],
+        path=target.path,
+        name=target.name,
+        files=paths,
+    )
     if (
         complete.is_file()
         and previous.get("revision") == record["revision"]
         and all(p in previous.get("files", {}) and target.final(p).is_file() for p in paths)
     ):
-        return DownloadResult(files=paths, **base)  # type: ignore[arg-type]
+        return base
 
     verified: dict[str, str] = _read_json(verified_path)
     complete.unlink(missing_ok=True)  # from here until the end the folder is an unfinished download
@@ -783,13 +815,7 @@ def _download_folder(
     (meta / "revision").write_text(record["revision"] + "\n", encoding="utf-8")
     complete.write_text(time.strftime("%Y-%m-%dT%H:%M:%S%z") + "\n", encoding="utf-8")
     shutil.rmtree(meta / "partial", ignore_errors=True)
-    return DownloadResult(
-        files=paths,
-        downloaded=tuple(done),
-        bytes_downloaded=fetched,
-        resumed=tuple(resumed),
-        **base,  # type: ignore[arg-type]
-    )
+    return dataclasses.replace(base, downloaded=tuple(done), bytes_downloaded=fetched, resumed=tuple(resumed))
 
 
 def _download_single(
@@ -808,7 +834,7 @@ def _download_single(
     record_path = meta / f"{target.name}.json"
     pending = meta / f"{target.name}.pending.json"
     entry = {**record, "path": file.path, **file.as_record()}
-    base = dict(
+    base = DownloadResult(
         repo_id=record["repo_id"],
         revision=record["revision"],
         path=final,
@@ -821,11 +847,11 @@ def _download_single(
         and existing.get("revision") == record["revision"]
         and existing.get("sha256") == file.sha256
     ):
-        return DownloadResult(**base)  # type: ignore[arg-type]
+        return base
     if final.is_file() and _verified(final, file):  # same content under another revision, or copied by hand
         _write_json(record_path, entry)
         (meta / f"{target.name}.revision").write_text(record["revision"] + "\n", encoding="utf-8")
-        return DownloadResult(**base)  # type: ignore[arg-type]
+        return base
     _write_json(pending, {**entry, "key": file.key})
     _check_space(target, [file], secrets)
     bars = _Progress(file.size or 0, record["repo_id"], progress)
@@ -838,11 +864,8 @@ def _download_single(
     _write_json(record_path, entry)
     (meta / f"{target.name}.revision").write_text(record["revision"] + "\n", encoding="utf-8")
     pending.unlink(missing_ok=True)
-    return DownloadResult(
-        downloaded=(file.path,),
-        bytes_downloaded=fetched,
-        resumed=(file.path,) if was_resumed else (),
-        **base,  # type: ignore[arg-type]
+    return dataclasses.replace(
+        base, downloaded=(file.path,), bytes_downloaded=fetched, resumed=(file.path,) if was_resumed else ()
     )
 
 

@@ -701,7 +701,7 @@ class ModelsFolder:
                 record = json.loads(pending.read_text(encoding="utf-8"))
             except (OSError, ValueError):
                 continue
-            partial = self.meta / "partial" / f"{record.get('sha256', '')}.part"
+            partial = self.meta / "partial" / f"{record.get('key') or record.get('sha256')}.part"
             yield ModelEntry(
                 name=name,
                 path=self.path / name,

@@ -311,6 +311,64 @@ def test_check_finds_a_damaged_file_and_the_next_download_fetches_only_it(
     assert [r.path.rsplit("/", 1)[-1] for r in hub.gets()] == ["model.safetensors"]
 
 
+def test_update_to_a_new_commit_fetches_only_what_changed(hub: HubServer, isolated: Path) -> None:
+    hub.add_repo("org/m", {"config.json": "{}", "a.safetensors": b"a" * 100, "b.safetensors": b"b" * 100})
+    download("org/m", **_quiet())
+    new = hub.add_repo(
+        "org/m", {"config.json": "{}", "a.safetensors": b"A" * 100, "c.safetensors": b"c" * 10}
+    )
+    hub.requests.clear()
+    result = download("org/m", **_quiet())
+    assert sorted(r.path.rsplit("/", 1)[-1] for r in hub.gets()) == ["a.safetensors", "c.safetensors"]
+    folder = isolated / "org_m"
+    assert sorted(p.name for p in folder.iterdir() if p.is_file()) == [
+        "a.safetensors",
+        "c.safetensors",
+        "config.json",
+    ]
+    assert (folder / "a.safetensors").read_bytes() == b"A" * 100
+    assert result.revision == new.commit == models.read_revision(folder)
+
+
+def test_a_folder_downloaded_elsewhere_is_adopted_without_refetching(
+    tiny_repo: Path, hub: HubServer, isolated: Path
+) -> None:
+    import shutil
+
+    shutil.copytree(tiny_repo, isolated / "org_tiny")  # as text-generation-webui would have left it
+    with pytest.raises(DownloadError, match="not downloaded by nbllm"):
+        download("org/tiny", check=True, **_quiet())
+    result = download("org/tiny", **_quiet())
+    assert hub.gets() == [] and result.downloaded == ()
+    assert download("org/tiny", check=True, **_quiet()).checked
+
+
+def test_a_second_download_into_the_same_place_is_refused(
+    tiny_repo: Path, hub: HubServer, isolated: Path
+) -> None:
+    from filelock import FileLock
+
+    (isolated / "org_tiny" / ".nbllm").mkdir(parents=True)
+    with FileLock(str(isolated / "org_tiny" / ".nbllm" / "lock")):
+        with pytest.raises(DownloadError) as err:
+            download("org/tiny", **_quiet())
+    assert _one_line(err).startswith("another download into ")
+
+
+def test_not_enough_disk_space_is_said_before_downloading(
+    tiny_repo: Path, hub: HubServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import shutil
+
+    monkeypatch.setattr(
+        shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(10**9, 10**9 - 1000, 1000)
+    )
+    with pytest.raises(DownloadError) as err:
+        download("org/tiny", **_quiet())
+    assert "not enough disk space" in _one_line(err) and "NBLLM_MODELS_DIR" in err.value.message
+    assert hub.gets() == []  # refused before any file was fetched
+
+
 def test_revision_goes_to_its_own_folder(hub: HubServer, isolated: Path) -> None:
     hub.add_repo("org/m", {"config.json": "{}", "model.safetensors": b"w" * 10}, branches=("main", "v2"))
     result = download("org/m:v2", **_quiet())
