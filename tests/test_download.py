@@ -534,9 +534,10 @@ def ipython(isolated: Path) -> Iterator[object]:
     from nbllm.magics.models import ModelMagics
 
     shell = InteractiveShell.instance()
+    before = list(shell.configurables)
     shell.register_magics(ModelMagics)
     yield shell
-    shell.configurables[:] = [c for c in shell.configurables if not isinstance(c, ModelMagics)]
+    shell.configurables[:] = before  # the instance registered here leaves with the test
 
 
 def test_magics_in_a_real_shell(
