@@ -1,0 +1,41 @@
+# Two commands on a fresh machine:
+#   make quickstart   install everything, then run notebooks/quickstart.ipynb on the built-in tiny model
+#   make test         install everything, then run the whole test suite
+# Everything installs into .venv (CPU torch first: an unpinned torch would pull a CUDA build).
+
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.nbllm-installed
+
+.PHONY: install quickstart test bench lint browser-deps
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet torch==2.13.0
+	$(PY) -m pip install --quiet -e '.[all,dev]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+browser-deps:
+	@test -x /usr/bin/chromium || { (apt-get update -q && apt-get install -y -q chromium) >/dev/null; }
+
+quickstart: install
+	mkdir -p build
+	HF_HUB_OFFLINE=1 $(VENV)/bin/jupyter nbconvert --to notebook --execute --ExecutePreprocessor.timeout=600 \
+		--output-dir build notebooks/quickstart.ipynb
+	$(VENV)/bin/jupyter nbconvert --to markdown --stdout build/quickstart.ipynb 2>/dev/null
+
+test: install browser-deps
+	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -ra
+
+bench: install
+	$(PY) benchmarks/bench_transformers.py
+	$(PY) benchmarks/bench_llamacpp.py
+	$(PY) benchmarks/bench_chat_prefix.py
+
+lint: install
+	$(VENV)/bin/ruff check nbllm tests benchmarks
+	$(VENV)/bin/mypy nbllm
