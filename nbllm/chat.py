@@ -1,0 +1,555 @@
+"""Conversations: multi-turn chats with the loaded model, rendered through the model's own template.
+
+A :class:`Conversation` keeps a system prompt and the turns (a user message and the reply to it, with
+the earlier versions of a regenerated reply). Each call renders the whole history through the
+model's chat template (the same rendering as ``%%llm --chat``), so a reply is exactly what the
+model would give to that conversation; the loaders keep the computed state of the previous prompt
+and reply (``Loader.reuse_prefix``), so turn N only computes what is new.
+
+Conversations live in a registry by name (:func:`conversation`), shared by the magics and the chat
+panel. ``nbllm.Chat`` is :class:`Conversation`.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import html
+import json
+import threading
+import warnings
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from .chat_template import render_chat, starts_with_bos
+from .engine import Engine, get_engine
+from .errors import ChatError
+from .options import GenerationOptions
+from .result import Record, Result
+
+FORMAT = "nbllm.conversation"
+"""The ``format`` field of a saved conversation."""
+FORMAT_VERSION = 1
+
+_CONTINUE_TAG = "CONTINUE_FINAL_MESSAGE_TAG "
+"""Marks where the last message ends in a render (transformers' ``continue_final_message`` uses the same)."""
+
+FALLBACK_NOTE = (
+    "the model has no chat template: messages are rendered with nbllm's fallback template "
+    "(ChatML: <|im_start|>role ... <|im_end|>)"
+)
+
+
+class ChatNote(UserWarning):
+    """Something a conversation did that changes the prompt: history left out, the fallback template."""
+
+
+def render_continuation(
+    template: str | None, messages: Sequence[Mapping[str, str]], *, special_tokens: dict[str, str]
+) -> str:
+    """The prompt that lets the model continue the last message (an assistant reply) where it ends.
+
+    Done as transformers' ``apply_chat_template(..., continue_final_message=True)`` does it: the last
+    message gets a marker at its end, the chat is rendered without a generation prompt, and the text
+    is cut at the marker (with trailing spaces removed when the template trims them).
+    """
+    if not messages or messages[-1].get("role") != "assistant":
+        raise ChatError("only an assistant reply can be continued", "send a message first")
+    last = dict(messages[-1])
+    tagged = [dict(m) for m in messages[:-1]] + [{**last, "content": last["content"] + _CONTINUE_TAG}]
+    text = render_chat(template, tagged, special_tokens=special_tokens, add_generation_prompt=False)
+    at = text.rfind(_CONTINUE_TAG.strip())
+    if at < 0 or last["content"].strip() not in text:
+        raise ChatError(
+            "the model's chat template changes the end of the last reply, so it cannot be continued",
+            "regenerate the reply instead",
+        )
+    if text[at : at + len(_CONTINUE_TAG)] == _CONTINUE_TAG:
+        return text[:at]
+    return text[:at].rstrip()
+
+
+@dataclass
+class Reply:
+    """One version of the model's reply to a user message."""
+
+    content: str
+    partial: bool = False
+    """The generation was interrupted or cancelled before the model ended it (``--continue`` goes on)."""
+    finish_reason: str | None = None
+    """Why its last generation ended: ``eos``, ``stop``, ``length``, ``cancelled`` or ``interrupted``."""
+    records: list[Record] = field(default_factory=list)
+    """The record of each generation that wrote it: the first, then one per continuation."""
+
+    @property
+    def record(self) -> Record | None:
+        """The record of the generation that wrote it (the latest, for a continued reply)."""
+        return self.records[-1] if self.records else None
+
+    @property
+    def seed(self) -> int | None:
+        return self.records[0].seed if self.records else None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "content": self.content,
+            "partial": self.partial,
+            "finish_reason": self.finish_reason,
+            "seeds": [r.seed for r in self.records],
+            "records": [r.to_dict() for r in self.records],
+        }
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> Reply:
+        return cls(
+            content=str(data["content"]),
+            partial=bool(data.get("partial", False)),
+            finish_reason=data.get("finish_reason"),
+            records=[_record(r) for r in data.get("records") or []],
+        )
+
+
+@dataclass
+class Turn:
+    """A user message and the model's reply to it, with the reply's earlier versions (``regenerate``)."""
+
+    user: str
+    reply: Reply | None = None
+    earlier: list[Reply] = field(default_factory=list)
+    """Replies this one replaced, oldest first."""
+
+    @property
+    def versions(self) -> list[Reply]:
+        """Every version of the reply, the current one last."""
+        return [*self.earlier, *([self.reply] if self.reply is not None else [])]
+
+    def messages(self, *, reply: bool = True) -> list[dict[str, str]]:
+        out = [{"role": "user", "content": self.user}]
+        if reply and self.reply is not None:
+            out.append({"role": "assistant", "content": self.reply.content})
+        return out
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "user": self.user,
+            "reply": self.reply.to_dict() if self.reply is not None else None,
+            "earlier": [r.to_dict() for r in self.earlier],
+        }
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> Turn:
+        reply = data.get("reply")
+        return cls(
+            user=str(data["user"]),
+            reply=Reply.from_dict(reply) if reply else None,
+            earlier=[Reply.from_dict(r) for r in data.get("earlier") or []],
+        )
+
+
+@dataclass
+class _Prompt:
+    text: str
+    ids: list[int]
+    messages: list[dict[str, str]]
+    left_out: int
+    notes: list[str]
+
+
+class Conversation:
+    """A chat with the loaded model: a system prompt and turns, rendered through the model's template.
+
+    ``send`` adds a user message and streams the reply; ``regenerate`` replaces the last reply (the
+    earlier versions are kept); ``continue_reply`` extends it. A turn is added when its reply ends: a
+    failed generation adds nothing, an interrupted one is kept and marked ``partial``. When the
+    history would not leave ``max_new_tokens`` free in the context, the oldest turns are left out of
+    the prompt (never the system prompt), with a note in ``notes`` and a :class:`ChatNote` warning.
+
+    Thread-safe: the chat panel sends from a worker thread; one reply is generated at a time per
+    conversation (the engine runs one generation at a time overall).
+    """
+
+    def __init__(self, name: str = "chat", system: str | None = None, *, engine: Engine | None = None) -> None:
+        self.name = name
+        self.system = system
+        """The system prompt ('' or None: none)."""
+        self.turns: list[Turn] = []
+        self.notes: list[str] = []
+        """Notes about the last prompt (turns left out, fallback template)."""
+        self.left_out = 0
+        """How many of the oldest turns the last prompt left out to fit the context."""
+        self._engine = engine
+        self._lock = threading.RLock()
+        self._pending: Result | None = None
+        self._warned: set[str] = set()
+
+    @property
+    def engine(self) -> Engine:
+        return self._engine if self._engine is not None else get_engine()
+
+    # -- what it holds ---------------------------------------------------------------------------
+    def messages(self) -> list[dict[str, str]]:
+        """The whole conversation as ``{"role", "content"}`` messages (system prompt first, if any)."""
+        with self._lock:
+            return self._messages(self.turns)
+
+    def _messages(self, turns: Sequence[Turn], *, last_reply: bool = True) -> list[dict[str, str]]:
+        out = [{"role": "system", "content": self.system}] if self.system else []
+        for i, turn in enumerate(turns):
+            out.extend(turn.messages(reply=last_reply or i < len(turns) - 1))
+        return out
+
+    def __len__(self) -> int:
+        return len(self.turns)
+
+    @property
+    def generating(self) -> bool:
+        """Whether a reply of this conversation is being generated (or was started and not read)."""
+        return self._pending is not None and not self._pending.done
+
+    # -- talking ---------------------------------------------------------------------------------
+    def send(self, text: str, options: GenerationOptions | Mapping[str, Any] | None = None, **kwargs: Any) -> Result:
+        """Send ``text`` as the user's next message; iterate the returned result to stream the reply.
+
+        Keyword arguments are :class:`~nbllm.options.GenerationOptions` fields. The turn is added
+        when the reply ends (kept as ``partial`` if interrupted; not added if generation fails).
+        """
+        with self._lock:
+            self._check_idle()
+            turn = Turn(user=text)
+            return self._start([*self.turns, turn], options, kwargs, number=len(self.turns) + 1,
+                               open_reply=False, on_reply=lambda reply: self.turns.append(_with(turn, reply)))
+
+    def regenerate(self, options: GenerationOptions | Mapping[str, Any] | None = None, **kwargs: Any) -> Result:
+        """Generate the last reply again; it replaces the current one, which is kept in ``earlier``."""
+        with self._lock:
+            self._check_idle()
+            if not self.turns:
+                raise ChatError(f"conversation {self.name!r} has no reply to regenerate", "send a message first")
+            last = self.turns[-1]
+
+            def replace(reply: Reply) -> None:
+                if last.reply is not None:
+                    last.earlier.append(last.reply)
+                last.reply = reply
+
+            return self._start([*self.turns[:-1], Turn(user=last.user)], options, kwargs, number=len(self.turns),
+                               open_reply=False, on_reply=replace)
+
+    def continue_reply(self, options: GenerationOptions | Mapping[str, Any] | None = None, **kwargs: Any) -> Result:
+        """Extend the last reply: the model goes on from where it ended (e.g. after an interruption or
+        ``max_new_tokens``). The returned result holds only the new text; the reply gets all of it."""
+        with self._lock:
+            self._check_idle()
+            if not self.turns or self.turns[-1].reply is None:
+                raise ChatError(f"conversation {self.name!r} has no reply to continue", "send a message first")
+            reply = self.turns[-1].reply
+
+            def extend(more: Reply) -> None:
+                reply.content += more.content
+                reply.partial, reply.finish_reason = more.partial, more.finish_reason
+                reply.records.extend(more.records)
+
+            return self._start(list(self.turns), options, kwargs, number=len(self.turns), open_reply=True,
+                               on_reply=extend)
+
+    continue_ = continue_reply
+
+    def reset(self) -> int:
+        """Forget every turn (the system prompt and the name stay). Returns how many were forgotten."""
+        with self._lock:
+            self._check_idle()
+            n = len(self.turns)
+            self.turns = []
+            self.notes, self.left_out = [], 0
+            return n
+
+    def _check_idle(self) -> None:
+        if self.generating:
+            raise ChatError(
+                f"a reply of conversation {self.name!r} is still being generated (or was started and not read)",
+                "wait for it, or read it to the end (.text), or stop it with .cancel() on its result",
+            )
+
+    def _start(
+        self,
+        turns: list[Turn],
+        options: GenerationOptions | Mapping[str, Any] | None,
+        kwargs: Mapping[str, Any],
+        *,
+        number: int,
+        open_reply: bool,
+        on_reply: Callable[[Reply], None],
+    ) -> Result:
+        """Render ``turns`` (the last one is being answered), start the generation and arrange for
+        ``on_reply`` to receive the reply when it ends well or is interrupted."""
+        engine = self.engine
+        opts = engine.generation_options(options, **kwargs)
+        prompt = self._prompt(engine, turns, open_reply=open_reply, max_new_tokens=opts.max_new_tokens)
+        self.notes, self.left_out = prompt.notes, prompt.left_out
+        for note in prompt.notes:
+            if note not in self._warned:
+                self._warned.add(note)
+                warnings.warn(note, ChatNote, stacklevel=4)
+        result = engine.stream_prompt(
+            prompt.text, prompt.ids, opts, messages=prompt.messages,
+            conversation={"name": self.name, "turn": number},
+        )
+        self._pending = result
+
+        def finished(res: Result) -> None:
+            with self._lock:
+                if self._pending is res:
+                    self._pending = None
+                if res.finish_reason not in ("eos", "stop", "length", "cancelled", "interrupted"):
+                    return  # failed: no broken turn
+                records = [res.record] if res.record is not None else []
+                on_reply(Reply("".join(res.chunks), res.interrupted, res.finish_reason, records))
+
+        result.on_done(finished)
+        return result
+
+    def _prompt(self, engine: Engine, turns: list[Turn], *, open_reply: bool, max_new_tokens: int) -> _Prompt:
+        """The prompt for ``turns``, leaving out the oldest ones while it would leave less than
+        ``max_new_tokens`` of the context free (the system prompt and the last turn always stay)."""
+        loader = engine.loader
+        notes = [FALLBACK_NOTE] if loader.chat_template is None else []
+
+        def render(start: int) -> _Prompt:
+            messages = self._messages(turns[start:], last_reply=open_reply)
+            if open_reply:
+                text = render_continuation(loader.chat_template, messages, special_tokens=loader.special_tokens)
+                ids = loader.tokenize(text, add_special=not starts_with_bos(text, loader.special_tokens))
+            else:
+                text, ids, _ = engine.prompt_for(messages, chat=True)
+            return _Prompt(text, ids, messages, start, notes)
+
+        context = loader.context_length
+        budget = None if context is None else context - max_new_tokens
+        prompt = render(0)
+        if budget is None or len(prompt.ids) <= budget:
+            return prompt
+        # Fewer turns, fewer tokens: find the fewest turns to leave out by bisection.
+        lo, hi, best = 1, len(turns) - 1, None
+        while lo <= hi:
+            mid = (lo + hi) // 2
+            candidate = render(mid)
+            if len(candidate.ids) <= budget:
+                best, hi = candidate, mid - 1
+            else:
+                lo = mid + 1
+        if best is None:
+            best = render(len(turns) - 1) if len(turns) > 1 else prompt
+            assert context is not None
+            notes.append(
+                f"the prompt is {len(best.ids)} tokens even with only the system prompt and the last message: "
+                f"{max(context - len(best.ids), 0)} of the {max_new_tokens} new tokens asked for fit in the "
+                f"model's context ({context} tokens)"
+            )
+        if best.left_out:
+            notes.append(
+                f"the conversation does not fit in the model's context ({context} tokens, {max_new_tokens} kept "
+                f"for the reply): the {best.left_out} oldest turn{'s are' if best.left_out > 1 else ' is'} left "
+                "out of the prompt (the system prompt is kept)"
+            )
+        return best
+
+    # -- saving ----------------------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        """The conversation as saved: the messages, then every turn with its versions, seeds and records."""
+        with self._lock:
+            last = next((t.reply.record for t in reversed(self.turns) if t.reply and t.reply.record), None)
+            return {
+                "format": FORMAT,
+                "version": FORMAT_VERSION,
+                "name": self.name,
+                "system": self.system,
+                "saved": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+                "model": last.model if last else None,
+                "options": last.generation_options if last else None,
+                "messages": self._messages(self.turns),
+                "turns": [t.to_dict() for t in self.turns],
+            }
+
+    def save(self, path: str | Path) -> Path:
+        """Write the conversation to ``path`` as JSON (UTF-8); returns the path."""
+        target = Path(path).expanduser()
+        data = json.dumps(self.to_dict(), indent=2, ensure_ascii=False, default=str)
+        try:
+            target.write_text(data + "\n", encoding="utf-8")
+        except OSError as exc:
+            raise ChatError(f"cannot write {target}: {exc.strerror or exc}", "check the folder exists and is writable") from None
+        return target
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any] | Sequence[Mapping[str, Any]], *, name: str | None = None) -> Conversation:
+        """A conversation from :meth:`to_dict`'s form, or from a plain list of ``{"role", "content"}``
+        messages (as other tools write them)."""
+        if not isinstance(data, Mapping):
+            data = {"messages": list(data)}
+        if data.get("format", FORMAT) != FORMAT:
+            raise ChatError(f"this is not an nbllm conversation (format {data.get('format')!r})",
+                            "load a file written by %llm_history --save or Conversation.save")
+        conv = cls(name or str(data.get("name") or "chat"), data.get("system"))
+        if "turns" in data:
+            conv.turns = [Turn.from_dict(t) for t in data["turns"]]
+            return conv
+        for i, message in enumerate(data.get("messages") or []):
+            role, content = message.get("role"), str(message.get("content", ""))
+            if role == "system" and i == 0:
+                conv.system = content
+            elif role == "user":
+                conv.turns.append(Turn(user=content))
+            elif role == "assistant" and conv.turns and conv.turns[-1].reply is None:
+                conv.turns[-1].reply = Reply(content)
+            else:
+                raise ChatError(
+                    f"message {i + 1} ({role!r}) does not fit a conversation: it must be a user message or "
+                    "the assistant's reply to the user message before it",
+                    "fix the file (an optional system message first, then user and assistant messages alternating)",
+                )
+        return conv
+
+    @classmethod
+    def load(cls, path: str | Path, *, name: str | None = None) -> Conversation:
+        """Read a conversation saved with :meth:`save` (or a JSON list of messages); ``name`` renames it."""
+        source = Path(path).expanduser()
+        try:
+            data = json.loads(source.read_text(encoding="utf-8"))
+        except OSError as exc:
+            raise ChatError(f"cannot read {source}: {exc.strerror or exc}", "check the path") from None
+        except ValueError as exc:
+            raise ChatError(f"{source} is not valid JSON ({exc})", "load a file written by %llm_history --save") from None
+        try:
+            return cls.from_dict(data, name=name)
+        except (KeyError, TypeError, AttributeError) as exc:
+            raise ChatError(f"{source} is not a conversation nbllm can read ({type(exc).__name__}: {exc})",
+                            "load a file written by %llm_history --save") from None
+
+    # -- showing ---------------------------------------------------------------------------------
+    def __repr__(self) -> str:
+        return f"<nbllm.Conversation {self.name!r}: {len(self.turns)} turns>"
+
+    def __str__(self) -> str:
+        with self._lock:
+            lines = [f"Conversation {self.name!r} ({_count(len(self.turns))})"]
+            if self.system:
+                lines.append(_block("system", self.system))
+            for turn in self.turns:
+                lines.append(_block("user", turn.user))
+                if turn.reply is not None:
+                    lines.append(_block("assistant", turn.reply.content, _marks(turn)))
+            return "\n".join(lines)
+
+    def _repr_pretty_(self, p: Any, cycle: bool) -> None:
+        p.text(str(self))
+
+    def _repr_html_(self) -> str:
+        bubble = "white-space: pre-wrap; padding: 6px 10px; margin: 6px 0; border-radius: 8px; "
+        styles = {
+            "system": "white-space: pre-wrap; padding: 4px 10px; margin: 6px 0; border-left: 3px solid "
+                      "rgba(128,128,128,.6); opacity: .85;",
+            "user": bubble + "margin-left: 15%; background: rgba(66,133,244,.14);",
+            "assistant": bubble + "margin-right: 15%; background: rgba(128,128,128,.12);",
+        }
+
+        def box(role: str, content: str, marks: str = "") -> str:
+            extra = f" <span style='opacity:.6'>{html.escape(marks)}</span>" if marks else ""
+            return (f"<div class='nbllm-chat-{role}' style='{styles[role]}'><small style='opacity:.6'>{role}</small>"
+                    f"{extra}<br>{html.escape(content)}</div>")
+
+        with self._lock:
+            parts = [f"<div class='nbllm-chat' style='max-width: 52em'><small style='opacity:.6'>Conversation "
+                     f"<b>{html.escape(self.name)}</b> · {_count(len(self.turns))}</small>"]
+            if self.system:
+                parts.append(box("system", self.system))
+            for turn in self.turns:
+                parts.append(box("user", turn.user))
+                if turn.reply is not None:
+                    parts.append(box("assistant", turn.reply.content, _marks(turn)))
+            parts.append("</div>")
+            return "".join(parts)
+
+
+def _with(turn: Turn, reply: Reply) -> Turn:
+    turn.reply = reply
+    return turn
+
+
+def _record(data: Mapping[str, Any]) -> Record:
+    known = {f.name for f in fields(Record)}
+    values = {k: v for k, v in data.items() if k in known}
+    options = dict(values.get("generation_options") or {})
+    if isinstance(options.get("stop"), list):  # JSON has no tuples
+        options["stop"] = tuple(options["stop"])
+        values["generation_options"] = options
+    return Record(**values)
+
+
+def _count(n: int) -> str:
+    return f"{n} turn" + ("" if n == 1 else "s")
+
+
+def _marks(turn: Turn) -> str:
+    marks = []
+    if turn.reply is not None and turn.reply.partial:
+        marks.append(f"[partial: {turn.reply.finish_reason}]")
+    if turn.earlier:
+        marks.append(f"[version {len(turn.earlier) + 1} of {len(turn.earlier) + 1}]")
+    return " ".join(marks)
+
+
+def _block(role: str, content: str, marks: str = "") -> str:
+    head = f"{role}:" + (f" {marks}" if marks else "")
+    body = "\n".join("  " + line for line in (content.splitlines() or [""]))
+    return f"{head}\n{body}"
+
+
+# -- the registry ------------------------------------------------------------------------------------
+_CONVERSATIONS: dict[str, Conversation] = {}
+_REGISTRY_LOCK = threading.Lock()
+
+
+def conversation(name: str = "default", *, create: bool = True) -> Conversation:
+    """The conversation called ``name``, created empty the first time (shared by magics and panels).
+
+    ``create=False`` raises :class:`~nbllm.errors.ChatError` for a name that does not exist.
+    """
+    with _REGISTRY_LOCK:
+        if name not in _CONVERSATIONS:
+            if not create:
+                existing = ", ".join(sorted(_CONVERSATIONS)) or "none yet"
+                raise ChatError(f"there is no conversation named {name!r} (existing: {existing})",
+                                f"start it with %%llm_chat {name}, or load it with %llm_history {name} --load FILE")
+            _CONVERSATIONS[name] = Conversation(name)
+        return _CONVERSATIONS[name]
+
+
+def conversations() -> dict[str, Conversation]:
+    """Every registered conversation, by name."""
+    with _REGISTRY_LOCK:
+        return dict(_CONVERSATIONS)
+
+
+def load_conversation(path: str | Path, name: str | None = None) -> Conversation:
+    """Read a saved conversation and register it under ``name`` (default: the name saved with it),
+    replacing any conversation of that name."""
+    conv = Conversation.load(path, name=name)
+    with _REGISTRY_LOCK:
+        old = _CONVERSATIONS.get(conv.name)
+        if old is not None and old.generating:
+            raise ChatError(f"conversation {conv.name!r} is generating a reply", "wait for it, or load under another name")
+        _CONVERSATIONS[conv.name] = conv
+    return conv
+
+
+def forget(name: str) -> bool:
+    """Remove a conversation from the registry; returns whether it was there."""
+    with _REGISTRY_LOCK:
+        return _CONVERSATIONS.pop(name, None) is not None
+
+
+__all__ = [
+    "FORMAT", "ChatNote", "Conversation", "Reply", "Turn", "conversation", "conversations", "forget",
+    "load_conversation", "render_continuation",
+]

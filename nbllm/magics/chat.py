@@ -1,0 +1,113 @@
+"""``%%llm_chat``, ``%llm_chat_reset``, ``%llm_history``: named conversations, thin calls into nbllm.chat."""
+
+from __future__ import annotations
+
+import warnings
+
+from IPython.core import magic_arguments
+from IPython.core.error import UsageError
+from IPython.core.magic import Magics, line_cell_magic, line_magic, magics_class
+
+from ..chat import ChatNote, Conversation, conversation, load_conversation
+from ..engine import get_engine
+from ..options import GenerationOptions
+from ._common import interpolate, parse_line, schema_arguments, show_stream, user_errors
+
+
+@magics_class
+class ChatMagics(Magics):
+    """Multi-turn conversations with the loaded model, through its own chat template."""
+
+    @line_cell_magic
+    @magic_arguments.magic_arguments()
+    @magic_arguments.argument("name", nargs="?", default="default",
+                              help="The conversation to continue (default: default); a new name starts one.")
+    @schema_arguments(GenerationOptions)
+    @magic_arguments.argument("--system", metavar="TEXT",
+                              help="Set the conversation's system prompt (kept for later cells; '' removes it).")
+    @magic_arguments.argument("--regenerate", action="store_true",
+                              help="Generate the last reply again (the earlier versions are kept); no message.")
+    @magic_arguments.argument("--continue", dest="continue_", action="store_true",
+                              help="Extend the last reply from where it ended; no message.")
+    @magic_arguments.argument("-o", "--output", metavar="VAR", help="Store the result object in VAR.")
+    @user_errors
+    def llm_chat(self, line: str, cell: str | None = None) -> None:
+        """Send the cell as your next message in conversation NAME; the reply streams into the output.
+
+        The conversation goes on across cells and is rendered through the model's own chat template.
+        ``{name}`` inserts the value of the variable ``name``. When the history no longer fits the
+        context, its oldest turns are left out (never the system prompt) and a note says so.
+        Examples::
+
+            %%llm_chat tutor --system "You are a patient maths tutor." --temperature 0.3
+            What is a derivative?
+
+            %llm_chat tutor --regenerate
+            %llm_chat tutor --continue
+        """
+        args = parse_line(self.llm_chat, line)
+        shell = self.shell
+        assert shell is not None
+        message = interpolate((cell or "").strip("\n"), shell.user_ns)
+        if args.regenerate and args.continue_:
+            raise UsageError("--regenerate and --continue cannot be used together. Choose one of them.")
+        if (args.regenerate or args.continue_) and message.strip():
+            raise UsageError("--regenerate and --continue take no message. Leave the cell empty.")
+        if not (args.regenerate or args.continue_) and not message.strip():
+            raise UsageError("The message is empty. Write it in the cell below %%llm_chat.")
+        options = GenerationOptions.from_namespace(args, base=get_engine().defaults)
+        chat = conversation(args.name)
+        if args.system is not None:
+            chat.system = interpolate(args.system, shell.user_ns)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", ChatNote)  # shown below, in the cell's output
+            if args.regenerate:
+                result = chat.regenerate(options)
+            elif args.continue_:
+                result = chat.continue_reply(options)
+            else:
+                result = chat.send(message, options)
+        for note in chat.notes:
+            print(f"[{note}]")
+        if args.output:
+            shell.user_ns[args.output] = result
+        show_stream(shell, result)
+
+    @line_magic
+    @magic_arguments.magic_arguments()
+    @magic_arguments.argument("name", nargs="?", default="default", help="The conversation (default: default).")
+    @user_errors
+    def llm_chat_reset(self, line: str) -> None:
+        """Forget the turns of conversation NAME and start it over (its system prompt is kept)."""
+        args = parse_line(self.llm_chat_reset, line)
+        n = conversation(args.name).reset()
+        print(f"Conversation {args.name!r} reset ({n} turn{'' if n == 1 else 's'} forgotten).")
+
+    @line_magic
+    @magic_arguments.magic_arguments()
+    @magic_arguments.argument("name", nargs="?", help="The conversation (default: default; with --load: the "
+                              "name saved in the file).")
+    @magic_arguments.argument("--save", metavar="FILE", help="Write the conversation to FILE (JSON).")
+    @magic_arguments.argument("--load", metavar="FILE", help="Read a conversation from FILE, replacing NAME.")
+    @user_errors
+    def llm_history(self, line: str) -> Conversation | None:
+        """Show conversation NAME as a chat; or save it to / load it from a JSON file. Examples::
+
+            %llm_history tutor
+            %llm_history tutor --save tutor.json
+            %llm_history tutor --load tutor.json
+        """
+        args = parse_line(self.llm_history, line)
+        if args.save and args.load:
+            raise UsageError("--save and --load cannot be used together. Choose one of them.")
+        if args.load:
+            return load_conversation(args.load, args.name)
+        name = args.name or "default"
+        if args.save:
+            path = conversation(name, create=False).save(args.save)
+            print(f"Saved conversation {name!r} to {path}.")
+            return None
+        return conversation(name, create=name == "default")
+
+
+__all__ = ["ChatMagics"]
