@@ -1,0 +1,754 @@
+"""The llama.cpp loader: GGUF models through llama-cpp-python, with text-generation-webui's load options.
+
+``llama_cpp`` is imported inside the methods, never at import time, so ``%load_ext nbllm`` stays fast.
+
+What each load option becomes (see :func:`llama_kwargs`, a pure function so the mapping is testable
+without loading anything):
+
+==================  ==========================================================================
+``--n-gpu-layers``  ``n_gpu_layers`` (0: CPU only, -1: all layers)
+``--n-ctx``         ``n_ctx``; 0: the model's trained context (``<arch>.context_length``, times
+                    ``--compress-pos-emb``), capped at :data:`N_CTX_CAP` — not llama-cpp-python's 512
+``--n-batch``       ``n_batch``
+``--threads``       ``n_threads`` (0: llama-cpp-python's default, half the logical CPUs)
+``--threads-batch`` ``n_threads_batch`` (0: llama-cpp-python's default, all logical CPUs)
+``--gpu-split``     ``tensor_split`` (proportions per GPU)
+``--flash-attn``    ``flash_attn``
+``--cache-type``    ``type_k``/``type_v`` (GGML type ids); the V cache is quantized only with
+                    ``--flash-attn`` (llama.cpp refuses a quantized V cache without it)
+``--no-mmap``       ``use_mmap=False``
+``--mlock``         ``use_mlock=True``
+``--alpha-value``   ``rope_freq_base`` = (the model's base) · alpha^(64/63); for the usual base 10000
+                    this is text-generation-webui's 10000 · alpha^(64/63)
+``--rope-freq-base``  ``rope_freq_base`` (0: the model's own)
+``--compress-pos-emb``  ``rope_freq_scale`` = 1/N (1: the model's own)
+``--verbose``       ``verbose``; otherwise llama.cpp's C log is kept out of the notebook
+==================  ==========================================================================
+"""
+
+from __future__ import annotations
+
+import ctypes
+import mmap
+import struct
+import sys
+import threading
+from collections import deque
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar
+
+from ..errors import LoadError, ModelNotFoundError, OptionError, missing_dependency
+from ..models import GGUF_FILE_TYPES, ModelSource, quantization_from_name, split_gguf_parts
+from ..options import LLAMACPP, GenerationOptions, LoadOptions
+from .base import Loader, Placement
+
+N_CTX_CAP = 8192
+"""``--n-ctx 0`` takes the model's trained context but never more than this many tokens: a model
+trained on 128k tokens would otherwise reserve a KV cache of many GiB (text-generation-webui caps it
+the same way)."""
+
+N_CTX_FALLBACK = 4096
+"""``--n-ctx 0`` for a GGUF whose header does not say its trained context length."""
+
+ALPHA_EXPONENT = 64 / 63
+"""NTK-aware scaling multiplies the RoPE base by alpha^(d/(d-2)); text-generation-webui fixes d = 128
+(the head size of Llama-style models), hence 64/63."""
+
+CACHE_TYPES: dict[str, int] = {"fp16": 1, "q8_0": 8, "q4_0": 2}
+"""``--cache-type`` → GGML type id (``GGML_TYPE_F16``, ``GGML_TYPE_Q8_0``, ``GGML_TYPE_Q4_0``)."""
+
+_CACHE_BLOCK = {"fp16": 1, "q8_0": 32, "q4_0": 32}
+_CACHE_BYTES = {"fp16": 2.0, "q8_0": 34 / 32, "q4_0": 18 / 32}
+
+LLAMA_DEFAULT_SEED = 0xFFFFFFFF
+"""llama.cpp's "draw a random seed" value: never passed, or sampling would not be reproducible."""
+
+
+# ---------------------------------------------------------------------------------------- GGUF header
+
+GGUF_MAGIC = b"GGUF"
+_SCALARS = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "Q", 11: "q", 12: "d"}
+_STRING, _ARRAY = 8, 9
+_MAX_DIMS = 4
+
+
+@dataclass
+class GGUFHeader:
+    """What nbllm reads from a GGUF file's header before handing it to llama.cpp."""
+
+    version: int
+    metadata: dict[str, Any]
+    """Scalar and string key-values (arrays are left out: the vocabulary is not needed here)."""
+    tensor_count: int
+    data_end: int
+    """Where the last tensor's data ends, in bytes (the file must be at least this long)."""
+    unknown_types: set[int] = field(default_factory=set)
+    """Tensor types this ``gguf`` package does not know the size of (their extent is not checked)."""
+
+    @property
+    def architecture(self) -> str:
+        return str(self.metadata.get("general.architecture", "llama"))
+
+
+class _Truncated(Exception):
+    """Internal: the header runs past the end of the file or holds impossible values."""
+
+
+def read_gguf_header(path: Path) -> GGUFHeader:
+    """Parse ``path``'s GGUF header and tensor table, and check that every tensor lies inside the file.
+
+    Raises :class:`~nbllm.errors.LoadError` with one line: not a GGUF file (a text file, an HTML error
+    page, a Git LFS pointer), a GGUF version llama.cpp cannot read, or a truncated/damaged file.
+    Reads only the header (memory-mapped), so it is cheap even for a file of many GiB.
+    """
+    name = path.name
+    size = path.stat().st_size
+    if size < 4:
+        raise LoadError(f"{name} is not a GGUF file (it is {size} bytes long)", "check the path, or download it again")
+    with path.open("rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:
+        magic = buf[:4]
+        if magic != GGUF_MAGIC:
+            raise LoadError(f"{name} is not a GGUF file ({_what_it_is(buf[:64])})", _not_gguf_fix(buf[:64]))
+        try:
+            return _parse(buf, size)
+        except _Truncated as exc:
+            detail = f" ({exc})" if str(exc) else ""
+            raise LoadError(f"{name} is truncated or damaged{detail}", "download it again") from None
+        except _UnsupportedVersion as exc:
+            raise LoadError(
+                f"{name} uses GGUF version {exc.args[0]}, which this llama.cpp cannot read",
+                "download a newer conversion of the model (GGUF version 2 or 3)",
+            ) from None
+
+
+class _UnsupportedVersion(Exception):
+    pass
+
+
+def _what_it_is(head: bytes) -> str:
+    text = head.lstrip().lower()
+    if text.startswith(b"version https://git-lfs"):
+        return "it is a Git LFS pointer, not the model's data"
+    if text.startswith((b"<!doctype html", b"<html")):
+        return "it is an HTML page, probably an error page saved by a failed download"
+    try:
+        head.decode("utf-8")
+        return "it is a text file"
+    except UnicodeDecodeError:
+        return "it does not start with the GGUF signature"
+
+
+def _not_gguf_fix(head: bytes) -> str:
+    if head.lstrip().lower().startswith(b"version https://git-lfs"):
+        return "download the file itself (git lfs pull, or %llm_download)"
+    return "check the path; if it should be a model, download it again"
+
+
+def _parse(buf: mmap.mmap, size: int) -> GGUFHeader:
+    pos = 4
+
+    def take(fmt: str) -> Any:
+        nonlocal pos
+        n = struct.calcsize(fmt)
+        if pos + n > size:
+            raise _Truncated(f"the header ends early, at byte {size}")
+        value = struct.unpack_from("<" + fmt, buf, pos)[0]
+        pos += n
+        return value
+
+    def string() -> str:
+        nonlocal pos
+        n = take("Q")
+        if n > size - pos:
+            raise _Truncated(f"the header ends early, at byte {size}" if n < 1 << 32 else "a string length is impossible")
+        text = bytes(buf[pos : pos + n]).decode("utf-8", errors="replace")
+        pos += n
+        return text
+
+    def skip(vtype: int, depth: int = 0) -> None:
+        nonlocal pos
+        if vtype in _SCALARS:
+            pos += struct.calcsize(_SCALARS[vtype])
+        elif vtype == _STRING:
+            n = take("Q")
+            pos += n
+        elif vtype == _ARRAY and depth < 2:
+            etype, count = take("I"), take("Q")
+            if count > size:
+                raise _Truncated("an array length is impossible")
+            if etype in _SCALARS:
+                pos += count * struct.calcsize(_SCALARS[etype])
+            elif etype == _STRING:
+                for _ in range(count):
+                    if pos + 8 > size:
+                        raise _Truncated(f"the header ends early, at byte {size}")
+                    pos += 8 + struct.unpack_from("<Q", buf, pos)[0]
+            else:
+                for _ in range(count):
+                    skip(etype, depth + 1)
+        else:
+            raise _Truncated(f"unknown value type {vtype} in the header")
+        if pos > size:
+            raise _Truncated(f"the header ends early, at byte {size}")
+
+    version = take("I")
+    if version not in (2, 3):
+        if version in (1,):
+            raise _UnsupportedVersion(version)
+        raise _Truncated(f"GGUF version {version} is not one that exists")
+    n_tensors, n_kv = take("Q"), take("Q")
+    if n_kv > size // 12 or n_tensors > size // 24:
+        raise _Truncated("the header's counts are impossible")
+    metadata: dict[str, Any] = {}
+    for _ in range(n_kv):
+        key = string()
+        vtype = take("I")
+        if vtype in _SCALARS:
+            metadata[key] = take(_SCALARS[vtype])
+        elif vtype == _STRING:
+            metadata[key] = string()
+        else:
+            skip(vtype)
+    tensors: list[tuple[int, int, int]] = []  # (offset, element count, type)
+    for _ in range(n_tensors):
+        string()
+        n_dims = take("I")
+        if n_dims > _MAX_DIMS:
+            raise _Truncated(f"a tensor has {n_dims} dimensions")
+        count = 1
+        for _ in range(n_dims):
+            count *= take("Q")
+        ttype, offset = take("I"), take("Q")
+        tensors.append((offset, count, ttype))
+    alignment = int(metadata.get("general.alignment", 32)) or 32
+    data_start = -(-pos // alignment) * alignment
+    data_end, unknown = data_start, set()
+    sizes = _type_sizes()
+    for offset, count, ttype in tensors:
+        if ttype in sizes:
+            block, nbytes = sizes[ttype]
+            end = data_start + offset + count // block * nbytes
+        else:
+            unknown.add(ttype)
+            end = data_start + offset + 1
+        data_end = max(data_end, end)
+    if data_end > size:
+        raise _Truncated(f"the file is {_mb(size)} but its tensors need {_mb(data_end)}")
+    return GGUFHeader(version, metadata, n_tensors, data_end, unknown)
+
+
+def _type_sizes() -> dict[int, tuple[int, int]]:
+    """GGML tensor type → (block size, bytes per block), from the ``gguf`` package when installed."""
+    try:
+        from gguf import GGML_QUANT_SIZES
+    except ImportError:
+        return {0: (1, 4), 1: (1, 2), 2: (32, 18), 8: (32, 34), 30: (1, 2)}
+    return {int(t): (int(b), int(n)) for t, (b, n) in GGML_QUANT_SIZES.items()}
+
+
+def _mb(n: int) -> str:
+    return f"{n / 1e6:.1f} MB" if n >= 1e5 else f"{n} bytes"
+
+
+# ---------------------------------------------------------------------------------- option mapping
+
+
+def _meta_float(metadata: Mapping[str, Any], key: str) -> float | None:
+    value = metadata.get(key)
+    try:
+        return float(value) if value is not None else None
+    except (TypeError, ValueError):
+        return None
+
+
+def _arch(metadata: Mapping[str, Any]) -> str:
+    return str(metadata.get("general.architecture", "llama"))
+
+
+def trained_context(metadata: Mapping[str, Any]) -> int | None:
+    """The context length the model was trained with (``<arch>.context_length``), if the header says."""
+    value = _meta_float(metadata, f"{_arch(metadata)}.context_length")
+    return int(value) if value else None
+
+
+def default_n_ctx(metadata: Mapping[str, Any], options: LoadOptions) -> int:
+    """``--n-ctx 0``: the trained context (times ``--compress-pos-emb``, which stretches it), capped at
+    :data:`N_CTX_CAP`."""
+    trained = trained_context(metadata) or N_CTX_FALLBACK
+    return min(int(trained * options.compress_pos_emb), N_CTX_CAP)
+
+
+def rope_freq_base(metadata: Mapping[str, Any], options: LoadOptions) -> float:
+    """The RoPE base to ask llama.cpp for; 0 leaves the model's own.
+
+    ``--alpha-value`` scales the model's own base by alpha^(64/63). For a model whose base is 10000
+    (Llama 1/2, Mistral) that is exactly text-generation-webui's 10000 · alpha^(64/63); for a model
+    trained with another base (Llama 3: 500000) scaling its own base is what NTK-aware scaling means,
+    while 10000 · alpha^(64/63) would *shrink* its base and break it.
+    """
+    if options.alpha_value != 1.0:
+        if options.rope_freq_base:
+            raise OptionError(
+                "--alpha-value and --rope-freq-base both set the RoPE frequency base",
+                "give only one of them",
+            )
+        base = _meta_float(metadata, f"{_arch(metadata)}.rope.freq_base") or 10000.0
+        return base * options.alpha_value**ALPHA_EXPONENT
+    return float(options.rope_freq_base)
+
+
+def cache_types(options: LoadOptions) -> tuple[int, int]:
+    """(type_k, type_v) for ``--cache-type``: the V cache is quantized only with ``--flash-attn``."""
+    k = CACHE_TYPES[options.cache_type]
+    return k, (k if options.flash_attn else CACHE_TYPES["fp16"])
+
+
+def llama_kwargs(source: ModelSource, options: LoadOptions, metadata: Mapping[str, Any]) -> dict[str, Any]:
+    """Keyword arguments for ``llama_cpp.Llama(...)`` that give ``options`` text-generation-webui's
+    meanings. ``metadata`` is the GGUF's key-values (numbers or strings, as ``Llama.metadata`` has them)."""
+    type_k, type_v = cache_types(options)
+    return {
+        "model_path": str(source.path),
+        "n_gpu_layers": options.n_gpu_layers,
+        "n_ctx": options.n_ctx or default_n_ctx(metadata, options),
+        "n_batch": options.n_batch,
+        "n_threads": options.threads or None,
+        "n_threads_batch": options.threads_batch or None,
+        "tensor_split": list(options.gpu_split_values) or None,
+        "flash_attn": options.flash_attn,
+        "type_k": type_k,
+        "type_v": type_v,
+        "use_mmap": not options.no_mmap,
+        "use_mlock": options.mlock,
+        "rope_freq_base": rope_freq_base(metadata, options),
+        "rope_freq_scale": 1.0 / options.compress_pos_emb if options.compress_pos_emb != 1.0 else 0.0,
+        "verbose": options.verbose,
+    }
+
+
+def kv_cache_bytes(metadata: Mapping[str, Any], n_ctx: int, options: LoadOptions) -> int | None:
+    """About how many bytes the KV cache of ``n_ctx`` tokens takes, from the header (None if unknown)."""
+    arch = _arch(metadata)
+    layers = _meta_float(metadata, f"{arch}.block_count")
+    heads = _meta_float(metadata, f"{arch}.attention.head_count")
+    embd = _meta_float(metadata, f"{arch}.embedding_length")
+    if not (layers and heads and embd):
+        return None
+    kv_heads = _meta_float(metadata, f"{arch}.attention.head_count_kv") or heads
+    k_len = _meta_float(metadata, f"{arch}.attention.key_length") or embd / heads
+    v_len = _meta_float(metadata, f"{arch}.attention.value_length") or embd / heads
+    type_k, type_v = cache_types(options)
+    names = {v: k for k, v in CACHE_TYPES.items()}
+    per_token = kv_heads * (k_len * _CACHE_BYTES[names[type_k]] + v_len * _CACHE_BYTES[names[type_v]])
+    return int(n_ctx * layers * per_token)
+
+
+def head_sizes(metadata: Mapping[str, Any]) -> tuple[int, int] | None:
+    """(K head size, V head size) from the header, if it says."""
+    arch = _arch(metadata)
+    heads = _meta_float(metadata, f"{arch}.attention.head_count")
+    embd = _meta_float(metadata, f"{arch}.embedding_length")
+    k_len = _meta_float(metadata, f"{arch}.attention.key_length") or (embd / heads if embd and heads else None)
+    v_len = _meta_float(metadata, f"{arch}.attention.value_length") or (embd / heads if embd and heads else None)
+    if not (k_len and v_len):
+        return None
+    return int(k_len), int(v_len)
+
+
+# ------------------------------------------------------------------------------------ llama.cpp's log
+
+
+class LlamaLog:
+    """Where llama.cpp's C log goes: the notebook's stderr with ``--verbose``, otherwise nowhere.
+
+    llama-cpp-python's own callback maps llama.cpp's log levels wrongly (it shows warnings as errors
+    even with ``verbose=False``), so nbllm installs its own while one of its models is loaded or
+    loading. Quiet lines are kept (the last ones) so a failed load can say what llama.cpp said.
+    Outside nbllm's loads, lines go to llama-cpp-python's callback, as if nbllm were not there.
+    """
+
+    def __init__(self) -> None:
+        self.mode = "forward"
+        """``forward`` (to llama-cpp-python's callback), ``quiet`` or ``verbose``."""
+        self.lines: deque[tuple[int, str]] = deque(maxlen=200)
+        self._callback: Any = None
+        self._partial = ""
+
+    def install(self, llama_cpp: Any) -> None:
+        """Route llama.cpp's log through this object (once per process)."""
+        if self._callback is not None:
+            return
+        from llama_cpp import _logger
+
+        original = _logger.llama_log_callback
+
+        @llama_cpp.llama_log_callback  # type: ignore[untyped-decorator]
+        def callback(level: int, text: bytes, user_data: ctypes.c_void_p) -> None:
+            if self.mode == "forward":
+                original(level, text, user_data)
+                return
+            message = text.decode("utf-8", errors="replace") if text else ""
+            if self.mode == "verbose":
+                print(message, end="", file=sys.stderr, flush=True)
+                return
+            self._partial += message
+            if self._partial.endswith("\n"):
+                self.lines.append((level, self._partial.rstrip("\n")))
+                self._partial = ""
+
+        self._callback = callback  # keep a reference: C holds only the pointer
+        llama_cpp.llama_log_set(callback, ctypes.c_void_p(0))
+
+    def errors(self) -> list[str]:
+        """The error lines llama.cpp logged since :meth:`clear` (level ERROR = 4 in ggml.h)."""
+        return [text.strip() for level, text in self.lines if level == 4 and text.strip()]
+
+    def clear(self) -> None:
+        self.lines.clear()
+        self._partial = ""
+
+
+LOG = LlamaLog()
+
+
+# ------------------------------------------------------------------------------------------ the loader
+
+
+class LlamaCppLoader(Loader):
+    """Loads one GGUF file with ``llama_cpp.Llama`` and generates from it."""
+
+    name: ClassVar[str] = LLAMACPP
+    library: ClassVar[str] = "llama_cpp_python"
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.llm: Any = None
+        self.header: GGUFHeader | None = None
+        self.kwargs: dict[str, Any] = {}
+        """What ``Llama(...)`` was called with."""
+        self._eos: frozenset[int] = frozenset()
+        self._pieces: dict[int, bytes] = {}
+        """Token id → its bytes, filled as tokens are decoded (llama.cpp's vocabulary never changes)."""
+        self._vocab: Any = None
+        self._n_vocab = 0
+        self._notes: list[str] = []
+
+    # -- before anything is released ------------------------------------------------------------
+    @classmethod
+    def check(cls, source: ModelSource, options: LoadOptions) -> None:
+        llama_cpp = _import_llama_cpp()
+        path = source.path
+        if not path.is_file():
+            raise ModelNotFoundError(f"no GGUF file at {path}", "check the path, or run %llm_models to list models")
+        header = read_gguf_header(path)
+        parts = split_gguf_parts(path)
+        for part in (parts or [])[1:]:
+            if not part.is_file():
+                raise ModelNotFoundError(f"{part.name}, a part of {path.name}, is missing", "download the missing parts")
+            read_gguf_header(part)
+        kwargs = llama_kwargs(source, options, header.metadata)  # raises on contradictory RoPE options
+        split = options.gpu_split_values
+        gpu = bool(llama_cpp.llama_supports_gpu_offload())
+        if split and not gpu:
+            raise OptionError(
+                "--gpu-split needs GPUs, and this llama-cpp-python was built without GPU support",
+                "drop --gpu-split, or install a CUDA build of llama-cpp-python",
+            )
+        if len(split) > int(llama_cpp.llama_max_devices()):
+            raise OptionError(
+                f"--gpu-split names {len(split)} GPUs; llama.cpp supports at most {llama_cpp.llama_max_devices()}",
+                "give one proportion per GPU",
+            )
+        if options.cache_type != "fp16":
+            block = _CACHE_BLOCK[options.cache_type]
+            sizes = head_sizes(header.metadata)
+            if sizes is not None:
+                quantized = [sizes[0]] + ([sizes[1]] if options.flash_attn else [])
+                if any(s % block for s in quantized):
+                    raise OptionError(
+                        f"--cache-type {options.cache_type} needs attention heads whose size is a multiple of "
+                        f"{block}; this model's are {sizes[0]}",
+                        "use --cache-type fp16",
+                    )
+        on_cpu = not gpu or options.n_gpu_layers == 0
+        kv = kv_cache_bytes(header.metadata, kwargs["n_ctx"], options)
+        if on_cpu and kv is not None:
+            import psutil
+
+            total = psutil.virtual_memory().total
+            if kv > total:
+                sizes = head_sizes(header.metadata)
+                smaller = options.cache_type == "fp16" and sizes is not None and not (sizes[0] % 32 or sizes[1] % 32)
+                raise LoadError(
+                    f"not enough memory for --n-ctx {kwargs['n_ctx']}: its KV cache needs about "
+                    f"{kv / 2**30:.1f} GiB and this machine has {total / 2**30:.1f} GiB",
+                    "lower --n-ctx" + (" (or use --cache-type q8_0 with --flash-attn)" if smaller else ""),
+                )
+
+    # -- loading ---------------------------------------------------------------------------------
+    def load(self, source: ModelSource, options: LoadOptions) -> None:
+        llama_cpp = _import_llama_cpp()
+        self.source, self.options = source, options
+        self.header = read_gguf_header(source.path)
+        self.kwargs = llama_kwargs(source, options, self.header.metadata)
+        LOG.install(llama_cpp)
+        LOG.mode = "verbose" if options.verbose else "quiet"
+        LOG.clear()
+        try:
+            self.llm = llama_cpp.Llama(**self.kwargs)
+        except MemoryError:
+            self.unload()
+            raise self._memory_error() from None
+        except (ValueError, RuntimeError, OSError) as exc:
+            said = LOG.errors()
+            self.unload()
+            if any(_is_memory_message(line) for line in said):
+                raise self._memory_error() from exc
+            reason = _llama_reason(said)
+            detail = f": llama.cpp says {reason!r}" if reason else f" ({_first_line(exc)})"
+            raise LoadError(
+                f"llama.cpp could not load {source.name}{detail}",
+                _load_fix(said),
+            ) from exc
+        self._vocab = llama_cpp.llama_model_get_vocab(self.llm.model)
+        self._n_vocab = int(self.llm.n_vocab())
+        eos = {int(self.llm.token_eos())}
+        eos.update(i for i in range(self._n_vocab) if llama_cpp.llama_vocab_is_eog(self._vocab, i))
+        self._eos = frozenset(e for e in eos if e >= 0)
+        self._notes = self._load_notes(llama_cpp)
+        self.placement = self._placement(llama_cpp)
+
+    def _memory_error(self) -> LoadError:
+        n_ctx = self.kwargs.get("n_ctx")
+        return LoadError(
+            f"not enough memory to load {self.source.name if self.source else 'the model'} with --n-ctx {n_ctx}",
+            "lower --n-ctx or --n-gpu-layers (or use a smaller quantization)",
+        )
+
+    def _load_notes(self, llama_cpp: Any) -> list[str]:
+        """Choices made for the user, shown by %llm_load and %llm_status."""
+        opts, notes = self.options, []
+        assert opts is not None
+        if opts.cache_type != "fp16" and not opts.flash_attn:
+            notes.append(f"--cache-type {opts.cache_type} quantizes the K cache only; the V cache stays fp16 "
+                         "(llama.cpp quantizes it only with --flash-attn)")
+        if opts.n_gpu_layers != 0 and not llama_cpp.llama_supports_gpu_offload() and opts.n_gpu_layers != -1:
+            notes.append("this llama-cpp-python has no GPU support: every layer runs on the CPU")
+        if opts.n_ctx == 0:
+            trained = trained_context(self.header.metadata) if self.header else None
+            if trained and self.context_length and trained > self.context_length:
+                notes.append(f"n_ctx: {self.context_length} (the model was trained on {trained}; "
+                             f"--n-ctx 0 caps it at {N_CTX_CAP}, give --n-ctx to use more)")
+        return notes
+
+    def _placement(self, llama_cpp: Any) -> Placement:
+        """Layers per device and the memory they use (weights + KV cache), from llama.cpp's numbers."""
+        llm, opts = self.llm, self.options
+        assert opts is not None
+        n_layer = int(llama_cpp.llama_model_n_layer(llm.model))
+        weights = int(llama_cpp.llama_model_size(llm.model))
+        gpu_layers = 0
+        if llama_cpp.llama_supports_gpu_offload():
+            gpu_layers = n_layer if opts.n_gpu_layers < 0 else min(opts.n_gpu_layers, n_layer)
+        kv = kv_cache_bytes(self.header.metadata if self.header else {}, self.context_length or 0, opts) or 0
+        devices: dict[str, int] = {}
+        memory: dict[str, int] = {}
+        if n_layer - gpu_layers:
+            devices["cpu"] = n_layer - gpu_layers
+            memory["cpu"] = int((weights + kv) * (n_layer - gpu_layers) / n_layer)
+        if gpu_layers:
+            devices["gpu"] = gpu_layers
+            memory["gpu"] = int((weights + kv) * gpu_layers / n_layer)
+        mapped = "memory-mapped from the file (pages are read as needed)" if not opts.no_mmap else "read into memory"
+        notes = [*self._notes, f"weights: {weights / 2**20:.1f} MiB, {mapped}; KV cache: {kv / 2**20:.1f} MiB"]
+        return Placement(devices, memory, notes)
+
+    def unload(self) -> None:
+        llm, self.llm = self.llm, None
+        if llm is not None:
+            close = getattr(llm, "close", None)
+            if close is not None:
+                close()
+        self._pieces = {}
+        self._vocab = None
+        LOG.mode = "forward"
+
+    # -- text ------------------------------------------------------------------------------------
+    def tokenize(self, text: str, *, add_special: bool) -> list[int]:
+        return list(self.llm.tokenize(text.encode("utf-8"), add_bos=add_special, special=True))
+
+    def _piece(self, token: int) -> bytes:
+        """The bytes of one token, special (control) tokens empty; cached."""
+        import llama_cpp
+
+        if not 0 <= token < self._n_vocab:
+            return b""
+        size = 64
+        while True:
+            buf = ctypes.create_string_buffer(size)
+            n = llama_cpp.llama_token_to_piece(self._vocab, token, buf, size, 0, False)
+            if n >= 0:
+                piece = buf.raw[:n]
+                break
+            size = -n
+        self._pieces[token] = piece
+        return piece
+
+    def decode(self, ids: Sequence[int]) -> str:
+        pieces = self._pieces
+        data = b"".join([pieces[i] if i in pieces else self._piece(i) for i in ids])
+        return data.decode("utf-8", errors="replace")
+
+    @property
+    def eos_token_ids(self) -> frozenset[int]:
+        return self._eos
+
+    @property
+    def chat_template(self) -> str | None:
+        return self.llm.metadata.get("tokenizer.chat_template") or None
+
+    @property
+    def special_tokens(self) -> dict[str, str]:
+        import llama_cpp
+
+        def text(token: int) -> str:
+            if token < 0:
+                return ""
+            return bytes(llama_cpp.llama_vocab_get_text(self._vocab, token) or b"").decode("utf-8", errors="replace")
+
+        return {"bos_token": text(int(self.llm.token_bos())), "eos_token": text(int(self.llm.token_eos()))}
+
+    @property
+    def context_length(self) -> int | None:
+        if self.llm is None:
+            return None
+        # llama.cpp may round the context up (to 256); llama-cpp-python's buffers hold what was asked.
+        return int(min(self.llm.n_ctx(), self.llm.context_params.n_ctx))
+
+    def describe(self) -> dict[str, Any]:
+        opts, header, kw = self.options, self.header, self.kwargs
+        assert opts is not None and header is not None and self.source is not None
+        code = header.metadata.get("general.file_type")
+        quant = GGUF_FILE_TYPES.get(int(code)) if isinstance(code, int) else None
+        trained = trained_context(header.metadata)
+        base = kw["rope_freq_base"] or _meta_float(header.metadata, f"{header.architecture}.rope.freq_base")
+        return {
+            "file": self.source.path.name,
+            "quantization": quant or quantization_from_name(self.source.path.name),
+            "architecture": header.architecture,
+            "n_ctx": self.context_length,
+            "n_ctx_trained": trained,
+            "n_gpu_layers": opts.n_gpu_layers,
+            "n_batch": self.llm.n_batch if self.llm is not None else kw["n_batch"],
+            "threads": f"{self.llm.n_threads}/{self.llm.n_threads_batch}" if self.llm is not None else None,
+            "rope": f"freq_base {base:g}" + (f", freq_scale {kw['rope_freq_scale']:g}" if kw["rope_freq_scale"] else "")
+            if base else None,
+            "flash_attn": opts.flash_attn,
+            "cache_type": opts.cache_type if opts.cache_type == "fp16" or opts.flash_attn
+            else f"K {opts.cache_type}, V fp16",
+            "gpu_offload": bool(sys.modules["llama_cpp"].llama_supports_gpu_offload()) if "llama_cpp" in sys.modules
+            else None,
+        }
+
+    # -- generation ------------------------------------------------------------------------------
+    @staticmethod
+    def sampling_kwargs(options: GenerationOptions) -> dict[str, Any]:
+        """``Llama.generate`` sampling arguments with the Transformers loader's meanings: temperature 0
+        is greedy; top_k 0, top_p 1, min_p 0, typical_p 1 and repetition_penalty 1 each disable their
+        step. llama-cpp-python's own defaults (top_k 40, top_p 0.95, min_p 0.05) are never used."""
+        return {
+            "temp": options.temperature,
+            "top_k": options.top_k,
+            "top_p": options.top_p,
+            "min_p": options.min_p,
+            "typical_p": options.typical_p,
+            "repeat_penalty": options.repetition_penalty,
+        }
+
+    def generate_tokens(
+        self, prompt_ids: list[int], options: GenerationOptions, seed: int, cancel: threading.Event
+    ) -> Iterator[int]:
+        llm = self.llm
+        limit = min(options.max_new_tokens, (self.context_length or 0) - len(prompt_ids))
+        if limit <= 0:
+            return
+        if not self.reuse_prefix:
+            llm.reset()  # generate(reset=True) would otherwise keep the longest common prefix
+        llm.set_seed(seed if seed != LLAMA_DEFAULT_SEED else LLAMA_DEFAULT_SEED - 1)
+        eos = self._eos
+        produced = 0
+        tokens = llm.generate(prompt_ids, reset=True, **self.sampling_kwargs(options))
+        try:
+            for token in tokens:
+                if cancel.is_set():
+                    return
+                yield int(token)
+                produced += 1
+                if token in eos or produced >= limit or cancel.is_set():
+                    return
+        finally:
+            tokens.close()
+
+
+def _import_llama_cpp() -> Any:
+    """``llama_cpp``, or an error that says how to install it (or why the installed one is broken)."""
+    try:
+        import llama_cpp
+    except ImportError:
+        raise missing_dependency("llama-cpp-python", "llamacpp") from None
+    except (OSError, RuntimeError) as exc:
+        raise LoadError(
+            f"llama-cpp-python is installed but its C library cannot be loaded ({_first_line(exc)})",
+            "reinstall it: pip install --force-reinstall --no-cache-dir llama-cpp-python",
+        ) from None
+    return llama_cpp
+
+
+def _is_memory_message(line: str) -> bool:
+    low = line.lower()
+    return "alloc" in low or "out of memory" in low or "memory" in low and "not enough" in low
+
+
+def _llama_reason(said: list[str]) -> str | None:
+    """The most telling of llama.cpp's error lines, without function-name prefixes: the first one
+    that says more than "failed to load model"."""
+    reasons = []
+    for line in said:
+        text = line
+        while True:
+            head, sep, rest = text.partition(": ")
+            if sep and (head.replace("_", "").isalnum() and " " not in head or head == "error loading model"):
+                text = rest
+            else:
+                break
+        if text and text.lower() not in ("failed to load model", "error loading model"):
+            reasons.append(text)
+    return reasons[0] if reasons else (said[-1] if said else None)
+
+
+def _load_fix(said: list[str]) -> str:
+    text = " ".join(said).lower()
+    if "unknown model architecture" in text:
+        return "this llama-cpp-python does not know the model's architecture; upgrade llama-cpp-python"
+    if "cache" in text or "flash" in text:
+        return "try again without --cache-type or --flash-attn"
+    return "download the file again; if it keeps failing, load with --verbose to see llama.cpp's log"
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0] if text else type(exc).__name__
+
+
+__all__ = [
+    "CACHE_TYPES",
+    "GGUFHeader",
+    "LlamaCppLoader",
+    "N_CTX_CAP",
+    "default_n_ctx",
+    "llama_kwargs",
+    "read_gguf_header",
+    "rope_freq_base",
+]
