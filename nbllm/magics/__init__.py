@@ -6,7 +6,10 @@ from typing import Any
 
 
 def load_ipython_extension(ipython: Any) -> None:
-    """Register every nbllm magic with ``ipython``."""
+    """Register every nbllm magic with ``ipython`` (none of them imports torch or ipywidgets here)."""
     from .core import CoreMagics
+    from .models import ModelMagics
+    from .panels import PanelMagics
 
-    ipython.register_magics(CoreMagics)
+    for magics in (CoreMagics, ModelMagics, PanelMagics):
+        ipython.register_magics(magics)
