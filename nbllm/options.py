@@ -90,7 +90,7 @@ class _Schema:
         out = []
         for f in dataclasses.fields(cls):  # type: ignore[arg-type]
             m = f.metadata
-            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[operator]
             out.append(
                 OptionSpec(
                     name=f.name,
@@ -174,7 +174,7 @@ class _Schema:
         With ``defaults_none`` every default is ``None`` (or absent for switches) so that a parser
         tells what the user typed apart from what the schema defaults to.
         """
-        args = []
+        args: list[tuple[tuple[str, ...], dict[str, Any]]] = []
         for s in cls.specs():
             help_text = f"{s.help} (default: {_show(s.default)})"
             kwargs: dict[str, Any] = {"dest": s.name, "help": help_text.replace("%", "%%")}

@@ -26,7 +26,8 @@ def loader_class(name: str) -> type[Loader]:
     except KeyError:
         raise OptionError(f"unknown loader {name!r}", f"use one of: {', '.join(REGISTRY)}") from None
     module, _, cls = target.partition(":")
-    return getattr(importlib.import_module(module), cls)  # type: ignore[no-any-return]
+    loader: type[Loader] = getattr(importlib.import_module(module), cls)
+    return loader
 
 
 def choose_loader(source: ModelSource, options: LoadOptions) -> str:

@@ -46,7 +46,7 @@ class Loader(ABC):
         prompt shares with it (a chat's history), instead of recomputing it."""
 
     @classmethod
-    def check(cls, source: ModelSource, options: LoadOptions) -> None:
+    def check(cls, source: ModelSource, options: LoadOptions) -> None:  # noqa: B027
         """Cheap checks run before the current model is released: missing library, impossible
         options for this machine, unreadable files. Raise an ``NbllmError``; load nothing."""
 

@@ -327,7 +327,7 @@ class TransformersLoader(Loader):
         return {
             "attn_implementation": self._attention,
             "dtype": str(self.model.dtype).removeprefix("torch."),
-            "quantization": quant.to_dict() if hasattr(quant, "to_dict") else quant,
+            "quantization": quant.to_dict() if quant is not None and hasattr(quant, "to_dict") else quant,
             "compiled": bool(self.options and self.options.compile),
             "device_map": dict(getattr(self.model, "hf_device_map", None) or {}),
         }
@@ -443,7 +443,7 @@ def _quiet_int8_cast_log() -> None:
 
 def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
     n = 0
-    for x, y in zip(a, b):
+    for x, y in zip(a, b, strict=False):
         if x != y:
             break
         n += 1

@@ -61,11 +61,12 @@ class CoreMagics(Magics):
         args = parse_line(self.llm, line)
         engine = get_engine()
         options = GenerationOptions.from_namespace(args, base=engine.defaults)
-        prompt = interpolate(cell.strip("\n"), self.shell.user_ns)
+        user_ns = self.shell.user_ns if self.shell is not None else {}
+        prompt = interpolate(cell.strip("\n"), user_ns)
         chat = args.chat or args.system is not None
         result = engine.stream(prompt, options, chat=chat, system=args.system)
         if args.output:
-            self.shell.user_ns[args.output] = result
+            user_ns[args.output] = result
         show_stream(self.shell, result)
 
     @line_magic
