@@ -323,6 +323,7 @@ class Engine:
         """The generation itself: token ids → safe text pieces, with timings and the end reason."""
         with self._lock:
             if self._loader is not loader:
+                result.finish("error", record, Timings())  # finished, so waiters and on_done callbacks see it
                 raise NoModelLoadedError(
                     "the model this prompt was prepared for has been unloaded", "run the prompt again"
                 )

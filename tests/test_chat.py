@@ -638,3 +638,15 @@ def test_gguf_chat_prompt_equals_llama_cpp_rendering(gguf_loaded: Any, tiny_gguf
 def test_gguf_greedy_replies_are_the_same_with_and_without_prefix_reuse(gguf_loaded: Any,
                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
     _check_prefix_reuse(gguf_loaded, monkeypatch)
+
+
+def test_reply_prepared_for_an_unloaded_model_adds_nothing(loaded: Any, tiny_model: Path) -> None:
+    conv = Conversation("unloaded")
+    result = conv.send("hello", **GREEDY)
+    loaded.unload()
+    loaded.load(tiny_model)
+    with pytest.raises(nbllm.errors.NoModelLoadedError):
+        _ = result.text
+    assert result.done and len(conv) == 0 and not conv.generating
+    _ = conv.send("hello again", **GREEDY).text
+    assert len(conv) == 1
