@@ -46,9 +46,10 @@ class Loader(ABC):
         prompt shares with it (a chat's history), instead of recomputing it."""
 
     @classmethod
-    def check(cls, source: ModelSource, options: LoadOptions) -> None:  # noqa: B027
+    def check(cls, source: ModelSource, options: LoadOptions) -> None:
         """Cheap checks run before the current model is released: missing library, impossible
         options for this machine, unreadable files. Raise an ``NbllmError``; load nothing."""
+        return None
 
     @abstractmethod
     def load(self, source: ModelSource, options: LoadOptions) -> None:
