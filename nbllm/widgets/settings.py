@@ -76,7 +76,7 @@ def set_widget_value(spec: OptionSpec, widget: W.ValueWidget, value: Any) -> Non
 
 
 def _help(text: str) -> W.HTML:
-    h = W.HTML(f"<div style='{HELP_STYLE}'>{html.escape(text)}</div>", layout=W.Layout(width="100%"))
+    h = W.HTML(f"<div style='{HELP_STYLE}'>{html.escape(text)}</div>", layout=W.Layout(width="calc(100% - 12px)"))
     h.add_class("nbllm-help")
     return h
 
@@ -112,6 +112,14 @@ def _grid(children: list[W.Widget]) -> W.GridBox:
                                                grid_gap="2px 16px", width="100%"))
 
 
+def _short(path: Path) -> str:
+    """``path`` with the home folder written ``~``."""
+    try:
+        return "~/" + path.relative_to(Path.home()).as_posix()
+    except ValueError:
+        return str(path)
+
+
 def status_line(status: Status) -> str:
     """One line: the loaded model, its loader, where its layers are and the memory it uses."""
     if not status.loaded:
@@ -133,7 +141,7 @@ class SettingsPanel(W.VBox):
 
     def __init__(self, models_dir: str | Path | None = None, engine: Engine | None = None) -> None:
         self.engine = engine or get_engine()
-        self.folder = ModelsFolder(models_dir)
+        self._models_dir = models_dir
         self._loaders: dict[str, str] = {}
         self._seen: tuple[Any, ...] | None = None
         self._syncing = False
@@ -219,6 +227,12 @@ class SettingsPanel(W.VBox):
 
     # -- reading the panel ---------------------------------------------------------------------------
     @property
+    def folder(self) -> ModelsFolder:
+        """The models folder listed: ``models_dir``, else the one in effect now (it can change with
+        ``%config ModelMagics.models_dir``)."""
+        return ModelsFolder(self._models_dir)
+
+    @property
     def loader(self) -> str:
         """The loader that will load the selected model: the chosen one, or (auto) by its format."""
         chosen = self.load_fields["loader"].value
@@ -240,7 +254,8 @@ class SettingsPanel(W.VBox):
     def refresh_models(self) -> None:
         """List the models folder again (the refresh button)."""
         def run() -> None:
-            entries = self.folder.list()
+            folder = self.folder
+            entries = folder.list()
             options: list[tuple[str, str]] = []
             self._loaders = {}
             for e in entries.loadable:
@@ -266,7 +281,7 @@ class SettingsPanel(W.VBox):
                     self.model.index = 0
             finally:
                 self._syncing = False
-            where = html.escape(str(self.folder.path))
+            where = html.escape(_short(folder.path))
             extra = f" · {incomplete} incomplete download(s) not listed" if incomplete else ""
             self.folder_label.value = f"<span style='{HELP_STYLE}'>from {where}{extra}</span>"
             self._update_visibility()

@@ -1,0 +1,298 @@
+"""The panels end to end: a real JupyterLab server on 127.0.0.1 and a real headless Chromium.
+
+The test opens a notebook, loads a built-in tiny model from the settings panel, chats in the chat panel
+(the reply streams in), presses Stop during a long reply and checks the partial reply is kept. It takes
+the screenshots of both panels shown in the README (``docs/img/``).
+
+Needs Debian's ``chromium`` (``/usr/bin/chromium``) and Playwright for Python; it never downloads a
+browser. Every wait is on a condition of the page or the kernel, never a fixed sleep.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+pytestmark = pytest.mark.browser
+
+ROOT = Path(__file__).resolve().parents[1]
+CHROMIUM = Path("/usr/bin/chromium")
+SCREENSHOTS = ROOT / "docs" / "img"
+TIMEOUT_MS = 60_000
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@dataclass
+class Lab:
+    url: str
+    token: str
+    notebook: str
+    log: Path
+
+
+def _notebook() -> dict[str, Any]:
+    cells = [
+        "%load_ext nbllm\n"
+        "from nbllm.magics.panels import PanelMagics\n"
+        "get_ipython().register_magics(PanelMagics)",
+        "%llm_settings",
+        "%llm_chat_panel browser",
+    ]
+    return {
+        "cells": [
+            {"cell_type": "code", "execution_count": None, "id": f"cell{i}", "metadata": {}, "outputs": [], "source": src}
+            for i, src in enumerate(cells)
+        ],
+        "metadata": {
+            "kernelspec": {"name": "python3", "display_name": "Python 3 (ipykernel)", "language": "python"},
+            "language_info": {"name": "python"},
+        },
+        "nbformat": 4,
+        "nbformat_minor": 5,
+    }
+
+
+@pytest.fixture(scope="module")
+def long_model() -> Path:
+    """A bigger tiny model with a long context: slow enough to press Stop in the middle of a reply."""
+    from nbllm.testing import tiny_transformers_model
+
+    return tiny_transformers_model(hidden_size=256, num_layers=8, num_heads=4, max_position_embeddings=8192)
+
+
+@pytest.fixture(scope="module")
+def hub_server(tiny_model: Path) -> Iterator[Any]:
+    """The local hub server, serving the default tiny model as ``org/tiny-download``."""
+    try:
+        from hubserver import HubServer
+    except ImportError:  # tests/ imported as a package
+        from tests.hubserver import HubServer
+
+    with HubServer() as server:
+        server.add_repo("org/tiny-download", {p.name: p for p in tiny_model.iterdir() if p.is_file()})
+        yield server
+
+
+@pytest.fixture(scope="module")
+def lab(tmp_path_factory: pytest.TempPathFactory, long_model: Path, hub_server: Any) -> Iterator[Lab]:
+    """A JupyterLab server with fresh settings, workspaces, config and runtime folders, a models
+    folder holding the tiny model, and its kernels pointed at the local hub server."""
+    if not CHROMIUM.exists():
+        pytest.skip(f"{CHROMIUM} is missing (apt-get install chromium)")
+    pytest.importorskip("playwright.sync_api", reason="needs playwright (pip install playwright)")
+    pytest.importorskip("jupyterlab", reason="needs jupyterlab")
+    pytest.importorskip("ipywidgets", reason="needs ipywidgets")
+
+    base = tmp_path_factory.mktemp("lab")
+    dirs = {name: base / name for name in ("notebooks", "settings", "workspaces", "config", "runtime", "models",
+                                           "hf-home")}
+    for d in dirs.values():
+        d.mkdir()
+    (dirs["models"] / "org_tiny-long").symlink_to(long_model, target_is_directory=True)
+    notification = dirs["settings"] / "@jupyterlab" / "apputils-extension" / "notification.jupyterlab-settings"
+    notification.parent.mkdir(parents=True)
+    notification.write_text(json.dumps({"fetchNews": "false", "checkForUpdates": False}))
+    (dirs["notebooks"] / "panels.ipynb").write_text(json.dumps(_notebook()))
+
+    port, token = _free_port(), "nbllm-browser-test"
+    env = {
+        **os.environ,
+        "JUPYTER_CONFIG_DIR": str(dirs["config"]),
+        "JUPYTER_RUNTIME_DIR": str(dirs["runtime"]),
+        "NBLLM_MODELS_DIR": str(dirs["models"]),
+        "HF_HUB_OFFLINE": "0",
+        "HF_ENDPOINT": hub_server.url,
+        "HF_HOME": str(base / "hf-home"),  # no token of this machine goes anywhere
+        "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep),
+    }
+    log = base / "lab.log"
+    cmd = [
+        sys.executable, "-m", "jupyterlab", "--no-browser", "--allow-root", "--ip=127.0.0.1", f"--port={port}",
+        f"--IdentityProvider.token={token}", f"--ServerApp.root_dir={dirs['notebooks']}",
+        f"--LabApp.user_settings_dir={dirs['settings']}", f"--LabApp.workspaces_dir={dirs['workspaces']}",
+        "--LabApp.expose_app_in_browser=True", "--ServerApp.port_retries=0",
+    ]
+    with log.open("wb") as out:
+        server = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT, cwd=dirs["notebooks"])
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            if server.poll() is not None:
+                pytest.fail(f"JupyterLab exited ({server.returncode}):\n{log.read_text()[-3000:]}")
+            try:
+                with urllib.request.urlopen(f"{url}/api/status?token={token}", timeout=2) as resp:
+                    if resp.status == 200:
+                        break
+            except OSError:
+                pass
+            if time.monotonic() > deadline:
+                pytest.fail(f"JupyterLab did not answer in 60 s:\n{log.read_text()[-3000:]}")
+            time.sleep(0.2)
+        yield Lab(url, token, "panels.ipynb", log)
+    finally:
+        server.terminate()
+        try:
+            server.wait(20)
+        except subprocess.TimeoutExpired:
+            server.kill()
+            server.wait()
+
+
+@pytest.fixture
+def page(lab: Lab, tmp_path: Path) -> Iterator[Any]:
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(
+            executable_path=str(CHROMIUM),
+            args=["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-dev-shm-usage",
+                  "--disable-extensions", "--no-first-run", "--disable-component-update", "--disable-sync"],
+        )
+        context = browser.new_context(viewport={"width": 1280, "height": 2400}, device_scale_factor=1)
+        pg = context.new_page()
+        pg.set_default_timeout(TIMEOUT_MS)
+        try:
+            yield pg
+        finally:
+            try:  # what the page looked like at the end, for a failure's report
+                pg.screenshot(path=str(tmp_path / "last-page.png"), full_page=True)
+            except Exception:
+                pass
+            context.close()
+            browser.close()
+
+
+def _text(locator: Any) -> str:
+    return str(locator.inner_text()).strip()
+
+
+def test_settings_and_chat_panels_in_jupyterlab(lab: Lab, page: Any) -> None:
+    started = time.monotonic()
+    page.goto(f"{lab.url}/lab/tree/{lab.notebook}?token={lab.token}")
+    # The notebook toolbar says "idle" before any kernel exists: wait for the kernel itself.
+    page.wait_for_function(
+        """() => {
+            const app = window.jupyterapp;
+            const w = app && app.shell.currentWidget;
+            const k = w && w.sessionContext && w.sessionContext.session && w.sessionContext.session.kernel;
+            return !!k && k.connectionStatus === 'connected' && k.status === 'idle';
+        }"""
+    )
+    page.evaluate("() => window.jupyterapp.commands.execute('notebook:run-all-cells')")
+
+    # -- settings panel: download a model (a progress bar shows), choose one, Load -------------------
+    settings = page.locator(".nbllm-settings")
+    settings.wait_for()
+    model = page.locator(".nbllm-model select")
+    assert "org_tiny-long" in _text(model)
+    page.locator(".nbllm-download-id input").fill("org/tiny-download")
+    page.locator(".nbllm-download").click()
+    page.wait_for_function(
+        "() => document.querySelector('.nbllm-note').innerText.includes('Downloaded org/tiny-download')"
+    )
+    bar = page.locator(".nbllm-download-progress .widget-hprogress").first
+    assert bar.is_visible()  # the download's own progress bar (tqdm), inside the panel
+    assert "100%" in _text(page.locator(".nbllm-download-progress"))
+    assert model.input_value().startswith("org_tiny-download ")  # the new model is selected
+    model.select_option(label=next(o for o in model.locator("option").all_inner_texts() if "org_tiny-long" in o))
+    assert page.locator(".nbllm-opt-load_in_4bit").is_visible()  # a Transformers model: its options
+    assert not page.locator(".nbllm-opt-n_ctx").is_visible()  # not llama.cpp's
+    page.locator(".nbllm-opt-dtype select").select_option("float32")
+    page.locator(".nbllm-preset-deterministic").click()
+    _set_number(page, ".nbllm-opt-max_new_tokens input", 24)
+    page.locator(".nbllm-load").click()
+    status = page.locator(".nbllm-status")
+    page.wait_for_function(
+        "() => document.querySelector('.nbllm-status').innerText.includes('Loaded org_tiny-long')"
+    )
+    assert "transformers" in _text(status) and "on cpu" in _text(status)
+    assert not page.locator(".nbllm-settings .nbllm-error").is_visible()
+    assert "deterministic" in _text(page.locator(".nbllm-preset"))
+    SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+    _screenshot(settings, SCREENSHOTS / "settings-panel.png")
+
+    # -- chat panel: a short reply streams in ---------------------------------------------------------
+    chat = page.locator(".nbllm-chat-panel")
+    chat.wait_for()
+    page.locator(".nbllm-system textarea").fill("You are a helpful assistant.")
+    page.locator(".nbllm-system textarea").blur()
+    page.locator(".nbllm-input textarea").fill("Hello! Who are you?")
+    page.locator(".nbllm-send").click()
+    user = page.locator(".nbllm-msg-user").last
+    reply = page.locator(".nbllm-msg-assistant").last
+    user.wait_for()
+    assert "Hello! Who are you?" in _text(user)
+    page.wait_for_function("() => !document.querySelector('.nbllm-send').disabled")
+    summary = _text(page.locator(".nbllm-chat-status"))
+    assert "24 tokens" in summary and "ended: length" in summary or "ended: eos" in summary, summary
+    first_reply = _text(reply)
+    assert first_reply.startswith("Assistant") and len(first_reply) > len("Assistant")
+
+    # -- a long reply: watch it grow, press Stop, the partial reply stays ------------------------------
+    _set_number(page, ".nbllm-opt-max_new_tokens input", 4000)
+    page.locator(".nbllm-input textarea").fill("Tell me a very long story.")
+    page.locator(".nbllm-send").click()
+    page.wait_for_function("() => !document.querySelector('.nbllm-stop').disabled")
+    lengths = []
+    for minimum in (40, 160):  # two different lengths seen while it is being written: it streams
+        handle = page.wait_for_function(
+            """(min) => {
+                const msgs = document.querySelectorAll('.nbllm-msg-assistant');
+                const text = msgs.length >= 2 ? msgs[msgs.length - 1].innerText : '';
+                return text.length >= min ? text.length : false;
+            }""",
+            arg=minimum,
+        )
+        lengths.append(handle.json_value())
+    assert lengths[1] > lengths[0]
+    assert page.locator(".nbllm-send").is_disabled()  # still writing
+    page.locator(".nbllm-stop").click()
+    page.wait_for_function("() => document.querySelector('.nbllm-chat-status').innerText.includes('ended: cancelled')")
+    page.wait_for_function("() => !document.querySelector('.nbllm-send').disabled")
+    partial = page.locator(".nbllm-msg-assistant").last
+    kept = _text(partial)
+    assert "partial (cancelled)" in kept
+    assert len(kept) >= lengths[1]  # what had streamed is kept
+    assert page.locator(".nbllm-msg-assistant").count() == 2
+    assert not page.locator(".nbllm-chat-panel .nbllm-error").is_visible()
+
+    # -- the chat's screenshot for the README ----------------------------------------------------------
+    _screenshot(chat, SCREENSHOTS / "chat-panel.png")
+    elapsed = time.monotonic() - started
+    print(f"browser flow took {elapsed:.1f} s")
+
+
+def _screenshot(panel: Any, path: Path) -> None:
+    """A screenshot of one panel, its top scrolled to the top of the notebook (under no toolbar)."""
+    panel.evaluate("el => el.scrollIntoView({block: 'start'})")
+    box = panel.bounding_box()
+    assert box is not None and box["height"] < 2200, f"the panel is {box} tall: it does not fit the viewport"
+    panel.screenshot(path=str(path))
+
+
+def _set_number(page: Any, selector: str, value: int) -> None:
+    """Type a number into an ipywidgets number field (it sends its value on Enter)."""
+    field = page.locator(selector)
+    field.fill(str(value))
+    field.press("Enter")
+    page.wait_for_function(
+        "([sel, v]) => document.querySelector(sel).value === v", arg=[selector, str(value)]
+    )
+
