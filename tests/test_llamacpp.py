@@ -257,6 +257,16 @@ def test_gpu_split_without_gpu_support_is_refused(good_and_then, tiny_gguf):
     assert "--gpu-split" in one_line(err.value)
 
 
+def test_gpu_layers_without_gpu_support_say_everything_runs_on_the_cpu(engine, tiny_gguf):
+    if llama_cpp.llama_supports_gpu_offload():
+        pytest.skip("this llama-cpp-python has GPU support")
+    status = engine.load(tiny_gguf, n_gpu_layers=20)
+    assert engine.loader.kwargs["n_gpu_layers"] == 20
+    assert status.placement.devices == {"cpu": 2}
+    assert any("no GPU support" in n for n in status.placement.notes)
+    assert not any("no GPU support" in n for n in engine.load(tiny_gguf).placement.notes)  # -1: the default
+
+
 def test_mlock_loads(engine, tiny_gguf):
     engine.load(tiny_gguf, mlock=True)
     assert engine.loader.kwargs["use_mlock"] is True
@@ -308,9 +318,13 @@ def test_sampling_options_mean_what_they_mean_in_transformers(engine, tiny_gguf)
 
 
 def test_same_seed_same_text_also_after_unload_and_reload(engine, tiny_gguf):
+    """The same seed on the same evaluated state gives the same text. Every run here evaluates its whole
+    prompt, as the first one after a load does: with prefix reuse, llama.cpp evaluates the rest of a
+    prompt in another batch shape, which can change a sampled text after some tokens."""
     opts = {"temperature": 1.0, "top_p": 0.95, "max_new_tokens": 24}
     engine.load(tiny_gguf)
-    a = engine.generate(PROMPT, seed=1234, **opts)
+    a = engine.generate(PROMPT, seed=1234, **opts)  # the first generation: nothing to reuse
+    engine.loader.reuse_prefix = False
     b = engine.generate(PROMPT, seed=1234, **opts)
     c = engine.generate(PROMPT, seed=4321, **opts)
     assert a.token_ids == b.token_ids != c.token_ids
@@ -318,6 +332,7 @@ def test_same_seed_same_text_also_after_unload_and_reload(engine, tiny_gguf):
     engine.load(tiny_gguf)
     assert engine.generate(PROMPT, seed=1234, **opts).token_ids == a.token_ids
     # the seed drawn when none is given is recorded and reproduces the text
+    engine.loader.reuse_prefix = False
     drawn = engine.generate(PROMPT, temperature=1.0, max_new_tokens=16)
     again = engine.generate(PROMPT, **{**drawn.record.generation_options, "stop": ()})
     assert again.token_ids == drawn.token_ids
@@ -325,6 +340,7 @@ def test_same_seed_same_text_also_after_unload_and_reload(engine, tiny_gguf):
 
 def test_llama_cpps_random_seed_value_is_never_passed(engine, tiny_gguf):
     engine.load(tiny_gguf)
+    engine.loader.reuse_prefix = False
     top = 2**32 - 1  # llama.cpp reads 0xFFFFFFFF as "pick a random seed"
     a = engine.generate(PROMPT, temperature=1.0, seed=top, max_new_tokens=16)
     b = engine.generate(PROMPT, temperature=1.0, seed=top, max_new_tokens=16)

@@ -434,6 +434,8 @@ class LlamaCppLoader(Loader):
         self._vocab: Any = None
         self._n_vocab = 0
         self._notes: list[str] = []
+        self._gpu_offload = False
+        """Whether this llama-cpp-python was built with GPU support."""
 
     # -- before anything is released ------------------------------------------------------------
     @classmethod
@@ -517,7 +519,8 @@ class LlamaCppLoader(Loader):
         eos = {int(self.llm.token_eos())}
         eos.update(i for i in range(self._n_vocab) if llama_cpp.llama_vocab_is_eog(self._vocab, i))
         self._eos = frozenset(e for e in eos if e >= 0)
-        self._notes = self._load_notes(llama_cpp)
+        self._gpu_offload = bool(llama_cpp.llama_supports_gpu_offload())
+        self._notes = self._load_notes()
         self.placement = self._placement(llama_cpp)
 
     def _memory_error(self) -> LoadError:
@@ -527,14 +530,14 @@ class LlamaCppLoader(Loader):
             "lower --n-ctx or --n-gpu-layers (or use a smaller quantization)",
         )
 
-    def _load_notes(self, llama_cpp: Any) -> list[str]:
+    def _load_notes(self) -> list[str]:
         """Choices made for the user, shown by %llm_load and %llm_status."""
         opts, notes = self.options, []
         assert opts is not None
         if opts.cache_type != "fp16" and not opts.flash_attn:
             notes.append(f"--cache-type {opts.cache_type} quantizes the K cache only; the V cache stays fp16 "
                          "(llama.cpp quantizes it only with --flash-attn)")
-        if opts.n_gpu_layers != 0 and not llama_cpp.llama_supports_gpu_offload() and opts.n_gpu_layers != -1:
+        if opts.n_gpu_layers > 0 and not self._gpu_offload:
             notes.append("this llama-cpp-python has no GPU support: every layer runs on the CPU")
         if opts.n_ctx == 0:
             trained = trained_context(self.header.metadata) if self.header else None
@@ -550,7 +553,7 @@ class LlamaCppLoader(Loader):
         n_layer = int(llama_cpp.llama_model_n_layer(llm.model))
         weights = int(llama_cpp.llama_model_size(llm.model))
         gpu_layers = 0
-        if llama_cpp.llama_supports_gpu_offload():
+        if self._gpu_offload:
             gpu_layers = n_layer if opts.n_gpu_layers < 0 else min(opts.n_gpu_layers, n_layer)
         kv = kv_cache_bytes(self.header.metadata if self.header else {}, self.context_length or 0, opts) or 0
         devices: dict[str, int] = {}
@@ -648,8 +651,7 @@ class LlamaCppLoader(Loader):
             "flash_attn": opts.flash_attn,
             "cache_type": opts.cache_type if opts.cache_type == "fp16" or opts.flash_attn
             else f"K {opts.cache_type}, V fp16",
-            "gpu_offload": bool(sys.modules["llama_cpp"].llama_supports_gpu_offload()) if "llama_cpp" in sys.modules
-            else None,
+            "gpu_offload": self._gpu_offload,
         }
 
     # -- generation ------------------------------------------------------------------------------
