@@ -142,7 +142,7 @@ class Engine:
         start = time.perf_counter()
         hashes = None
         if source.revision is None:
-            hashes = concurrent.futures.ThreadPoolExecutor(1).submit(weights_sha256, source.path)
+            hashes = _hasher().submit(weights_sha256, source.path)
         loader.load(source, opts)
         self._loader, self._source, self._options, self._hashes = loader, source, opts, hashes
         self._load_seconds = time.perf_counter() - start
@@ -385,6 +385,17 @@ def _load_options(options: LoadOptions | Mapping[str, Any] | None, kwargs: Mappi
     if isinstance(options, LoadOptions):
         return options.replace(**kwargs) if kwargs else options
     return LoadOptions.from_dict({**dict(options or {}), **kwargs})
+
+
+_HASHER: concurrent.futures.ThreadPoolExecutor | None = None
+
+
+def _hasher() -> concurrent.futures.ThreadPoolExecutor:
+    """One background thread that hashes weights while they load (for records)."""
+    global _HASHER
+    if _HASHER is None:
+        _HASHER = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="nbllm-sha256")
+    return _HASHER
 
 
 _ENGINE: Engine | None = None
