@@ -306,6 +306,15 @@ def test_chat_panel_shares_the_conversation_with_the_magic(shell: Any, engine: A
     forget("shared")
 
 
+def test_chat_text_is_shown_as_written_in_markdown() -> None:
+    from nbllm.widgets.chat import as_markdown
+
+    assert as_markdown("one\ntwo") == "one  \ntwo  "  # a newline is a line break
+    assert as_markdown("a <b>tag</b> & `x<y` here") == "a &lt;b>tag&lt;/b> &amp; `x<y` here  "
+    fenced = "```python\nif a<b:\n    pass\n```"
+    assert as_markdown(fenced) == fenced  # code blocks untouched
+
+
 # ------------------------------------------------------------------------------------------ magics
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import html
 import logging
+import re
 import threading
 import time
 from collections.abc import Callable
@@ -38,8 +39,12 @@ _CSS = """<style>
 </style>"""
 
 
+_CODE_SPAN = re.compile(r"(`[^`]*`)")
+
+
 def as_markdown(text: str) -> str:
-    """Chat text as markdown where a newline is a line break (as in chat UIs), except inside code fences."""
+    """Chat text as markdown, shown as written: a newline is a line break (as in chat UIs) and ``<`` is
+    a character, not the start of an HTML tag (which the notebook would hide), except in code."""
     out, fenced = [], False
     for line in text.split("\n"):
         if line.lstrip().startswith(("```", "~~~")):
@@ -48,6 +53,8 @@ def as_markdown(text: str) -> str:
         elif fenced or not line.strip():
             out.append(line)
         else:
+            parts = _CODE_SPAN.split(line)  # odd items are `code spans`
+            line = "".join(p if i % 2 else p.replace("&", "&amp;").replace("<", "&lt;") for i, p in enumerate(parts))
             out.append(line + "  ")
     return "\n".join(out)
 
