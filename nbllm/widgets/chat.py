@@ -106,6 +106,7 @@ class ChatPanel(W.VBox):
         self._result: Result | None = None
         self._worker: threading.Thread | None = None
         self._busy = False
+        self._shown: list[tuple[str, str | None, str]] | None = None
         self._render_lock = threading.RLock()
 
         self.system = W.Textarea(value=self.chat.system or "", placeholder="System prompt (optional)",
@@ -170,6 +171,11 @@ class ChatPanel(W.VBox):
         with self._render_lock:
             if (self.chat.system or "") != self.system.value:
                 self.system.value = self.chat.system or ""
+            shown = [(t.user, t.reply.content if t.reply else None, _reply_note(t)) for t in self.chat.turns]
+            if shown == self._shown and len(self.view.children) == sum(1 + (r is not None) for _u, r, _n in shown):
+                self._set_buttons(generating=False)
+                return  # unchanged since last shown: no redraw after every cell
+            self._shown = shown
             views: list[W.Widget] = []
             for turn in self.chat.turns:
                 views.append(MessageView("user", turn.user))

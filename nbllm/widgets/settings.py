@@ -173,10 +173,10 @@ class SettingsPanel(W.VBox):
 
         groups = []
         for key, group_title in LoadOptions.GROUPS.items():
-            fields = [f for f in self.load_fields.values() if f.spec.group == key]
+            fields: list[W.Widget] = [f for f in self.load_fields.values() if f.spec.group == key]
             if key == "model":
-                fields.insert(1, self.effective_loader)  # type: ignore[arg-type]  # next to "loader"
-            box = W.VBox([W.HTML(f"<b>{html.escape(group_title)}</b>"), _grid(fields)])  # type: ignore[arg-type]
+                fields.insert(1, self.effective_loader)  # next to "loader"
+            box = W.VBox([W.HTML(f"<b>{html.escape(group_title)}</b>"), _grid(fields)])
             box.add_class(f"nbllm-group-{key}")
             groups.append(box)
         self.option_groups = groups
