@@ -384,7 +384,7 @@ class LlamaLog:
 
         original = _logger.llama_log_callback
 
-        @llama_cpp.llama_log_callback  # type: ignore[untyped-decorator]
+        @llama_cpp.llama_log_callback
         def callback(level: int, text: bytes, user_data: ctypes.c_void_p) -> None:
             if self.mode == "forward":
                 original(level, text, user_data)
