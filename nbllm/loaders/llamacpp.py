@@ -503,13 +503,13 @@ class LlamaCppLoader(Loader):
         except MemoryError:
             self.unload()
             raise self._memory_error() from None
-        except (ValueError, RuntimeError, OSError) as exc:
+        except Exception as exc:  # llama-cpp-python raises ValueError; anything else is reported alike
             said = LOG.errors()
             self.unload()
             if any(_is_memory_message(line) for line in said):
                 raise self._memory_error() from exc
             reason = _llama_reason(said)
-            detail = f": llama.cpp says {reason!r}" if reason else f" ({_first_line(exc)})"
+            detail = f": llama.cpp says {reason!r}" if reason else f" ({type(exc).__name__}: {_first_line(exc)})"
             raise LoadError(
                 f"llama.cpp could not load {source.name}{detail}",
                 _load_fix(said),
