@@ -16,6 +16,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from .chat import Conversation
+from .chat import Conversation as Chat
 from .engine import Engine, Status, get_engine
 from .errors import NbllmError
 from .options import GenerationOptions, LoadOptions
@@ -61,6 +63,6 @@ def load_ipython_extension(ipython: Any) -> None:
 
 
 __all__ = [
-    "Engine", "GenerationOptions", "LoadOptions", "NbllmError", "Record", "Result", "Status",
+    "Chat", "Conversation", "Engine", "GenerationOptions", "LoadOptions", "NbllmError", "Record", "Result", "Status",
     "generate", "get_engine", "load", "load_ipython_extension", "status", "stream", "unload",
 ]

@@ -7,9 +7,10 @@ from typing import Any
 
 def load_ipython_extension(ipython: Any) -> None:
     """Register every nbllm magic with ``ipython`` (none of them imports torch or ipywidgets here)."""
+    from .chat import ChatMagics
     from .core import CoreMagics
     from .models import ModelMagics
     from .panels import PanelMagics
 
-    for magics in (CoreMagics, ModelMagics, PanelMagics):
+    for magics in (CoreMagics, ChatMagics, ModelMagics, PanelMagics):
         ipython.register_magics(magics)
