@@ -481,14 +481,11 @@ def test_chat_uses_the_gguf_chat_template(shell, engine, tiny_gguf):
 # ------------------------------------------------------------------------------- loader choice and refusals
 
 
-def test_loader_auto_picks_by_format(engine, tiny_gguf, tiny_model):
+def test_loader_auto_picks_by_format(engine, tiny_gguf, tiny_model, tmp_path):
     assert engine.load(tiny_gguf).loader == "llama.cpp"
     assert engine.load(tiny_model).loader == "transformers"
-    folder = tiny_gguf.parent.parent / "one-gguf"
-    folder.mkdir(exist_ok=True)
-    if not (folder / tiny_gguf.name).exists():
-        shutil.copy(tiny_gguf, folder / tiny_gguf.name)
-    assert engine.load(folder).loader == "llama.cpp"  # a folder holding one GGUF
+    shutil.copy(tiny_gguf, tmp_path / "model.Q8_0.gguf")
+    assert engine.load(tmp_path).loader == "llama.cpp"  # a folder holding one GGUF
 
 
 def test_forcing_the_wrong_loader_is_one_line(shell, engine, tiny_gguf, tiny_model):
