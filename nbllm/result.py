@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as _dt
+import functools
 import html
 import importlib.metadata
 import json
@@ -16,8 +17,10 @@ from typing import Any
 _VERSIONED = ("nbllm", "torch", "transformers", "accelerate", "bitsandbytes", "llama_cpp_python", "huggingface_hub")
 
 
-def library_versions() -> dict[str, str]:
-    """Installed versions of nbllm and the libraries that shape its outputs (no imports needed)."""
+@functools.lru_cache(maxsize=1)
+def _installed_versions() -> tuple[tuple[str, str], ...]:
+    """Looked up once per process: reading package metadata costs milliseconds, and the libraries a
+    process has imported do not change under it."""
     from . import __version__
 
     out = {"python": platform.python_version(), "nbllm": __version__}
@@ -26,7 +29,12 @@ def library_versions() -> dict[str, str]:
             out[dist] = importlib.metadata.version(dist.replace("_", "-"))
         except importlib.metadata.PackageNotFoundError:
             continue
-    return out
+    return tuple(out.items())
+
+
+def library_versions() -> dict[str, str]:
+    """Installed versions of nbllm and the libraries that shape its outputs (no imports needed)."""
+    return dict(_installed_versions())
 
 
 @dataclass
