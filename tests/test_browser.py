@@ -49,9 +49,7 @@ class Lab:
 
 def _notebook() -> dict[str, Any]:
     cells = [
-        "%load_ext nbllm\n"
-        "from nbllm.magics.panels import PanelMagics\n"
-        "get_ipython().register_magics(PanelMagics)",
+        "%load_ext nbllm",
         "%llm_settings",
         "%llm_chat_panel browser",
     ]

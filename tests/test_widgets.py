@@ -289,10 +289,8 @@ def test_stop_during_a_long_reply_keeps_the_partial_reply(chat: ChatPanel, engin
 
 
 def test_chat_panel_shares_the_conversation_with_the_magic(shell: Any, engine: Any, tiny_model: Path) -> None:
-    from nbllm.magics.chat import ChatMagics
     from nbllm.widgets import _common
 
-    shell.register_magics(ChatMagics)
     forget("shared")
     panel = ChatPanel("shared")
     _common.track(panel)
@@ -319,9 +317,6 @@ def test_chat_text_is_shown_as_written_in_markdown() -> None:
 
 
 def test_panel_magics_build_the_panels(shell: Any) -> None:
-    from nbllm.magics.panels import PanelMagics
-
-    shell.register_magics(PanelMagics)
     settings = shell.run_line_magic("llm_settings", "")
     chat = shell.run_line_magic("llm_chat_panel", "magic-chat")
     assert isinstance(settings, SettingsPanel) and isinstance(chat, ChatPanel)
