@@ -357,7 +357,7 @@ class LoadOptions(_Schema):
     )
     cpu_memory: float | None = option(
         None, "Most CPU RAM in GiB for layers offloaded from the GPU; layers that do not fit go to disk "
-        "if --disk-offload. Unset: no limit.", loaders=(T,), group="memory", minimum=0, metavar="GIB",
+        "if --disk-offload. Unset or 0: no limit (as in text-generation-webui).", loaders=(T,), group="memory", minimum=0, metavar="GIB",
     )
     gpu_split: str | None = option(
         None, "Memory per GPU, comma separated (Transformers: GiB per GPU, e.g. \"20,7\"; llama.cpp: "
@@ -433,7 +433,7 @@ class LoadOptions(_Schema):
         if self.device == "cpu" and self.gpu_split:
             raise OptionError("--gpu-split needs --device cuda or auto, not cpu", "drop --gpu-split")
         parse_gpu_split(self.gpu_split)
-        if self.disk_offload and self.device == "cpu" and self.cpu_memory is None:
+        if self.disk_offload and self.device == "cpu" and not self.cpu_memory:
             raise OptionError(
                 "--disk-offload on the CPU needs a limit: set --cpu-memory GIB",
                 "add --cpu-memory with the RAM the model may use, e.g. --cpu-memory 8",
@@ -450,6 +450,11 @@ class LoadOptions(_Schema):
             warnings.warn(
                 "--dtype is ignored for 4-bit weights; --compute-dtype sets the computation type", stacklevel=3
             )
+
+    @property
+    def cpu_memory_limit(self) -> float | None:
+        """The CPU RAM limit in GiB, or None for no limit (0 means no limit, as in text-generation-webui)."""
+        return self.cpu_memory or None
 
     @property
     def gpu_split_values(self) -> tuple[float, ...]:

@@ -232,6 +232,7 @@ def test_cpu_memory_too_small_without_disk_offload_says_how_to_fix(engine, tiny_
 def test_device_map_arguments_for_every_memory_option():
     args = TransformersLoader._device_arguments
     assert args(LoadOptions()) == {"device_map": {"": "cpu"}}
+    assert args(LoadOptions(cpu_memory=0)) == {"device_map": {"": "cpu"}}  # 0: no limit, as in the guide
     assert args(LoadOptions(cpu_memory=8)) == {"device_map": "auto", "max_memory": {"cpu": "8.0GiB"}}
     with_disk = args(LoadOptions(cpu_memory=8, disk_offload=True))
     assert with_disk["offload_folder"].endswith("offload")

@@ -179,11 +179,11 @@ class TransformersLoader(Loader):
                 f"give at most {len(gpus)} values",
             )
         device = "cuda" if gpus else "cpu"
-        if not (split or options.cpu_memory is not None or options.disk_offload):
+        if not (split or options.cpu_memory_limit is not None or options.disk_offload):
             return {"device_map": {"": device}}
         max_memory: dict[int | str, str] = {i: f"{gib}GiB" for i, gib in enumerate(split)}
-        if options.cpu_memory is not None:
-            max_memory["cpu"] = f"{options.cpu_memory}GiB"
+        if options.cpu_memory_limit is not None:
+            max_memory["cpu"] = f"{options.cpu_memory_limit}GiB"
         kwargs: dict[str, Any] = {"device_map": "auto", "max_memory": max_memory or None}
         if options.disk_offload:
             cache = Path(os.environ.get("NBLLM_CACHE_DIR", Path.home() / ".cache" / "nbllm"))
@@ -258,7 +258,7 @@ class TransformersLoader(Loader):
         import torch
         from transformers import BitsAndBytesConfig
 
-        offloading = options.cpu_memory is not None or bool(options.gpu_split) or options.disk_offload
+        offloading = options.cpu_memory_limit is not None or bool(options.gpu_split) or options.disk_offload
         if options.load_in_8bit:
             _quiet_int8_cast_log()
             return BitsAndBytesConfig(load_in_8bit=True, llm_int8_enable_fp32_cpu_offload=offloading)
