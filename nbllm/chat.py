@@ -175,13 +175,14 @@ class Conversation:
         """The system prompt ('' or None: none)."""
         self.turns: list[Turn] = []
         self.notes: list[str] = []
-        """Notes about the last prompt (turns left out, fallback template)."""
+        """What the last prompt did that this conversation had not said yet (turns left out, the
+        fallback template); each note is also a :class:`ChatNote` warning."""
         self.left_out = 0
         """How many of the oldest turns the last prompt left out to fit the context."""
         self._engine = engine
         self._lock = threading.RLock()
         self._pending: Result | None = None
-        self._warned: set[str] = set()
+        self._said: set[str] = set()
 
     @property
     def engine(self) -> Engine:
@@ -204,8 +205,11 @@ class Conversation:
 
     @property
     def generating(self) -> bool:
-        """Whether a reply of this conversation is being generated (or was started and not read)."""
-        return self._pending is not None and not self._pending.done
+        """Whether a reply of this conversation is being generated (or was started and not read).
+
+        It stays true until the reply is in the turns, so a message sent meanwhile from another
+        thread is refused rather than rendered without it."""
+        return self._pending is not None
 
     # -- talking ---------------------------------------------------------------------------------
     def send(self, text: str, options: GenerationOptions | Mapping[str, Any] | None = None, **kwargs: Any) -> Result:
@@ -286,11 +290,11 @@ class Conversation:
         engine = self.engine
         opts = engine.generation_options(options, **kwargs)
         prompt = self._prompt(engine, turns, open_reply=open_reply, max_new_tokens=opts.max_new_tokens)
-        self.notes, self.left_out = prompt.notes, prompt.left_out
-        for note in prompt.notes:
-            if note not in self._warned:
-                self._warned.add(note)
-                warnings.warn(note, ChatNote, stacklevel=4)
+        self.notes = [note for note in prompt.notes if note not in self._said]
+        self.left_out = prompt.left_out
+        self._said.update(self.notes)
+        for note in self.notes:
+            warnings.warn(note, ChatNote, stacklevel=3)
         result = engine.stream_prompt(
             prompt.text, prompt.ids, opts, messages=prompt.messages,
             conversation={"name": self.name, "turn": number},

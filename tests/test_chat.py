@@ -186,8 +186,8 @@ def test_model_without_template_gets_the_fallback_and_a_note(engine: Any) -> Non
     _ = result.text
     with warnings.catch_warnings():
         warnings.simplefilter("error", ChatNote)  # said once per conversation, not at every turn
-        _ = conv.send("Again", **GREEDY).text
-    assert chatlib.FALLBACK_NOTE in conv.notes
+        again = conv.send("Again", **GREEDY)
+    assert conv.notes == [] and again.prompt.startswith(expected)
 
 
 # -- turns --------------------------------------------------------------------------------------------
@@ -346,8 +346,10 @@ def test_oldest_turns_are_left_out_when_the_context_is_full(engine: Any) -> None
         notes += [str(w.message) for w in caught if issubclass(w.category, ChatNote)]
         sent.append((result, conv.left_out, list(conv.notes)))
     assert len(conv) == 8  # the conversation keeps everything; only the prompt leaves turns out
-    last, left_out, last_notes = sent[-1]
-    assert left_out > 0 and any("oldest turn" in n for n in last_notes) and notes
+    last, left_out, _ = sent[-1]
+    assert left_out > 0
+    assert notes and all("oldest turn" in n for n in notes) and notes == [n for _, _, said in sent for n in said]
+    assert any(f"the {left_out} oldest turns are left out" in n for n in notes)
     assert last.prompt_tokens <= 128 - 16
     messages = last.record.messages  # type: ignore[union-attr]
     assert messages[0] == {"role": "system", "content": "Keep me."}
