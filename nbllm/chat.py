@@ -272,7 +272,7 @@ class Conversation:
         if self.generating:
             raise ChatError(
                 f"a reply of conversation {self.name!r} is still being generated (or was started and not read)",
-                "wait for it, or read it to the end (.text), or stop it with .cancel() on its result",
+                "wait for it, or read it to the end with .text on its result (after .cancel() to stop it early)",
             )
 
     def _start(
