@@ -71,9 +71,8 @@ def play(turns: int, system: str, reuse: bool, new_tokens: int) -> list[tuple[in
     from nbllm.chat import Conversation
 
     engine = nbllm.get_engine()
-    engine.loader.reuse_prefix = True
-    nbllm.generate("Unrelated.", temperature=0, max_new_tokens=1)  # the cache now holds no chat prefix
-    engine.loader.reuse_prefix = reuse
+    nbllm.generate("Unrelated.", temperature=0, max_new_tokens=1)  # a raw prompt: the kept chat state is dropped
+    engine.reuse_prefix = reuse
     chat = Conversation(f"bench-{reuse}", system=system)
     out = []
     for message in (MESSAGES * (turns // len(MESSAGES) + 1))[:turns]:
@@ -83,7 +82,7 @@ def play(turns: int, system: str, reuse: bool, new_tokens: int) -> list[tuple[in
         _ = result.text
         assert result.timings.time_to_first_token is not None and not chat.left_out
         out.append((result.prompt_tokens, prepared + result.timings.time_to_first_token))
-    engine.loader.reuse_prefix = True
+    engine.reuse_prefix = True
     return out
 
 

@@ -6,8 +6,8 @@ Run: python benchmarks/bench_llamacpp.py [--params 100e6] [--tokens 64] [--round
 One built-in GGUF model (random weights, ~100M parameters by default) is loaded once by nbllm's
 llama.cpp loader; the direct calls use the very same ``llama_cpp.Llama`` instance the loader holds, so
 all three share weights, threads and options. They run interleaved, round by round, greedy, and every
-run processes the whole prompt: nbllm's prefix reuse is switched off and the direct call's cache is
-reset before it.
+run processes the whole prompt: nbllm's raw prompts never reuse a kept prefix, and the direct call's
+cache is reset before it.
 
 How the times are taken, the same way for all three:
 
@@ -67,7 +67,6 @@ def main() -> None:
     engine = nbllm.get_engine()
     loader = engine.loader
     assert isinstance(loader, LlamaCppLoader)
-    loader.reuse_prefix = False  # every nbllm run evaluates the whole prompt
     llm = loader.llm
     shell = InteractiveShell.instance()
     shell.run_line_magic("load_ext", "nbllm")

@@ -3,8 +3,8 @@
 Run: python benchmarks/bench_transformers.py [--params 100e6] [--tokens 64] [--rounds 5]
 
 All three run side by side in one process on the same loaded model, interleaved round by round, with
-the same greedy options. Prefix reuse is switched off so every call processes the whole prompt, as
-model.generate does. Prints medians and the ratios against the direct call, with the targets.
+the same greedy options. Every call processes the whole prompt (raw prompts never reuse a kept
+prefix), as model.generate does. Prints medians and the ratios against the direct call, with the targets.
 """
 
 from __future__ import annotations
@@ -58,7 +58,6 @@ def main() -> None:
     path = tiny_transformers_model(**size)
     nbllm.load(path, dtype="float32")
     engine = nbllm.get_engine()
-    engine.loader.reuse_prefix = False
     model, tok = engine.loader.model, engine.loader.tokenizer
     shell = InteractiveShell.instance()
     shell.run_line_magic("load_ext", "nbllm")

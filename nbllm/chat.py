@@ -4,7 +4,7 @@ A :class:`Conversation` keeps a system prompt and the turns (a user message and 
 the earlier versions of a regenerated reply). Each call renders the whole history through the
 model's chat template (the same rendering as ``%%llm --chat``), so a reply is exactly what the
 model would give to that conversation; the loaders keep the computed state of the previous prompt
-and reply (``Loader.reuse_prefix``), so turn N only computes what is new.
+and reply (``Engine.stream_prompt(..., reuse_prefix=True)``), so turn N only computes what is new.
 
 Conversations live in a registry by name (:func:`conversation`), shared by the magics and the chat
 panel. ``nbllm.Chat`` is :class:`Conversation`.
@@ -297,7 +297,7 @@ class Conversation:
             warnings.warn(note, ChatNote, stacklevel=3)
         result = engine.stream_prompt(
             prompt.text, prompt.ids, opts, messages=prompt.messages,
-            conversation={"name": self.name, "turn": number},
+            conversation={"name": self.name, "turn": number}, reuse_prefix=True,
         )
         self._pending = result
 

@@ -104,6 +104,8 @@ class Engine:
         self._load_seconds: float | None = None
         self.defaults = GenerationOptions()
         """Generation options used when a call gives none (the settings panel sets them)."""
+        self.reuse_prefix = True
+        """Let conversations reuse the computed state of their history (see ``stream_prompt``)."""
         self.last_result: Result | None = None
 
     # -- lifecycle -------------------------------------------------------------------------------
@@ -257,11 +259,16 @@ class Engine:
         *,
         messages: list[dict[str, str]] | None = None,
         conversation: dict[str, Any] | None = None,
+        reuse_prefix: bool = False,
     ) -> Result:
         """Like :meth:`stream`, for a prompt already rendered (``text``) and tokenized (``ids``).
 
         Conversations render their own prompts (a continued reply, a history cut to fit the
         context) and pass them here; ``messages`` (chat mode) and ``conversation`` go to the record.
+        ``reuse_prefix`` (conversations; only while the engine's ``reuse_prefix`` is on) lets the
+        loader take the history's computed state from the previous turn instead of computing it
+        again. Raw prompts compute everything, so a recorded seed reproduces their text exactly:
+        computing part of a prompt in another batch shape is not bit-for-bit the same arithmetic.
         """
         opts = self.generation_options(options)
         loader = self.loader
@@ -286,7 +293,8 @@ class Engine:
             conversation=conversation,
         )
         self.last_result = result
-        return result.attach(self._run(loader, ids, opts, seed, result, record))
+        reuse = reuse_prefix and self.reuse_prefix
+        return result.attach(self._run(loader, ids, opts, seed, result, record, reuse))
 
     def generate(
         self,
@@ -319,6 +327,7 @@ class Engine:
         seed: int,
         result: Result,
         record: Record,
+        reuse_prefix: bool = False,
     ) -> Iterator[str]:
         """The generation itself: token ids → safe text pieces, with timings and the end reason."""
         with self._lock:
@@ -334,7 +343,7 @@ class Engine:
             reason = "length"
             start = clock()
             first = last = None
-            tokens = loader.generate_tokens(prompt_ids, opts, seed, result.cancel_event)
+            tokens = loader.generate_tokens(prompt_ids, opts, seed, result.cancel_event, reuse_prefix=reuse_prefix)
             try:
                 for token in tokens:
                     last = clock()
@@ -374,6 +383,7 @@ class Engine:
                 tokens.close()  # type: ignore[attr-defined]
                 end = clock()
                 timings.total_seconds = end - start
+                record.reused_prefix_tokens = loader.reused_tokens
                 if first is not None:
                     timings.time_to_first_token = first - start
                     if last is not None and len(result.token_ids) > 1 and last > first:

@@ -53,6 +53,9 @@ class Record:
     messages: list[dict[str, str]] | None = None
     conversation: dict[str, Any] | None = None
     """For chat replies: the conversation's name and the turn number."""
+    reused_prefix_tokens: int = 0
+    """Prompt tokens taken from the previous turn's computed state (chat prefix reuse), not computed.
+    0 means the whole prompt was computed, as a re-run with the recorded seed computes it."""
     versions: dict[str, str] = field(default_factory=library_versions)
     created: str = field(default_factory=lambda: _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"))
 

@@ -65,6 +65,7 @@ def engine() -> Iterator[object]:
     yield eng
     eng.unload()
     eng.defaults = type(eng.defaults)()
+    eng.reuse_prefix = True
 
 
 @pytest.fixture

@@ -89,9 +89,9 @@ def _spy_prompt_ids(monkeypatch: pytest.MonkeyPatch, loader: Any) -> list[list[i
     seen: list[list[int]] = []
     original = loader.generate_tokens
 
-    def generate_tokens(prompt_ids: list[int], *args: Any) -> Any:
+    def generate_tokens(prompt_ids: list[int], *args: Any, **kwargs: Any) -> Any:
         seen.append(list(prompt_ids))
-        return original(prompt_ids, *args)
+        return original(prompt_ids, *args, **kwargs)
 
     monkeypatch.setattr(loader, "generate_tokens", generate_tokens)
     return seen
@@ -101,8 +101,8 @@ def _break_after(monkeypatch: pytest.MonkeyPatch, loader: Any, n: int, exc: Base
     """Make the next generations raise ``exc`` after ``n`` tokens (as a Ctrl-C or a library failure would)."""
     original = loader.generate_tokens
 
-    def generate_tokens(*args: Any) -> Iterator[int]:
-        tokens = original(*args)
+    def generate_tokens(*args: Any, **kwargs: Any) -> Iterator[int]:
+        tokens = original(*args, **kwargs)
 
         def broken() -> Iterator[int]:
             try:
@@ -263,7 +263,7 @@ def test_reset_keeps_the_system_prompt(loaded: Any) -> None:
 # -- prefix reuse -------------------------------------------------------------------------------------
 def _chat_transcript(engine: Any, reuse: bool) -> list[str]:
     """Greedy replies of a conversation of several turns, a regeneration and a continuation."""
-    engine.loader.reuse_prefix = reuse
+    engine.reuse_prefix = reuse
     conv = Conversation(f"reuse-{reuse}", system="You are a helpful assistant. " * 8)
     replies = []
     for message in ["Hello!", "What is a notebook?", "Olá! Tudo bem? 🤖", "Write a haiku about the sea.", "Thanks."]:
@@ -286,9 +286,9 @@ def _computed_per_generation(monkeypatch: pytest.MonkeyPatch, loader: Any) -> tu
 
     original = loader.generate_tokens
 
-    def generate_tokens(*args: Any) -> Any:
+    def generate_tokens(*args: Any, **kwargs: Any) -> Any:
         fresh[0] = True
-        return original(*args)
+        return original(*args, **kwargs)
 
     monkeypatch.setattr(loader, "generate_tokens", generate_tokens)
     if hasattr(loader, "llm"):  # llama.cpp: Llama.generate evaluates what its cache lacks
@@ -316,7 +316,7 @@ def _check_prefix_reuse(engine: Any, monkeypatch: pytest.MonkeyPatch) -> None:
         without = _chat_transcript(engine, False)
     finally:
         remove_hook()
-        engine.loader.reuse_prefix = True
+        engine.reuse_prefix = True
     assert with_reuse == without
     # Without reuse every prompt is computed whole; with it, turns 2+ compute only what is new.
     assert reused[0] == computed[0]
@@ -652,3 +652,21 @@ def test_reply_prepared_for_an_unloaded_model_adds_nothing(loaded: Any, tiny_mod
     assert result.done and len(conv) == 0 and not conv.generating
     _ = conv.send("hello again", **GREEDY).text
     assert len(conv) == 1
+
+
+def test_chat_records_say_how_much_of_the_prompt_was_reused(loaded: Any) -> None:
+    conv = Conversation("reuse-record", system="You are a helpful assistant.")
+    first = conv.send("Hello!", temperature=0, max_new_tokens=8)
+    _ = first.text
+    second = conv.send("And then?", temperature=0, max_new_tokens=8)
+    _ = second.text
+    assert first.record is not None and second.record is not None
+    assert first.record.reused_prefix_tokens == 0
+    assert 0 < second.record.reused_prefix_tokens < second.prompt_tokens
+    loaded.reuse_prefix = False
+    try:
+        third = conv.send("Off now.", temperature=0, max_new_tokens=8)
+        _ = third.text
+        assert third.record is not None and third.record.reused_prefix_tokens == 0
+    finally:
+        loaded.reuse_prefix = True

@@ -95,6 +95,22 @@ def test_the_record_holds_everything_needed_to_reproduce(engine, tiny_model):
     assert result.timings.time_to_first_token > 0 and result.timings.decode_tokens_per_second > 0
 
 
+def test_raw_prompts_compute_the_whole_prompt_so_a_seed_reproduces_exactly(engine, tiny_model, monkeypatch):
+    engine.load(tiny_model)
+    computed: list[int] = []
+    hook = engine.loader.model.register_forward_pre_hook(
+        lambda _m, _a, kw: computed.append(int(kw["input_ids"].shape[1])), with_kwargs=True)
+    try:
+        a = engine.generate(PROMPT, temperature=1.0, seed=99, max_new_tokens=10)
+        first = computed[0]
+        computed.clear()
+        b = engine.generate(PROMPT, temperature=1.0, seed=99, max_new_tokens=10)
+    finally:
+        hook.remove()
+    assert computed[0] == first == a.prompt_tokens  # the re-run computed the whole prompt again
+    assert a.token_ids == b.token_ids and b.record.reused_prefix_tokens == 0
+
+
 def test_generation_without_a_model_says_how_to_load_one(engine):
     with pytest.raises(NoModelLoadedError, match="no model is loaded. Load one first"):
         engine.generate("hi")

@@ -318,13 +318,11 @@ def test_sampling_options_mean_what_they_mean_in_transformers(engine, tiny_gguf)
 
 
 def test_same_seed_same_text_also_after_unload_and_reload(engine, tiny_gguf):
-    """The same seed on the same evaluated state gives the same text. Every run here evaluates its whole
-    prompt, as the first one after a load does: with prefix reuse, llama.cpp evaluates the rest of a
-    prompt in another batch shape, which can change a sampled text after some tokens."""
+    """The same seed gives the same text: raw prompts are evaluated whole every time (no prefix reuse,
+    which would evaluate the rest of a prompt in another batch shape and can change a sampled text)."""
     opts = {"temperature": 1.0, "top_p": 0.95, "max_new_tokens": 24}
     engine.load(tiny_gguf)
-    a = engine.generate(PROMPT, seed=1234, **opts)  # the first generation: nothing to reuse
-    engine.loader.reuse_prefix = False
+    a = engine.generate(PROMPT, seed=1234, **opts)
     b = engine.generate(PROMPT, seed=1234, **opts)
     c = engine.generate(PROMPT, seed=4321, **opts)
     assert a.token_ids == b.token_ids != c.token_ids
@@ -332,7 +330,6 @@ def test_same_seed_same_text_also_after_unload_and_reload(engine, tiny_gguf):
     engine.load(tiny_gguf)
     assert engine.generate(PROMPT, seed=1234, **opts).token_ids == a.token_ids
     # the seed drawn when none is given is recorded and reproduces the text
-    engine.loader.reuse_prefix = False
     drawn = engine.generate(PROMPT, temperature=1.0, max_new_tokens=16)
     again = engine.generate(PROMPT, **{**drawn.record.generation_options, "stop": ()})
     assert again.token_ids == drawn.token_ids
@@ -340,7 +337,6 @@ def test_same_seed_same_text_also_after_unload_and_reload(engine, tiny_gguf):
 
 def test_llama_cpps_random_seed_value_is_never_passed(engine, tiny_gguf):
     engine.load(tiny_gguf)
-    engine.loader.reuse_prefix = False
     top = 2**32 - 1  # llama.cpp reads 0xFFFFFFFF as "pick a random seed"
     a = engine.generate(PROMPT, temperature=1.0, seed=top, max_new_tokens=16)
     b = engine.generate(PROMPT, temperature=1.0, seed=top, max_new_tokens=16)
@@ -348,7 +344,8 @@ def test_llama_cpps_random_seed_value_is_never_passed(engine, tiny_gguf):
 
 
 def test_prefix_reuse_on_and_off_give_the_same_greedy_text(engine, tiny_gguf, monkeypatch):
-    """reuse_prefix (the default) evaluates only what a prompt adds to the last one; off, everything."""
+    """With reuse (conversations) only what a prompt adds to the kept context is evaluated, and the
+    record says how much was reused; raw prompts evaluate everything."""
     engine.load(tiny_gguf)
     loader = engine.loader
     first_eval: list[int] = []
@@ -359,18 +356,24 @@ def test_prefix_reuse_on_and_off_give_the_same_greedy_text(engine, tiny_gguf, mo
             first_eval.append(len(tokens))  # the prompt tokens this generation had to evaluate
         real_eval(tokens)
 
+    def reusing(text: str) -> Any:
+        result = engine.stream_prompt(text, loader.tokenize(text, add_special=True),
+                                      {"temperature": 0, "max_new_tokens": 12}, reuse_prefix=True)
+        _ = result.text
+        return result
+
     monkeypatch.setattr(loader.llm, "eval", spy)
-    first = engine.generate(PROMPT, temperature=0, max_new_tokens=12)
+    first = reusing(PROMPT)
     longer = PROMPT + first.text + " and"
     n_longer = len(loader.tokenize(longer, add_special=True))
     first_eval.clear()
-    reused = engine.generate(longer, temperature=0, max_new_tokens=12).token_ids
+    reused = reusing(longer)
     assert first_eval[0] < n_longer - 3
-    loader.reuse_prefix = False
+    assert reused.record.reused_prefix_tokens == n_longer - first_eval[0]
     first_eval.clear()
-    fresh = engine.generate(longer, temperature=0, max_new_tokens=12).token_ids
-    assert first_eval[0] == n_longer
-    assert reused == fresh
+    fresh = engine.generate(longer, temperature=0, max_new_tokens=12)
+    assert first_eval[0] == n_longer and fresh.record.reused_prefix_tokens == 0
+    assert reused.token_ids == fresh.token_ids
 
 
 # ----------------------------------------------------------------------------------- streaming and stops

@@ -41,9 +41,8 @@ class Loader(ABC):
         self.source: ModelSource | None = None
         self.options: LoadOptions | None = None
         self.placement = Placement()
-        self.reuse_prefix = True
-        """Keep the computed state (KV cache) of the last prompt and reply, and reuse the part a new
-        prompt shares with it (a chat's history), instead of recomputing it."""
+        self.reused_tokens = 0
+        """How many prompt tokens the last generation took from the kept state instead of computing."""
 
     @classmethod
     def check(cls, source: ModelSource, options: LoadOptions) -> None:
@@ -69,9 +68,20 @@ class Loader(ABC):
 
     @abstractmethod
     def generate_tokens(
-        self, prompt_ids: list[int], options: GenerationOptions, seed: int, cancel: threading.Event
+        self,
+        prompt_ids: list[int],
+        options: GenerationOptions,
+        seed: int,
+        cancel: threading.Event,
+        *,
+        reuse_prefix: bool = False,
     ) -> Iterator[int]:
         """Yield new token ids one by one until EOS, ``max_new_tokens`` or ``cancel`` is set.
+
+        With ``reuse_prefix`` the computed state (KV cache) kept from the last prompt and reply
+        serves the part of ``prompt_ids`` they share (a chat's history), and this generation's state
+        is kept for the next one; ``reused_tokens`` says how many tokens were not computed. Without
+        it, the whole prompt is computed, so the same seed gives bit-for-bit the same text.
 
         The end-of-sequence token, when produced, is yielded last so the engine can tell why
         generation ended; it is never shown (``decode`` skips special tokens).

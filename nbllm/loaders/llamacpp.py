@@ -670,14 +670,27 @@ class LlamaCppLoader(Loader):
         }
 
     def generate_tokens(
-        self, prompt_ids: list[int], options: GenerationOptions, seed: int, cancel: threading.Event
+        self,
+        prompt_ids: list[int],
+        options: GenerationOptions,
+        seed: int,
+        cancel: threading.Event,
+        *,
+        reuse_prefix: bool = False,
     ) -> Iterator[int]:
         llm = self.llm
         limit = min(options.max_new_tokens, (self.context_length or 0) - len(prompt_ids))
+        self.reused_tokens = 0
         if limit <= 0:
             return
-        if not self.reuse_prefix:
-            llm.reset()  # generate(reset=True) would otherwise keep the longest common prefix
+        if reuse_prefix:  # generate(reset=True) keeps the longest prefix the context shares with the prompt
+            kept = list(llm._input_ids[: llm.n_tokens])
+            self.reused_tokens = next(
+                (i for i, (a, b) in enumerate(zip(kept, prompt_ids[:-1], strict=False)) if a != b),
+                min(len(kept), len(prompt_ids) - 1),
+            )
+        else:
+            llm.reset()
         llm.set_seed(seed if seed != LLAMA_DEFAULT_SEED else LLAMA_DEFAULT_SEED - 1)
         eos = self._eos
         produced = 0

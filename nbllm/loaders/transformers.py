@@ -360,20 +360,28 @@ class TransformersLoader(Loader):
         device = self.model.device
         return "cpu" if device.type == "meta" else device
 
-    def _reusable_cache(self, prompt_ids: list[int]) -> Any:
+    def _reusable_cache(self, prompt_ids: list[int], reuse: bool) -> Any:
         """The last generation's KV cache cut to the prefix it shares with ``prompt_ids`` (at least
         one prompt token is always left to compute), or a fresh cache."""
         from transformers import DynamicCache
 
-        if self.reuse_prefix and self._cache is not None:
+        self.reused_tokens = 0
+        if reuse and self._cache is not None:
             shared = min(_common_prefix(self._cache_ids, prompt_ids), len(prompt_ids) - 1)
             if shared > 0:
                 self._cache.crop(shared - self._cache.get_seq_length())  # transformers 5: minus tokens to drop
+                self.reused_tokens = shared
                 return self._cache
         return DynamicCache(config=self.model.config)
 
     def generate_tokens(
-        self, prompt_ids: list[int], options: GenerationOptions, seed: int, cancel: threading.Event
+        self,
+        prompt_ids: list[int],
+        options: GenerationOptions,
+        seed: int,
+        cancel: threading.Event,
+        *,
+        reuse_prefix: bool = False,
     ) -> Iterator[int]:
         import torch
         from transformers import StoppingCriteria, StoppingCriteriaList, set_seed
@@ -403,7 +411,7 @@ class TransformersLoader(Loader):
                 def end(self) -> None:
                     pass
 
-            cache = self._reusable_cache(prompt_ids)
+            cache = self._reusable_cache(prompt_ids, reuse_prefix)
             self._cache, self._cache_ids = None, []
             set_seed(seed)
             input_ids = torch.tensor([prompt_ids], device=self._input_device())
@@ -416,7 +424,7 @@ class TransformersLoader(Loader):
                     cache=cache,
                     **kwargs,
                 )
-            if self.reuse_prefix:
+            if reuse_prefix:
                 self._cache, self._cache_ids = cache, (prompt_ids + produced)[: cache.get_seq_length()]
 
         return threaded_tokens(run, cancel)
