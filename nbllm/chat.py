@@ -323,7 +323,7 @@ class Conversation:
             messages = self._messages(turns[start:], last_reply=open_reply)
             if open_reply:
                 text = render_continuation(loader.chat_template, messages, special_tokens=loader.special_tokens)
-                ids = loader.tokenize(text, add_special=not starts_with_bos(text, loader.special_tokens))
+                ids = engine.tokenize(text, add_special=not starts_with_bos(text, loader.special_tokens))
             else:
                 text, ids, _ = engine.prompt_for(messages, chat=True)
             return _Prompt(text, ids, messages, start, notes)

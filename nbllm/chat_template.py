@@ -26,6 +26,23 @@ FALLBACK_TEMPLATE = (
 """ChatML, used for models that ship no chat template (nbllm says so when it uses it)."""
 
 
+def _generation_tag() -> Any:
+    """``{% generation %}...{% endgeneration %}`` (marks assistant text for training masks in some
+    templates, as transformers supports): rendered as its body."""
+    from jinja2 import nodes
+    from jinja2.ext import Extension
+
+    class GenerationTag(Extension):
+        tags = {"generation"}
+
+        def parse(self, parser: Any) -> Any:
+            lineno = next(parser.stream).lineno
+            body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
+            return nodes.Scope(body).set_lineno(lineno)
+
+    return GenerationTag
+
+
 @lru_cache(maxsize=16)
 def _compile(template: str) -> Any:
     from jinja2 import TemplateError
@@ -42,7 +59,9 @@ def _compile(template: str) -> Any:
     def strftime_now(fmt: str) -> str:
         return _dt.datetime.now().strftime(fmt)
 
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols])
+    env = ImmutableSandboxedEnvironment(
+        trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols, _generation_tag()]
+    )
     env.filters["tojson"] = tojson
     env.globals["raise_exception"] = raise_exception
     env.globals["strftime_now"] = strftime_now
@@ -60,13 +79,19 @@ def render_chat(
 
     ``template=None`` uses :data:`FALLBACK_TEMPLATE`.
     """
-    from jinja2 import TemplateError
+    from jinja2 import TemplateError, TemplateSyntaxError
 
     try:
+        compiled = _compile(template or FALLBACK_TEMPLATE)
+    except TemplateSyntaxError as exc:
+        raise ChatError(
+            f"the model's chat template cannot be read: {exc.message} (line {exc.lineno})",
+            "fix chat_template.jinja / tokenizer_config.json (or the GGUF's tokenizer.chat_template), "
+            "or send raw prompts with %%llm",
+        ) from None
+    try:
         return str(
-            _compile(template or FALLBACK_TEMPLATE).render(
-                messages=list(messages), add_generation_prompt=add_generation_prompt, **special_tokens
-            )
+            compiled.render(messages=list(messages), add_generation_prompt=add_generation_prompt, **special_tokens)
         )
     except TemplateError as exc:
         raise ChatError(

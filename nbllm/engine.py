@@ -218,19 +218,25 @@ class Engine:
             base = GenerationOptions.from_dict({**self.defaults.to_dict(), **dict(options or {})})
         return base.replace(**kwargs) if kwargs else base
 
+    def tokenize(self, text: str, *, add_special: bool) -> list[int]:
+        """Token ids of ``text`` with the loaded model's tokenizer, under the engine's lock: a fast
+        tokenizer used from two threads at once (a cell and the chat panel) raises "Already borrowed"."""
+        with self._lock:
+            return self.loader.tokenize(text, add_special=add_special)
+
     def prompt_for(
         self, prompt: str | Sequence[Mapping[str, str]], *, chat: bool = False, system: str | None = None
     ) -> tuple[str, list[int], list[dict[str, str]] | None]:
         """The prompt text, its token ids and (in chat mode) the messages it was rendered from."""
         loader = self.loader
         if isinstance(prompt, str) and not chat:
-            return prompt, loader.tokenize(prompt, add_special=True), None
+            return prompt, self.tokenize(prompt, add_special=True), None
         messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else [dict(m) for m in prompt]
         if system is not None:
             messages = [{"role": "system", "content": system}, *[m for m in messages if m["role"] != "system"]]
         text = render_chat(loader.chat_template, messages, special_tokens=loader.special_tokens)
         add_special = not starts_with_bos(text, loader.special_tokens)
-        return text, loader.tokenize(text, add_special=add_special), messages
+        return text, self.tokenize(text, add_special=add_special), messages
 
     def stream(
         self,

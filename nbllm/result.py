@@ -97,6 +97,7 @@ class Result:
         self.record: Record | None = None
         self.cancel_event = threading.Event()
         self._source: Iterator[str] | None = None
+        self._running: Iterator[str] | None = None
         self._done = threading.Event()
         self._on_done: list[Callable[[Result], None]] = []
 
@@ -110,14 +111,20 @@ class Result:
         if self._source is None:
             return
         source, self._source = self._source, None
-        for chunk in source:
-            self.chunks.append(chunk)
-            yield chunk
+        self._running = source
+        try:
+            for chunk in source:
+                self.chunks.append(chunk)
+                yield chunk
+        finally:
+            self._running = None
 
     def close(self) -> None:
-        """Stop consuming (e.g. after an interrupt outside the generator); the result finishes."""
-        if self._source is not None:
-            source, self._source = self._source, None
+        """Stop the generation where it is (e.g. after an interrupt that landed outside it, between
+        two chunks); the result finishes with what it has."""
+        source = self._source or self._running
+        self._source = self._running = None
+        if source is not None:
             source.close()  # type: ignore[attr-defined]
 
     def cancel(self) -> None:

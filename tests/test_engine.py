@@ -220,3 +220,17 @@ def test_python_api_without_ipython(tiny_model, engine):
     assert "".join(nbllm.stream(PROMPT, temperature=0, max_new_tokens=6)) == nbllm.generate(
         PROMPT, temperature=0, max_new_tokens=6).text
     assert nbllm.unload() is True
+
+
+def test_close_while_streaming_finishes_the_result_at_once(engine, tiny_model):
+    """An interrupt can land between two chunks, outside the generation: close() must still end it."""
+    engine.load(tiny_model)
+    result = engine.stream(PROMPT, temperature=0, max_new_tokens=5000)
+    stream = iter(result)
+    for _ in range(3):
+        next(stream)
+    result.close()
+    assert result.done and result.finish_reason == "interrupted"
+    assert 3 <= result.completion_tokens < 5000
+    assert not [t for t in threading.enumerate() if t.name == "nbllm-generate"]
+    assert list(stream) == []
