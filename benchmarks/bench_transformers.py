@@ -2,7 +2,8 @@
 
 Run: python benchmarks/bench_transformers.py [--params 100e6] [--tokens 64] [--rounds 5]
 
-All three run side by side in one process on the same loaded model, interleaved round by round, with
+All three run side by side in one process on the same loaded model, interleaved round by round (the
+order rotating from round to round), with
 the same greedy options. Every call processes the whole prompt (raw prompts never reuse a kept
 prefix), as model.generate does. Prints medians and the ratios against the direct call, with the targets.
 """
@@ -44,7 +45,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--params", type=float, default=100e6)
     parser.add_argument("--tokens", type=int, default=64)
-    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--rounds", type=int, default=9)
     args = parser.parse_args()
 
     import torch
@@ -101,8 +102,9 @@ def main() -> None:
     runs: dict[str, list[tuple[float, float]]] = {"model.generate": [], "nbllm.generate": [], "%%llm": []}
     direct(), api(), magic()  # warm up
     reference = None
-    for _ in range(args.rounds):
-        for name, fn in (("model.generate", direct), ("nbllm.generate", api), ("%%llm", magic)):
+    order = [("model.generate", direct), ("nbllm.generate", api), ("%%llm", magic)]
+    for i in range(args.rounds):
+        for name, fn in order[i % 3:] + order[: i % 3]:  # rotate who goes first: no position bias
             ttft, rate, ids = fn()
             reference = reference or ids
             assert ids == reference, f"{name} produced other tokens"
@@ -112,11 +114,13 @@ def main() -> None:
           f"({torch.get_num_threads()} threads), {args.rounds} interleaved rounds, medians")
     base_ttft = statistics.median(t for t, _ in runs["model.generate"])
     base_rate = statistics.median(r for _, r in runs["model.generate"])
-    print(f"{'':16} {'decode tok/s':>12} {'ratio':>6} {'TTFT ms':>8} {'overhead ms':>11}")
+    print(f"{'':16} {'decode tok/s':>12} {'ratio':>6} {'TTFT ms':>8} {'overhead ms':>11}   ratio per round")
     for name, values in runs.items():
         ttft = statistics.median(t for t, _ in values)
         rate = statistics.median(r for _, r in values)
-        print(f"{name:16} {rate:12.1f} {rate / base_rate:6.3f} {ttft * 1000:8.1f} {(ttft - base_ttft) * 1000:11.1f}")
+        per_round = [r / b for (_, r), (_, b) in zip(values, runs["model.generate"])]
+        print(f"{name:16} {rate:12.1f} {rate / base_rate:6.3f} {ttft * 1000:8.1f} {(ttft - base_ttft) * 1000:11.1f}"
+              f"   {min(per_round):.3f}..{max(per_round):.3f}")
     print("targets: decode ratio >= 0.97, TTFT overhead <= 30 ms")
     seconds, heavy = load_ext_seconds()
     print(f"%load_ext nbllm: {seconds * 1000:.0f} ms (target <= 300 ms); heavy modules imported: {heavy or 'none'}")
