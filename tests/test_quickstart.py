@@ -18,3 +18,4 @@ def test_quickstart_notebook_runs(tmp_path):
     texts = [o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", [])]
     assert any(t.startswith("same text with seed") for t in texts)
     assert any(t.startswith("Loaded tiny-llama") for t in texts)
+    assert any(t.startswith("llama.cpp {") for t in texts)
