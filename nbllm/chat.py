@@ -124,6 +124,16 @@ class Turn:
         """Every version of the reply, the current one last."""
         return [*self.earlier, *([self.reply] if self.reply is not None else [])]
 
+    @property
+    def notes(self) -> list[str]:
+        """What to show beside the reply: ``partial: <why it ended>``, ``version N of N``."""
+        notes = []
+        if self.reply is not None and self.reply.partial:
+            notes.append(f"partial: {self.reply.finish_reason}")
+        if self.earlier:
+            notes.append(f"version {len(self.earlier) + 1} of {len(self.earlier) + 1}")
+        return notes
+
     def messages(self, *, reply: bool = True) -> list[dict[str, str]]:
         out = [{"role": "user", "content": self.user}]
         if reply and self.reply is not None:
@@ -495,12 +505,7 @@ def _count(n: int) -> str:
 
 
 def _marks(turn: Turn) -> str:
-    marks = []
-    if turn.reply is not None and turn.reply.partial:
-        marks.append(f"[partial: {turn.reply.finish_reason}]")
-    if turn.earlier:
-        marks.append(f"[version {len(turn.earlier) + 1} of {len(turn.earlier) + 1}]")
-    return " ".join(marks)
+    return " ".join(f"[{note}]" for note in turn.notes)
 
 
 def _block(role: str, content: str, marks: str = "") -> str:

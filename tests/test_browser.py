@@ -257,7 +257,7 @@ def test_settings_and_chat_panels_in_jupyterlab(lab: Lab, page: Any, tmp_path: P
     page.wait_for_function("() => document.querySelector('.nbllm-chat-status').innerText.includes('ended: cancelled')")
     page.wait_for_function("() => !document.querySelector('.nbllm-send').disabled")
     # The reply is redrawn from the conversation, which kept it, marked partial.
-    _wait_last_text(page, ".nbllm-msg-assistant", "partial (cancelled)")
+    _wait_last_text(page, ".nbllm-msg-assistant", "partial: cancelled")
     kept = _wait_last_length(page, ".nbllm-msg-assistant", 1, count=2)
     assert kept >= 0.9 * grown, (kept, grown)  # what had streamed is kept (markdown may re-render a little)
     assert page.locator(".nbllm-msg-assistant").count() == 2

@@ -256,7 +256,7 @@ def test_reply_streams_into_the_panel_and_joins_the_conversation(chat: ChatPanel
     chat.regenerate_button.click()
     assert chat.wait(60)
     assert len(chat.chat.turns) == 1 and len(chat.chat.turns[0].earlier) == 1
-    assert chat.view.children[-1].note == "version 2"
+    assert chat.view.children[-1].note == "version 2 of 2"
     chat.clear_button.click()
     assert chat.view.children == () and len(chat.chat) == 0
 

@@ -85,12 +85,7 @@ class MessageView(W.Output):
 
 
 def _reply_note(turn: Turn) -> str:
-    notes = []
-    if turn.reply is not None and turn.reply.partial:
-        notes.append(f"partial ({turn.reply.finish_reason})")
-    if turn.earlier:
-        notes.append(f"version {len(turn.earlier) + 1}")
-    return " · ".join(notes)
+    return " · ".join(turn.notes)
 
 
 class ChatPanel(W.VBox):
