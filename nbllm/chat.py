@@ -22,7 +22,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from .chat_template import render_chat, starts_with_bos
+from .chat_template import FALLBACK_NOTE, ChatNote, render_chat, starts_with_bos
 from .engine import Engine, get_engine
 from .errors import ChatError
 from .options import GenerationOptions
@@ -34,16 +34,6 @@ FORMAT_VERSION = 1
 
 _CONTINUE_TAG = "CONTINUE_FINAL_MESSAGE_TAG "
 """Marks where the last message ends in a render (transformers' ``continue_final_message`` uses the same)."""
-
-FALLBACK_NOTE = (
-    "the model has no chat template: messages are rendered with nbllm's fallback template "
-    "(ChatML: <|im_start|>role ... <|im_end|>)"
-)
-
-
-class ChatNote(UserWarning):
-    """Something a conversation did that changes the prompt: history left out, the fallback template."""
-
 
 def render_continuation(
     template: str | None, messages: Sequence[Mapping[str, str]], *, special_tokens: dict[str, str]
@@ -335,7 +325,7 @@ class Conversation:
                 text = render_continuation(loader.chat_template, messages, special_tokens=loader.special_tokens)
                 ids = engine.tokenize(text, add_special=not starts_with_bos(text, loader.special_tokens))
             else:
-                text, ids, _ = engine.prompt_for(messages, chat=True)
+                text, ids, _ = engine.prompt_for(messages, chat=True, warn_fallback=False)
             return _Prompt(text, ids, messages, start, notes)
 
         context = loader.context_length

@@ -25,6 +25,15 @@ FALLBACK_TEMPLATE = (
 )
 """ChatML, used for models that ship no chat template (nbllm says so when it uses it)."""
 
+FALLBACK_NOTE = (
+    "the model has no chat template: messages are rendered with nbllm's fallback template "
+    "(ChatML: <|im_start|>role ... <|im_end|>)"
+)
+
+
+class ChatNote(UserWarning):
+    """Something that changes a chat prompt: history left out, the fallback template."""
+
 
 def _generation_tag() -> Any:
     """``{% generation %}...{% endgeneration %}`` (marks assistant text for training masks in some

@@ -15,13 +15,14 @@ import secrets
 import sys
 import threading
 import time
+import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from . import models
-from .chat_template import render_chat, starts_with_bos
+from .chat_template import FALLBACK_NOTE, ChatNote, render_chat, starts_with_bos
 from .errors import GenerationError, NbllmError, NoModelLoadedError
 from .fingerprint import weights_sha256
 from .loaders import Loader, Placement, choose_loader, loader_class
@@ -225,15 +226,25 @@ class Engine:
             return self.loader.tokenize(text, add_special=add_special)
 
     def prompt_for(
-        self, prompt: str | Sequence[Mapping[str, str]], *, chat: bool = False, system: str | None = None
+        self,
+        prompt: str | Sequence[Mapping[str, str]],
+        *,
+        chat: bool = False,
+        system: str | None = None,
+        warn_fallback: bool = True,
     ) -> tuple[str, list[int], list[dict[str, str]] | None]:
-        """The prompt text, its token ids and (in chat mode) the messages it was rendered from."""
+        """The prompt text, its token ids and (in chat mode) the messages it was rendered from.
+
+        A model without a chat template gets :data:`FALLBACK_TEMPLATE` and a :class:`ChatNote`
+        warning (conversations say it once themselves: ``warn_fallback=False``)."""
         loader = self.loader
         if isinstance(prompt, str) and not chat:
             return prompt, self.tokenize(prompt, add_special=True), None
         messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else [dict(m) for m in prompt]
         if system is not None:
             messages = [{"role": "system", "content": system}, *[m for m in messages if m["role"] != "system"]]
+        if loader.chat_template is None and warn_fallback:
+            warnings.warn(FALLBACK_NOTE, ChatNote, stacklevel=3)
         text = render_chat(loader.chat_template, messages, special_tokens=loader.special_tokens)
         add_special = not starts_with_bos(text, loader.special_tokens)
         return text, self.tokenize(text, add_special=add_special), messages

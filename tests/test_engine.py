@@ -243,3 +243,13 @@ def test_close_while_streaming_finishes_the_result_at_once(engine, tiny_model):
     assert 3 <= result.completion_tokens < 5000
     assert generation_thread_is_idle()
     assert list(stream) == []
+
+
+def test_chat_without_a_template_uses_the_fallback_with_a_note(engine, tmp_path):
+    from nbllm.chat_template import ChatNote
+    from nbllm.testing import tiny_transformers_model
+
+    engine.load(tiny_transformers_model(tmp_path / "no-template", chat_template=False))
+    with pytest.warns(ChatNote, match="no chat template"):
+        result = engine.generate("Hi", chat=True, max_new_tokens=2)
+    assert result.prompt == "<s><|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"
