@@ -28,7 +28,7 @@ quickstart: install
 		--output-dir build notebooks/quickstart.ipynb
 	$(VENV)/bin/jupyter nbconvert --to markdown --stdout build/quickstart.ipynb 2>/dev/null
 
-test: install browser-deps
+test: install browser-deps lint
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -ra
 
 bench: install
