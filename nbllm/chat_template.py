@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from functools import lru_cache
 from typing import Any
 
-from .errors import ChatError
+from .errors import ChatError, NbllmWarning
 
 FALLBACK_TEMPLATE = (
     "{{ bos_token }}"
@@ -31,7 +31,7 @@ FALLBACK_NOTE = (
 )
 
 
-class ChatNote(UserWarning):
+class ChatNote(NbllmWarning):
     """Something that changes a chat prompt: history left out, the fallback template."""
 
 

@@ -21,6 +21,11 @@ class NbllmError(Exception):
         return f"{self.cause}. {self.fix[0].upper() + self.fix[1:]}." if self.fix else f"{self.cause}."
 
 
+class NbllmWarning(UserWarning):
+    """Something the user should know that is not an error: an option with no effect in this
+    combination, a fallback. The magics show it as one ``note:`` line."""
+
+
 class OptionError(NbllmError, ValueError):
     """An option value or a combination of options is invalid (raised before anything is loaded)."""
 

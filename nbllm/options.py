@@ -15,7 +15,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, TypeVar
 
-from .errors import OptionError
+from .errors import NbllmWarning, OptionError
 
 TRANSFORMERS = "transformers"
 LLAMACPP = "llama.cpp"
@@ -444,11 +444,14 @@ class LoadOptions(_Schema):
                 if getattr(self, name) != self.spec(name).default:
                     warnings.warn(
                         f"{self.spec(name).flag} only affects --load-in-4bit; it is ignored here",
+                        NbllmWarning,
                         stacklevel=3,
                     )
         if quantized and self.dtype not in ("auto",) and self.load_in_4bit:
             warnings.warn(
-                "--dtype is ignored for 4-bit weights; --compute-dtype sets the computation type", stacklevel=3
+                "--dtype is ignored for 4-bit weights; --compute-dtype sets the computation type",
+                NbllmWarning,
+                stacklevel=3,
             )
 
     @property
@@ -516,6 +519,7 @@ class GenerationOptions(_Schema):
                 warnings.warn(
                     f"temperature 0 is greedy decoding; {', '.join(ignored)} {'has' if len(ignored) == 1 else 'have'} "
                     "no effect",
+                    NbllmWarning,
                     stacklevel=3,
                 )
 

@@ -190,3 +190,12 @@ def test_interrupt_keeps_the_partial_text_and_the_model(shell, tiny_model, capsy
     assert out.startswith(r.text) and f"[interrupted after {r.completion_tokens} tokens]" in out
     shell.run_cell_magic("llm", "--temperature 0 --max-new-tokens 5 -o again", PROMPT)
     assert shell.user_ns["again"].token_ids == r.token_ids[:5]
+
+
+def test_ineffective_options_are_one_note_line(shell, tiny_model, capsys):
+    shell.run_line_magic("llm_load", f"{tiny_model} --quant-type fp4")
+    out = capsys.readouterr()
+    assert "note: --quant-type only affects --load-in-4bit; it is ignored here\n" in out.out
+    assert "UserWarning" not in out.out + out.err
+    shell.run_cell_magic("llm", "--temperature 0 --top-k 5 --max-new-tokens 2", "hi")
+    assert capsys.readouterr().out.startswith("note: temperature 0 is greedy decoding; top_k has no effect\n")

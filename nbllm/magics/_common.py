@@ -8,13 +8,14 @@ import re
 import shlex
 import sys
 import time
+import warnings
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any, TypeVar
 
 from IPython.core import magic_arguments
 from IPython.core.error import UsageError
 
-from ..errors import NbllmError
+from ..errors import NbllmError, NbllmWarning
 from ..options import _Schema
 from ..result import Result
 
@@ -22,16 +23,29 @@ F = TypeVar("F", bound=Callable[..., Any])
 
 
 def user_errors(func: F) -> F:
-    """Show an :class:`NbllmError` raised by ``func`` as a one-line ``UsageError`` (no traceback)."""
+    """Show an :class:`NbllmError` raised by ``func`` as a one-line ``UsageError`` (no traceback), and
+    nbllm's warnings (an option that has no effect, a fallback chat template) as one ``note:`` line
+    each, where they happen, instead of Python's warning with a file name and a source line."""
 
     @functools.wraps(func)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
-        try:
-            return func(*args, **kwargs)
-        except NbllmError as exc:
-            raise UsageError(exc.message) from None
+        with warnings.catch_warnings():
+            warnings.simplefilter("always", NbllmWarning)
+            warnings.showwarning = functools.partial(_show_note, warnings.showwarning)
+            try:
+                return func(*args, **kwargs)
+            except NbllmError as exc:
+                raise UsageError(exc.message) from None
 
     return wrapper  # type: ignore[return-value]
+
+
+def _show_note(original: Callable[..., None], message: Warning | str, category: type[Warning], *args: Any,
+               **kwargs: Any) -> None:
+    if issubclass(category, NbllmWarning):
+        print(f"note: {message}")
+    else:  # another library's warning: shown as Python shows it
+        original(message, category, *args, **kwargs)
 
 
 def schema_arguments(*schemas: type[_Schema], skip: Iterable[str] = ()) -> Callable[[F], F]:
