@@ -61,9 +61,9 @@ class Status:
             f"options:   {opts}",
         ]
         layers = ", ".join(f"{dev}: {n}" for dev, n in self.placement.devices.items())
-        memory = ", ".join(f"{dev}: {_gib(b)}" for dev, b in self.placement.memory_bytes.items())
+        memory = ", ".join(f"{dev}: {format_memory(b)}" for dev, b in self.placement.memory_bytes.items())
         out.append(f"placement: {layers or 'n/a'}")
-        out.append(f"memory:    {memory or 'n/a'} (process RSS {_gib(self.process_rss_bytes)})")
+        out.append(f"memory:    {memory or 'n/a'} (process RSS {format_memory(self.process_rss_bytes)})")
         for key, value in self.details.items():
             if value not in (None, {}, [], ""):
                 out.append(f"{key + ':':<10} {value}")
@@ -82,7 +82,8 @@ class Status:
         p.text(str(self))
 
 
-def _gib(n: int) -> str:
+def format_memory(n: int) -> str:
+    """Bytes of memory in binary units, as a status line shows them (``0.7 MiB``, ``3.52 GiB``)."""
     return f"{n / 2**30:.2f} GiB" if n >= 2**28 else f"{n / 2**20:.1f} MiB"
 
 

@@ -7,7 +7,7 @@ from typing import Any
 from IPython.core import magic_arguments
 from IPython.core.magic import Magics, cell_magic, line_magic, magics_class
 
-from ..engine import _gib, get_engine, process_rss
+from ..engine import format_memory, get_engine, process_rss
 from ..options import GenerationOptions, LoadOptions
 from ._common import interpolate, parse_line, schema_arguments, show_stream, user_errors
 
@@ -33,7 +33,7 @@ class CoreMagics(Magics):
         args = parse_line(self.llm_load, line)
         options = LoadOptions.from_namespace(args)
         status = get_engine().load(args.model, options)
-        where = ", ".join(f"{dev} {_gib(n)}" for dev, n in status.placement.memory_bytes.items())
+        where = ", ".join(f"{dev} {format_memory(n)}" for dev, n in status.placement.memory_bytes.items())
         print(f"Loaded {status.model} with {status.loader}" + (f" ({where})" if where else "") +
               (f" in {status.load_seconds:.2f} s" if status.load_seconds is not None else ""))
         for note in status.placement.notes:
@@ -77,7 +77,7 @@ class CoreMagics(Magics):
         name = engine.status().model
         before = process_rss()
         if engine.unload():
-            print(f"Unloaded {name}; process memory {_gib(before)} → {_gib(process_rss())}.")
+            print(f"Unloaded {name}; process memory {format_memory(before)} → {format_memory(process_rss())}.")
         else:
             print("No model was loaded.")
 

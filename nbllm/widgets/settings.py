@@ -14,7 +14,7 @@ from typing import Any
 
 import ipywidgets as W
 
-from ..engine import Engine, Status, _gib, get_engine
+from ..engine import Engine, Status, format_memory, get_engine
 from ..errors import OptionError
 from ..models import ModelsFolder, format_size
 from ..options import LLAMACPP, TRANSFORMERS, GenerationOptions, LoadOptions, OptionSpec
@@ -125,9 +125,9 @@ def status_line(status: Status) -> str:
     if not status.loaded:
         return "No model loaded."
     layers = ", ".join(f"{n} on {dev}" for dev, n in status.placement.devices.items()) or "n/a"
-    memory = ", ".join(f"{dev} {_gib(b)}" for dev, b in status.placement.memory_bytes.items()) or "n/a"
+    memory = ", ".join(f"{dev} {format_memory(b)}" for dev, b in status.placement.memory_bytes.items()) or "n/a"
     return (f"Loaded {status.model} with {status.loader} · layers: {layers} · memory: {memory} · "
-            f"process {_gib(status.process_rss_bytes)}")
+            f"process {format_memory(status.process_rss_bytes)}")
 
 
 class SettingsPanel(W.VBox):
