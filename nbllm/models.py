@@ -28,14 +28,13 @@ import html
 import json
 import os
 import re
-import struct
 import sys
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, BinaryIO, Literal
+from typing import Any, Literal
 
-from .errors import ModelNotFoundError, OptionError
+from .errors import LoadError, ModelNotFoundError, OptionError
 
 ModelFormat = Literal["transformers", "gguf"]
 LoaderName = Literal["transformers", "llama.cpp"]
@@ -177,56 +176,16 @@ def quantization_from_name(name: str) -> str | None:
 def gguf_file_type(path: Path) -> int | None:
     """``general.file_type`` from a GGUF file's header (llama.cpp's quantization code), if present.
 
-    Reads only the metadata, key by key, and stops at the key: cheap even on large files.
+    Reads only the header (memory-mapped): cheap even on large files. None for a file that is not a
+    readable GGUF.
     """
+    from .gguf_header import read_gguf_header
+
     try:
-        with path.open("rb") as f:
-            if f.read(4) != b"GGUF":
-                return None
-            (version,) = struct.unpack("<I", f.read(4))
-            if version < 2:
-                return None
-            _n_tensors, n_kv = struct.unpack("<QQ", f.read(16))
-            for _ in range(min(n_kv, 100_000)):
-                key = _read_gguf_string(f)
-                (vtype,) = struct.unpack("<I", f.read(4))
-                if key == "general.file_type" and vtype in _GGUF_INT_TYPES:
-                    fmt = _GGUF_SCALARS[vtype]
-                    return int(struct.unpack("<" + fmt, f.read(struct.calcsize(fmt)))[0])
-                _skip_gguf_value(f, vtype)
-    except (OSError, struct.error, ValueError, UnicodeDecodeError):
+        value = read_gguf_header(path).metadata.get("general.file_type")
+    except (LoadError, OSError, ValueError):
         return None
-    return None
-
-
-_GGUF_SCALARS = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "Q", 11: "q", 12: "d"}
-_GGUF_INT_TYPES = {0, 1, 2, 3, 4, 5, 10, 11}
-_GGUF_STRING, _GGUF_ARRAY = 8, 9
-
-
-def _read_gguf_string(f: BinaryIO) -> str:
-    (n,) = struct.unpack("<Q", f.read(8))
-    if n > 1 << 20:
-        raise ValueError("implausible GGUF string length")
-    return f.read(n).decode("utf-8")
-
-
-def _skip_gguf_value(f: BinaryIO, vtype: int) -> None:
-    if vtype in _GGUF_SCALARS:
-        f.seek(struct.calcsize(_GGUF_SCALARS[vtype]), os.SEEK_CUR)
-    elif vtype == _GGUF_STRING:
-        (n,) = struct.unpack("<Q", f.read(8))
-        f.seek(n, os.SEEK_CUR)
-    elif vtype == _GGUF_ARRAY:
-        (etype,) = struct.unpack("<I", f.read(4))
-        (count,) = struct.unpack("<Q", f.read(8))
-        if etype in _GGUF_SCALARS:
-            f.seek(count * struct.calcsize(_GGUF_SCALARS[etype]), os.SEEK_CUR)
-        else:
-            for _ in range(count):
-                _skip_gguf_value(f, etype)
-    else:
-        raise ValueError(f"unknown GGUF value type {vtype}")
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
 
 
 def gguf_quantization(path: Path) -> str | None:
