@@ -32,7 +32,7 @@ import sys
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypedDict
 
 from .errors import LoadError, ModelNotFoundError, OptionError
 
@@ -300,16 +300,8 @@ def source_from_path(path: Path, *, file: str | None = None) -> ModelSource:
                     "download the missing parts into the same folder",
                 )
             path = parts[0]
-        record = read_record(path) or {}
-        return ModelSource(
-            path=path.resolve(),
-            format="gguf",
-            name=path.name,
-            revision=read_revision(path),
-            repo_id=record.get("repo_id"),
-        )
+        return ModelSource(path=path.resolve(), format="gguf", name=path.name, **_provenance(path))
     _refuse_incomplete(path)
-    record = read_record(path) or {}
     ggufs = gguf_files(path)
     if file is not None:
         chosen = path / file
@@ -319,22 +311,12 @@ def source_from_path(path: Path, *, file: str | None = None) -> ModelSource:
                 names = ", ".join(p.name for p in ggufs) or "none"
                 raise ModelNotFoundError(f"no file {file!r} in {path}", f"pick one of: {names}")
             chosen = _gguf_models(matches)[0]
-        return dataclasses.replace(
-            source_from_path(chosen), revision=read_revision(path), repo_id=record.get("repo_id")
-        )
+        return dataclasses.replace(source_from_path(chosen), **_provenance(path))
     if any((path / m).is_file() for m in _TRANSFORMERS_MARKERS) and not ggufs:
-        return ModelSource(
-            path=path.resolve(),
-            format="transformers",
-            name=path.name,
-            revision=read_revision(path),
-            repo_id=record.get("repo_id"),
-        )
+        return ModelSource(path=path.resolve(), format="transformers", name=path.name, **_provenance(path))
     models = _gguf_models(ggufs)
     if len(models) == 1:
-        return dataclasses.replace(
-            source_from_path(models[0]), revision=read_revision(path), repo_id=record.get("repo_id")
-        )
+        return dataclasses.replace(source_from_path(models[0]), **_provenance(path))
     if len(models) > 1:
         names = ", ".join(p.name for p in models)
         raise OptionError(f"{path} holds {len(models)} GGUF models ({names})", "choose one with --file NAME")
@@ -342,6 +324,16 @@ def source_from_path(path: Path, *, file: str | None = None) -> ModelSource:
         f"{path} is neither a Transformers model (no config.json) nor a folder with a .gguf file",
         "point at the folder holding config.json, or at a .gguf file",
     )
+
+
+class _Provenance(TypedDict):
+    revision: str | None
+    repo_id: str | None
+
+
+def _provenance(path: Path) -> _Provenance:
+    """The hub commit and repository recorded beside a downloaded model (``None`` where unknown)."""
+    return {"revision": read_revision(path), "repo_id": (read_record(path) or {}).get("repo_id")}
 
 
 def _refuse_incomplete(folder: Path) -> None:
