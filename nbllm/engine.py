@@ -26,7 +26,7 @@ from .chat_template import FALLBACK_NOTE, ChatNote, render_chat, starts_with_bos
 from .errors import GenerationError, NbllmError, NoModelLoadedError
 from .fingerprint import weights_sha256
 from .loaders import Loader, Placement, choose_loader, loader_class
-from .models import ModelSource
+from .source import ModelSource
 from .options import GenerationOptions, LoadOptions
 from .result import Record, Result, Timings, clock
 from .streaming import IncrementalDecoder, StopHoldback
@@ -145,7 +145,7 @@ class Engine:
         loader = cls()
         start = time.perf_counter()
         hashes = None
-        if source.revision is None:
+        if source.revision is None and source.path is not None:
             hashes = _hasher().submit(weights_sha256, source.path)
         loader.load(source, opts)
         self._loader, self._source, self._options, self._hashes = loader, source, opts, hashes
@@ -197,7 +197,7 @@ class Engine:
         return Status(
             loaded=True,
             model=self._source.name,
-            path=str(self._source.path),
+            path=self._source.location,
             format=self._source.format,
             loader=self._loader.name,
             revision=self._source.revision,
@@ -328,11 +328,7 @@ class Engine:
     def _model_record(self) -> dict[str, Any]:
         src = self._source
         assert src is not None
-        out: dict[str, Any] = {"name": src.name, "path": str(src.path), "format": src.format}
-        if src.repo_id:
-            out["repo_id"] = src.repo_id
-        if src.revision:
-            out["revision"] = src.revision
+        out = src.identity()
         if self._hashes is not None:
             out["sha256"] = self._hashes.result()
         return out

@@ -35,8 +35,8 @@ from pathlib import Path
 from typing import Any, Literal, TypedDict
 
 from .errors import LoadError, ModelNotFoundError, OptionError
+from .source import ModelSource
 
-ModelFormat = Literal["transformers", "gguf"]
 LoaderName = Literal["transformers", "llama.cpp"]
 
 ENV_VAR = "NBLLM_MODELS_DIR"
@@ -66,21 +66,6 @@ GGUF_FILE_TYPES: dict[int, str] = {
     25: "IQ4_NL", 26: "IQ3_S", 27: "IQ3_M", 28: "IQ2_S", 29: "IQ2_M", 30: "IQ4_XS", 31: "IQ1_M",
     32: "BF16", 36: "TQ1_0", 37: "TQ2_0", 38: "MXFP4_MOE",
 }  # fmt: skip
-
-
-@dataclass(frozen=True)
-class ModelSource:
-    """A model resolved to files on disk: what a loader is given."""
-
-    path: Path
-    """A Transformers model folder, or a ``.gguf`` file."""
-    format: ModelFormat
-    name: str
-    """The name shown to the user (folder or file name)."""
-    revision: str | None = None
-    """The commit sha of the hub revision the files came from, when known."""
-    repo_id: str | None = None
-    """The hub repository the files came from, when known."""
 
 
 # ------------------------------------------------------------------------------- the folder's location

@@ -25,7 +25,7 @@ from nbllm.loaders.llamacpp import (
     llama_kwargs,
     read_gguf_header,
 )
-from nbllm.models import ModelSource
+from nbllm.source import ModelSource
 from nbllm.options import LLAMACPP, LoadOptions
 
 llama_cpp = pytest.importorskip("llama_cpp")

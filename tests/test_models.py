@@ -15,7 +15,8 @@ import pytest
 
 from nbllm import models
 from nbllm.errors import DownloadError, ModelNotFoundError, OptionError
-from nbllm.models import ModelsFolder, ModelSource, resolve
+from nbllm.models import ModelsFolder, resolve
+from nbllm.source import ModelSource
 
 
 @pytest.fixture(autouse=True)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import importlib
 
 from ..errors import OptionError
-from ..models import ModelSource
+from ..source import ModelSource
 from ..options import LLAMACPP, TRANSFORMERS, LoadOptions, loader_refusals
 from .base import Loader, Placement
 

@@ -13,7 +13,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
-from ..models import ModelSource
+from ..source import ModelSource
 from ..options import GenerationOptions, LoadOptions
 
 

@@ -37,7 +37,8 @@ from typing import Any, ClassVar
 
 from ..errors import LoadError, ModelNotFoundError, OptionError, missing_dependency
 from ..gguf_header import GGUFHeader, read_gguf_header
-from ..models import GGUF_FILE_TYPES, ModelSource, quantization_from_name, split_gguf_parts
+from ..models import GGUF_FILE_TYPES, quantization_from_name, split_gguf_parts
+from ..source import ModelSource
 from ..options import LLAMACPP, GenerationOptions, LoadOptions
 from .base import Loader, Placement
 
@@ -121,7 +122,7 @@ def llama_kwargs(source: ModelSource, options: LoadOptions, metadata: Mapping[st
     meanings. ``metadata`` is the GGUF's key-values (numbers or strings, as ``Llama.metadata`` has them)."""
     type_k, type_v = cache_types(options)
     return {
-        "model_path": str(source.path),
+        "model_path": str(source.files),
         "n_gpu_layers": options.n_gpu_layers,
         "n_ctx": options.n_ctx or default_n_ctx(metadata, options),
         "n_batch": options.n_batch,
@@ -252,7 +253,7 @@ class LlamaCppLoader(Loader):
     @classmethod
     def check(cls, source: ModelSource, options: LoadOptions) -> None:
         llama_cpp = _import_llama_cpp()
-        path = source.path
+        path = source.files
         if not path.is_file():
             raise ModelNotFoundError(f"no GGUF file at {path}", "check the path, or run %llm_models to list models")
         header = read_gguf_header(path)
@@ -304,7 +305,7 @@ class LlamaCppLoader(Loader):
     def load(self, source: ModelSource, options: LoadOptions) -> None:
         llama_cpp = _import_llama_cpp()
         self.source, self.options = source, options
-        self.header = read_gguf_header(source.path)
+        self.header = read_gguf_header(source.files)
         self.kwargs = llama_kwargs(source, options, self.header.metadata)
         LOG.install(llama_cpp)
         LOG.mode = "verbose" if options.verbose else "quiet"
@@ -449,8 +450,8 @@ class LlamaCppLoader(Loader):
         trained = trained_context(header.metadata)
         base = kw["rope_freq_base"] or _meta_float(header.metadata, f"{header.architecture}.rope.freq_base")
         return {
-            "file": self.source.path.name,
-            "quantization": quant or quantization_from_name(self.source.path.name),
+            "file": self.source.files.name,
+            "quantization": quant or quantization_from_name(self.source.files.name),
             "architecture": header.architecture,
             "n_ctx": self.context_length,
             "n_ctx_trained": trained,

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from ..errors import LoadError, OptionError, missing_dependency
-from ..models import ModelSource
+from ..source import ModelSource
 from ..options import TRANSFORMERS, GenerationOptions, LoadOptions
 from ..streaming import threaded_tokens
 from .base import Loader, Placement
@@ -142,7 +142,7 @@ class TransformersLoader(Loader):
             raise missing_dependency("bitsandbytes (needed by --load-in-4bit/--load-in-8bit)", "gpu")
         cls._device_arguments(options)
         pick_attention(options.attn_requested, cuda_devices())
-        config_path = source.path / "config.json"
+        config_path = source.files / "config.json"
         try:
             config = json.loads(config_path.read_text())
         except (OSError, ValueError) as exc:
@@ -153,7 +153,7 @@ class TransformersLoader(Loader):
                 "--trust-remote-code",
                 "add --trust-remote-code if you trust the repository it comes from",
             )
-        weights = sorted(source.path.glob("*.safetensors")) or sorted(source.path.glob("*.bin"))
+        weights = sorted(source.files.glob("*.safetensors")) or sorted(source.files.glob("*.bin"))
         if not weights:
             raise LoadError(
                 f"{source.name} has no weights (no .safetensors or .bin file)", "download the model again"
@@ -200,7 +200,7 @@ class TransformersLoader(Loader):
         attention, note = pick_attention(options.attn_requested, gpus)
         self._device_kwargs = self._device_arguments(options)
         kwargs: dict[str, Any] = dict(self._device_kwargs)
-        path, remote = str(source.path), options.trust_remote_code
+        path, remote = str(source.files), options.trust_remote_code
         try:
             config = AutoConfig.from_pretrained(path, trust_remote_code=remote, revision=options.revision)
             rope = rope_parameters(getattr(config, "rope_parameters", None), options)
