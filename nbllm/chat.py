@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from .chat_template import FALLBACK_NOTE, ChatNote, render_chat, starts_with_bos
-from .engine import Engine, get_engine
+from .engine import Engine, Prompt, get_engine
 from .errors import ChatError
 from .options import GenerationOptions
 from .result import Record, Result
@@ -150,7 +150,7 @@ class Turn:
 @dataclass
 class _Prompt:
     text: str
-    ids: list[int]
+    ids: list[int] | None
     messages: list[dict[str, str]]
     left_out: int
     notes: list[str]
@@ -296,8 +296,8 @@ class Conversation:
         for note in self.notes:
             warnings.warn(note, ChatNote, stacklevel=3)
         result = engine.stream_prompt(
-            prompt.text, prompt.ids, opts, messages=prompt.messages,
-            conversation={"name": self.name, "turn": number}, reuse_prefix=True,
+            Prompt(prompt.text, prompt.ids, prompt.messages), opts,
+            conversation={"name": self.name, "turn": number}, reuse_prefix=True, continue_final=open_reply,
         )
         self._pending = result
 
@@ -305,9 +305,9 @@ class Conversation:
             with self._lock:
                 if self._pending is res:
                     self._pending = None
-                if res.finish_reason not in ("eos", "stop", "length", "cancelled", "interrupted"):
-                    return  # failed: no broken turn
-                records = [res.record] if res.record is not None else []
+                if res.finish_reason == "error" or (res.superseded and not res.chunks):
+                    return  # failed, or never started: no broken turn
+                records = [res.pending_record]  # completed when read or saved, not now
                 on_reply(Reply("".join(res.chunks), res.interrupted, res.finish_reason, records))
 
         result.on_done(finished)
@@ -317,34 +317,34 @@ class Conversation:
         """The prompt for ``turns``, leaving out the oldest ones while it would leave less than
         ``max_new_tokens`` of the context free (the system prompt and the last turn always stay)."""
         loader = engine.loader
-        notes = [FALLBACK_NOTE] if loader.chat_template is None else []
+        notes = [FALLBACK_NOTE] if loader.chat_template is None and not loader.renders_chat else []
 
         def render(start: int) -> _Prompt:
             messages = self._messages(turns[start:], last_reply=open_reply)
-            if open_reply:
+            if open_reply and not loader.renders_chat:
                 text = render_continuation(loader.chat_template, messages, special_tokens=loader.special_tokens)
                 ids = engine.tokenize(text, add_special=not starts_with_bos(text, loader.special_tokens))
-            else:
-                text, ids, _ = engine.prompt_for(messages, chat=True, warn_fallback=False)
-            return _Prompt(text, ids, messages, start, notes)
+                return _Prompt(text, ids, messages, start, notes)
+            ready = engine.prompt_for(messages, chat=True, warn_fallback=False)
+            return _Prompt(ready.text, ready.ids, messages, start, notes)
 
         context = loader.context_length
         budget = None if context is None else context - max_new_tokens
         prompt = render(0)
-        if budget is None or len(prompt.ids) <= budget:
+        if budget is None or prompt.ids is None or len(prompt.ids) <= budget:
             return prompt
         # Fewer turns, fewer tokens: find the fewest turns to leave out by bisection.
         lo, hi, best = 1, len(turns) - 1, None
         while lo <= hi:
             mid = (lo + hi) // 2
             candidate = render(mid)
-            if len(candidate.ids) <= budget:
+            if candidate.ids is not None and len(candidate.ids) <= budget:
                 best, hi = candidate, mid - 1
             else:
                 lo = mid + 1
         if best is None:
             best = render(len(turns) - 1) if len(turns) > 1 else prompt
-            assert context is not None
+            assert context is not None and best.ids is not None
             notes.append(
                 f"the prompt is {len(best.ids)} tokens even with only the system prompt and the last message: "
                 f"{max(context - len(best.ids), 0)} of the {max_new_tokens} new tokens asked for fit in the "

@@ -1,7 +1,8 @@
 """The two option schemas: how a model is loaded, and how text is generated.
 
 Each field of :class:`LoadOptions` and :class:`GenerationOptions` carries its help text, its choices or
-bounds, the loaders it applies to and the panel group it belongs in. The magics' flags, ``%llm_load?``,
+bounds and the panel group it belongs in (each loader declares which load options it understands: see
+:mod:`nbllm.loaders`). The magics' flags, ``%llm_load?``,
 validation, the settings panel and the run record are all derived from these two classes.
 """
 
@@ -11,15 +12,11 @@ import argparse
 import dataclasses
 import math
 import warnings
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, TypeVar
 
 from .errors import NbllmWarning, OptionError
-
-TRANSFORMERS = "transformers"
-LLAMACPP = "llama.cpp"
-ALL_LOADERS = frozenset({TRANSFORMERS, LLAMACPP})
 
 
 def option(
@@ -27,7 +24,6 @@ def option(
     help: str,
     *,
     choices: tuple[Any, ...] | None = None,
-    loaders: Iterable[str] = ALL_LOADERS,
     group: str = "advanced",
     minimum: float | None = None,
     maximum: float | None = None,
@@ -39,7 +35,6 @@ def option(
     meta = {
         "help": help,
         "choices": choices,
-        "loaders": frozenset(loaders),
         "group": group,
         "minimum": minimum,
         "maximum": maximum,
@@ -61,7 +56,6 @@ class OptionSpec:
     default: Any
     help: str
     choices: tuple[Any, ...] | None
-    loaders: frozenset[str]
     group: str
     minimum: float | None
     maximum: float | None
@@ -98,7 +92,6 @@ class _Schema:
                     default=default,
                     help=m["help"],
                     choices=m["choices"],
-                    loaders=m["loaders"],
                     group=m["group"],
                     minimum=m["minimum"],
                     maximum=m["maximum"],
@@ -279,10 +272,6 @@ def parse_gpu_split(text: str | None) -> tuple[float, ...]:
     return parts
 
 
-T = TRANSFORMERS
-L = LLAMACPP
-
-
 @dataclass(frozen=True)
 class LoadOptions(_Schema):
     """How a model is loaded: text-generation-webui's load options, with the same meanings."""
@@ -296,52 +285,50 @@ class LoadOptions(_Schema):
     }
 
     loader: str = option(
-        "auto", "Which library loads the model. auto: .gguf files go to llama.cpp, everything else to "
-        "Transformers.", choices=("auto", T, L), group="model",
+        "auto", "Which loader loads the model. auto: by the model's format (.gguf files go to llama.cpp, "
+        "model folders to Transformers, a model at a server to the loader that claims its URL).", group="model",
     )
     revision: str | None = option(
-        None, "Hub revision (branch, tag or commit) to download and load; a local folder ignores it.",
-        loaders=(T, L), group="model", metavar="REV", panel=False,
+        None, "Hub revision (branch, tag or commit) to download and load; a local folder ignores it.", group="model", metavar="REV", panel=False,
     )
     file: str | None = option(
-        None, "Which .gguf file to load when the model folder holds several.", loaders=(L,), group="model",
+        None, "Which .gguf file to load when the model folder holds several.", group="model",
         metavar="NAME", panel=False,
     )
     device: str = option(
         "auto", "Where the model runs. auto: the GPU when CUDA is available, else the CPU.",
-        choices=("auto", "cpu", "cuda"), loaders=(T,), group="model",
+        choices=("auto", "cpu", "cuda"), group="model",
     )
     dtype: str = option(
         "auto", "Data type of the weights. auto keeps the checkpoint's. float16/bfloat16 halve memory "
         "on a GPU; float32 is the safe choice on a CPU.",
-        choices=("auto", "float16", "bfloat16", "float32"), loaders=(T,), group="model",
+        choices=("auto", "float16", "bfloat16", "float32"), group="model",
     )
     load_in_8bit: bool = option(
         False, "Quantize the weights to 8 bits with bitsandbytes on load: about half the memory of "
-        "float16. Useful on small GPUs.", loaders=(T,), group="quantization",
+        "float16. Useful on small GPUs.", group="quantization",
     )
     load_in_4bit: bool = option(
         False, "Quantize the weights to 4 bits with bitsandbytes on load: about a quarter of the memory "
-        "of float16. Turn it on for models that do not fit otherwise.", loaders=(T,), group="quantization",
+        "of float16. Turn it on for models that do not fit otherwise.", group="quantization",
     )
     quant_type: str = option(
         "nf4", "4-bit quantization type. nf4 (NormalFloat4) is the best balance of size and quality; "
-        "change it only if the model's page asks.", choices=("nf4", "fp4"), loaders=(T,), group="quantization",
+        "change it only if the model's page asks.", choices=("nf4", "fp4"), group="quantization",
     )
     compute_dtype: str = option(
         "auto", "Data type of the computations of 4-bit layers. float16 is fast on most GPUs, bfloat16 "
         "on Ampere and newer; auto: float16 on a GPU, float32 on a CPU.",
-        choices=("auto", "float16", "bfloat16", "float32"), loaders=(T,), group="quantization",
+        choices=("auto", "float16", "bfloat16", "float32"), group="quantization",
     )
     double_quant: bool = option(
-        False, "Also quantize the 4-bit quantization constants (saves about 0.4 bit per weight).",
-        loaders=(T,), group="quantization",
+        False, "Also quantize the 4-bit quantization constants (saves about 0.4 bit per weight).", group="quantization",
     )
     attn: str = option(
         "auto", "Attention implementation. flash_attention_2 is fastest on NVIDIA Ampere or newer GPUs "
         "with flash-attn installed; sdpa is PyTorch's fused attention; eager is the reference. auto "
         "picks flash_attention_2 where it can run and sdpa elsewhere.",
-        choices=("auto", "sdpa", "eager", "flash_attention_2"), loaders=(T,), group="advanced",
+        choices=("auto", "sdpa", "eager", "flash_attention_2"), group="advanced",
     )
     flash_attn: bool = option(
         False, "Use FlashAttention (Transformers: same as --attn flash_attention_2; llama.cpp: its "
@@ -349,15 +336,15 @@ class LoadOptions(_Schema):
     )
     compile: bool = option(
         False, "Compile the model's forward pass with torch.compile: the first generation is slow "
-        "(compilation), later ones faster.", loaders=(T,), group="advanced",
+        "(compilation), later ones faster.", group="advanced",
     )
     trust_remote_code: bool = option(
         False, "Run the Python code that ships with the model (needed by models with custom "
-        "architectures). Only for repositories you trust.", loaders=(T,), group="advanced",
+        "architectures). Only for repositories you trust.", group="advanced",
     )
     cpu_memory: float | None = option(
         None, "Most CPU RAM in GiB for layers offloaded from the GPU; layers that do not fit go to disk "
-        "if --disk-offload. Unset or 0: no limit (as in text-generation-webui).", loaders=(T,), group="memory", minimum=0, metavar="GIB",
+        "if --disk-offload. Unset or 0: no limit (as in text-generation-webui).", group="memory", minimum=0, metavar="GIB",
     )
     gpu_split: str | None = option(
         None, "Memory per GPU, comma separated (Transformers: GiB per GPU, e.g. \"20,7\"; llama.cpp: "
@@ -365,7 +352,7 @@ class LoadOptions(_Schema):
     )
     disk_offload: bool = option(
         False, "Put the layers that fit neither in the GPUs nor in --cpu-memory on disk (slow, but "
-        "loads models larger than memory).", loaders=(T,), group="memory",
+        "loads models larger than memory).", group="memory",
     )
     alpha_value: float = option(
         1.0, "NTK RoPE scaling factor for a longer context than the model was trained on: 1.75 for 1.5x "
@@ -376,42 +363,41 @@ class LoadOptions(_Schema):
         "want) / (model's original context), for models fine-tuned with it.", group="rope", minimum=1.0,
     )
     rope_freq_base: float = option(
-        0.0, "RoPE frequency base; 0 takes it from the model (or from --alpha-value).", loaders=(L,),
+        0.0, "RoPE frequency base; 0 takes it from the model (or from --alpha-value).",
         group="rope", minimum=0.0,
     )
     n_gpu_layers: int = option(
         -1, "How many layers to put on the GPU: 0 keeps everything on the CPU, -1 puts all of them. "
-        "Lower it when the GPU runs out of memory.", loaders=(L,), group="memory", minimum=-1,
+        "Lower it when the GPU runs out of memory.", group="memory", minimum=-1,
     )
     n_ctx: int = option(
         0, "Context length in tokens. 0: the model's trained context, capped at 8192 to bound memory. "
-        "Lower it if loading runs out of memory.", loaders=(L,), group="model", minimum=0,
+        "Lower it if loading runs out of memory.", group="model", minimum=0,
     )
     n_batch: int = option(
-        512, "Prompt tokens processed per batch. Larger is faster for long prompts and uses more memory.",
-        loaders=(L,), group="advanced", minimum=1,
+        512, "Prompt tokens processed per batch. Larger is faster for long prompts and uses more memory.", group="advanced", minimum=1,
     )
     threads: int = option(
-        0, "CPU threads for generation; 0: llama.cpp's default (the physical cores).", loaders=(L,),
+        0, "CPU threads for generation; 0: llama.cpp's default (the physical cores).",
         group="advanced", minimum=0,
     )
     threads_batch: int = option(
-        0, "CPU threads for prompt processing; 0: same as llama.cpp's default.", loaders=(L,),
+        0, "CPU threads for prompt processing; 0: same as llama.cpp's default.",
         group="advanced", minimum=0,
     )
     cache_type: str = option(
         "fp16", "Data type of the KV cache. q8_0 halves its memory, q4_0 quarters it (needs "
-        "--flash-attn for the V cache).", choices=("fp16", "q8_0", "q4_0"), loaders=(L,), group="memory",
+        "--flash-attn for the V cache).", choices=("fp16", "q8_0", "q4_0"), group="memory",
     )
     no_mmap: bool = option(
-        False, "Read the whole file into memory instead of mapping it (slower to load).", loaders=(L,),
+        False, "Read the whole file into memory instead of mapping it (slower to load).",
         group="memory",
     )
     mlock: bool = option(
-        False, "Lock the model in RAM so the system never swaps it out.", loaders=(L,), group="memory",
+        False, "Lock the model in RAM so the system never swaps it out.", group="memory",
     )
     verbose: bool = option(
-        False, "Show the loader library's own log (llama.cpp prints a lot).", loaders=(L,), group="advanced",
+        False, "Show the loader library's own log (llama.cpp prints a lot).", group="advanced",
     )
 
     def validate(self) -> None:
@@ -528,23 +514,16 @@ class GenerationOptions(_Schema):
         return self.temperature == 0.0
 
 
-def loader_refusals(options: LoadOptions, loader: str) -> list[str]:
-    """Options set away from their defaults that mean nothing to ``loader`` (one line each)."""
-    refused = []
-    for name, value in options.changed().items():
-        s = LoadOptions.spec(name)
-        if loader not in s.loaders and value not in (None, False):
-            others = " and ".join(sorted(s.loaders))
-            refused.append(f"{s.flag} is a {others} option and means nothing to the {loader} loader")
-    return refused
-
-
-def markdown_table(schema: type[_Schema]) -> str:
-    """The options of ``schema`` as a markdown table (the README's tables are generated by this)."""
-    rows = ["| flag | default | loaders | what it does and when to use it |", "|---|---|---|---|"]
+def markdown_table(schema: type[_Schema], loaders: Callable[[str], Iterable[str]] | None = None) -> str:
+    """The options of ``schema`` as a markdown table (the README's tables are generated by this);
+    ``loaders(name)`` fills a column with the loaders that understand each option."""
+    head = "| flag | default | loaders | what it does and when to use it |" if loaders else \
+        "| flag | default | what it does and when to use it |"
+    rows = [head, "|---|---|---|---|" if loaders else "|---|---|---|"]
     for s in schema.specs():
         default = _show(s.default) if s.type is not bool else "off"
         choices = f" One of: {', '.join(map(str, s.choices))}." if s.choices else ""
-        rows.append(f"| `{s.flag}` | {default} | {', '.join(sorted(s.loaders))} | {s.help}{choices} |")
+        column = f" {', '.join(loaders(s.name)) or 'all'} |" if loaders else ""
+        rows.append(f"| `{s.flag}` | {default} |{column} {s.help}{choices} |")
     return "\n".join(rows)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import concurrent.futures
 import datetime as _dt
 import functools
 import html
@@ -14,17 +15,19 @@ from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-_VERSIONED = ("nbllm", "torch", "transformers", "accelerate", "bitsandbytes", "llama_cpp_python", "huggingface_hub")
+GRACE_SECONDS = 1.0
+"""How long a reader on another thread may spend between two pieces before its result counts as
+left half read (and another request may stop it) rather than being read."""
 
 
-@functools.lru_cache(maxsize=1)
-def _installed_versions() -> tuple[tuple[str, str], ...]:
-    """Looked up once per process: reading package metadata costs milliseconds, and the libraries a
-    process has imported do not change under it."""
+@functools.cache
+def _installed_versions(dists: tuple[str, ...]) -> tuple[tuple[str, str], ...]:
+    """Looked up once per process and set of libraries: reading package metadata costs milliseconds,
+    and the libraries a process has imported do not change under it."""
     from . import __version__
 
     out = {"python": platform.python_version(), "nbllm": __version__}
-    for dist in _VERSIONED[1:]:
+    for dist in dists:
         try:
             out[dist] = importlib.metadata.version(dist.replace("_", "-"))
         except importlib.metadata.PackageNotFoundError:
@@ -32,9 +35,9 @@ def _installed_versions() -> tuple[tuple[str, str], ...]:
     return tuple(out.items())
 
 
-def library_versions() -> dict[str, str]:
-    """Installed versions of nbllm and the libraries that shape its outputs (no imports needed)."""
-    return dict(_installed_versions())
+def library_versions(libraries: tuple[str, ...] = ()) -> dict[str, str]:
+    """Installed versions of Python, nbllm and ``libraries`` (a loader's :attr:`Loader.libraries`)."""
+    return dict(_installed_versions(tuple(libraries)))
 
 
 @dataclass
@@ -59,7 +62,26 @@ class Record:
     versions: dict[str, str] = field(default_factory=library_versions)
     created: str = field(default_factory=lambda: _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"))
 
+    def __post_init__(self) -> None:
+        self._later: dict[str, concurrent.futures.Future[Any]] = {}
+
+    def complete_later(self, key: str, value: concurrent.futures.Future[Any]) -> None:
+        """``model[key]`` is being computed in the background (the weights' sha256): it is filled in
+        when first asked for (:meth:`complete`, :meth:`to_dict`), so no generation waits for it."""
+        self._later[key] = value
+
+    def complete(self) -> Record:
+        """Fill in what was being computed in the background (waits for it if needed)."""
+        while self._later:
+            key, future = self._later.popitem()
+            try:
+                self.model[key] = future.result()
+            except Exception as exc:  # a file that vanished or cannot be read: say so, keep the record
+                self.model[key] = f"unavailable ({type(exc).__name__})"
+        return self
+
     def to_dict(self) -> dict[str, Any]:
+        self.complete()
         return {k: v for k, v in asdict(self).items() if v is not None}
 
     def to_json(self) -> str:
@@ -84,22 +106,32 @@ class Result:
     it too, keeps the partial text, sets ``interrupted`` and propagates.
     """
 
-    def __init__(self, prompt: str, seed: int) -> None:
+    def __init__(self, prompt: str, seed: int, record: Record | None = None) -> None:
         self.prompt = prompt
         self.seed = seed
         self.chunks: list[str] = []
         self.token_ids: list[int] = []
         self.prompt_tokens = 0
+        self.counted_tokens: int | None = None
+        """New tokens as counted by an engine that gives text, not token ids (a server)."""
         self.finish_reason: str | None = None
         """``eos`` (the model ended), ``stop`` (a stop string), ``length`` (max_new_tokens),
-        ``cancelled`` (cancel()) or ``interrupted`` (KeyboardInterrupt)."""
+        ``context`` (the model's context is full), ``cancelled`` (cancel()), ``interrupted``
+        (KeyboardInterrupt), ``superseded`` (another request needed the model while this result was
+        left unfinished) or ``error``."""
         self.timings = Timings()
-        self.record: Record | None = None
+        self.pending_record = record if record is not None else Record({}, "", {}, {}, seed, prompt)
+        """The record, before the result finishes (then it is :attr:`record`)."""
         self.cancel_event = threading.Event()
+        self.superseded = False
         self._source: Iterator[str] | None = None
         self._running: Iterator[str] | None = None
         self._done = threading.Event()
         self._on_done: list[Callable[[Result], None]] = []
+        self._callbacks_lock = threading.Lock()
+        self._reader: threading.Thread | None = threading.current_thread()
+        self._reading = False
+        self._touched = time.monotonic()
 
     # -- streaming -------------------------------------------------------------------------------
     def attach(self, source: Iterator[str]) -> Result:
@@ -112,12 +144,44 @@ class Result:
             return
         source, self._source = self._source, None
         self._running = source
+        self._reader = threading.current_thread()
         try:
-            for chunk in source:
+            while True:
+                self._reading, self._touched = True, time.monotonic()
+                try:
+                    chunk = next(source)
+                except StopIteration:
+                    return
+                finally:
+                    self._reading, self._touched = False, time.monotonic()
                 self.chunks.append(chunk)
                 yield chunk
         finally:
             self._running = None
+
+    def read_elsewhere(self) -> bool:
+        """Whether another thread is reading this result now (waiting for its next piece, or between
+        two pieces for less than :data:`GRACE_SECONDS`), so a request for the model should wait."""
+        reader = self._reader
+        if self.done or reader is None or reader is threading.current_thread() or not reader.is_alive():
+            return False
+        return self._reading or time.monotonic() - self._touched < GRACE_SECONDS
+
+    def supersede(self) -> None:
+        """Stop this unfinished result because another request needs the model: it finishes with
+        ``superseded``, keeps its partial text, and reading it on ends at once."""
+        if self.done:
+            return
+        self.superseded = True
+        self.cancel_event.set()
+        source, running = self._source, self._running
+        self._source = self._running = None
+        if running is not None:
+            running.close()  # type: ignore[attr-defined]  # runs the generation's cleanup, which finishes
+        elif source is not None:
+            source.close()  # type: ignore[attr-defined]
+        if not self.done:  # never started: nothing ran, nothing to clean up
+            self.finish("superseded", Timings())
 
     def close(self) -> None:
         """Stop the generation where it is (e.g. after an interrupt that landed outside it, between
@@ -126,6 +190,8 @@ class Result:
         self._source = self._running = None
         if source is not None:
             source.close()  # type: ignore[attr-defined]
+        if not self.done:  # closed before it started: nothing ran
+            self.finish("interrupted", Timings())
 
     def cancel(self) -> None:
         """Ask the generation to stop at the next token (safe from any thread)."""
@@ -137,16 +203,21 @@ class Result:
 
     def on_done(self, callback: Callable[[Result], None]) -> None:
         """Call ``callback(result)`` when the generation finishes (at once if it already has)."""
-        if self.done:
-            callback(self)
-        else:
-            self._on_done.append(callback)
+        with self._callbacks_lock:
+            if not self.done:
+                self._on_done.append(callback)
+                return
+        callback(self)
 
-    def finish(self, reason: str, record: Record, timings: Timings) -> None:
+    def finish(self, reason: str, timings: Timings) -> None:
         """Called once by the engine when generation ends, however it ends."""
-        self.finish_reason, self.record, self.timings = reason, record, timings
-        self._done.set()
-        for callback in self._on_done:
+        if self.done:
+            return
+        self.finish_reason, self.timings = reason, timings
+        with self._callbacks_lock:
+            self._done.set()
+            callbacks, self._on_done = self._on_done, []
+        for callback in callbacks:
             callback(self)
 
     # -- what it holds ---------------------------------------------------------------------------
@@ -158,16 +229,23 @@ class Result:
         return "".join(self.chunks)
 
     @property
+    def record(self) -> Record | None:
+        """How this output was made (once finished): model, options, seed, prompt, versions. The
+        weights' sha256, hashed in the background after a load, is filled in now if it was not yet."""
+        return self.pending_record.complete() if self.done else None
+
+    @property
     def done(self) -> bool:
         return self._done.is_set()
 
     @property
     def interrupted(self) -> bool:
-        return self.finish_reason in ("interrupted", "cancelled")
+        """Whether the generation was stopped before its own end (Stop, an interrupt, another request)."""
+        return self.finish_reason in ("interrupted", "cancelled", "superseded")
 
     @property
     def completion_tokens(self) -> int:
-        return len(self.token_ids)
+        return len(self.token_ids) if self.counted_tokens is None else self.counted_tokens
 
     def to_dict(self) -> dict[str, Any]:
         return {

@@ -89,9 +89,9 @@ def _spy_prompt_ids(monkeypatch: pytest.MonkeyPatch, loader: Any) -> list[list[i
     seen: list[list[int]] = []
     original = loader.generate_tokens
 
-    def generate_tokens(prompt_ids: list[int], *args: Any, **kwargs: Any) -> Any:
-        seen.append(list(prompt_ids))
-        return original(prompt_ids, *args, **kwargs)
+    def generate_tokens(request: Any) -> Any:
+        seen.append(list(request.prompt_ids))
+        return original(request)
 
     monkeypatch.setattr(loader, "generate_tokens", generate_tokens)
     return seen
@@ -359,7 +359,7 @@ def test_oldest_turns_are_left_out_when_the_context_is_full(engine: Any) -> None
     fuller = [messages[0]]
     for turn in conv.turns[left_out - 1 : 7]:
         fuller += [{"role": "user", "content": turn.user}, {"role": "assistant", "content": turn.reply.content}]
-    _, ids, _ = engine.prompt_for([*fuller, messages[-1]], chat=True)
+    ids = engine.prompt_for([*fuller, messages[-1]], chat=True).ids
     assert len(ids) > 128 - 16
     assert sent[0][1] == 0 and sent[0][2] == []
 
@@ -642,14 +642,13 @@ def test_gguf_greedy_replies_are_the_same_with_and_without_prefix_reuse(gguf_loa
     _check_prefix_reuse(gguf_loaded, monkeypatch)
 
 
-def test_reply_prepared_for_an_unloaded_model_adds_nothing(loaded: Any, tiny_model: Path) -> None:
+def test_reply_never_read_before_an_unload_is_superseded_and_adds_nothing(loaded: Any, tiny_model: Path) -> None:
     conv = Conversation("unloaded")
     result = conv.send("hello", **GREEDY)
     loaded.unload()
     loaded.load(tiny_model)
-    with pytest.raises(nbllm.errors.NoModelLoadedError):
-        _ = result.text
-    assert result.done and len(conv) == 0 and not conv.generating
+    assert result.done and result.finish_reason == "superseded"
+    assert result.text == "" and len(conv) == 0 and not conv.generating
     _ = conv.send("hello again", **GREEDY).text
     assert len(conv) == 1
 

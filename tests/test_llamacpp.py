@@ -16,6 +16,7 @@ import pytest
 from IPython.core.error import UsageError
 
 import nbllm
+from nbllm.engine import Prompt
 from nbllm.errors import LoadError, MissingDependencyError, OptionError
 from nbllm.loaders import llamacpp
 from nbllm.loaders.llamacpp import (
@@ -26,7 +27,8 @@ from nbllm.loaders.llamacpp import (
     read_gguf_header,
 )
 from nbllm.source import ModelSource
-from nbllm.options import LLAMACPP, LoadOptions
+from nbllm.loaders import LLAMACPP
+from nbllm.options import LoadOptions
 
 llama_cpp = pytest.importorskip("llama_cpp")
 pytestmark = pytest.mark.llamacpp
@@ -145,7 +147,7 @@ def test_every_llamacpp_option_changes_the_llama_arguments():
     other_value = {"gpu_split": "1,1", "cache_type": "q4_0", "n_gpu_layers": 0, "n_ctx": 256}
     base = kwargs_for()
     for spec in LoadOptions.specs():
-        if LLAMACPP not in spec.loaders or spec.name in not_load_arguments:
+        if spec.name not in LlamaCppLoader.load_options or spec.name in not_load_arguments:
             continue
         if spec.name in other_value:
             value = other_value[spec.name]
@@ -357,7 +359,7 @@ def test_prefix_reuse_on_and_off_give_the_same_greedy_text(engine, tiny_gguf, mo
         real_eval(tokens)
 
     def reusing(text: str) -> Any:
-        result = engine.stream_prompt(text, loader.tokenize(text, add_special=True),
+        result = engine.stream_prompt(Prompt(text, loader.tokenize(text, add_special=True)),
                                       {"temperature": 0, "max_new_tokens": 12}, reuse_prefix=True)
         _ = result.text
         return result
@@ -398,8 +400,9 @@ def test_stop_strings_end_generation_and_are_not_shown(engine, tiny_gguf):
 def test_generation_stops_at_the_end_of_the_context(engine, tiny_gguf):
     engine.load(tiny_gguf, n_ctx=256)
     prompt_ids = engine.loader.tokenize(PROMPT * 12, add_special=True)
-    result = engine.generate(PROMPT * 12, temperature=0, max_new_tokens=500)
-    assert result.finish_reason == "length"
+    with pytest.warns(nbllm.errors.NbllmWarning, match=f"at most {256 - len(prompt_ids)} of the 500 new tokens"):
+        result = engine.generate(PROMPT * 12, temperature=0, max_new_tokens=500)
+    assert result.finish_reason == "context"
     assert result.completion_tokens == 256 - len(prompt_ids)
     with pytest.raises(nbllm.NbllmError, match="larger --n-ctx"):
         engine.generate(PROMPT * 200, temperature=0)
@@ -497,7 +500,7 @@ def test_forcing_the_wrong_loader_is_one_line(shell, engine, tiny_gguf, tiny_mod
     assert "--loader llama.cpp" in one_line(err.value)
     with pytest.raises(UsageError) as err:
         shell.run_line_magic("llm_load", f"{tiny_model} --loader llama.cpp")
-    assert "not a GGUF file" in one_line(err.value)
+    assert "is a Transformers model folder, which the llama.cpp loader does not load" in one_line(err.value)
     shell.run_line_magic("llm_load", f"{tiny_gguf} --loader llama.cpp")
     assert engine.status().loader == "llama.cpp"
 

@@ -183,10 +183,10 @@ def test_interrupt_keeps_the_partial_text_and_the_model(shell, tiny_model, capsy
 
     threading.Thread(target=watch, daemon=True).start()
     with pytest.raises(UsageError, match=r"Generation interrupted after \d+ tokens; the partial text is kept"):
-        shell.run_cell_magic("llm", "--temperature 0 --max-new-tokens 5000 -o r", PROMPT)
+        shell.run_cell_magic("llm", "--temperature 0 --max-new-tokens 2000 -o r", PROMPT)
     r = shell.user_ns["r"]
     out = capsys.readouterr().out
-    assert r.interrupted and 10 <= r.completion_tokens < 5000
+    assert r.interrupted and 10 <= r.completion_tokens < 2000
     assert out.startswith(r.text) and f"[interrupted after {r.completion_tokens} tokens]" in out
     shell.run_cell_magic("llm", "--temperature 0 --max-new-tokens 5 -o again", PROMPT)
     assert shell.user_ns["again"].token_ids == r.token_ids[:5]

@@ -8,14 +8,8 @@ import warnings
 import pytest
 
 from nbllm.errors import OptionError
-from nbllm.options import (
-    LLAMACPP,
-    TRANSFORMERS,
-    GenerationOptions,
-    LoadOptions,
-    loader_refusals,
-    parse_gpu_split,
-)
+from nbllm.loaders import LLAMACPP, TRANSFORMERS, loader_class, loader_classes, loader_refusals, option_loaders
+from nbllm.options import GenerationOptions, LoadOptions, parse_gpu_split
 
 GUIDE_OPTIONS = [  # every load option the user's guide names, with text-generation-webui's flag
     "loader", "gpu_split", "load_in_8bit", "load_in_4bit", "compile", "flash_attn", "trust_remote_code",
@@ -32,11 +26,15 @@ def test_every_option_of_the_guide_exists_with_help_and_a_flag():
         assert len(spec.help) > 30
 
 
-def test_every_option_has_a_known_panel_group_and_loaders():
+def test_every_option_has_a_known_panel_group_and_a_loader_that_understands_it():
     for schema in (LoadOptions, GenerationOptions):
         for s in schema.specs():
             assert s.group in schema.GROUPS, s.name
-            assert s.loaders <= {TRANSFORMERS, LLAMACPP} and s.loaders
+    for name in LoadOptions.names():
+        if name != "loader":  # the choice of loader itself
+            assert option_loaders(name), name
+    for cls in loader_classes():  # a loader declares only options that exist
+        assert cls.load_options <= set(LoadOptions.names()), cls.name
 
 
 def test_defaults_are_valid_and_documented():
@@ -131,12 +129,13 @@ def test_generation_flags_layer_over_base_defaults():
 
 
 def test_options_that_mean_nothing_to_a_loader_are_named():
-    refused = loader_refusals(LoadOptions(load_in_4bit=True, n_ctx=2048), LLAMACPP)
+    llamacpp, transformers = loader_class(LLAMACPP), loader_class(TRANSFORMERS)
+    refused = loader_refusals(LoadOptions(load_in_4bit=True, n_ctx=2048), llamacpp)
     assert refused == ["--load-in-4bit is a transformers option and means nothing to the llama.cpp loader"]
-    assert loader_refusals(LoadOptions(n_ctx=2048), TRANSFORMERS) == [
+    assert loader_refusals(LoadOptions(n_ctx=2048), transformers) == [
         "--n-ctx is a llama.cpp option and means nothing to the transformers loader"
     ]
-    assert loader_refusals(LoadOptions(alpha_value=2.0, flash_attn=True), LLAMACPP) == []
+    assert loader_refusals(LoadOptions(alpha_value=2.0, flash_attn=True), llamacpp) == []
 
 
 def test_gpu_split_parsing():

@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+from nbllm.loaders import option_loaders
 from nbllm.options import GenerationOptions, LoadOptions, markdown_table
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -18,7 +19,7 @@ def _between(marker: str) -> str:
 
 
 def test_option_tables_are_the_schemas():
-    assert _between("load-options-table") == markdown_table(LoadOptions)
+    assert _between("load-options-table") == markdown_table(LoadOptions, option_loaders)
     assert _between("generation-options-table") == markdown_table(GenerationOptions)
 
 

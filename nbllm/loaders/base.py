@@ -1,8 +1,17 @@
-"""The one interface every loader implements.
+"""The one contract every loader implements, whatever engine it drives.
 
-A loader turns a :class:`~nbllm.models.ModelSource` plus :class:`~nbllm.options.LoadOptions` into a
-loaded model, and a prompt's token ids plus :class:`~nbllm.options.GenerationOptions` into a stream of
-new token ids. Detokenization, stop strings, timings and records are the engine's, shared by all.
+A loader declares what it is — the model formats it loads, the load options it understands, the
+libraries whose versions go into records — and turns a :class:`~nbllm.source.ModelSource` plus
+:class:`~nbllm.options.LoadOptions` into a loaded model. It then answers a :class:`Request` with a
+stream of either
+
+- **token ids** (:class:`TokenLoader`: a local model; the engine detokenizes incrementally), or
+- **text pieces** (:class:`TextLoader`: an engine that gives text, such as an inference server).
+
+Everything else is the engine's and the same for both kinds: stop strings, context limits, timings,
+records, interrupts, cancellation, ownership of the model by an unfinished result, and chat.
+
+Adding a loader is one module with a subclass and one line: ``nbllm.loaders.register(MyLoader)``.
 """
 
 from __future__ import annotations
@@ -13,8 +22,8 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
-from ..source import ModelSource
 from ..options import GenerationOptions, LoadOptions
+from ..source import ModelSource
 
 
 @dataclass
@@ -29,13 +38,45 @@ class Placement:
     """Choices the loader made for the user (e.g. which attention it picked)."""
 
 
+@dataclass
+class Request:
+    """One generation, as the engine hands it to a loader."""
+
+    prompt: str
+    """The prompt text: raw, or rendered through the model's chat template (empty when the loader
+    renders chats itself and ``messages`` is given)."""
+    prompt_ids: list[int] | None
+    """The prompt's token ids (``None`` for a loader that does not tokenize)."""
+    options: GenerationOptions
+    """The options to generate with; ``max_new_tokens`` is already capped to the context."""
+    seed: int
+    cancel: threading.Event
+    """Set when the generation must stop (Stop, an interrupt, another request taking the model):
+    check it at every step."""
+    messages: list[dict[str, str]] | None = None
+    """Chat mode: the messages the prompt was rendered from."""
+    continue_final: bool = False
+    """Chat mode: the last message is the assistant's, to be extended rather than answered."""
+    reuse_prefix: bool = False
+    """May the loader serve the part of the prompt it shares with its kept state (a conversation's
+    history) from that state? Without it the whole prompt is computed, so a seed reproduces exactly."""
+
+
 class Loader(ABC):
-    """Loads one model and generates token ids from it."""
+    """What every loader is: declarations, load and unload, and facts about the loaded model."""
 
     name: ClassVar[str]
     """The name users type after ``--loader``."""
-    library: ClassVar[str]
-    """The distribution whose version goes into records (e.g. ``transformers``)."""
+    formats: ClassVar[frozenset[str]] = frozenset()
+    """The :attr:`ModelSource.format` values this loader loads (``--loader auto`` picks by these)."""
+    load_options: ClassVar[frozenset[str]] = frozenset()
+    """The :class:`LoadOptions` fields this loader understands; any other one set by the user is
+    refused before anything is released."""
+    libraries: ClassVar[tuple[str, ...]] = ()
+    """Distributions whose versions go into records, the loader's own library first."""
+    renders_chat: ClassVar[bool] = False
+    """True when the engine behind the loader applies the chat template itself (a server's chat
+    endpoint): the engine then passes messages, not rendered text."""
 
     def __init__(self) -> None:
         self.source: ModelSource | None = None
@@ -44,12 +85,21 @@ class Loader(ABC):
         self.reused_tokens = 0
         """How many prompt tokens the last generation took from the kept state instead of computing."""
 
+    # -- what a user typed, before anything is released --------------------------------------------
+    @classmethod
+    def claim(cls, spec: str, options: LoadOptions) -> ModelSource | None:
+        """The source for ``spec`` when it names a model of this loader's own kind that the models
+        folder does not know (e.g. a server URL); ``None`` otherwise. Must be cheap: no imports of
+        heavy libraries, no network."""
+        return None
+
     @classmethod
     def check(cls, source: ModelSource, options: LoadOptions) -> None:
         """Cheap checks run before the current model is released: missing library, impossible
         options for this machine, unreadable files. Raise an ``NbllmError``; load nothing."""
         return None
 
+    # -- lifecycle -------------------------------------------------------------------------------
     @abstractmethod
     def load(self, source: ModelSource, options: LoadOptions) -> None:
         """Load the model; raise an ``NbllmError`` that names the cause and the fix on failure."""
@@ -58,49 +108,16 @@ class Loader(ABC):
     def unload(self) -> None:
         """Drop every reference to the model so its memory can be reclaimed."""
 
-    @abstractmethod
-    def tokenize(self, text: str, *, add_special: bool) -> list[int]:
-        """Token ids of ``text``; ``add_special`` adds the model's BOS when it expects one."""
-
-    @abstractmethod
-    def decode(self, ids: Sequence[int]) -> str:
-        """Text of ``ids``, special tokens left out."""
-
-    @abstractmethod
-    def generate_tokens(
-        self,
-        prompt_ids: list[int],
-        options: GenerationOptions,
-        seed: int,
-        cancel: threading.Event,
-        *,
-        reuse_prefix: bool = False,
-    ) -> Iterator[int]:
-        """Yield new token ids one by one until EOS, ``max_new_tokens`` or ``cancel`` is set.
-
-        With ``reuse_prefix`` the computed state (KV cache) kept from the last prompt and reply
-        serves the part of ``prompt_ids`` they share (a chat's history), and this generation's state
-        is kept for the next one; ``reused_tokens`` says how many tokens were not computed. Without
-        it, the whole prompt is computed, so the same seed gives bit-for-bit the same text.
-
-        The end-of-sequence token, when produced, is yielded last so the engine can tell why
-        generation ended; it is never shown (``decode`` skips special tokens).
-        """
-
+    # -- facts about the loaded model --------------------------------------------------------------
     @property
-    @abstractmethod
-    def eos_token_ids(self) -> frozenset[int]:
-        """Ids that end generation."""
-
-    @property
-    @abstractmethod
     def chat_template(self) -> str | None:
         """The model's own chat template (jinja source), if it has one."""
+        return None
 
     @property
-    @abstractmethod
     def special_tokens(self) -> dict[str, str]:
         """``bos_token`` / ``eos_token`` texts for rendering chat templates."""
+        return {}
 
     @property
     def context_length(self) -> int | None:
@@ -110,3 +127,50 @@ class Loader(ABC):
     def describe(self) -> dict[str, Any]:
         """Loader-specific facts for status and records (e.g. the attention implementation used)."""
         return {}
+
+
+class TokenLoader(Loader):
+    """A loader of a local model: it tokenizes, and generates token ids."""
+
+    @abstractmethod
+    def tokenize(self, text: str, *, add_special: bool) -> list[int]:
+        """Token ids of ``text``; ``add_special`` adds the model's BOS when it expects one."""
+
+    @abstractmethod
+    def decode(self, ids: Sequence[int]) -> str:
+        """Text of ``ids``, special tokens left out."""
+
+    @property
+    @abstractmethod
+    def eos_token_ids(self) -> frozenset[int]:
+        """Ids that end generation."""
+
+    @abstractmethod
+    def generate_tokens(self, request: Request) -> Iterator[int]:
+        """Yield new token ids one by one until EOS, ``max_new_tokens`` or ``request.cancel`` is set.
+
+        With ``request.reuse_prefix`` the computed state (KV cache) kept from the last prompt and
+        reply serves the part of ``prompt_ids`` they share, and this generation's state is kept for
+        the next one; ``reused_tokens`` says how many tokens were not computed.
+
+        The end-of-sequence token, when produced, is yielded last so the engine can tell why
+        generation ended; it is never shown (``decode`` skips special tokens). Closing the iterator
+        early must stop the generation and leave the model usable.
+        """
+
+
+class TextLoader(Loader):
+    """A loader of an engine that gives text (an inference server): no tokenizer needed here."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.finish_reason: str | None = None
+        """Why the last generation ended, as the engine behind says it: ``eos``, ``length`` or ``stop``."""
+        self.usage: tuple[int | None, int | None] = (None, None)
+        """Prompt and completion tokens of the last generation, when the engine behind counts them."""
+
+    @abstractmethod
+    def generate_text(self, request: Request) -> Iterator[str]:
+        """Yield text pieces as they come until the end, ``max_new_tokens`` or ``request.cancel``;
+        set ``finish_reason`` and ``usage`` when known. Closing the iterator early must stop the
+        generation (close the stream) and leave the model usable."""

@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import ctypes
 import sys
-import threading
 from collections import deque
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any, ClassVar
@@ -38,9 +37,9 @@ from typing import Any, ClassVar
 from ..errors import LoadError, ModelNotFoundError, OptionError, missing_dependency
 from ..gguf_header import GGUFHeader, read_gguf_header
 from ..models import GGUF_FILE_TYPES, quantization_from_name, split_gguf_parts
+from ..options import GenerationOptions, LoadOptions
 from ..source import ModelSource
-from ..options import LLAMACPP, GenerationOptions, LoadOptions
-from .base import Loader, Placement
+from .base import Placement, Request, TokenLoader
 
 N_CTX_CAP = 8192
 """``--n-ctx 0`` takes the model's trained context but never more than this many tokens: a model
@@ -228,11 +227,16 @@ LOG = LlamaLog()
 # ------------------------------------------------------------------------------------------ the loader
 
 
-class LlamaCppLoader(Loader):
+class LlamaCppLoader(TokenLoader):
     """Loads one GGUF file with ``llama_cpp.Llama`` and generates from it."""
 
-    name: ClassVar[str] = LLAMACPP
-    library: ClassVar[str] = "llama_cpp_python"
+    name: ClassVar[str] = "llama.cpp"
+    formats: ClassVar[frozenset[str]] = frozenset({"gguf"})
+    load_options: ClassVar[frozenset[str]] = frozenset({
+        "revision", "file", "flash_attn", "gpu_split", "alpha_value", "compress_pos_emb", "rope_freq_base",
+        "n_gpu_layers", "n_ctx", "n_batch", "threads", "threads_batch", "cache_type", "no_mmap", "mlock", "verbose",
+    })
+    libraries: ClassVar[tuple[str, ...]] = ("llama_cpp_python", "huggingface_hub")
 
     def __init__(self) -> None:
         super().__init__()
@@ -481,21 +485,14 @@ class LlamaCppLoader(Loader):
             "repeat_penalty": options.repetition_penalty,
         }
 
-    def generate_tokens(
-        self,
-        prompt_ids: list[int],
-        options: GenerationOptions,
-        seed: int,
-        cancel: threading.Event,
-        *,
-        reuse_prefix: bool = False,
-    ) -> Iterator[int]:
-        llm = self.llm
-        limit = min(options.max_new_tokens, (self.context_length or 0) - len(prompt_ids))
+    def generate_tokens(self, request: Request) -> Iterator[int]:
+        llm, prompt_ids, cancel = self.llm, request.prompt_ids, request.cancel
+        assert prompt_ids is not None
+        limit = min(request.options.max_new_tokens, (self.context_length or 0) - len(prompt_ids))
         self.reused_tokens = 0
         if limit <= 0:
             return
-        if reuse_prefix:  # generate(reset=True) keeps the longest prefix the context shares with the prompt
+        if request.reuse_prefix:  # generate(reset=True) keeps the longest prefix the context shares with the prompt
             kept = list(llm._input_ids[: llm.n_tokens])
             self.reused_tokens = next(
                 (i for i, (a, b) in enumerate(zip(kept, prompt_ids[:-1], strict=False)) if a != b),
@@ -503,10 +500,11 @@ class LlamaCppLoader(Loader):
             )
         else:
             llm.reset()
+        seed = request.seed
         llm.set_seed(seed if seed != LLAMA_DEFAULT_SEED else LLAMA_DEFAULT_SEED - 1)
         eos = self._eos
         produced = 0
-        tokens = llm.generate(prompt_ids, reset=True, **self.sampling_kwargs(options))
+        tokens = llm.generate(prompt_ids, reset=True, **self.sampling_kwargs(request.options))
         try:
             for token in tokens:
                 if cancel.is_set():

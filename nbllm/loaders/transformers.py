@@ -12,17 +12,16 @@ import json
 import logging
 import os
 import struct
-import threading
 from collections import Counter
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any, ClassVar
 
 from ..errors import LoadError, OptionError, missing_dependency
+from ..options import GenerationOptions, LoadOptions
 from ..source import ModelSource
-from ..options import TRANSFORMERS, GenerationOptions, LoadOptions
 from ..streaming import threaded_tokens
-from .base import Loader, Placement
+from .base import Placement, Request, TokenLoader
 
 _DTYPES = {"float16", "bfloat16", "float32"}
 
@@ -116,11 +115,19 @@ def rope_parameters(current: dict[str, Any] | None, options: LoadOptions) -> dic
     return {**current, "rope_type": "linear", "factor": options.compress_pos_emb}
 
 
-class TransformersLoader(Loader):
+class TransformersLoader(TokenLoader):
     """Loads a Hugging Face model folder with ``AutoModelForCausalLM``."""
 
-    name: ClassVar[str] = TRANSFORMERS
-    library: ClassVar[str] = "transformers"
+    name: ClassVar[str] = "transformers"
+    formats: ClassVar[frozenset[str]] = frozenset({"transformers"})
+    load_options: ClassVar[frozenset[str]] = frozenset({
+        "revision", "device", "dtype", "load_in_8bit", "load_in_4bit", "quant_type", "compute_dtype", "double_quant",
+        "attn", "flash_attn", "compile", "trust_remote_code", "cpu_memory", "gpu_split", "disk_offload",
+        "alpha_value", "compress_pos_emb",
+    })
+    libraries: ClassVar[tuple[str, ...]] = (
+        "transformers", "torch", "accelerate", "bitsandbytes", "huggingface_hub", "tokenizers",
+    )
 
     def __init__(self) -> None:
         super().__init__()
@@ -374,21 +381,15 @@ class TransformersLoader(Loader):
                 return self._cache
         return DynamicCache(config=self.model.config)
 
-    def generate_tokens(
-        self,
-        prompt_ids: list[int],
-        options: GenerationOptions,
-        seed: int,
-        cancel: threading.Event,
-        *,
-        reuse_prefix: bool = False,
-    ) -> Iterator[int]:
+    def generate_tokens(self, request: Request) -> Iterator[int]:
         import torch
         from transformers import StoppingCriteria, StoppingCriteriaList, set_seed
         from transformers.generation.streamers import BaseStreamer
 
         model = self.model
-        kwargs = self.generation_kwargs(options)
+        kwargs = self.generation_kwargs(request.options)
+        prompt_ids, seed, cancel, reuse_prefix = request.prompt_ids, request.seed, request.cancel, request.reuse_prefix
+        assert prompt_ids is not None
 
         class Cancelled(StoppingCriteria):
             def __call__(self, input_ids: Any, scores: Any, **_: Any) -> Any:

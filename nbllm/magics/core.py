@@ -33,6 +33,9 @@ class CoreMagics(Magics):
         args = parse_line(self.llm_load, line)
         options = LoadOptions.from_namespace(args)
         status = get_engine().load(args.model, options)
+        if status.already_loaded:
+            print(f"{status.model} is already loaded with these options; nothing was done.")
+            return
         where = ", ".join(f"{dev} {format_memory(n)}" for dev, n in status.placement.memory_bytes.items())
         print(f"Loaded {status.model} with {status.loader}" + (f" ({where})" if where else "") +
               (f" in {status.load_seconds:.2f} s" if status.load_seconds is not None else ""))

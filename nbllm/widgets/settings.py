@@ -17,7 +17,8 @@ import ipywidgets as W
 from ..engine import Engine, Status, format_memory, get_engine
 from ..errors import OptionError
 from ..models import ModelsFolder, format_size
-from ..options import LLAMACPP, TRANSFORMERS, GenerationOptions, LoadOptions, OptionSpec
+from ..loaders import TRANSFORMERS, loader_class, loader_names
+from ..options import GenerationOptions, LoadOptions, OptionSpec
 from ._common import HELP_STYLE, MessageLine, button, guarded, refresh_all, title, track, untrack
 
 GENERATION_FIELDS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty", "max_new_tokens", "seed")
@@ -39,8 +40,9 @@ def option_widget(spec: OptionSpec, value: Any = None) -> W.ValueWidget:
     """The input widget for one option, derived from its type, choices and bounds."""
     value = spec.default if value is None else value
     common: dict[str, Any] = {"description": spec.name, "style": {"description_width": "initial"}}
-    if spec.choices:
-        widget: W.ValueWidget = W.Dropdown(options=list(spec.choices), value=value, **common)
+    choices = ("auto", *loader_names()) if spec == LoadOptions.spec("loader") else spec.choices
+    if choices:
+        widget: W.ValueWidget = W.Dropdown(options=list(choices), value=value, **common)
     elif spec.type is bool:
         widget = W.Checkbox(value=bool(value), indent=False, **common)
     elif spec.default is None:  # optional: empty means unset
@@ -266,7 +268,7 @@ class SettingsPanel(W.VBox):
             loaded_value = self._listed(loaded.path)
             if loaded.loaded and loaded.path and loaded_value is None:
                 options.append((f"{loaded.model}  (loaded, outside the models folder)", loaded.path))
-                self._loaders[loaded.path] = LLAMACPP if loaded.format == "gguf" else TRANSFORMERS
+                self._loaders[loaded.path] = loaded.loader or TRANSFORMERS
                 loaded_value = loaded.path
             current = self.model.value
             self._syncing = True
@@ -425,8 +427,9 @@ class SettingsPanel(W.VBox):
 
     def _update_visibility(self) -> None:
         loader = self.loader
+        understood = loader_class(loader).load_options
         for name, f in self.load_fields.items():
-            f.show(name == "loader" or loader in f.spec.loaders)
+            f.show(name == "loader" or name in understood)
         chosen = self.load_fields["loader"].value
         how = "by the model's format" if chosen == "auto" else "chosen"
         self.effective_loader.value = (
