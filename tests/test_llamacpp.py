@@ -26,9 +26,8 @@ from nbllm.loaders.llamacpp import (
     llama_kwargs,
     read_gguf_header,
 )
-from nbllm.source import ModelSource
-from nbllm.loaders import LLAMACPP
 from nbllm.options import LoadOptions
+from nbllm.source import ModelSource
 
 llama_cpp = pytest.importorskip("llama_cpp")
 pytestmark = pytest.mark.llamacpp

@@ -8,7 +8,14 @@ import warnings
 import pytest
 
 from nbllm.errors import OptionError
-from nbllm.loaders import LLAMACPP, TRANSFORMERS, loader_class, loader_classes, loader_refusals, option_loaders
+from nbllm.loaders import (
+    LLAMACPP,
+    TRANSFORMERS,
+    loader_class,
+    loader_classes,
+    loader_refusals,
+    option_loaders,
+)
 from nbllm.options import GenerationOptions, LoadOptions, parse_gpu_split
 
 GUIDE_OPTIONS = [  # every load option the user's guide names, with text-generation-webui's flag

@@ -16,8 +16,8 @@ import ipywidgets as W
 
 from ..engine import Engine, Status, format_memory, get_engine
 from ..errors import OptionError
-from ..models import ModelsFolder, format_size
 from ..loaders import TRANSFORMERS, loader_class, loader_names
+from ..models import ModelsFolder, format_size
 from ..options import GenerationOptions, LoadOptions, OptionSpec
 from ._common import HELP_STYLE, MessageLine, button, guarded, refresh_all, title, track, untrack
 
