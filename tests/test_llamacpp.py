@@ -250,22 +250,19 @@ def test_quantized_cache_on_heads_too_small_is_one_line_before_release(good_and_
     assert "multiple of 32" in one_line(err.value) and "--cache-type fp16" in str(err.value)
 
 
-def test_gpu_split_without_gpu_support_is_refused(good_and_then, tiny_gguf):
+def test_options_with_no_effect_on_this_machine_are_accepted_with_one_note_each(shell, engine, tiny_gguf, capsys):
+    """One rule for every loader: an option that has no effect here loads, with one note: line."""
     if llama_cpp.llama_supports_gpu_offload():
         pytest.skip("this llama-cpp-python has GPU support")
-    with pytest.raises(OptionError) as err:
-        good_and_then.load(tiny_gguf, gpu_split="60,40")
-    assert "--gpu-split" in one_line(err.value)
-
-
-def test_gpu_layers_without_gpu_support_say_everything_runs_on_the_cpu(engine, tiny_gguf):
-    if llama_cpp.llama_supports_gpu_offload():
-        pytest.skip("this llama-cpp-python has GPU support")
-    status = engine.load(tiny_gguf, n_gpu_layers=20)
-    assert engine.loader.kwargs["n_gpu_layers"] == 20
-    assert status.placement.devices == {"cpu": 2}
-    assert any("no GPU support" in n for n in status.placement.notes)
-    assert not any("no GPU support" in n for n in engine.load(tiny_gguf).placement.notes)  # -1: the default
+    shell.run_line_magic("llm_load", f"{tiny_gguf} --gpu-split 60,40 --n-gpu-layers 20 --threads 999")
+    notes = [line for line in capsys.readouterr().out.splitlines() if line.startswith("note: ")]
+    assert len(notes) == 3
+    assert "--gpu-split has no effect here" in notes[0] and "without GPU support" in notes[0]
+    assert "--n-gpu-layers 20 has no effect here" in notes[1]
+    assert "--threads 999 is more than the" in notes[2]
+    assert engine.loader.kwargs["n_gpu_layers"] == 20 and engine.status().placement.devices == {"cpu": 2}
+    shell.run_line_magic("llm_load", str(tiny_gguf))  # the defaults (-1: all layers) say nothing
+    assert "note:" not in capsys.readouterr().out
 
 
 def test_mlock_loads(engine, tiny_gguf):

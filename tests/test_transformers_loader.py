@@ -138,7 +138,8 @@ def test_load_in_8bit(engine, tiny_model_64):
 
     layer = engine.loader.model.model.layers[0].self_attn.q_proj
     assert isinstance(layer, bnb.nn.Linear8bitLt)
-    assert status.details["quantization"]["load_in_8bit"] is True
+    assert status.details["quantization"] == "8-bit (bitsandbytes LLM.int8)"  # the flags' words, not a dict
+    assert "bnb_4bit" not in str(status)
     assert len(engine.generate(PROMPT, temperature=0, max_new_tokens=8).token_ids) == 8
 
 
@@ -236,8 +237,7 @@ def test_device_map_arguments_for_every_memory_option():
     assert args(LoadOptions(cpu_memory=8)) == {"device_map": "auto", "max_memory": {"cpu": "8.0GiB"}}
     with_disk = args(LoadOptions(cpu_memory=8, disk_offload=True))
     assert with_disk["offload_folder"].endswith("offload")
-    with pytest.raises(OptionError, match="--gpu-split needs CUDA GPUs and none is available"):
-        args(LoadOptions(gpu_split="20,7"))
+    assert args(LoadOptions(gpu_split="20,7")) == {"device_map": {"": "cpu"}}  # no GPU: no effect (a note says so)
     with pytest.raises(OptionError, match="--device cuda was asked for but no CUDA GPU"):
         args(LoadOptions(device="cuda"))
 
@@ -332,3 +332,25 @@ def test_load_failure_after_release_loads_the_previous_model_again(engine, tiny_
     assert f"({tiny_model.name} is loaded again)" in info.value.message
     assert engine.status().model == tiny_model.name
     assert len(engine.generate(PROMPT, max_new_tokens=3).token_ids) == 3
+
+
+def test_options_with_no_effect_without_a_gpu_are_accepted_with_one_note_each(shell, engine, tiny_model, capsys):
+    shell.run_line_magic("llm_load", f"{tiny_model} --gpu-split 20,7")
+    out = capsys.readouterr().out
+    assert "note: --gpu-split has no effect here: no CUDA GPU is available" in out and engine.loaded
+    shell.run_line_magic("llm_load", f"{tiny_model} --cpu-memory 4")
+    assert "note: without a GPU, --cpu-memory 4 limits the RAM of the whole model" in capsys.readouterr().out
+    shell.run_line_magic("llm_load", f"{tiny_model} --disk-offload")
+    assert "note: --disk-offload has no effect here without --cpu-memory" in capsys.readouterr().out
+
+
+def test_loads_and_8bit_generation_keep_library_noise_out_of_the_cell(shell, engine, tiny_model_64, capfd):
+    """transformers' "Loading weights" bar and bitsandbytes' kernel and cast warnings never reach the cell."""
+    shell.run_line_magic("llm_load", f"{tiny_model_64} --load-in-8bit")
+    shell.run_cell_magic("llm", "--temperature 0 --max-new-tokens 4", "Hello")
+    shell.run_line_magic("llm_load", f"{tiny_model_64} --load-in-4bit")
+    captured = capfd.readouterr()
+    noise = captured.out + captured.err
+    for line in ("Loading weights", "gemm_4bit_forward", "MatMul8bitLt", "inputs will be cast"):
+        assert line not in noise, line
+    assert "Loaded " in captured.out

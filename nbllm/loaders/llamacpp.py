@@ -29,12 +29,14 @@ without loading anything):
 from __future__ import annotations
 
 import ctypes
+import os
 import sys
+import warnings
 from collections import deque
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any, ClassVar
 
-from ..errors import LoadError, ModelNotFoundError, OptionError, missing_dependency
+from ..errors import LoadError, ModelNotFoundError, NbllmWarning, OptionError, missing_dependency
 from ..gguf_header import GGUFHeader, read_gguf_header
 from ..models import GGUF_FILE_TYPES, quantization_from_name, split_gguf_parts
 from ..options import GenerationOptions, LoadOptions
@@ -224,6 +226,22 @@ class LlamaLog:
 LOG = LlamaLog()
 
 
+def machine_notes(options: LoadOptions, *, gpu: bool, cores: int) -> list[str]:
+    """One line for each option set by the user that has no effect on this machine (or hurts)."""
+    notes = []
+    if not gpu:
+        why = "this llama-cpp-python was built without GPU support, so every layer runs on the CPU"
+        if options.gpu_split:
+            notes.append(f"--gpu-split has no effect here: {why}")
+        if options.n_gpu_layers > 0:
+            notes.append(f"--n-gpu-layers {options.n_gpu_layers} has no effect here: {why}")
+    for flag, n in (("--threads", options.threads), ("--threads-batch", options.threads_batch)):
+        if n > cores:
+            notes.append(f"{flag} {n} is more than the {cores} CPU cores here: llama.cpp slows down with more "
+                         "threads than cores (0 picks a good number)")
+    return notes
+
+
 # ------------------------------------------------------------------------------------------ the loader
 
 
@@ -269,12 +287,9 @@ class LlamaCppLoader(TokenLoader):
         kwargs = llama_kwargs(source, options, header.metadata)  # raises on contradictory RoPE options
         split = options.gpu_split_values
         gpu = bool(llama_cpp.llama_supports_gpu_offload())
-        if split and not gpu:
-            raise OptionError(
-                "--gpu-split needs GPUs, and this llama-cpp-python was built without GPU support",
-                "drop --gpu-split, or install a CUDA build of llama-cpp-python",
-            )
-        if len(split) > int(llama_cpp.llama_max_devices()):
+        for note in machine_notes(options, gpu=gpu, cores=os.cpu_count() or 1):
+            warnings.warn(note, NbllmWarning, stacklevel=2)
+        if gpu and len(split) > int(llama_cpp.llama_max_devices()):
             raise OptionError(
                 f"--gpu-split names {len(split)} GPUs; llama.cpp supports at most {llama_cpp.llama_max_devices()}",
                 "give one proportion per GPU",
@@ -353,8 +368,6 @@ class LlamaCppLoader(TokenLoader):
         if opts.cache_type != "fp16" and not opts.flash_attn:
             notes.append(f"--cache-type {opts.cache_type} quantizes the K cache only; the V cache stays fp16 "
                          "(llama.cpp quantizes it only with --flash-attn)")
-        if opts.n_gpu_layers > 0 and not self._gpu_offload:
-            notes.append("this llama-cpp-python has no GPU support: every layer runs on the CPU")
         if opts.n_ctx == 0:
             trained = trained_context(self.header.metadata) if self.header else None
             if trained and self.context_length and trained > self.context_length:

@@ -7,17 +7,19 @@ time, so ``%load_ext nbllm`` stays fast.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
 import logging
 import os
 import struct
+import warnings
 from collections import Counter
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any, ClassVar
 
-from ..errors import LoadError, OptionError, missing_dependency
+from ..errors import LoadError, NbllmWarning, OptionError, missing_dependency
 from ..options import GenerationOptions, LoadOptions
 from ..source import ModelSource
 from ..streaming import threaded_tokens
@@ -67,6 +69,22 @@ def pick_attention(requested: str, gpus: list[tuple[str, tuple[int, int]]]) -> t
     if requested == "flash_attention_2":
         raise OptionError(*why)
     return "sdpa", f"attention: auto picked sdpa ({why[0]})"
+
+
+def machine_notes(options: LoadOptions, gpus: list[tuple[str, tuple[int, int]]]) -> list[str]:
+    """One line for each option that has no effect on this machine, or another effect than on a GPU."""
+    notes: list[str] = []
+    if gpus:
+        return notes
+    if options.gpu_split:
+        notes.append("--gpu-split has no effect here: no CUDA GPU is available (the model runs on the CPU)")
+    if options.cpu_memory_limit is not None:
+        notes.append(f"without a GPU, --cpu-memory {options.cpu_memory:g} limits the RAM of the whole model: layers "
+                     "beyond it go to disk with --disk-offload, or the load fails")
+    elif options.disk_offload:
+        notes.append("--disk-offload has no effect here without --cpu-memory: with no GPU, every layer fits in RAM "
+                     "or the load fails")
+    return notes
 
 
 def check_safetensors(path: Path) -> None:
@@ -147,8 +165,12 @@ class TransformersLoader(TokenLoader):
                 raise missing_dependency(module, extra)
         if (options.load_in_4bit or options.load_in_8bit) and importlib.util.find_spec("bitsandbytes") is None:
             raise missing_dependency("bitsandbytes (needed by --load-in-4bit/--load-in-8bit)", "gpu")
+        _quiet_library_noise()
         cls._device_arguments(options)
-        pick_attention(options.attn_requested, cuda_devices())
+        gpus = cuda_devices()
+        pick_attention(options.attn_requested, gpus)
+        for note in machine_notes(options, gpus if options.device != "cpu" else []):
+            warnings.warn(note, NbllmWarning, stacklevel=2)
         config_path = source.files / "config.json"
         try:
             config = json.loads(config_path.read_text())
@@ -177,9 +199,7 @@ class TransformersLoader(TokenLoader):
             raise OptionError(
                 "--device cuda was asked for but no CUDA GPU is available", "use --device cpu (or auto)"
             )
-        split = options.gpu_split_values
-        if split and not gpus:
-            raise OptionError("--gpu-split needs CUDA GPUs and none is available", "drop --gpu-split")
+        split = options.gpu_split_values if gpus else ()  # without a GPU it has no effect (a note says so)
         if len(split) > len(gpus):
             raise OptionError(
                 f"--gpu-split names {len(split)} GPUs but {len(gpus)} {'is' if len(gpus) == 1 else 'are'} available",
@@ -221,9 +241,10 @@ class TransformersLoader(TokenLoader):
             quantization = self._quantization_config(options, bool(gpus))
             if quantization is not None:
                 kwargs["quantization_config"] = quantization
-            self.model = AutoModelForCausalLM.from_pretrained(
-                path, attn_implementation=attention, trust_remote_code=remote, revision=options.revision, **kwargs
-            )
+            with _no_progress_bars():  # transformers' "Loading weights" bar: nbllm's own line says it loaded
+                self.model = AutoModelForCausalLM.from_pretrained(
+                    path, attn_implementation=attention, trust_remote_code=remote, revision=options.revision, **kwargs
+                )
             self.model.eval()
             self.tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=remote, revision=options.revision)
         except (OptionError, LoadError):
@@ -267,7 +288,6 @@ class TransformersLoader(TokenLoader):
 
         offloading = options.cpu_memory_limit is not None or bool(options.gpu_split) or options.disk_offload
         if options.load_in_8bit:
-            _quiet_int8_cast_log()
             return BitsAndBytesConfig(load_in_8bit=True, llm_int8_enable_fp32_cpu_offload=offloading)
         compute = options.compute_dtype if options.compute_dtype != "auto" else ("float16" if on_gpu else "float32")
         return BitsAndBytesConfig(
@@ -334,7 +354,7 @@ class TransformersLoader(TokenLoader):
         return {
             "attn_implementation": self._attention,
             "dtype": str(self.model.dtype).removeprefix("torch."),
-            "quantization": quant.to_dict() if quant is not None and hasattr(quant, "to_dict") else quant,
+            "quantization": quantization_words(self.options, quant),
             "compiled": bool(self.options and self.options.compile),
             "device_map": dict(getattr(self.model, "hf_device_map", None) or {}),
         }
@@ -431,23 +451,57 @@ class TransformersLoader(TokenLoader):
         return threaded_tokens(run, cancel)
 
 
-class _DropInt8CastWarning(logging.Filter):
-    """bitsandbytes logs "inputs will be cast ... to float16" on every 8-bit matmul: once is enough."""
+class _DropLibraryNoise(logging.Filter):
+    """bitsandbytes logs two harmless lines into the cell: "Failed to load CPU gemm_4bit_forward from
+    kernels-community" (an optional kernel package is absent; it falls back) on import, and "MatMul8bitLt:
+    inputs will be cast ... to float16" on every 8-bit matmul. Neither asks anything of the user."""
 
-    seen = False
+    NOISE = ("Failed to load CPU gemm_4bit_forward", "MatMul8bitLt: inputs will be cast")
 
     def filter(self, record: logging.LogRecord) -> bool:
-        if str(record.msg).startswith("MatMul8bitLt: inputs will be cast"):
-            if self.seen:
-                return False
-            type(self).seen = True
-        return True
+        return not str(record.msg).startswith(self.NOISE)
 
 
-def _quiet_int8_cast_log() -> None:
-    log = logging.getLogger("bitsandbytes.autograd._functions")
-    if not any(isinstance(f, _DropInt8CastWarning) for f in log.filters):
-        log.addFilter(_DropInt8CastWarning())
+_NOISY_LOGGERS = ("bitsandbytes.backends.cpu.ops", "bitsandbytes.autograd._functions")
+
+
+def _quiet_library_noise() -> None:
+    """Install the filter on the loggers that say it, before the libraries are imported."""
+    for name in _NOISY_LOGGERS:
+        log = logging.getLogger(name)
+        if not any(isinstance(f, _DropLibraryNoise) for f in log.filters):
+            log.addFilter(_DropLibraryNoise())
+
+
+@contextlib.contextmanager
+def _no_progress_bars() -> Iterator[None]:
+    from transformers.utils import logging as hf_logging
+
+    was_enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            hf_logging.enable_progress_bar()
+
+
+def quantization_words(options: LoadOptions | None, config_quantization: Any) -> str | None:
+    """The quantization in the flags' words: what the user chose, or the checkpoint's own."""
+    if options is not None and options.load_in_4bit:
+        compute = options.compute_dtype
+        if compute == "auto" and config_quantization is not None:
+            compute = str(getattr(config_quantization, "bnb_4bit_compute_dtype", "auto")).removeprefix("torch.")
+        return (f"4-bit {options.quant_type} (bitsandbytes), compute {compute}"
+                + (", double quant" if options.double_quant else ""))
+    if options is not None and options.load_in_8bit:
+        return "8-bit (bitsandbytes LLM.int8)"
+    if config_quantization is None:
+        return None
+    data = config_quantization.to_dict() if hasattr(config_quantization, "to_dict") else dict(config_quantization)
+    method = data.get("quant_method")
+    bits = data.get("bits")
+    return f"{getattr(method, 'value', method)}" + (f" {bits}-bit" if bits else "") + " (from the checkpoint)"
 
 
 def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
