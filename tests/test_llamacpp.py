@@ -694,3 +694,21 @@ def test_unload_closes_the_llama_object(engine, tiny_gguf, monkeypatch):
     monkeypatch.setattr(llm, "close", lambda: (closed.append(1), real_close())[1])
     engine.unload()
     assert closed == [1] and not engine.loaded
+
+
+def test_a_gguf_whose_chat_template_does_not_compile_loads_with_a_note(shell, engine, tiny_gguf, tmp_path, capsys):
+    """llama-cpp-python compiles the GGUF's template while loading; a syntax error there used to refuse
+    the whole model ("Download the file again"). Raw prompts need no template: load, and say so."""
+    data = bytearray(tiny_gguf.read_bytes())
+    at = data.find(b"{%- for message in messages %}")
+    assert at > 0
+    data[at : at + 2] = b"{{"  # same length: the file stays a valid GGUF, the template no longer compiles
+    broken = tmp_path / "broken-template.gguf"
+    broken.write_bytes(bytes(data))
+    shell.run_line_magic("llm_load", str(broken))
+    out = capsys.readouterr().out
+    assert "note: the chat template in broken-template.gguf does not compile (line 1:" in out
+    assert "raw prompts work" in out and engine.loaded
+    raw = engine.generate(PROMPT, temperature=0, max_new_tokens=5)
+    assert raw.completion_tokens == 5
+    assert engine.generate("Hi", chat=True, temperature=0, max_new_tokens=3).record.mode == "chat"  # generic template

@@ -28,6 +28,7 @@ without loading anything):
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import os
 import sys
@@ -270,6 +271,8 @@ class LlamaCppLoader(TokenLoader):
         self._notes: list[str] = []
         self._gpu_offload = False
         """Whether this llama-cpp-python was built with GPU support."""
+        self.template_error: str | None = None
+        """Why the GGUF's chat template does not compile, if it does not."""
 
     # -- before anything is released ------------------------------------------------------------
     @classmethod
@@ -330,7 +333,8 @@ class LlamaCppLoader(TokenLoader):
         LOG.mode = "verbose" if options.verbose else "quiet"
         LOG.clear()
         try:
-            self.llm = llama_cpp.Llama(**self.kwargs)
+            with _tolerant_chat_templates(llama_cpp) as broken:
+                self.llm = llama_cpp.Llama(**self.kwargs)
         except MemoryError:
             self.unload()
             raise self._memory_error() from None
@@ -345,6 +349,13 @@ class LlamaCppLoader(TokenLoader):
                 f"llama.cpp could not load {source.name}{detail}",
                 _load_fix(said),
             ) from exc
+        self.template_error = broken[0] if broken else None
+        if self.template_error:
+            warnings.warn(
+                f"the chat template in {source.name} does not compile ({self.template_error}): raw prompts work; "
+                "chats use nbllm's generic template instead of the model's own",
+                NbllmWarning, stacklevel=2,
+            )
         self._vocab = llama_cpp.llama_model_get_vocab(self.llm.model)
         self._n_vocab = int(self.llm.n_vocab())
         eos = {int(self.llm.token_eos())}
@@ -439,6 +450,8 @@ class LlamaCppLoader(TokenLoader):
 
     @property
     def chat_template(self) -> str | None:
+        if self.template_error:
+            return None
         return self.llm.metadata.get("tokenizer.chat_template") or None
 
     @property
@@ -528,6 +541,37 @@ class LlamaCppLoader(TokenLoader):
                     return
         finally:
             tokens.close()
+
+
+@contextlib.contextmanager
+def _tolerant_chat_templates(llama_cpp: Any) -> Iterator[list[str]]:
+    """While loading, record a chat template that does not compile instead of failing the load.
+
+    llama-cpp-python compiles every chat template of the GGUF when it loads the model, so one syntax
+    error makes the whole load fail — although nbllm renders chats itself and raw prompts need no
+    template. The yielded list receives ``line N: message`` for each template that does not compile."""
+    import jinja2
+
+    module = llama_cpp.llama_chat_format
+    original = module.Jinja2ChatFormatter
+    broken: list[str] = []
+
+    class Tolerant(original):  # type: ignore[misc, valid-type]
+        def __init__(self, template: str, *args: Any, **kwargs: Any) -> None:
+            try:
+                super().__init__(template, *args, **kwargs)
+            except jinja2.TemplateSyntaxError as exc:
+                broken.append(f"line {exc.lineno}: {exc.message}")
+                self.template = template
+
+        def to_chat_handler(self) -> Any:
+            return super().to_chat_handler() if hasattr(self, "_environment") else None
+
+    module.Jinja2ChatFormatter = Tolerant
+    try:
+        yield broken
+    finally:
+        module.Jinja2ChatFormatter = original
 
 
 def _import_llama_cpp() -> Any:
