@@ -129,3 +129,34 @@ def test_the_engine_stays_usable_after_superseding(engine: Any, model: Path) -> 
         _half_read(engine)
     assert _alone(engine) == alone
     assert nbllm.generate(PROMPT, **LONG).text == alone
+
+
+def test_chat_panel_send_right_after_stop_waits_for_the_stopped_reply(engine: Any, tiny_model: Path) -> None:
+    """Stop racing a new Send: the stopped reply joins the conversation first, then the new one is written."""
+    pytest.importorskip("ipywidgets")
+    from nbllm.widgets import ChatPanel
+
+    engine.load(tiny_model)
+    engine.defaults = nbllm.GenerationOptions(temperature=0, max_new_tokens=2000)
+    panel = ChatPanel("stop-then-send")
+    try:
+        first_chunk = threading.Event()
+        panel.input.value = "Write a long story."
+        panel.send_button.click()
+        result = panel._result
+        assert result is not None
+        result.on_done(lambda _r: first_chunk.set())
+        while not result.chunks and not result.done:  # the worker is streaming: wait for its first text
+            first_chunk.wait(0.05)
+        panel.stop_button.click()
+        engine.defaults = nbllm.GenerationOptions(temperature=0, max_new_tokens=20)
+        panel.input.value = "And then?"
+        panel.send_button.click()  # at once: no "still being written", no race
+        assert panel.messages.error_text == ""
+        assert panel.wait(60)
+        chat = panel.chat
+        assert [t.user for t in chat.turns] == ["Write a long story.", "And then?"]
+        assert chat.turns[0].reply.partial and chat.turns[0].reply.finish_reason == "cancelled"
+        assert not chat.turns[1].reply.partial
+    finally:
+        panel.close()

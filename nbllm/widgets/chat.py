@@ -28,6 +28,9 @@ log = logging.getLogger("nbllm.widgets")
 UPDATE_INTERVAL = 0.1
 """Seconds between two updates of a streaming reply on the page."""
 
+STOP_WAIT_SECONDS = 30.0
+"""How long a Send after Stop waits for the stopped reply to end (it ends within a token)."""
+
 CURSOR = " ▍"
 
 _CSS = """<style>
@@ -233,7 +236,13 @@ class ChatPanel(W.VBox):
         replace_last: bool = False,
         continue_last: bool = False,
     ) -> None:
-        """Start a generation (on this thread, so its errors show at once) and stream it on a worker."""
+        """Start a generation (on this thread, so its errors show at once) and stream it on a worker.
+
+        After Stop, the stopped reply ends within a token: a Send right after it waits for that (the
+        stopped reply joins the conversation first), rather than being refused or racing it."""
+        stopping = self._result is not None and self._result.cancel_event.is_set()
+        if self.generating and stopping:
+            self.wait(STOP_WAIT_SECONDS)
         if self.generating:
             self.messages.show_error("A reply is still being written. Stop it first.")
             return
