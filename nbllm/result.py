@@ -159,12 +159,21 @@ class Result:
         finally:
             self._running = None
 
+    def read_by(self, thread: threading.Thread) -> None:
+        """Say that ``thread`` (not the one that created the result) will read it, e.g. a panel's worker
+        started right after: until it starts, a request from the creating thread waits instead of
+        taking the model from it."""
+        self._reader, self._touched = thread, time.monotonic()
+
     def read_elsewhere(self) -> bool:
         """Whether another thread is reading this result now (waiting for its next piece, or between
         two pieces for less than :data:`GRACE_SECONDS`), so a request for the model should wait."""
         reader = self._reader
-        if self.done or reader is None or reader is threading.current_thread() or not reader.is_alive():
+        if self.done or reader is None or reader is threading.current_thread():
             return False
+        if not reader.is_alive():
+            return reader.ident is None and time.monotonic() - self._touched < GRACE_SECONDS  # about to start
+
         return self._reading or time.monotonic() - self._touched < GRACE_SECONDS
 
     def supersede(self) -> None:

@@ -275,6 +275,7 @@ class ChatPanel(W.VBox):
         self._worker = threading.Thread(
             target=self._stream, args=(result, reply_view, prefix, restore_input), name="nbllm-chat", daemon=True
         )
+        result.read_by(self._worker)  # a cell run meanwhile waits for this reply instead of stopping it
         self._worker.start()
 
     def _stream(self, result: Result, view: MessageView, prefix: str, restore_input: str | None) -> None:
