@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import warnings
-
 from IPython.core import magic_arguments
 from IPython.core.error import UsageError
 from IPython.core.magic import Magics, line_cell_magic, line_magic, magics_class
 
-from ..chat import ChatNote, Conversation, conversation, load_conversation
+from ..chat import Conversation, conversation, load_conversation
 from ..engine import get_engine
 from ._common import (
     generation_arguments,
@@ -56,26 +54,10 @@ class ChatMagics(Magics):
         shell = self.shell
         assert shell is not None
         message = interpolate((cell or "").strip("\n"), shell.user_ns)
-        if args.regenerate and args.continue_:
-            raise UsageError("--regenerate and --continue cannot be used together. Choose one of them.")
-        if (args.regenerate or args.continue_) and message.strip():
-            raise UsageError("--regenerate and --continue take no message. Leave the cell empty.")
-        if not (args.regenerate or args.continue_) and not message.strip():
-            raise UsageError("The message is empty. Write it in the cell below %%llm_chat.")
         options = generation_options(args, get_engine().defaults)
-        chat = conversation(args.name)
-        if args.system is not None:
-            chat.system = interpolate(args.system, shell.user_ns)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", ChatNote)  # shown below, in the cell's output
-            if args.regenerate:
-                result = chat.regenerate(options)
-            elif args.continue_:
-                result = chat.continue_reply(options)
-            else:
-                result = chat.send(message, options)
-        for note in chat.notes:
-            print(f"[{note}]")
+        system = interpolate(args.system, shell.user_ns) if args.system is not None else None
+        result = conversation(args.name).reply(message, options, regenerate=args.regenerate,
+                                               continue_=args.continue_, system=system)
         if args.output:
             shell.user_ns[args.output] = result
         show_stream(shell, result)
