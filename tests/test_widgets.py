@@ -255,6 +255,20 @@ def test_an_empty_message_is_refused_by_the_conversation(chat: ChatPanel, engine
     assert not chat.generating and len(chat.chat) == 0 and engine.last_result is None
 
 
+def test_chat_notes_show_once_in_the_panels_note_line(chat: ChatPanel, engine: Any) -> None:
+    from nbllm.chat_template import FALLBACK_NOTE
+    from nbllm.testing import tiny_transformers_model
+
+    engine.load(tiny_transformers_model(chat_template=False))
+    engine.defaults = GenerationOptions(temperature=0, max_new_tokens=3)
+    chat.send("Hi")
+    assert chat.wait(30)
+    assert chat.messages.note_text == FALLBACK_NOTE
+    chat.send("Again")
+    assert chat.wait(30)
+    assert chat.messages.note_text == "" and len(chat.chat) == 2  # said once per conversation
+
+
 def test_reply_streams_into_the_panel_and_joins_the_conversation(chat: ChatPanel, engine: Any, tiny_model: Path) -> None:
     engine.load(tiny_model)
     engine.defaults = GenerationOptions(temperature=0, max_new_tokens=24)
