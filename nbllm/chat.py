@@ -18,7 +18,7 @@ import json
 import threading
 import warnings
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field, fields
+from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -91,12 +91,15 @@ class Reply:
         }
 
     @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> Reply:
+    def from_dict(cls, data: Any, where: str = "reply") -> Reply:
+        """A reply as :meth:`to_dict` writes it; a wrong field raises :class:`ChatError` naming ``where``."""
+        data = _object(data, where)
+        records = _field(data, "records", where, list, default=[])
         return cls(
-            content=str(data["content"]),
-            partial=bool(data.get("partial", False)),
-            finish_reason=data.get("finish_reason"),
-            records=[_record(r) for r in data.get("records") or []],
+            content=_field(data, "content", where, str),
+            partial=_field(data, "partial", where, bool, default=False),
+            finish_reason=_field(data, "finish_reason", where, str, default=None),
+            records=[_record(_object(r, f"{where}, record {i}"), f"{where}, record {i}") for i, r in enumerate(records, 1)],
         )
 
 
@@ -138,12 +141,15 @@ class Turn:
         }
 
     @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> Turn:
-        reply = data.get("reply")
+    def from_dict(cls, data: Any, where: str = "turn") -> Turn:
+        """A turn as :meth:`to_dict` writes it; a wrong field raises :class:`ChatError` naming ``where``."""
+        data = _object(data, where)
+        reply = _field(data, "reply", where, dict, default=None)
+        earlier = _field(data, "earlier", where, list, default=[])
         return cls(
-            user=str(data["user"]),
-            reply=Reply.from_dict(reply) if reply else None,
-            earlier=[Reply.from_dict(r) for r in data.get("earlier") or []],
+            user=_field(data, "user", where, str),
+            reply=Reply.from_dict(reply, f"{where}, reply") if reply is not None else None,
+            earlier=[Reply.from_dict(r, f"{where}, earlier reply {i}") for i, r in enumerate(earlier, 1)],
         )
 
 
@@ -176,7 +182,8 @@ class Conversation:
         self.turns: list[Turn] = []
         self.notes: list[str] = []
         """What the last prompt did that this conversation had not said yet (turns left out, the
-        fallback template); each note is also a :class:`ChatNote` warning."""
+        fallback template). Each is said to the user once, as a :class:`ChatNote` warning (the magics
+        show it as a ``note:`` line, the chat panel in its note line); this list is for code."""
         self.left_out = 0
         """How many of the oldest turns the last prompt left out to fit the context."""
         self._engine = engine
@@ -212,14 +219,55 @@ class Conversation:
         return self._pending is not None
 
     # -- talking ---------------------------------------------------------------------------------
+    def reply(
+        self,
+        message: str | None = None,
+        options: GenerationOptions | Mapping[str, Any] | None = None,
+        *,
+        regenerate: bool = False,
+        continue_: bool = False,
+        system: str | None = None,
+        **kwargs: Any,
+    ) -> Result:
+        """The next reply, as a front end asks for it: to ``message`` (:meth:`send`), or the last reply
+        written again (``regenerate``) or extended (``continue_``), which take no message.
+
+        ``system`` sets the system prompt first ('' removes it; None keeps it). The chat magic and the
+        chat panel call this, so the rules are the same everywhere.
+        """
+        if regenerate and continue_:
+            raise ChatError("regenerate and continue cannot be used together", "choose one of them")
+        if (regenerate or continue_) and message is not None and message.strip():
+            what = "regenerate" if regenerate else "continue"
+            raise ChatError(f"{what} takes no message (it works on the last reply)", "leave the message out")
+        with self._lock:
+            if system is not None:
+                self._check_idle()
+                self.system = system
+            if regenerate:
+                return self.regenerate(options, **kwargs)
+            if continue_:
+                return self.continue_reply(options, **kwargs)
+            return self.send(message or "", options, **kwargs)
+
     def send(self, text: str, options: GenerationOptions | Mapping[str, Any] | None = None, **kwargs: Any) -> Result:
         """Send ``text`` as the user's next message; iterate the returned result to stream the reply.
 
         Keyword arguments are :class:`~nbllm.options.GenerationOptions` fields. The turn is added
-        when the reply ends (kept as ``partial`` if interrupted; not added if generation fails).
+        when the reply ends (kept as ``partial`` if interrupted; not added if generation fails). An
+        empty message (or only spaces) is refused; so is a message after a user message that has no
+        reply yet (a loaded file can end that way: :meth:`regenerate` answers it).
         """
         with self._lock:
             self._check_idle()
+            if not text.strip():
+                raise ChatError("the message is empty", "write the message to send")
+            if self.turns and self.turns[-1].reply is None:
+                raise ChatError(
+                    f"the last message of conversation {self.name!r} has no reply yet, so a new one would make two "
+                    "user messages in a row",
+                    f"answer it first with regenerate (%llm_chat {self.name} --regenerate)",
+                )
             turn = Turn(user=text)
             return self._start([*self.turns, turn], options, kwargs, number=len(self.turns) + 1,
                                open_reply=False, on_reply=lambda reply: self.turns.append(_with(turn, reply)))
@@ -386,31 +434,63 @@ class Conversation:
         return target
 
     @classmethod
-    def from_dict(cls, data: Mapping[str, Any] | Sequence[Mapping[str, Any]], *, name: str | None = None) -> Conversation:
+    def from_dict(cls, data: Any, *, name: str | None = None) -> Conversation:
         """A conversation from :meth:`to_dict`'s form, or from a plain list of ``{"role", "content"}``
-        messages (as other tools write them)."""
-        if not isinstance(data, Mapping):
-            data = {"messages": list(data)}
+        messages (as other tools write them): an optional system message first, then user and assistant
+        messages alternating; the last user message may have no reply yet.
+
+        Anything else raises :class:`~nbllm.errors.ChatError` in one line naming what is wrong and
+        where (``message 3``, ``turn 2, reply``, the field).
+        """
+        if isinstance(data, list):
+            data = {"messages": data}
+        data = _object(data, "the file")
         if data.get("format", FORMAT) != FORMAT:
             raise ChatError(f"this is not an nbllm conversation (format {data.get('format')!r})",
                             "load a file written by %llm_history --save or Conversation.save")
-        conv = cls(name or str(data.get("name") or "chat"), data.get("system"))
+        version = data.get("version", FORMAT_VERSION)
+        if isinstance(version, bool) or not isinstance(version, int) or version < 1:
+            raise ChatError(f"'version' is {version!r}, not a format version", f"this nbllm writes version {FORMAT_VERSION}")
+        if version > FORMAT_VERSION:
+            raise ChatError(f"the file is in version {version} of the conversation format; this nbllm reads up to "
+                            f"version {FORMAT_VERSION}", "update nbllm to load it")
+        if "turns" not in data and "messages" not in data:
+            raise ChatError("the file holds neither 'messages' nor 'turns'", _FILE_FIX)
+        conv = cls(name or _field(data, "name", "the file", str, default=None) or "chat",
+                   _field(data, "system", "the file", str, default=None))
         if "turns" in data:
-            conv.turns = [Turn.from_dict(t) for t in data["turns"]]
+            turns = _field(data, "turns", "the file", list)
+            conv.turns = [Turn.from_dict(t, f"turn {i}") for i, t in enumerate(turns, 1)]
+            for i, turn in enumerate(conv.turns[:-1], 1):
+                if turn.reply is None:
+                    raise ChatError(f"turn {i} has no reply, but turn {i + 1} follows it (two user messages in a row)",
+                                    _FILE_FIX)
+            if "messages" in data:
+                messages = [_message(m, i) for i, m in enumerate(_field(data, "messages", "the file", list), 1)]
+                expected = conv._messages(conv.turns)
+                if messages != expected:
+                    at = next((i for i, (a, b) in enumerate(zip(messages, expected), 1) if a != b),
+                              min(len(messages), len(expected)) + 1)
+                    raise ChatError(f"'messages' and 'turns' disagree at message {at}",
+                                    "edit both the same way, or remove 'messages' (turns holds everything)")
             return conv
-        for i, message in enumerate(data.get("messages") or []):
-            role, content = message.get("role"), str(message.get("content", ""))
-            if role == "system" and i == 0:
+        for i, raw in enumerate(_field(data, "messages", "the file", list), 1):
+            message = _message(raw, i)
+            role, content = message["role"], message["content"]
+            last = conv.turns[-1] if conv.turns else None
+            if role == "system" and i == 1:
                 conv.system = content
-            elif role == "user":
+            elif role == "user" and (last is None or last.reply is not None):
                 conv.turns.append(Turn(user=content))
-            elif role == "assistant" and conv.turns and conv.turns[-1].reply is None:
-                conv.turns[-1].reply = Reply(content)
+            elif role == "assistant" and last is not None and last.reply is None:
+                last.reply = Reply(content)
             else:
+                what = {"system": "a system message that is not the first message",
+                        "user": "a user message right after another user message",
+                        "assistant": "an assistant message that answers no user message"}[role]
                 raise ChatError(
-                    f"message {i + 1} ({role!r}) does not fit a conversation: it must be a user message or "
-                    "the assistant's reply to the user message before it",
-                    "fix the file (an optional system message first, then user and assistant messages alternating)",
+                    f"message {i} is {what}",
+                    "fix the file: an optional system message first, then user and assistant messages alternating",
                 )
         return conv
 
@@ -426,9 +506,8 @@ class Conversation:
             raise ChatError(f"{source} is not valid JSON ({exc})", "load a file written by %llm_history --save") from None
         try:
             return cls.from_dict(data, name=name)
-        except (KeyError, TypeError, AttributeError) as exc:
-            raise ChatError(f"{source} is not a conversation nbllm can read ({type(exc).__name__}: {exc})",
-                            "load a file written by %llm_history --save") from None
+        except ChatError as exc:
+            raise ChatError(f"{source}: {exc.cause}", exc.fix) from None
 
     # -- showing ---------------------------------------------------------------------------------
     def __repr__(self) -> str:
@@ -480,9 +559,58 @@ def _with(turn: Turn, reply: Reply) -> Turn:
     return turn
 
 
-def _record(data: Mapping[str, Any]) -> Record:
+_FILE_FIX = "correct the file (its format is in docs/chat.md), or save the conversation again"
+_ROLES = ("system", "user", "assistant")
+
+
+def _kind(value: Any) -> str:
+    """How a JSON value is called in an error message."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return {str: "text", list: "a list", dict: "an object", int: "a number", float: "a number"}.get(
+        type(value), type(value).__name__)
+
+
+def _object(value: Any, where: str) -> Mapping[str, Any]:
+    if not isinstance(value, Mapping):
+        raise ChatError(f"{where} is {_kind(value)}, not an object", _FILE_FIX)
+    return value
+
+
+_MISSING = object()
+
+
+def _field(data: Mapping[str, Any], key: str, where: str, kind: type, default: Any = _MISSING) -> Any:
+    """``data[key]`` checked to be a ``kind``; missing (or null, when the default is None) gives ``default``."""
+    value = data.get(key, _MISSING)
+    if value is _MISSING or (value is None and default is None):
+        if default is _MISSING:
+            raise ChatError(f"{where} has no {key!r}", _FILE_FIX)
+        return default
+    if not isinstance(value, kind) or (kind is not bool and isinstance(value, bool)):
+        words = {str: "text", bool: "true or false", list: "a list", dict: "an object"}[kind]
+        raise ChatError(f"{where}: {key!r} is {_kind(value)}, not {words}", _FILE_FIX)
+    return value
+
+
+def _message(value: Any, number: int) -> dict[str, str]:
+    """Message ``number`` of a file: ``{"role", "content"}`` with a known role and text content."""
+    where = f"message {number}"
+    data = _object(value, where)
+    role = _field(data, "role", where, str)
+    if role not in _ROLES:
+        raise ChatError(f"{where}: 'role' is {role!r}, not one of {', '.join(_ROLES)}", _FILE_FIX)
+    return {"role": role, "content": _field(data, "content", where, str)}
+
+
+def _record(data: Mapping[str, Any], where: str) -> Record:
     known = {f.name for f in fields(Record)}
     values = {k: v for k, v in data.items() if k in known}
+    for f in fields(Record):
+        if f.name not in values and f.default is MISSING and f.default_factory is MISSING:
+            raise ChatError(f"{where} has no {f.name!r}", _FILE_FIX)
     options = dict(values.get("generation_options") or {})
     if isinstance(options.get("stop"), list):  # JSON has no tuples
         options["stop"] = tuple(options["stop"])

@@ -11,6 +11,8 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import math
+import re
+import unicodedata
 import warnings
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
@@ -27,20 +29,31 @@ def option(
     group: str = "advanced",
     minimum: float | None = None,
     maximum: float | None = None,
+    minimum_exclusive: bool = False,
     flag: str | None = None,
     metavar: str | None = None,
     panel: bool = True,
+    example: str | None = None,
+    escapes: bool = False,
 ) -> Any:
-    """A schema field: its default plus everything needed to derive flags, help, panel and checks."""
+    """A schema field: its default plus everything needed to derive flags, help, panel and checks.
+
+    ``minimum_exclusive``: the value must be above ``minimum``, not equal to it. ``example``: a valid
+    value that error messages suggest (default: the default). ``escapes``: text typed in a magic line
+    or a panel field goes through :func:`decode_escapes` (``\\n`` is a newline).
+    """
     meta = {
         "help": help,
         "choices": choices,
         "group": group,
         "minimum": minimum,
         "maximum": maximum,
+        "minimum_exclusive": minimum_exclusive,
         "flag": flag,
         "metavar": metavar,
         "panel": panel,
+        "example": example,
+        "escapes": escapes,
     }
     if isinstance(default, (list, tuple)):
         return field(default_factory=lambda: tuple(default), metadata=meta)
@@ -59,9 +72,12 @@ class OptionSpec:
     group: str
     minimum: float | None
     maximum: float | None
+    minimum_exclusive: bool
     flag: str
     metavar: str | None
     panel: bool
+    example: str | None
+    escapes: bool
 
 
 S = TypeVar("S", bound="_Schema")
@@ -95,9 +111,12 @@ class _Schema:
                     group=m["group"],
                     minimum=m["minimum"],
                     maximum=m["maximum"],
+                    minimum_exclusive=m["minimum_exclusive"],
                     flag=m["flag"] or "--" + f.name.replace("_", "-"),
                     metavar=m["metavar"],
                     panel=m["panel"],
+                    example=m["example"],
+                    escapes=m["escapes"],
                 )
             )
         return out
@@ -157,6 +176,8 @@ class _Schema:
                     raise OptionError(f"{s.flag} must be a finite number, not {value}", "give a number")
                 if s.minimum is not None and value < s.minimum:
                     raise OptionError(f"{s.flag} {value} is below {s.minimum}", _bounds_fix(s))
+                if s.minimum_exclusive and value == s.minimum:
+                    raise OptionError(f"{s.flag} {value} is not above {s.minimum}", _bounds_fix(s))
                 if s.maximum is not None and value > s.maximum:
                     raise OptionError(f"{s.flag} {value} is above {s.maximum}", _bounds_fix(s))
 
@@ -178,6 +199,8 @@ class _Schema:
                 kwargs["action"] = "append"
                 kwargs["default"] = None
                 kwargs["metavar"] = s.metavar or "TEXT"
+                if s.escapes:
+                    kwargs["type"] = decode_escapes
             else:
                 kwargs["type"] = _parser_type(s)
                 kwargs["default"] = None if defaults_none else s.default
@@ -188,19 +211,59 @@ class _Schema:
         return args
 
     @classmethod
+    def typed(cls, ns: argparse.Namespace) -> dict[str, Any]:
+        """The options the user typed as flags (parsed with ``argparse_arguments()``)."""
+        return {n: getattr(ns, n) for n in cls.names() if getattr(ns, n, None) is not None}
+
+    @classmethod
     def from_namespace(cls: type[S], ns: argparse.Namespace, base: S | None = None) -> S:
         """Options from parsed flags: what the user typed, over ``base`` (or the defaults)."""
-        typed = {n: getattr(ns, n) for n in cls.names() if getattr(ns, n, None) is not None}
         start = base.to_dict() if base is not None else {}
-        return cls.from_dict({**start, **typed})
+        return cls.from_dict({**start, **cls.typed(ns)})
 
 
 def _bounds_fix(s: OptionSpec) -> str:
+    low = f"above {s.minimum}" if s.minimum_exclusive else f"at least {s.minimum}"
     if s.minimum is not None and s.maximum is not None:
+        if s.minimum_exclusive:
+            return f"use a value {low} and at most {s.maximum}"
         return f"use a value from {s.minimum} to {s.maximum}"
     if s.minimum is not None:
-        return f"use a value of at least {s.minimum}"
+        return f"use a value {low}"
     return f"use a value of at most {s.maximum}"
+
+
+def _value_fix(s: OptionSpec) -> str:
+    """What to type instead of a value of the wrong type: a valid example (or leaving the flag out)."""
+    example = s.example if s.example is not None else None if s.default is None else _show(s.default)
+    if example is None:
+        return f"give {_type_words(s)}, or leave {s.flag} out"
+    return f"for example: {s.flag} {example}" + (f", or leave {s.flag} out" if s.default is None else "")
+
+
+_ESCAPE = re.compile(r"""\\(u[0-9a-fA-F]{4}|[ntr\\"'])""")
+_ESCAPED = {"n": "\n", "t": "\t", "r": "\r", "\\": "\\", '"': '"', "'": "'"}
+_SHOWN = {"\\": "\\\\", "\n": "\\n", "\t": "\\t", "\r": "\\r"}
+
+
+def decode_escapes(text: str) -> str:
+    r"""Text typed in a magic line or a panel field, with its escapes decoded: ``\n`` (newline), ``\t``
+    (tab), ``\r``, ``\\`` (one backslash), ``\"``, ``\'`` and ``\uXXXX`` (the character with that hex
+    code). Any other backslash stays as written. Python callers pass real strings instead."""
+
+    def one(match: re.Match[str]) -> str:
+        code = match.group(1)
+        return chr(int(code[1:], 16)) if code[0] == "u" else _ESCAPED[code]
+
+    return _ESCAPE.sub(one, text)
+
+
+def encode_escapes(text: str) -> str:
+    r"""The inverse of :func:`decode_escapes` (``decode_escapes(encode_escapes(s)) == s``), for showing
+    a stop string in a panel field: backslashes, newlines, tabs and other control characters as escapes."""
+    return "".join(
+        _SHOWN.get(ch) or (f"\\u{ord(ch):04x}" if unicodedata.category(ch) == "Cc" else ch) for ch in text
+    )
 
 
 def _show(value: Any) -> str:
@@ -248,9 +311,7 @@ def _coerce(s: OptionSpec, value: Any) -> Any:
             return float(value)
         return str(value)
     except (TypeError, ValueError):
-        raise OptionError(
-            f"{s.flag} expects {_type_words(s)}, not {value!r}", f"for example: {s.flag} {_show(s.default)}"
-        ) from None
+        raise OptionError(f"{s.flag} expects {_type_words(s)}, not {value!r}", _value_fix(s)) from None
 
 
 def _type_words(s: OptionSpec) -> str:
@@ -480,20 +541,48 @@ class GenerationOptions(_Schema):
         group="sampling", minimum=0.0, maximum=1.0,
     )
     typical_p: float = option(
-        1.0, "Locally typical sampling (1 disables).", group="sampling", minimum=0.0, maximum=1.0
+        1.0, "Locally typical sampling: keep the most typical tokens up to this probability mass (above 0; "
+        "1 disables).", group="sampling", minimum=0.0, minimum_exclusive=True, maximum=1.0,
     )
     repetition_penalty: float = option(
         1.0, "Penalty for tokens already present (1 disables; 1.1–1.2 curbs loops).", group="sampling",
         minimum=0.05, maximum=10.0,
     )
     stop: tuple[str, ...] = option(
-        (), "Stop when this text appears (it is not shown). Repeat the flag for several.", group="length",
-        metavar="TEXT",
+        (), "Stop when this text appears (it is not shown). Repeat the flag for several. Typed text decodes "
+        "escapes: \\n is a newline, \\t a tab (quote them in a magic line: --stop '\\n').", group="length",
+        metavar="TEXT", escapes=True,
     )
     seed: int | None = option(
         None, "Random seed. Unset: one is drawn and recorded with the output, so it can be reproduced.",
-        group="sampling", minimum=0, maximum=2**32 - 1,
+        group="sampling", minimum=0, maximum=2**32 - 1, example="1234",
     )
+
+    PRESETS: ClassVar[dict[str, dict[str, Any]]] = {
+        "deterministic": {"temperature": 0.0, "top_p": 0.9, "top_k": 0, "min_p": 0.0, "repetition_penalty": 1.0},
+        "balanced": {"temperature": 0.7, "top_p": 0.9, "top_k": 0, "min_p": 0.0, "repetition_penalty": 1.0},
+        "creative": {"temperature": 1.0, "top_p": 0.95, "top_k": 0, "min_p": 0.05, "repetition_penalty": 1.1},
+    }
+    """Named sampling settings. deterministic is greedy decoding (same prompt, same reply; the samplers
+    greedy decoding ignores stay at their defaults, so nothing warns); balanced is nbllm's default;
+    creative samples more widely and curbs repetition. None touches max_new_tokens, stop or seed."""
+
+    @classmethod
+    def presets(cls) -> dict[str, dict[str, Any]]:
+        """Every preset by name: the option values it sets."""
+        return {name: dict(values) for name, values in cls.PRESETS.items()}
+
+    @classmethod
+    def preset(cls, name: str, base: GenerationOptions | None = None, **overrides: Any) -> GenerationOptions:
+        """``base`` (or the defaults) with preset ``name`` applied, then ``overrides`` on top (validated).
+
+        ``%%llm --preset creative --temperature 0.8`` is ``preset("creative", engine.defaults,
+        temperature=0.8)``: what the user typed wins over the preset, the preset over the defaults.
+        """
+        if name not in cls.PRESETS:
+            raise OptionError(f"unknown preset {name!r}", f"use one of: {', '.join(cls.PRESETS)}")
+        start = base.to_dict() if base is not None else {}
+        return cls.from_dict({**start, **cls.PRESETS[name], **overrides})
 
     def validate(self) -> None:
         super().validate()

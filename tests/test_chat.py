@@ -423,6 +423,107 @@ def test_load_plain_messages_and_bad_files(tmp_path: Path) -> None:
         Conversation.load(wrong)
 
 
+@pytest.mark.parametrize(
+    ("data", "message"),
+    [
+        ([{"role": "user", "content": "a"}, {"role": "user", "content": "b"}],
+         "message 2 is a user message right after another user message"),
+        ([{"role": "user", "content": "a"}, {"role": "assistant", "content": None}],
+         "message 2: 'content' is null, not text"),
+        ([{"role": "user", "content": 5}], "message 1: 'content' is a number, not text"),
+        ([{"role": "user"}], "message 1 has no 'content'"),
+        ([{"role": "robot", "content": "x"}], "message 1: 'role' is 'robot', not one of system, user, assistant"),
+        ([{"role": "user", "content": "a"}, {"role": "system", "content": "s"}],
+         "message 2 is a system message that is not the first message"),
+        (["hello"], "message 1 is text, not an object"),
+        ("hello", "the file is text, not an object"),
+        ({"format": "nbllm.conversation", "version": 99, "turns": []},
+         "the file is in version 99 of the conversation format; this nbllm reads up to version 1"),
+        ({"version": "1", "turns": []}, "'version' is '1', not a format version"),
+        ({"name": "x"}, "the file holds neither 'messages' nor 'turns'"),
+        ({"turns": [{"user": "a", "reply": None}, {"user": "b", "reply": None}]},
+         "turn 1 has no reply, but turn 2 follows it (two user messages in a row)"),
+        ({"turns": [{"user": "a", "reply": {"content": None}}]}, "turn 1, reply: 'content' is null, not text"),
+        ({"turns": [{"user": None}]}, "turn 1: 'user' is null, not text"),
+        ({"turns": [{"user": "a", "reply": {"content": "b", "partial": "no"}}]},
+         "turn 1, reply: 'partial' is text, not true or false"),
+        ({"turns": [{"user": "a", "reply": {"content": "b"}, "earlier": [{"content": []}]}]},
+         "turn 1, earlier reply 1: 'content' is a list, not text"),
+        ({"turns": [{"user": "a", "reply": {"content": "b", "records": [{"seed": 1}]}}]},
+         "turn 1, reply, record 1 has no 'model'"),
+        ({"turns": "many"}, "the file: 'turns' is text, not a list"),
+        ({"system": 3, "turns": []}, "the file: 'system' is a number, not text"),
+        ({"turns": [{"user": "a", "reply": {"content": "b"}}],
+          "messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "edited"}]},
+         "'messages' and 'turns' disagree at message 2"),
+    ],
+)
+def test_a_bad_file_is_one_line_naming_what_and_where(tmp_path: Path, data: Any, message: str) -> None:
+    path = tmp_path / "chat.json"
+    path.write_text(json.dumps(data), encoding="utf-8")
+    with pytest.raises(ChatError) as info:
+        Conversation.load(path)
+    assert info.value.message.startswith(f"{path}: {message}. ")
+    assert "\n" not in info.value.message and info.value.fix
+
+
+@pytest.fixture(params=["transformers", "llama.cpp"])
+def either_loaded(request: pytest.FixtureRequest, engine: Any) -> Any:
+    engine.load(request.getfixturevalue("tiny_model" if request.param == "transformers" else "tiny_gguf"))
+    return engine
+
+
+def test_a_file_ending_in_a_user_message_is_answered_never_doubled(either_loaded: Any, tmp_path: Path) -> None:
+    path = tmp_path / "open.json"
+    path.write_text(json.dumps(CONVERSATIONS[1]), encoding="utf-8")
+    conv = chatlib.load_conversation(path, "open")
+    with pytest.raises(ChatError, match=r"has no reply yet, so a new one would make two user messages in a row\. "
+                                        r"Answer it first with regenerate \(%llm_chat open --regenerate\)"):
+        conv.send("Another question", **GREEDY)
+    assert len(conv) == 2 and not conv.generating
+    answer = conv.reply(regenerate=True, **GREEDY)
+    _ = answer.text
+    assert answer.record is not None and answer.record.messages == CONVERSATIONS[1]
+    reply = conv.turns[-1].reply
+    assert reply is not None and reply.content == answer.text and conv.turns[-1].earlier == []
+    nxt = conv.send("Another question", **GREEDY)
+    _ = nxt.text
+    assert nxt.record is not None
+    roles = [m["role"] for m in nxt.record.messages or []]
+    assert roles == ["system", "user", "assistant", "user", "assistant", "user"]
+
+
+# -- the rules of a reply live in the conversation ------------------------------------------------------
+def test_reply_rules(loaded: Any) -> None:
+    conv = Conversation("rules")
+    for message in ("", "   ", "\n\t \n"):
+        with pytest.raises(ChatError, match=r"^the message is empty\. Write the message to send\.$"):
+            conv.reply(message)
+        with pytest.raises(ChatError, match="the message is empty"):
+            conv.send(message)
+    with pytest.raises(ChatError, match="the message is empty"):
+        conv.reply()
+    with pytest.raises(ChatError, match="^regenerate and continue cannot be used together. Choose one of them.$"):
+        conv.reply(regenerate=True, continue_=True)
+    with pytest.raises(ChatError, match="no reply to regenerate"):
+        conv.reply(regenerate=True)
+    assert len(conv) == 0 and not conv.generating
+    first = conv.reply("Hello", system="Be brief.", **GREEDY)
+    _ = first.text
+    assert conv.system == "Be brief." and first.record is not None
+    assert first.record.messages == [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hello"}]
+    for flag in ("regenerate", "continue_"):
+        with pytest.raises(ChatError, match=f"^{flag.rstrip('_')} takes no message"):
+            conv.reply("more", **{flag: True})
+    again = conv.reply(regenerate=True, **GREEDY)
+    _ = again.text
+    assert len(conv.turns[-1].earlier) == 1
+    more = conv.reply(continue_=True, system="", **GREEDY)
+    _ = more.text
+    assert conv.system == "" and conv.turns[-1].reply is not None
+    assert conv.turns[-1].reply.content == again.text + more.text
+
+
 # -- interrupts and failures --------------------------------------------------------------------------
 def test_interrupted_reply_is_kept_as_partial(loaded: Any, monkeypatch: pytest.MonkeyPatch) -> None:
     conv = Conversation("interrupt")
@@ -531,7 +632,7 @@ def test_chat_magics(chat_shell: Any, capsys: pytest.CaptureFixture[str], tmp_pa
     sh.run_line_magic("llm_chat", "poet --continue --temperature 0 --max-new-tokens 4 -o r3")
     assert conv.turns[-1].reply.content == before + sh.user_ns["r3"].text
 
-    with pytest.raises(UsageError, match="take no message"):
+    with pytest.raises(UsageError, match="regenerate takes no message"):
         sh.run_cell_magic("llm_chat", "poet --regenerate", "a message")
     with pytest.raises(UsageError, match="empty"):
         sh.run_cell_magic("llm_chat", "poet", "\n")
@@ -575,18 +676,32 @@ def test_chat_magic_interrupt_keeps_a_partial_turn(chat_shell: Any, monkeypatch:
     assert "interrupted after 4 tokens" in capsys.readouterr().out
 
 
-def test_chat_magic_shows_the_truncation_note(shell: Any, engine: Any, capsys: pytest.CaptureFixture[str]) -> None:
-    from nbllm.magics.chat import ChatMagics
+def _notes(out: str) -> list[str]:
+    return [line for line in out.splitlines() if line.startswith("note: ")]
+
+
+def test_chat_magic_shows_each_note_once_as_one_note_line(shell: Any, engine: Any,
+                                                         capsys: pytest.CaptureFixture[str]) -> None:
+    """Notes reach the user through one channel, the ChatNote warning, shown by the magic as `note:`."""
     from nbllm.testing import tiny_transformers_model
 
     engine.load(tiny_transformers_model(max_position_embeddings=128))
-    shell.register_magics(ChatMagics)
-    with warnings.catch_warnings():
-        warnings.simplefilter("error", ChatNote)  # the magic prints notes instead of warning
-        for i in range(6):
-            shell.run_cell_magic("llm_chat", "small --temperature 0 --max-new-tokens 16",
-                                 f"Turn {i}: the quick brown fox jumps over the lazy dog.")
-    assert "oldest turn" in capsys.readouterr().out
+    said: list[str] = []
+    for i in range(6):
+        capsys.readouterr()
+        shell.run_cell_magic("llm_chat", "small --temperature 0 --max-new-tokens 16",
+                             f"Turn {i}: the quick brown fox jumps over the lazy dog.")
+        out = capsys.readouterr().out
+        said += _notes(out)
+        assert "[the conversation" not in out  # not printed a second way
+    assert said and all("oldest turn" in n for n in said) and len(said) == len(set(said))  # each said once
+
+    engine.load(tiny_transformers_model(chat_template=False))
+    for text in ("Hi", "Again"):
+        capsys.readouterr()
+        shell.run_cell_magic("llm_chat", "plain --temperature 0 --max-new-tokens 4", text)
+        notes = _notes(capsys.readouterr().out)
+        assert notes == ([f"note: {chatlib.FALLBACK_NOTE}"] if text == "Hi" else [])
 
 
 # -- llama.cpp ----------------------------------------------------------------------------------------

@@ -3,18 +3,30 @@
 from __future__ import annotations
 
 import _thread
+import json
+import re
 import subprocess
 import sys
 import threading
 import time
 
 import pytest
+from hypothesis import assume, given
+from hypothesis import strategies as st
 from IPython.core.error import UsageError
 
+from nbllm.chat import conversation, conversations, forget
 from nbllm.magics._common import interpolate
 from nbllm.options import GenerationOptions, LoadOptions
 
 PROMPT = "The capital of France is"
+
+
+@pytest.fixture(autouse=True)
+def _no_conversations():
+    yield
+    for name in list(conversations()):
+        forget(name)
 
 
 def test_load_ext_imports_no_heavy_library():
@@ -80,10 +92,54 @@ def test_same_seed_through_the_magic_gives_the_same_text(shell, tiny_model):
         ("def f():\n    return {k: v for k, v in {}.items()}", "def f():\n    return {k: v for k, v in {}.items()}"),
         ("literal {{doc} and {undefined_name}", "literal {doc} and {undefined_name}"),
         ("f'{x!r}' {doc:>5} {0}", "f'{x!r}' {doc:>5} {0}"),
+        ("Define {{term}} for {doc}", "Define {term} for A DOC"),
+        ("{{doc}}{{nope}}", "{doc}{nope}"),
+        ('{"a": {"b": {doc}}}', '{"a": {"b": A DOC}}'),
+        ("The {{ answer }} and {{}} stay", "The {{ answer }} and {{}} stay"),
     ],
 )
 def test_interpolation_inserts_variables_and_leaves_other_braces(cell, expected):
     assert interpolate(cell, {"doc": "A DOC", "k": 1}) == expected
+
+
+_NAMES = st.from_regex(r"[A-Za-z_][A-Za-z0-9_]{0,6}", fullmatch=True)
+_NO_OPEN_BRACE = st.text(st.characters(blacklist_characters="{", blacklist_categories=("Cs",)))
+
+
+@given(st.lists(st.tuples(st.sampled_from(["text", "var", "escaped"]), _NO_OPEN_BRACE, _NAMES)),
+       st.dictionaries(_NAMES, st.text()))
+def test_interpolation_inserts_variables_writes_escaped_names_and_keeps_every_other_brace(parts, namespace):
+    """A template of text (any closing braces), ``{name}`` and ``{{name}}`` comes out as the model says:
+    values inserted once (never interpolated again), ``{{name}}`` as ``{name}``, the rest unchanged."""
+    template = expected = ""
+    for kind, text, name in parts:
+        if kind == "text":
+            template, expected = template + text, expected + text
+        elif kind == "var":
+            template += "{" + name + "}"
+            expected += str(namespace[name]) if name in namespace else "{" + name + "}"
+        else:
+            template += "{{" + name + "}}"
+            expected += "{" + name + "}"
+    assert interpolate(template, namespace) == expected
+
+
+_JSON = st.recursive(
+    st.none() | st.booleans() | st.integers() | _NO_OPEN_BRACE,
+    lambda inner: st.lists(inner) | st.dictionaries(_NO_OPEN_BRACE, inner),
+)
+
+
+@given(_JSON, st.dictionaries(_NAMES, st.text()))
+def test_json_goes_through_unchanged(value, namespace):
+    text = json.dumps(value, ensure_ascii=False)
+    assert interpolate(text, namespace) == text
+
+
+@given(st.text(alphabet="{}ab_1 \"':\n"))
+def test_text_without_names_to_replace_is_unchanged(text):
+    assume("{{" not in text)
+    assert interpolate(text, {}) == text
 
 
 def test_interpolation_through_the_magic(shell, tiny_model):
@@ -199,3 +255,107 @@ def test_ineffective_options_are_one_note_line(shell, tiny_model, capsys):
     assert "UserWarning" not in out.out + out.err
     shell.run_cell_magic("llm", "--temperature 0 --top-k 5 --max-new-tokens 2", "hi")
     assert capsys.readouterr().out.startswith("note: temperature 0 is greedy decoding; top_k has no effect\n")
+
+
+# -- the line: one parser (shell quoting), usage lines, $ ----------------------------------------------------
+def test_usage_lines_name_the_cell_magics(shell, capsys):
+    shell.run_cell("%%llm?")
+    shell.run_cell("%%llm_chat?")
+    shown = capsys.readouterr().out
+    assert re.search(r"^  %%llm \[--preset NAME\]", shown, re.M)
+    assert re.search(r"^  %%llm_chat \[--preset NAME\]", shown, re.M)
+    assert not re.search(r"^  %llm(_chat)? \[", shown, re.M)
+
+
+def test_every_magic_parses_its_line_with_shell_quoting(shell, tiny_model, tmp_path, capsys):
+    shell.run_line_magic("llm_load", str(tiny_model))
+    shell.run_cell_magic("llm_chat", "'my chat' --system 'Be brief.' --max-new-tokens 2 -o r", "hi")
+    chat = conversation("my chat", create=False)
+    assert chat.system == "Be brief." and len(chat) == 1
+    target = tmp_path / "a chat.json"
+    shell.run_line_magic("llm_history", f"'my chat' --save '{target}'")
+    assert target.exists()
+    assert shell.run_line_magic("llm_history", "'my chat'") is chat
+    panel = shell.run_line_magic("llm_chat_panel", "'my chat'")
+    assert panel.chat is chat
+    panel.close()
+    capsys.readouterr()
+    shell.run_line_magic("llm_chat_reset", "'my chat'")
+    assert capsys.readouterr().out.startswith("Conversation 'my chat' reset (1 turn forgotten)")
+
+
+def test_a_dollar_in_a_magic_line_is_written_twice(shell, tiny_model):
+    """IPython expands $name in a magic's line (not inside single quotes); $$ writes one $."""
+    shell.run_line_magic("llm_load", str(tiny_model))
+    shell.user_ns["word"] = "END"
+    cell = "%%llm --stop \"price: $$5\" --stop \"$word\" --stop 'cost: $word' --max-new-tokens 2 -o r\nhi"
+    shell.run_cell(cell).raise_error()
+    assert shell.user_ns["r"].record.generation_options["stop"] == ("price: $5", "END", "cost: $word")
+
+
+@pytest.fixture(params=["tiny_model", "tiny_gguf"])
+def model_path(request):
+    return request.getfixturevalue(request.param)
+
+
+def test_stop_escapes_in_the_line_stop_at_the_real_text(shell, model_path):
+    shell.run_line_magic("llm_load", str(model_path))
+    shell.run_cell_magic("llm", "--temperature 0 --max-new-tokens 30 -o full", PROMPT)
+    text = shell.user_ns["full"].text
+    char = next(c for c in text[len(text) // 2:] if c.strip() and ord(c) < 0x10000)
+    shell.run_cell_magic("llm", f"--temperature 0 --max-new-tokens 30 --stop '\\u{ord(char):04x}' --stop '\\n' -o cut",
+                         PROMPT)
+    cut = shell.user_ns["cut"]
+    assert cut.record.generation_options["stop"] == (char, "\n")
+    assert cut.text == text[: min(text.index(c) for c in (char, "\n") if c in text)]
+    assert cut.finish_reason == "stop"
+
+
+@pytest.mark.parametrize("name", ["1abc", "a.b", "'my var'", "class", "x-y"])
+@pytest.mark.parametrize("magic", ["llm", "llm_chat"])
+def test_output_names_must_be_python_variables(shell, tiny_model, engine, magic, name):
+    shell.run_line_magic("llm_load", str(tiny_model))
+    with pytest.raises(UsageError) as info:
+        shell.run_cell_magic(magic, f"-o {name}", "hi")
+    message = str(info.value)
+    assert "is not a Python variable name" in message and "\n" not in message
+    assert engine.last_result is None  # refused before generating
+    assert not [k for k in shell.user_ns if "my" in k or k[:1].isdigit() or "." in k]
+
+
+@pytest.mark.parametrize("cell", ["", "   ", "\n\n", " \t\n ", "{blank}"])
+def test_an_empty_or_blank_cell_is_refused(shell, model_path, engine, cell):
+    shell.run_line_magic("llm_load", str(model_path))
+    shell.user_ns["blank"] = "  \n"
+    for magic in ("llm", "llm_chat"):
+        with pytest.raises(UsageError) as info:
+            shell.run_cell_magic(magic, "--max-new-tokens 2", cell)
+        assert "empty" in str(info.value) and "\n" not in str(info.value)
+    assert engine.last_result is None and len(conversation()) == 0
+
+
+def test_a_wrong_seed_suggests_one_that_works(shell, tiny_model):
+    shell.run_line_magic("llm_load", str(tiny_model))
+    with pytest.raises(UsageError) as info:
+        shell.run_cell_magic("llm", "--seed abc", "hi")
+    suggested = re.search(r"For example: (--seed \S+?),", str(info.value))
+    assert suggested, str(info.value)
+    shell.run_cell_magic("llm", f"{suggested.group(1)} --max-new-tokens 2 -o r", "hi")
+    assert shell.user_ns["r"].seed == 1234
+
+
+# -- presets ------------------------------------------------------------------------------------------------
+def test_preset_flag_under_typed_flags_over_the_defaults(shell, tiny_model, engine):
+    shell.run_line_magic("llm_load", str(tiny_model))
+    engine.defaults = GenerationOptions(max_new_tokens=3)
+    creative = GenerationOptions.presets()["creative"]
+    shell.run_cell_magic("llm", "--preset creative --temperature 0.3 -o r", "hi")
+    options = shell.user_ns["r"].record.generation_options
+    assert {k: options[k] for k in creative} == {**creative, "temperature": 0.3}
+    assert options["max_new_tokens"] == 3
+    shell.run_cell_magic("llm_chat", "--preset deterministic -o c", "hi")
+    assert shell.user_ns["c"].record.generation_options["temperature"] == 0.0
+    for magic in ("llm", "llm_chat"):
+        with pytest.raises(UsageError) as info:
+            shell.run_cell_magic(magic, "--preset wild", "hi")
+        assert str(info.value) == "unknown preset 'wild'. Use one of: deterministic, balanced, creative."

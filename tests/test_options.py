@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import math
+import re
 import warnings
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from nbllm.errors import OptionError
 from nbllm.loaders import (
@@ -16,7 +20,7 @@ from nbllm.loaders import (
     loader_refusals,
     option_loaders,
 )
-from nbllm.options import GenerationOptions, LoadOptions, parse_gpu_split
+from nbllm.options import GenerationOptions, LoadOptions, decode_escapes, encode_escapes, parse_gpu_split
 
 GUIDE_OPTIONS = [  # every load option the user's guide names, with text-generation-webui's flag
     "loader", "gpu_split", "load_in_8bit", "load_in_4bit", "compile", "flash_attn", "trust_remote_code",
@@ -90,6 +94,8 @@ def test_invalid_values_and_combinations_give_one_line_with_a_fix(values, messag
         ({"seed": -1}, "--seed -1 is below 0"),
         ({"stop": ("",)}, "--stop '' is empty"),
         ({"top_k": 2.5}, "--top-k expects a whole number"),
+        ({"typical_p": 0}, "--typical-p 0.0 is not above 0.0"),
+        ({"seed": "none"}, "--seed expects a whole number, not 'none'. For example: --seed 1234, or leave --seed out."),
     ],
 )
 def test_invalid_generation_options(values, message):
@@ -148,3 +154,127 @@ def test_options_that_mean_nothing_to_a_loader_are_named():
 def test_gpu_split_parsing():
     assert parse_gpu_split("20, 7") == (20.0, 7.0)
     assert parse_gpu_split(None) == ()
+
+
+# -- a wrong value's fix suggests a value that is accepted ---------------------------------------------
+@pytest.mark.parametrize("schema", [LoadOptions, GenerationOptions])
+def test_a_value_of_the_wrong_type_suggests_one_that_is_accepted(schema):
+    for spec in schema.specs():
+        if spec.type not in (int, float):
+            continue
+        with pytest.raises(OptionError) as info:
+            schema.from_dict({spec.name: "abc"})
+        fix = info.value.fix
+        assert fix and "none" not in fix.split(), fix
+        suggested = re.match(rf"for example: {spec.flag} (\S+?),? ", fix + " ")
+        if suggested:  # the value it suggests is valid
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                schema.from_dict({spec.name: suggested.group(1)})
+        else:
+            assert fix == f"give {'a whole number' if spec.type is int else 'a number'}, or leave {spec.flag} out"
+    if schema is GenerationOptions:
+        assert info.value.message.endswith("For example: --seed 1234, or leave --seed out.")
+
+
+# -- ranges: one rule in the schema, the strictest loader's ------------------------------------------
+def test_typical_p_must_be_above_zero():
+    with pytest.raises(OptionError, match=r"--typical-p 0\.0 is not above 0\.0\. Use a value above 0\.0 and at most 1\.0"):
+        GenerationOptions(typical_p=0)
+    assert GenerationOptions(typical_p=1e-9).typical_p == 1e-9
+
+
+def _extremes() -> list[tuple[str, float]]:
+    """The lowest and highest value the schema accepts for every numeric generation option."""
+    out = []
+    for s in GenerationOptions.specs():
+        if s.type not in (int, float):
+            continue
+        if s.minimum is not None:
+            out.append((s.name, math.nextafter(s.minimum, math.inf) if s.minimum_exclusive else s.minimum))
+        if s.maximum is not None:
+            out.append((s.name, s.maximum))
+    return out
+
+
+@pytest.fixture(params=["transformers", "llama.cpp"])
+def any_loaded(request, engine):
+    model = request.getfixturevalue("tiny_model" if request.param == "transformers" else "tiny_gguf")
+    engine.load(model)
+    return engine
+
+
+def test_every_value_the_schema_accepts_generates_in_both_loaders(any_loaded):
+    """Validation is done once, in the schema: a value it accepts never fails inside a loader library."""
+    extremes = _extremes()
+    assert {name for name, _ in extremes} >= {"temperature", "top_p", "top_k", "min_p", "typical_p",
+                                              "repetition_penalty", "seed", "max_new_tokens"}
+    for name, value in extremes:
+        result = any_loaded.generate("Hello", {"temperature": 1.0, "max_new_tokens": 2, name: value})
+        assert result.finish_reason in ("length", "eos"), (name, value)
+
+
+# -- stop strings: escapes typed in a magic line or a panel --------------------------------------------
+@pytest.mark.parametrize(
+    ("typed", "text"),
+    [
+        (r"\n", "\n"),
+        (r"\t", "\t"),
+        (r"\r\n", "\r\n"),
+        (r"a\\nb", "a\\nb"),
+        (r"\\", "\\"),
+        (r"say \"hi\" \'x\'", "say \"hi\" 'x'"),
+        (r"\u00e9\u2603", "é☃"),
+        (r"\d \u12 C:\path", r"\d \u12 C:\path"),  # not an escape: kept as written
+        ("###", "###"),
+    ],
+)
+def test_stop_escapes(typed, text):
+    assert decode_escapes(typed) == text
+    parser = argparse.ArgumentParser()
+    for flags, kwargs in GenerationOptions.argparse_arguments():
+        parser.add_argument(*flags, **kwargs)
+    assert GenerationOptions.from_namespace(parser.parse_args(["--stop", typed])).stop == (text,)
+
+
+def test_python_strings_are_taken_as_they_are():
+    g = GenerationOptions(stop=("\\n", "a\\tb"))
+    assert g.stop == ("\\n", "a\\tb") and g.replace(seed=1).stop == g.stop  # never decoded, not even twice
+
+
+@given(st.text())
+def test_escaping_round_trips(text):
+    shown = encode_escapes(text)
+    assert decode_escapes(shown) == text
+    assert "\n" not in shown and "\t" not in shown  # one line per stop string in the panel
+
+
+# -- presets ---------------------------------------------------------------------------------------------
+def test_presets_are_named_option_values():
+    assert GenerationOptions.presets() == {
+        "deterministic": {"temperature": 0.0, "top_p": 0.9, "top_k": 0, "min_p": 0.0, "repetition_penalty": 1.0},
+        "balanced": {"temperature": 0.7, "top_p": 0.9, "top_k": 0, "min_p": 0.0, "repetition_penalty": 1.0},
+        "creative": {"temperature": 1.0, "top_p": 0.95, "top_k": 0, "min_p": 0.05, "repetition_penalty": 1.1},
+    }
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no preset contradicts itself
+        for name, values in GenerationOptions.presets().items():
+            options = GenerationOptions.preset(name)
+            assert {k: getattr(options, k) for k in values} == values
+    balanced = GenerationOptions.preset("balanced")
+    assert balanced == GenerationOptions()  # nbllm's default
+
+
+def test_a_preset_applies_over_a_base_and_under_what_was_typed():
+    base = GenerationOptions(max_new_tokens=77, seed=5, stop=("END",), top_k=3)
+    options = GenerationOptions.preset("creative", base, temperature=0.3)
+    assert (options.temperature, options.top_p, options.min_p, options.repetition_penalty) == (0.3, 0.95, 0.05, 1.1)
+    assert (options.max_new_tokens, options.seed, options.stop, options.top_k) == (77, 5, ("END",), 0)
+    GenerationOptions.presets()["creative"]["temperature"] = 9  # a copy: the presets stay as they are
+    assert GenerationOptions.preset("creative").temperature == 1.0
+
+
+def test_an_unknown_preset_lists_the_names():
+    with pytest.raises(OptionError) as info:
+        GenerationOptions.preset("wild")
+    assert info.value.message == "unknown preset 'wild'. Use one of: deterministic, balanced, creative."

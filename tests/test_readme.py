@@ -23,6 +23,15 @@ def test_option_tables_are_the_schemas():
     assert _between("generation-options-table") == markdown_table(GenerationOptions)
 
 
+def test_presets_table_is_the_librarys():
+    rows = [[c.strip() for c in line.strip("|").split("|")] for line in _between("presets-table").splitlines()]
+    header, table = rows[0], rows[2:]
+    presets = GenerationOptions.presets()
+    assert [r[0] for r in table] == list(presets)
+    for name, *values in table:
+        assert dict(zip(header[1:], map(float, values))) == presets[name], name
+
+
 def test_setup_commands_exist_and_ci_runs_the_test_command():
     makefile = (ROOT / "Makefile").read_text()
     for command in ("make quickstart", "make test"):

@@ -22,7 +22,7 @@ pytest.importorskip("ipywidgets")
 from nbllm import GenerationOptions, models  # noqa: E402
 from nbllm.chat import conversation, forget  # noqa: E402
 from nbllm.errors import OptionError  # noqa: E402
-from nbllm.widgets import GENERATION_PRESETS, ChatPanel, SettingsPanel  # noqa: E402
+from nbllm.widgets import ChatPanel, SettingsPanel  # noqa: E402
 
 try:
     from hubserver import HubServer, hub  # noqa: F401 - `hub` is a fixture
@@ -98,7 +98,7 @@ def test_every_panel_option_comes_from_the_schema_with_its_help(settings: Settin
     for name, field in settings.load_fields.items():
         assert html.escape(LoadOptions.spec(name).help) in field.children[1].value  # help shown under it
         assert field.spec.group in LoadOptions.GROUPS
-    assert [b.description for b in settings.preset_buttons.values()] == list(GENERATION_PRESETS)
+    assert [b.description for b in settings.preset_buttons.values()] == list(GenerationOptions.presets())
 
 
 def test_models_folder_listing_and_loader_auto_shows_only_its_options(settings: SettingsPanel, folder: Path) -> None:
@@ -168,7 +168,7 @@ def test_load_with_no_model_in_the_folder_says_what_to_do(tmp_path: Path, engine
 
 def test_presets_and_fields_set_the_engine_defaults(settings: SettingsPanel, engine: Any) -> None:
     settings.preset_buttons["creative"].click()
-    for key, value in GENERATION_PRESETS["creative"].items():
+    for key, value in GenerationOptions.presets()["creative"].items():
         assert getattr(engine.defaults, key) == value
     assert "creative" in settings.preset_label.value
     settings.preset_buttons["deterministic"].click()
@@ -189,6 +189,19 @@ def test_presets_and_fields_set_the_engine_defaults(settings: SettingsPanel, eng
     settings.refresh()
     assert settings.gen_fields["temperature"].value == 1.5
     assert settings.gen_fields["max_new_tokens"].value == 9
+
+
+def test_stop_field_takes_one_text_per_line_with_escapes(settings: SettingsPanel, engine: Any) -> None:
+    stop = settings.gen_fields["stop"]
+    stop.value = ("\n", "END")  # shown as typed: one per line, a newline as \n
+    assert stop.input.value == "\\n\nEND" and engine.defaults.stop == ("\n", "END")
+    stop.input.value = "\\n\\n\n\n###\nC:\\\\path\n"  # what a user types, blank lines ignored
+    assert engine.defaults.stop == ("\n\n", "###", "C:\\path")
+    engine.defaults = GenerationOptions(stop=("a\tb", "\\"))
+    settings.refresh()
+    assert stop.input.value == "a\\tb\n\\\\" and stop.value == ("a\tb", "\\")
+    stop.input.value = ""
+    assert engine.defaults.stop == ()
 
 
 def test_a_model_loaded_with_the_magic_shows_in_the_panel(settings: SettingsPanel, shell: Any, folder: Path) -> None:
@@ -232,6 +245,28 @@ def test_send_without_a_model_shows_the_error_and_keeps_the_message(chat: ChatPa
     assert chat.messages.error_text.startswith("no model is loaded.")
     assert chat.input.value == "hello"
     assert not chat.generating and len(chat.chat) == 0
+
+
+def test_an_empty_message_is_refused_by_the_conversation(chat: ChatPanel, engine: Any, tiny_model: Path) -> None:
+    engine.load(tiny_model)
+    chat.input.value = "  \n "
+    chat.send_button.click()
+    assert chat.messages.error_text == "the message is empty. Write the message to send."
+    assert not chat.generating and len(chat.chat) == 0 and engine.last_result is None
+
+
+def test_chat_notes_show_once_in_the_panels_note_line(chat: ChatPanel, engine: Any) -> None:
+    from nbllm.chat_template import FALLBACK_NOTE
+    from nbllm.testing import tiny_transformers_model
+
+    engine.load(tiny_transformers_model(chat_template=False))
+    engine.defaults = GenerationOptions(temperature=0, max_new_tokens=3)
+    chat.send("Hi")
+    assert chat.wait(30)
+    assert chat.messages.note_text == FALLBACK_NOTE
+    chat.send("Again")
+    assert chat.wait(30)
+    assert chat.messages.note_text == "" and len(chat.chat) == 2  # said once per conversation
 
 
 def test_reply_streams_into_the_panel_and_joins_the_conversation(chat: ChatPanel, engine: Any, tiny_model: Path) -> None:

@@ -1,9 +1,11 @@
-"""What every nbllm magic shares: one-line errors, flags derived from the schemas, {name}
-interpolation and a streaming text view."""
+"""What every nbllm magic shares: one-line errors, one line parser (shell quoting), flags derived from
+the schemas, {name} interpolation and a streaming text view."""
 
 from __future__ import annotations
 
+import argparse
 import functools
+import keyword
 import re
 import shlex
 import sys
@@ -16,7 +18,7 @@ from IPython.core import magic_arguments
 from IPython.core.error import UsageError
 
 from ..errors import NbllmError, NbllmWarning
-from ..options import _Schema
+from ..options import GenerationOptions, _Schema
 from ..result import Result
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -64,7 +66,8 @@ def schema_arguments(*schemas: type[_Schema], skip: Iterable[str] = ()) -> Calla
 
 def parse_line(magic: Callable[..., Any], line: str) -> Any:
     """Parse a magic's line with its ``magic_arguments`` parser, with shell quoting: ``--system
-    'Be brief.'`` gives ``Be brief.`` (IPython's own splitter keeps the quotes)."""
+    'Be brief.'`` gives ``Be brief.`` (IPython's own splitter keeps the quotes). Every nbllm magic
+    parses its line here."""
     try:
         argv = shlex.split(line, posix=True)
     except ValueError as exc:
@@ -72,20 +75,55 @@ def parse_line(magic: Callable[..., Any], line: str) -> Any:
     return magic.parser.parse_args(argv)  # type: ignore[attr-defined]
 
 
-_NAME = re.compile(r"\{\{|\{([A-Za-z_][A-Za-z0-9_]*)\}")
+def variable_name(text: str) -> str:
+    """``-o VAR``: a name the next cells can use (a Python identifier that is not a keyword)."""
+    if not text.isidentifier() or keyword.iskeyword(text):
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a Python variable name: use letters, digits and _, not starting with a digit "
+            "(for example: -o r)"
+        )
+    return text
+
+
+output_argument = magic_arguments.argument(
+    "-o", "--output", metavar="VAR", type=variable_name, help="Store the result object in the variable VAR."
+)
+"""The ``-o VAR`` flag of the magics that generate."""
+
+
+def generation_arguments(func: F) -> F:
+    """The generation flags (every :class:`GenerationOptions` field) and ``--preset NAME``."""
+    func = schema_arguments(GenerationOptions)(func)
+    return magic_arguments.argument(
+        "--preset", metavar="NAME",
+        help=f"Start from a named preset ({', '.join(GenerationOptions.presets())}); options typed on the line "
+             "win over it.",
+    )(func)
+
+
+def generation_options(args: argparse.Namespace, base: GenerationOptions) -> GenerationOptions:
+    """The options of one cell: the flags typed on the line, over ``--preset`` (if any), over ``base``."""
+    if args.preset is None:
+        return GenerationOptions.from_namespace(args, base)
+    return GenerationOptions.preset(args.preset, base, **GenerationOptions.typed(args))
+
+
+_NAME = re.compile(r"\{\{([^\W\d]\w*)\}\}?|\{([^\W\d]\w*)\}")
 
 
 def interpolate(text: str, namespace: Mapping[str, Any]) -> str:
-    """Replace ``{name}`` by the value of the user variable ``name``; ``{{`` writes a literal ``{``.
+    """Replace ``{name}`` by the value of the user variable ``name``; ``{{name}}`` (or ``{{name}``)
+    writes the literal text ``{name}``.
 
-    Every other brace is left alone, so a prompt holding code or JSON goes through unchanged; so is
-    ``{name}`` when no variable of that name exists.
+    Every other brace is left alone, so a prompt holding code, JSON or a ``{{ jinja }}`` template goes
+    through unchanged; so is ``{name}`` when no variable of that name exists. Inserted values are not
+    interpolated again.
     """
 
     def substitute(match: re.Match[str]) -> str:
-        if match.group(0) == "{{":
-            return "{"
-        name = match.group(1)
+        escaped, name = match.group(1), match.group(2)
+        if escaped is not None:
+            return "{" + escaped + "}"
         return str(namespace[name]) if name in namespace else match.group(0)
 
     return _NAME.sub(substitute, text)

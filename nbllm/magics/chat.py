@@ -2,16 +2,21 @@
 
 from __future__ import annotations
 
-import warnings
-
 from IPython.core import magic_arguments
 from IPython.core.error import UsageError
 from IPython.core.magic import Magics, line_cell_magic, line_magic, magics_class
 
-from ..chat import ChatNote, Conversation, conversation, load_conversation
+from ..chat import Conversation, conversation, load_conversation
 from ..engine import get_engine
-from ..options import GenerationOptions
-from ._common import interpolate, parse_line, schema_arguments, show_stream, user_errors
+from ._common import (
+    generation_arguments,
+    generation_options,
+    interpolate,
+    output_argument,
+    parse_line,
+    show_stream,
+    user_errors,
+)
 
 
 @magics_class
@@ -19,17 +24,17 @@ class ChatMagics(Magics):
     """Multi-turn conversations with the loaded model, through its own chat template."""
 
     @line_cell_magic
-    @magic_arguments.magic_arguments()
+    @magic_arguments.magic_arguments(name="%llm_chat")  # the usage line says %%llm_chat
     @magic_arguments.argument("name", nargs="?", default="default",
                               help="The conversation to continue (default: default); a new name starts one.")
-    @schema_arguments(GenerationOptions)
+    @generation_arguments
     @magic_arguments.argument("--system", metavar="TEXT",
                               help="Set the conversation's system prompt (kept for later cells; '' removes it).")
     @magic_arguments.argument("--regenerate", action="store_true",
                               help="Generate the last reply again (the earlier versions are kept); no message.")
     @magic_arguments.argument("--continue", dest="continue_", action="store_true",
                               help="Extend the last reply from where it ended; no message.")
-    @magic_arguments.argument("-o", "--output", metavar="VAR", help="Store the result object in VAR.")
+    @output_argument
     @user_errors
     def llm_chat(self, line: str, cell: str | None = None) -> None:
         """Send the cell as your next message in conversation NAME; the reply streams into the output.
@@ -49,26 +54,10 @@ class ChatMagics(Magics):
         shell = self.shell
         assert shell is not None
         message = interpolate((cell or "").strip("\n"), shell.user_ns)
-        if args.regenerate and args.continue_:
-            raise UsageError("--regenerate and --continue cannot be used together. Choose one of them.")
-        if (args.regenerate or args.continue_) and message.strip():
-            raise UsageError("--regenerate and --continue take no message. Leave the cell empty.")
-        if not (args.regenerate or args.continue_) and not message.strip():
-            raise UsageError("The message is empty. Write it in the cell below %%llm_chat.")
-        options = GenerationOptions.from_namespace(args, base=get_engine().defaults)
-        chat = conversation(args.name)
-        if args.system is not None:
-            chat.system = interpolate(args.system, shell.user_ns)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", ChatNote)  # shown below, in the cell's output
-            if args.regenerate:
-                result = chat.regenerate(options)
-            elif args.continue_:
-                result = chat.continue_reply(options)
-            else:
-                result = chat.send(message, options)
-        for note in chat.notes:
-            print(f"[{note}]")
+        options = generation_options(args, get_engine().defaults)
+        system = interpolate(args.system, shell.user_ns) if args.system is not None else None
+        result = conversation(args.name).reply(message, options, regenerate=args.regenerate,
+                                               continue_=args.continue_, system=system)
         if args.output:
             shell.user_ns[args.output] = result
         show_stream(shell, result)

@@ -8,8 +8,18 @@ from IPython.core import magic_arguments
 from IPython.core.magic import Magics, cell_magic, line_magic, magics_class
 
 from ..engine import format_memory, get_engine, process_rss
-from ..options import GenerationOptions, LoadOptions
-from ._common import interpolate, parse_line, schema_arguments, show_stream, user_errors
+from ..errors import NbllmError
+from ..options import LoadOptions
+from ._common import (
+    generation_arguments,
+    generation_options,
+    interpolate,
+    output_argument,
+    parse_line,
+    schema_arguments,
+    show_stream,
+    user_errors,
+)
 
 
 @magics_class
@@ -43,18 +53,18 @@ class CoreMagics(Magics):
             print(note)
 
     @cell_magic
-    @magic_arguments.magic_arguments()
-    @schema_arguments(GenerationOptions)
+    @magic_arguments.magic_arguments(name="%llm")  # the usage line says %%llm
+    @generation_arguments
     @magic_arguments.argument("--chat", action="store_true",
                               help="Send the cell as one user turn through the model's chat template.")
     @magic_arguments.argument("--system", metavar="TEXT", help="System prompt (implies --chat).")
-    @magic_arguments.argument("-o", "--output", metavar="VAR", help="Store the result object in VAR.")
+    @output_argument
     @user_errors
     def llm(self, line: str, cell: str) -> None:
         """Prompt the loaded model with the cell; the reply streams into the output.
 
         The cell is sent as raw text (``--chat`` sends it through the model's chat template).
-        ``{name}`` inserts the value of the variable ``name``; ``{{`` writes a literal brace; other
+        ``{name}`` inserts the value of the variable ``name``; ``{{name}}`` writes ``{name}``; other
         braces (code, JSON) are left alone. The run record (model, options, seed, versions) is
         attached to the output's metadata. Example::
 
@@ -63,9 +73,11 @@ class CoreMagics(Magics):
         """
         args = parse_line(self.llm, line)
         engine = get_engine()
-        options = GenerationOptions.from_namespace(args, base=engine.defaults)
+        options = generation_options(args, engine.defaults)
         user_ns = self.shell.user_ns if self.shell is not None else {}
         prompt = interpolate(cell.strip("\n"), user_ns)
+        if not prompt.strip():
+            raise NbllmError("the prompt is empty", "write it in the cell, under the %%llm line")
         chat = args.chat or args.system is not None
         result = engine.stream(prompt, options, chat=chat, system=args.system)
         if args.output:

@@ -7,7 +7,7 @@ from typing import Any
 from IPython.core import magic_arguments
 from IPython.core.magic import Magics, line_magic, magics_class
 
-from ._common import user_errors
+from ._common import parse_line, user_errors
 
 
 @magics_class
@@ -32,5 +32,5 @@ class PanelMagics(Magics):
         """Show a chat panel over conversation NAME: replies stream in, Stop keeps what was written."""
         from ..widgets import ChatPanel
 
-        args = magic_arguments.parse_argstring(self.llm_chat_panel, line)
+        args = parse_line(self.llm_chat_panel, line)
         return ChatPanel(args.name)

@@ -11,6 +11,6 @@ except ImportError:  # pragma: no cover - depends on the environment
     raise missing_dependency("ipywidgets", "widgets") from None
 
 from .chat import ChatPanel
-from .settings import GENERATION_PRESETS, SettingsPanel
+from .settings import SettingsPanel
 
-__all__ = ["GENERATION_PRESETS", "ChatPanel", "SettingsPanel"]
+__all__ = ["ChatPanel", "SettingsPanel"]

@@ -199,19 +199,16 @@ class ChatPanel(W.VBox):
     def send(self, text: str | None = None) -> None:
         """Send the input box's text (or ``text``) as the next user message and stream the reply."""
         message = (self.input.value if text is None else text).strip()
-        if not message:
-            self.messages.show_error("Nothing to send. Type a message first.")
-            return
-        self._start(lambda: self.chat.send(message), user=message, restore_input=message)
+        self._start(lambda: self.chat.reply(message), user=message, restore_input=message)
 
     def regenerate(self) -> None:
         """Write the last reply again (the earlier version is kept in the conversation)."""
         user = self.chat.turns[-1].user if self.chat.turns else None
-        self._start(self.chat.regenerate, user=user, replace_last=True)
+        self._start(lambda: self.chat.reply(regenerate=True), user=user, replace_last=True)
 
     def continue_reply(self) -> None:
         """Let the model go on with the last reply from where it ended."""
-        self._start(self.chat.continue_reply, continue_last=True)
+        self._start(lambda: self.chat.reply(continue_=True), continue_last=True)
 
     def stop(self) -> None:
         """Stop the reply being written; what was written is kept (marked partial)."""

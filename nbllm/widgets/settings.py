@@ -18,20 +18,12 @@ from ..engine import Engine, Status, format_memory, get_engine
 from ..errors import OptionError
 from ..loaders import TRANSFORMERS, loader_class, loader_names
 from ..models import ModelsFolder, format_size
-from ..options import GenerationOptions, LoadOptions, OptionSpec
+from ..options import GenerationOptions, LoadOptions, OptionSpec, decode_escapes, encode_escapes
 from ._common import HELP_STYLE, MessageLine, button, guarded, refresh_all, title, track, untrack
 
-GENERATION_FIELDS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty", "max_new_tokens", "seed")
-"""The generation options the panel shows (the others keep the engine's defaults)."""
-
-GENERATION_PRESETS: dict[str, dict[str, Any]] = {
-    "deterministic": {"temperature": 0.0, "top_p": 0.9, "top_k": 0, "min_p": 0.0, "repetition_penalty": 1.0},
-    "balanced": {"temperature": 0.7, "top_p": 0.9, "top_k": 0, "min_p": 0.0, "repetition_penalty": 1.0},
-    "creative": {"temperature": 1.0, "top_p": 0.95, "top_k": 0, "min_p": 0.05, "repetition_penalty": 1.1},
-}
-"""Sampling presets. deterministic is greedy decoding (same prompt, same reply; top_p and the others
-are left at their defaults because greedy decoding ignores them); balanced is nbllm's default; creative
-samples more widely and curbs repetition. None of them touches max_new_tokens or seed."""
+GENERATION_FIELDS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty", "max_new_tokens", "seed", "stop")
+"""The generation options the panel shows (the others keep the engine's defaults). Presets are the
+library's (:meth:`GenerationOptions.presets`)."""
 
 _NO_MODEL = "(no model in the models folder)"
 
@@ -45,6 +37,9 @@ def option_widget(spec: OptionSpec, value: Any = None) -> W.ValueWidget:
         widget: W.ValueWidget = W.Dropdown(options=list(choices), value=value, **common)
     elif spec.type is bool:
         widget = W.Checkbox(value=bool(value), indent=False, **common)
+    elif spec.type is tuple:  # several texts: one per line, escapes as in a magic line (\\n: a newline)
+        widget = W.Textarea(value=_lines(spec, value), placeholder="one per line", rows=2, continuous_update=False,
+                            **common)
     elif spec.default is None:  # optional: empty means unset
         widget = W.Text(value="" if value is None else str(value), placeholder="unset", **common)
     elif spec.type is float and spec.minimum is not None and spec.maximum is not None:
@@ -65,16 +60,27 @@ def option_widget(spec: OptionSpec, value: Any = None) -> W.ValueWidget:
 def widget_value(spec: OptionSpec, widget: W.ValueWidget) -> Any:
     """What the widget holds, as an option value (an empty optional field is ``None``)."""
     value = widget.value
+    if spec.type is tuple:
+        decode = decode_escapes if spec.escapes else str
+        return tuple(decode(line) for line in value.split("\n") if line)
     if spec.default is None and isinstance(value, str):
         return value.strip() or None
     return value
 
 
 def set_widget_value(spec: OptionSpec, widget: W.ValueWidget, value: Any) -> None:
-    if spec.default is None and isinstance(widget, W.Text):
+    if spec.type is tuple:
+        widget.value = _lines(spec, value)
+    elif spec.default is None and isinstance(widget, W.Text):
         widget.value = "" if value is None else str(value)
     else:
         widget.value = value
+
+
+def _lines(spec: OptionSpec, values: Any) -> str:
+    """Several texts as a text area shows them: one per line, with escapes where the option takes them."""
+    encode = encode_escapes if spec.escapes else str
+    return "\n".join(encode(v) for v in values or ())
 
 
 def _help(text: str) -> W.HTML:
@@ -188,7 +194,7 @@ class SettingsPanel(W.VBox):
         self.gen_fields: dict[str, OptionField] = {
             n: OptionField(GenerationOptions.spec(n), getattr(defaults, n)) for n in GENERATION_FIELDS
         }
-        self.preset_buttons = {name: button(name, f"preset-{name}") for name in GENERATION_PRESETS}
+        self.preset_buttons = {name: button(name, f"preset-{name}") for name in GenerationOptions.presets()}
         self.preset_label = W.HTML()
         self.preset_label.add_class("nbllm-preset")
 
@@ -345,8 +351,8 @@ class SettingsPanel(W.VBox):
         guarded(self.messages, run)
 
     def apply_preset(self, name: str) -> None:
-        """Set the generation fields (and so the engine's defaults) to a preset."""
-        preset = GENERATION_PRESETS[name]
+        """Set the generation fields (and so the engine's defaults) to a preset of the library."""
+        preset = GenerationOptions.presets()[name]
         self._syncing = True
         try:
             for key, value in preset.items():
@@ -410,7 +416,8 @@ class SettingsPanel(W.VBox):
         self._show_preset(defaults)
 
     def _show_preset(self, defaults: GenerationOptions) -> None:
-        matching = [n for n, p in GENERATION_PRESETS.items() if all(getattr(defaults, k) == v for k, v in p.items())]
+        presets = GenerationOptions.presets()
+        matching = [n for n, p in presets.items() if all(getattr(defaults, k) == v for k, v in p.items())]
         self.preset_label.value = f"<i>{matching[0] if matching else 'custom'}</i>"
         for name, b in self.preset_buttons.items():
             b.button_style = "info" if name in matching[:1] else ""
