@@ -119,6 +119,6 @@ def test_display_updates_are_coalesced(kernel, tiny_model):
     assert int(tokens) == 400
     # one update per 50 ms at most (plus the final one), far fewer than one per token
     assert len(updates) <= float(seconds) / 0.05 + 2
-    assert len(updates) < 400 / 4
+    assert len(updates) < int(tokens)  # fewer than one per token, however slow a busy machine makes it
     assert updates[-1]["content"]["data"]["text/plain"] == "".join(
         m["content"].get("text", "") for m in kernel.execute("print(r.text, end='')") if m["msg_type"] == "stream")
