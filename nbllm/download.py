@@ -41,6 +41,7 @@ from .models import (
     parse_hub_id,
     quantization_from_name,
     read_record,
+    requested_revision,
 )
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -425,7 +426,7 @@ def _repo_files(
     """The commit sha of ``revision`` and the repository's files with their hashes (one API call)."""
     from huggingface_hub import HfApi
 
-    from . import __version__
+    from ._version import __version__
 
     api = HfApi(endpoint=endpoint, library_name="nbllm", library_version=__version__)
     info = api.model_info(repo_id, revision=revision, files_metadata=True, timeout=_timeout(), token=token)
@@ -586,10 +587,7 @@ def _parse_spec(spec: str, revision: str | None) -> tuple[str, str | None]:
         raise OptionError(
             f"{spec!r} is not a hub id", "give organization/model or organization/model:revision"
         )
-    repo_id, rev = hub
-    if rev and revision and rev != revision:
-        raise OptionError(f"two revisions given: {rev!r} in {spec} and --revision {revision!r}", "give one")
-    return repo_id, rev or revision
+    return hub[0], requested_revision(spec, hub[1], revision)
 
 
 def download(
@@ -677,7 +675,7 @@ def _fetch(
     from huggingface_hub.file_download import hf_hub_url, http_get
     from huggingface_hub.utils import build_hf_headers
 
-    from . import __version__
+    from ._version import __version__
 
     partial = target.partial(file)
     partial.parent.mkdir(parents=True, exist_ok=True)

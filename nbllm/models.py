@@ -7,9 +7,8 @@ inside, Transformers models (and GGUF models of several files) in subfolders nam
 :func:`default_models_dir` (``~/.local/share/nbllm/models`` on Linux) — outside any notebook's working
 tree, so models survive a new project or a fresh checkout.
 
-``resolve(spec)`` turns what a user typed after ``%llm_load`` into a :class:`ModelSource`: an existing
-path, a name in the models folder (``organization_model`` or ``file.gguf``), or a hub id
-``organization/model[:revision]``, which is downloaded into the models folder first.
+:func:`source_from_path` turns a local path into a :class:`ModelSource`; :func:`nbllm.resolve.resolve`
+adds names in the models folder and hub ids (downloading them first) on top of it and this module.
 
 Downloads by nbllm keep their bookkeeping in a ``.nbllm`` folder (see ``download.py``): a model folder
 holds ``.nbllm/manifest.json`` (repository, commit, files and their hashes) from the start of its
@@ -35,6 +34,7 @@ from pathlib import Path
 from typing import Any, Literal, TypedDict
 
 from .errors import LoadError, ModelNotFoundError, OptionError
+from .frontend import command
 from .source import ModelSource
 
 LoaderName = Literal["transformers", "llama.cpp"]
@@ -129,6 +129,13 @@ def parse_hub_id(spec: str) -> tuple[str, str | None] | None:
     if m is None or m["repo"].endswith((".gguf", ".safetensors")):
         return None
     return m["repo"], m["rev"]
+
+
+def requested_revision(spec: str, in_spec: str | None, given: str | None) -> str | None:
+    """The revision asked for in the hub id ``spec`` (``org/model:rev``) or apart (``--revision``): one, or both the same."""
+    if in_spec and given and in_spec != given:
+        raise OptionError(f"two revisions given: {in_spec!r} in {spec} and --revision {given!r}", "give one")
+    return in_spec or given
 
 
 # ------------------------------------------------------------------------------------ GGUF inspection
@@ -268,7 +275,7 @@ def source_from_path(path: Path, *, file: str | None = None) -> ModelSource:
     path = path.expanduser()
     if not path.exists():
         raise ModelNotFoundError(
-            f"no model at {path}", "check the path, or run %llm_models to list the models folder"
+            f"no model at {path}", f"check the path, or run {command('models')} to list the models folder"
         )
     if path.is_file():
         if path.suffix.lower() != ".gguf":
@@ -326,11 +333,7 @@ def _refuse_incomplete(folder: Path) -> None:
     if (meta / "manifest.json").is_file() and not (meta / "complete").is_file():
         record = read_record(folder) or {}
         repo = record.get("repo_id")
-        fix = (
-            f"run %llm_download {repo} (or: nbllm download {repo}) to finish it"
-            if repo
-            else "download it again"
-        )
+        fix = f"run {command('download', repo)} to finish it" if repo else "download it again"
         raise ModelNotFoundError(f"{folder.name} is an unfinished download", fix)
 
 
@@ -367,10 +370,18 @@ class ModelEntry:
 
     @property
     def status(self) -> str:
+        """``ready``, or what is wrong: ``incomplete (...)`` with the command that resumes it."""
         if self.complete:
             return "ready"
-        fix = f"; resume: %llm_download {self.repo_id}" if self.repo_id else ""
-        return f"incomplete ({self.problem}){fix}"
+        resume = f"; resume: {command('download', self.repo_id)}" if self.repo_id else ""
+        return f"incomplete ({self.problem}){resume}"
+
+    @property
+    def fix(self) -> str:
+        """What makes an incomplete entry loadable."""
+        if self.repo_id:
+            return f"run {command('download', self.repo_id)} to finish it"
+        return "copy or download the missing files"
 
 
 def format_size(n: int) -> str:
@@ -415,8 +426,8 @@ class ModelList:
     def _empty_message(self) -> str:
         where = f"{self.folder}" + ("" if self.folder.is_dir() else " (does not exist yet)")
         return (
-            f"No models in {where}. Download one with %llm_download organization/model "
-            f"(or: nbllm download organization/model), or point {ENV_VAR} at an existing models folder."
+            f"No models in {where}. Download one with {command('download', 'organization/model')}, "
+            f"or point {ENV_VAR} at an existing models folder."
         )
 
     def text(self) -> str:
@@ -511,7 +522,7 @@ class ModelsFolder:
         hint = f" (did you mean {' or '.join(close)}?)" if close else ""
         raise ModelNotFoundError(
             f"no model {name!r} in {self.path}{hint}",
-            "run %llm_models to see what is there, or give a hub id organization/model to download it",
+            f"run {command('models')} to see what is there, or give a hub id organization/model to download it",
         )
 
     def find_download(
@@ -660,53 +671,3 @@ def _revision_matches(record: dict[str, Any], revision: str | None) -> bool:
         return record.get("ref", "main") == "main"
     sha = str(record.get("revision") or "")
     return record.get("ref") == revision or (len(revision) >= 7 and sha.startswith(revision))
-
-
-# -------------------------------------------------------------------------------------------- resolve
-
-
-def resolve(spec: str | Path, *, revision: str | None = None, file: str | None = None) -> ModelSource:
-    """Turn what the user typed after ``%llm_load`` into a :class:`ModelSource`.
-
-    In order: an existing path (``revision`` is ignored there); a name in the models folder
-    (``organization_model`` or ``file.gguf``); a hub id ``organization/model[:revision]`` — a complete
-    local copy is used as is, otherwise the model is downloaded into the models folder first (with
-    progress bars). ``file`` picks one GGUF file (a name or a pattern). An interrupted download is never
-    resolved.
-    """
-    text = str(spec).strip()
-    if not text:
-        raise OptionError(
-            "no model given", "give a path, a name from %llm_models, or a hub id organization/model"
-        )
-    path = Path(text).expanduser()
-    if path.exists():
-        return source_from_path(path, file=file)
-    folder = ModelsFolder()
-    if "/" not in text and "\\" not in text:
-        entry = folder.get(text)  # raises ModelNotFoundError with suggestions
-        if not entry.complete:
-            fix = (
-                f"run %llm_download {entry.repo_id} (or: nbllm download {entry.repo_id}) to finish it"
-                if entry.repo_id
-                else "copy or download the missing files"
-            )
-            raise ModelNotFoundError(f"{entry.name} is not complete ({entry.problem})", fix)
-        return source_from_path(entry.path, file=file)
-    hub = parse_hub_id(text)
-    if hub is None:
-        raise ModelNotFoundError(
-            f"no model at {text}",
-            "give an existing path, a name from %llm_models, or a hub id organization/model[:revision]",
-        )
-    repo_id, rev = hub
-    if rev and revision and rev != revision:
-        raise OptionError(f"two revisions given: {rev!r} in {text} and --revision {revision!r}", "give one")
-    rev = rev or revision
-    local = folder.find_download(repo_id, rev, file)
-    if local is not None:
-        return source_from_path(local.path, file=file if local.path.is_dir() else None)
-    from .download import download  # lazy: huggingface_hub is imported only when a download happens
-
-    result = download(repo_id, revision=rev, files=[file] if file else None, models_dir=folder.path)
-    return source_from_path(result.path, file=file if result.path.is_dir() else None)

@@ -20,6 +20,7 @@ import pytest
 from nbllm import models
 from nbllm.download import DEFAULT_QUANTIZATION, download, select_files
 from nbllm.errors import DownloadError, ModelNotFoundError
+from nbllm.resolve import resolve
 
 try:
     from hubserver import HubServer, hub  # noqa: F401 - `hub` is a fixture
@@ -189,7 +190,7 @@ def test_downloads_a_transformers_model(
     assert out[-1] == result.summary and result.summary.startswith(f"Downloaded org/tiny at {commit[:10]} (")
     assert "Load it with %llm_load org_tiny." in result.summary
 
-    source = models.resolve("org_tiny")
+    source = resolve("org_tiny")
     assert (source.format, source.revision, source.repo_id) == ("transformers", commit, "org/tiny")
 
     before = len(hub.gets())
@@ -226,7 +227,7 @@ def test_gguf_repo_downloads_one_file_to_the_models_folder_root(
     )
     q8 = download("org/tiny-GGUF", files=["*Q8_0*"], **_quiet())
     assert q8.path == isolated / "tiny.Q8_0.gguf"
-    assert models.resolve("org/tiny-GGUF").name == "tiny.Q4_K_M.gguf"  # the default among two local copies
+    assert resolve("org/tiny-GGUF").name == "tiny.Q4_K_M.gguf"  # the default among two local copies
 
 
 def test_dropped_connection_resumes_with_a_range_request(
@@ -258,7 +259,7 @@ def test_interrupted_download_continues_on_the_next_call(
     entry = models.ModelsFolder().get("org_tiny")
     assert not entry.complete and "%llm_download org/tiny" in entry.status
     with pytest.raises(ModelNotFoundError, match="org/tiny"):
-        models.resolve("org_tiny")
+        resolve("org_tiny")
 
     hub.requests.clear()
     result = download("org/tiny", **_quiet())
@@ -269,7 +270,7 @@ def test_interrupted_download_continues_on_the_next_call(
         (tiny_repo / f).stat().st_size for f in result.downloaded if f != "model.safetensors"
     )
     assert (folder / "model.safetensors").read_bytes() == (tiny_repo / "model.safetensors").read_bytes()
-    assert models.resolve("org_tiny").format == "transformers"
+    assert resolve("org_tiny").format == "transformers"
 
 
 def test_corrupted_byte_is_caught_and_never_kept(tiny_repo: Path, hub: HubServer, isolated: Path) -> None:
@@ -483,7 +484,7 @@ def test_unreachable_server_answers_quickly_in_one_line(monkeypatch: pytest.Monk
 def test_resolve_of_a_hub_id_downloads_then_returns_the_source(
     tiny_repo: Path, hub: HubServer, isolated: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    source = models.resolve("org/tiny")
+    source = resolve("org/tiny")
     assert source.path == (isolated / "org_tiny").resolve()
     assert (source.format, source.repo_id, source.revision) == (
         "transformers",
@@ -495,7 +496,7 @@ def test_resolve_of_a_hub_id_downloads_then_returns_the_source(
 
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)  # later loads need no network
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    assert models.resolve("org/tiny") == source
+    assert resolve("org/tiny") == source
 
 
 # ------------------------------------------------------------------------------ CLI and magics

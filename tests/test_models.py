@@ -15,7 +15,8 @@ import pytest
 
 from nbllm import models
 from nbllm.errors import DownloadError, ModelNotFoundError, OptionError
-from nbllm.models import ModelsFolder, resolve
+from nbllm.models import ModelsFolder
+from nbllm.resolve import resolve
 from nbllm.source import ModelSource
 
 
