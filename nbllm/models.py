@@ -10,12 +10,9 @@ tree, so models survive a new project or a fresh checkout.
 :func:`source_from_path` turns a local path into a :class:`ModelSource`; :func:`nbllm.resolve.resolve`
 adds names in the models folder and hub ids (downloading them first) on top of it and this module.
 
-Downloads by nbllm keep their bookkeeping in a ``.nbllm`` folder (see ``download.py``): a model folder
-holds ``.nbllm/manifest.json`` (repository, commit, files and their hashes) from the start of its
-download and ``.nbllm/complete`` only once every file is verified; a folder with the first but not the
-second is an interrupted download and is never listed as loadable nor resolved. A GGUF file at the root
-has ``.nbllm/<file>.json`` and ``.nbllm/<file>.revision`` beside it; while it downloads, only
-``.nbllm/<file>.pending.json`` and a partial file under ``.nbllm/partial/`` exist.
+Downloads by nbllm leave bookkeeping files beside the model (a manifest, a completeness marker, the
+hub commit); :mod:`nbllm.store` owns them. A folder whose download started and did not finish is listed
+as incomplete and is never resolved.
 """
 
 from __future__ import annotations
@@ -36,14 +33,12 @@ from typing import Any, Literal, TypedDict
 from .errors import LoadError, ModelNotFoundError, OptionError
 from .frontend import command
 from .source import ModelSource
+from .store import Bookkeeping, pending_downloads, read_record, read_revision
 
 LoaderName = Literal["transformers", "llama.cpp"]
 
 ENV_VAR = "NBLLM_MODELS_DIR"
 """Environment variable naming the models folder."""
-
-META_DIR = ".nbllm"
-"""Bookkeeping folder nbllm writes inside a model folder (and at the models folder's root)."""
 
 # Files whose presence makes a folder a Transformers model.
 _TRANSFORMERS_MARKERS = ("config.json",)
@@ -188,36 +183,7 @@ def gguf_quantization(path: Path) -> str | None:
     return quantization_from_name(path.name)
 
 
-# --------------------------------------------------------------------------------- nbllm's bookkeeping
-
-
-def read_revision(path: Path) -> str | None:
-    """The hub commit sha stored beside downloaded files (see ``download.py``), if any.
-
-    A model folder keeps it in ``<folder>/.nbllm/revision``; a GGUF file at the models folder's root in
-    ``<root>/.nbllm/<file>.revision``.
-    """
-    folder = path if path.is_dir() else path.parent
-    marker = folder / META_DIR / "revision"
-    if path.is_file():
-        per_file = folder / META_DIR / f"{path.name}.revision"
-        if per_file.is_file():
-            return per_file.read_text().strip() or None
-    if marker.is_file():
-        return marker.read_text().strip() or None
-    return None
-
-
-def read_record(path: Path) -> dict[str, Any] | None:
-    """The download record of a model folder (``.nbllm/manifest.json``) or root GGUF file, if any."""
-    record = (
-        path / META_DIR / "manifest.json" if path.is_dir() else path.parent / META_DIR / f"{path.name}.json"
-    )
-    try:
-        data = json.loads(record.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-    return data if isinstance(data, dict) else None
+# --------------------------------------------------------------------------------- completeness
 
 
 def incomplete_reason(folder: Path) -> str | None:
@@ -226,9 +192,9 @@ def incomplete_reason(folder: Path) -> str | None:
     An nbllm download is whole once ``.nbllm/complete`` exists. A folder from elsewhere (copied by hand,
     downloaded by text-generation-webui) is whole when it has weights and every shard its index lists.
     """
-    meta = folder / META_DIR
-    if (meta / "manifest.json").is_file():
-        return None if (meta / "complete").is_file() else "download not finished"
+    books = Bookkeeping.of_folder(folder)
+    if books.started:
+        return "download not finished" if books.unfinished else None
     names = {p.name for p in folder.iterdir() if p.is_file()}
     if any(n.lower().endswith(".gguf") for n in names):
         for first in (folder / n for n in sorted(names) if n.lower().endswith(".gguf")):
@@ -329,10 +295,9 @@ def _provenance(path: Path) -> _Provenance:
 
 
 def _refuse_incomplete(folder: Path) -> None:
-    meta = folder / META_DIR
-    if (meta / "manifest.json").is_file() and not (meta / "complete").is_file():
-        record = read_record(folder) or {}
-        repo = record.get("repo_id")
+    books = Bookkeeping.of_folder(folder)
+    if books.unfinished:
+        repo = books.record().get("repo_id")
         fix = f"run {command('download', repo)} to finish it" if repo else "download it again"
         raise ModelNotFoundError(f"{folder.name} is an unfinished download", fix)
 
@@ -492,11 +457,6 @@ class ModelsFolder:
     def __repr__(self) -> str:
         return f"ModelsFolder({str(self.path)!r})"
 
-    @property
-    def meta(self) -> Path:
-        """The root's bookkeeping folder (records and partial files of root GGUF downloads)."""
-        return self.path / META_DIR
-
     def list(self) -> ModelList:
         """Every model in the folder, sorted by name; interrupted downloads included, marked incomplete."""
         entries: list[ModelEntry] = []
@@ -603,7 +563,7 @@ class ModelsFolder:
         names = {p.name for p in folder.iterdir() if p.is_file()}
         record = read_record(folder) or {}
         ggufs = sorted(n for n in names if n.lower().endswith(".gguf"))
-        is_download = (folder / META_DIR / "manifest.json").is_file()
+        is_download = Bookkeeping.of_folder(folder).started
         has_config = any(m in names for m in _TRANSFORMERS_MARKERS)
         if not (ggufs or has_config or is_download):
             return None  # not a model (a LoRA folder, notes, ...)
@@ -638,26 +598,18 @@ class ModelsFolder:
 
     def _pending_root_downloads(self, listed: set[str]) -> Iterator[ModelEntry]:
         """Root GGUF downloads that were interrupted: their file does not exist yet under its name."""
-        if not self.meta.is_dir():
-            return
-        for pending in sorted(self.meta.glob("*.pending.json")):
-            name = pending.name.removesuffix(".pending.json")
-            if name in listed or (self.path / name).exists():
+        for pending in pending_downloads(self.path):
+            if pending.name in listed or (self.path / pending.name).exists():
                 continue
-            try:
-                record = json.loads(pending.read_text(encoding="utf-8"))
-            except (OSError, ValueError):
-                continue
-            partial = self.meta / "partial" / f"{record.get('key') or record.get('sha256')}.part"
             yield ModelEntry(
-                name=name,
-                path=self.path / name,
+                name=pending.name,
+                path=self.path / pending.name,
                 loader="llama.cpp",
                 format="GGUF",
-                quantization=quantization_from_name(name),
-                size=partial.stat().st_size if partial.is_file() else 0,
-                revision=record.get("revision"),
-                repo_id=record.get("repo_id"),
+                quantization=quantization_from_name(pending.name),
+                size=pending.size,
+                revision=pending.record.get("revision"),
+                repo_id=pending.record.get("repo_id"),
                 complete=False,
                 problem="download not finished",
             )

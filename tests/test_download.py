@@ -21,6 +21,7 @@ from nbllm import models
 from nbllm.download import DEFAULT_QUANTIZATION, download, select_files
 from nbllm.errors import DownloadError, ModelNotFoundError
 from nbllm.resolve import resolve
+from nbllm.store import read_revision
 
 try:
     from hubserver import HubServer, hub  # noqa: F401 - `hub` is a fixture
@@ -217,7 +218,7 @@ def test_gguf_repo_downloads_one_file_to_the_models_folder_root(
     assert sorted(p.name for p in isolated.iterdir()) == [".nbllm", "tiny.Q4_K_M.gguf"]
     assert capsys.readouterr().out.startswith("Chose tiny.Q4_K_M.gguf (the default quantization Q4_K_M).")
     commit = hub.repos["org/tiny-GGUF"].commit
-    assert models.read_revision(result.path) == commit
+    assert read_revision(result.path) == commit
     (entry,) = models.ModelsFolder().list()
     assert (entry.name, entry.loader, entry.complete, entry.repo_id) == (
         "tiny.Q4_K_M.gguf",
@@ -328,7 +329,7 @@ def test_update_to_a_new_commit_fetches_only_what_changed(hub: HubServer, isolat
         "config.json",
     ]
     assert (folder / "a.safetensors").read_bytes() == b"A" * 100
-    assert result.revision == new.commit == models.read_revision(folder)
+    assert result.revision == new.commit == read_revision(folder)
 
 
 def test_a_folder_downloaded_elsewhere_is_adopted_without_refetching(

@@ -18,6 +18,7 @@ from nbllm.errors import DownloadError, ModelNotFoundError, OptionError
 from nbllm.models import ModelsFolder
 from nbllm.resolve import resolve
 from nbllm.source import ModelSource
+from nbllm.store import read_revision
 
 
 @pytest.fixture(autouse=True)
@@ -212,7 +213,7 @@ def test_root_gguf_revision_and_record(models_home: Path) -> None:
     _write(
         models_home / ".nbllm" / "m.Q4_K_M.gguf.json", json.dumps({"repo_id": "org/m-GGUF", "ref": "main"})
     )
-    assert models.read_revision(file) == "c" * 40
+    assert read_revision(file) == "c" * 40
     source = resolve("org/m-GGUF")  # found by its record, offline
     assert (source.name, source.revision, source.repo_id) == ("m.Q4_K_M.gguf", "c" * 40, "org/m-GGUF")
 
