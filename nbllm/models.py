@@ -25,13 +25,21 @@ import json
 import os
 import re
 import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, TypedDict
 
-from .errors import LoadError, ModelNotFoundError, OptionError
+from .errors import ModelNotFoundError, OptionError
 from .frontend import command
+from .gguf_file import (
+    GGUFError,
+    gguf_files,
+    gguf_models,
+    quantization_from_name,
+    read_gguf_header,
+    split_gguf_parts,
+)
 from .source import ModelSource
 from .store import Bookkeeping, pending_downloads, read_record, read_revision
 
@@ -46,22 +54,6 @@ _SAFETENSORS = (".safetensors",)
 _PYTORCH = (".bin", ".pt", ".pth")
 # Files text-generation-webui keeps at the root of its models folder; not models.
 _NOT_MODELS = {"place-your-models-here.txt", "config.yaml", "config-user.yaml"}
-
-_SPLIT_GGUF = re.compile(r"^(?P<base>.+)-(?P<part>\d{5})-of-(?P<total>\d{5})\.gguf$", re.IGNORECASE)
-_QUANT_IN_NAME = re.compile(
-    r"(?<![A-Za-z0-9])(I?Q\d(?:_[A-Z0-9]{1,3})*|TQ\d_\d|MXFP4(?:_MOE)?|BF16|F16|FP16|F32|FP32)(?![A-Za-z0-9])",
-    re.IGNORECASE,
-)
-
-# llama.cpp's ``general.file_type`` values (gguf's LlamaFileType) → the names used in file names.
-GGUF_FILE_TYPES: dict[int, str] = {
-    0: "F32", 1: "F16", 2: "Q4_0", 3: "Q4_1", 7: "Q8_0", 8: "Q5_0", 9: "Q5_1", 10: "Q2_K",
-    11: "Q3_K_S", 12: "Q3_K_M", 13: "Q3_K_L", 14: "Q4_K_S", 15: "Q4_K_M", 16: "Q5_K_S", 17: "Q5_K_M",
-    18: "Q6_K", 19: "IQ2_XXS", 20: "IQ2_XS", 21: "Q2_K_S", 22: "IQ3_XS", 23: "IQ3_XXS", 24: "IQ1_S",
-    25: "IQ4_NL", 26: "IQ3_S", 27: "IQ3_M", 28: "IQ2_S", 29: "IQ2_M", 30: "IQ4_XS", 31: "IQ1_M",
-    32: "BF16", 36: "TQ1_0", 37: "TQ2_0", 38: "MXFP4_MOE",
-}  # fmt: skip
-
 
 # ------------------------------------------------------------------------------- the folder's location
 
@@ -133,56 +125,6 @@ def requested_revision(spec: str, in_spec: str | None, given: str | None) -> str
     return in_spec or given
 
 
-# ------------------------------------------------------------------------------------ GGUF inspection
-
-
-def gguf_files(folder: Path) -> list[Path]:
-    """The GGUF files directly inside ``folder``, sorted by name."""
-    return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() == ".gguf")
-
-
-def split_gguf_parts(file: Path) -> list[Path] | None:
-    """All parts of a split GGUF model (``name-00001-of-00003.gguf``), or ``None`` if ``file`` is whole."""
-    m = _SPLIT_GGUF.match(file.name)
-    if m is None:
-        return None
-    total = int(m["total"])
-    return [file.with_name(f"{m['base']}-{i:05d}-of-{total:05d}.gguf") for i in range(1, total + 1)]
-
-
-def quantization_from_name(name: str) -> str | None:
-    """The quantization named in a GGUF file name (``model.Q4_K_M.gguf`` → ``Q4_K_M``), if any."""
-    stem = _SPLIT_GGUF.sub(lambda m: m["base"], name)
-    found = _QUANT_IN_NAME.findall(stem.removesuffix(".gguf").removesuffix(".GGUF"))
-    if not found:
-        return None
-    quant = found[-1].upper()
-    return {"FP16": "F16", "FP32": "F32"}.get(quant, quant)
-
-
-def gguf_file_type(path: Path) -> int | None:
-    """``general.file_type`` from a GGUF file's header (llama.cpp's quantization code), if present.
-
-    Reads only the header (memory-mapped): cheap even on large files. None for a file that is not a
-    readable GGUF.
-    """
-    from .gguf_header import read_gguf_header
-
-    try:
-        value = read_gguf_header(path).metadata.get("general.file_type")
-    except (LoadError, OSError, ValueError):
-        return None
-    return value if isinstance(value, int) and not isinstance(value, bool) else None
-
-
-def gguf_quantization(path: Path) -> str | None:
-    """The quantization of a GGUF file: from its header's ``general.file_type``, else from its name."""
-    code = gguf_file_type(path)
-    if code is not None and code in GGUF_FILE_TYPES:
-        return GGUF_FILE_TYPES[code]
-    return quantization_from_name(path.name)
-
-
 # --------------------------------------------------------------------------------- completeness
 
 
@@ -220,18 +162,6 @@ def incomplete_reason(folder: Path) -> str | None:
 # ------------------------------------------------------------------------------ resolving local paths
 
 
-def _gguf_models(ggufs: Sequence[Path]) -> list[Path]:
-    """GGUF files grouped into models: a split model counts once, by its first part."""
-    models: list[Path] = []
-    for p in ggufs:
-        parts = split_gguf_parts(p)
-        if parts is None:
-            models.append(p)
-        elif p == parts[0]:
-            models.append(p)
-    return models
-
-
 def source_from_path(path: Path, *, file: str | None = None) -> ModelSource:
     """Resolve an existing local path (a model folder or a GGUF file) to a :class:`ModelSource`.
 
@@ -265,14 +195,14 @@ def source_from_path(path: Path, *, file: str | None = None) -> ModelSource:
         chosen = path / file
         if not chosen.is_file():
             matches = [p for p in ggufs if fnmatch.fnmatch(p.name, file)]
-            if len(_gguf_models(matches)) != 1:
+            if len(gguf_models(matches)) != 1:
                 names = ", ".join(p.name for p in ggufs) or "none"
                 raise ModelNotFoundError(f"no file {file!r} in {path}", f"pick one of: {names}")
-            chosen = _gguf_models(matches)[0]
+            chosen = gguf_models(matches)[0]
         return dataclasses.replace(source_from_path(chosen), **_provenance(path))
     if any((path / m).is_file() for m in _TRANSFORMERS_MARKERS) and not ggufs:
         return ModelSource(path=path.resolve(), format="transformers", name=path.name, **_provenance(path))
-    models = _gguf_models(ggufs)
+    models = gguf_models(ggufs)
     if len(models) == 1:
         return dataclasses.replace(source_from_path(models[0]), **_provenance(path))
     if len(models) > 1:
@@ -423,6 +353,15 @@ class ModelList:
         return f"<table class='nbllm-models'>{caption}<thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
 
 
+def _gguf_quantization(path: Path) -> str | None:
+    """The quantization of a GGUF file: from its header's ``general.file_type``, else from its name."""
+    try:
+        named = read_gguf_header(path).file_type
+    except (GGUFError, OSError):
+        named = None
+    return named or quantization_from_name(path.name)
+
+
 def _dir_size(folder: Path) -> int:
     total = 0
     for root, _dirs, files in os.walk(folder):
@@ -551,7 +490,7 @@ class ModelsFolder:
             path=path,
             loader="llama.cpp",
             format="GGUF",
-            quantization=gguf_quantization(path) if path.is_file() else quantization_from_name(path.name),
+            quantization=_gguf_quantization(path) if path.is_file() else quantization_from_name(path.name),
             size=sum(p.stat().st_size for p in present),
             revision=read_revision(path),
             repo_id=record.get("repo_id"),
@@ -573,8 +512,8 @@ class ModelsFolder:
             loader: LoaderName = "llama.cpp"
             fmt = "GGUF"
             firsts = [folder / n for n in ggufs]
-            models = _gguf_models(firsts)
-            quants = sorted({q for q in (gguf_quantization(m) for m in models) if q})
+            models = gguf_models(firsts)
+            quants = sorted({q for q in (_gguf_quantization(m) for m in models) if q})
             quant = ", ".join(quants) or None
         else:
             loader = "transformers"

@@ -15,6 +15,7 @@ import pytest
 
 from nbllm import models
 from nbllm.errors import DownloadError, ModelNotFoundError, OptionError
+from nbllm.gguf_file import file_type_name, quantization_from_name, read_gguf_header
 from nbllm.models import ModelsFolder
 from nbllm.resolve import resolve
 from nbllm.source import ModelSource
@@ -247,16 +248,36 @@ def test_pending_root_download_is_listed_incomplete(models_home: Path) -> None:
     ],
 )
 def test_quantization_from_file_name(name: str, quant: str | None) -> None:
-    assert models.quantization_from_name(name) == quant
+    assert quantization_from_name(name) == quant
 
 
-def test_quantization_from_gguf_header(tmp_path: Path) -> None:
+def test_quantization_from_gguf_header(models_home: Path) -> None:
     from nbllm.testing import tiny_gguf_model
 
-    f16 = tiny_gguf_model(tmp_path / "tiny-Q4_K_M.gguf", file_type="f16")
-    assert models.gguf_file_type(f16) == 1
-    assert models.gguf_quantization(f16) == "F16"  # the header wins over a misleading name
-    assert models.gguf_file_type(_write(tmp_path / "fake.gguf", b"GGUF\x03\x00")) is None
+    f16 = tiny_gguf_model(models_home / "tiny-Q4_K_M.gguf", file_type="f16")
+    header = read_gguf_header(f16)
+    assert header.metadata["general.file_type"] == 1 and header.file_type == "F16"
+    (entry,) = ModelsFolder().list()
+    assert entry.quantization == "F16"  # the header wins over a misleading name
+    assert [file_type_name(c) for c in (0, 15, 38, 1024, 9999, None)] == ["F32", "Q4_K_M", "MXFP4_MOE", None, None, None]
+
+
+def test_our_header_reader_agrees_with_gguf_s_own(tiny_gguf: Path) -> None:
+    """The hand-written reader (kept for speed, see nbllm/gguf_file.py) reads what gguf.GGUFReader reads."""
+    gguf = pytest.importorskip("gguf")
+    theirs = gguf.GGUFReader(tiny_gguf)
+    ours = read_gguf_header(tiny_gguf)
+    assert ours.version == int(theirs.fields["GGUF.version"].contents())
+    assert ours.tensor_count == len(theirs.tensors) and not ours.unknown_types
+    assert ours.data_end == max(t.data_offset + t.n_bytes for t in theirs.tensors)
+    scalars = {
+        name: f.contents()
+        for name, f in theirs.fields.items()
+        if not name.startswith("GGUF.") and f.types[0] != gguf.GGUFValueType.ARRAY
+    }
+    assert scalars and ours.metadata.keys() == scalars.keys()
+    for name, value in scalars.items():
+        assert ours.metadata[name] == pytest.approx(value), name
 
 
 @pytest.mark.parametrize(

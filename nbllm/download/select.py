@@ -10,7 +10,7 @@ from pathlib import PurePosixPath
 from typing import Literal
 
 from ..errors import DownloadError
-from ..models import quantization_from_name
+from ..gguf_file import quantization_from_name, unsplit_name
 from ..store import WEIGHT_SUFFIXES
 
 DEFAULT_QUANTIZATION = "Q4_K_M"
@@ -23,7 +23,6 @@ QUANTIZATION_PREFERENCE = ("Q4_K_M", "Q4_K_S", "Q5_K_M", "Q4_0", "Q5_K_S", "Q6_K
 _SUPPORT_SUFFIXES = (".json", ".txt", ".model", ".tiktoken", ".jinja", ".py", ".md")
 _PYTORCH_WEIGHTS = re.compile(r"^(?:(?:pytorch|adapter|gptq)_model.*\.bin|.*\.pt|.*\.pth)$")
 _NOT_WEIGHTS = re.compile(r"^(?:training_args|optimizer|scheduler|rng_state).*$")
-_SPLIT = re.compile(r"-\d{5}-of-\d{5}(?=\.gguf$)", re.IGNORECASE)
 
 
 @dataclass(frozen=True)
@@ -45,7 +44,7 @@ def _gguf_groups(ggufs: Sequence[str]) -> dict[str, list[str]]:
     """GGUF files grouped by model: a split model (``-00001-of-00003``) is one group."""
     groups: dict[str, list[str]] = {}
     for path in sorted(ggufs):
-        groups.setdefault(_SPLIT.sub("", path), []).append(path)
+        groups.setdefault(unsplit_name(path), []).append(path)
     return groups
 
 
