@@ -161,15 +161,22 @@ def read_gguf_header(path: Path) -> GGUFHeader:
             ) from None
 
 
-def gguf_problem(path: Path) -> str | None:
-    """What makes ``path`` unloadable, as its header shows (``None``: it looks like a whole GGUF file)."""
-    try:
-        read_gguf_header(path)
-    except GGUFError as exc:
-        return exc.problem
-    except OSError as exc:
-        return f"unreadable ({exc.strerror or type(exc).__name__})"
-    return None
+def inspect_gguf(model: Path) -> tuple[GGUFHeader | None, str | None]:
+    """The header of GGUF model ``model`` and what makes it unloadable (``None``: it looks whole).
+
+    Every part of a split model is checked; a problem in a later part names that part.
+    """
+    first: GGUFHeader | None = None
+    for part in split_gguf_parts(model) or [model]:
+        where = "" if part == model else f"{part.name}: "
+        try:
+            header = read_gguf_header(part)
+        except GGUFError as exc:
+            return first, where + exc.problem
+        except OSError as exc:
+            return first, f"{where}unreadable ({exc.strerror or type(exc).__name__})"
+        first = first or header
+    return first, None
 
 
 class _Truncated(Exception):

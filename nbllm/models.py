@@ -32,14 +32,7 @@ from typing import Any, Literal, TypedDict
 
 from .errors import ModelNotFoundError, OptionError
 from .frontend import command
-from .gguf_file import (
-    GGUFError,
-    gguf_files,
-    gguf_models,
-    quantization_from_name,
-    read_gguf_header,
-    split_gguf_parts,
-)
+from .gguf_file import gguf_files, gguf_models, inspect_gguf, quantization_from_name, split_gguf_parts
 from .source import ModelSource
 from .store import Bookkeeping, pending_downloads, read_record, read_revision
 
@@ -52,6 +45,7 @@ ENV_VAR = "NBLLM_MODELS_DIR"
 _TRANSFORMERS_MARKERS = ("config.json",)
 _SAFETENSORS = (".safetensors",)
 _PYTORCH = (".bin", ".pt", ".pth")
+_WEIGHT_FORMATS = (("safetensors", _SAFETENSORS), ("bin", _PYTORCH))
 # Files text-generation-webui keeps at the root of its models folder; not models.
 _NOT_MODELS = {"place-your-models-here.txt", "config.yaml", "config-user.yaml"}
 
@@ -245,7 +239,7 @@ class ModelEntry:
     loader: LoaderName
     """The loader ``%llm_load`` would use with ``--loader auto``."""
     format: str
-    """``safetensors``, ``bin`` or ``GGUF``."""
+    """``safetensors``, ``bin``, ``GGUF``, or ``none`` (a model folder without weights)."""
     quantization: str | None
     """GGUF quantization (``Q4_K_M``...) or a Transformers checkpoint's ``quantization_config`` method."""
     size: int
@@ -254,9 +248,11 @@ class ModelEntry:
     """Hub commit sha recorded at download, if nbllm downloaded it."""
     repo_id: str | None
     complete: bool
-    """False for an interrupted download: not loadable until the download is run again."""
+    """Whether ``%llm_load`` can load it: False for an interrupted download or a file that cannot load."""
     problem: str | None = None
     """Why it is not complete."""
+    damaged: bool = False
+    """The files are all there but cannot load (not a GGUF file, truncated...): ``problem`` says why."""
 
     @property
     def format_label(self) -> str:
@@ -264,10 +260,18 @@ class ModelEntry:
         return f"{self.format} {self.quantization}" if self.quantization else self.format
 
     @property
+    def unfinished(self) -> bool:
+        """Files are missing (an interrupted download, a missing part or shard)."""
+        return not self.complete and not self.damaged
+
+    @property
     def status(self) -> str:
-        """``ready``, or what is wrong: ``incomplete (...)`` with the command that resumes it."""
+        """``ready``, or what is wrong: ``incomplete (...)`` with the command that resumes it,
+        ``not loadable: ...`` with what the header checks found."""
         if self.complete:
             return "ready"
+        if self.damaged:
+            return f"not loadable: {self.problem}"
         resume = f"; resume: {command('download', self.repo_id)}" if self.repo_id else ""
         return f"incomplete ({self.problem}){resume}"
 
@@ -353,13 +357,11 @@ class ModelList:
         return f"<table class='nbllm-models'>{caption}<thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
 
 
-def _gguf_quantization(path: Path) -> str | None:
-    """The quantization of a GGUF file: from its header's ``general.file_type``, else from its name."""
-    try:
-        named = read_gguf_header(path).file_type
-    except (GGUFError, OSError):
-        named = None
-    return named or quantization_from_name(path.name)
+def _gguf_facts(model: Path) -> tuple[str | None, str | None]:
+    """A GGUF model's quantization (its header's ``general.file_type``, else its name) and what makes
+    it unloadable, from the same header checks the llama.cpp loader runs (cheap: headers only)."""
+    header, problem = inspect_gguf(model)
+    return (header.file_type if header else None) or quantization_from_name(model.name), problem
 
 
 def _dir_size(folder: Path) -> int:
@@ -397,7 +399,8 @@ class ModelsFolder:
         return f"ModelsFolder({str(self.path)!r})"
 
     def list(self) -> ModelList:
-        """Every model in the folder, sorted by name; interrupted downloads included, marked incomplete."""
+        """Every model in the folder, sorted by name; interrupted downloads and files that cannot load
+        (the loader's header checks, run here too) included, with what is wrong in their status."""
         entries: list[ModelEntry] = []
         if self.path.is_dir():
             for child in sorted(self.path.iterdir(), key=lambda p: p.name.lower()):
@@ -437,7 +440,7 @@ class ModelsFolder:
             entry = self._entry(folder)
             record = read_record(folder) or {}
             same_repo = record.get("repo_id", repo_id) == repo_id
-            if entry is not None and entry.complete and same_repo and _revision_matches(record, revision):
+            if entry is not None and not entry.unfinished and same_repo and _revision_matches(record, revision):
                 if (
                     file is None
                     or entry.loader != "llama.cpp"
@@ -452,7 +455,7 @@ class ModelsFolder:
             if file is not None and not fnmatch.fnmatch(gguf.name, file) and gguf.name != file:
                 continue
             entry = self._entry(gguf)
-            if entry is not None and entry.complete:
+            if entry is not None and not entry.unfinished:
                 candidates.append(entry)
         if len(candidates) > 1:  # several quantizations of one repo: the default one, as a download picks
             preferred = [
@@ -485,17 +488,19 @@ class ModelsFolder:
         present = [p for p in files if p.is_file()]
         missing = len(files) - len(present)
         record = read_record(path) or {}
+        quant, damage = _gguf_facts(path) if not missing else (quantization_from_name(path.name), None)
         return ModelEntry(
             name=path.name,
             path=path,
             loader="llama.cpp",
             format="GGUF",
-            quantization=_gguf_quantization(path) if path.is_file() else quantization_from_name(path.name),
+            quantization=quant,
             size=sum(p.stat().st_size for p in present),
             revision=read_revision(path),
             repo_id=record.get("repo_id"),
-            complete=missing == 0,
-            problem=f"missing {missing} of {len(files)} parts" if missing else None,
+            complete=not missing and damage is None,
+            problem=f"missing {missing} of {len(files)} parts" if missing else damage,
+            damaged=damage is not None,
         )
 
     def _folder_entry(self, folder: Path) -> ModelEntry | None:
@@ -507,20 +512,19 @@ class ModelsFolder:
         if not (ggufs or has_config or is_download):
             return None  # not a model (a LoRA folder, notes, ...)
         problem = incomplete_reason(folder)
-        planned = record.get("files") or {}
-        if ggufs or (is_download and any(str(f).endswith(".gguf") for f in planned)):
+        damage = None
+        planned = [str(f) for f in record.get("files") or {}]
+        if ggufs or (is_download and any(f.endswith(".gguf") for f in planned)):
             loader: LoaderName = "llama.cpp"
             fmt = "GGUF"
-            firsts = [folder / n for n in ggufs]
-            models = gguf_models(firsts)
-            quants = sorted({q for q in (_gguf_quantization(m) for m in models) if q})
-            quant = ", ".join(quants) or None
+            facts = {m.name: _gguf_facts(m) for m in gguf_models([folder / n for n in ggufs])}
+            quant = ", ".join(sorted({q for q, _ in facts.values() if q})) or None
+            if problem is None:
+                damage = next((f"{name}: {bad}" for name, (_, bad) in facts.items() if bad), None)
         else:
             loader = "transformers"
-            has_st = any(n.endswith(_SAFETENSORS) for n in names) or any(
-                str(f).endswith(_SAFETENSORS) for f in planned
-            )
-            fmt = "safetensors" if has_st else "bin"
+            files = [*names, *planned]
+            fmt = next((f for f, s in _WEIGHT_FORMATS if any(n.endswith(s) for n in files)), "none")
             quant = _checkpoint_quantization(folder)
         return ModelEntry(
             name=folder.name,
@@ -531,8 +535,9 @@ class ModelsFolder:
             size=_dir_size(folder),
             revision=read_revision(folder) if problem is None else record.get("revision"),
             repo_id=record.get("repo_id"),
-            complete=problem is None,
-            problem=problem,
+            complete=problem is None and damage is None,
+            problem=problem or damage,
+            damaged=damage is not None,
         )
 
     def _pending_root_downloads(self, listed: set[str]) -> Iterator[ModelEntry]:

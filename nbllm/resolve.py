@@ -35,7 +35,7 @@ def resolve(spec: str | Path, *, revision: str | None = None, file: str | None =
     folder = ModelsFolder()
     if "/" not in text and "\\" not in text:
         entry = folder.get(text)  # raises ModelNotFoundError with suggestions
-        if not entry.complete:
+        if entry.unfinished:  # (a file that cannot load goes on: the loader says why, with the fix)
             raise ModelNotFoundError(f"{entry.name} is not complete ({entry.problem})", entry.fix)
         return source_from_path(entry.path, file=file)
     hub = parse_hub_id(text)

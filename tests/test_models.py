@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import struct
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -41,6 +42,10 @@ def _write(path: Path, data: bytes | str = b"x") -> Path:
     return path
 
 
+# The smallest whole GGUF file: version 3, no tensors, no metadata, padded to the 32-byte alignment.
+GGUF_HEADER_ONLY = b"GGUF" + struct.pack("<IQQ", 3, 0, 0) + bytes(8)
+
+
 def _nbllm_download(folder: Path, repo_id: str, *, complete: bool, revision: str = "a" * 40) -> None:
     """Write the bookkeeping download.py leaves in a model folder."""
     meta = folder / ".nbllm"
@@ -59,11 +64,11 @@ def webui_folder(models_home: Path, tiny_model: Path, tiny_gguf: Path) -> Path:
     root = models_home
     _write(root / "place-your-models-here.txt", "")
     _write(root / "config.yaml", "")
-    _write(root / "llama-2-7b-chat.Q4_K_M.gguf", b"not a real gguf, the name tells")
+    _write(root / "llama-2-7b-chat.Q4_K_M.gguf", GGUF_HEADER_ONLY)  # no file_type: the name tells
     shutil.copy(tiny_gguf, root / "tiny.gguf")  # a real GGUF: quantization from its header (F32)
-    _write(root / "big-Q5_K_M-00001-of-00002.gguf", b"1" * 10)
-    _write(root / "big-Q5_K_M-00002-of-00002.gguf", b"2" * 20)
-    _write(root / "lost-Q8_0-00001-of-00003.gguf", b"1")  # parts 2 and 3 missing
+    _write(root / "big-Q5_K_M-00001-of-00002.gguf", GGUF_HEADER_ONLY)
+    _write(root / "big-Q5_K_M-00002-of-00002.gguf", GGUF_HEADER_ONLY + bytes(10))
+    _write(root / "lost-Q8_0-00001-of-00003.gguf", GGUF_HEADER_ONLY)  # parts 2 and 3 missing
     shutil.copytree(tiny_model, root / "org_model")
     _nbllm_download(root / "org_model", "org/model", complete=True)
     gptq = root / "TheBloke_Llama-2-7B-GPTQ"
@@ -109,7 +114,7 @@ def test_lists_a_text_generation_webui_folder(webui_folder: Path) -> None:
     )
     assert by_name["tiny.gguf"].quantization == "F32"  # read from general.file_type, not the name
     split = by_name["big-Q5_K_M-00001-of-00002.gguf"]
-    assert (split.size, split.quantization, split.complete) == (30, "Q5_K_M", True)
+    assert (split.size, split.quantization, split.complete) == (2 * len(GGUF_HEADER_ONLY) + 10, "Q5_K_M", True)
     assert not by_name["lost-Q8_0-00001-of-00003.gguf"].complete
     model = by_name["org_model"]
     assert (model.loader, model.format, model.complete) == ("transformers", "safetensors", True)
@@ -209,7 +214,7 @@ def test_conflicting_revisions_are_refused(models_home: Path) -> None:
 
 
 def test_root_gguf_revision_and_record(models_home: Path) -> None:
-    file = _write(models_home / "m.Q4_K_M.gguf", b"g")
+    file = _write(models_home / "m.Q4_K_M.gguf", GGUF_HEADER_ONLY)
     _write(models_home / ".nbllm" / "m.Q4_K_M.gguf.revision", "c" * 40 + "\n")
     _write(
         models_home / ".nbllm" / "m.Q4_K_M.gguf.json", json.dumps({"repo_id": "org/m-GGUF", "ref": "main"})
@@ -232,6 +237,38 @@ def test_pending_root_download_is_listed_incomplete(models_home: Path) -> None:
     )
     with pytest.raises(ModelNotFoundError, match="not complete"):
         resolve("x.Q4_K_M.gguf")
+
+
+def test_listing_says_what_is_wrong_with_files_that_cannot_load(models_home: Path, tiny_gguf: Path) -> None:
+    """The header checks %llm_load runs, run by the listing too: a bad file is never shown as ready."""
+    _write(models_home / "good.gguf", tiny_gguf.read_bytes())
+    bad = {
+        "notes.gguf": ("just some notes\n", "not a GGUF file (it is a text file)"),
+        "page.gguf": ("<!DOCTYPE html><html><body>404</body></html>", "it is an HTML page"),
+        "pointer.gguf": (
+            "version https://git-lfs.github.com/spec/v1\noid sha256:" + "a" * 64 + "\nsize 1000\n",
+            "it is a Git LFS pointer",
+        ),
+        "empty.gguf": (b"", "not a GGUF file (it is empty)"),
+        "cut.gguf": (tiny_gguf.read_bytes()[:-1000], "truncated or damaged (the file is"),
+    }
+    for name, (data, _) in bad.items():
+        _write(models_home / name, data)
+    _write(models_home / "org_noweights" / "config.json", "{}")
+    _write(models_home / "org_badgguf" / "model.Q4_K_M.gguf", "<html>rate limited</html>")
+    listing = ModelsFolder().list()
+    by_name = {e.name: e for e in listing}
+    assert by_name["good.gguf"].status == "ready"
+    for name, (_, words) in bad.items():
+        entry = by_name[name]
+        assert not entry.complete and entry not in listing.loadable, name
+        assert entry.status.startswith("not loadable: ") and words in entry.status, entry.status
+    assert "model.Q4_K_M.gguf: not a GGUF file (it is an HTML page" in by_name["org_badgguf"].status
+    folder = by_name["org_noweights"]
+    assert folder.format == "none" and folder.status == "incomplete (no weight files)"
+    table = listing.text().splitlines()
+    assert len(table) == 3 + len(listing)  # one line per model, whatever its problem
+    assert any(line.startswith("cut.gguf") and "truncated" in line for line in table)
 
 
 @pytest.mark.parametrize(
