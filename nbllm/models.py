@@ -173,6 +173,11 @@ def source_from_path(path: Path, *, file: str | None = None) -> ModelSource:
                 f"{path} is a file but not a .gguf model",
                 "give a .gguf file or the folder of a Transformers model (the one holding config.json)",
             )
+        if file is not None and file != path.name and not fnmatch.fnmatch(path.name, file):
+            raise OptionError(
+                f"--file {file!r} does not name {path.name}, and {path.name} is a file, not a folder to choose in",
+                "drop --file, or give the folder that holds the file you want",
+            )
         parts = split_gguf_parts(path)
         if parts is not None:
             if missing := [p.name for p in parts if not p.is_file()]:

@@ -187,6 +187,19 @@ def test_incomplete_models_are_never_resolved(webui_folder: Path) -> None:
         resolve("lost-Q8_0-00001-of-00003.gguf")
 
 
+def test_file_given_with_a_gguf_path_must_name_that_file(models_home: Path) -> None:
+    """`%llm_load model.gguf --file foo.gguf` loaded model.gguf without a word (issue 16, item 15)."""
+    model = _write(models_home / "model.Q4_K_M.gguf", GGUF_HEADER_ONLY)
+    with pytest.raises(OptionError) as err:
+        resolve(str(model), file="foo.gguf")
+    message = err.value.message
+    assert "\n" not in message and "--file 'foo.gguf'" in message and "model.Q4_K_M.gguf" in message
+    with pytest.raises(OptionError):
+        resolve("model.Q4_K_M.gguf", file="*Q8_0*")  # by name from the models folder, the same
+    assert resolve(str(model), file="model.Q4_K_M.gguf").path == model.resolve()
+    assert resolve(str(model), file="*Q4_K_M*").path == model.resolve()  # a pattern that matches it
+
+
 def test_unknown_name_suggests_close_ones(webui_folder: Path) -> None:
     with pytest.raises(ModelNotFoundError) as err:
         resolve("org_modle")
