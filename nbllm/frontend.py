@@ -19,10 +19,11 @@ _COMMANDS: dict[str, dict[FrontEnd, str]] = {
 _current: FrontEnd = "notebook"
 
 
-def set_front_end(name: FrontEnd) -> None:
-    """Name the commands of ``name`` in messages from now on (the CLI calls it once, at start)."""
+def set_front_end(name: FrontEnd) -> FrontEnd:
+    """Name the commands of ``name`` in messages from now on (the CLI does, at start); returns the previous one."""
     global _current
-    _current = name
+    previous, _current = _current, name
+    return previous
 
 
 def command(name: Literal["models", "download"], args: str = "") -> str:
