@@ -108,6 +108,10 @@ def _read_json(path: Path) -> dict[str, Any]:
     return data if isinstance(data, dict) else {}
 
 
+def _partial_file(meta: Path, key: str) -> Path:
+    return meta / "partial" / f"{key}.part"
+
+
 def _read_line(path: Path) -> str | None:
     try:
         return path.read_text(encoding="utf-8").strip() or None
@@ -157,7 +161,7 @@ class Bookkeeping:
 
     def partial(self, record: FileRecord) -> Path:
         """The partial file of this content: named by its hash, so a resume never mixes two versions."""
-        return self.meta / "partial" / f"{record.key}.part"
+        return _partial_file(self.meta, record.key)
 
     @property
     def lock(self) -> Path:
@@ -282,7 +286,7 @@ def pending_downloads(root: Path) -> Iterator[PendingDownload]:
         record = _read_json(pending)
         if not record:
             continue
-        partial = meta / "partial" / f"{record.get('key') or record.get('sha256')}.part"
+        partial = _partial_file(meta, str(record.get("key") or record.get("sha256")))
         size = partial.stat().st_size if partial.is_file() else 0
         yield PendingDownload(pending.name.removesuffix(".pending.json"), record, size)
 

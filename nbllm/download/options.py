@@ -37,7 +37,7 @@ class DownloadOptions(_Schema):
         False, "Verify a downloaded model against the Hub's checksums again (offline); download nothing."
     )
     models_dir: str | None = option(
-        None, "The models folder to download into (default: the one in effect, see %llm_models).",
+        None, "Download into this models folder instead of the one in use.",
         flag="--dir", metavar="PATH",
     )
     quiet: bool = option(False, "No progress bars.")
