@@ -16,14 +16,13 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from ._version import __version__ as __version__
 from .chat import Conversation
 from .chat import Conversation as Chat
 from .engine import Engine, Status, get_engine
 from .errors import NbllmError
 from .options import GenerationOptions, LoadOptions
 from .result import Record, Result
-
-__version__ = "0.1.0"
 
 
 def load(model: str | Path, options: LoadOptions | Mapping[str, Any] | None = None, **kwargs: Any) -> Status:

@@ -1,8 +1,10 @@
 """The ``nbllm`` console command: the models folder from a terminal (or a Docker entrypoint).
 
 ``nbllm models`` lists the models folder; ``nbllm download organization/model[:revision]`` is nbllm's
-``download-model.py``. Both are thin: each is one call into :mod:`nbllm.models` / :mod:`nbllm.download`.
-Errors print one line to stderr and exit with status 1 (130 after Ctrl-C).
+``download-model.py``, with :class:`~nbllm.download.DownloadOptions`' flags (the same as
+``%llm_download``'s). Both are thin: each is one call into :mod:`nbllm.models` / :mod:`nbllm.download`.
+Messages name the CLI's commands, not the magics. Errors print one line to stderr and exit with status 1
+(130 after Ctrl-C).
 """
 
 from __future__ import annotations
@@ -11,67 +13,52 @@ import argparse
 import sys
 from collections.abc import Sequence
 
+from .download.options import DownloadOptions
 from .errors import NbllmError
+from .frontend import set_front_end
+
+_DIR_HELP = "models folder to use (default: $NBLLM_MODELS_DIR, else ~/.local/share/nbllm/models)"
 
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="nbllm", description="Manage the models folder nbllm loads from (see `nbllm models`)."
     )
-    parser.add_argument(
-        "--dir",
-        metavar="PATH",
-        help="models folder to use (default: $NBLLM_MODELS_DIR, else ~/.local/share/nbllm/models)",
-    )
+    # --dir works before the command (nbllm --dir PATH models) and after it (nbllm models --dir PATH).
+    parser.add_argument("--dir", dest="dir_before", metavar="PATH", help=_DIR_HELP)
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    commands.add_parser("models", help="list the models in the models folder")
+    listing = commands.add_parser("models", help="list the models in the models folder")
+    listing.add_argument("--dir", dest="models_dir", metavar="PATH", help=_DIR_HELP)
     dl = commands.add_parser(
         "download",
         help="download a model from the Hugging Face Hub into the models folder",
         description="Download organization/model[:revision] into the models folder. An interrupted download "
         "continues where it stopped when run again.",
     )
-    dl.add_argument("model", metavar="organization/model[:revision]")
-    dl.add_argument(
-        "--file",
-        nargs="+",
-        action="extend",
-        metavar="PATTERN",
-        help="download only files matching (e.g. '*Q5_K_M*')",
-    )
-    dl.add_argument("--exclude", nargs="+", action="extend", metavar="PATTERN", help="skip files matching")
-    dl.add_argument(
-        "--check", action="store_true", help="verify an already downloaded model again; download nothing"
-    )
-    dl.add_argument("--quiet", action="store_true", help="no progress bars")
+    DownloadOptions.add_arguments(dl)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; returns the exit status (also used as the console script's)."""
     args = _parser().parse_args(argv)
+    models_dir = args.models_dir or args.dir_before
+    previous = set_front_end("cli")
     try:
         if args.command == "models":
             from .models import ModelsFolder
 
-            print(ModelsFolder(args.dir).list().text())
+            print(ModelsFolder(models_dir).list().text())
         else:
-            from .download import download
-
-            download(
-                args.model,
-                files=args.file,
-                exclude=args.exclude,
-                check=args.check,
-                models_dir=args.dir,
-                progress=not args.quiet,
-            )
+            DownloadOptions.from_namespace(args).run(models_dir=models_dir)
     except NbllmError as exc:
         print(f"nbllm: {exc.message}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("nbllm: interrupted. Run the same command again to continue where it stopped.", file=sys.stderr)
         return 130
+    finally:
+        set_front_end(previous)
     return 0
 
 

@@ -32,11 +32,11 @@ from typing import Any
 
 from .chat_template import FALLBACK_NOTE, ChatNote, render_chat, starts_with_bos
 from .errors import GenerationError, NbllmError, NbllmWarning, NoModelLoadedError, OptionError
-from .fingerprint import weights_sha256
 from .loaders import Loader, Placement, Request, TextLoader, TokenLoader, choose_loader, resolve_source
 from .options import GenerationOptions, LoadOptions
 from .result import Record, Result, Timings, clock, library_versions
 from .source import ModelSource
+from .store import weights_sha256
 from .streaming import IncrementalDecoder, StopHoldback
 
 

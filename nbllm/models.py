@@ -7,16 +7,12 @@ inside, Transformers models (and GGUF models of several files) in subfolders nam
 :func:`default_models_dir` (``~/.local/share/nbllm/models`` on Linux) — outside any notebook's working
 tree, so models survive a new project or a fresh checkout.
 
-``resolve(spec)`` turns what a user typed after ``%llm_load`` into a :class:`ModelSource`: an existing
-path, a name in the models folder (``organization_model`` or ``file.gguf``), or a hub id
-``organization/model[:revision]``, which is downloaded into the models folder first.
+:func:`source_from_path` turns a local path into a :class:`ModelSource`; :func:`nbllm.resolve.resolve`
+adds names in the models folder and hub ids (downloading them first) on top of it and this module.
 
-Downloads by nbllm keep their bookkeeping in a ``.nbllm`` folder (see ``download.py``): a model folder
-holds ``.nbllm/manifest.json`` (repository, commit, files and their hashes) from the start of its
-download and ``.nbllm/complete`` only once every file is verified; a folder with the first but not the
-second is an interrupted download and is never listed as loadable nor resolved. A GGUF file at the root
-has ``.nbllm/<file>.json`` and ``.nbllm/<file>.revision`` beside it; while it downloads, only
-``.nbllm/<file>.pending.json`` and a partial file under ``.nbllm/partial/`` exist.
+Downloads by nbllm leave bookkeeping files beside the model (a manifest, a completeness marker, the
+hub commit); :mod:`nbllm.store` owns them. A folder whose download started and did not finish is listed
+as incomplete and is never resolved.
 """
 
 from __future__ import annotations
@@ -29,44 +25,29 @@ import json
 import os
 import re
 import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, TypedDict
 
-from .errors import LoadError, ModelNotFoundError, OptionError
+from .errors import ModelNotFoundError, OptionError
+from .frontend import command
+from .gguf_file import gguf_files, gguf_models, inspect_gguf, quantization_from_name, split_gguf_parts
 from .source import ModelSource
+from .store import Bookkeeping, pending_downloads, read_record, read_revision
 
 LoaderName = Literal["transformers", "llama.cpp"]
 
 ENV_VAR = "NBLLM_MODELS_DIR"
 """Environment variable naming the models folder."""
 
-META_DIR = ".nbllm"
-"""Bookkeeping folder nbllm writes inside a model folder (and at the models folder's root)."""
-
 # Files whose presence makes a folder a Transformers model.
 _TRANSFORMERS_MARKERS = ("config.json",)
 _SAFETENSORS = (".safetensors",)
 _PYTORCH = (".bin", ".pt", ".pth")
+_WEIGHT_FORMATS = (("safetensors", _SAFETENSORS), ("bin", _PYTORCH))
 # Files text-generation-webui keeps at the root of its models folder; not models.
 _NOT_MODELS = {"place-your-models-here.txt", "config.yaml", "config-user.yaml"}
-
-_SPLIT_GGUF = re.compile(r"^(?P<base>.+)-(?P<part>\d{5})-of-(?P<total>\d{5})\.gguf$", re.IGNORECASE)
-_QUANT_IN_NAME = re.compile(
-    r"(?<![A-Za-z0-9])(I?Q\d(?:_[A-Z0-9]{1,3})*|TQ\d_\d|MXFP4(?:_MOE)?|BF16|F16|FP16|F32|FP32)(?![A-Za-z0-9])",
-    re.IGNORECASE,
-)
-
-# llama.cpp's ``general.file_type`` values (gguf's LlamaFileType) → the names used in file names.
-GGUF_FILE_TYPES: dict[int, str] = {
-    0: "F32", 1: "F16", 2: "Q4_0", 3: "Q4_1", 7: "Q8_0", 8: "Q5_0", 9: "Q5_1", 10: "Q2_K",
-    11: "Q3_K_S", 12: "Q3_K_M", 13: "Q3_K_L", 14: "Q4_K_S", 15: "Q4_K_M", 16: "Q5_K_S", 17: "Q5_K_M",
-    18: "Q6_K", 19: "IQ2_XXS", 20: "IQ2_XS", 21: "Q2_K_S", 22: "IQ3_XS", 23: "IQ3_XXS", 24: "IQ1_S",
-    25: "IQ4_NL", 26: "IQ3_S", 27: "IQ3_M", 28: "IQ2_S", 29: "IQ2_M", 30: "IQ4_XS", 31: "IQ1_M",
-    32: "BF16", 36: "TQ1_0", 37: "TQ2_0", 38: "MXFP4_MOE",
-}  # fmt: skip
-
 
 # ------------------------------------------------------------------------------- the folder's location
 
@@ -131,86 +112,14 @@ def parse_hub_id(spec: str) -> tuple[str, str | None] | None:
     return m["repo"], m["rev"]
 
 
-# ------------------------------------------------------------------------------------ GGUF inspection
+def requested_revision(spec: str, in_spec: str | None, given: str | None) -> str | None:
+    """The revision asked for in the hub id ``spec`` (``org/model:rev``) or apart (``--revision``): one, or both the same."""
+    if in_spec and given and in_spec != given:
+        raise OptionError(f"two revisions given: {in_spec!r} in {spec} and --revision {given!r}", "give one")
+    return in_spec or given
 
 
-def gguf_files(folder: Path) -> list[Path]:
-    """The GGUF files directly inside ``folder``, sorted by name."""
-    return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() == ".gguf")
-
-
-def split_gguf_parts(file: Path) -> list[Path] | None:
-    """All parts of a split GGUF model (``name-00001-of-00003.gguf``), or ``None`` if ``file`` is whole."""
-    m = _SPLIT_GGUF.match(file.name)
-    if m is None:
-        return None
-    total = int(m["total"])
-    return [file.with_name(f"{m['base']}-{i:05d}-of-{total:05d}.gguf") for i in range(1, total + 1)]
-
-
-def quantization_from_name(name: str) -> str | None:
-    """The quantization named in a GGUF file name (``model.Q4_K_M.gguf`` → ``Q4_K_M``), if any."""
-    stem = _SPLIT_GGUF.sub(lambda m: m["base"], name)
-    found = _QUANT_IN_NAME.findall(stem.removesuffix(".gguf").removesuffix(".GGUF"))
-    if not found:
-        return None
-    quant = found[-1].upper()
-    return {"FP16": "F16", "FP32": "F32"}.get(quant, quant)
-
-
-def gguf_file_type(path: Path) -> int | None:
-    """``general.file_type`` from a GGUF file's header (llama.cpp's quantization code), if present.
-
-    Reads only the header (memory-mapped): cheap even on large files. None for a file that is not a
-    readable GGUF.
-    """
-    from .gguf_header import read_gguf_header
-
-    try:
-        value = read_gguf_header(path).metadata.get("general.file_type")
-    except (LoadError, OSError, ValueError):
-        return None
-    return value if isinstance(value, int) and not isinstance(value, bool) else None
-
-
-def gguf_quantization(path: Path) -> str | None:
-    """The quantization of a GGUF file: from its header's ``general.file_type``, else from its name."""
-    code = gguf_file_type(path)
-    if code is not None and code in GGUF_FILE_TYPES:
-        return GGUF_FILE_TYPES[code]
-    return quantization_from_name(path.name)
-
-
-# --------------------------------------------------------------------------------- nbllm's bookkeeping
-
-
-def read_revision(path: Path) -> str | None:
-    """The hub commit sha stored beside downloaded files (see ``download.py``), if any.
-
-    A model folder keeps it in ``<folder>/.nbllm/revision``; a GGUF file at the models folder's root in
-    ``<root>/.nbllm/<file>.revision``.
-    """
-    folder = path if path.is_dir() else path.parent
-    marker = folder / META_DIR / "revision"
-    if path.is_file():
-        per_file = folder / META_DIR / f"{path.name}.revision"
-        if per_file.is_file():
-            return per_file.read_text().strip() or None
-    if marker.is_file():
-        return marker.read_text().strip() or None
-    return None
-
-
-def read_record(path: Path) -> dict[str, Any] | None:
-    """The download record of a model folder (``.nbllm/manifest.json``) or root GGUF file, if any."""
-    record = (
-        path / META_DIR / "manifest.json" if path.is_dir() else path.parent / META_DIR / f"{path.name}.json"
-    )
-    try:
-        data = json.loads(record.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-    return data if isinstance(data, dict) else None
+# --------------------------------------------------------------------------------- completeness
 
 
 def incomplete_reason(folder: Path) -> str | None:
@@ -219,9 +128,9 @@ def incomplete_reason(folder: Path) -> str | None:
     An nbllm download is whole once ``.nbllm/complete`` exists. A folder from elsewhere (copied by hand,
     downloaded by text-generation-webui) is whole when it has weights and every shard its index lists.
     """
-    meta = folder / META_DIR
-    if (meta / "manifest.json").is_file():
-        return None if (meta / "complete").is_file() else "download not finished"
+    books = Bookkeeping.of_folder(folder)
+    if books.started:
+        return "download not finished" if books.unfinished else None
     names = {p.name for p in folder.iterdir() if p.is_file()}
     if any(n.lower().endswith(".gguf") for n in names):
         for first in (folder / n for n in sorted(names) if n.lower().endswith(".gguf")):
@@ -247,18 +156,6 @@ def incomplete_reason(folder: Path) -> str | None:
 # ------------------------------------------------------------------------------ resolving local paths
 
 
-def _gguf_models(ggufs: Sequence[Path]) -> list[Path]:
-    """GGUF files grouped into models: a split model counts once, by its first part."""
-    models: list[Path] = []
-    for p in ggufs:
-        parts = split_gguf_parts(p)
-        if parts is None:
-            models.append(p)
-        elif p == parts[0]:
-            models.append(p)
-    return models
-
-
 def source_from_path(path: Path, *, file: str | None = None) -> ModelSource:
     """Resolve an existing local path (a model folder or a GGUF file) to a :class:`ModelSource`.
 
@@ -268,13 +165,18 @@ def source_from_path(path: Path, *, file: str | None = None) -> ModelSource:
     path = path.expanduser()
     if not path.exists():
         raise ModelNotFoundError(
-            f"no model at {path}", "check the path, or run %llm_models to list the models folder"
+            f"no model at {path}", f"check the path, or run {command('models')} to list the models folder"
         )
     if path.is_file():
         if path.suffix.lower() != ".gguf":
             raise ModelNotFoundError(
                 f"{path} is a file but not a .gguf model",
                 "give a .gguf file or the folder of a Transformers model (the one holding config.json)",
+            )
+        if file is not None and file != path.name and not fnmatch.fnmatch(path.name, file):
+            raise OptionError(
+                f"--file {file!r} does not name {path.name}, and {path.name} is a file, not a folder to choose in",
+                "drop --file, or give the folder that holds the file you want",
             )
         parts = split_gguf_parts(path)
         if parts is not None:
@@ -292,14 +194,14 @@ def source_from_path(path: Path, *, file: str | None = None) -> ModelSource:
         chosen = path / file
         if not chosen.is_file():
             matches = [p for p in ggufs if fnmatch.fnmatch(p.name, file)]
-            if len(_gguf_models(matches)) != 1:
+            if len(gguf_models(matches)) != 1:
                 names = ", ".join(p.name for p in ggufs) or "none"
                 raise ModelNotFoundError(f"no file {file!r} in {path}", f"pick one of: {names}")
-            chosen = _gguf_models(matches)[0]
+            chosen = gguf_models(matches)[0]
         return dataclasses.replace(source_from_path(chosen), **_provenance(path))
     if any((path / m).is_file() for m in _TRANSFORMERS_MARKERS) and not ggufs:
         return ModelSource(path=path.resolve(), format="transformers", name=path.name, **_provenance(path))
-    models = _gguf_models(ggufs)
+    models = gguf_models(ggufs)
     if len(models) == 1:
         return dataclasses.replace(source_from_path(models[0]), **_provenance(path))
     if len(models) > 1:
@@ -322,15 +224,10 @@ def _provenance(path: Path) -> _Provenance:
 
 
 def _refuse_incomplete(folder: Path) -> None:
-    meta = folder / META_DIR
-    if (meta / "manifest.json").is_file() and not (meta / "complete").is_file():
-        record = read_record(folder) or {}
-        repo = record.get("repo_id")
-        fix = (
-            f"run %llm_download {repo} (or: nbllm download {repo}) to finish it"
-            if repo
-            else "download it again"
-        )
+    books = Bookkeeping.of_folder(folder)
+    if books.unfinished:
+        repo = books.record().get("repo_id")
+        fix = f"run {command('download', repo)} to finish it" if repo else "download it again"
         raise ModelNotFoundError(f"{folder.name} is an unfinished download", fix)
 
 
@@ -347,7 +244,7 @@ class ModelEntry:
     loader: LoaderName
     """The loader ``%llm_load`` would use with ``--loader auto``."""
     format: str
-    """``safetensors``, ``bin`` or ``GGUF``."""
+    """``safetensors``, ``bin``, ``GGUF``, or ``none`` (a model folder without weights)."""
     quantization: str | None
     """GGUF quantization (``Q4_K_M``...) or a Transformers checkpoint's ``quantization_config`` method."""
     size: int
@@ -356,9 +253,11 @@ class ModelEntry:
     """Hub commit sha recorded at download, if nbllm downloaded it."""
     repo_id: str | None
     complete: bool
-    """False for an interrupted download: not loadable until the download is run again."""
+    """Whether ``%llm_load`` can load it: False for an interrupted download or a file that cannot load."""
     problem: str | None = None
     """Why it is not complete."""
+    damaged: bool = False
+    """The files are all there but cannot load (not a GGUF file, truncated...): ``problem`` says why."""
 
     @property
     def format_label(self) -> str:
@@ -366,11 +265,27 @@ class ModelEntry:
         return f"{self.format} {self.quantization}" if self.quantization else self.format
 
     @property
+    def unfinished(self) -> bool:
+        """Files are missing (an interrupted download, a missing part or shard)."""
+        return not self.complete and not self.damaged
+
+    @property
     def status(self) -> str:
+        """``ready``, or what is wrong: ``incomplete (...)`` with the command that resumes it,
+        ``not loadable: ...`` with what the header checks found."""
         if self.complete:
             return "ready"
-        fix = f"; resume: %llm_download {self.repo_id}" if self.repo_id else ""
-        return f"incomplete ({self.problem}){fix}"
+        if self.damaged:
+            return f"not loadable: {self.problem}"
+        resume = f"; resume: {command('download', self.repo_id)}" if self.repo_id else ""
+        return f"incomplete ({self.problem}){resume}"
+
+    @property
+    def fix(self) -> str:
+        """What makes an incomplete entry loadable."""
+        if self.repo_id:
+            return f"run {command('download', self.repo_id)} to finish it"
+        return "copy or download the missing files"
 
 
 def format_size(n: int) -> str:
@@ -415,8 +330,8 @@ class ModelList:
     def _empty_message(self) -> str:
         where = f"{self.folder}" + ("" if self.folder.is_dir() else " (does not exist yet)")
         return (
-            f"No models in {where}. Download one with %llm_download organization/model "
-            f"(or: nbllm download organization/model), or point {ENV_VAR} at an existing models folder."
+            f"No models in {where}. Download one with {command('download', 'organization/model')}, "
+            f"or point {ENV_VAR} at an existing models folder."
         )
 
     def text(self) -> str:
@@ -445,6 +360,13 @@ class ModelList:
         )
         caption = f"<caption style='text-align:left'>Models in <code>{html.escape(str(self.folder))}</code></caption>"
         return f"<table class='nbllm-models'>{caption}<thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+
+
+def _gguf_facts(model: Path) -> tuple[str | None, str | None]:
+    """A GGUF model's quantization (its header's ``general.file_type``, else its name) and what makes
+    it unloadable, from the same header checks the llama.cpp loader runs (cheap: headers only)."""
+    header, problem = inspect_gguf(model)
+    return (header.file_type if header else None) or quantization_from_name(model.name), problem
 
 
 def _dir_size(folder: Path) -> int:
@@ -481,13 +403,9 @@ class ModelsFolder:
     def __repr__(self) -> str:
         return f"ModelsFolder({str(self.path)!r})"
 
-    @property
-    def meta(self) -> Path:
-        """The root's bookkeeping folder (records and partial files of root GGUF downloads)."""
-        return self.path / META_DIR
-
     def list(self) -> ModelList:
-        """Every model in the folder, sorted by name; interrupted downloads included, marked incomplete."""
+        """Every model in the folder, sorted by name; interrupted downloads and files that cannot load
+        (the loader's header checks, run here too) included, with what is wrong in their status."""
         entries: list[ModelEntry] = []
         if self.path.is_dir():
             for child in sorted(self.path.iterdir(), key=lambda p: p.name.lower()):
@@ -511,7 +429,7 @@ class ModelsFolder:
         hint = f" (did you mean {' or '.join(close)}?)" if close else ""
         raise ModelNotFoundError(
             f"no model {name!r} in {self.path}{hint}",
-            "run %llm_models to see what is there, or give a hub id organization/model to download it",
+            f"run {command('models')} to see what is there, or give a hub id organization/model to download it",
         )
 
     def find_download(
@@ -527,7 +445,7 @@ class ModelsFolder:
             entry = self._entry(folder)
             record = read_record(folder) or {}
             same_repo = record.get("repo_id", repo_id) == repo_id
-            if entry is not None and entry.complete and same_repo and _revision_matches(record, revision):
+            if entry is not None and not entry.unfinished and same_repo and _revision_matches(record, revision):
                 if (
                     file is None
                     or entry.loader != "llama.cpp"
@@ -542,7 +460,7 @@ class ModelsFolder:
             if file is not None and not fnmatch.fnmatch(gguf.name, file) and gguf.name != file:
                 continue
             entry = self._entry(gguf)
-            if entry is not None and entry.complete:
+            if entry is not None and not entry.unfinished:
                 candidates.append(entry)
         if len(candidates) > 1:  # several quantizations of one repo: the default one, as a download picks
             preferred = [
@@ -575,42 +493,43 @@ class ModelsFolder:
         present = [p for p in files if p.is_file()]
         missing = len(files) - len(present)
         record = read_record(path) or {}
+        quant, damage = _gguf_facts(path) if not missing else (quantization_from_name(path.name), None)
         return ModelEntry(
             name=path.name,
             path=path,
             loader="llama.cpp",
             format="GGUF",
-            quantization=gguf_quantization(path) if path.is_file() else quantization_from_name(path.name),
+            quantization=quant,
             size=sum(p.stat().st_size for p in present),
             revision=read_revision(path),
             repo_id=record.get("repo_id"),
-            complete=missing == 0,
-            problem=f"missing {missing} of {len(files)} parts" if missing else None,
+            complete=not missing and damage is None,
+            problem=f"missing {missing} of {len(files)} parts" if missing else damage,
+            damaged=damage is not None,
         )
 
     def _folder_entry(self, folder: Path) -> ModelEntry | None:
         names = {p.name for p in folder.iterdir() if p.is_file()}
         record = read_record(folder) or {}
         ggufs = sorted(n for n in names if n.lower().endswith(".gguf"))
-        is_download = (folder / META_DIR / "manifest.json").is_file()
+        is_download = Bookkeeping.of_folder(folder).started
         has_config = any(m in names for m in _TRANSFORMERS_MARKERS)
         if not (ggufs or has_config or is_download):
             return None  # not a model (a LoRA folder, notes, ...)
         problem = incomplete_reason(folder)
-        planned = record.get("files") or {}
-        if ggufs or (is_download and any(str(f).endswith(".gguf") for f in planned)):
+        damage = None
+        planned = [str(f) for f in record.get("files") or {}]
+        if ggufs or (is_download and any(f.endswith(".gguf") for f in planned)):
             loader: LoaderName = "llama.cpp"
             fmt = "GGUF"
-            firsts = [folder / n for n in ggufs]
-            models = _gguf_models(firsts)
-            quants = sorted({q for q in (gguf_quantization(m) for m in models) if q})
-            quant = ", ".join(quants) or None
+            facts = {m.name: _gguf_facts(m) for m in gguf_models([folder / n for n in ggufs])}
+            quant = ", ".join(sorted({q for q, _ in facts.values() if q})) or None
+            if problem is None:
+                damage = next((f"{name}: {bad}" for name, (_, bad) in facts.items() if bad), None)
         else:
             loader = "transformers"
-            has_st = any(n.endswith(_SAFETENSORS) for n in names) or any(
-                str(f).endswith(_SAFETENSORS) for f in planned
-            )
-            fmt = "safetensors" if has_st else "bin"
+            files = [*names, *planned]
+            fmt = next((f for f, s in _WEIGHT_FORMATS if any(n.endswith(s) for n in files)), "none")
             quant = _checkpoint_quantization(folder)
         return ModelEntry(
             name=folder.name,
@@ -621,32 +540,25 @@ class ModelsFolder:
             size=_dir_size(folder),
             revision=read_revision(folder) if problem is None else record.get("revision"),
             repo_id=record.get("repo_id"),
-            complete=problem is None,
-            problem=problem,
+            complete=problem is None and damage is None,
+            problem=problem or damage,
+            damaged=damage is not None,
         )
 
     def _pending_root_downloads(self, listed: set[str]) -> Iterator[ModelEntry]:
         """Root GGUF downloads that were interrupted: their file does not exist yet under its name."""
-        if not self.meta.is_dir():
-            return
-        for pending in sorted(self.meta.glob("*.pending.json")):
-            name = pending.name.removesuffix(".pending.json")
-            if name in listed or (self.path / name).exists():
+        for pending in pending_downloads(self.path):
+            if pending.name in listed or (self.path / pending.name).exists():
                 continue
-            try:
-                record = json.loads(pending.read_text(encoding="utf-8"))
-            except (OSError, ValueError):
-                continue
-            partial = self.meta / "partial" / f"{record.get('key') or record.get('sha256')}.part"
             yield ModelEntry(
-                name=name,
-                path=self.path / name,
+                name=pending.name,
+                path=self.path / pending.name,
                 loader="llama.cpp",
                 format="GGUF",
-                quantization=quantization_from_name(name),
-                size=partial.stat().st_size if partial.is_file() else 0,
-                revision=record.get("revision"),
-                repo_id=record.get("repo_id"),
+                quantization=quantization_from_name(pending.name),
+                size=pending.size,
+                revision=pending.record.get("revision"),
+                repo_id=pending.record.get("repo_id"),
                 complete=False,
                 problem="download not finished",
             )
@@ -660,53 +572,3 @@ def _revision_matches(record: dict[str, Any], revision: str | None) -> bool:
         return record.get("ref", "main") == "main"
     sha = str(record.get("revision") or "")
     return record.get("ref") == revision or (len(revision) >= 7 and sha.startswith(revision))
-
-
-# -------------------------------------------------------------------------------------------- resolve
-
-
-def resolve(spec: str | Path, *, revision: str | None = None, file: str | None = None) -> ModelSource:
-    """Turn what the user typed after ``%llm_load`` into a :class:`ModelSource`.
-
-    In order: an existing path (``revision`` is ignored there); a name in the models folder
-    (``organization_model`` or ``file.gguf``); a hub id ``organization/model[:revision]`` — a complete
-    local copy is used as is, otherwise the model is downloaded into the models folder first (with
-    progress bars). ``file`` picks one GGUF file (a name or a pattern). An interrupted download is never
-    resolved.
-    """
-    text = str(spec).strip()
-    if not text:
-        raise OptionError(
-            "no model given", "give a path, a name from %llm_models, or a hub id organization/model"
-        )
-    path = Path(text).expanduser()
-    if path.exists():
-        return source_from_path(path, file=file)
-    folder = ModelsFolder()
-    if "/" not in text and "\\" not in text:
-        entry = folder.get(text)  # raises ModelNotFoundError with suggestions
-        if not entry.complete:
-            fix = (
-                f"run %llm_download {entry.repo_id} (or: nbllm download {entry.repo_id}) to finish it"
-                if entry.repo_id
-                else "copy or download the missing files"
-            )
-            raise ModelNotFoundError(f"{entry.name} is not complete ({entry.problem})", fix)
-        return source_from_path(entry.path, file=file)
-    hub = parse_hub_id(text)
-    if hub is None:
-        raise ModelNotFoundError(
-            f"no model at {text}",
-            "give an existing path, a name from %llm_models, or a hub id organization/model[:revision]",
-        )
-    repo_id, rev = hub
-    if rev and revision and rev != revision:
-        raise OptionError(f"two revisions given: {rev!r} in {text} and --revision {revision!r}", "give one")
-    rev = rev or revision
-    local = folder.find_download(repo_id, rev, file)
-    if local is not None:
-        return source_from_path(local.path, file=file if local.path.is_dir() else None)
-    from .download import download  # lazy: huggingface_hub is imported only when a download happens
-
-    result = download(repo_id, revision=rev, files=[file] if file else None, models_dir=folder.path)
-    return source_from_path(result.path, file=file if result.path.is_dir() else None)

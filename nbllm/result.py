@@ -24,7 +24,7 @@ left half read (and another request may stop it) rather than being read."""
 def _installed_versions(dists: tuple[str, ...]) -> tuple[tuple[str, str], ...]:
     """Looked up once per process and set of libraries: reading package metadata costs milliseconds,
     and the libraries a process has imported do not change under it."""
-    from . import __version__
+    from ._version import __version__
 
     out = {"python": platform.python_version(), "nbllm": __version__}
     for dist in dists:

@@ -33,7 +33,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
-from nbllm.errors import OptionError
+from nbllm.errors import LoadError, OptionError
+from nbllm.gguf_file import read_gguf_header
 
 if TYPE_CHECKING:  # pragma: no cover
     import tokenizers
@@ -582,13 +583,9 @@ def _permute(w: torch.Tensor, n_head: int) -> torch.Tensor:
 
 def _read_gguf_spec(file: Path) -> dict[str, Any] | None:
     try:
-        from gguf import GGUFReader
-
-        field = GGUFReader(file).fields.get(_GGUF_SPEC_KEY)
-        if field is None:
-            return None
-        return json.loads(bytes(field.parts[field.data[0]]).decode("utf-8"))
-    except Exception:  # not a GGUF file, truncated, ...
+        text = read_gguf_header(file).metadata.get(_GGUF_SPEC_KEY)
+        return json.loads(text) if isinstance(text, str) else None
+    except (LoadError, OSError, ValueError):  # not a GGUF file, truncated, ...
         return None
 
 

@@ -6,6 +6,7 @@ The real huggingface_hub code runs; only HF_ENDPOINT points elsewhere. Tests tha
 
 from __future__ import annotations
 
+import argparse
 import logging
 import os
 import socket
@@ -19,7 +20,9 @@ import pytest
 
 from nbllm import models
 from nbllm.download import DEFAULT_QUANTIZATION, download, select_files
-from nbllm.errors import DownloadError, ModelNotFoundError
+from nbllm.errors import DownloadError, ModelNotFoundError, OptionError
+from nbllm.resolve import resolve
+from nbllm.store import read_revision
 
 try:
     from hubserver import HubServer, hub  # noqa: F401 - `hub` is a fixture
@@ -189,7 +192,7 @@ def test_downloads_a_transformers_model(
     assert out[-1] == result.summary and result.summary.startswith(f"Downloaded org/tiny at {commit[:10]} (")
     assert "Load it with %llm_load org_tiny." in result.summary
 
-    source = models.resolve("org_tiny")
+    source = resolve("org_tiny")
     assert (source.format, source.revision, source.repo_id) == ("transformers", commit, "org/tiny")
 
     before = len(hub.gets())
@@ -216,7 +219,7 @@ def test_gguf_repo_downloads_one_file_to_the_models_folder_root(
     assert sorted(p.name for p in isolated.iterdir()) == [".nbllm", "tiny.Q4_K_M.gguf"]
     assert capsys.readouterr().out.startswith("Chose tiny.Q4_K_M.gguf (the default quantization Q4_K_M).")
     commit = hub.repos["org/tiny-GGUF"].commit
-    assert models.read_revision(result.path) == commit
+    assert read_revision(result.path) == commit
     (entry,) = models.ModelsFolder().list()
     assert (entry.name, entry.loader, entry.complete, entry.repo_id) == (
         "tiny.Q4_K_M.gguf",
@@ -226,7 +229,7 @@ def test_gguf_repo_downloads_one_file_to_the_models_folder_root(
     )
     q8 = download("org/tiny-GGUF", files=["*Q8_0*"], **_quiet())
     assert q8.path == isolated / "tiny.Q8_0.gguf"
-    assert models.resolve("org/tiny-GGUF").name == "tiny.Q4_K_M.gguf"  # the default among two local copies
+    assert resolve("org/tiny-GGUF").name == "tiny.Q4_K_M.gguf"  # the default among two local copies
 
 
 def test_dropped_connection_resumes_with_a_range_request(
@@ -258,7 +261,7 @@ def test_interrupted_download_continues_on_the_next_call(
     entry = models.ModelsFolder().get("org_tiny")
     assert not entry.complete and "%llm_download org/tiny" in entry.status
     with pytest.raises(ModelNotFoundError, match="org/tiny"):
-        models.resolve("org_tiny")
+        resolve("org_tiny")
 
     hub.requests.clear()
     result = download("org/tiny", **_quiet())
@@ -269,7 +272,7 @@ def test_interrupted_download_continues_on_the_next_call(
         (tiny_repo / f).stat().st_size for f in result.downloaded if f != "model.safetensors"
     )
     assert (folder / "model.safetensors").read_bytes() == (tiny_repo / "model.safetensors").read_bytes()
-    assert models.resolve("org_tiny").format == "transformers"
+    assert resolve("org_tiny").format == "transformers"
 
 
 def test_corrupted_byte_is_caught_and_never_kept(tiny_repo: Path, hub: HubServer, isolated: Path) -> None:
@@ -327,7 +330,7 @@ def test_update_to_a_new_commit_fetches_only_what_changed(hub: HubServer, isolat
         "config.json",
     ]
     assert (folder / "a.safetensors").read_bytes() == b"A" * 100
-    assert result.revision == new.commit == models.read_revision(folder)
+    assert result.revision == new.commit == read_revision(folder)
 
 
 def test_a_folder_downloaded_elsewhere_is_adopted_without_refetching(
@@ -483,7 +486,7 @@ def test_unreachable_server_answers_quickly_in_one_line(monkeypatch: pytest.Monk
 def test_resolve_of_a_hub_id_downloads_then_returns_the_source(
     tiny_repo: Path, hub: HubServer, isolated: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    source = models.resolve("org/tiny")
+    source = resolve("org/tiny")
     assert source.path == (isolated / "org_tiny").resolve()
     assert (source.format, source.repo_id, source.revision) == (
         "transformers",
@@ -495,7 +498,7 @@ def test_resolve_of_a_hub_id_downloads_then_returns_the_source(
 
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)  # later loads need no network
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    assert models.resolve("org/tiny") == source
+    assert resolve("org/tiny") == source
 
 
 # ------------------------------------------------------------------------------ CLI and magics
@@ -535,9 +538,11 @@ def ipython(isolated: Path) -> Iterator[object]:
 
     shell = InteractiveShell.instance()
     before = list(shell.configurables)
+    shell.config.pop("ModelMagics", None)  # a %config of an earlier test would apply to this instance
     shell.register_magics(ModelMagics)
     yield shell
     shell.configurables[:] = before  # the instance registered here leaves with the test
+    shell.config.pop("ModelMagics", None)
 
 
 def test_magics_in_a_real_shell(
@@ -568,3 +573,106 @@ def test_magics_in_a_real_shell(
     assert "\n" not in str(err.value) and "org/missing was not found" in str(err.value)
     with pytest.raises(UsageError):
         shell.run_line_magic("llm_download", "")  # the model argument is required
+
+
+def _gguf_repo(hub: HubServer, tiny_gguf: Path) -> bytes:
+    data = tiny_gguf.read_bytes()
+    hub.add_repo("org/tiny-GGUF", {"tiny.Q4_K_M.gguf": data, "tiny.Q8_0.gguf": data + b"8"})
+    return data
+
+
+def test_the_magic_follows_its_own_advice_with_shell_quotes(
+    ipython: object, hub: HubServer, tiny_gguf: Path, isolated: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`%llm_download org/m --file '*Q8_0*'`, as nbllm's own note says to type it, matched no file:
+    the magic kept the quotes. It now parses its line with shell quoting, as every nbllm magic does."""
+    from IPython.core.interactiveshell import InteractiveShell
+
+    assert isinstance(ipython, InteractiveShell)
+    data = _gguf_repo(hub, tiny_gguf)
+    ipython.run_line_magic("llm_download", "org/tiny-GGUF --quiet")
+    note = capsys.readouterr().out.splitlines()[0]
+    advice = note.split("Choose another with ")[1].removesuffix(".")
+    assert advice == "--file '*Q8_0*'"
+    ipython.run_line_magic("llm_download", f"org/tiny-GGUF {advice} --quiet")
+    assert (isolated / "tiny.Q8_0.gguf").read_bytes() == data + b"8"
+    assert "Downloaded org/tiny-GGUF" in capsys.readouterr().out
+    elsewhere = isolated.parent / "elsewhere folder"
+    ipython.run_line_magic("llm_download", f"org/tiny-GGUF --exclude \"*Q8_0*\" --dir '{elsewhere}' --quiet")
+    assert sorted(p.name for p in elsewhere.glob("*.gguf")) == ["tiny.Q4_K_M.gguf"]
+
+
+def test_download_flags_come_from_one_schema() -> None:
+    """%llm_download, `nbllm download` and the panel's download field take DownloadOptions' flags."""
+    from nbllm.cli import _parser
+    from nbllm.download import DownloadOptions
+    from nbllm.magics.models import ModelMagics
+
+    def flags(parser: argparse.ArgumentParser) -> dict[str, tuple[list[str], str | None]]:
+        return {a.dest: (a.option_strings, a.help) for a in parser._actions if a.dest != "help"}
+
+    schema = {
+        s.name: ([s.flag] if s.flag.startswith("-") else [], s.help.replace("%", "%%"))
+        for s in DownloadOptions.specs()
+    }
+    assert {"model", "file", "exclude", "check", "revision", "models_dir"} <= set(schema)
+    assert flags(ModelMagics.llm_download.parser) == schema  # type: ignore[attr-defined]
+    commands = next(a for a in _parser()._actions if isinstance(a, argparse._SubParsersAction))
+    assert flags(commands.choices["download"]) == schema
+    options = DownloadOptions.parse("org/m:v2 --file '*Q5_K_M*' 'a b.gguf' --exclude '*.md' --check --dir '/x y'")
+    assert options == DownloadOptions(
+        model="org/m:v2", file=("*Q5_K_M*", "a b.gguf"), exclude=("*.md",), check=True, models_dir="/x y"
+    )
+    with pytest.raises(OptionError) as err:
+        DownloadOptions.parse("org/m --frobnicate")
+    assert "unrecognized arguments: --frobnicate" in err.value.message and "\n" not in err.value.message
+    readme = (ROOT / "README.md").read_text()
+    for s in DownloadOptions.specs():
+        assert s.flag in readme or s.metavar in readme, s.flag
+
+
+def test_the_panel_download_field_takes_the_magic_s_flags(
+    hub: HubServer, tiny_gguf: Path, tmp_path: Path
+) -> None:
+    pytest.importorskip("ipywidgets")
+    from nbllm.download import DownloadOptions
+    from nbllm.widgets import SettingsPanel
+
+    data = _gguf_repo(hub, tiny_gguf)
+    root = tmp_path / "panel models"
+    panel = SettingsPanel(models_dir=root)
+    assert panel.download_id.placeholder == DownloadOptions.spec("model").metavar
+    assert DownloadOptions.usage() in panel.download_id.tooltip
+    panel.download_id.value = "org/tiny-GGUF --file '*Q8_0*'"
+    panel.download_button.click()
+    assert panel.messages.error_text == ""
+    assert (root / "tiny.Q8_0.gguf").read_bytes() == data + b"8" and panel.model.value == str(root / "tiny.Q8_0.gguf")
+    panel.download_id.value = "org/tiny-GGUF --file '*Q8_0*"
+    panel.download_button.click()
+    assert "check the quotes" in panel.messages.error_text.lower()
+    panel.close()
+
+
+def test_cli_takes_dir_after_the_command_and_names_its_own_commands(
+    tiny_repo: Path, hub: HubServer, tmp_path: Path
+) -> None:
+    env = {"HF_ENDPOINT": hub.url, "HF_HUB_OFFLINE": "0", "HF_HOME": str(tmp_path / "hf")}
+    elsewhere = tmp_path / "elsewhere"
+    done = _cli("download", "org/tiny", "--dir", str(elsewhere), "--quiet", env=env)
+    assert done.returncode == 0, done.stderr
+    assert (elsewhere / "org_tiny" / ".nbllm" / "complete").is_file()
+    after = _cli("models", "--dir", str(elsewhere), env=env)
+    before = _cli("--dir", str(elsewhere), "models", env=env)
+    assert after.returncode == 0 and "org_tiny" in after.stdout and after.stdout == before.stdout
+
+    (elsewhere / "org_tiny" / ".nbllm" / "complete").unlink()  # as if the download had stopped
+    runs = [
+        _cli("models", "--dir", str(elsewhere), env=env),
+        _cli("download", "org/tiny", "--check", "--dir", str(elsewhere), env=env),
+        _cli("models", "--dir", str(tmp_path / "empty"), env=env),
+    ]
+    assert "resume: nbllm download org/tiny" in runs[0].stdout
+    assert runs[1].returncode == 1 and "Run nbllm download org/tiny to finish it first." in runs[1].stderr
+    assert "Download one with nbllm download organization/model" in runs[2].stdout
+    for run in runs:
+        assert "%llm" not in run.stdout + run.stderr

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import struct
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -15,8 +16,11 @@ import pytest
 
 from nbllm import models
 from nbllm.errors import DownloadError, ModelNotFoundError, OptionError
-from nbllm.models import ModelsFolder, resolve
+from nbllm.gguf_file import file_type_name, quantization_from_name, read_gguf_header
+from nbllm.models import ModelsFolder
+from nbllm.resolve import resolve
 from nbllm.source import ModelSource
+from nbllm.store import read_revision
 
 
 @pytest.fixture(autouse=True)
@@ -38,6 +42,10 @@ def _write(path: Path, data: bytes | str = b"x") -> Path:
     return path
 
 
+# The smallest whole GGUF file: version 3, no tensors, no metadata, padded to the 32-byte alignment.
+GGUF_HEADER_ONLY = b"GGUF" + struct.pack("<IQQ", 3, 0, 0) + bytes(8)
+
+
 def _nbllm_download(folder: Path, repo_id: str, *, complete: bool, revision: str = "a" * 40) -> None:
     """Write the bookkeeping download.py leaves in a model folder."""
     meta = folder / ".nbllm"
@@ -56,11 +64,11 @@ def webui_folder(models_home: Path, tiny_model: Path, tiny_gguf: Path) -> Path:
     root = models_home
     _write(root / "place-your-models-here.txt", "")
     _write(root / "config.yaml", "")
-    _write(root / "llama-2-7b-chat.Q4_K_M.gguf", b"not a real gguf, the name tells")
+    _write(root / "llama-2-7b-chat.Q4_K_M.gguf", GGUF_HEADER_ONLY)  # no file_type: the name tells
     shutil.copy(tiny_gguf, root / "tiny.gguf")  # a real GGUF: quantization from its header (F32)
-    _write(root / "big-Q5_K_M-00001-of-00002.gguf", b"1" * 10)
-    _write(root / "big-Q5_K_M-00002-of-00002.gguf", b"2" * 20)
-    _write(root / "lost-Q8_0-00001-of-00003.gguf", b"1")  # parts 2 and 3 missing
+    _write(root / "big-Q5_K_M-00001-of-00002.gguf", GGUF_HEADER_ONLY)
+    _write(root / "big-Q5_K_M-00002-of-00002.gguf", GGUF_HEADER_ONLY + bytes(10))
+    _write(root / "lost-Q8_0-00001-of-00003.gguf", GGUF_HEADER_ONLY)  # parts 2 and 3 missing
     shutil.copytree(tiny_model, root / "org_model")
     _nbllm_download(root / "org_model", "org/model", complete=True)
     gptq = root / "TheBloke_Llama-2-7B-GPTQ"
@@ -106,7 +114,7 @@ def test_lists_a_text_generation_webui_folder(webui_folder: Path) -> None:
     )
     assert by_name["tiny.gguf"].quantization == "F32"  # read from general.file_type, not the name
     split = by_name["big-Q5_K_M-00001-of-00002.gguf"]
-    assert (split.size, split.quantization, split.complete) == (30, "Q5_K_M", True)
+    assert (split.size, split.quantization, split.complete) == (2 * len(GGUF_HEADER_ONLY) + 10, "Q5_K_M", True)
     assert not by_name["lost-Q8_0-00001-of-00003.gguf"].complete
     model = by_name["org_model"]
     assert (model.loader, model.format, model.complete) == ("transformers", "safetensors", True)
@@ -179,6 +187,19 @@ def test_incomplete_models_are_never_resolved(webui_folder: Path) -> None:
         resolve("lost-Q8_0-00001-of-00003.gguf")
 
 
+def test_file_given_with_a_gguf_path_must_name_that_file(models_home: Path) -> None:
+    """`%llm_load model.gguf --file foo.gguf` loaded model.gguf without a word (issue 16, item 15)."""
+    model = _write(models_home / "model.Q4_K_M.gguf", GGUF_HEADER_ONLY)
+    with pytest.raises(OptionError) as err:
+        resolve(str(model), file="foo.gguf")
+    message = err.value.message
+    assert "\n" not in message and "--file 'foo.gguf'" in message and "model.Q4_K_M.gguf" in message
+    with pytest.raises(OptionError):
+        resolve("model.Q4_K_M.gguf", file="*Q8_0*")  # by name from the models folder, the same
+    assert resolve(str(model), file="model.Q4_K_M.gguf").path == model.resolve()
+    assert resolve(str(model), file="*Q4_K_M*").path == model.resolve()  # a pattern that matches it
+
+
 def test_unknown_name_suggests_close_ones(webui_folder: Path) -> None:
     with pytest.raises(ModelNotFoundError) as err:
         resolve("org_modle")
@@ -206,12 +227,12 @@ def test_conflicting_revisions_are_refused(models_home: Path) -> None:
 
 
 def test_root_gguf_revision_and_record(models_home: Path) -> None:
-    file = _write(models_home / "m.Q4_K_M.gguf", b"g")
+    file = _write(models_home / "m.Q4_K_M.gguf", GGUF_HEADER_ONLY)
     _write(models_home / ".nbllm" / "m.Q4_K_M.gguf.revision", "c" * 40 + "\n")
     _write(
         models_home / ".nbllm" / "m.Q4_K_M.gguf.json", json.dumps({"repo_id": "org/m-GGUF", "ref": "main"})
     )
-    assert models.read_revision(file) == "c" * 40
+    assert read_revision(file) == "c" * 40
     source = resolve("org/m-GGUF")  # found by its record, offline
     assert (source.name, source.revision, source.repo_id) == ("m.Q4_K_M.gguf", "c" * 40, "org/m-GGUF")
 
@@ -231,6 +252,38 @@ def test_pending_root_download_is_listed_incomplete(models_home: Path) -> None:
         resolve("x.Q4_K_M.gguf")
 
 
+def test_listing_says_what_is_wrong_with_files_that_cannot_load(models_home: Path, tiny_gguf: Path) -> None:
+    """The header checks %llm_load runs, run by the listing too: a bad file is never shown as ready."""
+    _write(models_home / "good.gguf", tiny_gguf.read_bytes())
+    bad = {
+        "notes.gguf": ("just some notes\n", "not a GGUF file (it is a text file)"),
+        "page.gguf": ("<!DOCTYPE html><html><body>404</body></html>", "it is an HTML page"),
+        "pointer.gguf": (
+            "version https://git-lfs.github.com/spec/v1\noid sha256:" + "a" * 64 + "\nsize 1000\n",
+            "it is a Git LFS pointer",
+        ),
+        "empty.gguf": (b"", "not a GGUF file (it is empty)"),
+        "cut.gguf": (tiny_gguf.read_bytes()[:-1000], "truncated or damaged (the file is"),
+    }
+    for name, (data, _) in bad.items():
+        _write(models_home / name, data)
+    _write(models_home / "org_noweights" / "config.json", "{}")
+    _write(models_home / "org_badgguf" / "model.Q4_K_M.gguf", "<html>rate limited</html>")
+    listing = ModelsFolder().list()
+    by_name = {e.name: e for e in listing}
+    assert by_name["good.gguf"].status == "ready"
+    for name, (_, words) in bad.items():
+        entry = by_name[name]
+        assert not entry.complete and entry not in listing.loadable, name
+        assert entry.status.startswith("not loadable: ") and words in entry.status, entry.status
+    assert "model.Q4_K_M.gguf: not a GGUF file (it is an HTML page" in by_name["org_badgguf"].status
+    folder = by_name["org_noweights"]
+    assert folder.format == "none" and folder.status == "incomplete (no weight files)"
+    table = listing.text().splitlines()
+    assert len(table) == 3 + len(listing)  # one line per model, whatever its problem
+    assert any(line.startswith("cut.gguf") and "truncated" in line for line in table)
+
+
 @pytest.mark.parametrize(
     ("name", "quant"),
     [
@@ -245,16 +298,36 @@ def test_pending_root_download_is_listed_incomplete(models_home: Path) -> None:
     ],
 )
 def test_quantization_from_file_name(name: str, quant: str | None) -> None:
-    assert models.quantization_from_name(name) == quant
+    assert quantization_from_name(name) == quant
 
 
-def test_quantization_from_gguf_header(tmp_path: Path) -> None:
+def test_quantization_from_gguf_header(models_home: Path) -> None:
     from nbllm.testing import tiny_gguf_model
 
-    f16 = tiny_gguf_model(tmp_path / "tiny-Q4_K_M.gguf", file_type="f16")
-    assert models.gguf_file_type(f16) == 1
-    assert models.gguf_quantization(f16) == "F16"  # the header wins over a misleading name
-    assert models.gguf_file_type(_write(tmp_path / "fake.gguf", b"GGUF\x03\x00")) is None
+    f16 = tiny_gguf_model(models_home / "tiny-Q4_K_M.gguf", file_type="f16")
+    header = read_gguf_header(f16)
+    assert header.metadata["general.file_type"] == 1 and header.file_type == "F16"
+    (entry,) = ModelsFolder().list()
+    assert entry.quantization == "F16"  # the header wins over a misleading name
+    assert [file_type_name(c) for c in (0, 15, 38, 1024, 9999, None)] == ["F32", "Q4_K_M", "MXFP4_MOE", None, None, None]
+
+
+def test_our_header_reader_agrees_with_gguf_s_own(tiny_gguf: Path) -> None:
+    """The hand-written reader (kept for speed, see nbllm/gguf_file.py) reads what gguf.GGUFReader reads."""
+    gguf = pytest.importorskip("gguf")
+    theirs = gguf.GGUFReader(tiny_gguf)
+    ours = read_gguf_header(tiny_gguf)
+    assert ours.version == int(theirs.fields["GGUF.version"].contents())
+    assert ours.tensor_count == len(theirs.tensors) and not ours.unknown_types
+    assert ours.data_end == max(t.data_offset + t.n_bytes for t in theirs.tensors)
+    scalars = {
+        name: f.contents()
+        for name, f in theirs.fields.items()
+        if not name.startswith("GGUF.") and f.types[0] != gguf.GGUFValueType.ARRAY
+    }
+    assert scalars and ours.metadata.keys() == scalars.keys()
+    for name, value in scalars.items():
+        assert ours.metadata[name] == pytest.approx(value), name
 
 
 @pytest.mark.parametrize(

@@ -87,7 +87,7 @@ def resolve_source(spec: str, options: LoadOptions) -> ModelSource:
     A loader that claims ``spec`` (a server URL...) gets it — the one named by ``--loader`` first;
     anything else is a path, a models-folder name or a hub id (downloaded first).
     """
-    from ..models import resolve
+    from ..resolve import resolve
 
     text = str(spec).strip()
     names = loader_names()

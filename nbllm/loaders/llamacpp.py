@@ -38,8 +38,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from typing import Any, ClassVar
 
 from ..errors import LoadError, ModelNotFoundError, NbllmWarning, OptionError, missing_dependency
-from ..gguf_header import GGUFHeader, read_gguf_header
-from ..models import GGUF_FILE_TYPES, quantization_from_name, split_gguf_parts
+from ..gguf_file import GGUFHeader, quantization_from_name, read_gguf_header, split_gguf_parts
 from ..options import GenerationOptions, LoadOptions
 from ..source import ModelSource
 from .base import Placement, Request, TokenLoader
@@ -475,8 +474,7 @@ class LlamaCppLoader(TokenLoader):
     def describe(self) -> dict[str, Any]:
         opts, header, kw = self.options, self.header, self.kwargs
         assert opts is not None and header is not None and self.source is not None
-        code = header.metadata.get("general.file_type")
-        quant = GGUF_FILE_TYPES.get(int(code)) if isinstance(code, int) else None
+        quant = header.file_type
         trained = trained_context(header.metadata)
         base = kw["rope_freq_base"] or _meta_float(header.metadata, f"{header.architecture}.rope.freq_base")
         return {

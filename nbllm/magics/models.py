@@ -1,20 +1,31 @@
 """``%llm_models`` and ``%llm_download``: the models folder from a notebook.
 
 Thin on purpose: each magic parses its line and makes one call into :mod:`nbllm.models` or
-:mod:`nbllm.download`. The class is also the configurable behind
-``%config ModelMagics.models_dir = "/path/to/models"``.
+:mod:`nbllm.download`; ``%llm_download``'s flags are :class:`~nbllm.download.DownloadOptions`'. The
+class is also the configurable behind ``%config ModelMagics.models_dir = "/path/to/models"``.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 from IPython.core.magic import Magics, line_magic, magics_class
-from IPython.core.magic_arguments import argument, magic_arguments, parse_argstring
+from IPython.core.magic_arguments import argument, magic_arguments
 from traitlets import Unicode, observe
 
 from .. import models
-from ._common import user_errors
+from ..download.options import DownloadOptions
+from ._common import parse_line, user_errors
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def _download_flags(func: F) -> F:
+    """``magic_arguments`` for every field of :class:`DownloadOptions` (so ``%llm_download?`` lists them)."""
+    for flags, kwargs in reversed(DownloadOptions.argparse_arguments()):
+        func = argument(*flags, **kwargs)(func)
+    return func
 
 
 @magics_class
@@ -44,15 +55,12 @@ class ModelMagics(Magics):
     @user_errors
     def llm_models(self, line: str) -> models.ModelList:
         """List the models folder: name, loader, format and quantization, size, revision, status."""
-        parse_argstring(self.llm_models, line)
+        parse_line(self.llm_models, line)
         return models.ModelsFolder().list()
 
     @line_magic
     @magic_arguments()
-    @argument("model", help="organization/model or organization/model:revision")
-    @argument("--file", nargs="+", action="extend", metavar="PATTERN", help="download only files matching")
-    @argument("--exclude", nargs="+", action="extend", metavar="PATTERN", help="skip files matching")
-    @argument("--check", action="store_true", help="verify a downloaded model again; download nothing")
+    @_download_flags
     @user_errors
     def llm_download(self, line: str) -> None:
         """Download a model from the Hugging Face Hub into the models folder (resumable, verified).
@@ -60,7 +68,4 @@ class ModelMagics(Magics):
         Config and tokenizer files always; safetensors over .bin; in a GGUF repository the Q4_K_M file
         unless --file chooses. Run it again after an interruption to continue where it stopped.
         """
-        from ..download import download
-
-        args = parse_argstring(self.llm_download, line)
-        download(args.model, files=args.file, exclude=args.exclude, check=args.check)
+        DownloadOptions.from_namespace(parse_line(self.llm_download, line)).run()

@@ -14,6 +14,7 @@ from typing import Any
 
 import ipywidgets as W
 
+from ..download.options import DownloadOptions
 from ..engine import Engine, Status, format_memory, get_engine
 from ..errors import OptionError
 from ..loaders import TRANSFORMERS, loader_class, loader_names
@@ -161,7 +162,9 @@ class SettingsPanel(W.VBox):
         self.model.add_class("nbllm-model")
         self.refresh_button = button("", "refresh", icon="refresh", tooltip="List the models folder again")
         self.folder_label = W.HTML()
-        self.download_id = W.Text(description="Download model", placeholder="organization/model[:revision]",
+        self.download_id = W.Text(description="Download model", placeholder=DownloadOptions.spec("model").metavar,
+                                  tooltip=f"A hub id, and %llm_download's flags if needed: "
+                                  f"{DownloadOptions.usage()}",
                                   style={"description_width": "initial"}, layout=W.Layout(width="60%"))
         self.download_id.add_class("nbllm-download-id")
         self.download_button = button("Download", "download", icon="download",
@@ -319,24 +322,24 @@ class SettingsPanel(W.VBox):
         refresh_all(except_=self)
 
     def download(self) -> None:
-        """Download the hub id in the download field into the models folder, then select it.
+        """Download what the download field names into the models folder, then select it.
 
-        The library's progress bars (tqdm) are shown in the panel while it runs.
+        The field takes what ``%llm_download`` takes: a hub id, and its flags if needed
+        (``org/model-GGUF --file '*Q8_0*'``). The library's progress bars (tqdm) show in the panel.
         """
-        from ..download import download
-
-        spec = self.download_id.value.strip()
+        line = self.download_id.value.strip()
 
         def run() -> None:
-            if not spec:
+            if not line:
                 raise OptionError("no hub id given", "type organization/model in the download field")
+            options = DownloadOptions.parse(line)
             self.download_output.clear_output()
             self.download_button.disabled = True
             failure: BaseException | None = None
             try:
                 with self.download_output:  # (an Output widget swallows exceptions: keep ours)
                     try:
-                        result = download(spec, models_dir=self.folder.path, echo=None)
+                        result = options.run(models_dir=self.folder.path, echo=None)
                     except BaseException as exc:
                         failure = exc
             finally:
