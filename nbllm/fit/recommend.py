@@ -317,7 +317,7 @@ def _offload(shape: ModelShape, machine: Machine, ctx: int, base: dict[str, Any]
     est = _fit(shape, opts, machine, est.context)
     fits = est.fits(machine) and "disk" not in est.devices
     rec = Recommendation(shape.name, TRANSFORMERS, opts, reasons, est, fits, machine)
-    rec.better = _gguf_alternative(shape, machine, ctx, why="far larger than the GPU")
+    rec.better = _gguf_alternative(shape, machine, ctx, why="too large for the GPU")
     return rec
 
 

@@ -179,11 +179,11 @@ def model_shape(model: str | Path | ModelSource | ModelShape, *, file: str | Non
                 re.escape(file).replace(r"\*", ".*"), p.name)]
             if chosen:
                 return gguf_shape(chosen[0])
-        if (path / "config.json").is_file():
-            return transformers_shape(path)
-        if ggufs:
+        if ggufs:  # as models.source_from_path decides: a folder with a .gguf loads with llama.cpp
             firsts = [p for p in ggufs if (models.split_gguf_parts(p) or [p])[0] == p]
             return gguf_shape(firsts[0])
+        if (path / "config.json").is_file():
+            return transformers_shape(path)
         raise ModelNotFoundError(f"{path} holds neither config.json nor a .gguf file",
                                  "point at the folder holding config.json, or at a .gguf file")
     if path.suffix.lower() == ".gguf":
