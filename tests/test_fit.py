@@ -29,6 +29,7 @@ from nbllm.fit import (
     failure_kind,
     gguf_like,
     measure_peak_memory,
+    model_memory,
     model_shape,
     recommend,
     record_success,
@@ -317,6 +318,7 @@ def test_estimated_weights_match_the_loaded_model_on_this_cpu(engine, tiny_model
     assert abs(predicted - measured) <= 0.15 * measured, (predicted, measured)
     exact = _tensor_bytes(engine._loader.model)
     assert abs(predicted - exact) <= 0.01 * exact, (predicted, exact)
+    assert model_memory(engine._loader.model) == {"cpu": exact}
 
 
 def test_estimated_gguf_weights_match_llama_cpp(tiny_gguf):

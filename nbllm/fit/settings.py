@@ -30,7 +30,6 @@ import datetime as _dt
 import json
 import os
 import re
-import sys
 import tempfile
 import warnings
 from collections.abc import Mapping
@@ -517,25 +516,3 @@ def what_worked(model_name: str, *, models_dir: str | Path | None = None) -> Wha
         machine=entry.get("machine"),
         load_seconds=entry.get("load_seconds"),
     )
-
-
-def measure_peak_memory() -> dict[str, int]:
-    """Peak memory of this process so far: each CUDA device's peak allocation (when torch has already
-    used CUDA) and the process's peak resident memory (``cpu``)."""
-    out: dict[str, int] = {}
-    torch = sys.modules.get("torch")
-    if torch is not None:
-        try:
-            if torch.cuda.is_initialized():
-                for i in range(torch.cuda.device_count()):
-                    out[f"cuda:{i}"] = int(torch.cuda.max_memory_allocated(i))
-        except Exception:
-            pass
-    try:
-        import resource
-
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-        out["cpu"] = int(peak if sys.platform == "darwin" else peak * 1024)
-    except (ImportError, OSError):
-        pass
-    return out
