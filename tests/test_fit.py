@@ -734,3 +734,35 @@ def test_doctor_report_parts_are_attributes(tiny_model_64):
     report = doctor(tiny_model_64, CPU_64)
     assert report.shape is not None and report.recommendation is not None
     assert report.recommendation.options == {"dtype": "float32"}
+
+
+# ------------------------------------------------------------------------------ docs/fit.md examples
+
+DOC_EXAMPLES = {
+    "rtx4060-7b": (RTX_4060, "meta-llama_Llama-2-7b-hf", LLAMA_7B),
+    "rtx4060-13b": (RTX_4060, "meta-llama_Llama-2-13b-hf", LLAMA_13B),
+    "rtx4090-7b": (RTX_4090, "meta-llama_Llama-2-7b-hf", LLAMA_7B),
+    "t4-7b": (TESLA_T4, "meta-llama_Llama-2-7b-hf", LLAMA_7B),
+    "rtx4060-70b": (RTX_4060, "meta-llama_Llama-2-70b-hf", LLAMA_70B),
+    "cpu-7b": (CPU_32, "meta-llama_Llama-2-7b-hf", LLAMA_7B),
+}
+DOC = Path(__file__).resolve().parents[1] / "docs" / "fit.md"
+
+
+def test_the_worked_examples_in_docs_fit_md_are_what_recommend_prints(tmp_path):
+    """Each example block in docs/fit.md is the current output; NBLLM_UPDATE_DOCS=1 rewrites them."""
+    import os
+
+    text = DOC.read_text(encoding="utf-8")
+    for name, (machine, folder, config) in DOC_EXAMPLES.items():
+        model = write_config(tmp_path / name / folder, config)
+        printed = str(recommend(model, machine))
+        block = re.compile(rf"(<!-- fit-example {name} -->\n```\n)(.*?)(\n```\n<!-- /fit-example -->)", re.S)
+        match = block.search(text)
+        assert match, f"docs/fit.md has no example {name}"
+        if os.environ.get("NBLLM_UPDATE_DOCS"):
+            text = block.sub(lambda m: m.group(1) + printed + m.group(3), text)
+        else:
+            assert match.group(2) == printed, f"example {name} is out of date: NBLLM_UPDATE_DOCS=1 pytest -k docs"
+    if os.environ.get("NBLLM_UPDATE_DOCS"):
+        DOC.write_text(text, encoding="utf-8")

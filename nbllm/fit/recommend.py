@@ -137,7 +137,8 @@ def recommend(
 
 
 def _gib(n: float) -> str:
-    return f"{n / GiB:.1f} GiB"
+    """Sizes in reasons: one decimal of GiB, MiB below half a GiB."""
+    return f"{n / GiB:.1f} GiB" if n >= GiB / 2 else f"{n / 2**20:.1f} MiB"
 
 
 def _dtype16(shape: ModelShape, machine: Machine, reasons: list[str]) -> str:
