@@ -761,8 +761,30 @@ def test_the_worked_examples_in_docs_fit_md_are_what_recommend_prints(tmp_path):
         match = block.search(text)
         assert match, f"docs/fit.md has no example {name}"
         if os.environ.get("NBLLM_UPDATE_DOCS"):
-            text = block.sub(lambda m: m.group(1) + printed + m.group(3), text)
+            text = block.sub(lambda m, new=printed: m.group(1) + new + m.group(3), text)
         else:
             assert match.group(2) == printed, f"example {name} is out of date: NBLLM_UPDATE_DOCS=1 pytest -k docs"
     if os.environ.get("NBLLM_UPDATE_DOCS"):
         DOC.write_text(text, encoding="utf-8")
+
+
+def test_the_readme_table_of_the_guides_machine_is_what_recommend_says(tmp_path):
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
+    for config in (LLAMA_7B, LLAMA_13B, LLAMA_70B):
+        rec = recommend(write_config(tmp_path / str(config["hidden_size"]), config), RTX_4060)
+        plan = rec.better if not rec.fits and rec.better is not None else rec
+        row = f"`{plan.flags()}`"
+        assert row in readme, row
+        assert f"GPU {plan.estimate.on('cuda:0') / GiB:.2f} GiB" in readme
+        if "cpu" in plan.estimate.devices:
+            assert f"RAM {plan.estimate.on('cpu') / GiB:.2f} GiB" in readme
+
+
+def test_the_readme_example_runs(models_dir):
+    write_config(models_dir / "org_model", LLAMA_7B)
+    code = re.search(r"```python\n(from nbllm.fit import GPU.*?)```", (Path(__file__).resolve().parents[1] /
+                     "README.md").read_text(encoding="utf-8"), re.S)
+    assert code
+    namespace: dict[str, Any] = {}
+    exec(code.group(1), namespace)
+    assert namespace["rec"].options["load_in_4bit"] is True
