@@ -41,6 +41,11 @@ from nbllm.fit import (
 from nbllm.fit.estimate import GPU_USABLE, RAM_USABLE
 from nbllm.options import GenerationOptions, LoadOptions
 
+try:
+    from hubserver import hub  # noqa: F401 - a fixture: a Hub-compatible server on 127.0.0.1
+except ImportError:  # tests/ imported as a package
+    from tests.hubserver import hub  # noqa: F401
+
 # ------------------------------------------------------------------------------- shapes and machines
 
 LLAMA_7B = {  # Llama-2-7b-hf's config.json (the sizes that matter)
@@ -260,11 +265,45 @@ def test_a_missing_model_is_one_line_with_a_fix(tmp_path):
     with pytest.raises(ModelNotFoundError, match="no model at"):
         model_shape(tmp_path / "nothing-here")
     models.set_models_dir(tmp_path)
-    try:
-        with pytest.raises(ModelNotFoundError, match="llm_download org/model --file config.json"):
+    try:  # offline (the tests' HF_HUB_OFFLINE=1): the Hub cannot be asked
+        with pytest.raises(ModelNotFoundError, match="config.json could not be fetched.*%llm_download org/model"):
             model_shape("org/model")
     finally:
         models.set_models_dir(None)
+
+
+@pytest.fixture
+def hf_cache(tmp_path, monkeypatch):
+    """An empty Hugging Face cache and no token from the real machine."""
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hf-cache"))
+    monkeypatch.setattr(constants, "HF_TOKEN_PATH", str(tmp_path / "no-token"))
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    return tmp_path / "hf-cache"
+
+
+def test_a_hub_id_is_read_from_the_hub_without_its_weights(hub, hf_cache, models_dir, tiny_model_64):
+    """config.json is fetched and the safetensors header read with range requests: no weight downloaded."""
+    hub.add_folder("org/tiny", tiny_model_64)
+    shape = model_shape("org/tiny")
+    assert shape.source == "safetensors headers from the Hub"
+    assert shape.blocks == model_shape(tiny_model_64).blocks
+    weights = [r for r in hub.gets("model.safetensors")]
+    assert weights and all(r.range is not None for r in weights)
+    size = (tiny_model_64 / "model.safetensors").stat().st_size
+    ends = [int(r.range.rpartition("-")[2]) for r in weights if r.range]
+    assert min(ends) < size - 1 or size < 100_001  # a header-sized range, not the file
+    assert not any(models_dir.iterdir())  # nothing in the models folder
+    report = doctor("org/tiny", CPU_64)
+    assert report.recommendation is not None and report.recommendation.options == {"dtype": "float32"}
+
+
+def test_a_hub_repository_without_safetensors_is_read_from_its_config(hub, hf_cache, models_dir):
+    hub.add_repo("meta-llama/Llama-2-7b-hf", {"config.json": json.dumps(LLAMA_7B), "pytorch_model.bin": b"x" * 10})
+    shape = model_shape("meta-llama/Llama-2-7b-hf")
+    assert shape.source == "config.json from the Hub" and shape.params == 6_738_415_616
+    assert recommend("meta-llama/Llama-2-7b-hf", RTX_4060).options["load_in_4bit"] is True
 
 
 def test_a_hub_id_downloaded_into_the_models_folder_is_read_from_there(tmp_path):

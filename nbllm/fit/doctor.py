@@ -8,6 +8,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from .. import models
+from ..errors import ModelNotFoundError
 from ..source import ModelSource
 from .estimate import probe_cached
 from .machine import Machine
@@ -66,9 +68,16 @@ def doctor(
     machine = machine if machine is not None else probe_cached(refresh=True)
     if model is None:
         return DoctorReport(machine)
-    path = locate(model)
-    shape = model_shape(path)
-    name = settings_name(model if isinstance(model, ModelSource) else path)
+    try:
+        path: Path | None = locate(model)
+    except ModelNotFoundError:
+        path = None
+    shape = model_shape(path if path is not None else model)  # a hub id not downloaded: from the Hub
+    if path is not None:
+        name = settings_name(model if isinstance(model, ModelSource) else path)
+    else:
+        repo, revision = models.parse_hub_id(str(model)) or (str(model), None)
+        name = models.folder_name(repo, revision)
     return DoctorReport(
         machine=machine,
         shape=shape,

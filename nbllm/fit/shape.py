@@ -157,9 +157,8 @@ def locate(model: str | Path | ModelSource) -> Path:
         if entry is not None:
             return entry.path
         raise ModelNotFoundError(
-            f"{text} is not in the models folder, and its shape is read from its files (there is no network "
-            "look-up)",
-            f"download its config first: %llm_download {text} --file config.json (or the whole model)",
+            f"{text} is not in the models folder",
+            f"download it first: %llm_download {text} (--file config.json is enough for an estimate)",
         )
     raise ModelNotFoundError(
         f"no model at {text!r}",
@@ -168,10 +167,17 @@ def locate(model: str | Path | ModelSource) -> Path:
 
 
 def model_shape(model: str | Path | ModelSource | ModelShape, *, file: str | None = None) -> ModelShape:
-    """Read the shape of ``model`` (a folder, a .gguf file, a models-folder name, a downloaded hub id)."""
+    """Read the shape of ``model``: a folder, a .gguf file, a models-folder name, or a hub id (its local
+    copy if there is one, else its config.json and safetensors headers fetched from the Hub)."""
     if isinstance(model, ModelShape):
         return model
-    path = locate(model)
+    try:
+        path = locate(model)
+    except ModelNotFoundError:
+        hub = models.parse_hub_id(str(model).strip()) if isinstance(model, str) else None
+        if hub is None:
+            raise
+        return hub_shape(*hub)
     if path.is_dir():
         ggufs = models.gguf_files(path)
         if file is not None:
@@ -452,3 +458,34 @@ def gguf_shape(path: Path) -> ModelShape:
         base, format="gguf", source="GGUF header", blocks=blocks, dtype=None, metadata=dict(meta),
         quantization=quant or models.quantization_from_name(path.name), needs_remote_code=False, prequantized=None,
     )
+
+
+# ------------------------------------------------------------------------------------------- the Hub
+
+
+def hub_shape(repo_id: str, revision: str | None = None) -> ModelShape:
+    """The shape of a hub repository from its config.json and its safetensors headers (huggingface_hub
+    reads the headers with HTTP range requests: no weight is downloaded). config.json lands in the
+    Hugging Face cache, not in the models folder."""
+    try:
+        from huggingface_hub import HfApi, hf_hub_download
+
+        config_file = hf_hub_download(repo_id, "config.json", revision=revision)
+        config = json.loads(Path(config_file).read_text(encoding="utf-8"))
+    except Exception as exc:  # offline, not found, gated, no config.json (a GGUF repository)...
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise ModelNotFoundError(
+            f"{repo_id}'s config.json could not be fetched from the Hub ({type(exc).__name__}: {first[:160]})",
+            f"check the name and the network, or download the model first: %llm_download {repo_id}",
+        ) from None
+    base = dataclasses.replace(shape_from_config(config, repo_id), source="config.json from the Hub")
+    try:
+        meta = HfApi().get_safetensors_metadata(repo_id, revision=revision)  # today's endpoint, not import time's
+    except Exception:  # not a safetensors repository: the config's sizes are the shape
+        return base
+    headers = [
+        {name: {"dtype": t.dtype, "shape": list(t.shape), "data_offsets": list(t.data_offsets)}
+         for name, t in file.tensors.items()}
+        for file in meta.files_metadata.values()
+    ]
+    return dataclasses.replace(_refine_with_tensors(base, headers), source="safetensors headers from the Hub")
