@@ -14,7 +14,7 @@ from .doctor import DoctorReport, doctor
 from .estimate import DeviceMemory, Estimate, estimate
 from .failures import explain_failure, failure_error, failure_kind
 from .machine import GPU, GiB, Machine
-from .measure import measure_peak_memory, model_memory
+from .measure import measure_peak_memory, model_memory, reset_peak_memory
 from .recommend import Recommendation, flags, gguf_like, recommend
 from .settings import (
     SavedSettings,
@@ -32,6 +32,6 @@ from .shape import Block, ModelShape, model_shape
 __all__ = [
     "GPU", "Block", "DeviceMemory", "DoctorReport", "Estimate", "GiB", "Machine", "ModelShape", "Recommendation",
     "SavedSettings", "WhatWorked", "doctor", "estimate", "explain_failure", "failure_error", "failure_kind", "flags",
-    "forget_settings", "gguf_like", "measure_peak_memory", "model_memory", "model_shape", "recommend", "record_success",
+    "forget_settings", "gguf_like", "measure_peak_memory", "model_memory", "model_shape", "recommend", "record_success", "reset_peak_memory",
     "save_settings", "saved_settings", "settings_name", "settings_path", "what_worked",
 ]

@@ -56,3 +56,17 @@ def measure_peak_memory() -> dict[str, int]:
     except (ImportError, OSError):
         pass
     return out
+
+
+def reset_peak_memory() -> None:
+    """Start CUDA's peak counters afresh (call before a load, so its record shows that load's peak). The
+    process's peak RSS cannot be reset: ``cpu`` stays the process's lifetime peak."""
+    torch = sys.modules.get("torch")
+    if torch is None:
+        return
+    try:
+        if torch.cuda.is_initialized():
+            for i in range(torch.cuda.device_count()):
+                torch.cuda.reset_peak_memory_stats(i)
+    except Exception:
+        pass
