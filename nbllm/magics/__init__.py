@@ -14,3 +14,6 @@ def load_ipython_extension(ipython: Any) -> None:
 
     for magics in (CoreMagics, ChatMagics, ModelMagics, PanelMagics):
         ipython.register_magics(magics)
+    from .fit import FitMagics  # %llm_doctor
+
+    ipython.register_magics(FitMagics)
