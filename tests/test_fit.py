@@ -40,6 +40,7 @@ from nbllm.fit import (
 )
 from nbllm.fit.estimate import GPU_USABLE, RAM_USABLE
 from nbllm.options import GenerationOptions, LoadOptions
+from nbllm.resolve import resolve
 
 try:
     from hubserver import hub  # noqa: F401 - a fixture: a Hub-compatible server on 127.0.0.1
@@ -372,7 +373,7 @@ def test_estimated_gguf_weights_match_llama_cpp(tiny_gguf):
 
 
 def test_kv_cache_of_a_gguf_is_the_llama_cpp_loaders_own(tiny_gguf):
-    from nbllm.gguf_header import read_gguf_header
+    from nbllm.gguf_file import read_gguf_header
     from nbllm.loaders.llamacpp import kv_cache_bytes
 
     est = estimate(tiny_gguf, {"n_ctx": 1024}, Machine(ram_bytes=16 * GiB))
@@ -709,7 +710,7 @@ def test_a_gguf_in_a_folder_is_saved_under_the_folders_name(models_dir, tiny_ggu
     folder = models_dir / "TheBloke_Tiny-GGUF"
     folder.mkdir()
     shutil.copy(tiny_gguf, folder / tiny_gguf.name)
-    assert settings_name(models.resolve("TheBloke_Tiny-GGUF")) == "TheBloke_Tiny-GGUF"
+    assert settings_name(resolve("TheBloke_Tiny-GGUF")) == "TheBloke_Tiny-GGUF"
     assert settings_name(folder / tiny_gguf.name) == "TheBloke_Tiny-GGUF"
     save_settings("TheBloke_Tiny-GGUF", LoadOptions(n_ctx=512))
     saved = saved_settings("TheBloke_Tiny-GGUF")

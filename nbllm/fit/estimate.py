@@ -28,8 +28,9 @@ from pathlib import Path
 from typing import Any
 
 from ..engine import format_memory
+from ..loaders import LLAMACPP, TRANSFORMERS
 from ..loaders.llamacpp import N_CTX_CAP, default_n_ctx, kv_cache_bytes
-from ..options import LLAMACPP, TRANSFORMERS, LoadOptions
+from ..options import LoadOptions
 from ..source import ModelSource
 from .machine import GiB, Machine
 from .shape import DTYPE_BYTES, Block, ModelShape, model_shape

@@ -21,7 +21,8 @@ from typing import Any
 
 from ..engine import format_memory
 from ..errors import GenerationError, LoadError, NbllmError, NbllmWarning
-from ..options import LLAMACPP, LoadOptions
+from ..loaders import LLAMACPP
+from ..options import LoadOptions
 from ..source import ModelSource
 from .estimate import CUDA_RUNTIME_BYTES, RAM_USABLE, as_options, device_budget, estimate, probe_cached
 from .machine import LLAMA_CPP_CUDA_INSTALL, PIP_INSTALL, GiB, Machine

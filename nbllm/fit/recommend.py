@@ -25,8 +25,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ..loaders import LLAMACPP, TRANSFORMERS
 from ..loaders.llamacpp import N_CTX_CAP
-from ..options import LLAMACPP, TRANSFORMERS, LoadOptions
+from ..options import LoadOptions
 from ..source import ModelSource
 from .estimate import (
     CUDA_RUNTIME_BYTES,

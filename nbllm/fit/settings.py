@@ -39,8 +39,10 @@ from typing import Any
 
 from .. import models
 from ..errors import NbllmError, NbllmWarning, OptionError
-from ..options import LLAMACPP, TRANSFORMERS, GenerationOptions, LoadOptions
+from ..loaders import LLAMACPP, TRANSFORMERS, option_loaders
+from ..options import GenerationOptions, LoadOptions
 from ..source import ModelSource
+from ..store import META_DIR
 
 SETTINGS_FILE = "config-user.yaml"
 WORKED_FILE = "what-worked.json"
@@ -305,9 +307,10 @@ def _read_load(entry: Mapping[str, Any], loader: str | None, saved: SavedSetting
         values.pop("attn")
     for name, value in values.items():
         spec = LoadOptions.spec(name)
-        if loader is not None and loader not in spec.loaders:
+        understood_by = option_loaders(name)
+        if loader is not None and name != "loader" and loader not in understood_by:
             if value not in (None, False, spec.default):
-                saved.ignored[name] = f"a {' and '.join(sorted(spec.loaders))} option; this model loads with {loader}"
+                saved.ignored[name] = f"a {' and '.join(understood_by)} option; this model loads with {loader}"
             continue
         try:
             with warnings.catch_warnings():
@@ -351,10 +354,9 @@ def tgw_entry(options: LoadOptions, loader: str, generation: GenerationOptions |
     changed = options.changed()
     for name in LoadOptions.names():
         value = getattr(options, name)
-        spec = LoadOptions.spec(name)
         if name in ("loader", "device", "dtype"):
             continue
-        if loader not in spec.loaders:
+        if loader not in option_loaders(name):
             continue
         always = name in _ALWAYS[loader]
         if name not in changed and not always:
@@ -461,7 +463,7 @@ class WhatWorked:
 
 def worked_path(models_dir: str | Path | None = None) -> Path:
     folder = Path(models_dir).expanduser() if models_dir is not None else models.models_dir()
-    return folder / models.META_DIR / WORKED_FILE
+    return folder / META_DIR / WORKED_FILE
 
 
 def _read_worked(path: Path) -> dict[str, Any]:

@@ -20,7 +20,7 @@ from typing import Any
 
 from .. import models
 from ..errors import LoadError, ModelNotFoundError
-from ..gguf_header import read_gguf_header  # the one GGUF reader (the lead may repoint this import)
+from ..gguf_file import file_type_name, quantization_from_name, read_gguf_header
 from ..source import ModelSource
 
 DTYPE_BYTES: dict[str, float] = {"float32": 4, "float16": 2, "bfloat16": 2, "float8": 1, "int8": 1}
@@ -453,10 +453,10 @@ def gguf_shape(path: Path) -> ModelShape:
     blocks = tuple(Block(b.name, b.linear_params, b.linear_rows, b.linear_modules, b.other_params,
                          round(total * b.params / params)) for b in base.blocks)
     code = meta.get("general.file_type")
-    quant = models.GGUF_FILE_TYPES.get(code) if isinstance(code, int) else None
+    quant = file_type_name(code)
     return dataclasses.replace(
         base, format="gguf", source="GGUF header", blocks=blocks, dtype=None, metadata=dict(meta),
-        quantization=quant or models.quantization_from_name(path.name), needs_remote_code=False, prequantized=None,
+        quantization=quant or quantization_from_name(path.name), needs_remote_code=False, prequantized=None,
     )
 
 
