@@ -25,10 +25,13 @@ from .options import GenerationOptions, LoadOptions
 from .result import Record, Result
 
 
-def load(model: str | Path, options: LoadOptions | Mapping[str, Any] | None = None, **kwargs: Any) -> Status:
+def load(model: str | Path, options: LoadOptions | Mapping[str, Any] | None = None, *, fit: bool = False,
+         save_settings: bool = False, **kwargs: Any) -> Status:
     """Load ``model`` into this process's engine (see :meth:`Engine.load`); keyword arguments are
-    :class:`LoadOptions` fields, e.g. ``load_in_4bit=True``."""
-    return get_engine().load(model, options, **kwargs)
+    :class:`LoadOptions` fields, e.g. ``load_in_4bit=True``. ``fit=True`` loads with the options
+    recommended for this machine (:func:`nbllm.fit.recommend`); ``save_settings=True`` stores the options
+    as the model's settings (``config-user.yaml``), applied whenever it is loaded by name."""
+    return get_engine().load(model, options, fit=fit, save_settings=save_settings, **kwargs)
 
 
 def unload() -> bool:

@@ -31,8 +31,9 @@ from pathlib import Path
 from typing import Any
 
 from .chat_template import FALLBACK_NOTE, ChatNote, render_chat, starts_with_bos
-from .errors import GenerationError, NbllmError, NbllmWarning, NoModelLoadedError, OptionError
+from .errors import GenerationError, LoadError, NbllmError, NbllmWarning, NoModelLoadedError, OptionError
 from .loaders import Loader, Placement, Request, TextLoader, TokenLoader, choose_loader, resolve_source
+from .memory import format_memory, process_rss
 from .options import GenerationOptions, LoadOptions
 from .result import Record, Result, Timings, clock, library_versions
 from .source import ModelSource
@@ -92,17 +93,6 @@ class Status:
         p.text(str(self))
 
 
-def format_memory(n: int) -> str:
-    """Bytes of memory in binary units, as a status line shows them (``0.7 MiB``, ``3.52 GiB``)."""
-    return f"{n / 2**30:.2f} GiB" if n >= 2**28 else f"{n / 2**20:.1f} MiB"
-
-
-def process_rss() -> int:
-    import psutil
-
-    return int(psutil.Process().memory_info().rss)
-
-
 
 @dataclass
 class Prompt:
@@ -149,23 +139,41 @@ class Engine:
             self._cond.notify_all()
 
     # -- lifecycle -------------------------------------------------------------------------------
-    def load(self, model: str | Path, options: LoadOptions | Mapping[str, Any] | None = None, **kwargs: Any) -> Status:
+    def load(
+        self,
+        model: str | Path,
+        options: LoadOptions | Mapping[str, Any] | None = None,
+        *,
+        fit: bool = False,
+        save_settings: bool = False,
+        **kwargs: Any,
+    ) -> Status:
         """Load ``model`` (a path, a models-folder name, a hub id, or what a registered loader claims,
         such as a server URL) with ``options``.
 
-        Options are checked before anything happens; an invalid one leaves the current model loaded.
-        The same model with the same options returns at once. Another model releases the current one
-        first, so peak memory is never the sum of both; if the new one then fails to load, the previous
-        one is loaded again.
+        A model in the models folder gets its saved settings (``config-user.yaml``, a note says so);
+        ``fit`` adds the recommendation of :func:`nbllm.fit.recommend` for this machine (its reasons
+        are notes, shown before loading); options given here win over both. ``save_settings`` stores
+        the options as the model's settings after it loaded. Options are checked before anything
+        happens; an invalid one leaves the current model loaded. The same model with the same options
+        returns at once. Another model releases the current one first, so peak memory is never the sum
+        of both; if the new one then fails to load, the previous one is loaded again.
         """
+        from .fit import plan
+
         opts = _load_options(options, kwargs)
         if not isinstance(model, (str, Path)):
             raise OptionError(f"the model must be a path, a name or a hub id, not {type(model).__name__}",
                               "give it as text, e.g. nbllm.load('org/model')")
         source = resolve_source(str(model), opts)
+        opts, saved = plan.load_options(source, opts, fit=fit)
+        if saved:
+            self.defaults = saved.generation_options(self.defaults)
         cls = choose_loader(source, opts)
         with self._cond:
             if self._loader is not None and self._source == source and self._options == opts:
+                if save_settings:
+                    plan.after_load(source, opts, cls.name, 0.0, save=True, defaults=self.defaults)
                 status = self.status()
                 status.already_loaded = True
                 return status
@@ -173,16 +181,18 @@ class Engine:
             self._settle()
             previous = (self._source, self._options) if self._loader is not None else None
             self._release()
+            plan.before_load()
             try:
                 self._load(cls, source, opts)
-            except NbllmError as exc:
-                if previous is None:
-                    raise
-                restored = self._restore(*previous)  # type: ignore[arg-type]
-                if restored:
-                    exc.cause += f" ({previous[0].name} is loaded again)"  # type: ignore[union-attr]
-                    exc.args = (exc.message,)
-                raise
+            except Exception as failure:  # a loader's own NbllmError, or anything a loader let through
+                error = plan.explained(failure, source, opts, during="load") or _load_error(failure, cls, source)
+                cause = failure.__cause__ if isinstance(failure, NbllmError) and failure.__cause__ else failure
+                if previous is not None and self._restore(*previous):  # type: ignore[arg-type]
+                    error.cause += f" ({previous[0].name} is loaded again)"  # type: ignore[union-attr]
+                    error.args = (error.message,)
+                raise error from (None if cause is error else cause)
+            plan.after_load(source, opts, cls.name, self._load_seconds or 0.0, save=save_settings,
+                            defaults=self.defaults)
             return self.status()
 
     def _load(self, cls: type[Loader], source: ModelSource, opts: LoadOptions) -> None:
@@ -480,10 +490,13 @@ class Engine:
             raise
         except Exception as exc:
             reason = "error"
-            raise GenerationError(
+            from .fit import plan
+
+            mapped = plan.explained(exc, self._source, self._options, during="generation")
+            raise (mapped or GenerationError(
                 f"generation failed in {loader.name}: {type(exc).__name__}: {exc}".splitlines()[0],
                 "the model is still loaded; check the options, or reload the model if this repeats",
-            ) from exc
+            )) from exc
         finally:
             stream.close()
             end = clock()
@@ -500,6 +513,15 @@ class Engine:
                 if last is not None and n > 1 and last > first:
                     timings.decode_tokens_per_second = (n - 1) / (last - first)
             result.finish(reason, timings)
+
+
+def _load_error(failure: Exception, cls: type[Loader], source: ModelSource) -> NbllmError:
+    """A loader's failure as one line: its own error, or any other exception worded for the user."""
+    if isinstance(failure, NbllmError):
+        return failure
+    first = (str(failure).strip().splitlines() or [""])[0]
+    return LoadError(f"the {cls.name} loader could not load {source.name}: {type(failure).__name__}: {first}",
+                     "check the model and the options; reload if this repeats")
 
 
 def _messages(prompt: Sequence[Mapping[str, str]]) -> list[dict[str, str]]:

@@ -27,9 +27,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..engine import format_memory
 from ..loaders import LLAMACPP, TRANSFORMERS
 from ..loaders.llamacpp import N_CTX_CAP, default_n_ctx, kv_cache_bytes
+from ..memory import format_memory
 from ..options import LoadOptions
 from ..source import ModelSource
 from .machine import GiB, Machine

@@ -19,9 +19,9 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
-from ..engine import format_memory
 from ..errors import GenerationError, LoadError, NbllmError, NbllmWarning
 from ..loaders import LLAMACPP
+from ..memory import format_memory
 from ..options import LoadOptions
 from ..source import ModelSource
 from .estimate import CUDA_RUNTIME_BYTES, RAM_USABLE, as_options, device_budget, estimate, probe_cached

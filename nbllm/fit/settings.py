@@ -448,7 +448,7 @@ class WhatWorked:
     load_seconds: float | None = None
 
     def line(self) -> str:
-        from ..engine import format_memory
+        from ..memory import format_memory
         from .recommend import flags
 
         peak = ", ".join(f"{dev} {format_memory(n)}" for dev, n in self.peak_memory.items()) or "not measured"

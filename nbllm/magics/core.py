@@ -30,6 +30,12 @@ class CoreMagics(Magics):
     @magic_arguments.magic_arguments()
     @magic_arguments.argument("model", help="A model folder, a .gguf file, a models-folder name or a hub id (org/model).")
     @schema_arguments(LoadOptions)
+    @magic_arguments.argument("--fit", action="store_true",
+                              help="Load with the options recommended for this machine (%%llm_doctor MODEL shows "
+                                   "them); options on the line win.")
+    @magic_arguments.argument("--save-settings", action="store_true",
+                              help="Save the options as this model's settings (config-user.yaml in the models "
+                                   "folder, shared with text-generation-webui); loading it by name applies them.")
     @user_errors
     def llm_load(self, line: str) -> None:
         """Load a model into this kernel's engine; it stays loaded between cells.
@@ -39,10 +45,14 @@ class CoreMagics(Magics):
 
             %llm_load ./models/org_model --load-in-4bit --compute-dtype bfloat16
             %llm_load ./models/model.Q4_K_M.gguf --n-ctx 4096 --n-gpu-layers -1
+            %llm_load org_model --fit --save-settings
+
+        A model of the models folder gets the settings saved for it (``--save-settings``, or
+        text-generation-webui's ``config-user.yaml``); options on the line win.
         """
         args = parse_line(self.llm_load, line)
         options = LoadOptions.from_namespace(args)
-        status = get_engine().load(args.model, options)
+        status = get_engine().load(args.model, options, fit=args.fit, save_settings=args.save_settings)
         if status.already_loaded:
             print(f"{status.model} is already loaded with these options; nothing was done.")
             return

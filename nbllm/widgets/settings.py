@@ -179,6 +179,9 @@ class SettingsPanel(W.VBox):
 
         self.load_button = button("Load", "load", style="primary", icon="play")
         self.unload_button = button("Unload", "unload", icon="eject")
+        self.save_button = button("Save settings", "save-settings", icon="save",
+                                  tooltip="Save these load options and generation defaults for the selected model "
+                                          "(config-user.yaml in the models folder; loading it by name applies them)")
         self.status = W.HTML()
         self.status.add_class("nbllm-status")
 
@@ -206,7 +209,7 @@ class SettingsPanel(W.VBox):
             W.HBox([self.model, self.refresh_button, self.folder_label]),
             W.HBox([self.download_id, self.download_button]),
             self.download_output,
-            W.HBox([self.load_button, self.unload_button]),
+            W.HBox([self.load_button, self.unload_button, self.save_button]),
             self.status,
             self.messages,
             W.HTML("<hr style='margin: 4px 0'>"),
@@ -225,6 +228,7 @@ class SettingsPanel(W.VBox):
         self.download_button.on_click(lambda _b: self.download())
         self.load_button.on_click(lambda _b: self.load())
         self.unload_button.on_click(lambda _b: self.unload())
+        self.save_button.on_click(lambda _b: self.save_settings())
         self.model.observe(lambda _c: self._update_visibility(), names="value")
         self.load_fields["loader"].input.observe(lambda _c: self._update_visibility(), names="value")
         for name, b in self.preset_buttons.items():
@@ -320,6 +324,21 @@ class SettingsPanel(W.VBox):
         guarded(self.messages, self.engine.unload)
         self.refresh()
         refresh_all(except_=self)
+
+    def save_settings(self) -> Path | None:
+        """Save the panel's load options and the generation defaults for the selected model (the Save
+        settings button): the model's entry in the models folder's ``config-user.yaml``."""
+        def run() -> Path:
+            from ..fit import save_settings, settings_name
+
+            if not self.model.value:
+                raise OptionError("no model is selected", "choose one in the Model list, then click Save settings")
+            name = settings_name(Path(self.model.value))
+            path = save_settings(name, self.load_options(), self.generation_options(), models_dir=self.folder.path)
+            self.messages.show_note(f"Settings of {name} saved in {path}: loading it by name applies them.")
+            return path
+
+        return guarded(self.messages, run)
 
     def download(self) -> None:
         """Download what the download field names into the models folder, then select it.
