@@ -340,6 +340,8 @@ class Engine:
         if not isinstance(prompt, str) and not (isinstance(prompt, Sequence) and all(isinstance(m, Mapping) for m in prompt)):
             raise OptionError(f"the prompt must be text or a list of messages, not {type(prompt).__name__}",
                               'give a string, or [{"role": "user", "content": "..."}]')
+        if isinstance(prompt, str) and not prompt.strip():
+            raise OptionError("the prompt is empty", "write the text to continue (or the message, with chat=True)")
         opts = self.generation_options(options, **kwargs)
         ready = self.prompt_for(prompt, chat=chat or system is not None, system=system)
         return self.stream_prompt(ready, opts, conversation=conversation)

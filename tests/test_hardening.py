@@ -67,7 +67,7 @@ def test_empty_system_flag_renders_no_system_turn(shell: Any, engine: Any, tiny_
     assert shell.user_ns["r"].record.messages == [{"role": "user", "content": "hi"}]
 
 
-@pytest.mark.parametrize("prompt", [None, 42, [1, 2], [{"role": "user"}], [{"role": "robot", "content": "x"}]])
+@pytest.mark.parametrize("prompt", [None, 42, [1, 2], [{"role": "user"}], [{"role": "robot", "content": "x"}], "", " \n "])
 def test_bad_prompts_are_one_line_errors(engine: Any, tiny_model: Path, prompt: Any) -> None:
     engine.load(tiny_model)
     with pytest.raises(NbllmError) as err:
