@@ -63,7 +63,8 @@ class Kernel:
                 on_message(msg)
             if msg["msg_type"] == "status" and msg["content"]["execution_state"] == "idle":
                 reply = self.kc.get_shell_msg(timeout=timeout)
-                assert reply["parent_header"]["msg_id"] == msg_id
+                while reply["parent_header"].get("msg_id") != msg_id:  # an earlier request's late reply
+                    reply = self.kc.get_shell_msg(timeout=timeout)
                 self.last_status = reply["content"]["status"]
                 return messages
         raise TimeoutError(code)
