@@ -6,6 +6,7 @@ from pathlib import Path
 
 from ..errors import DownloadError, ModelNotFoundError
 from ..frontend import command
+from ..lora import loras_dir
 from ..models import ModelEntry, ModelsFolder, folder_name, parse_hub_id
 from ..store import Bookkeeping, verify
 from .result import DownloadResult, Echo
@@ -37,7 +38,13 @@ def check_model(
     ``download`` fetches exactly them; the error says so.
     """
     folder = ModelsFolder(models_dir)
-    entry = _local_entry(spec, folder)
+    try:
+        entry = _local_entry(spec, folder)
+    except ModelNotFoundError as missing:  # an adapter: in the adapters folder beside the models folder
+        try:
+            entry = _local_entry(spec, ModelsFolder(loras_dir(folder.path)))
+        except ModelNotFoundError:
+            raise missing from None
     books = Bookkeeping.of(entry.path)
     record = books.record()
     if not record:
