@@ -484,11 +484,7 @@ class LoraList:
 
     def applied_line(self) -> str:
         """One line: what is applied to which model."""
-        if self.model is None:
-            return "No model loaded."
-        if not self.applied:
-            return f"No adapter applied to {self.model}."
-        return f"Applied to {self.model}: " + ", ".join(f"{a.label} ({a.format.upper()})" for a in self.applied)
+        return applied_line(self.model, self.applied)
 
     def rows(self) -> list[tuple[str, ...]]:
         scales = {a.path: a.scale for a in self.applied}
@@ -573,6 +569,15 @@ def lora_list(*, models: str | Path | None = None, engine: Engine | None = None)
     folder = LorasFolder(models)
     model = eng.status().model if eng.loaded else None
     return LoraList(folder.path, tuple(folder.list()), eng.adapters, model)
+
+
+def applied_line(model: str | None, adapters: Sequence[Adapter]) -> str:
+    """``Applied to MODEL: a ×1 (PEFT), b ×0.5 (PEFT)``, or that none is (or that no model is loaded)."""
+    if model is None:
+        return "No model loaded."
+    if not adapters:
+        return f"No adapter applied to {model}."
+    return f"Applied to {model}: " + ", ".join(f"{a.label} ({a.format.upper()})" for a in adapters)
 
 
 def adapters_line(adapters: Sequence[Adapter]) -> str:
