@@ -30,10 +30,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .adapters import Adapter, adapters_line, check_format
 from .chat_template import FALLBACK_NOTE, ChatNote, render_chat, starts_with_bos
 from .errors import GenerationError, NbllmError, NbllmWarning, NoModelLoadedError, OptionError
 from .loaders import Loader, Placement, Request, TextLoader, TokenLoader, choose_loader, resolve_source
-from .lora import Adapter, adapters_line, check_format
 from .options import GenerationOptions, LoadOptions
 from .result import Record, Result, Timings, clock, library_versions
 from .source import ModelSource

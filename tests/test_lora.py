@@ -15,8 +15,9 @@ import pytest
 from IPython.core.error import UsageError
 
 import nbllm
-from nbllm import lora, models, testing
+from nbllm import adapters, models, testing
 from nbllm.errors import LoadError, ModelNotFoundError, NbllmError, NoModelLoadedError, OptionError
+from nbllm.gguf_file import read_gguf_header
 
 try:
     from hubserver import hub  # noqa: F401 - a fixture
@@ -107,7 +108,7 @@ def test_tiny_adapters_are_deterministic_and_in_each_formats_layout(tmp_path):
     assert config["peft_type"] == "LORA" and config["r"] == 4 and config["target_modules"] == ["q_proj", "v_proj"]
     g1, g2 = testing.tiny_gguf_adapter(tmp_path / "a.gguf"), testing.tiny_gguf_adapter(tmp_path / "b.gguf")
     assert g1.read_bytes() == g2.read_bytes()
-    header = lora.read_gguf_header(g1)
+    header = read_gguf_header(g1)
     assert header.is_adapter and header.metadata["adapter.type"] == "lora"
     assert header.metadata["adapter.lora.alpha"] == 8.0
     assert header.tensors["blk.0.attn_q.weight.lora_a"] == (64, 4)  # ggml order: inputs, rank
@@ -370,15 +371,15 @@ def test_no_model_loaded_and_unknown_names_are_one_line(engine, peft_a):
 
 def test_check_functions_name_the_cause_without_a_model(peft_a):
     """The PEFT checks are pure: the adapter's tensor shapes against a module table."""
-    adapter = lora.adapter_from_path(peft_a)
+    adapter = adapters.adapter_from_path(peft_a)
     q = "base_model.model.model.layers.0.self_attn.q_proj"
     shapes = {f"{q}.lora_A.weight": (4, 64), f"{q}.lora_B.weight": (64, 4)}
     modules = {"model.layers.0.self_attn.q_proj": (64, 64), "model.layers.0.self_attn.v_proj": (64, 64)}
-    lora.check_peft_adapter(adapter, shapes, modules, "m")
+    adapters.check_peft_adapter(adapter, shapes, modules, "m")
     with pytest.raises(LoadError, match="its model.layers.0.self_attn.q_proj takes 64 features, m's 128"):
-        lora.check_peft_adapter(adapter, shapes, {**modules, "model.layers.0.self_attn.q_proj": (128, 64)}, "m")
+        adapters.check_peft_adapter(adapter, shapes, {**modules, "model.layers.0.self_attn.q_proj": (128, 64)}, "m")
     with pytest.raises(LoadError, match="replaces whole modules"):
-        lora.peft_targets(["base_model.model.lm_head.weight"])
+        adapters.peft_targets(["base_model.model.lm_head.weight"])
 
 
 # ------------------------------------------------------------------------------------ records, engine
@@ -444,7 +445,7 @@ def test_a_generation_being_read_on_another_thread_is_waited_for(engine, tiny_mo
 
 
 def test_names_in_the_adapters_folder_and_the_listing(engine, tiny_model, peft_a, gguf_a, isolated):
-    loras = lora.loras_dir()
+    loras = adapters.loras_dir()
     assert loras == isolated.parent / "loras"
     loras.mkdir()
     shutil.copytree(peft_a, loras / "my_lora")
@@ -497,7 +498,7 @@ def test_the_settings_panel_applies_scales_and_removes(engine, tiny_model, peft_
     pytest.importorskip("ipywidgets")
     from nbllm.widgets import SettingsPanel
 
-    loras = lora.loras_dir()
+    loras = adapters.loras_dir()
     loras.mkdir(parents=True)
     shutil.copytree(peft_a, loras / "my_lora")
     engine.load(tiny_model)
@@ -529,7 +530,7 @@ def test_an_adapter_repository_downloads_into_loras_checked_and_applies(engine, 
 
     hub.add_folder("org/tiny-lora", peft_a)
     result = download("org/tiny-lora", echo=None)
-    assert result.path == lora.loras_dir() / "org_tiny-lora" and result.adapter
+    assert result.path == adapters.loras_dir() / "org_tiny-lora" and result.adapter
     assert result.summary.endswith("Apply it with %llm_lora add org_tiny-lora.")
     assert not (isolated / "org_tiny-lora").exists()
     assert download("org/tiny-lora", echo=None).downloaded == ()  # complete: nothing fetched again
@@ -546,7 +547,7 @@ def test_a_gguf_adapter_download_goes_to_loras_and_a_hub_id_downloads_before_app
     hub.add_repo("org/style-GGUF", {"style-LoRA-F32.gguf": gguf_a, "README.md": "a LoRA"})
     engine.load(tiny_gguf)
     (applied,) = nbllm.lora_add("org/style-GGUF")  # not here yet: downloaded first
-    assert applied.path == lora.loras_dir() / "style-LoRA-F32.gguf" and applied.repo_id == "org/style-GGUF"
+    assert applied.path == adapters.loras_dir() / "style-LoRA-F32.gguf" and applied.repo_id == "org/style-GGUF"
     assert not (isolated / "style-LoRA-F32.gguf").exists() and not list((isolated / ".nbllm").glob("style*"))
     from nbllm.download import download
 

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from ..adapters import loras_dir
 from ..errors import DownloadError, ModelNotFoundError
 from ..frontend import command
-from ..lora import loras_dir
 from ..models import ModelEntry, ModelsFolder, folder_name, parse_hub_id
 from ..store import Bookkeeping, verify
 from .result import DownloadResult, Echo

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING, Any
 
-from ..lora import is_adapter_repo, is_gguf_adapter, loras_dir
+from ..adapters import is_adapter_repo, is_gguf_adapter, loras_dir
 from ..models import ModelsFolder, folder_name, format_size
 from ..store import Bookkeeping, FileRecord, verify
 from .hub import Secrets, endpoint, hub_error, offline, offline_error, parse_spec, repo_files

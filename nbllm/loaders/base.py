@@ -26,7 +26,7 @@ from ..options import GenerationOptions, LoadOptions
 from ..source import ModelSource
 
 if TYPE_CHECKING:  # pragma: no cover
-    from ..lora import Adapter
+    from ..adapters import Adapter
 
 
 @dataclass
@@ -81,7 +81,7 @@ class Loader(ABC):
     """True when the engine behind the loader applies the chat template itself (a server's chat
     endpoint): the engine then passes messages, not rendered text."""
     adapters: ClassVar[frozenset[str]] = frozenset()
-    """The adapter formats (:attr:`nbllm.lora.Adapter.format`: ``peft``, ``gguf``) this loader applies
+    """The adapter formats (:attr:`nbllm.adapters.Adapter.format`: ``peft``, ``gguf``) this loader applies
     to a loaded model with :meth:`set_adapters`; empty: none."""
 
     def __init__(self) -> None:

@@ -37,6 +37,7 @@ from collections import deque
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any, ClassVar
 
+from ..adapters import Adapter, check_gguf_adapter
 from ..errors import LoadError, ModelNotFoundError, NbllmWarning, OptionError, missing_dependency
 from ..gguf_file import (
     GGUFHeader,
@@ -45,7 +46,6 @@ from ..gguf_file import (
     read_gguf_header,
     split_gguf_parts,
 )
-from ..lora import Adapter, check_gguf_adapter
 from ..options import GenerationOptions, LoadOptions
 from ..source import ModelSource
 from .base import Placement, Request, TokenLoader

@@ -13,16 +13,16 @@ import itertools
 import json
 import logging
 import os
-import struct
 import warnings
 from collections import Counter
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any, ClassVar
 
+from ..adapters import Adapter, check_peft_adapter, module_key, peft_targets
 from ..errors import LoadError, NbllmError, NbllmWarning, OptionError, missing_dependency
-from ..lora import Adapter, check_peft_adapter, module_key, peft_targets
 from ..options import GenerationOptions, LoadOptions
+from ..safetensors_file import check_safetensors
 from ..source import ModelSource
 from ..streaming import threaded_tokens
 from .base import Placement, Request, TokenLoader
@@ -87,28 +87,6 @@ def machine_notes(options: LoadOptions, gpus: list[tuple[str, tuple[int, int]]])
         notes.append("--disk-offload has no effect here without --cpu-memory: with no GPU, every layer fits in RAM "
                      "or the load fails")
     return notes
-
-
-def check_safetensors(path: Path) -> None:
-    """Fail early, before the current model is released, on a truncated or damaged safetensors file."""
-    size = path.stat().st_size
-    damaged = LoadError(
-        f"{path.name} is truncated or damaged", "download the model again (nbllm download ... --check verifies it)"
-    )
-    with path.open("rb") as f:
-        head = f.read(8)
-        if len(head) < 8:
-            raise damaged
-        (n,) = struct.unpack("<Q", head)
-        if n > size - 8 or n > 100_000_000:
-            raise damaged
-        try:
-            header = json.loads(f.read(n))
-        except ValueError:
-            raise damaged from None
-    ends = [t["data_offsets"][1] for k, t in header.items() if k != "__metadata__"]
-    if 8 + n + max(ends, default=0) > size:
-        raise damaged
 
 
 def needs_remote_code(config: dict[str, Any]) -> bool:

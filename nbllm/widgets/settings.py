@@ -14,11 +14,12 @@ from typing import Any
 
 import ipywidgets as W
 
+from ..adapters import LorasFolder
 from ..download.options import DownloadOptions
 from ..engine import Engine, Status, format_memory, get_engine
 from ..errors import OptionError
 from ..loaders import TRANSFORMERS, loader_class, loader_names
-from ..lora import LoraOptions, LorasFolder, lora_add, lora_remove
+from ..lora import LoraOptions, lora_add, lora_remove
 from ..models import ModelsFolder, format_size
 from ..options import GenerationOptions, LoadOptions, OptionSpec, decode_escapes, encode_escapes
 from ._common import HELP_STYLE, MessageLine, button, guarded, refresh_all, title, track, untrack
