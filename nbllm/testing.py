@@ -745,8 +745,23 @@ LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", 
 _LORA_B_STD = 0.5
 
 
-def _lora_spec(size: dict[str, Any], rank: int, alpha: float, targets: tuple[str, ...], seed: int) -> dict[str, Any]:
-    model = _spec(**size, max_position_embeddings=2048, seed=0, chat_template=True)
+def _lora_spec(
+    *,
+    rank: int = 4,
+    alpha: float = 8.0,
+    targets: tuple[str, ...] = ("q_proj", "v_proj"),
+    seed: int = 1,
+    hidden_size: int = 64,
+    num_layers: int = 2,
+    num_heads: int = 4,
+    num_kv_heads: int | None = None,
+    intermediate_size: int | None = None,
+    vocab_size: int = 512,
+) -> dict[str, Any]:
+    """The keywords of a tiny adapter (see :func:`tiny_peft_adapter`), validated, in a fixed order."""
+    model = _spec(hidden_size=hidden_size, num_layers=num_layers, num_heads=num_heads, num_kv_heads=num_kv_heads,
+                  intermediate_size=intermediate_size, vocab_size=vocab_size, max_position_embeddings=2048, seed=0,
+                  chat_template=True)
     _check_int("rank", rank, 1)
     _check_int("seed", seed, 0)
     unknown = sorted(set(targets) - set(LORA_TARGETS))
@@ -787,40 +802,30 @@ def _adapter_target(path: str | Path | None, name: str, suffix: str) -> Path:
     return target if not suffix or target.suffix.lower() == suffix else target / (name + suffix)
 
 
-def tiny_peft_adapter(
-    path: str | Path | None = None,
-    *,
-    rank: int = 4,
-    alpha: float = 8.0,
-    targets: tuple[str, ...] = ("q_proj", "v_proj"),
-    seed: int = 1,
-    hidden_size: int = 64,
-    num_layers: int = 2,
-    num_heads: int = 4,
-    num_kv_heads: int | None = None,
-    intermediate_size: int | None = None,
-    vocab_size: int = 512,
-) -> Path:
-    """Build (or reuse) a PEFT LoRA adapter for :func:`tiny_transformers_model` with the same size keywords;
-    return its folder (``adapter_config.json`` from PEFT's ``LoraConfig``, ``adapter_model.safetensors``).
+def tiny_peft_adapter(path: str | Path | None = None, **kwargs: Any) -> Path:
+    """Build (or reuse) a PEFT LoRA adapter for :func:`tiny_transformers_model`; return its folder
+    (``adapter_config.json`` from PEFT's ``LoraConfig``, ``adapter_model.safetensors``).
 
-    A and B are random (seeded by ``seed``), B non-zero so the adapter changes the model's text. ``path=None``
-    uses ``$NBLLM_CACHE_DIR/tiny/<name>``. Same arguments, byte-identical files (for one PEFT version).
+    Keywords: ``rank`` (4), ``alpha`` (8.0), ``targets`` (``("q_proj", "v_proj")``, any of
+    :data:`LORA_TARGETS`), ``seed`` (1), and the model's size keywords (``hidden_size``, ``num_layers``,
+    ``num_heads``, ``num_kv_heads``, ``intermediate_size``, ``vocab_size``: those of the model it is for).
+    A and B are random (seeded by ``seed``), B non-zero so the adapter changes the model's text.
+    ``path=None`` uses ``$NBLLM_CACHE_DIR/tiny/<name>``. Same arguments, byte-identical files (for one
+    PEFT version).
     """
     from peft import LoraConfig
     from safetensors.torch import save_file
 
-    size: dict[str, Any] = dict(hidden_size=hidden_size, num_layers=num_layers, num_heads=num_heads, num_kv_heads=num_kv_heads,
-                intermediate_size=intermediate_size, vocab_size=vocab_size)
-    spec = {**_lora_spec(size, rank, alpha, tuple(targets), seed), "format": "peft"}
-    name = _lora_name(spec, "peft")
-    target = _adapter_target(path, name, "")
+    spec = {**_lora_spec(**kwargs), "format": "peft"}
+    target = _adapter_target(path, _lora_name(spec, "peft"), "")
     if _check_target_dir(target, spec):
         return target
+    size = {k: spec[k] for k in ("hidden_size", "num_layers", "num_heads", "num_kv_heads", "intermediate_size",
+                                 "vocab_size")}
     model = {**_spec(**size, max_position_embeddings=2048, seed=0, chat_template=True), "format": "transformers",
              "dtype": "float32"}
-    config = LoraConfig(r=rank, lora_alpha=spec["alpha"], target_modules=list(spec["targets"]), task_type="CAUSAL_LM",
-                        lora_dropout=0.0, base_model_name_or_path=_name(model, "float32")).to_dict()
+    config = LoraConfig(r=spec["rank"], lora_alpha=spec["alpha"], target_modules=list(spec["targets"]),
+                        task_type="CAUSAL_LM", lora_dropout=0.0, base_model_name_or_path=_name(model, "float32")).to_dict()
     config = {k: sorted(v) if isinstance(v, set) else v for k, v in config.items()}
     tensors = {}
     for module, (a, b) in _lora_weights(spec).items():
@@ -836,21 +841,8 @@ def tiny_peft_adapter(
     return target
 
 
-def tiny_gguf_adapter(
-    path: str | Path | None = None,
-    *,
-    rank: int = 4,
-    alpha: float = 8.0,
-    targets: tuple[str, ...] = ("q_proj", "v_proj"),
-    seed: int = 1,
-    hidden_size: int = 64,
-    num_layers: int = 2,
-    num_heads: int = 4,
-    num_kv_heads: int | None = None,
-    intermediate_size: int | None = None,
-    vocab_size: int = 512,
-) -> Path:
-    """Build (or reuse) the GGUF form of :func:`tiny_peft_adapter` (same arguments, same weights) for
+def tiny_gguf_adapter(path: str | Path | None = None, **kwargs: Any) -> Path:
+    """Build (or reuse) the GGUF form of :func:`tiny_peft_adapter` (same keywords, same weights) for
     :func:`tiny_gguf_model`; return the ``.gguf`` file.
 
     llama.cpp's LoRA layout, as its ``convert_lora_to_gguf.py`` writes it: ``general.type = adapter``,
@@ -861,9 +853,7 @@ def tiny_gguf_adapter(
     import gguf
     import numpy as np
 
-    size: dict[str, Any] = dict(hidden_size=hidden_size, num_layers=num_layers, num_heads=num_heads, num_kv_heads=num_kv_heads,
-                intermediate_size=intermediate_size, vocab_size=vocab_size)
-    spec = {**_lora_spec(size, rank, alpha, tuple(targets), seed), "format": "gguf"}
+    spec = {**_lora_spec(**kwargs), "format": "gguf"}
     target = _adapter_target(path, _lora_name(spec, "gguf"), ".gguf")
     if target.exists():
         existing = _read_gguf_spec(target)
