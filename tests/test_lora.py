@@ -276,6 +276,9 @@ PEFT_CASES = {
                              "targets modules"),
     "a rank its config does not say": (
         lambda t: _with_config(testing.tiny_peft_adapter(), t / "r8", r=8), "says rank 8 but its weights have rank 4"),
+    "a config its weights do not match": (  # found only once PEFT injected its layers: they are taken out again
+        lambda t: _with_config(testing.tiny_peft_adapter(), t / "qkv", target_modules=["k_proj", "q_proj", "v_proj"]),
+        "for which its weights hold nothing"),
     "a gguf adapter": (lambda t: testing.tiny_gguf_adapter(), "which the transformers loader does not apply"),
     "a missing path": (lambda t: t / "nowhere", "no adapter"),
     "no weights": (lambda t: _without_weights(testing.tiny_peft_adapter(), t / "empty"), "has no adapter weights"),
@@ -324,6 +327,18 @@ def test_each_bad_adapter_is_one_line_and_the_model_and_its_adapters_stay(reques
         nbllm.lora_add(bad)
     assert words in one_line(err.value)
     assert engine.adapters == applied and greedy(engine) == before
+
+
+def test_a_failure_after_peft_injected_its_layers_leaves_the_models_own_modules(engine, tiny_model, tmp_path):
+    import torch
+
+    bad = _with_config(testing.tiny_peft_adapter(), tmp_path / "qkv", target_modules=["k_proj", "q_proj", "v_proj"])
+    engine.load(tiny_model)
+    before = greedy(engine)
+    with pytest.raises(LoadError, match="the two files do not belong together"):
+        nbllm.lora_add(bad)
+    assert type(engine.loader.model.model.layers[0].self_attn.k_proj) is torch.nn.Linear
+    assert not hasattr(engine.loader.model, "peft_config") and greedy(engine) == before
 
 
 def test_a_gguf_adapter_is_not_loaded_as_a_model_and_the_listing_says_why(engine, tiny_gguf, gguf_a, isolated):
