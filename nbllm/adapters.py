@@ -43,7 +43,6 @@ _PEFT_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
 _LORA_PARTS = ("lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B", "lora_magnitude_vector")
 """The tensors a PEFT LoRA holds per adapted module (the names after the module's path)."""
 _PEFT_PREFIX = "base_model.model."
-_ADD = "%llm_lora add"
 
 
 def loras_dir(models: str | Path | None = None) -> Path:
