@@ -1,5 +1,5 @@
 """The LoRA API: ``lora_add`` / ``lora_remove`` / ``lora_clear`` / ``lora_list``, what ``%llm_lora`` and the
-settings panel call, and :func:`resolve_adapter` (a path, a name in ``loras/``, or a hub id, downloaded
+settings panel call, ``lora_restore`` (a record's adapters again, for replay), and :func:`resolve_adapter` (a path, a name in ``loras/``, or a hub id, downloaded
 first). What an adapter is and the checks against the loaded model are :mod:`nbllm.adapters`'; the
 engine applies adapters through its loader and records them (name, sha256, scale, hub revision) as part
 of the model's identity (:meth:`nbllm.engine.Engine.model_identity`).
@@ -8,9 +8,10 @@ of the model's identity (:meth:`nbllm.engine.Engine.model_identity`).
 from __future__ import annotations
 
 import html
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from .adapters import Adapter, LoraEntry, LorasFolder, adapter_from_path
 from .engine import Engine, get_engine
@@ -161,6 +162,26 @@ def lora_clear(*, engine: Engine | None = None) -> tuple[Adapter, ...]:
     eng = _engine(engine)
     if eng.loaded and eng.adapters:
         eng.set_adapters([])
+    return eng.adapters
+
+
+def lora_restore(recorded: Sequence[Mapping[str, Any]], *, engine: Engine | None = None) -> tuple[Adapter, ...]:
+    """Apply exactly the adapters a record names (its ``model["adapters"]``), with their scales, to the
+    loaded model: what a replay does after loading the record's model. Each is found at its recorded path,
+    else by its hub repository and commit, else by name; one whose weights no longer have the recorded
+    sha256 is refused."""
+    eng = _engine(engine)
+    _ = eng.loader
+    wanted = []
+    for item in recorded:
+        path, repo, revision = item.get("path"), item.get("repo_id"), item.get("revision")
+        spec = path if path and Path(path).exists() else f"{repo}:{revision}" if repo and revision else repo or item["name"]
+        adapter = resolve_adapter(spec, scale=float(item.get("scale", 1.0)))
+        if item.get("sha256") and dict(adapter.sha256) != dict(item["sha256"]):
+            raise LoadError(f"{adapter.name}'s weights are not the recorded ones (their sha256 differs)",
+                            "put the recorded files back, or apply the adapter as it is now with %llm_lora add")
+        wanted.append(adapter)
+    eng.set_adapters(wanted)
     return eng.adapters
 
 

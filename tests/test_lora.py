@@ -399,6 +399,24 @@ def test_records_name_each_adapter_and_treat_them_as_the_models_identity(engine,
     assert f"adapters:  {peft_a.name} ×1, {peft_b.name} ×0.5" in str(engine.status())
 
 
+def test_a_records_adapters_are_restored_for_a_replay_and_changed_weights_are_refused(engine, tiny_model, peft_a,
+                                                                                       tmp_path):
+    mine = shutil.copytree(peft_a, tmp_path / "mine")
+    engine.load(tiny_model)
+    nbllm.lora_add(mine, 0.5)
+    first = engine.generate(PROMPT, temperature=0.9, max_new_tokens=N)
+    engine.unload()
+    engine.load(tiny_model)
+    recorded = first.record.to_dict()["model"]["adapters"]
+    assert [a.label for a in nbllm.lora_restore(recorded)] == ["mine ×0.5"]
+    again = engine.generate(PROMPT, temperature=0.9, max_new_tokens=N, seed=first.seed)
+    assert again.text == first.text and again.record.to_dict()["model"]["adapters"] == recorded
+    shutil.copy(testing.tiny_peft_adapter(seed=3) / "adapter_model.safetensors", mine)  # other weights, same name
+    with pytest.raises(LoadError, match="not the recorded ones"):
+        nbllm.lora_restore(recorded)
+    assert [a.label for a in engine.adapters] == ["mine ×0.5"]
+
+
 def test_loading_a_model_drops_its_adapters(engine, tiny_model, tiny_gguf, peft_a):
     engine.load(tiny_model)
     nbllm.lora_add(peft_a)
