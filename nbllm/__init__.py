@@ -21,6 +21,7 @@ from .chat import Conversation
 from .chat import Conversation as Chat
 from .engine import Engine, Status, get_engine
 from .errors import NbllmError
+from .lora import lora_add, lora_clear, lora_list, lora_remove, lora_restore
 from .options import GenerationOptions, LoadOptions
 from .result import Record, Result
 
@@ -66,5 +67,6 @@ def load_ipython_extension(ipython: Any) -> None:
 
 __all__ = [
     "Chat", "Conversation", "Engine", "GenerationOptions", "LoadOptions", "NbllmError", "Record", "Result", "Status",
-    "generate", "get_engine", "load", "load_ipython_extension", "status", "stream", "unload",
+    "generate", "get_engine", "load", "load_ipython_extension", "lora_add", "lora_clear", "lora_list", "lora_remove",
+    "lora_restore", "status", "stream", "unload",
 ]

@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .adapters import Adapter, adapters_line, check_format
 from .chat_template import FALLBACK_NOTE, ChatNote, render_chat, starts_with_bos
 from .errors import GenerationError, LoadError, NbllmError, NbllmWarning, NoModelLoadedError, OptionError
 from .loaders import Loader, Placement, Request, TextLoader, TokenLoader, choose_loader, resolve_source
@@ -116,6 +117,7 @@ class Engine:
         self._hashes: concurrent.futures.Future[dict[str, str]] | None = None
         self._loaded_at: str | None = None
         self._load_seconds: float | None = None
+        self._adapters: tuple[Adapter, ...] = ()
         self.defaults = GenerationOptions()
         """Generation options used when a call gives none (the settings panel sets them)."""
         self.reuse_prefix = True
@@ -180,6 +182,7 @@ class Engine:
             cls.check(source, opts)
             self._settle()
             previous = (self._source, self._options) if self._loader is not None else None
+            dropped = " without its adapters" if self._adapters else ""
             self._release()
             plan.before_load()
             try:
@@ -188,7 +191,7 @@ class Engine:
                 error = plan.explained(failure, source, opts, during="load") or _load_error(failure, cls, source)
                 cause = failure.__cause__ if isinstance(failure, NbllmError) and failure.__cause__ else failure
                 if previous is not None and self._restore(*previous):  # type: ignore[arg-type]
-                    error.cause += f" ({previous[0].name} is loaded again)"  # type: ignore[union-attr]
+                    error.cause += f" ({previous[0].name} is loaded again{dropped})"  # type: ignore[union-attr]
                     error.args = (error.message,)
                 raise error from (None if cause is error else cause)
             plan.after_load(source, opts, cls.name, self._load_seconds or 0.0, save=save_settings,
@@ -227,6 +230,7 @@ class Engine:
         loader, self._loader = self._loader, None
         self._source = self._options = None
         self._hashes = None
+        self._adapters = ()
         if loader is not None:
             loader.unload()
             del loader
@@ -259,11 +263,38 @@ class Engine:
             revision=self._source.revision,
             options=self._options.changed(),
             placement=self._loader.placement,
-            details=self._loader.describe(),
+            details={**self._loader.describe(), **({"adapters": adapters_line(self._adapters)} if self._adapters else {})},
             load_seconds=self._load_seconds,
             loaded_at=self._loaded_at,
             process_rss_bytes=process_rss(),
         )
+
+    # -- adapters --------------------------------------------------------------------------------
+    @property
+    def adapters(self) -> tuple[Adapter, ...]:
+        """The LoRA adapters applied to the loaded model, in order, with their scales."""
+        return self._adapters
+
+    def set_adapters(self, adapters: Sequence[Adapter]) -> None:
+        """Apply exactly ``adapters`` to the loaded model (see :mod:`nbllm.lora`), replacing those applied
+        before; empty: none. The model is settled first (see the module); an adapter that does not fit is
+        refused in one line and the model keeps the adapters it had. Loading a model drops them."""
+        with self._cond:
+            self._settle()
+            loader = self.loader
+            for adapter in adapters:
+                check_format(adapter, type(loader))
+            loader.set_adapters(list(adapters))
+            self._adapters = tuple(adapters)
+
+    def model_identity(self) -> dict[str, Any]:
+        """What names the loaded model in records (and so in run logs, history and replay): the source's
+        identity, plus the applied adapters (name, format, scale, sha256, hub revision) when there are any."""
+        assert self._source is not None
+        identity = self._source.identity()
+        if self._adapters:
+            identity["adapters"] = [a.identity() for a in self._adapters]
+        return identity
 
     # -- generation ------------------------------------------------------------------------------
     def generation_options(
@@ -393,7 +424,7 @@ class Engine:
             seed = opts.seed if opts.seed is not None else secrets.randbelow(2**32)
             assert self._source is not None and self._options is not None
             record = Record(
-                model=self._source.identity(),
+                model=self.model_identity(),
                 loader=loader.name,
                 load_options=self._options.to_dict(),
                 generation_options={**opts.to_dict(), "seed": seed},

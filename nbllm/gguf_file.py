@@ -17,6 +17,7 @@ of unknown size are checked by their offsets only and the quantization comes fro
 
 from __future__ import annotations
 
+import math
 import mmap
 import re
 import struct
@@ -110,6 +111,8 @@ class GGUFHeader:
     """Where the last tensor's data ends, in bytes (the file must be at least this long)."""
     unknown_types: set[int] = field(default_factory=set)
     """Tensor types whose size is not known here (their extent is checked by offset only)."""
+    tensors: dict[str, tuple[int, ...]] = field(default_factory=dict)
+    """Tensor name → its dimensions as the file lists them (ggml order: the row length first)."""
 
     @property
     def architecture(self) -> str:
@@ -119,6 +122,11 @@ class GGUFHeader:
     def file_type(self) -> str | None:
         """The quantization ``general.file_type`` names (``Q4_K_M``, ``F16``...), if it says one."""
         return file_type_name(self.metadata.get("general.file_type"))
+
+    @property
+    def is_adapter(self) -> bool:
+        """Whether the file is an adapter (a LoRA for a model), not a model: ``general.type`` says so."""
+        return self.metadata.get("general.type") == "adapter"
 
 
 class GGUFError(LoadError):
@@ -176,7 +184,15 @@ def inspect_gguf(model: Path) -> tuple[GGUFHeader | None, str | None]:
         except OSError as exc:
             return first, f"{where}unreadable ({exc.strerror or type(exc).__name__})"
         first = first or header
+    if first is not None and first.is_adapter:
+        return first, adapter_not_model(model).problem
     return first, None
+
+
+def adapter_not_model(path: Path) -> GGUFError:
+    """The error for a GGUF adapter given where a model is expected (the listing shows its ``problem``)."""
+    return GGUFError(path, "a LoRA adapter, not a model",
+                     "load the model it was made for, then apply the adapter with %llm_lora add")
 
 
 class _Truncated(Exception):
@@ -272,16 +288,16 @@ def _parse(buf: mmap.mmap, size: int) -> GGUFHeader:
         else:
             skip(vtype)
     tensors: list[tuple[int, int, int]] = []  # (offset, element count, type)
+    shapes: dict[str, tuple[int, ...]] = {}
     for _ in range(n_tensors):
-        string()
+        name = string()
         n_dims = take("I")
         if n_dims > _MAX_DIMS:
             raise _Truncated(f"a tensor has {n_dims} dimensions")
-        count = 1
-        for _ in range(n_dims):
-            count *= take("Q")
+        dims = tuple(take("Q") for _ in range(n_dims))
         ttype, offset = take("I"), take("Q")
-        tensors.append((offset, count, ttype))
+        tensors.append((offset, math.prod(dims), ttype))
+        shapes[name] = dims
     alignment = int(metadata.get("general.alignment", 32)) or 32
     data_start = -(-pos // alignment) * alignment
     data_end, unknown = data_start, set()
@@ -296,7 +312,7 @@ def _parse(buf: mmap.mmap, size: int) -> GGUFHeader:
         data_end = max(data_end, end)
     if data_end > size:
         raise _Truncated(f"the file is {_format_mb(size)} but its tensors need {_format_mb(data_end)}")
-    return GGUFHeader(version, metadata, n_tensors, data_end, unknown)
+    return GGUFHeader(version, metadata, n_tensors, data_end, unknown, shapes)
 
 
 def _type_sizes() -> dict[int, tuple[int, int]]:

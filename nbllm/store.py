@@ -244,6 +244,19 @@ class Bookkeeping:
             (self.meta / "complete").write_text(time.strftime("%Y-%m-%dT%H:%M:%S%z") + "\n", encoding="utf-8")
             shutil.rmtree(self.meta / "partial", ignore_errors=True)
 
+    def move_to(self, root: Path) -> Bookkeeping:
+        """Move a root file and its records to the root of another folder (a GGUF adapter, found to be one
+        once downloaded, goes from the models folder to the adapters folder). Returns its new books."""
+        assert self.single
+        moved = Bookkeeping.of_root_file(root / self.name)
+        moved.meta.mkdir(parents=True, exist_ok=True)
+        shutil.move(self.path, moved.path)
+        for mine, theirs in ((self._record_file, moved._record_file), (self._revision_file, moved._revision_file)):
+            if mine.is_file():
+                os.replace(mine, theirs)
+        self.lock.unlink(missing_ok=True)  # (released: the download is over)
+        return moved
+
     def forget(self, bad: list[str]) -> None:
         """Files in ``bad`` failed a check (and were deleted): the model is no longer complete."""
         if self.single:

@@ -45,7 +45,9 @@ __all__ = [
     "build_tokenizer",
     "count_params",
     "model_for_params",
+    "tiny_gguf_adapter",
     "tiny_gguf_model",
+    "tiny_peft_adapter",
     "tiny_transformers_model",
 ]
 
@@ -573,6 +575,20 @@ def tiny_transformers_model(
 # ------------------------------------------------------------------------------------------- GGUF form
 
 
+_HF_TO_GGUF = {
+    "input_layernorm": "attn_norm",
+    "self_attn.q_proj": "attn_q",
+    "self_attn.k_proj": "attn_k",
+    "self_attn.v_proj": "attn_v",
+    "self_attn.o_proj": "attn_output",
+    "post_attention_layernorm": "ffn_norm",
+    "mlp.gate_proj": "ffn_gate",
+    "mlp.up_proj": "ffn_up",
+    "mlp.down_proj": "ffn_down",
+}
+"""A layer's Hugging Face module → its GGUF tensor name (``blk.N.<name>.weight``)."""
+
+
 def _permute(w: torch.Tensor, n_head: int) -> torch.Tensor:
     """Reorder q/k rows from Hugging Face's rotate-half RoPE layout to llama.cpp's interleaved one.
 
@@ -632,17 +648,7 @@ def _write_gguf(file: Path, spec: dict[str, Any], name: str, file_type: str) -> 
     if spec["chat_template"]:
         w.add_chat_template(TINY_CHAT_TEMPLATE)
 
-    hf_to_gguf = {
-        "input_layernorm": "attn_norm",
-        "self_attn.q_proj": "attn_q",
-        "self_attn.k_proj": "attn_k",
-        "self_attn.v_proj": "attn_v",
-        "self_attn.o_proj": "attn_output",
-        "post_attention_layernorm": "ffn_norm",
-        "mlp.gate_proj": "ffn_gate",
-        "mlp.up_proj": "ffn_up",
-        "mlp.down_proj": "ffn_down",
-    }
+    hf_to_gguf = _HF_TO_GGUF
     for hf_name, tensor in _weights(spec).items():
         if hf_name == "model.embed_tokens.weight":
             name_ = "token_embd.weight"
@@ -725,5 +731,154 @@ def tiny_gguf_model(
     with _temp_dir(target.parent) as tmp:
         file = tmp / target.name
         _write_gguf(file, spec, name, file_type)
+        os.replace(file, target)
+    return target
+
+
+# --------------------------------------------------------------------------------------------- LoRA adapters
+
+#: Modules of a tiny Llama layer a tiny adapter may adapt (Hugging Face names).
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+#: Standard deviation of a tiny adapter's B matrices (A's is 1/sqrt(fan_in)). PEFT initialises B to zero,
+#: which changes nothing; these change the greedy text without drowning the model.
+_LORA_B_STD = 0.5
+
+
+def _lora_spec(
+    *,
+    rank: int = 4,
+    alpha: float = 8.0,
+    targets: tuple[str, ...] = ("q_proj", "v_proj"),
+    seed: int = 1,
+    hidden_size: int = 64,
+    num_layers: int = 2,
+    num_heads: int = 4,
+    num_kv_heads: int | None = None,
+    intermediate_size: int | None = None,
+    vocab_size: int = 512,
+) -> dict[str, Any]:
+    """The keywords of a tiny adapter (see :func:`tiny_peft_adapter`), validated, in a fixed order."""
+    model = _spec(hidden_size=hidden_size, num_layers=num_layers, num_heads=num_heads, num_kv_heads=num_kv_heads,
+                  intermediate_size=intermediate_size, vocab_size=vocab_size, max_position_embeddings=2048, seed=0,
+                  chat_template=True)
+    _check_int("rank", rank, 1)
+    _check_int("seed", seed, 0)
+    unknown = sorted(set(targets) - set(LORA_TARGETS))
+    if unknown or not targets:
+        raise OptionError(f"targets must be some of {', '.join(LORA_TARGETS)}, got {', '.join(targets) or 'none'}")
+    keys = ("hidden_size", "num_layers", "num_heads", "num_kv_heads", "intermediate_size", "vocab_size")
+    return {**{k: model[k] for k in keys}, "rank": rank, "alpha": float(alpha), "targets": sorted(targets),
+            "seed": seed, "build_version": _BUILD_VERSION}
+
+
+def _lora_name(spec: dict[str, Any], suffix: str) -> str:
+    digest = hashlib.sha256(json.dumps({**spec, "suffix": suffix}, sort_keys=True).encode()).hexdigest()[:8]
+    return f"tiny-lora-h{spec['hidden_size']}-l{spec['num_layers']}-r{spec['rank']}-s{spec['seed']}-{digest}"
+
+
+def _lora_weights(spec: dict[str, Any]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Module path → (A, B), float32, from ``torch.Generator().manual_seed(seed)``, in a fixed order."""
+    import torch
+
+    gen = torch.Generator(device="cpu").manual_seed(spec["seed"])
+    shapes = dict(_tensor_shapes({**spec, "chat_template": True}))
+    out: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    for layer in range(spec["num_layers"]):
+        for target in spec["targets"]:
+            part = "mlp" if target in ("gate_proj", "up_proj", "down_proj") else "self_attn"
+            module = f"model.layers.{layer}.{part}.{target}"
+            n_out, n_in = shapes[module + ".weight"]
+            a = torch.randn((spec["rank"], n_in), generator=gen, dtype=torch.float32) / math.sqrt(n_in)
+            b = torch.randn((n_out, spec["rank"]), generator=gen, dtype=torch.float32) * _LORA_B_STD
+            out[module] = (a, b)
+    return out
+
+
+def _adapter_target(path: str | Path | None, name: str, suffix: str) -> Path:
+    if path is None:
+        return _cache_root() / (name + suffix)
+    target = Path(path).expanduser()
+    return target if not suffix or target.suffix.lower() == suffix else target / (name + suffix)
+
+
+def tiny_peft_adapter(path: str | Path | None = None, **kwargs: Any) -> Path:
+    """Build (or reuse) a PEFT LoRA adapter for :func:`tiny_transformers_model`; return its folder
+    (``adapter_config.json`` from PEFT's ``LoraConfig``, ``adapter_model.safetensors``).
+
+    Keywords: ``rank`` (4), ``alpha`` (8.0), ``targets`` (``("q_proj", "v_proj")``, any of
+    :data:`LORA_TARGETS`), ``seed`` (1), and the model's size keywords (``hidden_size``, ``num_layers``,
+    ``num_heads``, ``num_kv_heads``, ``intermediate_size``, ``vocab_size``: those of the model it is for).
+    A and B are random (seeded by ``seed``), B non-zero so the adapter changes the model's text.
+    ``path=None`` uses ``$NBLLM_CACHE_DIR/tiny/<name>``. Same arguments, byte-identical files (for one
+    PEFT version).
+    """
+    from peft import LoraConfig
+    from safetensors.torch import save_file
+
+    spec = {**_lora_spec(**kwargs), "format": "peft"}
+    target = _adapter_target(path, _lora_name(spec, "peft"), "")
+    if _check_target_dir(target, spec):
+        return target
+    size = {k: spec[k] for k in ("hidden_size", "num_layers", "num_heads", "num_kv_heads", "intermediate_size",
+                                 "vocab_size")}
+    model = {**_spec(**size, max_position_embeddings=2048, seed=0, chat_template=True), "format": "transformers",
+             "dtype": "float32"}
+    config = LoraConfig(r=spec["rank"], lora_alpha=spec["alpha"], target_modules=list(spec["targets"]),
+                        task_type="CAUSAL_LM", lora_dropout=0.0, base_model_name_or_path=_name(model, "float32")).to_dict()
+    config = {k: sorted(v) if isinstance(v, set) else v for k, v in config.items()}
+    tensors = {}
+    for module, (a, b) in _lora_weights(spec).items():
+        tensors[f"base_model.model.{module}.lora_A.weight"] = a
+        tensors[f"base_model.model.{module}.lora_B.weight"] = b
+    with _temp_dir(target.parent) as tmp:
+        folder = tmp / "adapter"
+        folder.mkdir()
+        (folder / "adapter_config.json").write_text(json.dumps(config, sort_keys=True, indent=2) + "\n", encoding="utf-8")
+        save_file(tensors, str(folder / "adapter_model.safetensors"), metadata={"format": "pt"})
+        (folder / _MARKER).write_text(json.dumps(spec, sort_keys=True, indent=1) + "\n", encoding="utf-8")
+        _install_dir(folder, target, spec)
+    return target
+
+
+def tiny_gguf_adapter(path: str | Path | None = None, **kwargs: Any) -> Path:
+    """Build (or reuse) the GGUF form of :func:`tiny_peft_adapter` (same keywords, same weights) for
+    :func:`tiny_gguf_model`; return the ``.gguf`` file.
+
+    llama.cpp's LoRA layout, as its ``convert_lora_to_gguf.py`` writes it: ``general.type = adapter``,
+    ``adapter.type = lora``, ``adapter.lora.alpha``, and per adapted tensor ``blk.N.<name>.weight.lora_a``
+    (PEFT's A, rank × inputs) and ``.lora_b`` (B, outputs × rank; permuted like the model for Q and K).
+    ``path`` ending in ``.gguf`` is the file; any other ``path`` is a folder; ``None``: the cache.
+    """
+    import gguf
+    import numpy as np
+
+    spec = {**_lora_spec(**kwargs), "format": "gguf"}
+    target = _adapter_target(path, _lora_name(spec, "gguf"), ".gguf")
+    if target.exists():
+        existing = _read_gguf_spec(target)
+        if existing == spec:
+            return target
+        if existing is None:
+            raise OptionError(f"{target} exists and is not an nbllm tiny adapter", "pass a new path, or leave path out")
+    with _temp_dir(target.parent) as tmp:
+        file = tmp / target.name
+        w = gguf.GGUFWriter(file, "llama")
+        w.add_type(gguf.GGUFType.ADAPTER)
+        w.add_string(gguf.Keys.Adapter.TYPE, "lora")
+        w.add_float32(gguf.Keys.Adapter.LORA_ALPHA, spec["alpha"])
+        w.add_string(_GGUF_SPEC_KEY, json.dumps(spec, sort_keys=True))
+        heads = {"self_attn.q_proj": spec["num_heads"], "self_attn.k_proj": spec["num_kv_heads"]}
+        for module, (a, b) in _lora_weights(spec).items():
+            _, _, layer, part = module.split(".", 3)
+            if part in heads:
+                b = _permute(b, heads[part])
+            base = f"blk.{layer}.{_HF_TO_GGUF[part]}.weight"
+            w.add_tensor(base + ".lora_a", np.ascontiguousarray(a.numpy()))
+            w.add_tensor(base + ".lora_b", np.ascontiguousarray(b.numpy()))
+        w.write_header_to_file()
+        w.write_kv_data_to_file()
+        w.write_tensors_to_file(progress=False)
+        w.close()
         os.replace(file, target)
     return target

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from ..adapters import loras_dir
 from ..errors import DownloadError, ModelNotFoundError
 from ..frontend import command
 from ..models import ModelEntry, ModelsFolder, folder_name, parse_hub_id
@@ -37,7 +38,13 @@ def check_model(
     ``download`` fetches exactly them; the error says so.
     """
     folder = ModelsFolder(models_dir)
-    entry = _local_entry(spec, folder)
+    try:
+        entry = _local_entry(spec, folder)
+    except ModelNotFoundError as missing:  # an adapter: in the adapters folder beside the models folder
+        try:
+            entry = _local_entry(spec, ModelsFolder(loras_dir(folder.path)))
+        except ModelNotFoundError:
+            raise missing from None
     books = Bookkeeping.of(entry.path)
     record = books.record()
     if not record:

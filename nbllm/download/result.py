@@ -30,6 +30,13 @@ class DownloadResult:
     checked: bool = False
     notes: tuple[str, ...] = ()
     """Lines shown before the download: which GGUF file was chosen, what was skipped."""
+    adapter: bool = False
+    """A LoRA adapter (in the adapters folder ``loras/``), not a model."""
+
+    @property
+    def next_step(self) -> str:
+        """What to run next: load the model, or apply the adapter."""
+        return f"Apply it with %llm_lora add {self.name}." if self.adapter else f"Load it with %llm_load {self.name}."
 
     @property
     def summary(self) -> str:
@@ -39,7 +46,7 @@ class DownloadResult:
         if self.checked:
             return f"Checked {self.name}: all {len(self.files)} file(s) match the Hub's checksums ({what})."
         if not self.downloaded:
-            return f"{what} is already complete in {self.path} ({len(self.files)} file(s)). Load it with %llm_load {self.name}."
+            return f"{what} is already complete in {self.path} ({len(self.files)} file(s)). {self.next_step}"
         extra = [f"{len(self.resumed)} resumed"] if self.resumed else []
         kept = len(self.files) - len(self.downloaded)
         if kept:
@@ -47,7 +54,7 @@ class DownloadResult:
         detail = f"{len(self.downloaded)} file(s), {format_size(self.bytes_downloaded)}" + (
             f"; {', '.join(extra)}" if extra else ""
         )
-        return f"Downloaded {what} ({detail}) into {self.path}. Load it with %llm_load {self.name}."
+        return f"Downloaded {what} ({detail}) into {self.path}. {self.next_step}"
 
     def __str__(self) -> str:
         return self.summary

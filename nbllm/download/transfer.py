@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING, Any
 
+from ..adapters import is_adapter_repo, is_gguf_adapter, loras_dir
 from ..models import ModelsFolder, folder_name, format_size
 from ..store import Bookkeeping, FileRecord, verify
 from .hub import Secrets, endpoint, hub_error, offline, offline_error, parse_spec, repo_files
@@ -69,8 +70,14 @@ def download(
     selection = select_files({p: f.size for p, f in remote.items()}, include=files, exclude=exclude)
     if selection.note:
         say(secrets.redact(selection.note))
+    loras = ModelsFolder(loras_dir(folder.path))
+    if is_adapter_repo(remote):  # a PEFT adapter: into loras/ beside the models folder
+        folder = loras
+    books = _books(folder, repo_id, ref, selection)
+    if books.single and Bookkeeping.of_root_file(loras.path / books.name).record().get("repo_id") == repo_id:
+        books = Bookkeeping.of_root_file(loras.path / books.name)  # a GGUF adapter moved there before
     job = _Job(
-        books=_books(folder, repo_id, ref, selection),
+        books=books,
         record={"repo_id": repo_id, "ref": ref or "main", "revision": commit},
         endpoint=hub,
         token=token,
@@ -82,6 +89,11 @@ def download(
     chosen = [remote[p] for p in selection.files]
     with _locked(job):
         result = _download_single(job, chosen[0]) if job.books.single else _download_folder(job, chosen)
+    if job.books.single and is_gguf_adapter(result.path) and job.books.root != loras.path:
+        # a GGUF file says it is an adapter only in its header: it moves, with its records, once verified
+        result = dataclasses.replace(result, path=job.books.move_to(loras.path).path)
+    if result.path.parent == loras.path:
+        result = dataclasses.replace(result, adapter=True)
     if selection.note:
         result = dataclasses.replace(result, notes=(selection.note,))
     say(secrets.redact(result.summary))

@@ -20,10 +20,13 @@ import threading
 from abc import ABC, abstractmethod
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from ..options import GenerationOptions, LoadOptions
 from ..source import ModelSource
+
+if TYPE_CHECKING:  # pragma: no cover
+    from ..adapters import Adapter
 
 
 @dataclass
@@ -77,6 +80,9 @@ class Loader(ABC):
     renders_chat: ClassVar[bool] = False
     """True when the engine behind the loader applies the chat template itself (a server's chat
     endpoint): the engine then passes messages, not rendered text."""
+    adapters: ClassVar[frozenset[str]] = frozenset()
+    """The adapter formats (:attr:`nbllm.adapters.Adapter.format`: ``peft``, ``gguf``) this loader applies
+    to a loaded model with :meth:`set_adapters`; empty: none."""
 
     def __init__(self) -> None:
         self.source: ModelSource | None = None
@@ -127,6 +133,12 @@ class Loader(ABC):
     def describe(self) -> dict[str, Any]:
         """Loader-specific facts for status and records (e.g. the attention implementation used)."""
         return {}
+
+    def set_adapters(self, adapters: Sequence[Adapter]) -> None:
+        """Apply exactly ``adapters`` (each with its scale) to the loaded model, replacing the ones applied
+        before; empty: none. Only formats in :attr:`adapters` are passed. Check every new adapter against
+        the model first and raise an ``NbllmError`` (cause and fix) leaving the model as it was."""
+        raise NotImplementedError(f"the {self.name} loader applies no adapters")
 
 
 class TokenLoader(Loader):

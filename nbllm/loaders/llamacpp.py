@@ -37,8 +37,15 @@ from collections import deque
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any, ClassVar
 
+from ..adapters import Adapter, check_gguf_adapter
 from ..errors import LoadError, ModelNotFoundError, NbllmWarning, OptionError, missing_dependency
-from ..gguf_file import GGUFHeader, quantization_from_name, read_gguf_header, split_gguf_parts
+from ..gguf_file import (
+    GGUFHeader,
+    adapter_not_model,
+    quantization_from_name,
+    read_gguf_header,
+    split_gguf_parts,
+)
 from ..options import GenerationOptions, LoadOptions
 from ..source import ModelSource
 from .base import Placement, Request, TokenLoader
@@ -255,6 +262,7 @@ class LlamaCppLoader(TokenLoader):
         "n_gpu_layers", "n_ctx", "n_batch", "threads", "threads_batch", "cache_type", "no_mmap", "mlock", "verbose",
     })
     libraries: ClassVar[tuple[str, ...]] = ("llama_cpp_python", "huggingface_hub")
+    adapters: ClassVar[frozenset[str]] = frozenset({"gguf"})
 
     def __init__(self) -> None:
         super().__init__()
@@ -272,6 +280,8 @@ class LlamaCppLoader(TokenLoader):
         """Whether this llama-cpp-python was built with GPU support."""
         self.template_error: str | None = None
         """Why the GGUF's chat template does not compile, if it does not."""
+        self._lora: dict[str, tuple[Any, Adapter]] = {}
+        """Applied adapter's name → (llama.cpp's handle, the adapter)."""
 
     # -- before anything is released ------------------------------------------------------------
     @classmethod
@@ -281,6 +291,8 @@ class LlamaCppLoader(TokenLoader):
         if not path.is_file():
             raise ModelNotFoundError(f"no GGUF file at {path}", "check the path, or run %llm_models to list models")
         header = read_gguf_header(path)
+        if header.is_adapter:
+            raise adapter_not_model(path)
         parts = split_gguf_parts(path)
         for part in (parts or [])[1:]:
             if not part.is_file():
@@ -408,6 +420,7 @@ class LlamaCppLoader(TokenLoader):
         return Placement(devices, memory, notes)
 
     def unload(self) -> None:
+        self._free_adapters()
         llm, self.llm = self.llm, None
         if llm is not None:
             close = getattr(llm, "close", None)
@@ -539,6 +552,63 @@ class LlamaCppLoader(TokenLoader):
                     return
         finally:
             tokens.close()
+
+    # -- LoRA adapters (GGUF) -----------------------------------------------------------------------
+    def set_adapters(self, adapters: Sequence[Adapter]) -> None:
+        """GGUF LoRA adapters set on the loaded context with their scales (llama.cpp's
+        ``llama_adapter_lora_init`` / ``llama_set_adapters_lora``): the model is not reloaded. Each new
+        adapter is checked against the model's header first; adapters no longer wanted are freed."""
+        import llama_cpp
+
+        assert self.header is not None and self.source is not None
+        before = dict(self._lora)
+        handles = {a.name: before[a.name][0] for a in adapters if a.name in before and before[a.name][1].same_weights(a)}
+        new = [a for a in adapters if a.name not in handles]
+        for adapter in new:
+            check_gguf_adapter(adapter, self.header, self.source.name)
+        made: list[Any] = []
+        try:
+            for adapter in new:
+                LOG.clear()
+                handle = llama_cpp.llama_adapter_lora_init(self.llm.model, str(adapter.path).encode("utf-8"))
+                if not handle:
+                    reason = _llama_reason(LOG.errors())
+                    raise LoadError(f"llama.cpp could not load the adapter {adapter.name}"
+                                    + (f": llama.cpp says {reason!r}" if reason else ""),
+                                    "check that it was made for this model; download it again if it is damaged")
+                made.append(handle)
+                handles[adapter.name] = handle
+            self._set_context_adapters([(handles[a.name], a.scale) for a in adapters])
+        except BaseException:
+            for handle in made:
+                llama_cpp.llama_adapter_lora_free(handle)
+            raise
+        for name, (handle, _) in before.items():
+            if handles.get(name) is not handle:
+                llama_cpp.llama_adapter_lora_free(handle)
+        self._lora = {a.name: (handles[a.name], a) for a in adapters}
+        self.llm.reset()  # the kept KV cache was computed with other weights
+
+    def _set_context_adapters(self, pairs: list[tuple[Any, float]]) -> None:
+        import llama_cpp
+
+        n = len(pairs)
+        handles = (llama_cpp.llama_adapter_lora_p_ctypes * n)(*[h for h, _ in pairs]) if n else None
+        scales = (ctypes.c_float * n)(*[s for _, s in pairs]) if n else None
+        if llama_cpp.llama_set_adapters_lora(self.llm._ctx.ctx, handles, n, scales):
+            raise LoadError("llama.cpp refused to set the adapters on the model", "remove the last adapter and try again")
+
+    def _free_adapters(self) -> None:
+        """Take the adapters off the context and free them (before the model is freed)."""
+        if not self._lora:
+            return
+        import llama_cpp
+
+        if self.llm is not None:
+            self._set_context_adapters([])
+        for handle, _ in self._lora.values():
+            llama_cpp.llama_adapter_lora_free(handle)
+        self._lora = {}
 
 
 @contextlib.contextmanager

@@ -9,18 +9,20 @@ from __future__ import annotations
 
 import contextlib
 import importlib.util
+import itertools
 import json
 import logging
 import os
-import struct
 import warnings
 from collections import Counter
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any, ClassVar
 
-from ..errors import LoadError, NbllmWarning, OptionError, missing_dependency
+from ..adapters import Adapter, check_peft_adapter, module_key, peft_targets
+from ..errors import LoadError, NbllmError, NbllmWarning, OptionError, missing_dependency
 from ..options import GenerationOptions, LoadOptions
+from ..safetensors_file import check_safetensors
 from ..source import ModelSource
 from ..streaming import threaded_tokens
 from .base import Placement, Request, TokenLoader
@@ -87,28 +89,6 @@ def machine_notes(options: LoadOptions, gpus: list[tuple[str, tuple[int, int]]])
     return notes
 
 
-def check_safetensors(path: Path) -> None:
-    """Fail early, before the current model is released, on a truncated or damaged safetensors file."""
-    size = path.stat().st_size
-    damaged = LoadError(
-        f"{path.name} is truncated or damaged", "download the model again (nbllm download ... --check verifies it)"
-    )
-    with path.open("rb") as f:
-        head = f.read(8)
-        if len(head) < 8:
-            raise damaged
-        (n,) = struct.unpack("<Q", head)
-        if n > size - 8 or n > 100_000_000:
-            raise damaged
-        try:
-            header = json.loads(f.read(n))
-        except ValueError:
-            raise damaged from None
-    ends = [t["data_offsets"][1] for k, t in header.items() if k != "__metadata__"]
-    if 8 + n + max(ends, default=0) > size:
-        raise damaged
-
-
 def needs_remote_code(config: dict[str, Any]) -> bool:
     """Whether the model's architecture exists only in code shipped with it (config.json auto_map)."""
     if not config.get("auto_map"):
@@ -144,8 +124,9 @@ class TransformersLoader(TokenLoader):
         "alpha_value", "compress_pos_emb",
     })
     libraries: ClassVar[tuple[str, ...]] = (
-        "transformers", "torch", "accelerate", "bitsandbytes", "huggingface_hub", "tokenizers",
+        "transformers", "torch", "accelerate", "bitsandbytes", "huggingface_hub", "tokenizers", "peft",
     )
+    adapters: ClassVar[frozenset[str]] = frozenset({"peft"})
 
     def __init__(self) -> None:
         super().__init__()
@@ -156,6 +137,8 @@ class TransformersLoader(TokenLoader):
         self._cache: Any = None
         """The KV cache of the last generation, and the token ids it holds (see ``reuse_prefix``)."""
         self._cache_ids: list[int] = []
+        self._lora: dict[str, tuple[str, Adapter]] = {}
+        """Applied adapter's name → (the key PEFT knows it by, the adapter)."""
 
     # -- before anything is released ------------------------------------------------------------
     @classmethod
@@ -449,6 +432,140 @@ class TransformersLoader(TokenLoader):
                 self._cache, self._cache_ids = cache, (prompt_ids + produced)[: cache.get_seq_length()]
 
         return threaded_tokens(run, cancel)
+
+    # -- LoRA adapters (PEFT) -----------------------------------------------------------------------
+    def adaptable_modules(self) -> dict[str, tuple[int, int]]:
+        """The modules a LoRA can adapt: path → (in features, out features); embeddings: (tokens, width).
+        Modules PEFT added (an applied adapter's own layers) are left out."""
+        out: dict[str, tuple[int, int]] = {}
+        for name, module in self.model.named_modules():
+            if ".lora_" in name or name.endswith(".base_layer") or ".base_layer." in name:
+                continue
+            if hasattr(module, "num_embeddings") and hasattr(module, "embedding_dim"):
+                out[name] = (int(module.num_embeddings), int(module.embedding_dim))
+            elif hasattr(module, "in_features") and hasattr(module, "out_features"):
+                out[name] = (int(module.in_features), int(module.out_features))
+        return out
+
+    def set_adapters(self, adapters: Sequence[Adapter]) -> None:
+        """PEFT LoRA adapters injected into the loaded model (4/8-bit ones too), active together with their
+        scales; adapters no longer wanted are deleted, and with none left the model's own modules are put
+        back. Every new adapter is checked (and its weights read) before the model is touched."""
+        if importlib.util.find_spec("peft") is None:
+            raise missing_dependency("peft (needed to apply LoRA adapters)", "transformers")
+        from peft import LoraConfig
+        from peft.functional import cast_adapter_dtype, inject_adapter_in_model
+
+        assert self.source is not None
+        before = dict(self._lora)
+        keys = {a.name: before[a.name][0] for a in adapters if a.name in before and before[a.name][1].same_weights(a)}
+        new = []
+        for adapter in (a for a in adapters if a.name not in keys):
+            state = _read_adapter_weights(adapter)
+            check_peft_adapter(adapter, {k: tuple(v.shape) for k, v in state.items()}, self.adaptable_modules(),
+                               self.source.name)
+            new.append((adapter, state))
+        added: list[str] = []
+        try:
+            for adapter, state in new:
+                key = module_key(adapter.name, next(_ADAPTER_SERIAL))
+                config = LoraConfig.from_pretrained(str(adapter.path))
+                config.inference_mode = True
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")  # PEFT's notes about the config's task type and such
+                    inject_adapter_in_model(config, self.model, key)
+                added.append(key)
+                cast_adapter_dtype(self.model, key)  # fp16/bf16 LoRA weights computed in fp32, as PeftModel does
+                self._fill_adapter(key, adapter, state)
+                keys[adapter.name] = key
+            self._activate_adapters([(keys[a.name], a.scale) for a in adapters])
+        except Exception as exc:
+            self._activate_adapters([(key, a.scale) for key, a in before.values()])
+            for key in added:
+                self._delete_adapter(key)
+            if not before:
+                self._unwrap_adapters()
+            if isinstance(exc, NbllmError):
+                raise
+            name = new[len(added) - 1][0].name if added else "the adapters"
+            raise LoadError(f"could not apply {name}: {type(exc).__name__}: {_first_line(exc)}",
+                            "the model is unchanged; check that the adapter was made for this model") from exc
+        for name, (key, _) in before.items():
+            if keys.get(name) != key:
+                self._delete_adapter(key)
+        self._lora = {a.name: (keys[a.name], a) for a in adapters}
+        if not self._lora:
+            self._unwrap_adapters()
+        self._cache, self._cache_ids = None, []  # computed with other weights
+
+    def _fill_adapter(self, key: str, adapter: Adapter, state: dict[str, Any]) -> None:
+        """Copy the adapter's tensors into the LoRA layers PEFT injected under ``key``. (Not PEFT's
+        ``set_peft_model_state_dict``: it calls ``model.state_dict()``, which on a bitsandbytes 4-bit model
+        that already ran on the CPU unpacks its weights and changes its outputs, bitsandbytes 0.50.)"""
+        import torch
+
+        filled = set()
+        with torch.no_grad():
+            for name, (module, part, rest) in peft_targets(state).items():
+                target = getattr(self.model.get_submodule(module), part)[key]
+                for attr in filter(None, rest.split(".")):
+                    target = getattr(target, attr)
+                target.copy_(state[name])
+                filled.add(id(target))
+        unfilled = [n for n, p in self.model.named_parameters() if f".{key}" in n and id(p) not in filled]
+        if unfilled:
+            raise LoadError(f"{adapter.name}'s adapter_config.json targets {unfilled[0].split('.lora_')[0]}, for which "
+                            "its weights hold nothing: the two files do not belong together", "download the adapter again")
+
+    def _activate_adapters(self, keys_and_scales: list[tuple[str, float]]) -> None:
+        from peft.functional import set_adapter
+        from peft.tuners.tuners_utils import BaseTunerLayer
+
+        set_adapter(self.model, [k for k, _ in keys_and_scales], inference_mode=True)
+        for module in self.model.modules():
+            if isinstance(module, BaseTunerLayer) and hasattr(module, "set_scale"):
+                for key, scale in keys_and_scales:
+                    module.set_scale(key, scale)  # scale × lora_alpha / r
+
+    def _delete_adapter(self, key: str) -> None:
+        from peft.functional import delete_adapter
+        from peft.tuners.tuners_utils import BaseTunerLayer
+
+        delete_adapter(self.model, adapter_name=key, prefix="lora_", layer_cls=BaseTunerLayer)
+        configs = getattr(self.model, "peft_config", None)
+        if isinstance(configs, dict):
+            configs.pop(key, None)
+
+    def _unwrap_adapters(self) -> None:
+        """Put the model's own modules back in place of PEFT's (empty) LoRA layers."""
+        from peft.tuners.tuners_utils import BaseTunerLayer
+
+        for name, module in list(self.model.named_modules()):
+            if isinstance(module, BaseTunerLayer):
+                parent, _, child = name.rpartition(".")
+                setattr(self.model.get_submodule(parent), child, module.get_base_layer())
+        if hasattr(self.model, "peft_config"):
+            del self.model.peft_config
+
+
+_ADAPTER_SERIAL = itertools.count()
+"""Numbers the keys adapters get in PEFT, so an adapter replaced under its name never meets its old key."""
+
+
+def _read_adapter_weights(adapter: Adapter) -> dict[str, Any]:
+    """A PEFT adapter's tensors, on the CPU (a damaged file is one line)."""
+    import torch
+
+    weights = adapter.weights
+    try:
+        if weights.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            return dict(load_file(str(weights), device="cpu"))
+        return dict(torch.load(weights, map_location="cpu", weights_only=True))
+    except Exception as exc:  # safetensors and torch raise several kinds for a damaged file
+        raise LoadError(f"{weights.name} of {adapter.name} cannot be read ({type(exc).__name__})",
+                        "download the adapter again") from None
 
 
 class _DropLibraryNoise(logging.Filter):

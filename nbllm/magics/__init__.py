@@ -9,10 +9,11 @@ def load_ipython_extension(ipython: Any) -> None:
     """Register every nbllm magic with ``ipython`` (none of them imports torch or ipywidgets here)."""
     from .chat import ChatMagics
     from .core import CoreMagics
+    from .lora import LoraMagics
     from .models import ModelMagics
     from .panels import PanelMagics
 
-    for magics in (CoreMagics, ChatMagics, ModelMagics, PanelMagics):
+    for magics in (CoreMagics, ChatMagics, ModelMagics, PanelMagics, LoraMagics):
         ipython.register_magics(magics)
     from .fit import FitMagics  # %llm_doctor
 

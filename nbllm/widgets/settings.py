@@ -14,10 +14,12 @@ from typing import Any
 
 import ipywidgets as W
 
+from ..adapters import LorasFolder
 from ..download.options import DownloadOptions
 from ..engine import Engine, Status, format_memory, get_engine
 from ..errors import OptionError
 from ..loaders import TRANSFORMERS, loader_class, loader_names
+from ..lora import LoraOptions, lora_add, lora_remove
 from ..models import ModelsFolder, format_size
 from ..options import GenerationOptions, LoadOptions, OptionSpec, decode_escapes, encode_escapes
 from ._common import HELP_STYLE, MessageLine, button, guarded, refresh_all, title, track, untrack
@@ -203,6 +205,7 @@ class SettingsPanel(W.VBox):
         self.preset_buttons = {name: button(name, f"preset-{name}") for name in GenerationOptions.presets()}
         self.preset_label = W.HTML()
         self.preset_label.add_class("nbllm-preset")
+        self.lora = LoraSection(self.engine, self.messages, models_dir)
 
         super().__init__([
             title("nbllm · model settings"),
@@ -214,6 +217,8 @@ class SettingsPanel(W.VBox):
             self.messages,
             W.HTML("<hr style='margin: 4px 0'>"),
             *groups,
+            W.HTML("<hr style='margin: 4px 0'>"),
+            self.lora,
             W.HTML("<hr style='margin: 4px 0'>"),
             W.HTML("<b>Generation defaults</b> "
                    f"<span style='{HELP_STYLE}'>(used by %%llm, %%llm_chat and the chat panel when no "
@@ -300,6 +305,7 @@ class SettingsPanel(W.VBox):
             extra = f" · {incomplete} incomplete download(s) not listed" if incomplete else ""
             self.folder_label.value = f"<span style='{HELP_STYLE}'>from {where}{extra}</span>"
             self._update_visibility()
+            self.lora.refresh_choices()
 
         guarded(self.messages, run)
 
@@ -393,6 +399,7 @@ class SettingsPanel(W.VBox):
             if status.loaded:
                 self._show_loaded(status)
         self._show_defaults(self.engine.defaults)
+        self.lora.refresh()
 
     def _repr_mimebundle_(self, **kwargs: Any) -> Any:
         self.refresh()  # shown again (e.g. re-run cell): show the engine's state now
@@ -472,3 +479,69 @@ class SettingsPanel(W.VBox):
             body += (f"<details><summary style='{HELP_STYLE}; cursor: pointer'>details</summary>"
                      f"<pre style='{HELP_STYLE}'>{html.escape(details)}</pre></details>")
         return f"<div style='margin: 4px 0'>{body}</div>"
+
+
+class LoraSection(W.VBox):
+    """The settings panel's LoRA adapters: one from the adapters folder (``loras/`` beside the models
+    folder) with a scale, Apply (again: change its scale); each applied adapter with its Remove button.
+    The buttons call :mod:`nbllm.lora`, the same calls as ``%llm_lora``."""
+
+    def __init__(self, engine: Engine, messages: MessageLine, models_dir: str | Path | None = None) -> None:
+        self.engine, self.messages, self._models_dir = engine, messages, models_dir
+        self.choice = W.Dropdown(description="Adapter", options=[], style={"description_width": "initial"},
+                                 layout=W.Layout(width="45%"))
+        self.choice.add_class("nbllm-lora-choice")
+        self.scale = option_widget(LoraOptions.spec("scale"))
+        self.add_button = button("Apply", "lora-add", icon="plus",
+                                 tooltip="Apply the adapter to the loaded model with this scale, without reloading it")
+        self.applied = W.VBox()
+        self.applied.add_class("nbllm-lora-applied")
+        self._shown: tuple[Any, ...] | None = None
+        super().__init__([
+            W.HTML(f"<b>LoRA adapters</b> <span style='{HELP_STYLE}'>(applied to the loaded model; several stack, "
+                   "each with its scale)</span>"),
+            W.HBox([self.choice, self.scale, self.add_button]),
+            self.applied,
+        ])
+        self.add_class("nbllm-group-lora")
+        self.add_button.on_click(lambda _b: self.add())
+        self.refresh_choices()
+        self.refresh()
+
+    def refresh_choices(self) -> None:
+        """List the adapters folder again (the panel's refresh button does)."""
+        entries = [e for e in LorasFolder(self._models_dir).list() if e.problem is None]
+        current = self.choice.value
+        self.choice.options = [(f"{e.name}  ({e.format.upper()}, {format_size(e.size)})", str(e.path)) for e in entries] \
+            or [("(no adapter in loras/)", "")]
+        values = [value for _label, value in self.choice.options]
+        self.choice.value = current if current in values else values[0]
+
+    def add(self) -> None:
+        """Apply the chosen adapter with the chosen scale (the Apply button)."""
+        def run() -> None:
+            if not self.choice.value:
+                raise OptionError("no adapter is selected", "download one with %llm_download into loras/, then refresh")
+            lora_add(self.choice.value, self.scale.value, engine=self.engine)
+
+        guarded(self.messages, run)
+        self.refresh()
+
+    def remove(self, name: str) -> None:
+        """Remove an applied adapter (its Remove button)."""
+        guarded(self.messages, lambda: lora_remove(name, engine=self.engine))
+        self.refresh()
+
+    def refresh(self) -> None:
+        """Show the adapters applied now (they may come from %llm_lora)."""
+        applied = self.engine.adapters
+        if applied == self._shown:
+            return
+        self._shown = applied
+        rows: list[W.Widget] = []
+        for adapter in applied:
+            remove = button("Remove", "lora-remove", icon="times", tooltip=f"Remove {adapter.name}")
+            remove.on_click(lambda _b, name=adapter.name: self.remove(name))
+            rows.append(W.HBox([W.HTML(f"{html.escape(adapter.label)} <span style='{HELP_STYLE}'>"
+                                       f"({adapter.format.upper()})</span>"), remove]))
+        self.applied.children = rows or [W.HTML(f"<span style='{HELP_STYLE}'>No adapter applied.</span>")]
