@@ -22,7 +22,10 @@ from .chat import Conversation as Chat
 from .engine import Engine, Status, get_engine
 from .errors import NbllmError
 from .options import GenerationOptions, LoadOptions
+from .recordings import Replay, replay
 from .result import Record, Result
+from .runlog import runs
+from .sweeps import sweep
 
 
 def load(model: str | Path, options: LoadOptions | Mapping[str, Any] | None = None, **kwargs: Any) -> Status:
@@ -62,6 +65,7 @@ def load_ipython_extension(ipython: Any) -> None:
 
 
 __all__ = [
-    "Chat", "Conversation", "Engine", "GenerationOptions", "LoadOptions", "NbllmError", "Record", "Result", "Status",
-    "generate", "get_engine", "load", "load_ipython_extension", "status", "stream", "unload",
+    "Chat", "Conversation", "Engine", "GenerationOptions", "LoadOptions", "NbllmError", "Record", "Replay", "Result",
+    "Status", "generate", "get_engine", "load", "load_ipython_extension", "replay", "runs", "status", "stream",
+    "sweep", "unload",
 ]

@@ -733,9 +733,13 @@ _ENGINE_LOCK = threading.Lock()
 
 
 def get_engine() -> Engine:
-    """This process's engine (one per kernel), shared by the API, the magics and the panels."""
+    """This process's engine (one per kernel), shared by the API, the magics and the panels; every
+    result it finishes goes to the run log (:mod:`nbllm.runlog`)."""
     global _ENGINE
     with _ENGINE_LOCK:
         if _ENGINE is None:
+            from .runlog import log_results
+
             _ENGINE = Engine()
+            log_results(_ENGINE)
         return _ENGINE

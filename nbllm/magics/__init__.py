@@ -9,8 +9,9 @@ def load_ipython_extension(ipython: Any) -> None:
     """Register every nbllm magic with ``ipython`` (none of them imports torch or ipywidgets here)."""
     from .chat import ChatMagics
     from .core import CoreMagics
+    from .experiments import ExperimentMagics
     from .models import ModelMagics
     from .panels import PanelMagics
 
-    for magics in (CoreMagics, ChatMagics, ModelMagics, PanelMagics):
+    for magics in (CoreMagics, ChatMagics, ModelMagics, PanelMagics, ExperimentMagics):
         ipython.register_magics(magics)

@@ -12,6 +12,7 @@ import sys
 import time
 import warnings
 from collections.abc import Callable, Iterable, Mapping
+from dataclasses import asdict
 from typing import Any, TypeVar
 
 from IPython.core import magic_arguments
@@ -167,8 +168,32 @@ class StreamView:
             sys.stdout.write(extra + suffix + "\n")
             sys.stdout.flush()
             return
-        metadata = {"nbllm": result.record.to_dict()} if result.record else {}
-        self._handle.update({"text/plain": full + suffix}, raw=True, metadata=metadata)
+        self._handle.update({"text/plain": full + suffix}, raw=True, metadata=output_metadata(result, note))
+
+
+def output_metadata(result: Result, note: str | None = None) -> dict[str, Any]:
+    """What an output of ``result`` carries: its record (``nbllm``) and how it ended (``nbllm_result``:
+    what a replay of the saved notebook needs besides the text; ``note`` is the ``[note]`` line the
+    view added after the text)."""
+    if result.record is None:
+        return {}
+    return {"nbllm": result.record.to_dict(), "nbllm_result": outcome(result, note=note)}
+
+
+def outcome(result: Result, *, text: bool = False, note: str | None = None) -> dict[str, Any]:
+    """How ``result`` ended, as outputs keep it for replay (with its ``text`` where the output does
+    not show it as is)."""
+    out: dict[str, Any] = {
+        "finish_reason": result.finish_reason,
+        "prompt_tokens": result.prompt_tokens,
+        "completion_tokens": result.completion_tokens,
+        "timings": asdict(result.timings),
+    }
+    if text:
+        out["text"] = "".join(result.chunks)
+    if note:
+        out["note"] = note
+    return out
 
 
 def show_stream(shell: Any, result: Result) -> Result:
