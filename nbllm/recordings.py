@@ -152,11 +152,13 @@ def notebook_runs(path: str | Path) -> list[Run]:
             record = metadata.get("nbllm")
             if isinstance(record, Mapping) and "prompt" in record:
                 outcome = dict(metadata.get("nbllm_result") or {})
-                text = _text(output.get("data", {}).get("text/plain", ""))
-                note = outcome.get("note")
-                if note and text.endswith(f"\n[{note}]"):
-                    text = text[: -len(f"\n[{note}]")]
-                runs.append(_outcome_run(dict(record), {**outcome, "text": text}, f"cell {number}"))
+                if "text" not in outcome:  # a %%llm output: the text is what it shows, less the [note] line
+                    text = _text(output.get("data", {}).get("text/plain", ""))
+                    note = outcome.get("note")
+                    if note and text.endswith(f"\n[{note}]"):
+                        text = text[: -len(f"\n[{note}]")]
+                    outcome["text"] = text
+                runs.append(_outcome_run(dict(record), outcome, f"cell {number}"))
             for row in metadata.get("nbllm_runs") or ():
                 if isinstance(row, Mapping) and isinstance(row.get("record"), Mapping):
                     runs.append(_outcome_run(dict(row["record"]), dict(row.get("outcome") or {}), f"cell {number}"))

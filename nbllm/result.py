@@ -282,6 +282,19 @@ class Result:
     def completion_tokens(self) -> int:
         return len(self.token_ids) if self.counted_tokens is None else self.counted_tokens
 
+    def outcome(self, *, text: bool = False) -> dict[str, Any]:
+        """How it ended, as a saved output keeps it for replay: the finish reason, token counts and
+        timings (and the ``text``, for an output that does not show it whole)."""
+        out: dict[str, Any] = {
+            "finish_reason": self.finish_reason,
+            "prompt_tokens": self.prompt_tokens,
+            "completion_tokens": self.completion_tokens,
+            "timings": asdict(self.timings),
+        }
+        if text:
+            out["text"] = "".join(self.chunks)
+        return out
+
     def to_dict(self) -> dict[str, Any]:
         return {
             "text": "".join(self.chunks),
@@ -314,6 +327,14 @@ class Result:
         text = "".join(self.chunks)
         short = text if len(text) <= 60 else text[:57] + "..."
         return f"<nbllm.Result {short!r} ({self.summary()})>"
+
+    def _repr_mimebundle_(self, include: Any = None, exclude: Any = None) -> tuple[dict[str, str], dict[str, Any]]:
+        """Shown as a cell's value, a finished result carries its record and outcome in the output's
+        metadata, as ``%%llm`` outputs do, so a saved notebook can replay it."""
+        data = {"text/plain": repr(self), "text/html": self._repr_html_()}
+        if not self.done or self.record is None:
+            return data, {}
+        return data, {"nbllm": self.record.to_dict(), "nbllm_result": self.outcome(text=True)}
 
     def _repr_html_(self) -> str:
         return (

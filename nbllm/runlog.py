@@ -318,7 +318,7 @@ def runs(last: int | None = None, model: str | None = None, *, path: str | Path 
     in this kernel are written first. ``path``: another log than this kernel's."""
     flush()
     log = RunLog(path)
-    if not log.path.exists():
+    if path is None and not log.path.exists():  # nothing generated yet
         import pandas as pd
 
         return pd.DataFrame(columns=_frame_columns())

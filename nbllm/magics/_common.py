@@ -12,7 +12,6 @@ import sys
 import time
 import warnings
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import asdict
 from typing import Any, TypeVar
 
 from IPython.core import magic_arguments
@@ -177,23 +176,10 @@ def output_metadata(result: Result, note: str | None = None) -> dict[str, Any]:
     view added after the text)."""
     if result.record is None:
         return {}
-    return {"nbllm": result.record.to_dict(), "nbllm_result": outcome(result, note=note)}
-
-
-def outcome(result: Result, *, text: bool = False, note: str | None = None) -> dict[str, Any]:
-    """How ``result`` ended, as outputs keep it for replay (with its ``text`` where the output does
-    not show it as is)."""
-    out: dict[str, Any] = {
-        "finish_reason": result.finish_reason,
-        "prompt_tokens": result.prompt_tokens,
-        "completion_tokens": result.completion_tokens,
-        "timings": asdict(result.timings),
-    }
-    if text:
-        out["text"] = "".join(result.chunks)
+    outcome = result.outcome()
     if note:
-        out["note"] = note
-    return out
+        outcome["note"] = note
+    return {"nbllm": result.record.to_dict(), "nbllm_result": outcome}
 
 
 def show_stream(shell: Any, result: Result) -> Result:

@@ -13,7 +13,7 @@ from ..options import GenerationOptions
 from ..recordings import FALLBACKS, active_replay, replay
 from ..runlog import runs
 from ..sweeps import parse_grid, run_sweep
-from ._common import outcome, parse_line, user_errors
+from ._common import parse_line, user_errors
 
 
 @magics_class
@@ -25,6 +25,7 @@ class ExperimentMagics(Magics):
     @magic_arguments.argument("--last", metavar="N", type=int, default=20, help="Show the N latest runs (default: 20).")
     @magic_arguments.argument("--model", metavar="NAME", help="Only runs of models whose name contains NAME.")
     @magic_arguments.argument("--session", metavar="ID", help="Only the runs of one kernel (the session column).")
+    @magic_arguments.argument("--path", metavar="FILE", help="Read another run log than this kernel's.")
     @user_errors
     def llm_runs(self, line: str) -> Any:
         """The run log as a table: one row per generation of any kernel (prompt, options, text, tokens,
@@ -33,7 +34,7 @@ class ExperimentMagics(Magics):
             %llm_runs --last 5 --model qwen
         """
         args = parse_line(self.llm_runs, line)
-        return runs(last=args.last, model=args.model, session=args.session)
+        return runs(last=args.last, model=args.model, session=args.session, path=args.path)
 
     @line_magic
     @magic_arguments.magic_arguments()
@@ -80,7 +81,7 @@ def show_sweep(prompt: str, options: GenerationOptions, grid: str, *, chat: bool
     frame, results = run_sweep(prompt, options, chat=chat, system=system, **values)
     if output:
         namespace[output] = frame
-    rows = [{"record": r.record.to_dict(), "outcome": outcome(r, text=True)} for r in results if r.record is not None]
+    rows = [{"record": r.record.to_dict(), "outcome": r.outcome(text=True)} for r in results if r.record is not None]
     display(frame, metadata={"nbllm_runs": rows})
     if frame.attrs.get("interrupted"):
         raise UsageError(f"Sweep interrupted after {len(frame)} of {frame.attrs['runs']} runs; the table keeps them.")
