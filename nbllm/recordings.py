@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any, cast
 
 from .engine import Engine, get_engine
-from .errors import OptionError, ReplayError
+from .errors import OptionError, ReplayError, missing_dependency
 from .identity import differences, identity_key, record_identity
 from .loaders.replay import FORMAT, ReplayLoader
 from .options import LoadOptions
@@ -136,7 +136,10 @@ def _logged_run(row: Mapping[str, Any]) -> Run:
 
 def notebook_runs(path: str | Path) -> list[Run]:
     """The runs recorded in a saved notebook's outputs, in cell order."""
-    import nbformat
+    try:
+        import nbformat
+    except ImportError:
+        raise missing_dependency("nbformat (to read a saved notebook)", "experiments") from None
 
     try:
         notebook = nbformat.read(str(path), as_version=4)

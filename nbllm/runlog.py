@@ -27,7 +27,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .errors import NbllmError
+from .errors import NbllmError, missing_dependency
 from .identity import identity_key, record_identity
 from .options import GenerationOptions, LoadOptions
 from .result import Result
@@ -201,8 +201,7 @@ class RunLog:
         """The runs as a DataFrame, one row per run: what it was (model, loader, mode, prompt, a column per
         generation option), what came out (text, finish reason, tokens, speed) and its ids. ``where``
         keeps the rows whose column equals the value (``temperature=0``)."""
-        import pandas as pd
-
+        pd = pandas_module()
         rows = self.rows(model=model, session=session, last=None if where else last)
         frame = pd.DataFrame([_flat(row) for row in rows], columns=_frame_columns())
         frame["created"] = pd.to_datetime(frame["created"], utc=True)
@@ -219,6 +218,15 @@ class RunLog:
             return 0
         with self._connect() as db:
             return int(db.execute("SELECT count(*) FROM runs").fetchone()[0])
+
+
+def pandas_module() -> Any:
+    """pandas, imported now (tables are DataFrames; ``import nbllm`` does not pay for it)."""
+    try:
+        import pandas
+    except ImportError:
+        raise missing_dependency("pandas (the run log and sweep tables are DataFrames)", "experiments") from None
+    return pandas
 
 
 def _json(value: Any) -> str | None:
@@ -319,7 +327,5 @@ def runs(last: int | None = None, model: str | None = None, *, path: str | Path 
     flush()
     log = RunLog(path)
     if path is None and not log.path.exists():  # nothing generated yet
-        import pandas as pd
-
-        return pd.DataFrame(columns=_frame_columns())
+        return pandas_module().DataFrame(columns=_frame_columns())
     return log.frame(last=last, model=model, session=session, **where)

@@ -21,6 +21,7 @@ from .engine import Engine, get_engine
 from .errors import NbllmWarning, OptionError
 from .options import GenerationOptions, decode_escapes
 from .result import Result
+from .runlog import pandas_module
 
 if TYPE_CHECKING:
     import pandas
@@ -79,9 +80,9 @@ def run_sweep(
     **grid: Any,
 ) -> tuple[pandas.DataFrame, list[Result]]:
     """:func:`sweep`, also returning the finished results of its rows (in row order)."""
-    import pandas as pd
     from tqdm import tqdm
 
+    pd = pandas_module()
     engine = engine if engine is not None else get_engine()
     items = _prompts(prompts)
     base = engine.generation_options(options)
