@@ -11,6 +11,7 @@ run's is answered with that run. Requests with the same identity take their runs
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -135,19 +136,27 @@ def _logged_run(row: Mapping[str, Any]) -> Run:
 
 
 def notebook_runs(path: str | Path) -> list[Run]:
-    """The runs recorded in a saved notebook's outputs, in cell order."""
-    try:
-        import nbformat
-    except ImportError:
-        raise missing_dependency("nbformat (to read a saved notebook)", "experiments") from None
+    """The runs recorded in a saved notebook's outputs, in cell order.
 
+    A notebook of format 4 (what Jupyter writes) is read as the JSON it is: importing nbformat costs
+    seconds (its schema validator compiles grammars), more than replaying a whole notebook. Older
+    formats go through nbformat's converter.
+    """
     try:
-        notebook = nbformat.read(str(path), as_version=4)
-    except Exception as exc:
+        notebook = json.loads(Path(path).read_text(encoding="utf-8"))
+        if not isinstance(notebook, dict) or not isinstance(notebook.get("cells", []), list):
+            raise ValueError("not a notebook")
+    except (OSError, ValueError) as exc:
         raise ReplayError(f"{path} cannot be read as a notebook ({type(exc).__name__})",
                           "give a saved notebook (.ipynb) or a run log") from None
+    if notebook.get("nbformat", 4) < 4:
+        try:
+            import nbformat
+        except ImportError:
+            raise missing_dependency("nbformat (to read a notebook older than format 4)", "experiments") from None
+        notebook = nbformat.reads(json.dumps(notebook), as_version=4)
     runs: list[Run] = []
-    for number, cell in enumerate(notebook.cells, 1):
+    for number, cell in enumerate(notebook.get("cells", []), 1):
         if cell.get("cell_type") != "code":
             continue
         for output in cell.get("outputs", []):
