@@ -3,8 +3,8 @@
 The kernel's engine hands each finished result to :func:`log_results`' writer (magics, API, chat,
 panels, sweeps alike); a background thread completes its record (the weights' sha256 may still be
 hashing) and inserts the row, so no generation waits for the disk. The file is in WAL mode with a busy
-timeout, so several kernels write to it at once. Results answered by a replay are not logged: nothing
-was generated.
+timeout, so several kernels write to it at once. Results answered by a replay are not logged (nothing
+was generated), nor requests that never started (superseded before their first token, or refused).
 
 Where: ``NBLLM_RUN_LOG`` (a file; ``off`` turns the log off), else ``runs.sqlite`` in the user's data
 directory (``platformdirs.user_data_dir("nbllm")``: ``~/.local/share/nbllm`` on Linux).
@@ -275,7 +275,8 @@ class _Writer:
 
     def put(self, result: Result) -> None:
         path = default_path()
-        if path is None or result.replayed:
+        never_ran = not result.chunks and not result.token_ids and result.finish_reason in ("superseded", "error")
+        if path is None or result.replayed or never_ran:
             return
         with self._cond:
             self._pending += 1

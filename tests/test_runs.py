@@ -197,6 +197,14 @@ def test_a_log_from_a_newer_nbllm_is_refused_in_one_line(tmp_path: Path) -> None
         RunLog(path).rows()
 
 
+def test_a_request_that_never_started_is_not_logged(log: RunLog, tiny_model: Path, engine: Any) -> None:
+    nbllm.load(tiny_model, dtype="float32")
+    unread = nbllm.stream("Never read", max_new_tokens=3)
+    nbllm.generate("Next", max_new_tokens=2)  # takes the model: the unread result is superseded unstarted
+    assert unread.finish_reason == "superseded"
+    assert [row["prompt"] for row in _rows(log)] == ["Next"]
+
+
 def test_records_are_stored_whole_and_read_back_as_records(log: RunLog, tiny_model: Path, engine: Any) -> None:
     nbllm.load(tiny_model, dtype="float32")
     r = nbllm.generate("Whole", max_new_tokens=3, stop=["\n"], seed=9)
