@@ -54,6 +54,7 @@ def sweep(
     batch: bool = True,
     progress: bool | None = None,
     engine: Engine | None = None,
+    results: list[Result] | None = None,
     **grid: Any,
 ) -> pandas.DataFrame:
     """Run every prompt with every combination of the ``grid`` values and return the table.
@@ -63,23 +64,8 @@ def sweep(
     ``seed``, ``max_new_tokens``, ``stop`` (each value a stop string or a list of them)... ``options``:
     the options the grid varies from (the engine's defaults otherwise). ``batch=False`` runs every row
     alone. ``progress``: a progress bar (default: shown when the sweep lasts over two seconds).
+    ``results``: a list that receives the finished results of the rows, in row order.
     """
-    return run_sweep(prompts, options, chat=chat, system=system, batch=batch, progress=progress, engine=engine,
-                     **grid)[0]
-
-
-def run_sweep(
-    prompts: PromptLike | Sequence[PromptLike],
-    options: GenerationOptions | Mapping[str, Any] | None = None,
-    *,
-    chat: bool = False,
-    system: str | None = None,
-    batch: bool = True,
-    progress: bool | None = None,
-    engine: Engine | None = None,
-    **grid: Any,
-) -> tuple[pandas.DataFrame, list[Result]]:
-    """:func:`sweep`, also returning the finished results of its rows (in row order)."""
     from tqdm import tqdm
 
     pd = pandas_module()
@@ -99,7 +85,7 @@ def run_sweep(
         groups.setdefault(key, []).append(n)
 
     size = max(1, engine.loader.batch_size) if batch else 1
-    results: dict[int, Result] = {}
+    done: dict[int, Result] = {}
     interrupted = False
     bar = tqdm(total=len(rows), desc="sweep", unit="run", file=sys.stderr, disable=progress is False,
                delay=0 if progress else 2.0)
@@ -111,16 +97,15 @@ def run_sweep(
                 prompts_ = [ready[rows[n][0]] for n in chunk]
                 seeds_ = [seeds[rows[n][1]] for n in chunk]
                 try:
-                    done = engine.generate_batch(prompts_, opts, seeds=seeds_)
+                    finished = engine.generate_batch(prompts_, opts, seeds=seeds_)
                 except KeyboardInterrupt as exc:
-                    finished = getattr(exc, "finished", [])
-                    results.update(zip(chunk, finished))
+                    done.update(zip(chunk, getattr(exc, "finished", [])))
                     raise
-                results.update(zip(chunk, done))
+                done.update(zip(chunk, finished))
                 bar.update(len(chunk))
     except KeyboardInterrupt:
         interrupted = True
-        warnings.warn(f"the sweep was interrupted: {len(results)} of {len(rows)} runs finished (kept in the table)",
+        warnings.warn(f"the sweep was interrupted: {len(done)} of {len(rows)} runs finished (kept in the table)",
                       NbllmWarning, stacklevel=2)
     finally:
         bar.close()
@@ -128,7 +113,7 @@ def run_sweep(
     shown = [k for k, values in varied.items() if len(values) > 1 or k == "seed"]
     table = []
     for n, (p, c) in enumerate(rows):
-        result = results.get(n)
+        result = done.get(n)
         if result is None or result.record is None:
             continue
         row: dict[str, Any] = {"prompt": _prompt_text(items[p])}
@@ -147,7 +132,9 @@ def run_sweep(
     frame = pd.DataFrame(table)
     frame.attrs["interrupted"] = interrupted
     frame.attrs["runs"] = len(rows)
-    return frame, [results[n] for n in sorted(results) if results[n].record is not None]
+    if results is not None:
+        results.extend(done[n] for n in sorted(done) if done[n].record is not None)
+    return frame
 
 
 def _prompts(prompts: PromptLike | Sequence[PromptLike]) -> list[PromptLike]:

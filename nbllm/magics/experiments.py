@@ -11,8 +11,9 @@ from IPython.core.magic import Magics, line_magic, magics_class
 
 from ..options import GenerationOptions
 from ..recordings import FALLBACKS, active_replay, replay
+from ..result import Result
 from ..runlog import runs
-from ..sweeps import parse_grid, run_sweep
+from ..sweeps import parse_grid, sweep
 from ._common import parse_line, user_errors
 
 
@@ -78,7 +79,8 @@ def show_sweep(prompt: str, options: GenerationOptions, grid: str, *, chat: bool
     from IPython.display import display
 
     values: dict[str, Any] = dict(parse_grid(grid))
-    frame, results = run_sweep(prompt, options, chat=chat, system=system, **values)
+    results: list[Result] = []
+    frame = sweep(prompt, options, chat=chat, system=system, results=results, **values)
     if output:
         namespace[output] = frame
     rows = [{"record": r.record.to_dict(), "outcome": r.outcome(text=True)} for r in results if r.record is not None]
