@@ -1,6 +1,7 @@
 # Two commands on a fresh machine:
 #   make quickstart   install everything, then run notebooks/quickstart.ipynb on the built-in tiny model
 #   make test         install everything, then run the whole test suite
+# and  make experiment  runs notebooks/experiment.ipynb twice, then replays it without its model (CI does).
 # Everything installs into .venv (CPU torch first: an unpinned torch would pull a CUDA build).
 
 PYTHON ?= python3
@@ -8,7 +9,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.nbllm-installed
 
-.PHONY: install quickstart test bench lint browser-deps
+.PHONY: install quickstart experiment test bench lint browser-deps
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -28,6 +29,9 @@ quickstart: install
 		--output-dir build notebooks/quickstart.ipynb
 	$(VENV)/bin/jupyter nbconvert --to markdown --stdout build/quickstart.ipynb 2>/dev/null
 
+experiment: install
+	HF_HUB_OFFLINE=1 $(PY) notebooks/check_experiment.py build/experiment
+
 test: install browser-deps lint
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -ra
 
@@ -35,6 +39,8 @@ bench: install
 	$(PY) benchmarks/bench_transformers.py
 	$(PY) benchmarks/bench_llamacpp.py
 	$(PY) benchmarks/bench_chat_prefix.py
+	$(PY) benchmarks/bench_sweep.py
+	$(PY) benchmarks/bench_replay.py
 
 lint: install
 	$(VENV)/bin/ruff check nbllm tests benchmarks

@@ -23,7 +23,10 @@ from .engine import Engine, Status, get_engine
 from .errors import NbllmError
 from .lora import lora_add, lora_clear, lora_list, lora_remove, lora_restore
 from .options import GenerationOptions, LoadOptions
+from .recordings import Replay, replay
 from .result import Record, Result
+from .runlog import runs
+from .sweeps import sweep
 
 
 def load(model: str | Path, options: LoadOptions | Mapping[str, Any] | None = None, *, fit: bool = False,
@@ -66,7 +69,7 @@ def load_ipython_extension(ipython: Any) -> None:
 
 
 __all__ = [
-    "Chat", "Conversation", "Engine", "GenerationOptions", "LoadOptions", "NbllmError", "Record", "Result", "Status",
-    "generate", "get_engine", "load", "load_ipython_extension", "lora_add", "lora_clear", "lora_list", "lora_remove",
-    "lora_restore", "status", "stream", "unload",
+    "Chat", "Conversation", "Engine", "GenerationOptions", "LoadOptions", "NbllmError", "Record", "Replay", "Result",
+    "Status", "generate", "get_engine", "load", "load_ipython_extension", "lora_add", "lora_clear", "lora_list",
+    "lora_remove", "lora_restore", "replay", "runs", "status", "stream", "sweep", "unload",
 ]

@@ -24,8 +24,9 @@ import secrets
 import sys
 import threading
 import time
+import uuid
 import warnings
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -34,6 +35,7 @@ from .adapters import Adapter, adapters_line, check_format
 from .chat_template import FALLBACK_NOTE, ChatNote, render_chat, starts_with_bos
 from .errors import GenerationError, LoadError, NbllmError, NbllmWarning, NoModelLoadedError, OptionError
 from .loaders import Loader, Placement, Request, TextLoader, TokenLoader, choose_loader, resolve_source
+from .loaders.base import LoadInstead
 from .memory import format_memory, process_rss
 from .options import GenerationOptions, LoadOptions
 from .result import Record, Result, Timings, clock, library_versions
@@ -123,6 +125,25 @@ class Engine:
         self.reuse_prefix = True
         """Let conversations reuse the computed state of their history (see ``stream_prompt``)."""
         self.last_result: Result | None = None
+        self.route: Callable[[str, LoadOptions], tuple[ModelSource, type[Loader]] | None] | None = None
+        """While set, decides what a load loads before the loaders' registry is asked (replay sets it:
+        its stand-in loader records the model asked for and loads nothing); ``None`` from it: as usual."""
+        self._listeners: list[Callable[[Result], None]] = []
+
+    def on_result(self, callback: Callable[[Result], None]) -> Callable[[], None]:
+        """Call ``callback(result)`` each time a generation of this engine finishes, however it was
+        started (magics, API, chat, panels, sweeps): the run log records them so. Returns a function
+        that removes the callback. A callback that raises is reported as a warning, never to the
+        generation."""
+        self._listeners.append(callback)
+        return lambda: self._listeners.remove(callback) if callback in self._listeners else None
+
+    def _notify(self, result: Result) -> None:
+        for callback in list(self._listeners):
+            try:
+                callback(result)
+            except Exception as exc:
+                warnings.warn(f"a result listener failed: {type(exc).__name__}: {exc}", NbllmWarning, stacklevel=2)
 
     # -- ownership -------------------------------------------------------------------------------
     def _settle(self) -> None:
@@ -167,11 +188,15 @@ class Engine:
         if not isinstance(model, (str, Path)):
             raise OptionError(f"the model must be a path, a name or a hub id, not {type(model).__name__}",
                               "give it as text, e.g. nbllm.load('org/model')")
-        source = resolve_source(str(model), opts)
-        opts, saved = plan.load_options(source, opts, fit=fit)
-        if saved:
-            self.defaults = saved.generation_options(self.defaults)
-        cls = choose_loader(source, opts)
+        routed = self.route(str(model), opts) if self.route is not None else None
+        if routed is not None:
+            source, cls = routed
+        else:
+            source = resolve_source(str(model), opts)
+            opts, saved = plan.load_options(source, opts, fit=fit)
+            if saved:
+                self.defaults = saved.generation_options(self.defaults)
+            cls = choose_loader(source, opts)
         with self._cond:
             if self._loader is not None and self._source == source and self._options == opts:
                 if save_settings:
@@ -422,32 +447,59 @@ class Engine:
                             NbllmWarning, stacklevel=2,
                         )
             seed = opts.seed if opts.seed is not None else secrets.randbelow(2**32)
-            assert self._source is not None and self._options is not None
-            record = Record(
-                model=self.model_identity(),
-                loader=loader.name,
-                load_options=self._options.to_dict(),
-                generation_options={**opts.to_dict(), "seed": seed},
-                seed=seed,
-                prompt=prompt.text,
-                mode="chat" if prompt.messages is not None else "raw",
-                messages=prompt.messages,
-                conversation=conversation,
-                versions=library_versions(loader.libraries),
-            )
-            if self._hashes is not None:
-                record.complete_later("sha256", self._hashes)
-            result = Result(prompt.text, seed, record)
+            result = Result(prompt.text, seed, self._record(loader, prompt, opts, seed, conversation))
             result.prompt_tokens = len(ids) if ids is not None else 0
             request = Request(
                 prompt=prompt.text, prompt_ids=ids, options=capped, seed=seed, cancel=result.cancel_event,
                 messages=prompt.messages, continue_final=continue_final,
                 reuse_prefix=reuse_prefix and self.reuse_prefix,
             )
+            try:
+                answered = loader.answer(request)
+            except LoadInstead as instead:  # a stand-in (replay) gave up: the real model from here on
+                self.route = None
+                self.load(instead.model, instead.options)
+                return self.stream_prompt(self._prepared_again(prompt, continue_final), opts, conversation=conversation,
+                                          reuse_prefix=reuse_prefix, continue_final=continue_final)
+            if answered is not None:  # a stand-in answered from its records: nothing runs
+                self.last_result = answered
+                return answered
             self._owner = result
             self.last_result = result
             result.on_done(self._released_by)
+            result.on_done(self._notify)
             return result.attach(self._run(loader, request, result, context_capped=capped is not opts))
+
+    def _record(self, loader: Loader, prompt: Prompt, opts: GenerationOptions, seed: int,
+                conversation: dict[str, Any] | None, batch: dict[str, Any] | None = None) -> Record:
+        """The record of a generation about to start (the weights' hash joins it when ready)."""
+        assert self._source is not None and self._options is not None
+        record = Record(
+            model=self.model_identity(),
+            loader=loader.name,
+            load_options=self._options.to_dict(),
+            generation_options={**opts.to_dict(), "seed": seed},
+            seed=seed,
+            prompt=prompt.text,
+            mode="chat" if prompt.messages is not None else "raw",
+            messages=prompt.messages,
+            conversation=conversation,
+            versions=library_versions(loader.libraries),
+            seed_drawn=opts.seed is None,
+            batch=batch,
+        )
+        if self._hashes is not None:
+            record.complete_later("sha256", self._hashes)
+        return record
+
+    def _prepared_again(self, prompt: Prompt, continue_final: bool) -> Prompt:
+        """``prompt``, prepared by a stand-in, prepared again for the loader now loaded."""
+        if continue_final:
+            raise GenerationError("a continued reply cannot move from the replay to the model halfway",
+                                  "the model is loaded now: run the cell again")
+        if prompt.messages is None:
+            return self.prompt_for(prompt.text)
+        return self.prompt_for(prompt.messages, chat=True)
 
     def generate(
         self,
@@ -547,6 +599,135 @@ class Engine:
                     timings.decode_tokens_per_second = (n - 1) / (last - first)
             result.finish(reason, timings)
 
+    # -- several prompts at once -------------------------------------------------------------------
+    def generate_batch(
+        self,
+        prompts: Sequence[Prompt],
+        options: GenerationOptions | Mapping[str, Any] | None = None,
+        *,
+        seeds: Sequence[int | None] | None = None,
+    ) -> list[Result]:
+        """Generate ``prompts`` (from :meth:`prompt_for`) with the same options, each with its own seed
+        from ``seeds`` (drawn where ``None``), and return the finished results in order.
+
+        A loader that runs several prompts at once (``batch_size`` above 1) gets them as padded batches
+        of up to that many rows, and each record says the batch it ran in; any other loader runs them
+        one after another, reusing the computed state of the prompt prefix the rows share (the record
+        says how many tokens). A row that would not fit the context runs alone. An interrupt finishes
+        the rows that were running as ``interrupted`` and propagates (the finished results are kept
+        on the exception as ``finished``).
+        """
+        opts = self.generation_options(options)
+        row_seeds = list(seeds) if seeds is not None else [None] * len(prompts)
+        if len(row_seeds) != len(prompts):
+            raise OptionError(f"{len(prompts)} prompts and {len(row_seeds)} seeds", "give one seed (or None) per prompt")
+        results: list[Result] = []
+        with self._cond:
+            self._settle()
+            loader = self.loader
+            size = loader.batch_size if isinstance(loader, TokenLoader) else 1
+            limit = loader.context_length
+            try:
+                for start in range(0, len(prompts), max(size, 1)):
+                    rows = list(zip(prompts[start : start + size], row_seeds[start : start + size]))
+                    fits = all(p.ids is not None and (limit is None or len(p.ids) + opts.max_new_tokens <= limit)
+                               for p, _ in rows)
+                    if size > 1 and len(rows) > 1 and fits:
+                        assert isinstance(loader, TokenLoader)
+                        results.extend(self._run_batch(loader, rows, opts))
+                        continue
+                    for prompt, seed in rows:
+                        result = self.stream_prompt(prompt, opts if seed is None else _with_seed(opts, seed), reuse_prefix=True)
+                        _ = result.text
+                        results.append(result)
+            except KeyboardInterrupt as exc:
+                exc.finished = [r for r in results if not r.interrupted]  # type: ignore[attr-defined]
+                raise
+        return results
+
+    def _run_batch(self, loader: TokenLoader, rows: list[tuple[Prompt, int | None]], opts: GenerationOptions) -> list[Result]:
+        """One padded batch: the loader's steps → each row's text, stop strings, end reason and timings,
+        as :meth:`_run` makes them for one prompt. Called holding the lock."""
+        batch = {"id": uuid.uuid4().hex[:12], "size": len(rows)}
+        cancel = threading.Event()
+        results, requests = [], []
+        for row, (prompt, seed) in enumerate(rows):
+            row_opts = opts if seed is None else _with_seed(opts, seed)
+            used = seed if seed is not None else secrets.randbelow(2**32)
+            result = Result(prompt.text, used, self._record(loader, prompt, row_opts, used, None, {**batch, "row": row}))
+            result.prompt_tokens = len(prompt.ids or ())
+            result.on_done(self._notify)
+            results.append(result)
+            requests.append(Request(prompt=prompt.text, prompt_ids=prompt.ids, options=row_opts, seed=used,
+                                    cancel=cancel, messages=prompt.messages))
+        eos = loader.eos_token_ids
+        decoders = [IncrementalDecoder(loader.decode, context=r.prompt_ids or ()) for r in requests]
+        holdbacks = [StopHoldback(opts.stop) for _ in rows]
+        reasons: list[str | None] = [None] * len(rows)
+        ends = [0.0] * len(rows)
+
+        start = clock()
+        first: float | None = None
+        steps = loader.generate_batch(requests)
+        try:
+            for step in steps:
+                now = clock()
+                first = now if first is None else first
+                for row, token in enumerate(step):
+                    if reasons[row] is not None:
+                        continue
+                    result, holdback = results[row], holdbacks[row]
+                    result.token_ids.append(token)
+                    ends[row] = now
+                    if token in eos:
+                        reasons[row] = "eos"
+                        continue
+                    piece = holdback.feed(decoders[row].add(token))
+                    if piece:
+                        result.chunks.append(piece)
+                    if holdback.stopped:
+                        reasons[row] = "stop"
+                    elif len(result.token_ids) >= opts.max_new_tokens:
+                        reasons[row] = "length"
+                if all(reasons):
+                    break
+        except KeyboardInterrupt:
+            reasons = [reason or "interrupted" for reason in reasons]
+            raise
+        except NbllmError:
+            reasons = [reason or "error" for reason in reasons]
+            raise
+        except Exception as exc:
+            reasons = [reason or "error" for reason in reasons]
+            raise GenerationError(
+                f"batched generation failed in {loader.name}: {type(exc).__name__}: {exc}".splitlines()[0],
+                "the model is still loaded; run the rows one by one (batch=False) if this repeats",
+            ) from exc
+        finally:
+            if hasattr(steps, "close"):
+                steps.close()
+            for row, result in enumerate(results):
+                tail = holdbacks[row].feed(decoders[row].flush()) + holdbacks[row].flush()
+                if tail:
+                    result.chunks.append(tail)
+                timings = Timings(total_seconds=(ends[row] or clock()) - start)
+                n = len(result.token_ids)
+                if first is not None and n:
+                    timings.time_to_first_token = first - start
+                    if n > 1 and ends[row] > first:
+                        timings.decode_tokens_per_second = (n - 1) / (ends[row] - first)
+                result.pending_record.reused_prefix_tokens = 0
+                result.finish(reasons[row] or "length", timings)
+        self.last_result = results[-1]
+        return results
+
+
+def _with_seed(opts: GenerationOptions, seed: int) -> GenerationOptions:
+    """``opts`` with ``seed`` (already valid: no second validation, no second round of warnings)."""
+    seeded = copy.copy(opts)
+    object.__setattr__(seeded, "seed", seed)
+    return seeded
+
 
 def _load_error(failure: Exception, cls: type[Loader], source: ModelSource) -> NbllmError:
     """A loader's failure as one line: its own error, or any other exception worded for the user."""
@@ -607,9 +788,13 @@ _ENGINE_LOCK = threading.Lock()
 
 
 def get_engine() -> Engine:
-    """This process's engine (one per kernel), shared by the API, the magics and the panels."""
+    """This process's engine (one per kernel), shared by the API, the magics and the panels; every
+    result it finishes goes to the run log (:mod:`nbllm.runlog`)."""
     global _ENGINE
     with _ENGINE_LOCK:
         if _ENGINE is None:
+            from .runlog import log_results
+
             _ENGINE = Engine()
+            log_results(_ENGINE)
         return _ENGINE

@@ -58,6 +58,10 @@ class ChatError(NbllmError):
     """A conversation cannot do what was asked (nothing to regenerate, a bad file...)."""
 
 
+class ReplayError(NbllmError):
+    """A replay cannot answer: no recorded run matches the request, or the recording cannot be read."""
+
+
 def missing_dependency(package: str, extra: str) -> MissingDependencyError:
     """The error for an optional library that is not installed."""
     return MissingDependencyError(

@@ -11,8 +11,9 @@ import json
 import platform
 import threading
 import time
-from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass, field
+import uuid
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 GRACE_SECONDS = 1.0
@@ -61,9 +62,29 @@ class Record:
     0 means the whole prompt was computed, as a re-run with the recorded seed computes it."""
     versions: dict[str, str] = field(default_factory=library_versions)
     created: str = field(default_factory=lambda: _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"))
+    id: str = field(default_factory=lambda: uuid.uuid4().hex[:16])
+    """Names this record in the run log, in sweep tables and in replays."""
+    seed_drawn: bool | None = None
+    """True when the request gave no seed and this one was drawn (a request without a seed replays it);
+    None in records written before nbllm said."""
+    batch: dict[str, Any] | None = None
+    """For a row generated in a padded batch: the batch's ``id``, its ``size`` and this ``row``."""
+    replayed: dict[str, Any] | None = None
+    """For a result answered from a recording instead of a model: the ``source`` and the ``run`` in it."""
 
     def __post_init__(self) -> None:
         self._later: dict[str, concurrent.futures.Future[Any]] = {}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> Record:
+        """A record as :meth:`to_dict` wrote it (keys this version does not know are left out; JSON's
+        lists of stop strings become tuples again). A missing required field raises ``KeyError``."""
+        known = {f.name for f in fields(cls)}
+        values = {k: v for k, v in data.items() if k in known}
+        options = dict(values.get("generation_options") or {})
+        if isinstance(options.get("stop"), list):
+            values["generation_options"] = {**options, "stop": tuple(options["stop"])}
+        return cls(**values)
 
     def complete_later(self, key: str, value: concurrent.futures.Future[Any]) -> None:
         """``model[key]`` is being computed in the background (the weights' sha256): it is filled in
@@ -253,8 +274,26 @@ class Result:
         return self.finish_reason in ("interrupted", "cancelled", "superseded")
 
     @property
+    def replayed(self) -> bool:
+        """Whether this result was answered from a recording (``nbllm.replay``) rather than generated."""
+        return self.pending_record.replayed is not None
+
+    @property
     def completion_tokens(self) -> int:
         return len(self.token_ids) if self.counted_tokens is None else self.counted_tokens
+
+    def outcome(self, *, text: bool = False) -> dict[str, Any]:
+        """How it ended, as a saved output keeps it for replay: the finish reason, token counts and
+        timings (and the ``text``, for an output that does not show it whole)."""
+        out: dict[str, Any] = {
+            "finish_reason": self.finish_reason,
+            "prompt_tokens": self.prompt_tokens,
+            "completion_tokens": self.completion_tokens,
+            "timings": asdict(self.timings),
+        }
+        if text:
+            out["text"] = "".join(self.chunks)
+        return out
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -277,6 +316,8 @@ class Result:
             parts.append(f"first token {t.time_to_first_token * 1000:.0f} ms")
         parts.append(f"seed {self.seed}")
         parts.append(f"ended: {self.finish_reason or 'running'}")
+        if self.replayed:
+            parts.append("replayed")
         return " · ".join(parts)
 
     def __str__(self) -> str:
@@ -286,6 +327,14 @@ class Result:
         text = "".join(self.chunks)
         short = text if len(text) <= 60 else text[:57] + "..."
         return f"<nbllm.Result {short!r} ({self.summary()})>"
+
+    def _repr_mimebundle_(self, include: Any = None, exclude: Any = None) -> tuple[dict[str, str], dict[str, Any]]:
+        """Shown as a cell's value, a finished result carries its record and outcome in the output's
+        metadata, as ``%%llm`` outputs do, so a saved notebook can replay it."""
+        data = {"text/plain": repr(self), "text/html": self._repr_html_()}
+        if not self.done or self.record is None:
+            return data, {}
+        return data, {"nbllm": self.record.to_dict(), "nbllm_result": self.outcome(text=True)}
 
     def _repr_html_(self) -> str:
         return (

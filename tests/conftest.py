@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -14,6 +15,8 @@ ROOT = Path(__file__).resolve().parents[1]
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ.setdefault("NBLLM_CACHE_DIR", str(ROOT / ".cache" / "nbllm-tests"))
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# The tests' runs go to a run log of their own, never to the user's.
+os.environ.setdefault("NBLLM_RUN_LOG", str(Path(tempfile.mkdtemp(prefix="nbllm-test-runs-")) / "runs.sqlite"))
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

@@ -14,7 +14,7 @@ from collections.abc import Iterable
 from ..errors import OptionError
 from ..options import LoadOptions
 from ..source import ModelSource
-from .base import Loader, Placement, Request, TextLoader, TokenLoader
+from .base import Loader, LoadInstead, Placement, Request, TextLoader, TokenLoader
 
 TRANSFORMERS = "transformers"
 LLAMACPP = "llama.cpp"
@@ -132,7 +132,7 @@ def _either(names: Iterable[str]) -> str:
 
 
 __all__ = [
-    "LLAMACPP", "TRANSFORMERS", "Loader", "Placement", "Request", "TextLoader", "TokenLoader", "choose_loader",
+    "LLAMACPP", "TRANSFORMERS", "LoadInstead", "Loader", "Placement", "Request", "TextLoader", "TokenLoader", "choose_loader",
     "loader_class", "loader_classes", "loader_names", "loader_refusals", "option_loaders", "register",
     "resolve_source", "unregister",
 ]

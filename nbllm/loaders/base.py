@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from ..options import GenerationOptions, LoadOptions
+from ..result import Result
 from ..source import ModelSource
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -65,6 +66,17 @@ class Request:
     history) from that state? Without it the whole prompt is computed, so a seed reproduces exactly."""
 
 
+class LoadInstead(Exception):
+    """Raised by :meth:`Loader.answer` of a stand-in that cannot answer a request and was told to fall
+    back (``%llm_replay SOURCE --fallback run``): the engine loads ``model`` with ``options`` for real
+    (the stand-in is not used again) and runs the request on it."""
+
+    def __init__(self, model: str, options: LoadOptions) -> None:
+        super().__init__(model)
+        self.model = model
+        self.options = options
+
+
 class Loader(ABC):
     """What every loader is: declarations, load and unload, and facts about the loaded model."""
 
@@ -83,6 +95,9 @@ class Loader(ABC):
     adapters: ClassVar[frozenset[str]] = frozenset()
     """The adapter formats (:attr:`nbllm.adapters.Adapter.format`: ``peft``, ``gguf``) this loader applies
     to a loaded model with :meth:`set_adapters`; empty: none."""
+    batch_size: ClassVar[int] = 1
+    """How many prompts the loader generates at once (:meth:`TokenLoader.generate_batch`); 1: one
+    after another. Sweeps ask the engine for batches of up to this many rows."""
 
     def __init__(self) -> None:
         self.source: ModelSource | None = None
@@ -139,6 +154,13 @@ class Loader(ABC):
         before; empty: none. Only formats in :attr:`adapters` are passed. Check every new adapter against
         the model first and raise an ``NbllmError`` (cause and fix) leaving the model as it was."""
         raise NotImplementedError(f"the {self.name} loader applies no adapters")
+    # -- a stand-in that answers from records ------------------------------------------------------
+    def answer(self, request: Request) -> Result | None:
+        """A loader that answers from records instead of a model (replay) returns the result for
+        ``request`` here, and the engine returns it as it is: nothing runs, nothing is logged. It may
+        refuse the request with an ``NbllmError``, or raise :class:`LoadInstead`. Every loader of a
+        real model returns ``None`` (the default)."""
+        return None
 
 
 class TokenLoader(Loader):
@@ -169,6 +191,17 @@ class TokenLoader(Loader):
         generation ended; it is never shown (``decode`` skips special tokens). Closing the iterator
         early must stop the generation and leave the model usable.
         """
+
+    def generate_batch(self, requests: Sequence[Request]) -> Iterator[list[int]]:
+        """Generate ``requests`` as one batch (a loader whose :attr:`batch_size` is above 1).
+
+        The requests share their options except the seed, and one cancel event. Yield, at each step,
+        the next token id of every row, in order; a row that has ended (EOS, ``max_new_tokens``)
+        yields filler the engine ignores. Stop when every row has ended or the cancel event is set.
+        Each row gives the tokens it gives alone: greedy the same ids, sampled the same draws from
+        its own seed (only the last bits of the arithmetic may differ in a padded batch).
+        """
+        raise NotImplementedError(f"the {self.name} loader does not generate batches")
 
 
 class TextLoader(Loader):

@@ -548,6 +548,112 @@ class TransformersLoader(TokenLoader):
             del self.model.peft_config
 
 
+    # -- batches (sweeps) --------------------------------------------------------------------------
+    batch_size: ClassVar[int] = 16
+
+    def generate_batch(self, requests: Sequence[Request]) -> Iterator[list[int]]:
+        """The rows left-padded, with an attention mask, in one ``model.generate``.
+
+        Each row gives its one-by-one text: greedy rows take the same argmax; a sampled row draws from
+        its own generator seeded with its seed, as a row alone draws from the global one after
+        ``set_seed(seed)`` (same warpers in transformers' order, same softmax and multinomial on the
+        row), and the repetition penalty counts no padding. What can still differ is the last bits
+        of the padded batch's arithmetic, which can move a near tie.
+        """
+        import torch
+        from transformers import LogitsProcessor, LogitsProcessorList, StoppingCriteria, StoppingCriteriaList
+        from transformers.generation.logits_process import (
+            MinPLogitsWarper,
+            TemperatureLogitsWarper,
+            TopKLogitsWarper,
+            TopPLogitsWarper,
+            TypicalLogitsWarper,
+        )
+        from transformers.generation.streamers import BaseStreamer
+
+        model, options, cancel = self.model, requests[0].options, requests[0].cancel
+        kwargs = self.generation_kwargs(options)
+        pad = kwargs["pad_token_id"]
+        device = self._input_device()
+        rows = [list(r.prompt_ids or ()) for r in requests]
+        width = max(len(ids) for ids in rows)
+        padding = [width - len(ids) for ids in rows]
+        input_ids = torch.tensor([[pad] * n + ids for n, ids in zip(padding, rows)], device=device)
+        attention_mask = torch.tensor([[0] * n + [1] * len(ids) for n, ids in zip(padding, rows)], device=device)
+
+        class PenaltyOnRows(LogitsProcessor):
+            """transformers' repetition penalty, row by row, over each row's own tokens (not its padding)."""
+
+            def __call__(self, ids: Any, scores: Any) -> Any:
+                for i, n in enumerate(padding):
+                    seen = ids[i : i + 1, n:]
+                    score = torch.gather(scores[i : i + 1], 1, seen)
+                    score = torch.where(score < 0, score * options.repetition_penalty, score / options.repetition_penalty)
+                    scores[i : i + 1] = scores[i : i + 1].scatter(1, seen, score)
+                return scores
+
+        class SampleEachRow(LogitsProcessor):
+            """Draw each row's token from its own generator; leave only that token possible."""
+
+            def __init__(self) -> None:
+                self.generators = [torch.Generator(device=input_ids.device).manual_seed(r.seed) for r in requests]
+
+            def __call__(self, ids: Any, scores: Any) -> Any:
+                chosen = torch.full_like(scores, float("-inf"))
+                for i, generator in enumerate(self.generators):
+                    probs = torch.nn.functional.softmax(scores[i : i + 1], dim=-1)
+                    token = torch.multinomial(probs, num_samples=1, generator=generator)
+                    chosen[i, token[0, 0]] = 0.0
+                return chosen
+
+        processors = LogitsProcessorList()
+        if options.repetition_penalty != 1.0:
+            processors.append(PenaltyOnRows())
+            kwargs["repetition_penalty"] = 1.0
+        if not options.greedy:  # the warpers transformers adds when sampling, in its order
+            if options.temperature != 1.0:
+                processors.append(TemperatureLogitsWarper(options.temperature))
+            if options.top_k:
+                processors.append(TopKLogitsWarper(top_k=options.top_k, min_tokens_to_keep=1))
+            if options.top_p < 1.0:
+                processors.append(TopPLogitsWarper(top_p=options.top_p, min_tokens_to_keep=1))
+            if options.min_p:
+                processors.append(MinPLogitsWarper(min_p=options.min_p, min_tokens_to_keep=1))
+            if options.typical_p < 1.0:
+                processors.append(TypicalLogitsWarper(mass=options.typical_p, min_tokens_to_keep=1))
+            processors.append(SampleEachRow())
+            kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None, min_p=None, typical_p=None)
+
+        class Cancelled(StoppingCriteria):
+            def __call__(self, ids: Any, scores: Any, **_: Any) -> Any:
+                return torch.full((ids.shape[0],), cancel.is_set(), dtype=torch.bool, device=ids.device)
+
+        def run(emit: Any) -> None:
+            class Steps(BaseStreamer):
+                prompt_seen = False
+
+                def put(self, value: Any) -> None:
+                    if not self.prompt_seen:  # generate() first puts the prompts themselves
+                        self.prompt_seen = True
+                        return
+                    emit(value.reshape(-1).tolist())
+
+                def end(self) -> None:
+                    pass
+
+            with torch.inference_mode():
+                model.generate(
+                    input_ids=input_ids,
+                    attention_mask=attention_mask,
+                    streamer=Steps(),
+                    logits_processor=processors,
+                    stopping_criteria=StoppingCriteriaList([Cancelled()]),
+                    **kwargs,
+                )
+
+        return threaded_tokens(run, cancel)  # type: ignore[return-value]  # one list of ids per step
+
+
 _ADAPTER_SERIAL = itertools.count()
 """Numbers the keys adapters get in PEFT, so an adapter replaced under its name never meets its old key."""
 

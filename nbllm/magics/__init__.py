@@ -9,11 +9,12 @@ def load_ipython_extension(ipython: Any) -> None:
     """Register every nbllm magic with ``ipython`` (none of them imports torch or ipywidgets here)."""
     from .chat import ChatMagics
     from .core import CoreMagics
+    from .experiments import ExperimentMagics
     from .lora import LoraMagics
     from .models import ModelMagics
     from .panels import PanelMagics
 
-    for magics in (CoreMagics, ChatMagics, ModelMagics, PanelMagics, LoraMagics):
+    for magics in (CoreMagics, ChatMagics, ModelMagics, PanelMagics, LoraMagics, ExperimentMagics):
         ipython.register_magics(magics)
     from .fit import FitMagics  # %llm_doctor
 

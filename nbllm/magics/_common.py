@@ -167,8 +167,19 @@ class StreamView:
             sys.stdout.write(extra + suffix + "\n")
             sys.stdout.flush()
             return
-        metadata = {"nbllm": result.record.to_dict()} if result.record else {}
-        self._handle.update({"text/plain": full + suffix}, raw=True, metadata=metadata)
+        self._handle.update({"text/plain": full + suffix}, raw=True, metadata=output_metadata(result, note))
+
+
+def output_metadata(result: Result, note: str | None = None) -> dict[str, Any]:
+    """What an output of ``result`` carries: its record (``nbllm``) and how it ended (``nbllm_result``:
+    what a replay of the saved notebook needs besides the text; ``note`` is the ``[note]`` line the
+    view added after the text)."""
+    if result.record is None:
+        return {}
+    outcome = result.outcome()
+    if note:
+        outcome["note"] = note
+    return {"nbllm": result.record.to_dict(), "nbllm_result": outcome}
 
 
 def show_stream(shell: Any, result: Result) -> Result:

@@ -68,6 +68,9 @@ class CoreMagics(Magics):
     @magic_arguments.argument("--chat", action="store_true",
                               help="Send the cell as one user turn through the model's chat template.")
     @magic_arguments.argument("--system", metavar="TEXT", help="System prompt (implies --chat).")
+    @magic_arguments.argument("--sweep", metavar="GRID",
+                              help='Run the prompt with every combination of these options and show a table, e.g. '
+                                   '--sweep "temperature=0,0.7 seed=1,2,3" (-o VAR stores the DataFrame).')
     @output_argument
     @user_errors
     def llm(self, line: str, cell: str) -> None:
@@ -89,6 +92,11 @@ class CoreMagics(Magics):
         if not prompt.strip():
             raise NbllmError("the prompt is empty", "write it in the cell, under the %%llm line")
         chat = args.chat or args.system is not None
+        if args.sweep is not None:
+            from .experiments import show_sweep
+
+            show_sweep(prompt, options, args.sweep, chat=chat, system=args.system, output=args.output, namespace=user_ns)
+            return
         result = engine.stream(prompt, options, chat=chat, system=args.system)
         if args.output:
             user_ns[args.output] = result

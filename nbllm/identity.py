@@ -1,0 +1,156 @@
+"""A request's identity: what two generations must share to be the same request.
+
+One function, :func:`request_identity`, used by the record (``Record`` → :func:`record_identity`), the
+run log (its ``identity`` column), replay matching and sweeps alike. It holds
+
+- the **model**: its hub revision, else the sha256 of its weights, else the server's model id (the
+  name only when nothing better is known), and its adapters when it has any;
+- the **loader** and the **load options** set away from their defaults (those that cannot change the
+  text — which loader was asked for, the hub revision and file already named by the model, verbosity
+  — are left out);
+- the **generation options** set away from their defaults, and the **seed** when the request gave
+  one (``None`` when it was drawn: a request without a seed is the same request whatever was drawn);
+- the **prompt** (raw text) or the **messages** (chat).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from .options import GenerationOptions, LoadOptions, _Schema
+
+NOT_IDENTITY_LOAD_OPTIONS = frozenset({"loader", "revision", "file", "verbose"})
+"""Load options that do not change the text (or that the model's identity already says)."""
+
+
+def request_identity(
+    *,
+    model: Mapping[str, Any],
+    loader: str,
+    load_options: Mapping[str, Any],
+    generation_options: Mapping[str, Any],
+    seed: int | None,
+    prompt: str,
+    messages: Sequence[Mapping[str, str]] | None = None,
+) -> dict[str, Any]:
+    """The identity of one request (plain JSON values; equal requests give equal dicts)."""
+    out: dict[str, Any] = {
+        "model": model_identity(model),
+        "loader": loader,
+        "load_options": _changed(LoadOptions, load_options, NOT_IDENTITY_LOAD_OPTIONS),
+        "generation_options": _changed(GenerationOptions, generation_options, frozenset({"seed"})),
+        "seed": seed,
+    }
+    if messages is not None:
+        out["messages"] = [{"role": m["role"], "content": m["content"]} for m in messages]
+    else:
+        out["prompt"] = prompt
+    return out
+
+
+def record_identity(record: Any, *, seed_drawn: bool | None = None) -> dict[str, Any]:
+    """The identity of the request a record (a :class:`~nbllm.result.Record` or its ``to_dict()``)
+    answered. ``seed_drawn`` overrides the record's own flag (for records that do not say)."""
+    data = record if isinstance(record, Mapping) else record.to_dict()
+    drawn = data.get("seed_drawn") if seed_drawn is None else seed_drawn
+    return request_identity(
+        model=data.get("model") or {},
+        loader=data.get("loader", ""),
+        load_options=data.get("load_options") or {},
+        generation_options=data.get("generation_options") or {},
+        seed=None if drawn else data.get("seed"),
+        prompt=data.get("prompt", ""),
+        messages=data.get("messages") if data.get("mode") == "chat" else None,
+    )
+
+
+def identity_key(identity: Mapping[str, Any]) -> str:
+    """A short, stable hash of an identity (the run log's ``identity`` column; replay's index)."""
+    text = json.dumps(identity, sort_keys=True, ensure_ascii=False, separators=(",", ":"), default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:20]
+
+
+def model_identity(model: Mapping[str, Any]) -> dict[str, Any]:
+    """What names a model's weights in a record's ``model`` dict, strongest first: hub revision,
+    weights sha256, server model id; the name when none of them is known."""
+    out: dict[str, Any] = {"format": model.get("format")}
+    sha = model.get("sha256")
+    if model.get("revision"):
+        out.update(repo_id=model.get("repo_id"), revision=model["revision"])
+    elif isinstance(sha, Mapping) and sha:
+        out["sha256"] = dict(sha)
+    elif model.get("model_id"):
+        out["model_id"] = model["model_id"]
+    else:
+        out["name"] = model.get("name")
+    if model.get("adapters"):
+        out["adapters"] = model["adapters"]
+    return out
+
+
+def differences(recorded: Mapping[str, Any], requested: Mapping[str, Any]) -> list[str]:
+    """What differs between two identities, in words (``temperature 0.7 there, 0.0 here``), for an
+    error that names the closest recorded run."""
+    out: list[str] = []
+    if recorded.get("model") != requested.get("model"):
+        out.append("the model")
+    if recorded.get("loader") != requested.get("loader"):
+        out.append(f"the loader ({recorded.get('loader')} there, {requested.get('loader')} here)")
+    for group in ("load_options", "generation_options"):
+        there, here = recorded.get(group) or {}, requested.get(group) or {}
+        for name in sorted(set(there) | set(here)):
+            if there.get(name) != here.get(name):
+                out.append(f"{name} ({_shown(there, name)} there, {_shown(here, name)} here)")
+    if recorded.get("seed") != requested.get("seed"):
+        out.append(f"the seed ({_seed(recorded.get('seed'))} there, {_seed(requested.get('seed'))} here)")
+    if "messages" in recorded or "messages" in requested:
+        if "messages" not in recorded or "messages" not in requested:
+            out.append("the mode (chat in one, raw text in the other)")
+        elif recorded["messages"] != requested["messages"]:
+            out.append("the messages")
+    elif recorded.get("prompt") != requested.get("prompt"):
+        out.append("the prompt")
+    return out
+
+
+def _changed(schema: type[_Schema], values: Mapping[str, Any], skip: frozenset[str]) -> dict[str, Any]:
+    """The values set away from the schema's defaults, as JSON values of the option's type (so ``0``
+    and ``0.0`` are one temperature); names the schema does not know are kept as they are."""
+    specs = {s.name: s for s in schema.specs()}
+    out: dict[str, Any] = {}
+    for name, value in values.items():
+        if name in skip:
+            continue
+        spec = specs.get(name)
+        if spec is not None:
+            value = _typed(spec.type, value)
+            if value == _typed(spec.type, spec.default):
+                continue
+        out[name] = list(value) if isinstance(value, tuple) else value
+    return out
+
+
+def _typed(kind: type, value: Any) -> Any:
+    if value is None or isinstance(value, bool):
+        return value
+    try:
+        if kind is float:
+            return float(value)
+        if kind is int:
+            return int(value)
+        if kind is tuple:
+            return tuple(value) if not isinstance(value, str) else (value,)
+    except (TypeError, ValueError):
+        return value
+    return value
+
+
+def _shown(values: Mapping[str, Any], name: str) -> str:
+    return repr(values[name]) if name in values else "default"
+
+
+def _seed(seed: Any) -> str:
+    return "drawn" if seed is None else str(seed)

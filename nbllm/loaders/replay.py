@@ -1,0 +1,123 @@
+"""The replay stand-in: a loader that "loads" a recording and answers prompts with recorded outputs.
+
+While a replay is on (:mod:`nbllm.recordings`), the engine routes every load here: the model and
+options a notebook asks for are noted and nothing is loaded (no torch is imported). Each request is
+then answered by :meth:`ReplayLoader.answer` with the run whose identity (:mod:`nbllm.identity`)
+equals the request's, streamed as it was shown, with its original record marked ``replayed``. A
+request with no match fails with one line naming the closest recorded run and what differs; with
+``--fallback run`` the engine loads the real model instead.
+"""
+
+from __future__ import annotations
+
+import re
+import warnings
+from collections.abc import Iterator
+from dataclasses import fields
+from typing import TYPE_CHECKING, Any, ClassVar
+
+from ..errors import GenerationError, NbllmWarning, ReplayError
+from ..identity import request_identity
+from ..options import LoadOptions
+from ..result import Record, Result, Timings
+from ..source import ModelSource
+from .base import LoadInstead, Request, TextLoader
+
+if TYPE_CHECKING:
+    from ..recordings import Replay, Run
+
+FORMAT = "replay"
+
+
+class ReplayLoader(TextLoader):
+    """Stands in for the model a notebook loads while a replay is on. Each replay makes a subclass
+    bound to itself (:attr:`replay`)."""
+
+    name: ClassVar[str] = "replay"
+    formats: ClassVar[frozenset[str]] = frozenset({FORMAT})
+    load_options: ClassVar[frozenset[str]] = frozenset(LoadOptions.names())
+    renders_chat: ClassVar[bool] = True  # requests carry the messages, as the recorded identities do
+    replay: ClassVar[Replay]
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.model: dict[str, Any] = {}
+        self.loader_name = "auto"
+        self.spec = ""
+
+    def load(self, source: ModelSource, options: LoadOptions) -> None:
+        self.source, self.options, self.spec = source, options, source.name
+        recorded = self.replay.recording.model_for(self.spec)
+        if recorded is None:
+            self.model, self.loader_name = {"name": self.spec}, options.loader
+            self.placement.notes.append(
+                f"replay: {self.spec} has no recorded run in {self.replay.recording.source}; nothing was loaded"
+            )
+            return
+        self.model, self.loader_name = recorded
+        if options.loader != "auto":
+            self.loader_name = options.loader
+        self.placement.notes.append(f"replay: nothing was loaded; outputs come from {self.replay.recording.source}")
+
+    def unload(self) -> None:
+        self.source = None
+
+    def describe(self) -> dict[str, Any]:
+        return {"replaying": str(self.replay.recording.source), "recorded runs": len(self.replay.recording)}
+
+    def generate_text(self, request: Request) -> Iterator[str]:
+        raise GenerationError("the replay answers from its recording and generates nothing", "turn the replay off")
+
+    def answer(self, request: Request) -> Result:
+        assert self.options is not None
+        wanted = request_identity(
+            model=self.model,
+            loader=self.loader_name,
+            load_options=self.options.to_dict(),
+            generation_options=request.options.to_dict(),
+            seed=request.options.seed,
+            prompt=request.prompt,
+            messages=request.messages,
+        )
+        recording = self.replay.recording
+        run = recording.take(wanted)
+        if run is not None:
+            self.replay.answered += 1
+            return replayed_result(run, str(recording.source))
+        closest = recording.closest(wanted)
+        if closest is None:
+            why = f"{recording.source} holds no recorded run"
+        else:
+            near, differs = closest
+            why = (f"no recorded run in {recording.source} matches this request; the closest, {near.where}, differs in "
+                   + _listed(differs))
+        if self.replay.fallback == "run":
+            warnings.warn(f"{why}: loading {self.spec} to run it (the replay is off from here on)",
+                          NbllmWarning, stacklevel=2)
+            self.replay.fell_back = True
+            raise LoadInstead(self.spec, self.options)
+        raise ReplayError(why, "run the cell as it was recorded, or replay with --fallback run to load the model "
+                               "for what changed")
+
+
+def replayed_result(run: Run, source: str) -> Result:
+    """A result that streams ``run``'s recorded text and ends as it ended, with its original record
+    marked ``replayed``."""
+    record = Record.from_dict({**run.record, "replayed": {"source": source, "run": run.where}})
+    result = Result(record.prompt, record.seed, record)
+    result.prompt_tokens = run.prompt_tokens or 0
+    result.counted_tokens = run.completion_tokens or 0
+    known = {f.name for f in fields(Timings)}
+    timings = Timings(**{k: v for k, v in (run.timings or {}).items() if k in known})
+
+    def pieces() -> Iterator[str]:
+        yield from re.findall(r"\s*\S+\s*|\s+", run.text)
+        result.finish(run.finish_reason or "eos", timings)
+
+    return result.attach(pieces())
+
+
+def _listed(items: list[str]) -> str:
+    if len(items) <= 1:
+        return "".join(items) or "nothing it records"
+    return ", ".join(items[:-1]) + " and " + items[-1]

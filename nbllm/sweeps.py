@@ -1,0 +1,170 @@
+"""Sweeps: every combination of some generation options over a set of prompts, as one table.
+
+``nbllm.sweep(prompts, temperature=[0, 0.7], seed=[1, 2, 3])`` runs each prompt with each combination
+and returns a pandas DataFrame, one row per run: the prompt, the options that vary, the text, its
+tokens, tokens/s, why it ended and the record id (the run log's ``record_id``). Rows that share their
+options except the seed go to the engine together (:meth:`~nbllm.engine.Engine.generate_batch`): a
+loader that runs several prompts at once gets them as one padded batch; others run them one after
+another. An interrupt keeps the finished rows.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import sys
+import warnings
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, Any
+
+from .engine import Engine, get_engine
+from .errors import NbllmWarning, OptionError
+from .options import GenerationOptions, decode_escapes
+from .result import Result
+from .runlog import pandas_module
+
+if TYPE_CHECKING:
+    import pandas
+
+PromptLike = str | Sequence[Mapping[str, str]]
+
+
+def parse_grid(text: str) -> dict[str, list[str]]:
+    """``"temperature=0,0.7 seed=1,2,3"`` → ``{"temperature": ["0", "0.7"], "seed": ["1", "2", "3"]}``
+    (the line of ``%%llm --sweep``; ``max-new-tokens`` is ``max_new_tokens``; stop strings decode
+    escapes as ``--stop`` does)."""
+    grid: dict[str, list[str]] = {}
+    for part in text.split():
+        name, sep, values = part.partition("=")
+        name = name.strip().lstrip("-").replace("-", "_")
+        if not sep or not name or not values:
+            raise OptionError(f"--sweep {part!r} is not NAME=VALUE,VALUE",
+                              'write it as --sweep "temperature=0,0.7 seed=1,2,3"')
+        spec = GenerationOptions.spec(name)
+        grid[name] = [decode_escapes(v) if spec.escapes else v for v in values.split(",")]
+    return grid
+
+
+def sweep(
+    prompts: PromptLike | Sequence[PromptLike],
+    options: GenerationOptions | Mapping[str, Any] | None = None,
+    *,
+    chat: bool = False,
+    system: str | None = None,
+    batch: bool = True,
+    progress: bool | None = None,
+    engine: Engine | None = None,
+    results: list[Result] | None = None,
+    **grid: Any,
+) -> pandas.DataFrame:
+    """Run every prompt with every combination of the ``grid`` values and return the table.
+
+    ``prompts``: a prompt, a list of prompts, or a list of chat message lists. ``grid``: generation
+    options, each a list of values (a single value is fixed, not varied): ``temperature``, ``top_p``,
+    ``seed``, ``max_new_tokens``, ``stop`` (each value a stop string or a list of them)... ``options``:
+    the options the grid varies from (the engine's defaults otherwise). ``batch=False`` runs every row
+    alone. ``progress``: a progress bar (default: shown when the sweep lasts over two seconds).
+    ``results``: a list that receives the finished results of the rows, in row order.
+    """
+    from tqdm import tqdm
+
+    pd = pandas_module()
+    engine = engine if engine is not None else get_engine()
+    items = _prompts(prompts)
+    base = engine.generation_options(options)
+    varied = _grid(grid)
+    combos = [dict(zip(varied, values)) for values in itertools.product(*varied.values())]
+    settings = [base.replace(**{k: v for k, v in combo.items() if k != "seed"}) for combo in combos]
+    seeds = [GenerationOptions.from_dict(seed=combo["seed"]).seed if "seed" in combo else base.seed for combo in combos]
+    ready = [engine.prompt_for(item, chat=chat or system is not None, system=system) for item in items]
+
+    rows = [(p, c) for p in range(len(items)) for c in range(len(combos))]
+    groups: dict[str, list[int]] = {}
+    for n, (_, c) in enumerate(rows):
+        key = json.dumps(settings[c].to_dict(), sort_keys=True, default=str)
+        groups.setdefault(key, []).append(n)
+
+    size = max(1, engine.loader.batch_size) if batch else 1
+    done: dict[int, Result] = {}
+    interrupted = False
+    bar = tqdm(total=len(rows), desc="sweep", unit="run", file=sys.stderr, disable=progress is False,
+               delay=0 if progress else 2.0)
+    try:
+        for members in groups.values():
+            opts = settings[rows[members[0]][1]]
+            for start in range(0, len(members), size):
+                chunk = members[start : start + size]
+                prompts_ = [ready[rows[n][0]] for n in chunk]
+                seeds_ = [seeds[rows[n][1]] for n in chunk]
+                try:
+                    finished = engine.generate_batch(prompts_, opts, seeds=seeds_)
+                except KeyboardInterrupt as exc:
+                    done.update(zip(chunk, getattr(exc, "finished", [])))
+                    raise
+                done.update(zip(chunk, finished))
+                bar.update(len(chunk))
+    except KeyboardInterrupt:
+        interrupted = True
+        warnings.warn(f"the sweep was interrupted: {len(done)} of {len(rows)} runs finished (kept in the table)",
+                      NbllmWarning, stacklevel=2)
+    finally:
+        bar.close()
+
+    shown = [k for k, values in varied.items() if len(values) > 1 or k == "seed"]
+    table = []
+    for n, (p, c) in enumerate(rows):
+        result = done.get(n)
+        if result is None or result.record is None:
+            continue
+        row: dict[str, Any] = {"prompt": _prompt_text(items[p])}
+        if not isinstance(items[p], str):
+            row["messages"] = items[p]
+        for name in shown:
+            row[name] = result.seed if name == "seed" else getattr(settings[c], name)
+        row.update(
+            text=result.text,
+            tokens=result.completion_tokens,
+            tokens_per_second=result.timings.decode_tokens_per_second,
+            finish_reason=result.finish_reason,
+            record_id=result.record.id,
+        )
+        table.append(row)
+    frame = pd.DataFrame(table)
+    frame.attrs["interrupted"] = interrupted
+    frame.attrs["runs"] = len(rows)
+    if results is not None:
+        results.extend(done[n] for n in sorted(done) if done[n].record is not None)
+    return frame
+
+
+def _prompts(prompts: PromptLike | Sequence[PromptLike]) -> list[PromptLike]:
+    if isinstance(prompts, str):
+        return [prompts]
+    items: list[Any] = list(prompts)
+    if items and all(isinstance(m, Mapping) for m in items):  # one chat: a list of messages
+        return [items]
+    if not items or not all(isinstance(p, str) or (isinstance(p, Sequence) and all(isinstance(m, Mapping) for m in p))
+                            for p in items):
+        raise OptionError("a sweep needs prompts: text, a list of texts, or a list of chat message lists",
+                          'for example: nbllm.sweep(["Hi", "Hello"], temperature=[0, 0.7])')
+    return items
+
+
+def _grid(grid: Mapping[str, Any]) -> dict[str, list[Any]]:
+    """Each option's values: a list or tuple gives one value per item (``stop=["\\n", "."]`` is two
+    settings, ``stop=[["\\n", "."]]`` one with two stop strings); anything else is one fixed value."""
+    out: dict[str, list[Any]] = {}
+    for name, values in grid.items():
+        GenerationOptions.spec(name)  # an unknown name is one line listing the valid ones
+        listed = list(values) if isinstance(values, (list, tuple)) else [values]
+        if not listed:
+            raise OptionError(f"the sweep gives {name} no value", f"give {name} a list of at least one value")
+        out[name] = listed
+    return out
+
+
+def _prompt_text(item: PromptLike) -> str:
+    if isinstance(item, str):
+        return item
+    users = [m["content"] for m in item if m.get("role") == "user"]
+    return users[-1] if users else (item[-1]["content"] if item else "")
