@@ -570,6 +570,22 @@ def test_a_gguf_adapter_download_goes_to_loras_and_a_hub_id_downloads_before_app
     assert download("org/style-GGUF", check=True, echo=None).checked
 
 
+def test_a_dropped_adapter_download_resumes_with_a_range_request_then_moves_to_loras(hub, isolated, monkeypatch):
+    from huggingface_hub import constants
+
+    from nbllm.download import download
+
+    monkeypatch.setattr(constants, "DOWNLOAD_CHUNK_SIZE", 1024)  # (tiny files: resumes happen at whole chunks)
+    adapter = testing.tiny_gguf_adapter(rank=16)
+    assert adapter.stat().st_size > 8 * 1024
+    hub.add_repo("org/big-lora-GGUF", {"big-lora.gguf": adapter})
+    hub.drop_once["big-lora.gguf"] = 4 * 1024 + 100
+    result = download("org/big-lora-GGUF", echo=None)
+    assert [r.range for r in hub.gets("big-lora.gguf")] == [None, "bytes=4096-"]
+    assert result.path == adapters.loras_dir() / "big-lora.gguf" and result.adapter
+    assert result.path.read_bytes() == adapter.read_bytes()
+
+
 def test_a_model_given_as_an_adapter_hub_id_says_so(engine, tiny_model, hub):
     hub.add_folder("org/tiny", tiny_model)
     engine.load(tiny_model)
