@@ -11,6 +11,7 @@ def load_ipython_extension(ipython: Any) -> None:
     from .core import CoreMagics
     from .models import ModelMagics
     from .panels import PanelMagics
+    from .serve import ServeMagics
 
-    for magics in (CoreMagics, ChatMagics, ModelMagics, PanelMagics):
+    for magics in (CoreMagics, ChatMagics, ModelMagics, PanelMagics, ServeMagics):
         ipython.register_magics(magics)
