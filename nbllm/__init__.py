@@ -16,12 +16,14 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from .batch import generate_many
 from .chat import Conversation
 from .chat import Conversation as Chat
 from .engine import Engine, Status, get_engine
 from .errors import NbllmError
 from .options import GenerationOptions, LoadOptions
 from .result import Record, Result
+from .serve import serve  # the function (the module stays importable: from nbllm.serve import ServeOptions)
 
 __version__ = "0.1.0"
 
@@ -64,5 +66,5 @@ def load_ipython_extension(ipython: Any) -> None:
 
 __all__ = [
     "Chat", "Conversation", "Engine", "GenerationOptions", "LoadOptions", "NbllmError", "Record", "Result", "Status",
-    "generate", "get_engine", "load", "load_ipython_extension", "status", "stream", "unload",
+    "generate", "generate_many", "get_engine", "load", "load_ipython_extension", "serve", "status", "stream", "unload",
 ]
