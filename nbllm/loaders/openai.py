@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import threading
 import warnings
 from collections.abc import Iterator, Mapping
@@ -387,23 +388,31 @@ class OpenAILoader(TextLoader):
                         response.read()
                         raise self._status_error(response, GenerationError)
                     done = False
-                    for line in response.iter_lines():
-                        if request.cancel.is_set():
-                            return
-                        if not line.startswith("data:"):
-                            continue  # blank lines, comments (keep-alive pings), event names
-                        data = line[5:].strip()
-                        if data == "[DONE]":
-                            done = True
-                            break
-                        for text in self._chunk(data, chat=request.messages is not None):
-                            pieces += 1
-                            yield text
-                    if not done and self.finish_reason is None and not request.cancel.is_set():
-                        raise GenerationError(
-                            f"the server at {self.url} ended the reply after {pieces} pieces without finishing it",
-                            "the partial text is kept; check the server's log, then run the prompt again")
+                    finished = _close_on_cancel(request.cancel, response)
+                    try:
+                        for line in response.iter_lines():
+                            if request.cancel.is_set():
+                                return
+                            if not line.startswith("data:"):
+                                continue  # blank lines, comments (keep-alive pings), event names
+                            data = line[5:].strip()
+                            if data == "[DONE]":
+                                done = True
+                                break
+                            for text in self._chunk(data, chat=request.messages is not None):
+                                pieces += 1
+                                yield text
+                    finally:
+                        finished.set()
+                    if self.finish_reason is None and not request.cancel.is_set():
+                        raise GenerationError(  # llama-cpp-python's server does this to a reply another request interrupts
+                            f"the server at {self.url} ended the reply after {pieces} pieces without saying why "
+                            f"({'[DONE] came first' if done else 'the stream just ended'})",
+                            "the partial text is kept; the server may have cut it short for another request: "
+                            "check the server's log, then run the prompt again")
             except httpx.HTTPError as exc:
+                if request.cancel.is_set():
+                    return  # the connection was shut down to stop the reply: cancelled, not failed
                 raise self._transport_error(exc, GenerationError, pieces) from None
 
     def _chunk(self, data: str, *, chat: bool) -> Iterator[str]:
@@ -431,6 +440,33 @@ class OpenAILoader(TextLoader):
                 yield text
             if choice.get("finish_reason"):
                 self.finish_reason = _finish(str(choice["finish_reason"]))
+
+
+def _close_on_cancel(cancel: threading.Event, response: Any) -> threading.Event:
+    """Shut the reply's connection down as soon as ``cancel`` is set, even while a read waits for the
+    server: the read returns at once, and the server sees the client leave and stops generating.
+    Returns the event to set when the reply has been read (the watcher then ends)."""
+    finished = threading.Event()
+    try:
+        sock = response.extensions["network_stream"].get_extra_info("socket")
+    except Exception:  # another transport: closing the response is the best it can do
+        sock = None
+
+    def watch() -> None:
+        while not finished.is_set():
+            if cancel.wait(0.05):
+                if not finished.is_set():
+                    try:
+                        if sock is not None:
+                            sock.shutdown(socket.SHUT_RDWR)
+                        else:
+                            response.close()
+                    except Exception:
+                        pass
+                return
+
+    threading.Thread(target=watch, daemon=True, name="nbllm-remote-cancel").start()
+    return finished
 
 
 def _import_httpx() -> Any:
