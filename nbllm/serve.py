@@ -257,13 +257,13 @@ def create_app(engine: Engine | None = None, *, api_key: str | None = None, work
                       include_usage: bool) -> AsyncIterator[str]:
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
-        gone = threading.Event()
+        gone = _Leaving()
 
         def post(item: tuple[str, Any]) -> None:
             try:
                 loop.call_soon_threadsafe(queue.put_nowait, item)
             except RuntimeError:  # the server stopped: nobody is listening
-                gone.set()
+                gone.leave()
 
         pool.submit(_stream, start, post, gone, live)
         obj = "chat.completion.chunk" if chat else "text_completion"
@@ -304,7 +304,7 @@ def create_app(engine: Engine | None = None, *, api_key: str | None = None, work
                     yield "data: [DONE]\n\n"
                     return
         finally:
-            gone.set()  # the client left, or the reply ended: a generation still running stops
+            gone.leave()  # the client left, or the reply ended: a generation still running stops now
 
     async def completions(request: Request) -> Any:
         return await generate(request, chat=False)
@@ -360,19 +360,39 @@ def _read(start: Callable[[], Result], live: set[Result]) -> Result:
     return result
 
 
-def _stream(start: Callable[[], Result], post: Callable[[tuple[str, Any]], None], gone: threading.Event,
+class _Leaving:
+    """Set when the client of a streamed reply has left: the reply's result, once it exists, is
+    cancelled at once (even while its generation waits for the next token)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._left = False
+        self._result: Result | None = None
+
+    def leave(self) -> None:
+        with self._lock:
+            self._left, result = True, self._result
+        if result is not None:
+            result.cancel()
+
+    def started(self, result: Result) -> bool:
+        """Note the reply's result; whether the client has already left."""
+        with self._lock:
+            self._result = result
+            return self._left
+
+
+def _stream(start: Callable[[], Result], post: Callable[[tuple[str, Any]], None], gone: _Leaving,
             live: set[Result]) -> None:
     """A worker thread: wait for the engine, then pass the reply's pieces to the event loop."""
     result = None
     try:
         result = start()
         live.add(result)
-        if gone.is_set():  # the client left while the request waited for the engine
+        if gone.started(result):  # the client left while the request waited for the engine
             result.close()
         post(("start", result))
         for text in result:
-            if gone.is_set():
-                result.cancel()
             post(("piece", text))
         post(("end", result))
     except BaseException as exc:  # to the client, as an error event
