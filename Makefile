@@ -35,6 +35,7 @@ bench: install
 	$(PY) benchmarks/bench_transformers.py
 	$(PY) benchmarks/bench_llamacpp.py
 	$(PY) benchmarks/bench_chat_prefix.py
+	$(PY) benchmarks/bench_remote.py
 
 lint: install
 	$(VENV)/bin/ruff check nbllm tests benchmarks

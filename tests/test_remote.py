@@ -334,6 +334,7 @@ def test_the_server_kind_comes_from_what_it_says_of_itself() -> None:
     assert identify("vllm", probe({"version": {"version": "0.9.2"}}), "h") == ("vllm", "0.9.2")
     assert identify("llamacpp", probe({"props": {"build_info": "b5000"}}), "h") == ("llama.cpp", "b5000")
     assert identify("me", probe({}), "h") == ("llama-cpp-python", None)
+    assert identify("sglang", probe({}), "h") == ("sglang", None)
     assert identify("library", probe({"api/version": {"version": "0.6.1"}}), "h") == ("ollama", "0.6.1")
     assert identify("x", probe({"info": {"model_id": "m", "version": "3.0"}}), "h") == ("tgi", "3.0")
     assert identify("x", probe({"v1/internal/model/info": {"model_name": "m"}}), "h") == ("text-generation-webui", None)

@@ -60,6 +60,7 @@ SERVERS: dict[str, ServerKind] = {
     "nbllm": _kind("nbllm", top_k="top_k", min_p="min_p", typical_p="typical_p",
                    repetition_penalty="repetition_penalty"),
     "vllm": _kind("vllm", -1, top_k="top_k", min_p="min_p", repetition_penalty="repetition_penalty"),
+    "sglang": _kind("sglang", -1, top_k="top_k", min_p="min_p", repetition_penalty="repetition_penalty"),
     "llama.cpp": _kind("llama.cpp", top_k="top_k", min_p="min_p", typical_p="typical_p",
                        repetition_penalty="repeat_penalty"),
     "llama-cpp-python": _kind("llama-cpp-python", top_k="top_k", min_p="min_p", repetition_penalty="repeat_penalty"),
@@ -117,6 +118,8 @@ def identify(owned_by: str, probe: Any, host: str) -> tuple[str, str | None]:
     if owned_by == "nbllm" or owned_by == "vllm":
         said = probe("version") or {}
         return owned_by, said.get("version")
+    if owned_by == "sglang":
+        return "sglang", None
     if owned_by == "llamacpp":
         said = probe("props") or {}
         return "llama.cpp", said.get("build_info")
