@@ -34,7 +34,7 @@ from dataclasses import dataclass
 from typing import Any, ClassVar
 
 from .engine import Engine, Prompt, get_engine
-from .errors import GenerationError, NbllmError, NoModelLoadedError, OptionError, missing_dependency
+from .errors import NbllmError, NoModelLoadedError, OptionError, missing_dependency
 from .options import GenerationOptions, _Schema, option
 from .result import Result
 
@@ -408,11 +408,12 @@ def _usage(result: Result) -> dict[str, int]:
 
 
 def _nbllm_error(exc: NbllmError, error: Callable[..., Any]) -> Any:
+    """503 without a model, 500 for a failure inside the loader's library, 400 for the request's own fault."""
     if isinstance(exc, NoModelLoadedError):
         return error(503, exc.message, "server_error")
-    if isinstance(exc, (OptionError, GenerationError)) and not isinstance(exc.__cause__, Exception):
-        return error(400, exc.message)
-    return error(500, exc.message, "server_error")
+    if isinstance(exc.__cause__, Exception):
+        return error(500, exc.message, "server_error")
+    return error(400, exc.message)
 
 
 # ------------------------------------------------------------------------------------- the server

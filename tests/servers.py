@@ -155,17 +155,26 @@ class CountingProxy(ThreadedApp):
                                                     headers=headers)
             response = await client.send(upstream_request, stream=True)
 
+            ended = False
+
+            async def end() -> None:
+                nonlocal ended
+                if counted and not ended:
+                    ended = True
+                    async with changed:
+                        self.in_flight -= 1
+                        changed.notify_all()
+
             async def relay() -> Any:
                 try:
                     async for data in response.aiter_raw():
+                        if b"[DONE]" in data:  # over before the client can know it: it cannot have sent its next one
+                            await end()
                         yield data
                 finally:
+                    await end()
                     await response.aclose()
                     await client.aclose()
-                    if counted:
-                        async with changed:
-                            self.in_flight -= 1
-                            changed.notify_all()
 
             return StreamingResponse(relay(), status_code=response.status_code,
                                      media_type=response.headers.get("content-type"))

@@ -8,6 +8,7 @@ tests see, at the server, that a request waits its turn and that a client leavin
 from __future__ import annotations
 
 import json
+import signal
 import sys
 import threading
 from collections.abc import Iterator
@@ -166,6 +167,11 @@ def test_bad_requests_are_refused_with_the_apis_errors(engine: Any, tiny_gguf: P
         client.completions.create(model=model, prompt="Hi", n=2)
     with pytest.raises(openai.BadRequestError, match="--temperature 9.0 is above 5.0"):
         client.completions.create(model=model, prompt="Hi", temperature=9)
+    too_long = "word " * 3000
+    with pytest.raises(openai.BadRequestError, match="the prompt is .* tokens and the model's context holds 2048"):
+        client.completions.create(model=model, prompt=too_long)
+    with pytest.raises(openai.APIError, match="the prompt is .* tokens and the model's context holds 2048"):
+        list(client.completions.create(model=model, prompt=too_long, stream=True))  # after the 200: an error event
     with pytest.raises(openai.BadRequestError, match="message 1 needs a role"):
         client.chat.completions.create(model=model, messages=[{"role": "tool", "content": "x"}])  # type: ignore[list-item]
 
@@ -310,6 +316,35 @@ def test_stop_at_the_client_stops_the_reply_at_the_server(slow: Engine, monkeypa
         assert result.text == "".join(pieces) and served.text.startswith(result.text) and len(served.text) < 500 * 3
     finally:
         client.unload()
+
+
+def test_interrupting_a_cell_closes_the_stream_and_the_server_stops(shell: Any, slow: Engine,
+                                                                    stop_serving: None) -> None:
+    SlowLoader.gate = threading.Event()  # one word, then the reply waits: the cell blocks in a read
+    server = nbllm.serve(port=0, engine=slow)
+    shell.run_line_magic("llm_load", server.url)
+    main = threading.get_ident()
+    waiting = threading.Event()
+
+    def interrupt_once_the_first_word_is_in() -> None:
+        for _ in range(3000):
+            result = nbllm.get_engine().last_result
+            if result is not None and result.chunks:
+                signal.pthread_kill(main, signal.SIGINT)  # what the kernel's interrupt does
+                return
+            waiting.wait(0.01)
+
+    interrupter = threading.Thread(target=interrupt_once_the_first_word_is_in)
+    interrupter.start()
+    with pytest.raises(UsageError) as caught:
+        shell.run_cell_magic("llm", "--max-new-tokens 500 -o r", "go on")
+    interrupter.join(30)
+    assert str(caught.value) == ("Generation interrupted after 1 tokens; the partial text is kept and the model "
+                                 "is still loaded.")
+    r = shell.user_ns["r"]
+    assert r.finish_reason == "interrupted" and r.text == "w0 "
+    served = slow.last_result
+    assert served is not None and served.wait(30) and served.finish_reason == "cancelled"
 
 
 def test_the_create_app_serves_any_engine_and_the_options_class_checks_ports() -> None:
