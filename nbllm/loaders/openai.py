@@ -26,13 +26,15 @@ import threading
 import warnings
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Generic, TypeVar
 from urllib.parse import urlsplit
 
 from ..errors import GenerationError, LoadError, MissingDependencyError, NbllmError, NbllmWarning, OptionError
 from ..options import GenerationOptions, LoadOptions
 from ..source import ModelSource
 from .base import Request, TextLoader
+
+T = TypeVar("T")
 
 FORMAT = "openai"
 """The :attr:`ModelSource.format` of a model at an OpenAI-compatible server."""
@@ -145,10 +147,25 @@ def _finish(reason: str) -> str:
     return "length" if reason == "length" else "eos"
 
 
-class _PerThread(threading.local):
+class _Facts(threading.local):
+    """The last generation's facts, as the thread that ran it sees them."""
+
     finish_reason: str | None = None
     usage: tuple[int | None, int | None] = (None, None)
     fingerprint: str | None = None
+
+
+class _PerThread(Generic[T]):
+    """A loader attribute kept per thread (in the loader's :class:`_Facts`)."""
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        self.name = name
+
+    def __get__(self, loader: Any, owner: Any = None) -> T:
+        return getattr(loader._local, self.name)
+
+    def __set__(self, loader: Any, value: T) -> None:
+        setattr(loader._local, self.name, value)
 
 
 class OpenAILoader(TextLoader):
@@ -161,7 +178,7 @@ class OpenAILoader(TextLoader):
     renders_chat: ClassVar[bool] = True
 
     def __init__(self) -> None:
-        self._local = _PerThread()
+        self._local = _Facts()
         super().__init__()
         self.client: Any = None
         self.url = ""
@@ -172,29 +189,9 @@ class OpenAILoader(TextLoader):
         self._slots = threading.BoundedSemaphore(1)
 
     # per-generation facts, per thread (several requests may run side by side)
-    @property
-    def finish_reason(self) -> str | None:
-        return self._local.finish_reason
-
-    @finish_reason.setter
-    def finish_reason(self, value: str | None) -> None:
-        self._local.finish_reason = value
-
-    @property
-    def usage(self) -> tuple[int | None, int | None]:
-        return self._local.usage
-
-    @usage.setter
-    def usage(self, value: tuple[int | None, int | None]) -> None:
-        self._local.usage = value
-
-    @property
-    def fingerprint(self) -> str | None:
-        return self._local.fingerprint
-
-    @fingerprint.setter
-    def fingerprint(self, value: str | None) -> None:
-        self._local.fingerprint = value
+    finish_reason = _PerThread[str | None]()
+    usage = _PerThread[tuple[int | None, int | None]]()
+    fingerprint = _PerThread[str | None]()
 
     # -- what the user typed -----------------------------------------------------------------------
     @classmethod
