@@ -86,6 +86,7 @@ class LlamaCppServer:
             except subprocess.TimeoutExpired:
                 self.kill()
         self._log.close()
+        self.log_path.unlink(missing_ok=True)
 
 
 class ThreadedApp:

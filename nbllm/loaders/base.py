@@ -179,5 +179,5 @@ class TextLoader(Loader):
     @abstractmethod
     def generate_text(self, request: Request) -> Iterator[str]:
         """Yield text pieces as they come until the end, ``max_new_tokens`` or ``request.cancel``;
-        set ``finish_reason``, ``usage`` and ``fingerprint`` when known. Closing the iterator early must stop the
-        generation (close the stream) and leave the model usable."""
+        set ``finish_reason``, ``usage`` and ``fingerprint`` when known. Closing the iterator early
+        must stop the generation (close the stream) and leave the model usable."""
