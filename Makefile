@@ -41,6 +41,7 @@ bench: install
 	$(PY) benchmarks/bench_chat_prefix.py
 	$(PY) benchmarks/bench_sweep.py
 	$(PY) benchmarks/bench_replay.py
+	$(PY) benchmarks/bench_remote.py
 
 lint: install
 	$(VENV)/bin/ruff check nbllm tests benchmarks

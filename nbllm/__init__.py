@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from ._version import __version__ as __version__
+from .batch import generate_many
 from .chat import Conversation
 from .chat import Conversation as Chat
 from .engine import Engine, Status, get_engine
@@ -26,6 +27,7 @@ from .options import GenerationOptions, LoadOptions
 from .recordings import Replay, replay
 from .result import Record, Result
 from .runlog import runs
+from .serve import serve  # the function (the module stays importable: from nbllm.serve import ServeOptions)
 from .sweeps import sweep
 
 
@@ -70,6 +72,6 @@ def load_ipython_extension(ipython: Any) -> None:
 
 __all__ = [
     "Chat", "Conversation", "Engine", "GenerationOptions", "LoadOptions", "NbllmError", "Record", "Replay", "Result",
-    "Status", "generate", "get_engine", "load", "load_ipython_extension", "lora_add", "lora_clear", "lora_list",
-    "lora_remove", "lora_restore", "replay", "runs", "status", "stream", "sweep", "unload",
+    "Status", "generate", "generate_many", "get_engine", "load", "load_ipython_extension", "lora_add", "lora_clear",
+    "lora_list", "lora_remove", "lora_restore", "replay", "runs", "serve", "status", "stream", "sweep", "unload",
 ]

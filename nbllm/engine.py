@@ -9,7 +9,9 @@ from any thread or front end, a chat message, tokenizing, unload, load — first
 being read on another thread (the chat panel's reply) is waited for; any other unfinished result (one
 left half read in a variable, or never read) is stopped cleanly, its ``finish_reason`` saying
 ``superseded``, its partial text kept. Two generations never interleave on one model, and a model is
-never released under a generation.
+never released under a generation — except side by side on a loader that serves several requests at
+once (a server, ``parallel_requests`` > 1), where :func:`nbllm.generate_many` runs results ``beside``
+one another; anything else still waits for all of them.
 """
 
 from __future__ import annotations
@@ -115,7 +117,10 @@ class Engine:
         self._source: ModelSource | None = None
         self._options: LoadOptions | None = None
         self._cond = threading.Condition(threading.RLock())
-        self._owner: Result | None = None
+        self._owners: list[Result] = []
+        """The unfinished results that own the model: one, or several side by side (see the module)."""
+        self._asked: ModelSource | None = None
+        """The source as resolved from what the user typed (the loader may complete it: a server's model id)."""
         self._hashes: concurrent.futures.Future[dict[str, str]] | None = None
         self._loaded_at: str | None = None
         self._load_seconds: float | None = None
@@ -146,19 +151,27 @@ class Engine:
                 warnings.warn(f"a result listener failed: {type(exc).__name__}: {exc}", NbllmWarning, stacklevel=2)
 
     # -- ownership -------------------------------------------------------------------------------
-    def _settle(self) -> None:
-        """Wait for, or stop, the unfinished result that owns the model. Called holding the lock."""
-        while (owner := self._owner) is not None and not owner.done:
-            if owner.read_elsewhere():
-                self._cond.wait(0.05)
-            else:
-                owner.supersede()
-        self._owner = None
+    def _settle(self, *, beside: bool = False) -> None:
+        """Wait for, or stop, the unfinished results that own the model. Called holding the lock.
+        ``beside``: results being read on other threads are left running (side by side)."""
+        while True:
+            busy = False
+            for owner in list(self._owners):
+                if owner.done:
+                    continue
+                if owner.read_elsewhere():
+                    busy = True
+                else:
+                    owner.supersede()
+            self._owners = [r for r in self._owners if not r.done]
+            if beside or not busy:
+                return
+            self._cond.wait(0.05)
 
     def _released_by(self, result: Result) -> None:
         with self._cond:
-            if self._owner is result:
-                self._owner = None
+            if result in self._owners:
+                self._owners.remove(result)
             self._cond.notify_all()
 
     # -- lifecycle -------------------------------------------------------------------------------
@@ -198,7 +211,7 @@ class Engine:
                 self.defaults = saved.generation_options(self.defaults)
             cls = choose_loader(source, opts)
         with self._cond:
-            if self._loader is not None and self._source == source and self._options == opts:
+            if self._loader is not None and self._asked == source and self._options == opts:
                 if save_settings:
                     plan.after_load(source, opts, cls.name, 0.0, save=True, defaults=self.defaults)
                 status = self.status()
@@ -230,7 +243,8 @@ class Engine:
         hashes = None
         if source.revision is None and source.path is not None:  # a hub commit names the files already
             hashes = _hasher().submit(weights_sha256, source.path)
-        self._loader, self._source, self._options, self._hashes = loader, source, opts, hashes
+        self._loader, self._options, self._hashes = loader, opts, hashes
+        self._asked, self._source = source, loader.source or source  # a loader may complete it (a server's model id)
         self._load_seconds = time.perf_counter() - start
         self._loaded_at = _dt.datetime.now().strftime("%H:%M:%S")
 
@@ -253,7 +267,7 @@ class Engine:
 
     def _release(self) -> None:
         loader, self._loader = self._loader, None
-        self._source = self._options = None
+        self._source = self._options = self._asked = None
         self._hashes = None
         self._adapters = ()
         if loader is not None:
@@ -410,6 +424,7 @@ class Engine:
         conversation: dict[str, Any] | None = None,
         reuse_prefix: bool = False,
         continue_final: bool = False,
+        beside: bool = False,
     ) -> Result:
         """Like :meth:`stream`, for a prompt already rendered and tokenized (:meth:`prompt_for`).
 
@@ -422,10 +437,14 @@ class Engine:
 
         A prompt that leaves less room in the context than ``max_new_tokens`` is generated up to the
         context's end, with a note (a conversation says it itself), and ends with reason ``context``.
+
+        ``beside`` (:func:`nbllm.generate_many`): on a loader that serves several requests at once,
+        results being read on other threads keep running beside this one instead of being waited for.
         """
         opts = self.generation_options(options)
         with self._cond:
-            self._settle()
+            loader = self.loader
+            self._settle(beside=beside and loader.parallel_requests > 1)
             loader = self.loader
             ids = prompt.ids
             limit = loader.context_length
@@ -464,7 +483,7 @@ class Engine:
             if answered is not None:  # a stand-in answered from its records: nothing runs
                 self.last_result = answered
                 return answered
-            self._owner = result
+            self._owners.append(result)
             self.last_result = result
             result.on_done(self._released_by)
             result.on_done(self._notify)
@@ -592,6 +611,8 @@ class Engine:
                 if prompt_tokens is not None:
                     result.prompt_tokens = prompt_tokens
                 result.counted_tokens = completion if completion is not None else produced
+                if loader.fingerprint:
+                    record.model["system_fingerprint"] = loader.fingerprint
             if first is not None:
                 timings.time_to_first_token = first - start
                 n = result.completion_tokens

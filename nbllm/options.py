@@ -343,6 +343,7 @@ class LoadOptions(_Schema):
         "memory": "Memory and offloading",
         "rope": "RoPE (longer context)",
         "advanced": "Advanced",
+        "remote": "Model at a server",
     }
 
     loader: str = option(
@@ -459,6 +460,22 @@ class LoadOptions(_Schema):
     )
     verbose: bool = option(
         False, "Show the loader library's own log (llama.cpp prints a lot).", group="advanced",
+    )
+    remote_model: str | None = option(
+        None, "Which model of the server to use (its id, as the server lists it); unset: the first one "
+        "it lists.", group="remote", metavar="ID",
+    )
+    api_key_env: str = option(
+        "OPENAI_API_KEY", "The environment variable that holds the server's API key (the key is never typed "
+        "into a cell, shown or recorded); when it is not set, no key is sent.", group="remote", metavar="NAME",
+    )
+    max_concurrency: int = option(
+        8, "Most requests sent to the server at once by nbllm.generate_many (a server batches them).",
+        group="remote", minimum=1, maximum=1024, metavar="N",
+    )
+    timeout: float = option(
+        60.0, "Seconds to wait for the server to accept a connection or to send the next piece of a reply.",
+        group="remote", minimum=0.1, metavar="SECONDS",
     )
 
     def validate(self) -> None:

@@ -33,6 +33,8 @@ class ModelSource:
     """The commit sha of the hub revision the files came from, when known."""
     repo_id: str | None = None
     """The hub repository the files came from, when known."""
+    server: str | None = None
+    """The software (and version) of the server holding the model, as it says (e.g. ``vllm 0.9.2``)."""
 
     @property
     def files(self) -> Path:
@@ -55,6 +57,8 @@ class ModelSource:
             out["url"] = self.url
         if self.model_id is not None:
             out["model_id"] = self.model_id
+        if self.server is not None:
+            out["server"] = self.server
         if self.repo_id:
             out["repo_id"] = self.repo_id
         if self.revision:

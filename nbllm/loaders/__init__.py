@@ -22,6 +22,7 @@ LLAMACPP = "llama.cpp"
 _REGISTRY: dict[str, str | type[Loader]] = {
     TRANSFORMERS: "nbllm.loaders.transformers:TransformersLoader",
     LLAMACPP: "nbllm.loaders.llamacpp:LlamaCppLoader",
+    "openai": "nbllm.loaders.openai:OpenAILoader",
 }
 
 
@@ -124,7 +125,8 @@ def choose_loader(source: ModelSource, options: LoadOptions) -> type[Loader]:
 
 
 def _format_words(fmt: str) -> str:
-    return {"gguf": "a GGUF file", "transformers": "a Transformers model folder"}.get(fmt, f"a {fmt} model")
+    return {"gguf": "a GGUF file", "transformers": "a Transformers model folder",
+            "openai": "a model at an OpenAI-compatible server"}.get(fmt, f"a {fmt} model")
 
 
 def _either(names: Iterable[str]) -> str:

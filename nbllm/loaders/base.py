@@ -98,6 +98,10 @@ class Loader(ABC):
     batch_size: ClassVar[int] = 1
     """How many prompts the loader generates at once (:meth:`TokenLoader.generate_batch`); 1: one
     after another. Sweeps ask the engine for batches of up to this many rows."""
+    parallel_requests: int = 1
+    """How many requests the loaded model serves side by side (a server: up to ``--max-concurrency``).
+    Above 1, :func:`nbllm.generate_many` runs that many at once, and the per-generation facts a
+    loader keeps (a text loader's ``finish_reason``, ``usage``, ``fingerprint``) must be per thread."""
 
     def __init__(self) -> None:
         self.source: ModelSource | None = None
@@ -213,9 +217,12 @@ class TextLoader(Loader):
         """Why the last generation ended, as the engine behind says it: ``eos``, ``length`` or ``stop``."""
         self.usage: tuple[int | None, int | None] = (None, None)
         """Prompt and completion tokens of the last generation, when the engine behind counts them."""
+        self.fingerprint: str | None = None
+        """What the engine behind says identifies its configuration for the last generation (the
+        OpenAI API's ``system_fingerprint``); it goes into the record."""
 
     @abstractmethod
     def generate_text(self, request: Request) -> Iterator[str]:
         """Yield text pieces as they come until the end, ``max_new_tokens`` or ``request.cancel``;
-        set ``finish_reason`` and ``usage`` when known. Closing the iterator early must stop the
-        generation (close the stream) and leave the model usable."""
+        set ``finish_reason``, ``usage`` and ``fingerprint`` when known. Closing the iterator early
+        must stop the generation (close the stream) and leave the model usable."""

@@ -13,8 +13,9 @@ def load_ipython_extension(ipython: Any) -> None:
     from .lora import LoraMagics
     from .models import ModelMagics
     from .panels import PanelMagics
+    from .serve import ServeMagics
 
-    for magics in (CoreMagics, ChatMagics, ModelMagics, PanelMagics, LoraMagics, ExperimentMagics):
+    for magics in (CoreMagics, ChatMagics, ModelMagics, PanelMagics, LoraMagics, ExperimentMagics, ServeMagics):
         ipython.register_magics(magics)
     from .fit import FitMagics  # %llm_doctor
 

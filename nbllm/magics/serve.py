@@ -1,0 +1,42 @@
+"""``%llm_serve``: the kernel's model as an OpenAI-compatible server (a thin call into :mod:`nbllm.serve`)."""
+
+from __future__ import annotations
+
+from IPython.core import magic_arguments
+from IPython.core.magic import Magics, line_magic, magics_class
+
+from ..engine import get_engine
+from ..serve import ServeOptions, serve, stop
+from ._common import parse_line, schema_arguments, user_errors
+
+
+@magics_class
+class ServeMagics(Magics):
+    """Offer the loaded model to other programs over HTTP."""
+
+    @line_magic
+    @magic_arguments.magic_arguments()
+    @schema_arguments(ServeOptions)
+    @magic_arguments.argument("--stop", action="store_true", help="Stop the server.")
+    @user_errors
+    def llm_serve(self, line: str) -> None:
+        """Serve the loaded model (either loader) as an OpenAI-compatible API from a background thread.
+
+        ``/v1/models``, ``/v1/completions`` and ``/v1/chat/completions``, streamed or not; requests wait
+        their turn behind the engine, so cells keep working. Whatever model is loaded later is served.
+        Examples::
+
+            %llm_serve                              # http://127.0.0.1:8000/v1
+            %llm_serve --host 0.0.0.0 --port 8001 --api-key-env NBLLM_SERVE_KEY
+            %llm_serve --stop
+        """
+        args = parse_line(self.llm_serve, line)
+        if args.stop:
+            url = stop()
+            print(f"Stopped serving at {url}." if url else "No server was running.")
+            return
+        server = serve(ServeOptions.from_namespace(args))
+        status = get_engine().status()
+        what = status.model if status.loaded else "the kernel's model (none is loaded yet: requests get 503 until one is)"
+        key = f"; clients send the key in ${server.options.api_key_env}" if server.options.api_key_env else ""
+        print(f"Serving {what} at {server.url} (OpenAI-compatible{key}). Stop with %llm_serve --stop.")
