@@ -168,7 +168,7 @@ def create_app(engine: Engine | None = None, *, api_key: str | None = None, work
         from starlette.routing import Route
     except ImportError:
         raise missing_dependency("starlette", "serve") from None
-    from . import __version__
+    from ._version import __version__
 
     eng = engine if engine is not None else get_engine()
     pool = ThreadPoolExecutor(workers, thread_name_prefix="nbllm-serve")
