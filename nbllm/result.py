@@ -74,6 +74,7 @@ class Record:
 
     def __post_init__(self) -> None:
         self._later: dict[str, concurrent.futures.Future[Any]] = {}
+        self._completing = threading.Lock()  # the run log's writer and a cell's output complete it at once
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> Record:
@@ -93,12 +94,14 @@ class Record:
 
     def complete(self) -> Record:
         """Fill in what was being computed in the background (waits for it if needed)."""
-        while self._later:
-            key, future = self._later.popitem()
-            try:
-                self.model[key] = future.result()
-            except Exception as exc:  # a file that vanished or cannot be read: say so, keep the record
-                self.model[key] = f"unavailable ({type(exc).__name__})"
+        with self._completing:
+            while self._later:
+                key, future = next(iter(self._later.items()))
+                try:
+                    self.model[key] = future.result()
+                except Exception as exc:  # a file that vanished or cannot be read: say so, keep the record
+                    self.model[key] = f"unavailable ({type(exc).__name__})"
+                del self._later[key]
         return self
 
     def to_dict(self) -> dict[str, Any]:
