@@ -16,6 +16,8 @@ from collections.abc import Callable, Iterator, Mapping
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
+from .identity import record_identity
+
 GRACE_SECONDS = 1.0
 """How long a reader on another thread may spend between two pieces before its result counts as
 left half read (and another request may stop it) rather than being read."""
@@ -103,6 +105,11 @@ class Record:
                     self.model[key] = f"unavailable ({type(exc).__name__})"
                 del self._later[key]
         return self
+
+    def identity(self) -> dict[str, Any]:
+        """The identity of the request this record answered: what a replay matches on, and the run
+        log's ``identity`` column hashes (:mod:`nbllm.identity`)."""
+        return record_identity(self)
 
     def to_dict(self) -> dict[str, Any]:
         self.complete()
