@@ -16,6 +16,8 @@ from collections.abc import Callable, Iterator, Mapping
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
+from .identity import record_identity
+
 GRACE_SECONDS = 1.0
 """How long a reader on another thread may spend between two pieces before its result counts as
 left half read (and another request may stop it) rather than being read."""
@@ -74,6 +76,7 @@ class Record:
 
     def __post_init__(self) -> None:
         self._later: dict[str, concurrent.futures.Future[Any]] = {}
+        self._completing = threading.Lock()  # the run log's writer and a cell's output complete it at once
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> Record:
@@ -93,13 +96,20 @@ class Record:
 
     def complete(self) -> Record:
         """Fill in what was being computed in the background (waits for it if needed)."""
-        while self._later:
-            key, future = self._later.popitem()
-            try:
-                self.model[key] = future.result()
-            except Exception as exc:  # a file that vanished or cannot be read: say so, keep the record
-                self.model[key] = f"unavailable ({type(exc).__name__})"
+        with self._completing:
+            while self._later:
+                key, future = next(iter(self._later.items()))
+                try:
+                    self.model[key] = future.result()
+                except Exception as exc:  # a file that vanished or cannot be read: say so, keep the record
+                    self.model[key] = f"unavailable ({type(exc).__name__})"
+                del self._later[key]
         return self
+
+    def identity(self) -> dict[str, Any]:
+        """The identity of the request this record answered: what a replay matches on, and the run
+        log's ``identity`` column hashes (:mod:`nbllm.identity`)."""
+        return record_identity(self)
 
     def to_dict(self) -> dict[str, Any]:
         self.complete()

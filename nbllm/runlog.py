@@ -159,7 +159,7 @@ class RunLog:
             "seed_drawn": record.get("seed_drawn"),
             "conversation": _json(conversation),
             "batch": _json(record.get("batch")),
-            "identity": identity_key(record_identity(record)),
+            "identity": identity_key(record_identity(record)),  # as Record.identity() gives it
             "record": _json(record),
         }
         names = ", ".join(row)

@@ -61,7 +61,7 @@ def test_every_front_end_logs_its_generations(shell: Any, tiny_model: Path, log:
         assert row["completion_tokens"] == result.completion_tokens and row["prompt_tokens"] == result.prompt_tokens
         assert row["tokens_per_second"] == result.timings.decode_tokens_per_second
         assert row["record"] == json.loads(json.dumps(result.record.to_dict()))  # complete: with the weights sha256
-        assert row["identity"] == identity_key(record_identity(result.record))
+        assert row["identity"] == identity_key(result.record.identity()) == identity_key(record_identity(row["record"]))
     assert isinstance(by_id[d.record.id]["record"]["model"]["sha256"], dict)
     assert by_id[shell.user_ns["b"].record.id]["mode"] == "chat"
     assert by_id[shell.user_ns["c"].record.id]["conversation"] == {"name": "logged", "turn": 1}
