@@ -11,14 +11,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from conftest import need
 
 import nbllm
 from nbllm import chat as chatlib
 from nbllm.chat import ChatNote, Conversation, conversation, render_continuation
 from nbllm.chat_template import FALLBACK_TEMPLATE
 from nbllm.errors import ChatError, GenerationError
-
-LLAMACPP_LOADER = Path(nbllm.__file__).parent / "loaders" / "llamacpp.py"
 
 GREEDY = {"temperature": 0.0, "max_new_tokens": 8}
 
@@ -706,7 +705,7 @@ def test_chat_magic_shows_each_note_once_as_one_note_line(shell: Any, engine: An
 
 # -- llama.cpp ----------------------------------------------------------------------------------------
 def _gguf_template(path: Path) -> tuple[str, dict[str, str]]:
-    llama_cpp = pytest.importorskip("llama_cpp")
+    llama_cpp = need("llama_cpp")
     llm = llama_cpp.Llama(model_path=str(path), vocab_only=True, verbose=False)
     template = llm.metadata["tokenizer.chat_template"]
     special = {
@@ -729,9 +728,7 @@ def test_gguf_template_renders_as_llama_cpp_renders_it(tiny_gguf: Path, messages
 
 @pytest.fixture
 def gguf_loaded(engine: Any, tiny_gguf: Path) -> Any:
-    pytest.importorskip("llama_cpp")
-    if not LLAMACPP_LOADER.exists():
-        pytest.skip("the llama.cpp loader (nbllm/loaders/llamacpp.py) is not there yet")
+    need("llama_cpp")
     engine.load(tiny_gguf)
     return engine
 
