@@ -12,61 +12,12 @@ import nbllm
 from nbllm.engine import Engine, process_rss
 from nbllm.errors import GenerationError, ModelNotFoundError, NoModelLoadedError, OptionError
 
+try:
+    from stepping import count_steps, steps_once_the_generation_thread_is_free, stop_at_step
+except ImportError:  # tests/ imported as a package
+    from tests.stepping import count_steps, steps_once_the_generation_thread_is_free, stop_at_step
+
 PROMPT = "Once upon a time"
-
-
-def count_steps(model) -> tuple[list[int], object]:
-    """Count the model's forward passes (one per new token), as they start; returns the count's list
-    (its length) and the hook's handle."""
-    steps: list[int] = []
-    return steps, model.register_forward_pre_hook(lambda _m, _a: steps.append(1))
-
-
-def steps_once_the_generation_thread_is_free(steps: list[int]) -> int:
-    """The step count seen by the next job of the (one) generation thread: it runs only after whatever
-    still runs there, so a generation that did not stop would have added its steps by then."""
-    from nbllm.streaming import _worker
-
-    return _worker().submit(lambda: len(steps)).result(timeout=300)
-
-
-class _TokenList(list):
-    """A result's ``token_ids`` that can be waited on (the engine appends each token as it reads it)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.changed = threading.Condition()
-
-    def append(self, token: int) -> None:
-        with self.changed:
-            super().append(token)
-            self.changed.notify_all()
-
-    def wait_for(self, n: int, timeout: float) -> bool:
-        with self.changed:
-            return self.changed.wait_for(lambda: len(self) >= n, timeout)
-
-
-def stop_at_step(model, result, n: int, stop) -> tuple[dict[str, int], object]:
-    """At the model's ``n``-th forward pass, on the generation thread: wait until the reader has read
-    the ``n - 1`` tokens before it, call ``stop()`` (an interrupt, or a cancel sent from another
-    thread), and hold that step until the generation was told to stop, as a slow step of a big model
-    would be. Returns what was seen at that moment (filled in then) and the hook's handle."""
-    seen: dict[str, int] = {}
-    calls = [0]
-    result.token_ids = tokens = _TokenList()
-
-    def hook(_module, _args):
-        calls[0] += 1
-        if calls[0] == n:
-            assert tokens.wait_for(n - 1, 120), "the reader did not read the tokens before the stop"
-            seen["steps"], seen["tokens"] = calls[0], len(tokens)
-            stop()
-            seen["told"] = result.cancel_event.wait(120)
-
-    return seen, model.register_forward_pre_hook(hook)
-
-
 MiB = 2**20
 
 
@@ -197,7 +148,7 @@ def test_keyboard_interrupt_stops_within_a_step_keeps_the_partial_text_and_the_m
     model = loader.model
     steps, counting = count_steps(model)
     result = engine.stream(PROMPT, temperature=0, max_new_tokens=5000)
-    at, stopping = stop_at_step(model, result, 10, _thread.interrupt_main)  # a kernel interrupt, from another thread
+    at, stopping = stop_at_step(engine, 10, _thread.interrupt_main)  # a kernel interrupt, from another thread
     seen = []
     try:
         with pytest.raises(KeyboardInterrupt):
@@ -224,7 +175,7 @@ def test_cancel_from_another_thread(engine, tiny_model):
     model = engine.loader.model
     steps, counting = count_steps(model)
     result = engine.stream(PROMPT, temperature=0, max_new_tokens=5000)
-    at, stopping = stop_at_step(model, result, 6, lambda: threading.Thread(target=result.cancel).start())
+    at, stopping = stop_at_step(engine, 6, lambda: threading.Thread(target=result.cancel).start())
     try:
         text = result.text
     finally:
