@@ -93,6 +93,7 @@ class _Done:
 
 
 _DONE = _Done()
+_EMPTY = _Done()
 
 
 _WORKER: concurrent.futures.ThreadPoolExecutor | None = None
@@ -139,17 +140,20 @@ def threaded_tokens(
     finished = False
     try:
         while True:
+            # No `continue` in this loop: CPython 3.11 raises a KeyboardInterrupt that lands on a
+            # `continue` here outside this try, skipping the finally below (the worker would run on).
             try:
                 item = q.get(timeout=poll_seconds)
             except queue.Empty:
-                continue
+                item = _EMPTY
             if item is _DONE:
                 finished = True
                 return
             if isinstance(item, BaseException):
                 finished = True
                 raise item
-            yield item  # type: ignore[misc]
+            if item is not _EMPTY:
+                yield item  # type: ignore[misc]
     finally:
         if not finished:
             cancel.set()

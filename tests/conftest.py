@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import importlib
 import os
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+from types import ModuleType
+from typing import NoReturn
 
 import pytest
 
@@ -17,6 +20,27 @@ os.environ.setdefault("NBLLM_CACHE_DIR", str(ROOT / ".cache" / "nbllm-tests"))
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # The tests' runs go to a run log of their own, never to the user's.
 os.environ.setdefault("NBLLM_RUN_LOG", str(Path(tempfile.mkdtemp(prefix="nbllm-test-runs-")) / "runs.sqlite"))
+
+
+def in_ci() -> bool:
+    """Whether this run is CI's (CI services set ``CI=true``)."""
+    return os.environ.get("CI", "").strip().lower() not in ("", "0", "false", "no")
+
+
+def unavailable(why: str) -> NoReturn:
+    """Skip what needs a missing piece here; fail under CI, which installs every piece (``make test``),
+    so that a broken install there never passes as a run that quietly tested less."""
+    if in_ci():
+        pytest.fail(f"{why} (CI installs it: a missing piece is a failure there)", pytrace=False)
+    pytest.skip(why, allow_module_level=True)
+
+
+def need(module: str, why: str | None = None) -> ModuleType:
+    """``pytest.importorskip`` that fails under CI instead of skipping (see :func:`unavailable`)."""
+    try:
+        return importlib.import_module(module)
+    except ImportError as exc:
+        unavailable(why or f"needs {module} ({exc})")
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from conftest import need, unavailable
 
 pytestmark = pytest.mark.browser
 
@@ -93,10 +94,10 @@ def lab(tmp_path_factory: pytest.TempPathFactory, long_model: Path, hub_server: 
     """A JupyterLab server with fresh settings, workspaces, config and runtime folders, a models
     folder holding the tiny model, and its kernels pointed at the local hub server."""
     if not CHROMIUM.exists():
-        pytest.skip(f"{CHROMIUM} is missing (apt-get install chromium)")
-    pytest.importorskip("playwright.sync_api", reason="needs playwright (pip install playwright)")
-    pytest.importorskip("jupyterlab", reason="needs jupyterlab")
-    pytest.importorskip("ipywidgets", reason="needs ipywidgets")
+        unavailable(f"{CHROMIUM} is missing (apt-get install chromium)")
+    need("playwright.sync_api", "needs playwright (pip install playwright)")
+    need("jupyterlab", "needs jupyterlab")
+    need("ipywidgets", "needs ipywidgets")
 
     base = tmp_path_factory.mktemp("lab")
     dirs = {name: base / name for name in ("notebooks", "settings", "workspaces", "config", "runtime", "models",

@@ -3,6 +3,7 @@ save/load, interrupts and failures, and the chat magics, on the built-in tiny mo
 
 from __future__ import annotations
 
+import _thread
 import json
 import threading
 import warnings
@@ -11,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from conftest import need
 
 import nbllm
 from nbllm import chat as chatlib
@@ -18,7 +20,10 @@ from nbllm.chat import ChatNote, Conversation, conversation, render_continuation
 from nbllm.chat_template import FALLBACK_TEMPLATE
 from nbllm.errors import ChatError, GenerationError
 
-LLAMACPP_LOADER = Path(nbllm.__file__).parent / "loaders" / "llamacpp.py"
+try:
+    from stepping import count_steps, steps_once_the_generation_thread_is_free, stop_at_step
+except ImportError:  # tests/ imported as a package
+    from tests.stepping import count_steps, steps_once_the_generation_thread_is_free, stop_at_step
 
 GREEDY = {"temperature": 0.0, "max_new_tokens": 8}
 
@@ -98,7 +103,7 @@ def _spy_prompt_ids(monkeypatch: pytest.MonkeyPatch, loader: Any) -> list[list[i
 
 
 def _break_after(monkeypatch: pytest.MonkeyPatch, loader: Any, n: int, exc: BaseException) -> None:
-    """Make the next generations raise ``exc`` after ``n`` tokens (as a Ctrl-C or a library failure would)."""
+    """Make the next generations raise ``exc`` after ``n`` tokens, as a failure of the loader's library would."""
     original = loader.generate_tokens
 
     def generate_tokens(*args: Any, **kwargs: Any) -> Iterator[int]:
@@ -399,8 +404,11 @@ def test_save_load_round_trip(loaded: Any, tmp_path: Path) -> None:
     original = conv.to_dict()
     again.pop("saved"), original.pop("saved")
     assert again == original
-    # the loaded conversation goes on
-    assert back.send("Third", **GREEDY).text is not None and len(back) == 3
+    # the loaded conversation goes on, from its whole history
+    third = back.send("Third", **GREEDY)
+    _ = third.text
+    assert third.record is not None and third.record.messages == [*conv.messages(), {"role": "user", "content": "Third"}]
+    assert len(back) == 3 and back.turns[-1].reply is not None and back.turns[-1].reply.content == third.text
 
     registered = chatlib.load_conversation(path, "renamed")
     assert conversation("renamed") is registered and registered.name == "renamed"
@@ -525,21 +533,27 @@ def test_reply_rules(loaded: Any) -> None:
 
 
 # -- interrupts and failures --------------------------------------------------------------------------
-def test_interrupted_reply_is_kept_as_partial(loaded: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_interrupted_reply_is_kept_as_partial(loaded: Any) -> None:
     conv = Conversation("interrupt")
     _ = conv.send("Before", **GREEDY).text
-    _break_after(monkeypatch, loaded.loader, 3, KeyboardInterrupt())
+    steps, counting = count_steps(loaded.loader.model)
+    at, stopping = stop_at_step(loaded, 4, _thread.interrupt_main)  # a kernel interrupt at the 4th step
     result = conv.send("Tell me everything.", temperature=0, max_new_tokens=20)
-    with pytest.raises(KeyboardInterrupt):
-        for _ in result:
-            pass
-    assert result.finish_reason == "interrupted" and result.completion_tokens == 3
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            for _ in result:
+                pass
+    finally:
+        stopping.remove()
+        counting.remove()
+    assert at.get("told") and at["result"] is result
+    assert result.finish_reason == "interrupted" and result.completion_tokens == at["tokens"] == 3
+    assert len(steps) == 4 and steps_once_the_generation_thread_is_free(steps) == 4  # stopped within a step
     assert len(conv) == 2 and not conv.generating
     reply = conv.turns[-1].reply
     assert reply is not None and reply.partial and reply.finish_reason == "interrupted"
     assert reply.content == "".join(result.chunks)
     assert "[partial: interrupted]" in str(conv) and "partial: interrupted" in conv._repr_html_()
-    monkeypatch.undo()
     more = conv.continue_reply(temperature=0, max_new_tokens=4)
     _ = more.text
     assert not reply.partial and reply.finish_reason == "length" and reply.content.endswith(more.text)
@@ -593,8 +607,13 @@ def test_one_reply_at_a_time_and_sending_from_a_worker_thread(loaded: Any) -> No
     worker.start()
     main_text = other.send("from the notebook", **GREEDY).text
     worker.join(timeout=60)
-    assert not errors and len(results) == 1 and main_text is not None
+    assert not errors and len(results) == 1
     assert [t.user for t in conv.turns] == ["first", "from the panel"]
+    # Neither reply was disturbed by the other: each is what its conversation gives alone.
+    assert main_text == Conversation("alone").send("from the notebook", **GREEDY).text
+    history = [{"role": "user", "content": "first"}, {"role": "assistant", "content": unread.text}]
+    assert results[0] == nbllm.get_engine().generate([*history, {"role": "user", "content": "from the panel"}],
+                                                     **GREEDY).text
 
 
 # -- magics -------------------------------------------------------------------------------------------
@@ -664,15 +683,20 @@ def test_chat_magics(chat_shell: Any, capsys: pytest.CaptureFixture[str], tmp_pa
     assert copy.name == "copy" and conversation("copy") is copy
 
 
-def test_chat_magic_interrupt_keeps_a_partial_turn(chat_shell: Any, monkeypatch: pytest.MonkeyPatch,
-                                                   capsys: pytest.CaptureFixture[str]) -> None:
+def test_chat_magic_interrupt_keeps_a_partial_turn(chat_shell: Any, capsys: pytest.CaptureFixture[str]) -> None:
     from IPython.core.error import UsageError
 
-    _break_after(monkeypatch, nbllm.get_engine().loader, 4, KeyboardInterrupt())
-    with pytest.raises(UsageError, match="interrupted after 4 tokens"):
-        chat_shell.run_cell_magic("llm_chat", "--temperature 0 --max-new-tokens 30", "Talk.")
+    engine = nbllm.get_engine()
+    at, stopping = stop_at_step(engine, 5, _thread.interrupt_main)  # a kernel interrupt at the 5th step
+    try:
+        with pytest.raises(UsageError, match="interrupted after 4 tokens"):
+            chat_shell.run_cell_magic("llm_chat", "--temperature 0 --max-new-tokens 30", "Talk.")
+    finally:
+        stopping.remove()
+    assert at.get("told")
     reply = conversation().turns[-1].reply
-    assert reply is not None and reply.partial
+    assert reply is not None and reply.partial and reply.finish_reason == "interrupted"
+    assert reply.content == "".join(at["result"].chunks)
     assert "interrupted after 4 tokens" in capsys.readouterr().out
 
 
@@ -706,7 +730,7 @@ def test_chat_magic_shows_each_note_once_as_one_note_line(shell: Any, engine: An
 
 # -- llama.cpp ----------------------------------------------------------------------------------------
 def _gguf_template(path: Path) -> tuple[str, dict[str, str]]:
-    llama_cpp = pytest.importorskip("llama_cpp")
+    llama_cpp = need("llama_cpp")
     llm = llama_cpp.Llama(model_path=str(path), vocab_only=True, verbose=False)
     template = llm.metadata["tokenizer.chat_template"]
     special = {
@@ -729,9 +753,7 @@ def test_gguf_template_renders_as_llama_cpp_renders_it(tiny_gguf: Path, messages
 
 @pytest.fixture
 def gguf_loaded(engine: Any, tiny_gguf: Path) -> Any:
-    pytest.importorskip("llama_cpp")
-    if not LLAMACPP_LOADER.exists():
-        pytest.skip("the llama.cpp loader (nbllm/loaders/llamacpp.py) is not there yet")
+    need("llama_cpp")
     engine.load(tiny_gguf)
     return engine
 

@@ -17,6 +17,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from conftest import need
 
 from nbllm import models
 from nbllm.download import DEFAULT_QUANTIZATION, download, select_files
@@ -634,7 +635,7 @@ def test_download_flags_come_from_one_schema() -> None:
 def test_the_panel_download_field_takes_the_magic_s_flags(
     hub: HubServer, tiny_gguf: Path, tmp_path: Path
 ) -> None:
-    pytest.importorskip("ipywidgets")
+    need("ipywidgets")
     from nbllm.download import DownloadOptions
     from nbllm.widgets import SettingsPanel
 

@@ -12,16 +12,12 @@ import nbllm
 from nbllm.engine import Engine, process_rss
 from nbllm.errors import GenerationError, ModelNotFoundError, NoModelLoadedError, OptionError
 
+try:
+    from stepping import count_steps, steps_once_the_generation_thread_is_free, stop_at_step
+except ImportError:  # tests/ imported as a package
+    from tests.stepping import count_steps, steps_once_the_generation_thread_is_free, stop_at_step
+
 PROMPT = "Once upon a time"
-
-
-def generation_thread_is_idle() -> bool:
-    """The generation thread takes new work at once: nothing of the stopped generation still runs."""
-    from nbllm.streaming import _worker
-
-    start = time.monotonic()
-    _worker().submit(lambda: None).result(timeout=5)
-    return time.monotonic() - start < 0.5
 MiB = 2**20
 
 
@@ -36,10 +32,8 @@ def big_pair():
 def test_loading_the_same_model_with_the_same_options_does_nothing(engine, tiny_model):
     engine.load(tiny_model)
     loader = engine.loader
-    start = time.perf_counter()
-    engine.load(tiny_model, {"attn": "auto"})  # the same options, spelled out
-    assert engine.loader is loader
-    assert time.perf_counter() - start < 0.5
+    status = engine.load(tiny_model, {"attn": "auto"})  # the same options, spelled out
+    assert engine.loader is loader and status.already_loaded
     engine.load(tiny_model, attn="eager")
     assert engine.loader is not loader
 
@@ -148,44 +142,49 @@ def test_prompt_longer_than_the_context_is_refused(engine, tmp_path):
         engine.generate("word " * 40)
 
 
-def _interrupt_main_after(result, n_tokens: int) -> threading.Thread:
-    def watch():
-        while len(result.token_ids) < n_tokens:
-            time.sleep(0.001)
-        _thread.interrupt_main()
-
-    t = threading.Thread(target=watch, daemon=True)
-    t.start()
-    return t
-
-
 def test_keyboard_interrupt_stops_within_a_step_keeps_the_partial_text_and_the_model(engine, tiny_model):
     engine.load(tiny_model)
+    loader = engine.loader
+    model = loader.model
+    steps, counting = count_steps(model)
     result = engine.stream(PROMPT, temperature=0, max_new_tokens=5000)
-    _interrupt_main_after(result, 10)
+    at, stopping = stop_at_step(engine, 10, _thread.interrupt_main)  # a kernel interrupt, from another thread
     seen = []
-    with pytest.raises(KeyboardInterrupt):
-        for chunk in result:
-            seen.append(chunk)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            for chunk in result:
+                seen.append(chunk)
+    finally:
+        stopping.remove()
+        counting.remove()
+    assert at.get("told"), "the interrupt never reached the generation (it was not told to stop)"
     assert result.finish_reason == "interrupted" and result.interrupted
-    count = len(result.token_ids)
-    assert 10 <= count < 5000
-    time.sleep(0.2)
-    assert len(result.token_ids) == count  # the worker stopped
-    assert generation_thread_is_idle()
+    # Within a step: the step under way when the interrupt came ends, and no other one starts.
+    assert len(steps) == at["steps"] == 10
+    assert steps_once_the_generation_thread_is_free(steps) == 10  # and nothing ran after it
+    count = result.completion_tokens
+    assert count == at["tokens"] == 9  # read before the interrupt; the step under way adds none
     full = engine.generate(PROMPT, temperature=0, max_new_tokens=count)
     assert full.token_ids == result.token_ids  # the partial text is exactly the start of the full one
     assert result.text == full.text and "".join(seen) == full.text[: len("".join(seen))]
-    assert result.record is not None
+    assert engine.loader is loader  # the same model, still loaded: nothing was reloaded
 
 
 def test_cancel_from_another_thread(engine, tiny_model):
     engine.load(tiny_model)
-    result = engine.stream(PROMPT, max_new_tokens=5000)
-    threading.Timer(0.3, result.cancel).start()
-    text = result.text
-    assert result.finish_reason == "cancelled" and 0 < result.completion_tokens < 5000
-    assert text == "".join(result.chunks)
+    model = engine.loader.model
+    steps, counting = count_steps(model)
+    result = engine.stream(PROMPT, temperature=0, max_new_tokens=5000)
+    at, stopping = stop_at_step(engine, 6, lambda: threading.Thread(target=result.cancel).start())
+    try:
+        text = result.text
+    finally:
+        stopping.remove()
+        counting.remove()
+    assert at["told"] and result.finish_reason == "cancelled"
+    assert len(steps) == 6 and steps_once_the_generation_thread_is_free(steps) == 6
+    assert result.completion_tokens == 6  # the step under way ends; its token is kept
+    assert text == "".join(result.chunks) == engine.generate(PROMPT, temperature=0, max_new_tokens=6).text
 
 
 def test_an_exception_in_the_generating_thread_is_raised_not_a_hang(engine, tiny_model):
@@ -234,14 +233,22 @@ def test_python_api_without_ipython(tiny_model, engine):
 def test_close_while_streaming_finishes_the_result_at_once(engine, tiny_model):
     """An interrupt can land between two chunks, outside the generation: close() must still end it."""
     engine.load(tiny_model)
+    model = engine.loader.model
+    steps, counting = count_steps(model)
     result = engine.stream(PROMPT, temperature=0, max_new_tokens=5000)
     stream = iter(result)
-    for _ in range(3):
-        next(stream)
-    result.close()
+    try:
+        for _ in range(3):
+            next(stream)
+        before = len(steps)  # the generation thread may be a few tokens ahead of the reader
+        result.close()
+        after = len(steps)
+    finally:
+        counting.remove()
     assert result.done and result.finish_reason == "interrupted"
-    assert 3 <= result.completion_tokens < 5000
-    assert generation_thread_is_idle()
+    assert after <= before + 1  # within a step of close()
+    assert steps_once_the_generation_thread_is_free(steps) == after  # close() returned once it had stopped
+    assert 3 <= result.completion_tokens <= after
     assert list(stream) == []
 
 

@@ -15,6 +15,7 @@ from typing import Any
 
 import pytest
 import yaml
+from conftest import need
 
 from nbllm import models
 from nbllm.errors import GenerationError, LoadError, ModelNotFoundError, NbllmError, OptionError
@@ -362,7 +363,7 @@ def test_estimated_weights_match_the_loaded_model_on_this_cpu(engine, tiny_model
 
 
 def test_estimated_gguf_weights_match_llama_cpp(tiny_gguf):
-    llama_cpp = pytest.importorskip("llama_cpp")
+    llama_cpp = need("llama_cpp")
     predicted = estimate(tiny_gguf, {}, Machine(ram_bytes=16 * GiB)).weights_bytes
     llm = llama_cpp.Llama(str(tiny_gguf), n_ctx=64, verbose=False)
     try:

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 import pytest
+from conftest import need
 from IPython.core.error import UsageError
 
 import nbllm
@@ -80,7 +81,7 @@ def test_fit_prints_the_recommendation_before_loading_with_it(shell: Any, engine
 
 
 def test_panel_save_settings_button_writes_the_models_entry(engine: Any, folder: Path) -> None:
-    pytest.importorskip("ipywidgets")
+    need("ipywidgets")
     from nbllm.widgets import SettingsPanel
 
     panel = SettingsPanel(models_dir=folder)
@@ -120,7 +121,7 @@ class OutOfMemoryLoader(TokenLoader):
 
 def test_a_load_failure_the_fit_module_knows_is_explained_and_the_previous_model_comes_back(
         shell: Any, engine: Any, tiny_model: Path, tmp_path: Path) -> None:
-    pytest.importorskip("torch")
+    need("torch")
     engine.load(tiny_model)
     nbllm.loaders.register(OutOfMemoryLoader)
     try:

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from conftest import need
 from IPython.core.error import UsageError
 
 import nbllm
@@ -19,7 +20,7 @@ PROMPT = "def fibonacci(n):"
 def short_context(request: pytest.FixtureRequest, engine: Any) -> Any:
     """A model whose context holds 128 tokens, loaded."""
     if request.param == "llama.cpp":
-        pytest.importorskip("llama_cpp")
+        need("llama_cpp")
         engine.load(request.getfixturevalue("tiny_gguf"), n_ctx=128)
     else:
         from nbllm.testing import tiny_transformers_model

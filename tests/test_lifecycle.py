@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from conftest import need
 
 import nbllm
 from nbllm.chat import Conversation
@@ -25,7 +26,7 @@ LONG = {"temperature": 0, "max_new_tokens": 60}
 @pytest.fixture(params=["transformers", "llama.cpp"])
 def model(request: pytest.FixtureRequest) -> Path:
     if request.param == "llama.cpp":
-        pytest.importorskip("llama_cpp")
+        need("llama_cpp")
         return Path(request.getfixturevalue("tiny_gguf"))
     return Path(request.getfixturevalue("tiny_model"))
 
@@ -133,7 +134,7 @@ def test_the_engine_stays_usable_after_superseding(engine: Any, model: Path) -> 
 
 def test_chat_panel_send_right_after_stop_waits_for_the_stopped_reply(engine: Any, tiny_model: Path) -> None:
     """Stop racing a new Send: the stopped reply joins the conversation first, then the new one is written."""
-    pytest.importorskip("ipywidgets")
+    need("ipywidgets")
     from nbllm.widgets import ChatPanel
 
     engine.load(tiny_model)

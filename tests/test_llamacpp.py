@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from conftest import need
 from IPython.core.error import UsageError
 
 import nbllm
@@ -29,7 +30,7 @@ from nbllm.loaders.llamacpp import (
 from nbllm.options import LoadOptions
 from nbllm.source import ModelSource
 
-llama_cpp = pytest.importorskip("llama_cpp")
+llama_cpp = need("llama_cpp")
 pytestmark = pytest.mark.llamacpp
 
 PROMPT = "The quick brown fox"

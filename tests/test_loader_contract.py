@@ -12,6 +12,7 @@ from collections.abc import Iterator
 from typing import Any, ClassVar
 
 import pytest
+from conftest import need
 from IPython.core.error import UsageError
 
 import nbllm
@@ -137,7 +138,7 @@ def test_max_new_tokens_and_cancel_reach_a_text_loader(reverse: Any) -> None:
 
 
 def test_settings_panel_lists_the_loader_shows_its_options_and_the_loaded_model(reverse: Any, tmp_path: Any) -> None:
-    pytest.importorskip("ipywidgets")
+    need("ipywidgets")
     from nbllm.widgets import SettingsPanel
 
     nbllm.load("reverse://mirror")

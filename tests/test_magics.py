@@ -8,7 +8,6 @@ import re
 import subprocess
 import sys
 import threading
-import time
 
 import pytest
 from hypothesis import assume, given
@@ -18,6 +17,11 @@ from IPython.core.error import UsageError
 from nbllm.chat import conversation, conversations, forget
 from nbllm.magics._common import interpolate
 from nbllm.options import GenerationOptions, LoadOptions
+
+try:
+    from stepping import count_steps, steps_once_the_generation_thread_is_free, stop_at_step
+except ImportError:  # tests/ imported as a package
+    from tests.stepping import count_steps, steps_once_the_generation_thread_is_free, stop_at_step
 
 PROMPT = "The capital of France is"
 
@@ -227,25 +231,63 @@ def test_help_lists_every_option_with_its_explanation(shell, capsys):
     assert "Quantize the weights to 4 bits" in shown and "--chat" in shown
 
 
-def test_interrupt_keeps_the_partial_text_and_the_model(shell, tiny_model, capsys):
+def test_interrupt_stops_within_a_step_keeps_the_partial_text_and_the_model(shell, tiny_model, capsys):
     shell.run_line_magic("llm_load", str(tiny_model))
     capsys.readouterr()
     engine = __import__("nbllm").get_engine()
-
-    def watch():
-        while engine.last_result is None or len(engine.last_result.token_ids) < 10:
-            time.sleep(0.001)
-        _thread.interrupt_main()
-
-    threading.Thread(target=watch, daemon=True).start()
-    with pytest.raises(UsageError, match=r"Generation interrupted after \d+ tokens; the partial text is kept"):
-        shell.run_cell_magic("llm", "--temperature 0 --max-new-tokens 2000 -o r", PROMPT)
+    loader = engine.loader
+    steps, counting = count_steps(loader.model)
+    at, stopping = stop_at_step(engine, 10, _thread.interrupt_main)  # a kernel interrupt at the 10th step
+    try:
+        with pytest.raises(UsageError, match=r"^Generation interrupted after 9 tokens; the partial text is kept"):
+            shell.run_cell_magic("llm", "--temperature 0 --max-new-tokens 2000 -o r", PROMPT)
+    finally:
+        stopping.remove()
+        counting.remove()
     r = shell.user_ns["r"]
     out = capsys.readouterr().out
-    assert r.interrupted and 10 <= r.completion_tokens < 2000
-    assert out.startswith(r.text) and f"[interrupted after {r.completion_tokens} tokens]" in out
+    assert at.get("told") and r.interrupted and r is at["result"]
+    # Within a step: the step under way ends, no other starts, nothing runs after; its token is not shown.
+    assert len(steps) == 10 and steps_once_the_generation_thread_is_free(steps) == 10
+    assert r.completion_tokens == at["tokens"] == 9
+    assert out.startswith(r.text) and "[interrupted after 9 tokens]" in out
     shell.run_cell_magic("llm", "--temperature 0 --max-new-tokens 5 -o again", PROMPT)
-    assert shell.user_ns["again"].token_ids == r.token_ids[:5]
+    assert shell.user_ns["again"].token_ids == r.token_ids[:5] and engine.loader is loader
+
+
+def test_an_exception_in_the_generating_thread_is_one_line_in_the_cell(shell, tiny_model, capsys):
+    """The loader's library fails inside the generation thread (a CUDA assert, say): the cell shows one
+    line, the partial result says why it ended, and the model stays loaded and usable."""
+    shell.run_line_magic("llm_load", str(tiny_model))
+    engine = __import__("nbllm").get_engine()
+    loader = engine.loader
+    model = loader.model
+    forward, calls, threads = model.forward, [0], set()
+
+    def failing_forward(*args, **kwargs):
+        calls[0] += 1
+        threads.add(threading.current_thread().name)
+        if calls[0] == 4:
+            raise RuntimeError("CUDA error: device-side assert triggered\nCompile with TORCH_USE_CUDA_DSA")
+        return forward(*args, **kwargs)
+
+    model.forward = failing_forward
+    try:
+        with pytest.raises(UsageError) as err:
+            shell.run_cell_magic("llm", "--temperature 0 --max-new-tokens 50 -o r", PROMPT)
+    finally:
+        model.forward = forward
+    message = str(err.value)
+    assert "\n" not in message and "Traceback" not in message
+    assert message.startswith("generation failed in transformers: RuntimeError: CUDA error: device-side assert "
+                              "triggered. The model is still loaded")
+    assert threads == {"nbllm-generate_0"}  # it really failed in the generating thread
+    r = shell.user_ns["r"]
+    assert r.finish_reason == "error" and r.completion_tokens == 3
+    capsys.readouterr()
+    shell.run_cell_magic("llm", "--temperature 0 --max-new-tokens 6 -o again", PROMPT)
+    assert engine.loader is loader and shell.user_ns["again"].completion_tokens == 6
+    assert capsys.readouterr().out == shell.user_ns["again"].text + "\n"
 
 
 def test_ineffective_options_are_one_note_line(shell, tiny_model, capsys):

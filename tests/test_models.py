@@ -13,6 +13,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from conftest import need
 
 from nbllm import models
 from nbllm.errors import DownloadError, ModelNotFoundError, OptionError
@@ -314,7 +315,7 @@ def test_quantization_from_gguf_header(models_home: Path) -> None:
 
 def test_our_header_reader_agrees_with_gguf_s_own(tiny_gguf: Path) -> None:
     """The hand-written reader (kept for speed, see nbllm/gguf_file.py) reads what gguf.GGUFReader reads."""
-    gguf = pytest.importorskip("gguf")
+    gguf = need("gguf")
     theirs = gguf.GGUFReader(tiny_gguf)
     ours = read_gguf_header(tiny_gguf)
     assert ours.version == int(theirs.fields["GGUF.version"].contents())

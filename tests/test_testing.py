@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import need
 
 from nbllm import testing
 from nbllm.errors import OptionError
@@ -38,7 +39,7 @@ def gguf_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def hf(hf_path: Path):
-    pytest.importorskip("transformers")
+    need("transformers")
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     return AutoModelForCausalLM.from_pretrained(hf_path), AutoTokenizer.from_pretrained(hf_path)
@@ -46,7 +47,7 @@ def hf(hf_path: Path):
 
 @pytest.fixture(scope="module")
 def llm(gguf_path: Path):
-    llama_cpp = pytest.importorskip("llama_cpp")
+    llama_cpp = need("llama_cpp")
     return llama_cpp.Llama(model_path=str(gguf_path), verbose=False, n_ctx=256, seed=0)
 
 
@@ -291,7 +292,7 @@ def test_gguf_greedy_matches_transformers(llm, hf) -> None:
 
 
 def test_gguf_without_chat_template(tmp_path: Path) -> None:
-    llama_cpp = pytest.importorskip("llama_cpp")
+    llama_cpp = need("llama_cpp")
     path = testing.tiny_gguf_model(tmp_path / "m.gguf", chat_template=False, file_type="f16")
     llm = llama_cpp.Llama(model_path=str(path), verbose=False, n_ctx=64)
     assert "tokenizer.chat_template" not in llm.metadata

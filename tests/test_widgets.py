@@ -16,8 +16,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from conftest import need
 
-pytest.importorskip("ipywidgets")
+need("ipywidgets")
 
 from nbllm import GenerationOptions, models  # noqa: E402
 from nbllm.chat import conversation, forget  # noqa: E402
