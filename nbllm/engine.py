@@ -242,10 +242,13 @@ class Engine:
 
     @property
     def loader(self) -> Loader:
-        """The loaded model's loader (raises when nothing is loaded)."""
-        if self._loader is None:
+        """The loaded model's loader (raises when nothing is loaded). A load running on another thread
+        (the settings panel's) is waited for: its lock is held for the whole load."""
+        with self._cond:
+            loader = self._loader
+        if loader is None:
             raise NoModelLoadedError("no model is loaded", "load one first: %llm_load MODEL or nbllm.load(MODEL)")
-        return self._loader
+        return loader
 
     def status(self) -> Status:
         if self._loader is None or self._source is None or self._options is None:
