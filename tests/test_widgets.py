@@ -372,7 +372,8 @@ def test_download_field_downloads_lists_and_selects_the_model(
 def test_send_without_a_model_shows_the_error_and_keeps_the_message(chat: ChatPanel) -> None:
     chat.input.value = "hello"
     chat.send_button.click()
-    assert chat.messages.error_text.startswith("no model is loaded.")
+    assert chat.messages.error_text == ("no model is loaded. Load one with the Load button of the settings panel "
+                                        "(%llm_settings), or with %llm_load MODEL in a cell.")  # panel words
     assert chat.input.value == "hello"
     assert not chat.generating and len(chat.chat) == 0
 
@@ -453,6 +454,28 @@ def test_stop_during_a_long_reply_keeps_the_partial_reply(chat: ChatPanel, engin
     assert len(chat.chat.turns[-1].reply.content) > len(before)
 
 
+def test_continue_past_the_context_is_one_message_that_says_what_to_do_and_clear_clears_the_numbers(
+    chat: ChatPanel, engine: Any
+) -> None:
+    from nbllm.testing import tiny_transformers_model
+
+    engine.load(tiny_transformers_model(max_position_embeddings=64))
+    engine.defaults = GenerationOptions(temperature=0, max_new_tokens=200)
+    chat.send("Hi")
+    assert chat.wait(60)
+    assert chat.chat.turns[-1].reply.finish_reason == "context"  # the reply ran to the end of the context
+    assert "ended: context" in chat.status.value
+    chat.continue_button.click()
+    error = chat.messages.error_text
+    assert error.startswith("the last reply and its message are ") and error.endswith(
+        "tokens: the model's context (64 tokens) is full, so the reply cannot be continued. Lower max_new_tokens in "
+        "the settings panel and click Regenerate, or click Clear to start over.")
+    assert chat.messages.note_text == ""  # one message, not a second one that says something else
+    assert not chat.generating and len(chat.chat) == 1
+    chat.clear_button.click()
+    assert chat.status.value == "" and chat.view.children == ()  # no numbers of a reply that is gone
+
+
 def test_chat_panel_shares_the_conversation_with_the_magic(shell: Any, engine: Any, tiny_model: Path) -> None:
     from nbllm.widgets import _common
 
@@ -470,12 +493,20 @@ def test_chat_panel_shares_the_conversation_with_the_magic(shell: Any, engine: A
 
 
 def test_chat_text_is_shown_as_written_in_markdown() -> None:
-    from nbllm.widgets.chat import as_markdown
+    from nbllm.widgets.chat import MessageView, chat_html
 
-    assert as_markdown("one\ntwo") == "one  \ntwo  "  # a newline is a line break
-    assert as_markdown("a <b>tag</b> & `x<y` here") == "a &lt;b>tag&lt;/b> &amp; `x<y` here  "
-    fenced = "```python\nif a<b:\n    pass\n```"
-    assert as_markdown(fenced) == fenced  # code blocks untouched
+    assert chat_html("one\ntwo") == "<p>one<br />\ntwo</p>\n"  # a newline is a line break
+    assert chat_html("a <b>tag</b> & `x<y` &amp; here") == (
+        "<p>a &lt;b&gt;tag&lt;/b&gt; &amp; <code>x&lt;y</code> &amp;amp; here</p>\n")  # characters, not HTML
+    dollars = "The apples cost $5 and the pears cost $10"
+    assert chat_html(dollars) == f"<p>{dollars}</p>\n"  # no math: the HTML is shown as is, never typeset
+    assert chat_html("Code:\n\n    a < b & c") == "<p>Code:</p>\n<pre><code>a &lt; b &amp; c\n</code></pre>\n"
+    assert chat_html("```python\nif a<b:\n    pass\n```") == (
+        '<pre><code class="language-python">if a&lt;b:\n    pass\n</code></pre>\n')  # escaped once
+    assert 'target="_blank"' in chat_html("[docs](https://example.org)")
+    assert "<img" not in chat_html("![x](https://example.org/x.png)") and "href" not in chat_html("[x](javascript:1)")
+    view = MessageView("assistant", "    a < b & c")  # replies too
+    assert "a &lt; b &amp; c" in view.value and "&amp;lt;" not in view.value
 
 
 # ------------------------------------------------------------------------------------------ magics
