@@ -15,6 +15,7 @@ never released under a generation.
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import copy
 import datetime as _dt
 import gc
@@ -25,7 +26,7 @@ import sys
 import threading
 import time
 import warnings
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -121,12 +122,30 @@ class Engine:
         self.reuse_prefix = True
         """Let conversations reuse the computed state of their history (see ``stream_prompt``)."""
         self.last_result: Result | None = None
+        self._waiting = threading.local()
 
     # -- ownership -------------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def on_wait(self, callback: Callable[[Result], None]) -> Iterator[None]:
+        """While in the block, ``callback(result)`` is called once, on this thread, when a request made
+        here has to wait for a result another thread is reading (the chat panel's reply), so that a
+        front end can say it is waiting (``%%llm`` does)."""
+        previous = getattr(self._waiting, "callback", None)
+        self._waiting.callback = callback
+        try:
+            yield
+        finally:
+            self._waiting.callback = previous
+
     def _settle(self) -> None:
         """Wait for, or stop, the unfinished result that owns the model. Called holding the lock."""
+        told = False
         while (owner := self._owner) is not None and not owner.done:
             if owner.read_elsewhere():
+                callback = getattr(self._waiting, "callback", None)
+                if callback is not None and not told:
+                    told = True
+                    callback(owner)
                 self._cond.wait(0.05)
             else:
                 owner.supersede()

@@ -476,6 +476,40 @@ def test_continue_past_the_context_is_one_message_that_says_what_to_do_and_clear
     assert chat.status.value == "" and chat.view.children == ()  # no numbers of a reply that is gone
 
 
+def test_a_cell_waiting_for_the_chat_panels_reply_says_it_is_waiting(
+    chat: ChatPanel, shell: Any, engine: Any, long_model: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import io
+    import threading
+
+    from nbllm.magics._common import WAITING
+
+    class Watched(io.StringIO):
+        """stdout, telling when the cell has said it waits."""
+
+        said = threading.Event()
+
+        def write(self, text: str) -> int:
+            n = super().write(text)
+            if WAITING in self.getvalue():
+                self.said.set()
+            return n
+
+    engine.load(long_model)
+    engine.defaults = GenerationOptions(temperature=0, max_new_tokens=4000)
+    chat.send("Write a long story.")
+    wait_for(lambda: len(chat.view.children[-1].text) > 20, what="streamed text in the panel")
+    out = Watched()
+    monkeypatch.setattr(sys, "stdout", out)
+    stopper = threading.Thread(target=lambda: out.said.wait(60) and chat.stop(), daemon=True)
+    stopper.start()
+    shell.run_cell("%%llm --temperature 0 --max-new-tokens 3\nHi").raise_error()  # waits for the panel's reply
+    stopper.join(5)
+    assert out.said.is_set() and out.getvalue().startswith(WAITING + "\n")
+    assert chat.wait(30) and chat.chat.turns[-1].reply.finish_reason == "cancelled"  # stopped, not superseded
+    assert engine.last_result.completion_tokens == 3  # then the cell's own prompt ran
+
+
 def test_chat_panel_shares_the_conversation_with_the_magic(shell: Any, engine: Any, tiny_model: Path) -> None:
     from nbllm.widgets import _common
 

@@ -11,6 +11,7 @@ from ..engine import format_memory, get_engine, process_rss
 from ..errors import NbllmError
 from ..options import LoadOptions
 from ._common import (
+    StreamView,
     generation_arguments,
     generation_options,
     interpolate,
@@ -19,6 +20,7 @@ from ._common import (
     schema_arguments,
     show_stream,
     user_errors,
+    waiting_shown,
 )
 
 
@@ -89,10 +91,12 @@ class CoreMagics(Magics):
         if not prompt.strip():
             raise NbllmError("the prompt is empty", "write it in the cell, under the %%llm line")
         chat = args.chat or args.system is not None
-        result = engine.stream(prompt, options, chat=chat, system=args.system)
+        view = StreamView(self.shell)
+        with waiting_shown(view):
+            result = engine.stream(prompt, options, chat=chat, system=args.system)
         if args.output:
             user_ns[args.output] = result
-        show_stream(self.shell, result)
+        show_stream(self.shell, result, view)
 
     @line_magic
     @user_errors
