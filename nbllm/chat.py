@@ -24,7 +24,7 @@ from typing import Any
 
 from .chat_template import FALLBACK_NOTE, ChatNote, render_chat, starts_with_bos
 from .engine import Engine, Prompt, get_engine
-from .errors import ChatError
+from .errors import ChatError, GenerationError
 from .options import GenerationOptions
 from .result import Record, Result
 
@@ -151,6 +151,26 @@ class Turn:
             reply=Reply.from_dict(reply, f"{where}, reply") if reply is not None else None,
             earlier=[Reply.from_dict(r, f"{where}, earlier reply {i}") for i, r in enumerate(earlier, 1)],
         )
+
+
+class ContextFullError(ChatError, GenerationError):
+    """Even the shortest prompt (the system prompt and the last message, with the reply when
+    continuing) fills the model's context: nothing can be generated. One message that says what to do
+    (``continuing``: the reply itself fills it, so it cannot go on)."""
+
+    def __init__(self, name: str, tokens: int, context: int, *, continuing: bool) -> None:
+        self.continuing = continuing
+        if continuing:
+            super().__init__(
+                f"the last reply and its message are {tokens} tokens: the model's context ({context} tokens) is full, "
+                "so the reply cannot be continued",
+                f"regenerate it with a lower max_new_tokens, or start over with %llm_chat_reset {name}",
+            )
+        else:
+            super().__init__(
+                f"the last message is {tokens} tokens with the system prompt and the model's context holds {context}",
+                "shorten the message or the system prompt",
+            )
 
 
 @dataclass
@@ -393,6 +413,8 @@ class Conversation:
         if best is None:
             best = render(len(turns) - 1) if len(turns) > 1 else prompt
             assert context is not None and best.ids is not None
+            if len(best.ids) >= context:
+                raise ContextFullError(self.name, len(best.ids), context, continuing=open_reply)
             notes.append(
                 f"the prompt is {len(best.ids)} tokens even with only the system prompt and the last message: "
                 f"{max(context - len(best.ids), 0)} of the {max_new_tokens} new tokens asked for fit in the "
@@ -677,6 +699,6 @@ def forget(name: str) -> bool:
 
 
 __all__ = [
-    "FORMAT", "ChatNote", "Conversation", "Reply", "Turn", "conversation", "conversations", "forget",
+    "FORMAT", "ChatNote", "ContextFullError", "Conversation", "Reply", "Turn", "conversation", "conversations", "forget",
     "load_conversation", "render_continuation",
 ]

@@ -17,6 +17,7 @@ one another; anything else still waits for all of them.
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import copy
 import datetime as _dt
 import gc
@@ -149,23 +150,41 @@ class Engine:
                 callback(result)
             except Exception as exc:
                 warnings.warn(f"a result listener failed: {type(exc).__name__}: {exc}", NbllmWarning, stacklevel=2)
+        self._waiting = threading.local()
 
     # -- ownership -------------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def on_wait(self, callback: Callable[[Result], None]) -> Iterator[None]:
+        """While in the block, ``callback(result)`` is called once, on this thread, when a request made
+        here has to wait for a result another thread is reading (the chat panel's reply), so that a
+        front end can say it is waiting (``%%llm`` does)."""
+        previous = getattr(self._waiting, "callback", None)
+        self._waiting.callback = callback
+        try:
+            yield
+        finally:
+            self._waiting.callback = previous
+
     def _settle(self, *, beside: bool = False) -> None:
         """Wait for, or stop, the unfinished results that own the model. Called holding the lock.
         ``beside``: results being read on other threads are left running (side by side)."""
+        told = False
         while True:
-            busy = False
+            busy = None
             for owner in list(self._owners):
                 if owner.done:
                     continue
                 if owner.read_elsewhere():
-                    busy = True
+                    busy = owner
                 else:
                     owner.supersede()
             self._owners = [r for r in self._owners if not r.done]
-            if beside or not busy:
+            if beside or busy is None:
                 return
+            callback = getattr(self._waiting, "callback", None)
+            if callback is not None and not told:
+                told = True
+                callback(busy)
             self._cond.wait(0.05)
 
     def _released_by(self, result: Result) -> None:
@@ -285,10 +304,13 @@ class Engine:
 
     @property
     def loader(self) -> Loader:
-        """The loaded model's loader (raises when nothing is loaded)."""
-        if self._loader is None:
+        """The loaded model's loader (raises when nothing is loaded). A load running on another thread
+        (the settings panel's) is waited for: its lock is held for the whole load."""
+        with self._cond:
+            loader = self._loader
+        if loader is None:
             raise NoModelLoadedError("no model is loaded", "load one first: %llm_load MODEL or nbllm.load(MODEL)")
-        return self._loader
+        return loader
 
     def status(self) -> Status:
         if self._loader is None or self._source is None or self._options is None:

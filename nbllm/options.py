@@ -174,12 +174,9 @@ class _Schema:
             if isinstance(value, (int, float)) and not isinstance(value, bool):
                 if isinstance(value, float) and not math.isfinite(value):
                     raise OptionError(f"{s.flag} must be a finite number, not {value}", "give a number")
-                if s.minimum is not None and value < s.minimum:
-                    raise OptionError(f"{s.flag} {value} is below {s.minimum}", _bounds_fix(s))
-                if s.minimum_exclusive and value == s.minimum:
-                    raise OptionError(f"{s.flag} {value} is not above {s.minimum}", _bounds_fix(s))
-                if s.maximum is not None and value > s.maximum:
-                    raise OptionError(f"{s.flag} {value} is above {s.maximum}", _bounds_fix(s))
+                problem = _out_of_bounds(s, value)
+                if problem:
+                    raise OptionError(f"{s.flag} {value} {problem}", _bounds_fix(s))
 
     @classmethod
     def argparse_arguments(cls, *, defaults_none: bool = True) -> list[tuple[tuple[str, ...], dict[str, Any]]]:
@@ -220,6 +217,49 @@ class _Schema:
         """Options from parsed flags: what the user typed, over ``base`` (or the defaults)."""
         start = base.to_dict() if base is not None else {}
         return cls.from_dict({**start, **cls.typed(ns)})
+
+
+def _out_of_bounds(s: OptionSpec, value: float) -> str | None:
+    """How ``value`` breaks the bounds of ``s`` (``is below 0``), or None when it is within them."""
+    if s.minimum is not None and value < s.minimum:
+        return f"is below {s.minimum}"
+    if s.minimum_exclusive and value == s.minimum:
+        return f"is not above {s.minimum}"
+    if s.maximum is not None and value > s.maximum:
+        return f"is above {s.maximum}"
+    return None
+
+
+def field_value(s: OptionSpec, text: str) -> Any:
+    """What the text typed in a panel field means for option ``s``: its value, checked alone as the
+    schema checks it (type, bounds), or an :class:`OptionError` in panel words: it names the field, not
+    the flag, and shows the text as typed (``cpu_memory -3 is below 0``, not ``-3.0``). An empty
+    optional field is ``None``. Combinations are checked where the whole set is built."""
+    text = text.strip()
+    if not text:
+        if s.default is None:
+            return None
+        raise OptionError(f"the {s.name} field is empty", f"type {_type_words(s)}, for example {_show(s.default)}")
+    try:
+        value = _coerce(s, text)
+    except OptionError:
+        raise OptionError(f"the {s.name} field expects {_type_words(s)}, not {text!r}", _field_fix(s)) from None
+    if isinstance(value, float) and not math.isfinite(value):
+        raise OptionError(f"the {s.name} field expects a finite number, not {text!r}", _field_fix(s))
+    problem = _out_of_bounds(s, value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+    if problem:
+        raise OptionError(f"{s.name} {text} {problem}", _bounds_fix(s))
+    if s.choices is not None and value not in s.choices:
+        raise OptionError(f"{s.name} {text!r} is not valid", f"use one of: {', '.join(map(str, s.choices))}")
+    return value
+
+
+def _field_fix(s: OptionSpec) -> str:
+    """:func:`_value_fix` for a panel field: an example to type, or leaving the field empty."""
+    example = s.example if s.example is not None else None if s.default is None else _show(s.default)
+    if example is None:
+        return f"type {_type_words(s)}, or leave the field empty"
+    return f"for example: {example}" + (", or leave the field empty" if s.default is None else "")
 
 
 def _bounds_fix(s: OptionSpec) -> str:

@@ -390,8 +390,14 @@ class LlamaCppLoader(TokenLoader):
         if opts.cache_type != "fp16" and not opts.flash_attn:
             notes.append(f"--cache-type {opts.cache_type} quantizes the K cache only; the V cache stays fp16 "
                          "(llama.cpp quantizes it only with --flash-attn)")
+        trained = trained_context(self.header.metadata) if self.header else None
+        scaled = opts.alpha_value != 1.0 or opts.compress_pos_emb != 1.0 or opts.rope_freq_base
+        if opts.n_ctx and trained and opts.n_ctx > trained and not scaled:
+            times = f"{opts.n_ctx / trained:.3g}"
+            notes.append(f"n_ctx {opts.n_ctx} is {times}x the {trained} tokens the model was trained on: past "
+                         f"{trained} tokens it needs RoPE scaling, --compress-pos-emb {times} (linear, for a model "
+                         "fine-tuned with it) or --alpha-value (NTK: 1.75 for 1.5x, 2.5 for 2x)")
         if opts.n_ctx == 0:
-            trained = trained_context(self.header.metadata) if self.header else None
             if trained and self.context_length and trained > self.context_length:
                 notes.append(f"n_ctx: {self.context_length} (the model was trained on {trained}; "
                              f"--n-ctx 0 caps it at {N_CTX_CAP}, give --n-ctx to use more)")

@@ -4,6 +4,7 @@ the schemas, {name} interpolation and a streaming text view."""
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import keyword
 import re
@@ -141,10 +142,20 @@ class StreamView:
         self._text = ""
 
     def start(self) -> None:
-        if self.in_kernel:
+        if self.in_kernel and self._handle is None:
             from IPython.display import display
 
             self._handle = display({"text/plain": ""}, raw=True, display_id=True)
+
+    def waiting(self, _result: Result | None = None) -> None:
+        """Say that the model is busy with a reply another thread is writing (the chat panel's): the
+        output is not empty while the cell waits for it (the text replaces this line)."""
+        line = WAITING
+        if not self.in_kernel:
+            print(line, flush=True)
+            return
+        self.start()
+        self._handle.update({"text/plain": line}, raw=True)
 
     def add(self, chunk: str) -> None:
         self._text += chunk
@@ -182,10 +193,22 @@ def output_metadata(result: Result, note: str | None = None) -> dict[str, Any]:
     return {"nbllm": result.record.to_dict(), "nbllm_result": outcome}
 
 
-def show_stream(shell: Any, result: Result) -> Result:
-    """Stream ``result`` into the cell's output. A kernel interrupt stops the generation, keeps the
-    partial text shown and in the result, and becomes a one-line UsageError (the model stays loaded)."""
-    view = StreamView(shell)
+WAITING = "[waiting for the chat panel's reply to end (the model writes one reply at a time)…]"
+
+
+def waiting_shown(view: StreamView) -> contextlib.AbstractContextManager[None]:
+    """Start a generation inside this block: if the engine has to wait for a reply being written on
+    another thread (the chat panel's), ``view`` says so."""
+    from ..engine import get_engine
+
+    return get_engine().on_wait(view.waiting)
+
+
+def show_stream(shell: Any, result: Result, view: StreamView | None = None) -> Result:
+    """Stream ``result`` into the cell's output (``view``, if :func:`waiting_shown` started it). A
+    kernel interrupt stops the generation, keeps the partial text shown and in the result, and becomes
+    a one-line UsageError (the model stays loaded)."""
+    view = view or StreamView(shell)
     view.start()
     try:
         for chunk in result:

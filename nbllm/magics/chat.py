@@ -9,6 +9,7 @@ from IPython.core.magic import Magics, line_cell_magic, line_magic, magics_class
 from ..chat import Conversation, conversation, load_conversation
 from ..engine import get_engine
 from ._common import (
+    StreamView,
     generation_arguments,
     generation_options,
     interpolate,
@@ -16,6 +17,7 @@ from ._common import (
     parse_line,
     show_stream,
     user_errors,
+    waiting_shown,
 )
 
 
@@ -56,11 +58,13 @@ class ChatMagics(Magics):
         message = interpolate((cell or "").strip("\n"), shell.user_ns)
         options = generation_options(args, get_engine().defaults)
         system = interpolate(args.system, shell.user_ns) if args.system is not None else None
-        result = conversation(args.name).reply(message, options, regenerate=args.regenerate,
-                                               continue_=args.continue_, system=system)
+        view = StreamView(shell)
+        with waiting_shown(view):
+            result = conversation(args.name).reply(message, options, regenerate=args.regenerate,
+                                                   continue_=args.continue_, system=system)
         if args.output:
             shell.user_ns[args.output] = result
-        show_stream(shell, result)
+        show_stream(shell, result, view)
 
     @line_magic
     @magic_arguments.magic_arguments()

@@ -11,6 +11,7 @@ from ..engine import format_memory, get_engine, process_rss
 from ..errors import NbllmError
 from ..options import LoadOptions
 from ._common import (
+    StreamView,
     generation_arguments,
     generation_options,
     interpolate,
@@ -19,6 +20,7 @@ from ._common import (
     schema_arguments,
     show_stream,
     user_errors,
+    waiting_shown,
 )
 
 
@@ -97,10 +99,12 @@ class CoreMagics(Magics):
 
             show_sweep(prompt, options, args.sweep, chat=chat, system=args.system, output=args.output, namespace=user_ns)
             return
-        result = engine.stream(prompt, options, chat=chat, system=args.system)
+        view = StreamView(self.shell)
+        with waiting_shown(view):
+            result = engine.stream(prompt, options, chat=chat, system=args.system)
         if args.output:
             user_ns[args.output] = result
-        show_stream(self.shell, result)
+        show_stream(self.shell, result, view)
 
     @line_magic
     @user_errors

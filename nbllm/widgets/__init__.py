@@ -5,10 +5,11 @@ from __future__ import annotations
 
 try:
     import ipywidgets  # noqa: F401
-except ImportError:  # pragma: no cover - depends on the environment
+    import markdown_it  # noqa: F401 - the chat panel renders markdown with it
+except ImportError as exc:  # pragma: no cover - depends on the environment
     from ..errors import missing_dependency
 
-    raise missing_dependency("ipywidgets", "widgets") from None
+    raise missing_dependency(exc.name or "ipywidgets", "widgets") from None
 
 from .chat import ChatPanel
 from .settings import SettingsPanel

@@ -4,11 +4,13 @@ land in the panel, and refreshing live panels after every notebook cell (so a mo
 
 from __future__ import annotations
 
+import contextlib
 import html
 import logging
+import threading
 import warnings
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any, Protocol, TypeVar
 
 import ipywidgets as W
@@ -20,6 +22,12 @@ log = logging.getLogger("nbllm.widgets")
 T = TypeVar("T")
 
 HELP_STYLE = "font-size: 11px; line-height: 1.35; color: var(--jp-ui-font-color2, #666); margin: 0 0 6px 2px"
+
+WRAP = "white-space: normal; overflow-wrap: anywhere"
+"""A message wraps inside its panel: never a line cut off behind a scrollbar."""
+
+PanelWords = Callable[[NbllmError], str]
+"""How a panel words a library error for its user (naming its buttons and fields, not flags)."""
 
 
 class MessageLine(W.VBox):
@@ -42,8 +50,8 @@ class MessageLine(W.VBox):
     def show_error(self, message: str) -> None:
         self._error_text = message
         self.error.value = (
-            "<div style='color: var(--jp-error-color1, #c62828); white-space: nowrap; overflow: hidden; "
-            f"text-overflow: ellipsis' title='{html.escape(message, quote=True)}'>⚠ {html.escape(message)}</div>"
+            f"<div style='color: var(--jp-error-color1, #c62828); {WRAP}; font-size: 12px; line-height: 1.35'>"
+            f"⚠ {html.escape(message)}</div>"
         )
         self.error.layout.display = None
 
@@ -57,7 +65,7 @@ class MessageLine(W.VBox):
     def show_note(self, message: str) -> None:
         self._note_text = message
         self.note.value = (
-            f"<div style='{HELP_STYLE}; color: var(--jp-warn-color1, #b26a00)'>{html.escape(message)}</div>"
+            f"<div style='{HELP_STYLE}; {WRAP}; color: var(--jp-warn-color1, #b26a00)'>{html.escape(message)}</div>"
             if message else ""
         )
         self.note.layout.display = None if message else "none"
@@ -69,30 +77,93 @@ class MessageLine(W.VBox):
         self.show_note("")
 
 
-def guarded(messages: MessageLine, action: Callable[[], T]) -> T | None:
+def guarded(messages: MessageLine, action: Callable[[], T], words: PanelWords | None = None) -> T | None:
     """Run ``action``; show an :class:`NbllmError` (or any other failure) in ``messages`` in one line.
 
     Widget callbacks run inside the kernel's comm handler, where a raised exception reaches only the
-    kernel log; the user must see it in the panel instead. Warnings raised by option validation
-    (ineffective combinations) are shown as a note.
+    kernel log; the user must see it in the panel instead. ``words`` rewords a library error for the
+    panel (by its type). Warnings raised meanwhile (ineffective combinations) are shown as a note.
     """
     messages.clear()
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
+    result: T | None = None
+    with collected_notes() as notes:
         try:
             result = action()
         except NbllmError as exc:
-            messages.show_error(exc.message)
-            return None
+            messages.show_error(words(exc) if words is not None else exc.message)
         except Exception as exc:  # an unexpected bug: still one line in the panel, the traceback in the log
             log.exception("nbllm panel action failed")
             messages.show_error(f"{type(exc).__name__}: {exc}".splitlines()[0])
-            return None
-        finally:
-            notes = [str(w.message) for w in caught if issubclass(w.category, UserWarning)]
-            if notes:  # after any note the action itself showed
-                messages.show_note("; ".join(n for n in dict.fromkeys([messages.note_text, *notes]) if n))
+    if notes:  # after any note the action itself showed
+        messages.show_note("; ".join(n for n in dict.fromkeys([messages.note_text, *notes]) if n))
     return result
+
+
+_notes_by_thread: dict[int, list[str]] = {}
+_shown_elsewhere: Any = None
+
+
+def _route_warning(message: Any, category: type[Warning], filename: str, lineno: int, file: Any = None,
+                   line: str | None = None) -> None:
+    """``warnings.showwarning`` while a panel collects notes: a user warning raised on a collecting
+    thread goes to that thread's notes; anything else is shown as before."""
+    notes = _notes_by_thread.get(threading.get_ident())
+    if notes is not None and issubclass(category, UserWarning):
+        notes.append(str(message))
+        return
+    _shown_elsewhere(message, category, filename, lineno, file, line)
+
+
+class panel_notes:  # noqa: N801 - used as a context manager, like warnings.catch_warnings
+    """Collect the user warnings raised on this thread (a panel's action or its load worker) as notes.
+
+    ``warnings.catch_warnings`` is not thread-safe: one entered on a worker while a cell enters another
+    restores the wrong state and can leave the kernel's warnings captured for good. This hooks
+    ``warnings.showwarning`` while some thread collects and routes by thread. (Python's filters still
+    apply: a note repeated at the same place may be shown once until some code changes the filters.)
+    """
+
+    def __enter__(self) -> list[str]:
+        global _shown_elsewhere
+        self.notes: list[str] = []
+        with _hook_lock:
+            if not _notes_by_thread:
+                _shown_elsewhere = warnings.showwarning
+                warnings.showwarning = _route_warning
+            self.outer = _notes_by_thread.get(threading.get_ident())
+            _notes_by_thread[threading.get_ident()] = self.notes
+        return self.notes
+
+    def __exit__(self, *_: Any) -> None:
+        with _hook_lock:
+            if self.outer is not None:
+                _notes_by_thread[threading.get_ident()] = self.outer
+                self.outer.extend(self.notes)
+            else:
+                del _notes_by_thread[threading.get_ident()]
+            if not _notes_by_thread and warnings.showwarning is _route_warning:
+                warnings.showwarning = _shown_elsewhere
+
+
+_hook_lock = threading.Lock()
+
+
+@contextlib.contextmanager
+def collected_notes() -> Iterator[list[str]]:
+    """The user warnings raised in the block, as notes: on the kernel's main thread (where widget
+    callbacks and cells run one at a time) every one of them, through ``catch_warnings``; on a
+    worker thread through :class:`panel_notes`."""
+    if threading.current_thread() is not threading.main_thread():
+        with panel_notes() as routed:
+            yield routed
+        return
+    notes: list[str] = []
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            yield notes
+        finally:
+            notes.extend(str(w.message) for w in caught if issubclass(w.category, UserWarning))
 
 
 class Refreshable(Protocol):

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import html
 import logging
-import re
 import threading
 import time
 from collections.abc import Callable
@@ -18,8 +17,8 @@ from typing import Any
 
 import ipywidgets as W
 
-from ..chat import Conversation, Turn, conversation
-from ..errors import NbllmError
+from ..chat import ContextFullError, Conversation, Turn, conversation
+from ..errors import NbllmError, NoModelLoadedError
 from ..result import Result
 from ._common import HELP_STYLE, MessageLine, button, guarded, title, track, untrack
 
@@ -34,39 +33,50 @@ STOP_WAIT_SECONDS = 30.0
 CURSOR = " ▍"
 
 _CSS = """<style>
-.nbllm-msg { border-radius: 8px; padding: 2px 12px; margin: 4px 0; overflow-wrap: anywhere; }
+.nbllm-msg { border-radius: 8px; padding: 2px 12px; margin: 4px 0; overflow-wrap: anywhere; min-width: 0; }
 .nbllm-msg-user { margin-left: 15%; background: rgba(66, 133, 244, .12); }
 .nbllm-msg-assistant { margin-right: 15%; background: rgba(128, 128, 128, .10); }
-.nbllm-msg .jp-OutputArea-prompt { display: none; }
-.nbllm-msg .jp-RenderedMarkdown { padding: 0; }
+.nbllm-msg .widget-html-content { line-height: normal; }
+.nbllm-msg .jp-RenderedHTMLCommon { padding: 0; font-size: var(--jp-content-font-size1, 14px); }
+.nbllm-msg .jp-RenderedHTMLCommon pre { white-space: pre-wrap; overflow-wrap: anywhere; }
+.nbllm-msg .nbllm-msg-head { margin: 4px 0 2px 0; }
 </style>"""
 
-
-_CODE_SPAN = re.compile(r"(`[^`]*`)")
-
-
-def as_markdown(text: str) -> str:
-    """Chat text as markdown, shown as written: a newline is a line break (as in chat UIs) and ``<`` is
-    a character, not the start of an HTML tag (which the notebook would hide), except in code."""
-    out, fenced = [], False
-    for line in text.split("\n"):
-        if line.lstrip().startswith(("```", "~~~")):
-            fenced = not fenced
-            out.append(line)
-        elif fenced or not line.strip():
-            out.append(line)
-        else:
-            parts = _CODE_SPAN.split(line)  # odd items are `code spans`
-            line = "".join(p if i % 2 else p.replace("&", "&amp;").replace("<", "&lt;") for i, p in enumerate(parts))
-            out.append(line + "  ")
-    return "\n".join(out)
+_MARKDOWN: Any = None
 
 
-class MessageView(W.Output):
-    """One message of the chat, rendered as markdown by the notebook (``text/markdown``)."""
+def _markdown() -> Any:
+    """The markdown renderer of chat text (markdown-it-py, CommonMark with tables and strikethrough)."""
+    global _MARKDOWN
+    if _MARKDOWN is None:
+        from markdown_it import MarkdownIt
+
+        md = MarkdownIt("commonmark", {"breaks": True, "html": False})
+        md.enable(["table", "strikethrough"]).disable(["entity", "image"])
+
+        def link_open(self: Any, tokens: Any, idx: int, options: Any, env: Any) -> str:
+            tokens[idx].attrSet("target", "_blank")  # a link must not take the notebook's tab away
+            tokens[idx].attrSet("rel", "noopener noreferrer")
+            return str(self.renderToken(tokens, idx, options, env))
+
+        md.add_render_rule("link_open", link_open)
+        _MARKDOWN = md
+    return _MARKDOWN
+
+
+def chat_html(text: str) -> str:
+    """Chat text as HTML, rendered here in the kernel, shown as written: markdown (code blocks, lists,
+    bold, tables), a newline is a line break (as in chat UIs), and ``<tag>``, ``&amp;`` and ``$5`` are
+    characters: not HTML, not an entity, not math (the notebook's own markdown renderer would hide the
+    tag and typeset the dollars). Links open in a new tab; images are not fetched."""
+    return str(_markdown().render(text))
+
+
+class MessageView(W.HTML):
+    """One message of the chat, its markdown rendered to HTML in the kernel (:func:`chat_html`)."""
 
     def __init__(self, role: str, text: str = "", note: str = "") -> None:
-        super().__init__()
+        super().__init__(layout=W.Layout(width="auto"))
         self.role = role
         self.add_class("nbllm-msg")
         self.add_class(f"nbllm-msg-{role}")
@@ -78,13 +88,21 @@ class MessageView(W.Output):
         """Replace the message's text (safe from any thread: it only sets a trait)."""
         self.text, self.note = text, note
         label = {"user": "You", "assistant": "Assistant"}.get(self.role, self.role)
-        body = as_markdown(text) if text else "…"
-        md = f"**{label}**" + (f" <small><i>{html.escape(note)}</i></small>" if note else "") + "\n\n" + body
-        self.outputs = ({
-            "output_type": "display_data",
-            "data": {"text/markdown": md, "text/plain": f"{label}: {text}"},
-            "metadata": {},
-        },)
+        head = f"<b>{html.escape(label)}</b>" + (f" <small><i>{html.escape(note)}</i></small>" if note else "")
+        body = chat_html(text) if text else "<p>…</p>"
+        self.value = (f"<div class='jp-RenderedHTMLCommon nbllm-md'><div class='nbllm-msg-head'>{head}</div>"
+                      f"{body}</div>")
+
+
+def words(exc: NbllmError) -> str:
+    """A library error as the chat panel says it: naming the panels' buttons, not magics."""
+    if isinstance(exc, NoModelLoadedError):
+        return (f"{exc.cause}. Load one with the Load button of the settings panel (%llm_settings), or with "
+                "%llm_load MODEL in a cell.")
+    if isinstance(exc, ContextFullError) and exc.continuing:
+        return (f"{exc.cause}. Lower max_new_tokens in the settings panel and click Regenerate, or click Clear "
+                "to start over.")
+    return exc.message
 
 
 def _reply_note(turn: Turn) -> str:
@@ -111,10 +129,18 @@ class ChatPanel(W.VBox):
                                  description="System", continuous_update=False, rows=2,
                                  style={"description_width": "initial"}, layout=W.Layout(width="100%"))
         self.system.add_class("nbllm-system")
-        self.view = W.VBox(layout=W.Layout(width="100%", max_height="520px", overflow="auto",
-                                           border="1px solid var(--jp-border-color2, #ccc)", padding="4px"))
-        self.view.add_class("nbllm-chat-view")
-        self.input = W.Textarea(placeholder="Message (Send to submit)", rows=3, layout=W.Layout(width="100%"))
+        self.view = W.VBox(layout=W.Layout(width="100%", flex="0 0 auto", overflow="visible"))
+        self.view.add_class("nbllm-chat-messages")
+        # The messages sit in a scroll box laid out bottom up (column-reverse): the browser keeps its
+        # view at the end while a reply grows, and where the user scrolled to once they scroll up.
+        self.scroller = W.Box([self.view], layout=W.Layout(
+            width="100%", max_height="520px", overflow="hidden auto", flex_flow="column-reverse",
+            border="1px solid var(--jp-border-color2, #ccc)", padding="4px"))
+        self.scroller.add_class("nbllm-chat-view")
+        # ipywidgets' text area reports its text, not its keys: Enter cannot send without front-end
+        # code, so Enter writes a new line and the Send button sends (the placeholder says so).
+        self.input = W.Textarea(placeholder="Message (the Send button sends it; Enter starts a new line)", rows=3,
+                                layout=W.Layout(width="100%"))
         self.input.add_class("nbllm-input")
         self.send_button = button("Send", "send", style="primary", icon="paper-plane")
         self.stop_button = button("Stop", "stop", style="warning", icon="stop")
@@ -128,7 +154,7 @@ class ChatPanel(W.VBox):
             W.HTML(_CSS),
             title(f"nbllm · chat “{self.chat.name}”"),
             self.system,
-            self.view,
+            self.scroller,
             self.input,
             W.HBox([self.send_button, self.stop_button, self.regenerate_button, self.continue_button,
                     self.clear_button]),
@@ -216,8 +242,9 @@ class ChatPanel(W.VBox):
             self._result.cancel()
 
     def clear(self) -> None:
-        """Forget the conversation's turns (the system prompt stays)."""
-        guarded(self.messages, self.chat.reset)
+        """Forget the conversation's turns (the system prompt stays) and the last reply's numbers."""
+        if guarded(self.messages, self.chat.reset, words) is not None:
+            self.status.value = ""
         self.refresh()
 
     # -- internals -----------------------------------------------------------------------------------
@@ -244,7 +271,7 @@ class ChatPanel(W.VBox):
             self.messages.show_error("A reply is still being written. Stop it first.")
             return
         self.chat.system = self.system.value or None
-        result = guarded(self.messages, start)
+        result = guarded(self.messages, start, words)
         if result is None:
             return
         self._result = result
@@ -290,7 +317,7 @@ class ChatPanel(W.VBox):
                                          "tokens</span>")
         except NbllmError as exc:
             failed = True
-            self.messages.show_error(exc.message)
+            self.messages.show_error(words(exc))
         except Exception as exc:  # a bug: one line in the panel, the traceback in the log
             failed = True
             log.exception("chat generation failed")
@@ -315,4 +342,4 @@ class ChatPanel(W.VBox):
             self.clear_button.disabled = not self.chat.turns
 
 
-__all__ = ["ChatPanel", "MessageView", "as_markdown"]
+__all__ = ["ChatPanel", "MessageView", "chat_html"]

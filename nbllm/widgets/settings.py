@@ -9,6 +9,9 @@ retyped here. Buttons call the library (:func:`nbllm.get_engine`, :class:`nbllm.
 from __future__ import annotations
 
 import html
+import logging
+import threading
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -17,12 +20,25 @@ import ipywidgets as W
 from ..adapters import LorasFolder
 from ..download.options import DownloadOptions
 from ..engine import Engine, Status, format_memory, get_engine
-from ..errors import OptionError
+from ..errors import NbllmError, OptionError
 from ..loaders import TRANSFORMERS, loader_class, loader_names
 from ..lora import LoraOptions, lora_add, lora_remove
 from ..models import ModelsFolder, format_size
-from ..options import GenerationOptions, LoadOptions, OptionSpec, decode_escapes, encode_escapes
-from ._common import HELP_STYLE, MessageLine, button, guarded, refresh_all, title, track, untrack
+from ..options import GenerationOptions, LoadOptions, OptionSpec, decode_escapes, encode_escapes, field_value
+from ._common import (
+    HELP_STYLE,
+    WRAP,
+    MessageLine,
+    button,
+    collected_notes,
+    guarded,
+    refresh_all,
+    title,
+    track,
+    untrack,
+)
+
+log = logging.getLogger("nbllm.widgets")
 
 GENERATION_FIELDS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty", "max_new_tokens", "seed", "stop")
 """The generation options the panel shows (the others keep the engine's defaults). Presets are the
@@ -30,9 +46,18 @@ library's (:meth:`GenerationOptions.presets`)."""
 
 _NO_MODEL = "(no model in the models folder)"
 
+_CSS = """<style>
+.nbllm-settings .nbllm-invalid input, .nbllm-settings input.nbllm-invalid, .nbllm-settings .nbllm-invalid textarea {
+  border-color: var(--jp-error-color1, #c62828) !important; background: rgba(198, 40, 40, .06); }
+.nbllm-settings .widget-inline-hbox, .nbllm-settings .widget-box { min-width: 0; }
+</style>"""
+
 
 def option_widget(spec: OptionSpec, value: Any = None) -> W.ValueWidget:
-    """The input widget for one option, derived from its type, choices and bounds."""
+    """The input widget for one option, derived from its type and choices.
+
+    Numbers are typed in text fields and read through the schema (:func:`field_value`): ipywidgets'
+    number fields would clamp or round what was typed without a word (``2.5`` → ``25``)."""
     value = spec.default if value is None else value
     common: dict[str, Any] = {"description": spec.name, "style": {"description_width": "initial"}}
     choices = ("auto", *loader_names()) if spec == LoadOptions.spec("loader") else spec.choices
@@ -43,41 +68,34 @@ def option_widget(spec: OptionSpec, value: Any = None) -> W.ValueWidget:
     elif spec.type is tuple:  # several texts: one per line, escapes as in a magic line (\\n: a newline)
         widget = W.Textarea(value=_lines(spec, value), placeholder="one per line", rows=2, continuous_update=False,
                             **common)
-    elif spec.default is None:  # optional: empty means unset
-        widget = W.Text(value="" if value is None else str(value), placeholder="unset", **common)
-    elif spec.type is float and spec.minimum is not None and spec.maximum is not None:
-        widget = W.FloatSlider(value=value, min=spec.minimum, max=spec.maximum, step=0.01,
-                               readout_format=".2f", continuous_update=False, **common)
-    elif spec.type is float:
-        widget = W.BoundedFloatText(value=value, min=spec.minimum if spec.minimum is not None else -1e9,
-                                    max=spec.maximum if spec.maximum is not None else 1e9, step=0.05, **common)
-    elif spec.type is int:
-        widget = W.BoundedIntText(value=value, min=spec.minimum if spec.minimum is not None else -(2**31),
-                                  max=spec.maximum if spec.maximum is not None else 2**31 - 1, **common)
-    else:
-        widget = W.Text(value=str(value), **common)
+    else:  # numbers and texts: what was typed, read when the field is left or Enter is pressed
+        placeholder = "unset" if spec.default is None else ""
+        widget = W.Text(value=field_text(spec, value), placeholder=placeholder, continuous_update=False, **common)
     widget.add_class(f"nbllm-opt-{spec.name}")
     return widget
 
 
-def widget_value(spec: OptionSpec, widget: W.ValueWidget) -> Any:
-    """What the widget holds, as an option value (an empty optional field is ``None``)."""
+def field_text(spec: OptionSpec, value: Any) -> str:
+    """How a text field shows an option's value (``''`` for unset; floats without a trailing ``.0`` noise)."""
+    if value is None:
+        return ""
+    if spec.type is tuple:
+        return _lines(spec, value)
+    if isinstance(value, float):
+        return format(value, ".15g")
+    return str(value)
+
+
+def read_widget(spec: OptionSpec, widget: W.ValueWidget) -> Any:
+    """What the widget holds, as an option value, checked alone against the schema (raises
+    :class:`OptionError` in panel words for what the schema refuses)."""
     value = widget.value
     if spec.type is tuple:
         decode = decode_escapes if spec.escapes else str
         return tuple(decode(line) for line in value.split("\n") if line)
-    if spec.default is None and isinstance(value, str):
-        return value.strip() or None
+    if isinstance(widget, W.Text):
+        return field_value(spec, value)
     return value
-
-
-def set_widget_value(spec: OptionSpec, widget: W.ValueWidget, value: Any) -> None:
-    if spec.type is tuple:
-        widget.value = _lines(spec, value)
-    elif spec.default is None and isinstance(widget, W.Text):
-        widget.value = "" if value is None else str(value)
-    else:
-        widget.value = value
 
 
 def _lines(spec: OptionSpec, values: Any) -> str:
@@ -87,28 +105,68 @@ def _lines(spec: OptionSpec, values: Any) -> str:
 
 
 def _help(text: str) -> W.HTML:
-    h = W.HTML(f"<div style='{HELP_STYLE}'>{html.escape(text)}</div>", layout=W.Layout(width="calc(100% - 12px)"))
+    h = W.HTML(f"<div style='{HELP_STYLE}; {WRAP}'>{html.escape(text)}</div>", layout=W.Layout(width="100%"))
     h.add_class("nbllm-help")
     return h
 
 
 class OptionField(W.VBox):
-    """One option: its input widget with its help text under it."""
+    """One option: its input, its own message line (what is wrong with what was typed, notes about it)
+    and its help text.
+
+    :attr:`value` is the last valid value: what was typed when the schema accepts it. Text the schema
+    refuses stays in the field, marked invalid, with the schema's one-line error under it and the
+    value still in use; nothing else changes. A number with bounds on both sides (temperature) also
+    gets a slider, which writes into the text field.
+    """
 
     def __init__(self, spec: OptionSpec, value: Any = None) -> None:
         self.spec = spec
-        self.input = option_widget(spec, value)
-        self.input.layout.width = "95%"
-        super().__init__([self.input, _help(spec.help)], layout=W.Layout(width="100%"))
+        self._value = spec.default if value is None else value
+        self._listeners: list[Callable[[OptionField], None]] = []
+        self._moving = False
+        self._valid = True
+        self.input = option_widget(spec, self._value)
+        self.input.layout.width = "100%"
+        self.messages = MessageLine()
+        self.messages.add_class("nbllm-field-messages")
+        self.slider: W.FloatSlider | None = None
+        top: W.Widget = self.input
+        if spec.type is float and spec.minimum is not None and spec.maximum is not None and spec.default is not None:
+            self.slider = W.FloatSlider(value=self._value, min=spec.minimum, max=spec.maximum, step=0.01,
+                                        readout=False, continuous_update=False, layout=W.Layout(width="40%"))
+            self.slider.add_class(f"nbllm-slider-{spec.name}")
+            self.input.layout.width = "60%"
+            top = W.HBox([self.input, self.slider], layout=W.Layout(width="100%"))
+            self.slider.observe(self._slid, names="value")
+        self.input.observe(self._typed, names="value")
+        self.help = _help(spec.help)
+        super().__init__([top, self.messages, self.help], layout=W.Layout(width="100%", min_width="0"))
         self.add_class("nbllm-option")
 
     @property
     def value(self) -> Any:
-        return widget_value(self.spec, self.input)
+        """The value in use: the last one the schema accepted."""
+        return self._value
 
     @value.setter
     def value(self, value: Any) -> None:
-        set_widget_value(self.spec, self.input, value)
+        """Show ``value`` in the field, as if typed (listeners hear it)."""
+        if isinstance(self.input, (W.Dropdown, W.Checkbox)):
+            self.input.value = value
+        else:
+            self.input.value = field_text(self.spec, value)
+        if not self.valid or self._value != value:  # same text, but the value had not been read from it
+            self._read()
+
+    @property
+    def valid(self) -> bool:
+        """Whether the field holds what the schema accepts."""
+        return self._valid
+
+    def on_change(self, callback: Callable[[OptionField], None]) -> None:
+        """Call ``callback(field)`` when the user sets a new valid value."""
+        self._listeners.append(callback)
 
     @property
     def shown(self) -> bool:
@@ -116,6 +174,35 @@ class OptionField(W.VBox):
 
     def show(self, visible: bool) -> None:
         self.layout.display = None if visible else "none"
+
+    def _typed(self, _change: dict[str, Any]) -> None:
+        self._read()
+
+    def _read(self) -> None:
+        try:
+            value = read_widget(self.spec, self.input)
+        except OptionError as exc:
+            self._valid = False
+            self.input.add_class("nbllm-invalid")
+            in_use = "unset" if self._value is None else field_text(self.spec, self._value)
+            self.messages.show_error(f"{exc.message} In use: {in_use}.")
+            return
+        self._valid = True
+        self.input.remove_class("nbllm-invalid")
+        self.messages.clear()
+        self._value = value
+        if self.slider is not None and value is not None and self.slider.value != value:
+            self._moving = True
+            try:
+                self.slider.value = value
+            finally:
+                self._moving = False
+        for callback in self._listeners:
+            callback(self)
+
+    def _slid(self, change: dict[str, Any]) -> None:
+        if not self._moving:
+            self.input.value = field_text(self.spec, round(change["new"], 6))
 
 
 def _grid(children: list[W.Widget]) -> W.GridBox:
@@ -148,6 +235,10 @@ class SettingsPanel(W.VBox):
     ``%llm_load`` shows in the status line (refreshed when the panel is displayed, after each cell and
     after the panel's own actions), and the generation defaults set here are those of ``%%llm`` and
     ``%%llm_chat``. ``models_dir`` overrides the models folder for this panel only.
+
+    Load runs on a worker thread, so the page and the kernel stay live while a model loads; Load,
+    Unload and the model choice are disabled until it ends (:meth:`wait` blocks until then). Errors
+    show where they belong: a field's under that field, a load's at the top.
     """
 
     def __init__(self, models_dir: str | Path | None = None, engine: Engine | None = None) -> None:
@@ -156,6 +247,13 @@ class SettingsPanel(W.VBox):
         self._loaders: dict[str, str] = {}
         self._seen: tuple[Any, ...] | None = None
         self._syncing = False
+        self._lock = threading.RLock()
+        self._loading: str | None = None
+        self._worker: threading.Thread | None = None
+        self._shown_loader: str | None = None
+        self._choices: dict[str, dict[str, Any]] = {}
+        """What was set for each loader while this panel lives: switching the model to a GGUF and back
+        brings back the Transformers choices (options both loaders share included)."""
         self.messages = MessageLine()
 
         # -- model, loader, download ---------------------------------------------------------------
@@ -163,7 +261,7 @@ class SettingsPanel(W.VBox):
                                 layout=W.Layout(width="60%"))
         self.model.add_class("nbllm-model")
         self.refresh_button = button("", "refresh", icon="refresh", tooltip="List the models folder again")
-        self.folder_label = W.HTML()
+        self.folder_label = W.HTML(layout=W.Layout(min_width="0"))
         self.download_id = W.Text(description="Download model", placeholder=DownloadOptions.spec("model").metavar,
                                   tooltip=f"A hub id, and %llm_download's flags if needed: "
                                   f"{DownloadOptions.usage()}",
@@ -187,15 +285,15 @@ class SettingsPanel(W.VBox):
         self.status = W.HTML()
         self.status.add_class("nbllm-status")
 
-        groups = []
+        self.option_groups: dict[str, W.VBox] = {}
         for key, group_title in LoadOptions.GROUPS.items():
             fields: list[W.Widget] = [f for f in self.load_fields.values() if f.spec.group == key]
             if key == "model":
                 fields.insert(1, self.effective_loader)  # next to "loader"
-            box = W.VBox([W.HTML(f"<b>{html.escape(group_title)}</b>"), _grid(fields)])
+            box = W.VBox([W.HTML(f"<b>{html.escape(group_title)}</b>"), _grid(fields)],
+                         layout=W.Layout(width="100%"))
             box.add_class(f"nbllm-group-{key}")
-            groups.append(box)
-        self.option_groups = groups
+            self.option_groups[key] = box
 
         # -- generation defaults -------------------------------------------------------------------
         defaults = self.engine.defaults
@@ -206,24 +304,28 @@ class SettingsPanel(W.VBox):
         self.preset_label = W.HTML()
         self.preset_label.add_class("nbllm-preset")
         self.lora = LoraSection(self.engine, self.messages, models_dir)
+        self.preset_messages = MessageLine()
 
         super().__init__([
+            W.HTML(_CSS, layout=W.Layout(display="none")),
             title("nbllm · model settings"),
-            W.HBox([self.model, self.refresh_button, self.folder_label]),
-            W.HBox([self.download_id, self.download_button]),
+            W.HBox([self.model, self.refresh_button, self.folder_label], layout=W.Layout(width="100%")),
+            W.HBox([self.download_id, self.download_button], layout=W.Layout(width="100%")),
             self.download_output,
             W.HBox([self.load_button, self.unload_button, self.save_button]),
             self.status,
             self.messages,
             W.HTML("<hr style='margin: 4px 0'>"),
-            *groups,
+            *self.option_groups.values(),
             W.HTML("<hr style='margin: 4px 0'>"),
             self.lora,
             W.HTML("<hr style='margin: 4px 0'>"),
-            W.HTML("<b>Generation defaults</b> "
+            W.HTML(f"<div style='{WRAP}'><b>Generation defaults</b> "
                    f"<span style='{HELP_STYLE}'>(used by %%llm, %%llm_chat and the chat panel when no "
-                   "option is given)</span>"),
-            W.HBox([W.HTML("Preset:"), *self.preset_buttons.values(), self.preset_label]),
+                   "option is given)</span></div>"),
+            W.HBox([W.HTML("Preset:"), *self.preset_buttons.values(), self.preset_label],
+                   layout=W.Layout(flex_flow="row wrap")),
+            self.preset_messages,
             _grid(list(self.gen_fields.values())),
         ], layout=W.Layout(width="100%", max_width="980px", border="1px solid var(--jp-border-color2, #ccc)",
                            padding="8px"))
@@ -235,11 +337,12 @@ class SettingsPanel(W.VBox):
         self.unload_button.on_click(lambda _b: self.unload())
         self.save_button.on_click(lambda _b: self.save_settings())
         self.model.observe(lambda _c: self._update_visibility(), names="value")
-        self.load_fields["loader"].input.observe(lambda _c: self._update_visibility(), names="value")
+        for f in self.load_fields.values():
+            f.on_change(self._load_field_changed)
         for name, b in self.preset_buttons.items():
             b.on_click(lambda _b, name=name: self.apply_preset(name))
         for f in self.gen_fields.values():
-            f.input.observe(lambda _c: self._generation_changed(), names="value")
+            f.on_change(self._generation_changed)
 
         self.refresh_models()
         self.refresh()
@@ -261,7 +364,8 @@ class SettingsPanel(W.VBox):
         return self._loaders.get(self.model.value or "", TRANSFORMERS)
 
     def load_options(self) -> LoadOptions:
-        """The load options the panel shows for the chosen loader (hidden ones keep their defaults)."""
+        """The load options the panel shows for the chosen loader (hidden ones keep their defaults;
+        a field holding text the schema refuses gives its last valid value)."""
         values = {name: f.value for name, f in self.load_fields.items() if f.shown}
         return LoadOptions.from_dict({k: v for k, v in values.items() if v is not None})
 
@@ -269,6 +373,19 @@ class SettingsPanel(W.VBox):
         """The engine's defaults with the panel's generation fields on top."""
         values = {name: f.value for name, f in self.gen_fields.items()}
         return self.engine.defaults.replace(**values)
+
+    @property
+    def loading(self) -> bool:
+        """Whether a load started by this panel is running."""
+        return self._loading is not None
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Block until the load started by this panel has ended; returns False on timeout."""
+        worker = self._worker
+        if worker is not None:
+            worker.join(timeout)
+            return not worker.is_alive()
+        return True
 
     # -- actions -------------------------------------------------------------------------------------
     def refresh_models(self) -> None:
@@ -303,30 +420,72 @@ class SettingsPanel(W.VBox):
                 self._syncing = False
             where = html.escape(_short(folder.path))
             extra = f" · {incomplete} incomplete download(s) not listed" if incomplete else ""
-            self.folder_label.value = f"<span style='{HELP_STYLE}'>from {where}{extra}</span>"
+            self.folder_label.value = f"<span style='{HELP_STYLE}; {WRAP}'>from {where}{extra}</span>"
             self._update_visibility()
             self.lora.refresh_choices()
 
         guarded(self.messages, run)
 
-    def load(self) -> Status | None:
-        """Load the selected model with the panel's options (the Load button)."""
-        def run() -> Status:
+    def load(self) -> None:
+        """Load the selected model with the panel's options (the Load button).
+
+        The options are checked here (an error shows at once, the loaded model stays); the load itself
+        runs on a worker thread. While it runs, Load says "Loading…" and, with Unload and the model
+        choice, is disabled; another Load is refused with a note, never dropped without a word."""
+        if self._loading is not None:
+            self.messages.show_note(f"{self._loading} is still loading: Load is back when it has loaded.")
+            return
+
+        def prepare() -> tuple[str, LoadOptions]:
             if not self.model.value:
                 raise OptionError("no model is selected", "download one, or choose one in the Model list")
-            options = self.load_options()
-            self.status.value = self._status_html(f"Loading {Path(self.model.value).name}…")
-            try:
-                return self.engine.load(self.model.value, options)
-            finally:
-                self.refresh()
+            invalid = [name for name, f in self.load_fields.items() if f.shown and not f.valid]
+            if invalid:
+                raise OptionError(
+                    f"{', '.join(invalid)} {'holds' if len(invalid) == 1 else 'hold'} a value the option does not take",
+                    "correct it as the message under the field says, then click Load",
+                )
+            return str(self.model.value), self.load_options()
 
-        status = guarded(self.messages, run)
-        refresh_all(except_=self)
-        return status
+        prepared = guarded(self.messages, prepare)
+        if prepared is None:
+            return
+        model, options = prepared
+        checked = self.messages.note_text  # notes on the options (ineffective combinations)
+        self._set_loading(Path(model).name)
+        self._worker = threading.Thread(target=self._load_in_worker, args=(model, options, checked),
+                                        name="nbllm-load", daemon=True)
+        self._worker.start()
+
+    def _load_in_worker(self, model: str, options: LoadOptions, checked: str) -> None:
+        status: Status | None = None
+        try:
+            with collected_notes() as notes:
+                try:
+                    status = self.engine.load(model, options)
+                except NbllmError as exc:
+                    self.messages.show_error(exc.message)
+                except Exception as exc:  # a bug: one line in the panel, the traceback in the log
+                    log.exception("loading from the settings panel failed")
+                    self.messages.show_error(f"{type(exc).__name__}: {exc}".splitlines()[0])
+        finally:
+            with self._lock:
+                self._loading = None
+                self._set_loading(None)
+            self.refresh()
+            said = [checked, *notes]
+            if status is not None and status.already_loaded:
+                said.append(f"{status.model} is already loaded with these options; nothing was done")
+            elif status is not None:
+                said.extend(status.placement.notes)
+            self.messages.show_note("; ".join(n for n in dict.fromkeys(said) if n))
+            refresh_all(except_=self)
 
     def unload(self) -> None:
         """Unload the model (the Unload button)."""
+        if self._loading is not None:
+            self.messages.show_note(f"{self._loading} is still loading: Unload is back when it has loaded.")
+            return
         guarded(self.messages, self.engine.unload)
         self.refresh()
         refresh_all(except_=self)
@@ -372,7 +531,7 @@ class SettingsPanel(W.VBox):
             if failure is not None:
                 raise failure
             self.refresh_models()
-            if str(result.path) in self._loaders:
+            if str(result.path) in self._loaders and not self.loading:
                 self.model.value = str(result.path)
             self.messages.show_note(result.summary)
 
@@ -387,19 +546,28 @@ class SettingsPanel(W.VBox):
                 self.gen_fields[key].value = value
         finally:
             self._syncing = False
-        self._generation_changed()
+
+        def run() -> None:
+            self.engine.defaults = self.generation_options()
+
+        guarded(self.preset_messages, run)
+        self._show_preset(self.engine.defaults)
 
     def refresh(self) -> None:
-        """Show the engine's state now: status line, and the loaded model's choices when they changed."""
-        status = self.engine.status()
-        self.status.value = self._status_html(status_line(status), details=str(status) if status.loaded else None)
-        seen = (status.path, tuple(sorted(status.options.items()))) if status.loaded else None
-        if seen != self._seen:
-            self._seen = seen
-            if status.loaded:
-                self._show_loaded(status)
-        self._show_defaults(self.engine.defaults)
-        self.lora.refresh()
+        """Show the engine's state now: status line, and the loaded model's choices when they changed.
+        While this panel loads a model, its "Loading…" line stays."""
+        with self._lock:
+            if self._loading is not None:
+                return
+            status = self.engine.status()
+            self.status.value = self._status_html(status_line(status), details=str(status) if status.loaded else None)
+            seen = (status.path, tuple(sorted(status.options.items()))) if status.loaded else None
+            if seen != self._seen:
+                self._seen = seen
+                if status.loaded:
+                    self._show_loaded(status)
+            self._show_defaults(self.engine.defaults)
+            self.lora.refresh()
 
     def _repr_mimebundle_(self, **kwargs: Any) -> Any:
         self.refresh()  # shown again (e.g. re-run cell): show the engine's state now
@@ -410,8 +578,22 @@ class SettingsPanel(W.VBox):
         super().close()
 
     # -- internals -----------------------------------------------------------------------------------
+    def _set_loading(self, name: str | None) -> None:
+        """Show that ``name`` is loading (Load busy; Load, Unload and the model choice disabled), or
+        that nothing is (``None``)."""
+        self._loading = name
+        busy = name is not None
+        self.load_button.description = "Loading…" if busy else "Load"
+        self.load_button.icon = "hourglass-half" if busy else "play"
+        for widget in (self.load_button, self.unload_button, self.model, self.refresh_button):
+            widget.disabled = busy
+        if busy:
+            self.status.value = self._status_html(
+                f"Loading {name}… Load, Unload and the model choice are back when it has loaded.")
+
     def _show_loaded(self, status: Status) -> None:
-        """Select the loaded model and show the options it was loaded with (it may come from %llm_load)."""
+        """Select the loaded model and show the options it was loaded with (it may come from
+        %llm_load): those its loader understands; the other loaders' choices stay as they were."""
         if self._listed(status.path) is None:
             self.refresh_models()
         self._syncing = True
@@ -419,8 +601,10 @@ class SettingsPanel(W.VBox):
             listed = self._listed(status.path)
             if listed is not None:
                 self.model.value = listed
+            understood = loader_class(status.loader).load_options if status.loader else frozenset()
             for name, f in self.load_fields.items():
-                f.value = status.options.get(name, f.spec.default)
+                if name == "loader" or name in understood:
+                    f.value = status.options.get(name, f.spec.default)
         finally:
             self._syncing = False
         self._update_visibility()
@@ -451,34 +635,74 @@ class SettingsPanel(W.VBox):
         for name, b in self.preset_buttons.items():
             b.button_style = "info" if name in matching[:1] else ""
 
-    def _generation_changed(self) -> None:
+    def _generation_changed(self, field: OptionField) -> None:
+        """A generation field got a valid value: it becomes a default at once; what the whole set
+        says about it (an error, a note) shows under that field."""
         if self._syncing:
             return
+        _clear_others(self.gen_fields.values(), field)
 
         def run() -> None:
             self.engine.defaults = self.generation_options()
 
-        guarded(self.messages, run)
+        guarded(field.messages, run)
         self._show_preset(self.engine.defaults)
+
+    def _load_field_changed(self, field: OptionField) -> None:
+        """A load option got a valid value: check the set it makes (an error or a note shows under
+        that field; Load checks again)."""
+        if field.spec.name == "loader":
+            self._update_visibility()
+        if self._syncing:
+            return
+        _clear_others(self.load_fields.values(), field)
+        if field.shown:
+            guarded(field.messages, self.load_options)
 
     def _update_visibility(self) -> None:
         loader = self.loader
+        if loader != self._shown_loader:
+            self._switch_choices(loader)
         understood = loader_class(loader).load_options
         for name, f in self.load_fields.items():
             f.show(name == "loader" or name in understood)
+        for key, box in self.option_groups.items():  # no heading over an empty group
+            box.layout.display = None if key == "model" or any(
+                f.shown for f in self.load_fields.values() if f.spec.group == key) else "none"
         chosen = self.load_fields["loader"].value
         how = "by the model's format" if chosen == "auto" else "chosen"
         self.effective_loader.value = (
-            f"<div style='{HELP_STYLE}; margin-top: 6px'>Loader used: <b>{html.escape(loader)}</b> ({how}); "
+            f"<div style='{HELP_STYLE}; {WRAP}; margin-top: 6px'>Loader used: <b>{html.escape(loader)}</b> ({how}); "
             "only its options are shown.</div>"
         )
 
+    def _switch_choices(self, loader: str) -> None:
+        """Keep what was set for the loader shown until now, and bring back what was set for ``loader``."""
+        previous, self._shown_loader = self._shown_loader, loader
+        if previous is not None:
+            kept = loader_class(previous).load_options
+            self._choices[previous] = {n: f.input.value for n, f in self.load_fields.items() if n in kept}
+        syncing, self._syncing = self._syncing, True
+        try:
+            for name, typed in self._choices.get(loader, {}).items():
+                self.load_fields[name].input.value = typed
+        finally:
+            self._syncing = syncing
+
     def _status_html(self, line: str, details: str | None = None) -> str:
-        body = f"<b>{html.escape(line)}</b>"
+        body = f"<b style='{WRAP}'>{html.escape(line)}</b>"
         if details:
             body += (f"<details><summary style='{HELP_STYLE}; cursor: pointer'>details</summary>"
-                     f"<pre style='{HELP_STYLE}'>{html.escape(details)}</pre></details>")
-        return f"<div style='margin: 4px 0'>{body}</div>"
+                     f"<pre style='{HELP_STYLE}; white-space: pre-wrap; {WRAP}'>{html.escape(details)}</pre></details>")
+        return f"<div style='margin: 4px 0; {WRAP}'>{body}</div>"
+
+
+def _clear_others(fields: Any, edited: OptionField) -> None:
+    """Clear what the last check of the whole set said under other fields (their own errors stay)."""
+    for f in fields:
+        if f is not edited and f.valid:
+            f.messages.clear()
+
 
 
 class LoraSection(W.VBox):
