@@ -489,6 +489,7 @@ class Engine:
             end = clock()
             timings.total_seconds = end - start
             record.reused_prefix_tokens = loader.reused_tokens
+            timings.compile_seconds = loader.compile_seconds
             if isinstance(loader, TextLoader):
                 prompt_tokens, completion = loader.usage
                 if prompt_tokens is not None:

@@ -156,6 +156,8 @@ class TransformersLoader(TokenLoader):
         self._cache: Any = None
         """The KV cache of the last generation, and the token ids it holds (see ``reuse_prefix``)."""
         self._cache_ids: list[int] = []
+        self._compiled: Any = None
+        """The compiled decode step (``--compile``), a :class:`~nbllm.loaders._compiled.CompiledDecoder`."""
 
     # -- before anything is released ------------------------------------------------------------
     @classmethod
@@ -274,10 +276,10 @@ class TransformersLoader(TokenLoader):
                 f"{source.name} does not fit in the memory allowed (--cpu-memory {options.cpu_memory})",
                 "raise --cpu-memory, or add --disk-offload to put the rest on disk",
             )
-        if options.compile:
-            self.model.forward = torch.compile(self.model.forward)
         self._attention = attention
         self.placement = self._placement(note)
+        if options.compile:
+            self.placement.notes.append(self._prepare_compile())
 
     @staticmethod
     def _quantization_config(options: LoadOptions, on_gpu: bool) -> Any:
@@ -311,10 +313,28 @@ class TransformersLoader(TokenLoader):
             devices = Counter({dev: self.model.config.num_hidden_layers for dev in memory})
         return Placement(dict(devices), dict(memory), [note] if note else [])
 
+    def _prepare_compile(self) -> str:
+        """Set up ``--compile`` (nothing is compiled before the first generation); the note says what it
+        does and what it costs."""
+        from ._compiled import CompiledDecoder, inductor_cache, unsupported_reason
+
+        reason = unsupported_reason(self.model)
+        if reason is not None:
+            return f"--compile has no effect: nbllm's compiled decode step {reason}; generating without compilation"
+        self._compiled = CompiledDecoder(self.model, self.context_length)
+        cost = (
+            "expect tens of seconds on a CPU" if not self._compiled.on_cuda else "expect tens of seconds"
+        ) + f", seconds once inductor's cache ({inductor_cache()}) holds it from an earlier load"
+        extra = "" if self._compiled.on_cuda else "; the packed weights take a second copy of the linear layers' memory"
+        return (f"--compile: each new token runs one compiled step ({self._compiled.how}) over a static KV cache "
+                f"sized to the request; the first generation of each cache size (128, 256, ... tokens) compiles it "
+                f"({cost}; its timings show it){extra}")
+
     def unload(self) -> None:
         self.model = None
         self.tokenizer = None
         self._cache, self._cache_ids = None, []
+        self._compiled = None
 
     # -- text ------------------------------------------------------------------------------------
     def tokenize(self, text: str, *, add_special: bool) -> list[int]:
@@ -355,7 +375,7 @@ class TransformersLoader(TokenLoader):
             "attn_implementation": self._attention,
             "dtype": str(self.model.dtype).removeprefix("torch."),
             "quantization": quantization_words(self.options, quant),
-            "compiled": bool(self.options and self.options.compile),
+            "compiled": self._compiled.describe() if self._compiled is not None else False,
             "device_map": dict(getattr(self.model, "hf_device_map", None) or {}),
         }
 
@@ -410,6 +430,9 @@ class TransformersLoader(TokenLoader):
         kwargs = self.generation_kwargs(request.options)
         prompt_ids, seed, cancel, reuse_prefix = request.prompt_ids, request.seed, request.cancel, request.reuse_prefix
         assert prompt_ids is not None
+        self.compile_seconds = None
+        if self._compiled is not None:
+            return self._compiled_tokens(request)
 
         class Cancelled(StoppingCriteria):
             def __call__(self, input_ids: Any, scores: Any, **_: Any) -> Any:
@@ -449,6 +472,20 @@ class TransformersLoader(TokenLoader):
                 self._cache, self._cache_ids = cache, (prompt_ids + produced)[: cache.get_seq_length()]
 
         return threaded_tokens(run, cancel)
+
+    def _compiled_tokens(self, request: Request) -> Iterator[int]:
+        """``--compile``: the compiled decode step generates (it keeps no prefix: the whole prompt is
+        computed, ``reused_tokens`` is 0)."""
+        compiled, prompt_ids = self._compiled, request.prompt_ids
+        assert prompt_ids is not None
+        self.reused_tokens = 0
+        self._cache, self._cache_ids = None, []
+        eos = self.eos_token_ids
+
+        def run(emit: Any) -> None:
+            self.compile_seconds = compiled.generate(prompt_ids, request.options, request.seed, request.cancel, eos, emit)
+
+        return threaded_tokens(run, request.cancel)
 
 
 class _DropLibraryNoise(logging.Filter):
