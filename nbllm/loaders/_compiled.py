@@ -27,6 +27,7 @@ import os
 import threading
 import time
 import types
+import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -130,11 +131,12 @@ def _sampled_step(model: Any, cache: Any, token: Any, position: Any, seen: Any, 
 
 
 def _own_copy(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """``fn`` with a code object of its own. torch.compile keeps compiled graphs on the code object;
-    with frozen weights a graph holds the model's (packed) weights, so each loaded model gets its own
-    code object: its graphs are freed with it, and never serve another model."""
+    """``fn`` with a code object and globals of its own. torch.compile keeps compiled graphs on the code
+    object and puts the compiled functions into the function's globals; with frozen weights a graph
+    holds the model's (packed) weights. So each loaded model gets its own: its graphs never serve
+    another model, and they are freed with it."""
     code = fn.__code__.replace()
-    return types.FunctionType(code, fn.__globals__, fn.__name__, fn.__defaults__, fn.__closure__)
+    return types.FunctionType(code, dict(fn.__globals__), fn.__name__, fn.__defaults__, fn.__closure__)
 
 
 class CompiledDecoder:
@@ -150,19 +152,53 @@ class CompiledDecoder:
         self.on_cuda = self.device.type == "cuda"
         inductor_cache()
         if self.on_cuda:
-            options: dict[str, Any] = {"triton.cudagraphs": True}  # what mode="reduce-overhead" sets
+            mode: str | None = "reduce-overhead"
+            self._patch: dict[str, Any] = {}
             self.how = "CUDA graphs (reduce-overhead)"
         else:
-            options = {"max_autotune": True, "freezing": True, "triton.cudagraphs": False}
+            # set around the compiling call: as torch.compile(options=...) freezing is silently not applied
+            mode, self._patch = None, {"max_autotune": True, "freezing": True}
             self.how = "inductor max-autotune with frozen, packed weights"
+        # autotuning reports every choice it timed on stderr, into the cell: keep that quiet
+        self._patch.update(autotune_num_choices_displayed=0, max_autotune_report_choices_stats=False)
 
         def compiled(fn: Callable[..., Any]) -> Callable[..., Any]:
-            return torch.compile(_own_copy(fn), fullgraph=True, dynamic=False, options=options)
+            return torch.compile(_own_copy(fn), fullgraph=True, dynamic=False, mode=mode)
 
         self._steps = {"greedy": compiled(_greedy_step), "sampled": compiled(_sampled_step)}
         self._caches: dict[int, Any] = {}
         self._ready: set[tuple[str, int]] = set()
         self.compile_seconds: dict[tuple[str, int], float] = {}
+        self._modules: list[Any] = []
+        """The Python modules inductor loaded for these graphs: they hold the packed weights."""
+
+    def release(self) -> None:
+        """Free the compiled graphs and their packed weights. Inductor keeps every module it loaded in a
+        class-wide list (and in sys.modules), weights attached, for the life of the process: unloading
+        a compiled model would otherwise keep a copy of its weights."""
+        import sys
+
+        from torch._inductor.codecache import PyCodeCache
+
+        mine = {id(m) for m in self._modules}
+        PyCodeCache.modules[:] = [m for m in PyCodeCache.modules if id(m) not in mine]
+        for module in self._modules:
+            name = str(module.__name__)
+            if sys.modules.get(name) is module:
+                del sys.modules[name]
+            for key, value in list(vars(module).items()):
+                if type(value).__name__ in ("Tensor", "Parameter"):
+                    setattr(module, key, None)
+        self._modules.clear()
+        import torch._dynamo
+
+        for step in self._steps.values():  # the compiled graphs and the compiled functions in the globals
+            original = step._torchdynamo_orig_callable  # type: ignore[attr-defined]
+            torch._dynamo.reset_code(original.__code__)
+            original.__globals__.clear()
+        self._steps.clear()
+        self._caches.clear()
+        self._ready.clear()
 
     def _cache(self, size: int) -> Any:
         from transformers import StaticCache
@@ -225,11 +261,19 @@ class CompiledDecoder:
         compile_seconds = None
         with torch.inference_mode():
             if (kind, size) not in self._ready:
+                import torch._inductor.config
+
                 start = time.perf_counter()
                 self._initialize(cache)
                 cache.reset()
                 token = torch.zeros((1, 1), dtype=torch.long, device=device)
-                step(*args(token, 0, draw=False))  # the seed's draws are the generation's alone
+                from torch._inductor.codecache import PyCodeCache
+
+                known = {id(m) for m in PyCodeCache.modules}
+                with torch._inductor.config.patch(self._patch), warnings.catch_warnings():
+                    warnings.simplefilter("ignore", UserWarning)  # inductor's own use of TypedStorage
+                    step(*args(token, 0, draw=False))  # the seed's draws are the generation's alone
+                self._modules += [m for m in PyCodeCache.modules if id(m) not in known]
                 if self.on_cuda:  # CUDA graphs record on the second and later calls
                     step(*args(token, 1, draw=False))
                     torch.cuda.synchronize()

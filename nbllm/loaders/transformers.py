@@ -334,6 +334,8 @@ class TransformersLoader(TokenLoader):
         self.model = None
         self.tokenizer = None
         self._cache, self._cache_ids = None, []
+        if self._compiled is not None:
+            self._compiled.release()
         self._compiled = None
 
     # -- text ------------------------------------------------------------------------------------
