@@ -157,6 +157,8 @@ class TransformersLoader(TokenLoader):
         """The KV cache of the last generation, and the token ids it holds (see ``reuse_prefix``)."""
         self._cache_ids: list[int] = []
         self._compiled: Any = None
+        self._rust_decode: Any = None
+        """The tokenizers library's own decode, where ``tokenizer.decode`` adds nothing to it."""
         """The compiled decode step (``--compile``), a :class:`~nbllm.loaders._compiled.CompiledDecoder`."""
 
     # -- before anything is released ------------------------------------------------------------
@@ -249,6 +251,7 @@ class TransformersLoader(TokenLoader):
                 )
             self.model.eval()
             self.tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=remote, revision=options.revision)
+            self._rust_decode = _plain_rust_decode(self.tokenizer)
         except (OptionError, LoadError):
             self.unload()
             raise
@@ -343,6 +346,8 @@ class TransformersLoader(TokenLoader):
         return list(self.tokenizer(text, add_special_tokens=add_special)["input_ids"])
 
     def decode(self, ids: Sequence[int]) -> str:
+        if self._rust_decode is not None:  # called twice per new token: the wrapper's own work shows
+            return str(self._rust_decode(ids, skip_special_tokens=True))
         return str(self.tokenizer.decode(list(ids), skip_special_tokens=True))
 
     @property
@@ -436,9 +441,14 @@ class TransformersLoader(TokenLoader):
         if self._compiled is not None:
             return self._compiled_tokens(request)
 
+        device = self._input_device()
+        answers = {flag: torch.full((1,), flag, dtype=torch.bool, device=device) for flag in (False, True)}
+
         class Cancelled(StoppingCriteria):
+            """Checked at every step: a prebuilt answer, no tensor made per token (generate ORs it in)."""
+
             def __call__(self, input_ids: Any, scores: Any, **_: Any) -> Any:
-                return torch.full((input_ids.shape[0],), cancel.is_set(), dtype=torch.bool, device=input_ids.device)
+                return answers[cancel.is_set()]
 
         def run(emit: Any) -> None:
             produced: list[int] = []
@@ -450,6 +460,11 @@ class TransformersLoader(TokenLoader):
                     if not self.prompt_seen:  # generate() first puts the prompt itself
                         self.prompt_seen = True
                         return
+                    if value.numel() == 1:  # one new token per step: the common case, kept short
+                        token = int(value)
+                        produced.append(token)
+                        emit(token)
+                        return
                     for token in value.reshape(-1).tolist():
                         produced.append(token)
                         emit(token)
@@ -460,7 +475,7 @@ class TransformersLoader(TokenLoader):
             cache = self._reusable_cache(prompt_ids, reuse_prefix)
             self._cache, self._cache_ids = None, []
             set_seed(seed)
-            input_ids = torch.tensor([prompt_ids], device=self._input_device())
+            input_ids = torch.tensor([prompt_ids], device=device)
             with torch.inference_mode():
                 model.generate(
                     input_ids=input_ids,
@@ -541,6 +556,23 @@ def quantization_words(options: LoadOptions | None, config_quantization: Any) ->
     method = data.get("quant_method")
     bits = data.get("bits")
     return f"{getattr(method, 'value', method)}" + (f" {bits}-bit" if bits else "") + " (from the checkpoint)"
+
+
+def _plain_rust_decode(tokenizer: Any) -> Any:
+    """``tokenizer.decode(ids, skip_special_tokens=True)`` as the Rust tokenizer's own decode, when the
+    Python side adds nothing to it (a fast tokenizer that neither overrides decoding nor cleans up
+    spaces); ``None`` otherwise."""
+    try:
+        from transformers.tokenization_utils_base import PreTrainedTokenizerBase
+        from transformers.tokenization_utils_tokenizers import TokenizersBackend
+    except ImportError:
+        return None
+    kind = type(tokenizer)
+    if not isinstance(tokenizer, TokenizersBackend) or getattr(tokenizer, "clean_up_tokenization_spaces", True):
+        return None
+    if kind._decode is not TokenizersBackend._decode or kind.decode is not PreTrainedTokenizerBase.decode:
+        return None
+    return getattr(getattr(tokenizer, "_tokenizer", None), "decode", None)
 
 
 def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
