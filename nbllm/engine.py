@@ -37,7 +37,7 @@ from .loaders import Loader, Placement, Request, TextLoader, TokenLoader, choose
 from .options import GenerationOptions, LoadOptions
 from .result import Record, Result, Timings, clock, library_versions
 from .source import ModelSource
-from .streaming import IncrementalDecoder, StopHoldback
+from .streaming import IncrementalDecoder, StopHoldback, TokenStream
 
 
 @dataclass
@@ -439,9 +439,10 @@ class Engine:
             assert isinstance(loader, TextLoader)
             decoder, eos = None, frozenset()
             stream = loader.generate_text(request)
+        stamped = isinstance(stream, TokenStream)  # it says when each token was made (it may hand over several at once)
         try:
             for item in stream:
-                last = clock()
+                last = stream.emitted_at if stamped else clock()
                 if first is None:
                     first = last
                 produced += 1

@@ -3,6 +3,8 @@ with the same meaning as transformers'; compile time in the timings. Speed is me
 
 from __future__ import annotations
 
+import gc
+
 import pytest
 
 from nbllm.loaders._compiled import cache_bucket, pick_sampled
@@ -102,9 +104,41 @@ def test_compiled_greedy_text_equals_eager_compiled_once_and_per_model(engine, t
     engine.load(other, compile=True)
     assert [engine.generate(p, temperature=0, max_new_tokens=12).token_ids for p in prompts] == eager[other]
 
+    # unloading frees the compiled graphs, and with them the packed weights they hold
+    from torch._inductor.output_code import CompiledFxGraph
+
+    engine.unload()
+    gc.collect()
+    assert not [o for o in gc.get_objects() if isinstance(o, CompiledFxGraph)]
+
 
 def test_compile_says_when_it_cannot_apply(engine, tiny_model_64):
     status = engine.load(tiny_model_64, load_in_8bit=True, compile=True)
     assert any("--compile has no effect" in n and "bitsandbytes" in n for n in status.placement.notes)
     assert status.details["compiled"] is False
     assert len(engine.generate(PROMPT, temperature=0, max_new_tokens=4).token_ids) == 4
+
+
+def test_token_stream_says_when_each_token_was_made_and_hands_all_over_in_order():
+    """Fast tokens may reach the reader several at a time; each keeps the time it was made."""
+    import threading
+    import time
+
+    from nbllm.streaming import threaded_tokens
+
+    made: list[float] = []
+
+    def run(emit):
+        for i in range(200):
+            made.append(time.perf_counter())
+            emit(i)
+
+    stream = threaded_tokens(run, threading.Event())
+    got, stamps = [], []
+    for token in stream:
+        received = time.perf_counter()
+        got.append(token)
+        stamps.append(stream.emitted_at)
+        assert made[token] <= stream.emitted_at <= received
+    assert got == list(range(200))
+    assert stamps == sorted(stamps)
