@@ -48,7 +48,7 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     dtype = args.dtype or ("float16" if args.device == "cuda" else "float32")
     size = machine.model_size(args.params)
-    path = tiny_transformers_model(**size)
+    path = tiny_transformers_model(**size, dtype="float32" if dtype == "float32" else "float16")
     nbllm.load(path, dtype=dtype, device=args.device)
     engine = nbllm.get_engine()
     loader = engine.loader

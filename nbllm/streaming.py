@@ -120,7 +120,7 @@ def _worker() -> concurrent.futures.ThreadPoolExecutor:
 
     One long-lived thread rather than a new one per generation: torch's OpenMP thread pool belongs
     to the thread that calls into it, and moving the work to a new thread each time (or back and
-    forth) costs about 6% of decode speed on a 2-core CPU (measured; each thread alone is as fast).
+    forth) makes decoding slower.
     """
     global _WORKER
     with _WORKER_LOCK:
@@ -132,12 +132,13 @@ def _worker() -> concurrent.futures.ThreadPoolExecutor:
 class TokenStream:
     """The iterator :func:`threaded_tokens` returns: token ids from the generation thread, as they come.
 
-    Handing a token from one thread to another costs a wake-up of the reader (a system call, a context
-    switch, the GIL changing hands): about 12 µs of CPU, more than the rest of nbllm's per-token work
-    (benchmarks/bench_overhead.py). When tokens come faster than one every :data:`FAST_SECONDS`, the
-    reader lets about :data:`LINGER_TOKENS` of them gather (at most :data:`LINGER_MAX_SECONDS`) before
-    it takes them all in one wake-up; a display updated every 50 ms shows no difference. The first token is never held, and
-    :attr:`emitted_at` says when each token was produced, so timings stay exact.
+    Handing a token from one thread to another costs a wake-up of the reader (a system call, a
+    context switch, the GIL changing hands): more CPU than the rest of nbllm's per-token work
+    together (benchmarks/bench_overhead.py measures both). When tokens come faster than one every
+    :data:`FAST_SECONDS`, the reader lets about :data:`LINGER_TOKENS` of them gather (at most
+    :data:`LINGER_MAX_SECONDS`) and takes them all in one wake-up; a display updated every 50 ms shows
+    no difference. The first token is never held, and :attr:`emitted_at` says when each token was
+    made, so timings stay exact.
     """
 
     FAST_SECONDS = 0.005
