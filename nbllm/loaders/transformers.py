@@ -325,9 +325,8 @@ class TransformersLoader(TokenLoader):
         if reason is not None:
             return f"--compile has no effect: nbllm's compiled decode step {reason}; generating without compilation"
         self._compiled = CompiledDecoder(self.model, self.context_length)
-        cost = (
-            "expect tens of seconds on a CPU" if not self._compiled.on_cuda else "expect tens of seconds"
-        ) + f", seconds once inductor's cache ({inductor_cache()}) holds it from an earlier load"
+        cost = ("expect a minute or more on a CPU (autotuning, C++ compilation)" if not self._compiled.on_cuda
+                else "expect tens of seconds") + f", much less once inductor's cache ({inductor_cache()}) holds it from an earlier load"
         extra = "" if self._compiled.on_cuda else "; the packed weights take a second copy of the linear layers' memory"
         return (f"--compile: each new token runs one compiled step ({self._compiled.how}) over a static KV cache "
                 f"sized to the request; the first generation of each cache size (128, 256, ... tokens) compiles it "
