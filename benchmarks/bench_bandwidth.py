@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -94,20 +93,7 @@ def main() -> None:
     def measure(path: Path, options: dict[str, Any]) -> dict[str, Any]:
         engine.load(path, **options)
         loader = engine.loader
-        arrivals: list[machine.Stamp] = []
-        generate_tokens = loader.generate_tokens
-
-        def stamped(*a: object, **k: object) -> Iterator[int]:
-            stream = generate_tokens(*a, **k)  # type: ignore[arg-type]
-            try:
-                for token in stream:
-                    wall, cpu = machine.now()
-                    arrivals.append((getattr(stream, "emitted_at", None) or wall, cpu))
-                    yield token
-            finally:
-                stream.close()  # type: ignore[attr-defined]
-
-        loader.generate_tokens = stamped  # type: ignore[method-assign]
+        arrivals = machine.stamp_arrivals(loader)
 
         def once() -> tuple[dict[str, float], Any]:
             arrivals.clear()

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import tempfile
-from collections.abc import Iterator
 
 import machine
 
@@ -56,22 +55,7 @@ def main() -> None:
     n, on_cpu = args.tokens, args.device == "cpu"
     rss = machine.rss()
 
-    arrivals: list[machine.Stamp] = []
-    generate_tokens = loader.generate_tokens
-
-    def stamped(*a: object, **k: object) -> Iterator[int]:
-        """The loader's tokens, stamped as the engine receives them; wall-clock time as the generation
-        thread made them (nbllm may hand several over at once)."""
-        stream = generate_tokens(*a, **k)  # type: ignore[arg-type]
-        try:
-            for token in stream:
-                wall, cpu = machine.now()
-                arrivals.append((getattr(stream, "emitted_at", None) or wall, cpu))
-                yield token
-        finally:
-            stream.close()  # type: ignore[attr-defined]
-
-    loader.generate_tokens = stamped  # type: ignore[method-assign]
+    arrivals = machine.stamp_arrivals(loader)
 
     def run(decoder: CompiledDecoder | None) -> tuple[dict[str, float], list[int], float | None]:
         loader._compiled = decoder

@@ -33,7 +33,7 @@ import io
 import statistics
 import subprocess
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
 import machine
 
@@ -108,22 +108,7 @@ def main() -> None:
             out = model.generate(**inputs, do_sample=False, max_new_tokens=n, streamer=clock)
         return machine.measures(start, clock.stamps), out[0, inputs["input_ids"].shape[1]:].tolist()
 
-    arrivals: list[machine.Stamp] = []
-    generate_tokens = loader.generate_tokens
-
-    def stamped(*a: object, **k: object) -> Iterator[int]:
-        """The loader's tokens, stamped as the engine receives them; wall-clock time as the generation
-        thread made them (nbllm may hand several over at once)."""
-        stream = generate_tokens(*a, **k)  # type: ignore[arg-type]
-        try:
-            for token in stream:
-                wall, cpu = machine.now()
-                arrivals.append((getattr(stream, "emitted_at", None) or wall, cpu))
-                yield token
-        finally:
-            stream.close()  # type: ignore[attr-defined]
-
-    loader.generate_tokens = stamped  # type: ignore[method-assign]
+    arrivals = machine.stamp_arrivals(loader)
 
     def timed(run: Callable[[], nbllm.Result]) -> tuple[dict[str, float], list[int]]:
         arrivals.clear()

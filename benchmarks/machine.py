@@ -301,3 +301,24 @@ def rss() -> int:
     except (OSError, AttributeError):
         pass
     return int(psutil.Process().memory_info().rss)
+
+
+def stamp_arrivals(loader: Any) -> list[Stamp]:
+    """Stamp every token the engine receives from ``loader``: process CPU time as it arrives, and
+    wall-clock time as the generation thread made it (nbllm may hand several over at once). Returns the
+    list the stamps go to (clear it before each run)."""
+    arrivals: list[Stamp] = []
+    generate_tokens = loader.generate_tokens
+
+    def stamped(*a: Any, **k: Any) -> Any:
+        stream = generate_tokens(*a, **k)
+        try:
+            for token in stream:
+                wall, cpu = now()
+                arrivals.append((getattr(stream, "emitted_at", None) or wall, cpu))
+                yield token
+        finally:
+            stream.close()
+
+    loader.generate_tokens = stamped
+    return arrivals

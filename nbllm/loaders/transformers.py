@@ -329,8 +329,8 @@ class TransformersLoader(TokenLoader):
                 else "expect tens of seconds") + f", much less once inductor's cache ({inductor_cache()}) holds it from an earlier load"
         extra = "" if self._compiled.on_cuda else "; the packed weights take a second copy of the linear layers' memory"
         return (f"--compile: each new token runs one compiled step ({self._compiled.how}) over a static KV cache "
-                f"sized to the request; the first generation of each cache size (128, 256, ... tokens) compiles it "
-                f"({cost}; its timings show it){extra}")
+                "sized to the request; the first generation of each cache size (128, 256, ... tokens), greedy or "
+                f"sampled, compiles it ({cost}; its timings show it){extra}")
 
     def unload(self) -> None:
         self.model = None
