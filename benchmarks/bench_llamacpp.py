@@ -1,6 +1,6 @@
 """Decode speed and time to first token of %%llm and nbllm.generate against Llama.create_completion.
 
-Run: python benchmarks/bench_llamacpp.py [--params 0] [--tokens 64] [--rounds 9] [--file-type f32]
+Run: python benchmarks/bench_llamacpp.py [--params 0] [--tokens 64] [--rounds 15] [--file-type f32]
      [--threads 1] [--threads-batch 1]
 
 One built-in GGUF model (random weights; ``--params 0``, the default, is the smallest, where nbllm's own
@@ -47,7 +47,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--params", type=float, default=0, help="model size in parameters (0: the smallest built-in)")
     parser.add_argument("--tokens", type=int, default=64, help="new tokens per run")
-    parser.add_argument("--rounds", type=int, default=9, help="interleaved rounds")
+    parser.add_argument("--rounds", type=int, default=15, help="interleaved rounds")
     parser.add_argument("--file-type", choices=("f32", "f16"), default="f32", help="GGUF weights type")
     parser.add_argument("--threads", type=int, default=1, help="--threads of the load (0: llama.cpp's default)")
     parser.add_argument("--threads-batch", type=int, default=1, help="--threads-batch of the load")

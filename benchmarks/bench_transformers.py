@@ -1,6 +1,6 @@
 """Decode speed and time to first token of %%llm and nbllm.generate against model.generate.
 
-Run: python benchmarks/bench_transformers.py [--params 0] [--tokens 64] [--rounds 9] [--threads 1]
+Run: python benchmarks/bench_transformers.py [--params 0] [--tokens 64] [--rounds 15] [--threads 1]
 
 One built-in Transformers model (``--params 0``: the smallest, where nbllm's own per-token work shows
 most; e.g. ``--params 100e6`` for a bigger one) is loaded once by nbllm; the direct call runs the very
@@ -61,7 +61,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--params", type=float, default=0, help="model size (0: the smallest built-in)")
     parser.add_argument("--tokens", type=int, default=64)
-    parser.add_argument("--rounds", type=int, default=9)
+    parser.add_argument("--rounds", type=int, default=15)
     parser.add_argument("--threads", type=int, default=1, help="compute threads (0: torch's default)")
     args = parser.parse_args()
     machine.set_threads(args.threads)

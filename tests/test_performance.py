@@ -142,3 +142,18 @@ def test_token_stream_says_when_each_token_was_made_and_hands_all_over_in_order(
         assert made[token] <= stream.emitted_at <= received
     assert got == list(range(200))
     assert stamps == sorted(stamps)
+
+
+def test_readme_performance_figures_are_the_benchmark_results_files():
+    """The README quotes benchmarks/results/ verbatim: every figure there comes from a benchmark run."""
+    import re
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    readme = (root / "README.md").read_text()
+    blocks = re.findall(r"<!-- results: (\S+) -->\n(.*?)\n<!-- /results -->", readme, re.S)
+    assert len(blocks) >= 5
+    for path, text in blocks:
+        assert path.startswith("benchmarks/results/") and (root / path).exists(), path
+        assert text.strip() == (root / path).read_text().strip(), f"README differs from {path}"
+        assert (root / path).with_suffix(".json").exists(), path
