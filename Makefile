@@ -9,7 +9,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.nbllm-installed
 
-.PHONY: install quickstart experiment test bench lint browser-deps
+.PHONY: install quickstart experiment test bench bench-gpu lint browser-deps
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -35,13 +35,28 @@ experiment: install
 test: install browser-deps lint
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -ra
 
+# Each benchmark prints its figures and writes them, with the machine's description, to benchmarks/results/.
 bench: install
 	$(PY) benchmarks/bench_transformers.py
+	$(PY) benchmarks/bench_transformers.py --params 100e6
 	$(PY) benchmarks/bench_llamacpp.py
+	$(PY) benchmarks/bench_llamacpp.py --params 100e6
+	$(PY) benchmarks/bench_overhead.py
+	$(PY) benchmarks/bench_compile.py
+	$(PY) benchmarks/bench_bandwidth.py
 	$(PY) benchmarks/bench_chat_prefix.py
 	$(PY) benchmarks/bench_sweep.py
 	$(PY) benchmarks/bench_replay.py
 	$(PY) benchmarks/bench_remote.py
+
+# The same on CUDA (float16/bfloat16, bitsandbytes 4-bit and 8-bit, sdpa/flash-attention 2, eager/compile with
+# CUDA graphs, llama.cpp on the GPU), then the gpu tests. Without CUDA: one line, and nothing else runs.
+bench-gpu: install
+	@$(PY) -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" 2>/dev/null \
+		|| { echo "make bench-gpu: skipped, no CUDA GPU here (torch sees none)"; exit 0; } \
+		&& $(PY) benchmarks/bench_bandwidth.py --device cuda \
+		&& $(PY) benchmarks/bench_compile.py --device cuda --params 1e9 \
+		&& HF_HUB_OFFLINE=1 $(PY) -m pytest -m gpu -q
 
 lint: install
 	$(VENV)/bin/ruff check nbllm tests benchmarks

@@ -44,7 +44,7 @@ from .options import GenerationOptions, LoadOptions
 from .result import Record, Result, Timings, clock, library_versions
 from .source import ModelSource
 from .store import weights_sha256
-from .streaming import IncrementalDecoder, StopHoldback
+from .streaming import IncrementalDecoder, StopHoldback, TokenStream
 
 
 @dataclass
@@ -575,9 +575,10 @@ class Engine:
             assert isinstance(loader, TextLoader)
             decoder, eos = None, frozenset()
             stream = loader.generate_text(request)
+        stamped = isinstance(stream, TokenStream)  # it says when each token was made (it may hand over several at once)
         try:
             for item in stream:
-                last = clock()
+                last = stream.emitted_at if stamped else clock()
                 if first is None:
                     first = last
                 produced += 1
@@ -628,6 +629,7 @@ class Engine:
             end = clock()
             timings.total_seconds = end - start
             record.reused_prefix_tokens = loader.reused_tokens
+            timings.compile_seconds = loader.compile_seconds
             if isinstance(loader, TextLoader):
                 prompt_tokens, completion = loader.usage
                 if prompt_tokens is not None:

@@ -127,6 +127,9 @@ class Timings:
     total_seconds: float = 0.0
     decode_tokens_per_second: float | None = None
     """Tokens per second after the first one (the decode speed)."""
+    compile_seconds: float | None = None
+    """Seconds spent compiling before the first token (``--compile``'s first generation of a cache size);
+    included in ``time_to_first_token``."""
 
 
 class Result:
@@ -324,6 +327,8 @@ class Result:
             parts.append(f"{t.decode_tokens_per_second:.1f} tok/s")
         if t.time_to_first_token is not None:
             parts.append(f"first token {t.time_to_first_token * 1000:.0f} ms")
+        if t.compile_seconds is not None:
+            parts.append(f"compiled in {t.compile_seconds:.1f} s")
         parts.append(f"seed {self.seed}")
         parts.append(f"ended: {self.finish_reason or 'running'}")
         if self.replayed:

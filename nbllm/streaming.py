@@ -10,10 +10,12 @@
 
 from __future__ import annotations
 
+import collections
 import concurrent.futures
 import queue
 import threading
-from collections.abc import Callable, Iterator, Sequence
+import time
+from collections.abc import Callable, Sequence
 
 REPLACEMENT = "\ufffd"
 
@@ -26,28 +28,42 @@ class IncrementalDecoder:
     what precedes it (SentencePiece's leading space) decode the first new token correctly.
     """
 
+    KEEP = 2
+    """Tokens of context the window keeps when it slides."""
+    SLIDE_AT = 6
+    """The window slides once it holds this many decoded tokens: at most ``SLIDE_AT + 1`` tokens are
+    decoded at once, and one token in ``SLIDE_AT - KEEP`` costs a second decode."""
+
     def __init__(self, decode: Callable[[Sequence[int]], str], context: Sequence[int] = ()) -> None:
         self._decode = decode
         self._ids: list[int] = list(context[-4:])
         self._prefix = 0
         self._read = len(self._ids)
+        self._prefix_text = decode(self._ids) if self._ids else ""
+        """The text of ``ids[prefix:read]``: the last window's whole text, so one decode per token."""
 
     def add(self, token: int) -> str:
         """Add one token; return the text it completes (maybe empty, never a broken character)."""
         self._ids.append(token)
-        prefix_text = self._decode(self._ids[self._prefix : self._read])
         full_text = self._decode(self._ids[self._prefix :])
+        prefix_text = self._prefix_text
         if len(full_text) > len(prefix_text) and not full_text.endswith(REPLACEMENT):
-            self._prefix, self._read = self._read, len(self._ids)
+            self._read = len(self._ids)
+            if self._read - self._prefix >= self.SLIDE_AT:
+                self._prefix = self._read - self.KEEP
+                self._prefix_text = self._decode(self._ids[self._prefix :])
+            else:
+                self._prefix_text = full_text
             return full_text[len(prefix_text) :]
         return ""
 
     def flush(self) -> str:
         """What is still held back at the end (an incomplete character shows as U+FFFD)."""
-        prefix_text = self._decode(self._ids[self._prefix : self._read])
         full_text = self._decode(self._ids[self._prefix :])
+        out = full_text[len(self._prefix_text) :]
         self._prefix = self._read = len(self._ids)
-        return full_text[len(prefix_text) :]
+        self._prefix_text = ""
+        return out
 
 
 class StopHoldback:
@@ -105,7 +121,7 @@ def _worker() -> concurrent.futures.ThreadPoolExecutor:
 
     One long-lived thread rather than a new one per generation: torch's OpenMP thread pool belongs
     to the thread that calls into it, and moving the work to a new thread each time (or back and
-    forth) costs about 6% of decode speed on a 2-core CPU (measured; each thread alone is as fast).
+    forth) makes decoding slower.
     """
     global _WORKER
     with _WORKER_LOCK:
@@ -114,48 +130,106 @@ def _worker() -> concurrent.futures.ThreadPoolExecutor:
         return _WORKER
 
 
+class TokenStream:
+    """The iterator :func:`threaded_tokens` returns: token ids from the generation thread, as they come.
+
+    Handing a token from one thread to another costs a wake-up of the reader (a system call, a
+    context switch, the GIL changing hands): more CPU than the rest of nbllm's per-token work
+    together (benchmarks/bench_overhead.py measures both). When tokens come faster than one every
+    :data:`FAST_SECONDS`, the reader lets about :data:`LINGER_TOKENS` of them gather (at most
+    :data:`LINGER_MAX_SECONDS`) and takes them all in one wake-up; a display updated every 50 ms shows
+    no difference. The first token is never held, and :attr:`emitted_at` says when each token was
+    made, so timings stay exact.
+    """
+
+    FAST_SECONDS = 0.005
+    LINGER_TOKENS = 32
+    LINGER_MAX_SECONDS = 0.02
+
+    def __init__(self, run: Callable[[Callable[[int], None]], None], cancel: threading.Event,
+                 poll_seconds: float) -> None:
+        self._run, self._cancel, self._poll = run, cancel, poll_seconds
+        self._queue: queue.SimpleQueue[object] = queue.SimpleQueue()
+        self._pending: collections.deque[object] = collections.deque()
+        self._future: concurrent.futures.Future[None] | None = None
+        self._finished = False
+        self._interval = 1.0
+        self.emitted_at: float | None = None
+        """``time.perf_counter()`` in the generation thread when the token last returned was produced."""
+
+    def _work(self) -> None:
+        put, clock = self._queue.put, time.perf_counter
+        try:
+            self._run(lambda token: put((token, clock())))
+        except BaseException as exc:  # re-raised in the consumer
+            put(exc)
+        finally:
+            put(_DONE)
+
+    def __iter__(self) -> TokenStream:
+        return self
+
+    def __next__(self) -> int:
+        if self._future is None:
+            self._future = _worker().submit(self._work)
+        if not self._pending:
+            if self._finished:
+                raise StopIteration
+            self._fill()
+        item = self._pending.popleft()
+        if isinstance(item, tuple):
+            token, at = item
+            if self.emitted_at is not None:
+                self._interval = at - self.emitted_at
+            self.emitted_at = at
+            return int(token)
+        self._finished = True
+        self._pending.clear()
+        if isinstance(item, BaseException):
+            raise item
+        raise StopIteration
+
+    def _fill(self) -> None:
+        """Wait for the next token (or the end), then take whatever else is already there."""
+        get = self._queue.get
+        if self._interval < self.FAST_SECONDS:
+            time.sleep(min(self.LINGER_TOKENS * self._interval, self.LINGER_MAX_SECONDS))
+        while True:
+            try:
+                self._pending.append(get(timeout=self._poll))
+                break
+            except queue.Empty:
+                continue
+        try:
+            while True:
+                self._pending.append(get(block=False))
+        except queue.Empty:
+            pass
+
+    def close(self) -> None:
+        """Stop early: set ``cancel`` and wait for the generation thread (it never outlives its stream)."""
+        if self._future is None:
+            return
+        if not self._finished:
+            self._cancel.set()
+            self._finished = True
+        while not self._future.done():
+            concurrent.futures.wait([self._future], timeout=self._poll)
+
+    def __del__(self) -> None:
+        self.close()
+
+
 def threaded_tokens(
     run: Callable[[Callable[[int], None]], None],
     cancel: threading.Event,
     *,
     poll_seconds: float = 0.1,
-) -> Iterator[int]:
+) -> TokenStream:
     """Run ``run(emit)`` on the generation thread and yield each token id it emits, as it emits it.
 
     The worker's exception is raised here, in the consumer. If the consumer stops early (a stop
     string, ``close()``, a KeyboardInterrupt), ``cancel`` is set and the worker is waited for, so it
     never outlives the generation it belongs to; ``run`` must check ``cancel`` at every step.
     """
-    q: queue.SimpleQueue[object] = queue.SimpleQueue()
-
-    def worker() -> None:
-        try:
-            run(q.put)
-        except BaseException as exc:  # re-raised in the consumer
-            q.put(exc)
-        finally:
-            q.put(_DONE)
-
-    future = _worker().submit(worker)
-    finished = False
-    try:
-        while True:
-            # No `continue` in this loop: CPython 3.11 raises a KeyboardInterrupt that lands on a
-            # `continue` here outside this try, skipping the finally below (the worker would run on).
-            try:
-                item = q.get(timeout=poll_seconds)
-            except queue.Empty:
-                item = _EMPTY
-            if item is _DONE:
-                finished = True
-                return
-            if isinstance(item, BaseException):
-                finished = True
-                raise item
-            if item is not _EMPTY:
-                yield item  # type: ignore[misc]
-    finally:
-        if not finished:
-            cancel.set()
-        while not future.done():
-            concurrent.futures.wait([future], timeout=poll_seconds)
+    return TokenStream(run, cancel, poll_seconds)

@@ -282,21 +282,6 @@ def test_trust_remote_code_runs_the_models_code(engine, remote_code_model):
     assert len(engine.generate(PROMPT, temperature=0, max_new_tokens=4).token_ids) == 4
 
 
-@pytest.mark.slow
-def test_compile_compiles_the_forward_pass_and_keeps_the_output(engine, tiny_model):
-    import torch._dynamo
-
-    engine.load(tiny_model)
-    reference = engine.generate(PROMPT, temperature=0, max_new_tokens=10).token_ids
-    torch._dynamo.reset()
-    torch._dynamo.utils.counters.clear()
-    status = engine.load(tiny_model, compile=True)
-    assert status.details["compiled"] is True
-    assert hasattr(engine.loader.model.forward, "_torchdynamo_orig_callable")
-    assert engine.generate(PROMPT, temperature=0, max_new_tokens=10).token_ids == reference
-    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] > 0  # it really compiled
-
-
 def test_truncated_safetensors_is_caught_before_the_current_model_is_released(engine, tiny_model, tmp_path):
     broken = tmp_path / "broken"
     shutil.copytree(tiny_model, broken)

@@ -109,6 +109,8 @@ class Loader(ABC):
         self.placement = Placement()
         self.reused_tokens = 0
         """How many prompt tokens the last generation took from the kept state instead of computing."""
+        self.compile_seconds: float | None = None
+        """Seconds the last generation spent compiling (``--compile``'s first generation), else ``None``."""
 
     # -- what a user typed, before anything is released --------------------------------------------
     @classmethod

@@ -139,6 +139,10 @@ class TransformersLoader(TokenLoader):
         self._cache_ids: list[int] = []
         self._lora: dict[str, tuple[str, Adapter]] = {}
         """Applied adapter's name → (the key PEFT knows it by, the adapter)."""
+        self._compiled: Any = None
+        """The compiled decode step (``--compile``), a :class:`~nbllm.loaders._compiled.CompiledDecoder`."""
+        self._rust_decode: Any = None
+        """The tokenizers library's own decode, where ``tokenizer.decode`` adds nothing to it."""
 
     # -- before anything is released ------------------------------------------------------------
     @classmethod
@@ -230,6 +234,7 @@ class TransformersLoader(TokenLoader):
                 )
             self.model.eval()
             self.tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=remote, revision=options.revision)
+            self._rust_decode = _plain_rust_decode(self.tokenizer)
         except (OptionError, LoadError):
             self.unload()
             raise
@@ -257,10 +262,10 @@ class TransformersLoader(TokenLoader):
                 f"{source.name} does not fit in the memory allowed (--cpu-memory {options.cpu_memory})",
                 "raise --cpu-memory, or add --disk-offload to put the rest on disk",
             )
-        if options.compile:
-            self.model.forward = torch.compile(self.model.forward)
         self._attention = attention
         self.placement = self._placement(note)
+        if options.compile:
+            self.placement.notes.append(self._prepare_compile())
 
     @staticmethod
     def _quantization_config(options: LoadOptions, on_gpu: bool) -> Any:
@@ -294,16 +299,37 @@ class TransformersLoader(TokenLoader):
             devices = Counter({dev: self.model.config.num_hidden_layers for dev in memory})
         return Placement(dict(devices), dict(memory), [note] if note else [])
 
+    def _prepare_compile(self) -> str:
+        """Set up ``--compile`` (nothing is compiled before the first generation); the note says what it
+        does and what it costs."""
+        from ._compiled import CompiledDecoder, inductor_cache, unsupported_reason
+
+        reason = unsupported_reason(self.model)
+        if reason is not None:
+            return f"--compile has no effect: nbllm's compiled decode step {reason}; generating without compilation"
+        self._compiled = CompiledDecoder(self.model, self.context_length)
+        cost = ("expect a minute or more on a CPU (autotuning, C++ compilation)" if not self._compiled.on_cuda
+                else "expect tens of seconds") + f", much less once inductor's cache ({inductor_cache()}) holds it from an earlier load"
+        extra = "" if self._compiled.on_cuda else "; the packed weights take a second copy of the linear layers' memory"
+        return (f"--compile: each new token runs one compiled step ({self._compiled.how}) over a static KV cache "
+                "sized to the request; the first generation of each cache size (128, 256, ... tokens), greedy or "
+                f"sampled, compiles it ({cost}; its timings show it){extra}")
+
     def unload(self) -> None:
         self.model = None
         self.tokenizer = None
         self._cache, self._cache_ids = None, []
+        if self._compiled is not None:
+            self._compiled.release()
+        self._compiled = None
 
     # -- text ------------------------------------------------------------------------------------
     def tokenize(self, text: str, *, add_special: bool) -> list[int]:
         return list(self.tokenizer(text, add_special_tokens=add_special)["input_ids"])
 
     def decode(self, ids: Sequence[int]) -> str:
+        if self._rust_decode is not None:  # called twice per new token: the wrapper's own work shows
+            return str(self._rust_decode(ids, skip_special_tokens=True))
         return str(self.tokenizer.decode(list(ids), skip_special_tokens=True))
 
     @property
@@ -338,7 +364,7 @@ class TransformersLoader(TokenLoader):
             "attn_implementation": self._attention,
             "dtype": str(self.model.dtype).removeprefix("torch."),
             "quantization": quantization_words(self.options, quant),
-            "compiled": bool(self.options and self.options.compile),
+            "compiled": self._compiled.describe() if self._compiled is not None else False,
             "device_map": dict(getattr(self.model, "hf_device_map", None) or {}),
         }
 
@@ -393,10 +419,18 @@ class TransformersLoader(TokenLoader):
         kwargs = self.generation_kwargs(request.options)
         prompt_ids, seed, cancel, reuse_prefix = request.prompt_ids, request.seed, request.cancel, request.reuse_prefix
         assert prompt_ids is not None
+        self.compile_seconds = None
+        if self._compiled is not None:
+            return self._compiled_tokens(request)
+
+        device = self._input_device()
+        answers = {flag: torch.full((1,), flag, dtype=torch.bool, device=device) for flag in (False, True)}
 
         class Cancelled(StoppingCriteria):
+            """Checked at every step: a prebuilt answer, no tensor made per token (generate ORs it in)."""
+
             def __call__(self, input_ids: Any, scores: Any, **_: Any) -> Any:
-                return torch.full((input_ids.shape[0],), cancel.is_set(), dtype=torch.bool, device=input_ids.device)
+                return answers[cancel.is_set()]
 
         def run(emit: Any) -> None:
             produced: list[int] = []
@@ -408,6 +442,11 @@ class TransformersLoader(TokenLoader):
                     if not self.prompt_seen:  # generate() first puts the prompt itself
                         self.prompt_seen = True
                         return
+                    if value.numel() == 1:  # one new token per step: the common case, kept short
+                        token = int(value)
+                        produced.append(token)
+                        emit(token)
+                        return
                     for token in value.reshape(-1).tolist():
                         produced.append(token)
                         emit(token)
@@ -418,7 +457,7 @@ class TransformersLoader(TokenLoader):
             cache = self._reusable_cache(prompt_ids, reuse_prefix)
             self._cache, self._cache_ids = None, []
             set_seed(seed)
-            input_ids = torch.tensor([prompt_ids], device=self._input_device())
+            input_ids = torch.tensor([prompt_ids], device=device)
             with torch.inference_mode():
                 model.generate(
                     input_ids=input_ids,
@@ -432,6 +471,20 @@ class TransformersLoader(TokenLoader):
                 self._cache, self._cache_ids = cache, (prompt_ids + produced)[: cache.get_seq_length()]
 
         return threaded_tokens(run, cancel)
+
+    def _compiled_tokens(self, request: Request) -> Iterator[int]:
+        """``--compile``: the compiled decode step generates (it keeps no prefix: the whole prompt is
+        computed, ``reused_tokens`` is 0)."""
+        compiled, prompt_ids = self._compiled, request.prompt_ids
+        assert prompt_ids is not None
+        self.reused_tokens = 0
+        self._cache, self._cache_ids = None, []
+        eos = self.eos_token_ids
+
+        def run(emit: Any) -> None:
+            self.compile_seconds = compiled.generate(prompt_ids, request.options, request.seed, request.cancel, eos, emit)
+
+        return threaded_tokens(run, request.cancel)
 
     # -- LoRA adapters (PEFT) -----------------------------------------------------------------------
     def adaptable_modules(self) -> dict[str, tuple[int, int]]:
@@ -725,6 +778,23 @@ def quantization_words(options: LoadOptions | None, config_quantization: Any) ->
     method = data.get("quant_method")
     bits = data.get("bits")
     return f"{getattr(method, 'value', method)}" + (f" {bits}-bit" if bits else "") + " (from the checkpoint)"
+
+
+def _plain_rust_decode(tokenizer: Any) -> Any:
+    """``tokenizer.decode(ids, skip_special_tokens=True)`` as the Rust tokenizer's own decode, when the
+    Python side adds nothing to it (a fast tokenizer that neither overrides decoding nor cleans up
+    spaces); ``None`` otherwise."""
+    try:
+        from transformers.tokenization_utils_base import PreTrainedTokenizerBase
+        from transformers.tokenization_utils_tokenizers import TokenizersBackend
+    except ImportError:
+        return None
+    kind = type(tokenizer)
+    if not isinstance(tokenizer, TokenizersBackend) or getattr(tokenizer, "clean_up_tokenization_spaces", True):
+        return None
+    if kind._decode is not TokenizersBackend._decode or kind.decode is not PreTrainedTokenizerBase.decode:
+        return None
+    return getattr(getattr(tokenizer, "_tokenizer", None), "decode", None)
 
 
 def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
