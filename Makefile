@@ -48,6 +48,8 @@ bench: install
 	$(PY) benchmarks/bench_sweep.py
 	$(PY) benchmarks/bench_replay.py
 	$(PY) benchmarks/bench_remote.py
+	$(PY) benchmarks/bench_first_prompt.py
+	$(PY) benchmarks/bench_lora.py
 
 # The same on CUDA (float16/bfloat16, bitsandbytes 4-bit and 8-bit, sdpa/flash-attention 2, eager/compile with
 # CUDA graphs, llama.cpp on the GPU), then the gpu tests. Without CUDA: one line, and nothing else runs.
