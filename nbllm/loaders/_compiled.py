@@ -31,7 +31,7 @@ import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from ..fingerprint import cache_dir
+from ..store import cache_dir
 from ..options import GenerationOptions
 
 MIN_BUCKET = 128
