@@ -135,6 +135,7 @@ class Engine:
         """While set, decides what a load loads before the loaders' registry is asked (replay sets it:
         its stand-in loader records the model asked for and loads nothing); ``None`` from it: as usual."""
         self._listeners: list[Callable[[Result], None]] = []
+        self._waiting = threading.local()
 
     def on_result(self, callback: Callable[[Result], None]) -> Callable[[], None]:
         """Call ``callback(result)`` each time a generation of this engine finishes, however it was
@@ -150,7 +151,6 @@ class Engine:
                 callback(result)
             except Exception as exc:
                 warnings.warn(f"a result listener failed: {type(exc).__name__}: {exc}", NbllmWarning, stacklevel=2)
-        self._waiting = threading.local()
 
     # -- ownership -------------------------------------------------------------------------------
     @contextlib.contextmanager

@@ -16,6 +16,7 @@ import queue
 import threading
 import time
 from collections.abc import Callable, Sequence
+from typing import Any
 
 REPLACEMENT = "\ufffd"
 
@@ -169,7 +170,7 @@ class TokenStream:
     def __iter__(self) -> TokenStream:
         return self
 
-    def __next__(self) -> int:
+    def __next__(self) -> Any:
         if self._future is None:
             self._future = _worker().submit(self._work)
         if not self._pending:
@@ -182,7 +183,7 @@ class TokenStream:
             if self.emitted_at is not None:
                 self._interval = at - self.emitted_at
             self.emitted_at = at
-            return int(token)
+            return token  # a token id (a batch emits one list of ids per step)
         self._finished = True
         self._pending.clear()
         if isinstance(item, BaseException):

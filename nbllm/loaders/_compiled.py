@@ -31,8 +31,8 @@ import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from ..store import cache_dir
 from ..options import GenerationOptions
+from ..store import cache_dir
 
 MIN_BUCKET = 128
 """The smallest static cache, in tokens. Attention reads the whole cache (masked) at every step, so a

@@ -704,7 +704,7 @@ class TransformersLoader(TokenLoader):
                     **kwargs,
                 )
 
-        return threaded_tokens(run, cancel)  # type: ignore[return-value]  # one list of ids per step
+        return threaded_tokens(run, cancel)  # one list of ids per step
 
 
 _ADAPTER_SERIAL = itertools.count()
