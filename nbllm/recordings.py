@@ -102,9 +102,8 @@ class Recording:
         equals), and those things in words."""
         best: tuple[int, int, Run, list[str]] | None = None
         for i, run in enumerate(self.runs):
-            differs = differences(record_identity(run.record), identity)
-            if run.record.get("seed_drawn") is None and identity.get("seed") is None:
-                differs = [d for d in differs if not d.startswith("the seed")]
+            unsaid = run.record.get("seed_drawn") is None and identity.get("seed") is None
+            differs = differences(record_identity(run.record, seed_drawn=True if unsaid else None), identity)
             score = (len(differs), -i)
             if best is None or score < (best[0], best[1]):
                 best = (score[0], score[1], run, differs)
