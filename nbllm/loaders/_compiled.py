@@ -184,7 +184,9 @@ class CompiledDecoder:
             self.how = "CUDA graphs (reduce-overhead)"
         else:
             # set around the compiling call: as torch.compile(options=...) freezing is silently not applied
-            mode, self._patch = None, {"max_autotune": True, "freezing": True}
+            # (the backends, in an order of nbllm's own, also keep these graphs apart in inductor's cache from
+            # ones compiled without the choice made in _prefer_packed_gemm)
+            mode, self._patch = None, {"max_autotune": True, "freezing": True, "max_autotune_gemm_backends": "CPP,ATEN"}
             self.how = "inductor max-autotune with frozen, packed weights"
         # autotuning reports every choice it timed on stderr, into the cell: keep that quiet
         self._patch.update(autotune_num_choices_displayed=0, max_autotune_report_choices_stats=False)
