@@ -101,7 +101,7 @@ def main() -> None:
              f"token), {n} new tokens, greedy, same text, {args.rounds} interleaved rounds, medians")
     print(title)
     print(f"bandwidth limit: {bw['gb_per_s']:.1f} GB/s ({bw['by']}, {bw['clock']}; all: {bw['ways']})")
-    table = [f"| {title.split(',')[0]} | clock | decode tok/s | × eager | GB/s | of bandwidth ({bw['gb_per_s']:.1f} GB/s) |",
+    table = [f"| {count_params(**size) / 1e6:.1f}M-parameter model, {dtype} | clock | decode tok/s | × eager | GB/s | of bandwidth ({bw['gb_per_s']:.1f} GB/s) |",
              "|---|---|---:|---:|---:|---:|"]
     result: dict[str, object] = {}
     for label, key in clocks:

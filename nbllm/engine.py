@@ -575,7 +575,7 @@ class Engine:
             assert isinstance(loader, TextLoader)
             decoder, eos = None, frozenset()
             stream = loader.generate_text(request)
-        stamped = isinstance(stream, TokenStream)  # it says when each token was made (it may hand over several at once)
+        stamped = isinstance(stream, TokenStream)  # it hands over tokens in batches, each stamped when made
         try:
             for item in stream:
                 last = stream.emitted_at if stamped else clock()
