@@ -182,7 +182,8 @@ class StreamView:
         self._handle.update({"text/plain": full + suffix}, raw=True, metadata=metadata)
 
 
-WAITING = "[waiting for the chat panel's reply to end (the model writes one reply at a time)…]"
+WAITING = ("[waiting for the chat panel's reply to end: the model writes one reply at a time (interrupt the kernel "
+           "to stop waiting)…]")
 
 
 def waiting_shown(view: StreamView) -> contextlib.AbstractContextManager[None]:

@@ -127,7 +127,7 @@ class ChatPanel(W.VBox):
 
         self.system = W.Textarea(value=self.chat.system or "", placeholder="System prompt (optional)",
                                  description="System", continuous_update=False, rows=2,
-                                 style={"description_width": "initial"}, layout=W.Layout(width="100%"))
+                                 style={"description_width": "initial"}, layout=W.Layout(width="auto"))
         self.system.add_class("nbllm-system")
         self.view = W.VBox(layout=W.Layout(width="100%", flex="0 0 auto", overflow="visible"))
         self.view.add_class("nbllm-chat-messages")
@@ -140,7 +140,7 @@ class ChatPanel(W.VBox):
         # ipywidgets' text area reports its text, not its keys: Enter cannot send without front-end
         # code, so Enter writes a new line and the Send button sends (the placeholder says so).
         self.input = W.Textarea(placeholder="Message (the Send button sends it; Enter starts a new line)", rows=3,
-                                layout=W.Layout(width="100%"))
+                                layout=W.Layout(width="auto"))
         self.input.add_class("nbllm-input")
         self.send_button = button("Send", "send", style="primary", icon="paper-plane")
         self.stop_button = button("Stop", "stop", style="warning", icon="stop")
