@@ -276,9 +276,9 @@ def test_settings_and_chat_panels_in_jupyterlab(lab: Lab, page: Any, tmp_path: P
     _set_number(page, ".nbllm-opt-max_new_tokens input", 4000)
     # (a message longer than the view: the reply that follows starts below the fold)
     page.locator(".nbllm-input textarea").fill(
-        "Tell me a very long story about:\n" + "\n".join(f"- thing {i}" for i in range(1, 31)))
+        "Tell me a very long story about:\n" + "\n".join(f"- thing {i}" for i in range(1, 13)))
     page.locator(".nbllm-send").click()
-    _wait_last_text(page, ".nbllm-msg-user", "thing 30")
+    _wait_last_text(page, ".nbllm-msg-user", "thing 12")
     page.wait_for_function("() => !document.querySelector('.nbllm-stop').disabled")
     # Two ever longer texts seen while it is being written: the reply streams in.
     seen = _wait_last_length(page, ".nbllm-msg-assistant", 60, count=2)

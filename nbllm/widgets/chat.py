@@ -20,7 +20,7 @@ import ipywidgets as W
 from ..chat import ContextFullError, Conversation, Turn, conversation
 from ..errors import NbllmError, NoModelLoadedError
 from ..result import Result
-from ._common import HELP_STYLE, MessageLine, button, guarded, title, track, untrack
+from ._common import HELP_STYLE, MessageLine, button, guarded, joined, title, track, untrack
 
 log = logging.getLogger("nbllm.widgets")
 
@@ -182,11 +182,7 @@ class ChatPanel(W.VBox):
 
     def wait(self, timeout: float | None = None) -> bool:
         """Block until the reply being written is finished; returns False on timeout."""
-        worker = self._worker
-        if worker is not None:
-            worker.join(timeout)
-            return not worker.is_alive()
-        return True
+        return joined(self._worker, timeout)
 
     def refresh(self) -> None:
         """Show the conversation as it is now (it may have changed through ``%%llm_chat``)."""

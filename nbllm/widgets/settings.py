@@ -30,6 +30,7 @@ from ._common import (
     button,
     collected_notes,
     guarded,
+    joined,
     refresh_all,
     title,
     track,
@@ -378,11 +379,7 @@ class SettingsPanel(W.VBox):
 
     def wait(self, timeout: float | None = None) -> bool:
         """Block until the load started by this panel has ended; returns False on timeout."""
-        worker = self._worker
-        if worker is not None:
-            worker.join(timeout)
-            return not worker.is_alive()
-        return True
+        return joined(self._worker, timeout)
 
     # -- actions -------------------------------------------------------------------------------------
     def refresh_models(self) -> None:
