@@ -1,7 +1,10 @@
 """The panels end to end: a real JupyterLab server on 127.0.0.1 and a real headless Chromium.
 
-The test opens a notebook, loads a built-in tiny model from the settings panel, chats in the chat panel
-(the reply streams in), presses Stop during a long reply and checks the partial reply is kept. It takes
+The test opens a notebook, downloads and loads a built-in tiny model from the settings panel (Load is
+busy while it loads), types a number the schema refuses (the error shows next to the field), chats in
+the chat panel (dollars and code shown as written; the reply streams in and the view follows it unless
+the user scrolled up), presses Stop during a long reply and checks the partial reply is kept, and runs
+a ``%%llm`` cell while the panel writes a reply (the cell says it waits). No panel scrolls sideways. It takes
 the screenshots of both panels shown in the README: into ``docs/img/`` with ``NBLLM_UPDATE_SCREENSHOTS=1``,
 else into the test's temporary folder (so that running the tests does not change tracked files).
 
@@ -53,6 +56,7 @@ def _notebook() -> dict[str, Any]:
         "%load_ext nbllm",
         "%llm_settings",
         "%llm_chat_panel browser",
+        "%%llm --temperature 0 --max-new-tokens 5\nHi",
     ]
     return {
         "cells": [
@@ -218,13 +222,33 @@ def test_settings_and_chat_panels_in_jupyterlab(lab: Lab, page: Any, tmp_path: P
     page.locator(".nbllm-opt-dtype select").select_option("float32")
     page.locator(".nbllm-preset-deterministic").click()
     _set_number(page, ".nbllm-opt-max_new_tokens input", 24)
+
+    # -- a number the schema refuses: the error next to the field, the text kept, nothing changed -----
+    _set_number(page, ".nbllm-opt-top_k input", "2.5")
+    top_k_error = page.locator(".nbllm-option:has(.nbllm-opt-top_k) .nbllm-error")
+    top_k_error.wait_for()
+    assert _text(top_k_error) == "⚠ the top_k field expects a whole number, not '2.5'. For example: 0. In use: 0."
+    assert page.locator(".nbllm-opt-top_k.nbllm-invalid input").input_value() == "2.5"
+    assert not page.locator(".nbllm-panel-messages .nbllm-error").is_visible()  # next to the field, not at the top
+    assert _sideways_scrollers(page, ".nbllm-settings") == []  # the long error wraps
+    _set_number(page, ".nbllm-opt-top_k input", "0")
+    page.wait_for_function("() => !document.querySelector('.nbllm-option .nbllm-opt-top_k.nbllm-invalid')")
+
+    # -- Load: busy and disabled while the model loads (a second click cannot be lost), then back -----
+    page.evaluate(_WATCH_BUSY)
     page.locator(".nbllm-load").click()
     status = page.locator(".nbllm-status")
     page.wait_for_function(
         "() => document.querySelector('.nbllm-status').innerText.includes('Loaded org_tiny-long')"
     )
+    busy = page.evaluate("() => window.nbllmBusy")
+    assert busy["load"] and busy["model"], busy  # "Loading…" and disabled, the model list too
+    assert "Load, Unload and the model choice are back when it has loaded" in busy["status"], busy
+    page.wait_for_function("() => !document.querySelector('.nbllm-load').disabled")
+    assert _text(page.locator(".nbllm-load")) == "Load" and not model.is_disabled()
+    assert model.input_value().startswith("org_tiny-long ")  # the choice did not jump
     assert "transformers" in _text(status) and "on cpu" in _text(status)
-    assert not page.locator(".nbllm-settings .nbllm-error").is_visible()
+    assert not page.locator(".nbllm-panel-messages .nbllm-error").is_visible()
     assert "deterministic" in _text(page.locator(".nbllm-preset"))
     shots.mkdir(parents=True, exist_ok=True)
     _screenshot(settings, shots / "settings-panel.png")
@@ -234,9 +258,15 @@ def test_settings_and_chat_panels_in_jupyterlab(lab: Lab, page: Any, tmp_path: P
     chat.wait_for()
     page.locator(".nbllm-system textarea").fill("You are a helpful assistant.")
     page.locator(".nbllm-system textarea").blur()
-    page.locator(".nbllm-input textarea").fill("Hello! Who are you?")
+    box = page.locator(".nbllm-input textarea")
+    # (one fill, then the click: a click message can overtake text still queued in the page)
+    box.fill("The apples cost $5 and the pears cost $10.\n\n    a < b & c")
     page.locator(".nbllm-send").click()
-    _wait_last_text(page, ".nbllm-msg-user", "Hello! Who are you?")
+    _wait_last_text(page, ".nbllm-msg-user", "a < b & c")
+    user = page.locator(".nbllm-msg-user").last
+    assert "The apples cost $5 and the pears cost $10." in _text(user)  # dollars as written, no math
+    assert user.locator("mjx-container, .MathJax, math").count() == 0
+    assert _text(user.locator("pre code")) == "a < b & c"  # an indented code block, escaped once
     page.wait_for_function("() => !document.querySelector('.nbllm-send').disabled")  # the reply ended
     summary = _text(page.locator(".nbllm-chat-status"))
     assert ("24 tokens" in summary and "ended: length" in summary) or "ended: eos" in summary, summary
@@ -245,14 +275,24 @@ def test_settings_and_chat_panels_in_jupyterlab(lab: Lab, page: Any, tmp_path: P
 
     # -- a long reply: watch it grow, press Stop, the partial reply stays ------------------------------
     _set_number(page, ".nbllm-opt-max_new_tokens input", 4000)
-    page.locator(".nbllm-input textarea").fill("Tell me a very long story.")
+    # (a message longer than the view: the reply that follows starts below the fold)
+    page.locator(".nbllm-input textarea").fill(
+        "Tell me a very long story about:\n" + "\n".join(f"- thing {i}" for i in range(1, 13)))
     page.locator(".nbllm-send").click()
-    _wait_last_text(page, ".nbllm-msg-user", "Tell me a very long story.")
+    _wait_last_text(page, ".nbllm-msg-user", "thing 12")
     page.wait_for_function("() => !document.querySelector('.nbllm-stop').disabled")
     # Two ever longer texts seen while it is being written: the reply streams in.
     seen = _wait_last_length(page, ".nbllm-msg-assistant", 60, count=2)
     grown = _wait_last_length(page, ".nbllm-msg-assistant", seen + 60, count=2)
     assert grown > seen
+    # The view follows the reply: once it is taller than the view, its end stays in sight ...
+    page.wait_for_function(_FOLLOWS)
+    # ... until the user scrolls up: then what they read stays where it is while the reply grows.
+    top = page.evaluate(_SCROLL_UP)
+    longer = _wait_last_length(page, ".nbllm-msg-assistant", grown + 60, count=2)
+    assert page.evaluate(_FIRST_TOP) == pytest.approx(top, abs=2), "the view moved under the user"
+    page.evaluate("() => document.querySelector('.nbllm-chat-view').scrollBy(0, 100000)")  # back to the end
+    page.wait_for_function(_FOLLOWS)
     assert page.locator(".nbllm-send").is_disabled()  # still writing: Stop comes in the middle
     page.locator(".nbllm-stop").click()
     page.wait_for_function("() => document.querySelector('.nbllm-chat-status').innerText.includes('ended: cancelled')")
@@ -260,15 +300,103 @@ def test_settings_and_chat_panels_in_jupyterlab(lab: Lab, page: Any, tmp_path: P
     # The reply is redrawn from the conversation, which kept it, marked partial.
     _wait_last_text(page, ".nbllm-msg-assistant", "partial: cancelled")
     kept = _wait_last_length(page, ".nbllm-msg-assistant", 1, count=2)
-    assert kept >= 0.9 * grown, (kept, grown)  # what had streamed is kept (markdown may re-render a little)
+    assert kept >= 0.9 * longer, (kept, longer)  # what had streamed is kept (markdown may re-render a little)
     assert page.locator(".nbllm-msg-assistant").count() == 2
     assert page.locator(".nbllm-msg-user").count() == 2
     assert not page.locator(".nbllm-chat-panel .nbllm-error").is_visible()
 
+    assert _sideways_scrollers(page, ".nbllm-chat-panel") == []
+
     # -- the chat's screenshot for the README ----------------------------------------------------------
     _screenshot(chat, shots / "chat-panel.png")
+
+    # -- a %%llm cell run while the panel writes a reply says it waits, then gives its own text ---------
+    _set_number(page, ".nbllm-opt-max_new_tokens input", 300)
+    page.locator(".nbllm-input textarea").fill("Once more.")
+    page.locator(".nbllm-send").click()
+    page.wait_for_function("() => !document.querySelector('.nbllm-stop').disabled")
+    # Every text the cell's output shows is recorded (the notebook's own API: JupyterLab may take cells
+    # out of view off the page).
+    page.evaluate("""() => {
+        const nb = window.jupyterapp.shell.currentWidget.content;
+        const cell = nb.widgets[3];
+        const seen = window.nbllmCellTexts = [];
+        cell.outputArea.model.changed.connect(() => {
+            for (let i = 0; i < cell.outputArea.model.length; i++) {
+                const data = cell.outputArea.model.get(i).data;
+                seen.push(String(data['text/plain'] || data['application/vnd.jupyter.stderr'] || ''));
+            }
+        });
+        nb.activeCellIndex = 3;
+        return window.jupyterapp.commands.execute('notebook:run-cell');
+    }""")
+    page.wait_for_function("() => window.nbllmCellTexts.some(t => t.includes(\"waiting for the chat panel's reply\"))")
+    # the panel's reply ends (300 tokens: a second on a quiet machine, more than a minute on a loaded one)
+    page.wait_for_function("() => !document.querySelector('.nbllm-send').disabled", timeout=4 * TIMEOUT_MS)
+    page.wait_for_function("() => { const t = window.nbllmCellTexts; return t.length && !t[t.length - 1].includes('waiting'); }")
+    texts = page.evaluate("() => window.nbllmCellTexts")
+    assert texts[-1].strip() and "Error" not in texts[-1], texts
+
+    # -- Enter in the message box starts a new line; the Send button sends (the placeholder says so) ----
+    assert "the Send button sends it; Enter starts a new line" in (box.get_attribute("placeholder") or "")
+    users = page.locator(".nbllm-msg-user").count()
+    box.fill("First line")
+    box.press("End")
+    box.press("Enter")
+    box.press_sequentially("second line")
+    assert box.input_value() == "First line\nsecond line"
+    assert page.locator(".nbllm-msg-user").count() == users and page.locator(".nbllm-send").is_enabled()
     elapsed = time.monotonic() - started
     print(f"browser flow took {elapsed:.1f} s")
+
+
+_WATCH_BUSY = """() => {
+    const seen = window.nbllmBusy = {load: false, model: false, status: ''};
+    const load = document.querySelector('.nbllm-load');
+    const model = document.querySelector('.nbllm-model select');
+    new MutationObserver(() => {
+        if (load.disabled && load.innerText.includes('Loading…')) seen.load = true;
+        if (model.disabled) seen.model = true;
+        const status = document.querySelector('.nbllm-status').innerText;
+        if (status.includes('Loading')) seen.status = status;
+    }).observe(document.querySelector('.nbllm-settings'),
+               {subtree: true, attributes: true, childList: true, characterData: true});
+}"""
+
+_FOLLOWS = """() => {
+    const view = document.querySelector('.nbllm-chat-view');
+    const all = view.querySelectorAll('.nbllm-msg');
+    const last = all[all.length - 1].getBoundingClientRect(), box = view.getBoundingClientRect();
+    return view.scrollHeight > view.clientHeight + 100 && last.bottom <= box.bottom + 1 && last.bottom > box.bottom - 40;
+}"""
+
+_SCROLL_UP = """() => {
+    const view = document.querySelector('.nbllm-chat-view');
+    view.scrollBy(0, -100000);
+    return view.querySelector('.nbllm-msg').getBoundingClientRect().top;
+}"""
+
+_FIRST_TOP = "() => document.querySelector('.nbllm-chat-view .nbllm-msg').getBoundingClientRect().top"
+
+
+def _sideways_scrollers(page: Any, selector: str) -> list[str]:
+    """The elements of the panel (and the output area around it) that scroll sideways: content wider
+    than the box, in a box that scrolls (or would show a scrollbar) on that axis."""
+    return list(page.evaluate(
+        """(sel) => {
+            const panel = document.querySelector(sel);
+            const found = [];
+            const around = [];
+            for (let el = panel.parentElement; el && !el.classList.contains('jp-Cell'); el = el.parentElement) around.push(el);
+            for (const el of [...around, panel, ...panel.querySelectorAll('*')]) {
+                const x = getComputedStyle(el).overflowX;
+                if ((x === 'auto' || x === 'scroll') && el.scrollWidth > el.clientWidth)
+                    found.push(`${el.tagName}.${[...el.classList].join('.')} ${el.scrollWidth} > ${el.clientWidth}`);
+            }
+            return found;
+        }""",
+        selector,
+    ))
 
 
 def _screenshot(panel: Any, path: Path) -> None:
@@ -304,8 +432,8 @@ def _wait_last_length(page: Any, selector: str, minimum: int, count: int = 1) ->
     return int(handle.json_value())
 
 
-def _set_number(page: Any, selector: str, value: int) -> None:
-    """Type a number into an ipywidgets number field (it sends its value on Enter)."""
+def _set_number(page: Any, selector: str, value: int | str) -> None:
+    """Type a number into a panel's number field (it sends its value on Enter)."""
     field = page.locator(selector)
     field.fill(str(value))
     field.press("Enter")

@@ -193,7 +193,8 @@ def output_metadata(result: Result, note: str | None = None) -> dict[str, Any]:
     return {"nbllm": result.record.to_dict(), "nbllm_result": outcome}
 
 
-WAITING = "[waiting for the chat panel's reply to end (the model writes one reply at a time)…]"
+WAITING = ("[waiting for the chat panel's reply to end: the model writes one reply at a time (interrupt the kernel "
+           "to stop waiting)…]")
 
 
 def waiting_shown(view: StreamView) -> contextlib.AbstractContextManager[None]:

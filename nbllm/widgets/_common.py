@@ -210,6 +210,15 @@ def refresh_all(except_: Any = None) -> None:
                 log.exception("refreshing an nbllm panel failed")
 
 
+def joined(worker: threading.Thread | None, timeout: float | None) -> bool:
+    """Wait for a panel's worker thread (a reply, a load) to end; False if it is still running after
+    ``timeout`` seconds."""
+    if worker is not None:
+        worker.join(timeout)
+        return not worker.is_alive()
+    return True
+
+
 def button(description: str, css: str, *, style: str = "", tooltip: str = "", icon: str = "") -> W.Button:
     """A button with a stable CSS class (``nbllm-<css>``) for tests and user styles."""
     b = W.Button(description=description, button_style=style, tooltip=tooltip, icon=icon,

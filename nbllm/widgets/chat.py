@@ -20,7 +20,7 @@ import ipywidgets as W
 from ..chat import ContextFullError, Conversation, Turn, conversation
 from ..errors import NbllmError, NoModelLoadedError
 from ..result import Result
-from ._common import HELP_STYLE, MessageLine, button, guarded, title, track, untrack
+from ._common import HELP_STYLE, MessageLine, button, guarded, joined, title, track, untrack
 
 log = logging.getLogger("nbllm.widgets")
 
@@ -127,7 +127,7 @@ class ChatPanel(W.VBox):
 
         self.system = W.Textarea(value=self.chat.system or "", placeholder="System prompt (optional)",
                                  description="System", continuous_update=False, rows=2,
-                                 style={"description_width": "initial"}, layout=W.Layout(width="100%"))
+                                 style={"description_width": "initial"}, layout=W.Layout(width="auto"))
         self.system.add_class("nbllm-system")
         self.view = W.VBox(layout=W.Layout(width="100%", flex="0 0 auto", overflow="visible"))
         self.view.add_class("nbllm-chat-messages")
@@ -140,7 +140,7 @@ class ChatPanel(W.VBox):
         # ipywidgets' text area reports its text, not its keys: Enter cannot send without front-end
         # code, so Enter writes a new line and the Send button sends (the placeholder says so).
         self.input = W.Textarea(placeholder="Message (the Send button sends it; Enter starts a new line)", rows=3,
-                                layout=W.Layout(width="100%"))
+                                layout=W.Layout(width="auto"))
         self.input.add_class("nbllm-input")
         self.send_button = button("Send", "send", style="primary", icon="paper-plane")
         self.stop_button = button("Stop", "stop", style="warning", icon="stop")
@@ -182,11 +182,7 @@ class ChatPanel(W.VBox):
 
     def wait(self, timeout: float | None = None) -> bool:
         """Block until the reply being written is finished; returns False on timeout."""
-        worker = self._worker
-        if worker is not None:
-            worker.join(timeout)
-            return not worker.is_alive()
-        return True
+        return joined(self._worker, timeout)
 
     def refresh(self) -> None:
         """Show the conversation as it is now (it may have changed through ``%%llm_chat``)."""

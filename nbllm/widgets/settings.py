@@ -32,6 +32,7 @@ from ._common import (
     button,
     collected_notes,
     guarded,
+    joined,
     refresh_all,
     title,
     track,
@@ -105,7 +106,7 @@ def _lines(spec: OptionSpec, values: Any) -> str:
 
 
 def _help(text: str) -> W.HTML:
-    h = W.HTML(f"<div style='{HELP_STYLE}; {WRAP}'>{html.escape(text)}</div>", layout=W.Layout(width="100%"))
+    h = W.HTML(f"<div style='{HELP_STYLE}; {WRAP}'>{html.escape(text)}</div>", layout=W.Layout(width="auto"))
     h.add_class("nbllm-help")
     return h
 
@@ -127,16 +128,17 @@ class OptionField(W.VBox):
         self._moving = False
         self._valid = True
         self.input = option_widget(spec, self._value)
-        self.input.layout.width = "100%"
+        self.input.layout.width = "auto"  # the column's width less the widget's margins: no sideways scrolling
         self.messages = MessageLine()
         self.messages.add_class("nbllm-field-messages")
         self.slider: W.FloatSlider | None = None
         top: W.Widget = self.input
         if spec.type is float and spec.minimum is not None and spec.maximum is not None and spec.default is not None:
             self.slider = W.FloatSlider(value=self._value, min=spec.minimum, max=spec.maximum, step=0.01,
-                                        readout=False, continuous_update=False, layout=W.Layout(width="40%"))
+                                        readout=False, continuous_update=False,
+                                        layout=W.Layout(width="auto", flex="2 1 0", min_width="0"))
             self.slider.add_class(f"nbllm-slider-{spec.name}")
-            self.input.layout.width = "60%"
+            self.input.layout.flex, self.input.layout.min_width = "3 1 0", "0"
             top = W.HBox([self.input, self.slider], layout=W.Layout(width="100%"))
             self.slider.observe(self._slid, names="value")
         self.input.observe(self._typed, names="value")
@@ -255,6 +257,7 @@ class SettingsPanel(W.VBox):
         """What was set for each loader while this panel lives: switching the model to a GGUF and back
         brings back the Transformers choices (options both loaders share included)."""
         self.messages = MessageLine()
+        self.messages.add_class("nbllm-panel-messages")
 
         # -- model, loader, download ---------------------------------------------------------------
         self.model = W.Dropdown(description="Model", options=[], style={"description_width": "initial"},
@@ -269,7 +272,7 @@ class SettingsPanel(W.VBox):
         self.download_id.add_class("nbllm-download-id")
         self.download_button = button("Download", "download", icon="download",
                                       tooltip="Download from the Hugging Face Hub into the models folder")
-        self.download_output = W.Output(layout=W.Layout(width="100%"))
+        self.download_output = W.Output(layout=W.Layout(width="auto"))
         self.download_output.add_class("nbllm-download-progress")
 
         load_specs = [s for s in LoadOptions.specs() if s.panel]
@@ -381,11 +384,7 @@ class SettingsPanel(W.VBox):
 
     def wait(self, timeout: float | None = None) -> bool:
         """Block until the load started by this panel has ended; returns False on timeout."""
-        worker = self._worker
-        if worker is not None:
-            worker.join(timeout)
-            return not worker.is_alive()
-        return True
+        return joined(self._worker, timeout)
 
     # -- actions -------------------------------------------------------------------------------------
     def refresh_models(self) -> None:
