@@ -4,8 +4,9 @@ It answers the few endpoints huggingface_hub uses to download a model — ``/api
 (``/revision/<rev>``), ``/api/models/<repo>/tree/<rev>`` and HEAD/GET ``/<repo>/resolve/<rev>/<file>``
 with the Hub's headers and Range support — on 127.0.0.1 in a thread, so the real huggingface_hub code runs
 against it through ``HF_ENDPOINT``. Switches make it misbehave the ways a real network does: drop a
-connection mid-file, interrupt the client mid-file, flip a byte, answer 401/404, require a token. Every
-request is logged so tests can assert on byte ranges and headers.
+connection mid-file, interrupt the client mid-file, flip a byte (of any file, large or small), answer
+401/404, require a token; and, as the Hub does, answer large (LFS) files with a redirect to a second
+server on another host (its CDN). Every request is logged so tests can assert on byte ranges and headers.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import re
 import signal
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -79,12 +80,14 @@ class Request:
     path: str
     range: str | None
     authorization: str | None
+    host: str | None = None
+    """The Host header: which server the client meant."""
 
 
 class HubServer:
     """The server and its switches; use as a context manager or through the ``hub`` fixture."""
 
-    def __init__(self) -> None:
+    def __init__(self, host: str = "127.0.0.1") -> None:
         self.repos: dict[str, HubRepo] = {}
         self.requests: list[Request] = []
         self.token: str | None = None
@@ -93,12 +96,18 @@ class HubServer:
         """file path → bytes sent before the connection is cut (once)."""
         self.interrupt_once: dict[str, int] = {}
         """file path → bytes sent before SIGINT is sent to this process (a kernel interrupt), once."""
+        self.interrupt_when: Callable[[], bool] | None = None
+        """With ``interrupt_once``: after sending those bytes, wait until this holds (say, the client has
+        written what it received) before the SIGINT; unset, it is sent at once."""
         self.corrupt: set[str] = set()
-        """file paths served with one byte flipped (the metadata keeps the true hashes)."""
+        """file paths served with one byte flipped, same size (the metadata keeps the true hashes)."""
         self.status_override: int | None = None
         """Answer every request with this status (e.g. 500)."""
+        self.cdn: HubServer | None = None
+        """Set by :meth:`redirect_lfs`: the server LFS downloads are redirected to."""
         self._lock = threading.Lock()
-        self._httpd = ThreadingHTTPServer(("127.0.0.1", 0), _make_handler(self))
+        self._stopped = threading.Event()
+        self._httpd = ThreadingHTTPServer((host, 0), _make_handler(self))
         self._httpd.daemon_threads = True
         self._thread = threading.Thread(target=self._httpd.serve_forever, daemon=True)
 
@@ -112,8 +121,32 @@ class HubServer:
         return self
 
     def stop(self) -> None:
+        self._stopped.set()
+        if self.cdn is not None:
+            self.cdn.stop()
         self._httpd.shutdown()
         self._httpd.server_close()
+
+    def redirect_lfs(self) -> HubServer:
+        """Answer downloads of LFS files as the Hub does: a 302 to another host (its CDN), which serves the
+        file by its sha256 without any login. Returns that second server, started, on 127.0.0.2 (another
+        host of the loopback network; another port of 127.0.0.1 where that address is missing); it logs its
+        own requests and has its own switches (drop, corrupt)."""
+        try:
+            cdn = HubServer("127.0.0.2")
+        except OSError:  # pragma: no cover - a system without the rest of 127.0.0.0/8
+            cdn = HubServer()
+        cdn.repos = self.repos  # the same files, found by sha256
+        self.cdn = cdn.start()
+        return cdn
+
+    def wait_until(self, condition: Callable[[], bool], timeout: float = 120.0) -> bool:
+        """Wait (in a handler thread) until ``condition()`` holds, the server stops, or ``timeout``."""
+        deadline = time.monotonic() + timeout
+        while not condition():
+            if self._stopped.wait(0.005) or time.monotonic() > deadline:
+                return False
+        return True
 
     def __enter__(self) -> HubServer:
         return self.start()
@@ -172,6 +205,7 @@ def _make_handler(server: HubServer) -> type[BaseHTTPRequestHandler]:
     api_re = re.compile(r"^/api/models/(?P<repo>[^/]+/[^/]+)(?:/revision/(?P<rev>.+))?$")
     tree_re = re.compile(r"^/api/models/(?P<repo>[^/]+/[^/]+)/tree/(?P<rev>[^/]+)(?:/(?P<path>.*))?$")
     resolve_re = re.compile(r"^/(?P<repo>[^/]+/[^/]+)/resolve/(?P<rev>[^/]+)/(?P<path>.+)$")
+    blob_re = re.compile(r"^/lfs/(?P<sha256>[0-9a-f]{64})$")  # the CDN's URLs (a redirect's target)
 
     class Handler(BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"
@@ -188,6 +222,16 @@ def _make_handler(server: HubServer) -> type[BaseHTTPRequestHandler]:
             self.end_headers()
             if self.command != "HEAD":
                 self.wfile.write(body)
+
+        def _wait_for_the_client_to_hang_up(self, timeout: float = 120.0) -> None:
+            """Keep the connection open until the client closes it (it gave up on the rest of the body)."""
+            self.close_connection = True
+            self.connection.settimeout(timeout)
+            try:
+                while self.connection.recv(65536):
+                    pass
+            except OSError:
+                pass
 
         def _json(self, obj: object) -> None:
             self._send(200, json.dumps(obj).encode(), {"Content-Type": "application/json"})
@@ -231,7 +275,13 @@ def _make_handler(server: HubServer) -> type[BaseHTTPRequestHandler]:
             path = unquote(urlsplit(self.path).path)
             query = urlsplit(self.path).query
             server.log(
-                Request(self.command, path, self.headers.get("Range"), self.headers.get("Authorization"))
+                Request(
+                    self.command,
+                    path,
+                    self.headers.get("Range"),
+                    self.headers.get("Authorization"),
+                    self.headers.get("Host"),
+                )
             )
             if server.status_override is not None:
                 self._error(server.status_override)
@@ -262,6 +312,12 @@ def _make_handler(server: HubServer) -> type[BaseHTTPRequestHandler]:
                 if found:
                     self._file(found[0], found[1], m["path"])
                 return
+            if m := blob_re.match(path):
+                for repo in server.repos.values():
+                    for f in repo.files.values():
+                        if f.is_lfs and f.sha256 == m["sha256"]:
+                            self._file(repo, repo.commit, f.path)
+                            return
             self._error(404)
 
         def _file(self, repo: HubRepo, commit: str, name: str) -> None:
@@ -281,6 +337,10 @@ def _make_handler(server: HubServer) -> type[BaseHTTPRequestHandler]:
             if f.is_lfs:
                 headers["X-Linked-Etag"] = f'"{f.sha256}"'
                 headers["X-Linked-Size"] = str(len(f.data))
+                if server.cdn is not None:  # the Hub sends large files from its CDN, on another host
+                    headers["Location"] = f"{server.cdn.url}/lfs/{f.sha256}"
+                    self._send(302, b"", headers)
+                    return
             start = 0
             status = 200
             if (rng := self.headers.get("Range")) and (m := re.match(r"bytes=(\d+)-$", rng)):
@@ -306,10 +366,10 @@ def _make_handler(server: HubServer) -> type[BaseHTTPRequestHandler]:
             if interrupt is not None:  # send part, then interrupt the client as a kernel interrupt would
                 self.wfile.write(body[:interrupt])
                 self.wfile.flush()
-                time.sleep(0.2)  # let the client write what it received
+                if server.interrupt_when is not None:
+                    server.wait_until(server.interrupt_when)
                 os.kill(os.getpid(), signal.SIGINT)
-                time.sleep(0.5)
-                self.close_connection = True
+                self._wait_for_the_client_to_hang_up()
                 return
             self.wfile.write(body)
 

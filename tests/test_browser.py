@@ -188,7 +188,7 @@ def _text(locator: Any) -> str:
     return str(locator.inner_text()).strip()
 
 
-def test_settings_and_chat_panels_in_jupyterlab(lab: Lab, page: Any, tmp_path: Path) -> None:
+def test_settings_and_chat_panels_in_jupyterlab(lab: Lab, page: Any, tmp_path: Path, long_model: Path) -> None:
     started = time.monotonic()
     shots = SCREENSHOTS if os.environ.get("NBLLM_UPDATE_SCREENSHOTS") == "1" else tmp_path
     page.goto(f"{lab.url}/lab/tree/{lab.notebook}?token={lab.token}")
@@ -270,8 +270,10 @@ def test_settings_and_chat_panels_in_jupyterlab(lab: Lab, page: Any, tmp_path: P
     page.wait_for_function("() => !document.querySelector('.nbllm-send').disabled")  # the reply ended
     summary = _text(page.locator(".nbllm-chat-status"))
     assert ("24 tokens" in summary and "ended: length" in summary) or "ended: eos" in summary, summary
-    first_reply = _wait_last_length(page, ".nbllm-msg-assistant", len("Assistant") + 5)
-    assert first_reply > 0
+    _wait_last_length(page, ".nbllm-msg-assistant", len("Assistant") + 5)
+    # The reply shown is the model's own: the library's greedy reply to the same messages.
+    expected = _library_reply(long_model, "You are a helpful assistant.", "Hello! Who are you?", 24)
+    assert _body(_text(page.locator(".nbllm-msg-assistant").last)) == _alnum(expected), expected
 
     # -- a long reply: watch it grow, press Stop, the partial reply stays ------------------------------
     _set_number(page, ".nbllm-opt-max_new_tokens input", 4000)
@@ -405,6 +407,35 @@ def _screenshot(panel: Any, path: Path) -> None:
     box = panel.bounding_box()
     assert box is not None and box["height"] < 2200, f"the panel is {box} tall: it does not fit the viewport"
     panel.screenshot(path=str(path))
+
+
+def _alnum(text: str) -> str:
+    """Letters and digits only: what markdown rendering never changes."""
+    return "".join(c for c in text if c.isalnum())
+
+
+def _body(shown: str) -> str:
+    """A chat message's text as the page shows it, without its label and note (letters and digits)."""
+    text = _alnum(shown)
+    for label in ("Assistantpartialcancelled", "Assistant"):
+        if text.startswith(label):
+            return text[len(label) :]
+    return text
+
+
+def _library_reply(model: Path, system: str, message: str, n: int) -> str:
+    """The greedy reply nbllm's library gives (in this process) with the panel's settings."""
+    from nbllm import GenerationOptions
+    from nbllm.engine import Engine
+
+    engine = Engine()
+    engine.load(model, dtype="float32")
+    try:
+        options = GenerationOptions.preset("deterministic", GenerationOptions(max_new_tokens=n))
+        return engine.generate([{"role": "system", "content": system}, {"role": "user", "content": message}],
+                               options).text
+    finally:
+        engine.unload()
 
 
 def _wait_last_text(page: Any, selector: str, text: str) -> None:

@@ -250,10 +250,13 @@ def test_dropped_connection_resumes_with_a_range_request(
 def test_interrupted_download_continues_on_the_next_call(
     tiny_repo: Path, hub: HubServer, isolated: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    hub.interrupt_once["model.safetensors"] = 3 * CHUNK + 500  # SIGINT, as a kernel interrupt sends
+    folder = isolated / "org_tiny"
+    partial = folder / ".nbllm" / "partial"
+    hub.interrupt_once["model.safetensors"] = 3 * CHUNK + 500  # SIGINT, as a kernel interrupt sends...
+    # ...once the client has written the three whole chunks it received (whatever the machine's load)
+    hub.interrupt_when = lambda: any(p.stat().st_size >= 3 * CHUNK for p in partial.glob("*.part"))
     with pytest.raises(KeyboardInterrupt):
         download("org/tiny", **_quiet())
-    folder = isolated / "org_tiny"
     assert not (folder / "model.safetensors").exists()  # never half-written under its final name
     (part,) = (folder / ".nbllm" / "partial").iterdir()
     kept = part.stat().st_size
@@ -293,6 +296,33 @@ def test_corrupted_byte_is_caught_and_never_kept(tiny_repo: Path, hub: HubServer
     assert [r.range for r in hub.gets("model.safetensors")] == [None]  # the bad file again, from its start
     assert not fetched_before & {r.path.rsplit("/", 1)[-1] for r in hub.gets()}  # verified files are kept
     assert models.ModelsFolder().get("org_tiny").complete
+
+
+def test_a_damaged_small_file_is_caught_by_its_git_sha1(tiny_repo: Path, hub: HubServer, isolated: Path) -> None:
+    """Small files have no sha256 on the Hub, only their git blob sha1: a flipped byte (same size) in
+    config.json is caught by it, on download and by --check."""
+    original = (tiny_repo / "config.json").read_bytes()
+    hub.corrupt.add("config.json")
+    with pytest.raises(DownloadError) as err:
+        download("org/tiny", **_quiet())
+    assert "config.json from org/tiny failed its integrity check (its size or sha1 differs" in _one_line(err)
+    folder = isolated / "org_tiny"
+    assert not (folder / "config.json").exists() and not list((folder / ".nbllm" / "partial").glob("*"))
+    assert not models.ModelsFolder().get("org_tiny").complete
+
+    hub.corrupt.clear()
+    hub.requests.clear()
+    download("org/tiny", **_quiet())
+    assert [r.range for r in hub.gets("config.json")] == [None]
+    assert (folder / "config.json").read_bytes() == original and models.ModelsFolder().get("org_tiny").complete
+
+    damaged = bytearray(original)
+    damaged[5] ^= 1
+    (folder / "config.json").write_bytes(bytes(damaged))
+    with pytest.raises(DownloadError) as err:
+        download("org/tiny", check=True, **_quiet())
+    assert "1 of 7 file(s) of org_tiny" in _one_line(err) and "(config.json)" in err.value.message
+    assert not (folder / "config.json").exists()
 
 
 def test_check_finds_a_damaged_file_and_the_next_download_fetches_only_it(
@@ -412,6 +442,26 @@ def test_private_repository_needs_the_token(hub: HubServer, monkeypatch: pytest.
     assert {r.authorization for r in hub.gets()} == {f"Bearer {TOKEN}"}
 
 
+def test_large_files_come_through_the_hubs_redirect_and_the_token_stays_with_the_hub(
+    hub: HubServer, isolated: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The Hub answers an LFS download with a redirect to its CDN, on another host: the file comes from
+    there (resuming there too), and the token is sent to the Hub only, never to the other host."""
+    weights = os.urandom(3 * CHUNK + 123)
+    hub.token = TOKEN
+    hub.add_repo("org/private", {"config.json": "{}", "model.safetensors": weights}, private=True)
+    cdn = hub.redirect_lfs()
+    cdn.drop_once["model.safetensors"] = CHUNK + 10
+    monkeypatch.setenv("HF_TOKEN", TOKEN)
+    download("org/private", **_quiet())
+    assert (isolated / "org_private" / "model.safetensors").read_bytes() == weights
+    assert {r.authorization for r in hub.gets()} == {f"Bearer {TOKEN}"}  # the Hub got the token...
+    sent = [r for r in cdn.requests if r.method == "GET"]
+    assert [r.range for r in sent] == [None, f"bytes={CHUNK}-"]  # ...the CDN served the file, and its resume
+    assert {r.authorization for r in sent} == {None}  # ...and never saw the token
+    assert {r.host for r in sent} == {cdn.url.removeprefix("http://")} != {hub.url.removeprefix("http://")}
+
+
 def test_gated_repository(hub: HubServer) -> None:
     hub.add_repo("org/gated", {"config.json": "{}", "model.safetensors": b"w"}, gated=True)
     with pytest.raises(DownloadError) as err:
@@ -500,6 +550,59 @@ def test_resolve_of_a_hub_id_downloads_then_returns_the_source(
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)  # later loads need no network
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     assert resolve("org/tiny") == source
+
+
+def test_llm_load_of_a_hub_id_downloads_then_loads_and_its_record_cites_the_commit(
+    shell: object, engine: object, tiny_repo: Path, hub: HubServer, isolated: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`%llm_load org/model` in a real IPython shell, end to end: it downloads from the Hub, loads, and the
+    outputs' records name the repository and the commit they came from."""
+    from IPython.core.interactiveshell import InteractiveShell
+
+    import nbllm
+
+    assert isinstance(shell, InteractiveShell)
+    commit = hub.repos["org/tiny"].commit
+    shell.run_line_magic("llm_load", "org/tiny --attn sdpa")
+    out = capsys.readouterr().out
+    assert f"Downloaded org/tiny at {commit[:10]}" in out and "Loaded org_tiny with transformers" in out
+    assert hub.gets("model.safetensors") and (isolated / "org_tiny" / ".nbllm" / "complete").is_file()
+    status = nbllm.get_engine().status()
+    assert status.path == str((isolated / "org_tiny").resolve()) and status.revision == commit
+
+    shell.run_cell_magic("llm", "--temperature 0 --max-new-tokens 12 -o r", "The capital of France is")
+    record = shell.user_ns["r"].record
+    assert record.model["repo_id"] == "org/tiny" and record.model["revision"] == commit
+    # The downloaded model is the one served: the same greedy text as the folder it was served from.
+    served = nbllm.Engine()
+    served.load(tiny_repo, attn="sdpa")
+    try:
+        direct = served.generate("The capital of France is", temperature=0, max_new_tokens=12)
+    finally:
+        served.unload()
+    assert direct.token_ids == shell.user_ns["r"].token_ids
+
+    hub.requests.clear()
+    shell.run_line_magic("llm_unload", "")
+    shell.run_line_magic("llm_load", "org/tiny --attn sdpa")  # the local copy, nothing fetched again
+    assert hub.gets() == [] and nbllm.get_engine().status().revision == commit
+
+
+def test_llm_load_of_a_gguf_hub_id_downloads_then_loads_with_llama_cpp(
+    shell: object, engine: object, hub: HubServer, tiny_gguf: Path, isolated: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    need("llama_cpp")
+    from IPython.core.interactiveshell import InteractiveShell
+
+    assert isinstance(shell, InteractiveShell)
+    data = _gguf_repo(hub, tiny_gguf)
+    commit = hub.repos["org/tiny-GGUF"].commit
+    shell.run_line_magic("llm_load", "org/tiny-GGUF")
+    assert "Loaded tiny.Q4_K_M.gguf with llama.cpp" in capsys.readouterr().out
+    assert (isolated / "tiny.Q4_K_M.gguf").read_bytes() == data
+    shell.run_cell_magic("llm", "--temperature 0 --max-new-tokens 4 -o r", "Hello")
+    record = shell.user_ns["r"].record
+    assert (record.loader, record.model["repo_id"], record.model["revision"]) == ("llama.cpp", "org/tiny-GGUF", commit)
 
 
 # ------------------------------------------------------------------------------ CLI and magics

@@ -6,7 +6,9 @@ from __future__ import annotations
 import _thread
 import hashlib
 import io
+import os
 import shutil
+import subprocess
 import sys
 import threading
 from pathlib import Path
@@ -53,6 +55,18 @@ def direct_greedy(llm: Any, prompt: str, n: int, **sampling: Any) -> list[int]:
     ids = llm.tokenize(prompt.encode("utf-8"), add_bos=True, special=True)
     out: list[int] = []
     for token in llm.generate(ids, temp=0.0, **sampling):
+        out.append(token)
+        if len(out) == n or llama_cpp.llama_vocab_is_eog(llama_cpp.llama_model_get_vocab(llm.model), token):
+            break
+    return out
+
+
+def direct_sampled(llm: Any, prompt: str, n: int, **sampling: Any) -> list[int]:
+    """Token ids llama-cpp-python itself samples (its generate loop, its sampler, the Llama's seed)."""
+    ids = llm.tokenize(prompt.encode("utf-8"), add_bos=True, special=True)
+    llm.reset()
+    out: list[int] = []
+    for token in llm.generate(ids, **sampling):
         out.append(token)
         if len(out) == n or llama_cpp.llama_vocab_is_eog(llama_cpp.llama_model_get_vocab(llm.model), token):
             break
@@ -342,6 +356,33 @@ def test_llama_cpps_random_seed_value_is_never_passed(engine, tiny_gguf):
     assert a.token_ids == b.token_ids
 
 
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"temperature": 0.8, "top_p": 0.9, "top_k": 40, "min_p": 0.02, "typical_p": 0.95, "repetition_penalty": 1.1},
+        {"temperature": 1.5, "top_p": 1.0, "top_k": 0, "min_p": 0.0, "typical_p": 1.0, "repetition_penalty": 1.0},
+    ],
+    ids=["every-sampler", "wide"],
+)
+def test_sampled_output_equals_llama_cpp_python_with_the_same_seed(engine, tiny_gguf, options):
+    """nbllm's sampled tokens are what llama-cpp-python itself samples with Llama(seed=...) and the same
+    sampling parameters, named as llama-cpp-python names them."""
+    engine.load(tiny_gguf)
+    opts = nbllm.GenerationOptions(max_new_tokens=24, seed=2024, **options)
+    ours = engine.generate(PROMPT, opts).token_ids
+    sampling = {"temp": opts.temperature, "top_p": opts.top_p, "top_k": opts.top_k, "min_p": opts.min_p,
+                "typical_p": opts.typical_p, "repeat_penalty": opts.repetition_penalty}
+    ref = direct_llama(tiny_gguf, seed=2024)
+    try:
+        theirs = direct_sampled(ref, PROMPT, 24, **sampling)
+        ref.set_seed(2025)
+        other = direct_sampled(ref, PROMPT, 24, **sampling)
+    finally:
+        ref.close()
+    assert ours == theirs
+    assert other != theirs  # it is sampled: another seed, other tokens
+
+
 def test_prefix_reuse_on_and_off_give_the_same_greedy_text(engine, tiny_gguf, monkeypatch):
     """With reuse (conversations) only what a prompt adds to the kept context is evaluated, and the
     record says how much was reused; raw prompts evaluate everything."""
@@ -530,6 +571,17 @@ def _text(tiny_gguf: Path, tmp: Path) -> Path:
     return out
 
 
+def _html_page(tiny_gguf: Path, tmp: Path) -> Path:
+    out = tmp / "model.Q4_K_M.gguf"  # what a download that got the Hub's error page instead of the file leaves
+    out.write_text(
+        "<!DOCTYPE html>\n<html class=\"\" lang=\"en\">\n<head>\n<meta charset=\"utf-8\" />\n"
+        "<title>502 Bad Gateway – Hugging Face</title>\n</head>\n<body><h1>502</h1><p>Bad gateway – "
+        "réessayez plus tard.</p>" + "<div></div>\n" * 400 + "</body>\n</html>\n",
+        encoding="utf-8",
+    )
+    return out
+
+
 def _lfs_pointer(tiny_gguf: Path, tmp: Path) -> Path:
     out = tmp / "pointer.gguf"
     out.write_text("version https://git-lfs.github.com/spec/v1\noid sha256:abc\nsize 123\n")
@@ -554,11 +606,12 @@ def _two_ggufs(tiny_gguf: Path, tmp: Path) -> Path:
         (_truncated, ["truncated or damaged", "Download it again"]),
         (_header_cut, ["truncated or damaged", "Download it again"]),
         (_text, ["not a GGUF file", "text file"]),
+        (_html_page, ["model.Q4_K_M.gguf is not a GGUF file", "HTML page", "error page"]),
         (_lfs_pointer, ["not a GGUF file", "Git LFS pointer"]),
         (_missing, ["no model at", "missing.gguf"]),
         (_two_ggufs, ["2 GGUF models", "--file"]),
     ],
-    ids=["truncated", "header-cut", "text-file", "lfs-pointer", "missing", "two-ggufs"],
+    ids=["truncated", "header-cut", "text-file", "html-page", "lfs-pointer", "missing", "two-ggufs"],
 )
 def test_bad_files_are_one_line_and_the_loaded_model_stays(shell, good_and_then, tiny_gguf, tmp_path, make, words):
     bad = make(tiny_gguf, tmp_path)
@@ -621,24 +674,65 @@ def test_a_kv_cache_larger_than_the_machine_is_refused_before_release(good_and_t
     assert "not enough memory for --n-ctx 1000000000" in message and "Lower --n-ctx" in message
 
 
-def test_llama_cpp_running_out_of_memory_names_the_fix(good_and_then, tiny_gguf, monkeypatch):
-    """llama.cpp fails to allocate (its log says so, Llama raises ValueError): one line with the fix,
-    and the previous model is loaded again."""
-
-    real_llama = llama_cpp.Llama
-
-    def failing_once(**kwargs: Any) -> Any:
-        if kwargs["n_ctx"] != 1024:  # the previous model, loaded again
-            return real_llama(**kwargs)
-        llamacpp.LOG.lines.append((4, "ggml_backend_cpu_buffer_type_alloc_buffer: failed to allocate buffer"))
-        raise ValueError("Failed to create llama_context")
-
-    monkeypatch.setattr(llama_cpp, "Llama", failing_once)
+def test_a_load_failure_says_what_llama_cpp_logged(good_and_then, tiny_gguf, tmp_path, capfd):
+    """A file that is a valid GGUF but lacks a tensor llama.cpp needs: llama.cpp logs why and fails; nbllm's
+    one line carries llama.cpp's own words (captured from its log, not made up), which --verbose shows as
+    llama.cpp printed them."""
+    data = bytearray(tiny_gguf.read_bytes())
+    name = b"blk.1.ffn_down.weight"
+    at = data.find(name)
+    assert at > 0 and data.count(name) == 1
+    data[at : at + len(name)] = b"blk.1.ffn_dowX.weight"  # same length: the file stays a readable GGUF
+    broken = tmp_path / "renamed-tensor.gguf"
+    broken.write_bytes(bytes(data))
+    capfd.readouterr()
     with pytest.raises(LoadError) as err:
-        good_and_then.load(tiny_gguf, n_ctx=1024)
+        good_and_then.load(broken)
     message = one_line(err.value)
-    assert "not enough memory" in message and "--n-ctx or --n-gpu-layers" in message
-    assert "is loaded again" in message
+    said = "tensor 'blk.1.ffn_down.weight' not found"
+    assert f'llama.cpp could not load renamed-tensor.gguf: llama.cpp says "{said}"' in message
+    assert "is loaded again" in message and capfd.readouterr().err == ""  # quiet: only the one line
+    with pytest.raises(LoadError):
+        good_and_then.load(broken, verbose=True)
+    assert said in capfd.readouterr().err  # the same words, printed by llama.cpp itself
+
+
+OUT_OF_MEMORY = """
+import resource, sys
+import nbllm
+from nbllm.errors import LoadError
+from nbllm.loaders import llamacpp
+
+path, n_ctx = sys.argv[1], 2_000_000  # a KV cache of ~1 GB: less than the machine's RAM, more than allowed below
+def fail():
+    vm = int(open("/proc/self/status").read().split("VmSize:")[1].split()[0]) * 1024
+    resource.setrlimit(resource.RLIMIT_AS, (vm + 300 * 2**20, resource.RLIM_INFINITY))  # a small machine
+    try:
+        nbllm.load(path, n_ctx=n_ctx)
+    except LoadError as exc:
+        print(exc.message)
+    finally:
+        resource.setrlimit(resource.RLIMIT_AS, (resource.RLIM_INFINITY, resource.RLIM_INFINITY))
+fail()
+print([line for line in llamacpp.LOG.errors() if "alloc" in line])
+nbllm.load(path, n_ctx=512)
+fail()
+print(nbllm.status().options)
+"""
+
+
+def test_llama_cpp_running_out_of_memory_names_the_fix(tiny_gguf):
+    """llama.cpp really fails to allocate (a process allowed less memory than the KV cache needs): its
+    log says so, and nbllm says it in one line with the fix; a model loaded before is loaded again."""
+    done = subprocess.run([sys.executable, "-c", OUT_OF_MEMORY, str(tiny_gguf)], capture_output=True, text=True,
+                          timeout=300, env={**os.environ, "PYTHONPATH": str(Path(nbllm.__file__).parents[1])})
+    assert done.returncode == 0, done.stderr
+    first, logged, second, options = done.stdout.splitlines()
+    assert first.startswith(f"not enough memory to load {tiny_gguf.name} with --n-ctx 2000000. Lower --n-ctx")
+    assert "failed to allocate" in logged  # llama.cpp's own log lines, captured
+    assert second.startswith(f"not enough memory to load {tiny_gguf.name} with --n-ctx 2000000 ({tiny_gguf.name} "
+                             "is loaded again)")
+    assert options == "{'n_ctx': 512}"
 
 
 def test_missing_llama_cpp_python_says_how_to_install(engine, tiny_gguf, monkeypatch):
@@ -695,6 +789,27 @@ def test_unload_closes_the_llama_object(engine, tiny_gguf, monkeypatch):
     monkeypatch.setattr(llm, "close", lambda: (closed.append(1), real_close())[1])
     engine.unload()
     assert closed == [1] and not engine.loaded
+
+
+def test_unload_gives_the_memory_back(engine):
+    """Measured in the process's resident memory: a ~100 MB model read into memory (``--no-mmap``) is
+    freed by unload. (Memory-mapped weights are file pages that the kernel keeps or drops on its own, so
+    the RSS of a mapped model says little either way; read into memory they are the process's own.)"""
+    from nbllm.memory import process_rss
+    from nbllm.testing import tiny_gguf_model
+
+    big = tiny_gguf_model(hidden_size=512, num_layers=8)
+    weights = big.stat().st_size
+    assert weights > 90 * 2**20
+    engine.unload()
+    before = process_rss()
+    engine.load(big, no_mmap=True, n_ctx=256)
+    engine.generate(PROMPT, temperature=0, max_new_tokens=2)
+    loaded = process_rss()
+    assert loaded - before > 0.8 * weights, f"only {(loaded - before) / 2**20:.0f} MiB came in"
+    assert engine.unload() is True
+    freed = loaded - process_rss()
+    assert freed > 0.8 * weights, f"only {freed / 2**20:.0f} of {(loaded - before) / 2**20:.0f} MiB given back"
 
 
 def test_a_gguf_whose_chat_template_does_not_compile_loads_with_a_note(shell, engine, tiny_gguf, tmp_path, capsys):

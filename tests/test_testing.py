@@ -95,7 +95,26 @@ def test_transformers_form_loads_and_generates(hf) -> None:
     new = out[0, enc["input_ids"].shape[1] :].tolist()
     assert len(new) == 12  # special tokens (EOS) are never greedy picks
     assert len(set(new)) > 3  # varied, not one repeated token
-    assert isinstance(tok.decode(new), str)
+    ids = enc["input_ids"]
+    for token in new:  # each one is the most likely next token of the loaded weights
+        with torch.no_grad():
+            logits = model(input_ids=ids).logits[0, -1]
+        assert int(logits.argmax()) == token
+        ids = torch.cat([ids, torch.tensor([[token]])], dim=1)
+    assert tok.decode(new).strip()  # text, not only special tokens
+
+
+def test_transformers_form_loads_every_saved_weight(hf, hf_path: Path) -> None:
+    """from_pretrained took each tensor from the file: none was left out or freshly initialized."""
+    import torch
+    from safetensors.torch import load_file
+
+    model, _ = hf
+    saved = load_file(hf_path / "model.safetensors")
+    state = model.state_dict()
+    assert set(saved) <= set(state) and len(saved) > 0
+    for name, tensor in saved.items():
+        assert torch.equal(state[name], tensor), name
 
 
 def test_tokenizer_round_trips_utf8(hf) -> None:

@@ -26,6 +26,24 @@ def direct_greedy(engine, prompt: str, n: int) -> list[int]:
     return out[0, ids["input_ids"].shape[1] :].tolist()
 
 
+def bitsandbytes_reference(path, config, n: int) -> tuple[list[int], torch.Tensor]:
+    """What transformers + bitsandbytes give when called directly with ``config`` (the reference for
+    nbllm's --load-in-8bit/--load-in-4bit): greedy tokens, and the logits of the prompt."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(path, quantization_config=config, device_map={"": "cpu"})
+    ids = AutoTokenizer.from_pretrained(path)(PROMPT, return_tensors="pt")
+    with torch.no_grad():
+        logits = model(**ids).logits
+    tokens = model.generate(**ids, do_sample=False, max_new_tokens=n)[0, ids["input_ids"].shape[1] :].tolist()
+    return tokens, logits
+
+
+def prompt_logits(engine) -> torch.Tensor:
+    with torch.no_grad():
+        return engine.loader.model(**engine.loader.tokenizer(PROMPT, return_tensors="pt")).logits
+
+
 def test_greedy_output_equals_model_generate_token_for_token(engine, tiny_model):
     engine.load(tiny_model)
     result = engine.generate(PROMPT, temperature=0, max_new_tokens=24)
@@ -69,10 +87,37 @@ def test_sampling_options_reach_generate(engine, tiny_model):
         "repetition_penalty": 1.2, "max_new_tokens": 9}
     greedy = loader.generation_kwargs(nbllm.GenerationOptions(temperature=0))
     assert greedy["do_sample"] is False
-    # the options change the output the way transformers' own sampling does
-    ref = engine.loader.model.generate(**engine.loader.tokenizer(PROMPT, return_tensors="pt"),
-                                       **{**kw, "do_sample": True}, )
-    assert ref.shape[1] > 0
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"temperature": 0, "repetition_penalty": 1.3},
+        {"temperature": 0.8, "top_p": 0.9, "top_k": 40, "min_p": 0.02, "typical_p": 0.95, "repetition_penalty": 1.1},
+        {"temperature": 1.5, "top_p": 1.0, "top_k": 0, "min_p": 0.0, "repetition_penalty": 1.0},
+    ],
+    ids=["greedy", "every-sampler", "wide"],
+)
+def test_output_equals_model_generate_with_the_same_kwargs_and_seed(engine, tiny_model, options):
+    """nbllm's tokens are what transformers' own ``model.generate`` gives with the kwargs nbllm maps the
+    options to, sampled ones under the same seed (``transformers.set_seed``): the mapping and the seed
+    mean in nbllm what they mean in transformers."""
+    from transformers import set_seed
+
+    engine.load(tiny_model)
+    loader = engine.loader
+    opts = nbllm.GenerationOptions(max_new_tokens=24, seed=2024, **options)
+    ours = engine.generate(PROMPT, opts)
+    ids = loader.tokenizer(PROMPT, return_tensors="pt")
+    set_seed(2024)
+    direct = loader.model.generate(**ids, **loader.generation_kwargs(opts))[0, ids["input_ids"].shape[1] :].tolist()
+    assert ours.token_ids == direct
+    if opts.greedy:
+        assert direct != direct_greedy(engine, PROMPT, 24)  # the penalty really reached generate
+    else:
+        set_seed(2025)
+        other = loader.model.generate(**ids, **loader.generation_kwargs(opts))[0, ids["input_ids"].shape[1] :]
+        assert other.tolist() != direct  # it is sampled: another seed, other tokens
 
 
 def test_repetition_penalty_is_applied(engine, tiny_model):
@@ -140,7 +185,11 @@ def test_load_in_8bit(engine, tiny_model_64):
     assert isinstance(layer, bnb.nn.Linear8bitLt)
     assert status.details["quantization"] == "8-bit (bitsandbytes LLM.int8)"  # the flags' words, not a dict
     assert "bnb_4bit" not in str(status)
-    assert len(engine.generate(PROMPT, temperature=0, max_new_tokens=8).token_ids) == 8
+    ours = engine.generate(PROMPT, temperature=0, max_new_tokens=24).token_ids
+    from transformers import BitsAndBytesConfig
+
+    tokens, logits = bitsandbytes_reference(tiny_model_64, BitsAndBytesConfig(load_in_8bit=True), 24)
+    assert ours == tokens and torch.equal(prompt_logits(engine), logits)  # token for token, bit for bit
 
 
 @pytest.mark.parametrize(
@@ -159,9 +208,14 @@ def test_load_in_4bit_with_quant_type_double_quant_and_compute_dtype(
     assert layer.weight.quant_state.quant_type == quant_type
     assert layer.compute_dtype == expected_compute
     assert (layer.weight.quant_state.nested) is double_quant
-    result = engine.generate(PROMPT, temperature=0, max_new_tokens=8)
-    assert len(result.token_ids) == 8
+    result = engine.generate(PROMPT, temperature=0, max_new_tokens=24)
     assert result.record.load_options["load_in_4bit"] is True
+    from transformers import BitsAndBytesConfig
+
+    config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=quant_type, bnb_4bit_use_double_quant=double_quant,
+                                bnb_4bit_compute_dtype=expected_compute)
+    tokens, logits = bitsandbytes_reference(tiny_model_64, config, 24)
+    assert result.token_ids == tokens and torch.equal(prompt_logits(engine), logits)
 
 
 def test_dtype(engine, tiny_model):

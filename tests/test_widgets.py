@@ -436,11 +436,15 @@ def test_stop_during_a_long_reply_keeps_the_partial_reply(chat: ChatPanel, engin
     assert chat.generating and not chat.stop_button.disabled and chat.send_button.disabled
     # The kernel's thread is free meanwhile: this test runs while the worker writes the reply.
     wait_for(lambda: len(chat.view.children[-1].text) > 20, what="streamed text in the panel")
+    from nbllm.widgets.chat import CURSOR
+
+    shown = chat.view.children[-1].text.removesuffix(CURSOR)
     chat.stop_button.click()
     assert chat.wait(30)
     reply = chat.chat.turns[-1].reply
     assert reply is not None and reply.partial and reply.finish_reason == "cancelled"
-    assert 0 < len(reply.records[-1].generation_options) and len(reply.content) > 0
+    assert reply.content.startswith(shown) and len(shown) > 20  # what had streamed in is kept
+    assert reply.records[-1].generation_options["max_new_tokens"] == 4000  # recorded with the options it ran with
     assert chat.view.children[-1].text == reply.content
     assert "partial" in chat.view.children[-1].note
     assert "ended: cancelled" in chat.status.value
