@@ -273,7 +273,7 @@ def test_each_loader_keeps_its_choices_and_empty_groups_have_no_heading(
     assert settings.option_groups["quantization"].layout.display is None
     select(settings, "tiny.gguf")
     assert settings.option_groups["quantization"].layout.display == "none"  # llama.cpp has no such option
-    assert all(g.layout.display is None for k, g in settings.option_groups.items() if k != "quantization")
+    assert all(g.layout.display is None for k, g in settings.option_groups.items() if k not in ("quantization", "remote"))
     assert settings.load_fields["alpha_value"].value == 2.0  # first shown: what was set carries over
     settings.load_fields["alpha_value"].input.value = "1.5"  # now llama.cpp's own choice
     settings.load_button.click()  # loading the GGUF shows its options; the Transformers ones stay

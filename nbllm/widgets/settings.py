@@ -714,7 +714,7 @@ class LoraSection(W.VBox):
         self.choice = W.Dropdown(description="Adapter", options=[], style={"description_width": "initial"},
                                  layout=W.Layout(width="45%"))
         self.choice.add_class("nbllm-lora-choice")
-        self.scale = option_widget(LoraOptions.spec("scale"))
+        self.scale = OptionField(LoraOptions.spec("scale"))
         self.add_button = button("Apply", "lora-add", icon="plus",
                                  tooltip="Apply the adapter to the loaded model with this scale, without reloading it")
         self.applied = W.VBox()
