@@ -195,12 +195,13 @@ class TokenStream:
         get = self._queue.get
         if self._interval < self.FAST_SECONDS:
             time.sleep(min(self.LINGER_TOKENS * self._interval, self.LINGER_MAX_SECONDS))
-        while True:
+        while True:  # no `continue` here: CPython 3.11 lets a KeyboardInterrupt that lands on one skip finally blocks
             try:
                 self._pending.append(get(timeout=self._poll))
-                break
             except queue.Empty:
-                continue
+                pass
+            else:
+                break
         try:
             while True:
                 self._pending.append(get(block=False))
