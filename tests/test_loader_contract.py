@@ -148,7 +148,8 @@ def test_settings_panel_lists_the_loader_shows_its_options_and_the_loaded_model(
         assert panel.model.value == "reverse://mirror" and panel.loader == "reverse"
         shown = [name for name, f in panel.load_fields.items() if f.shown]
         assert shown == ["loader"]  # the loader declares no other load option
-        status = panel.load()  # Load on the selected (loaded) model: already loaded, nothing else happens
-        assert status is not None and status.already_loaded
+        panel.load()  # Load on the selected (loaded) model: already loaded, nothing else happens
+        assert panel.wait(30) and panel.messages.error_text == ""
+        assert "mirror is already loaded with these options; nothing was done" in panel.messages.note_text
     finally:
         panel.close()
