@@ -9,7 +9,7 @@ try:
 except ImportError as exc:  # pragma: no cover - depends on the environment
     from ..errors import missing_dependency
 
-    raise missing_dependency(exc.name or "ipywidgets", "widgets") from None
+    raise missing_dependency({"markdown_it": "markdown-it-py"}.get(exc.name or "", "ipywidgets"), "widgets") from None
 
 from .chat import ChatPanel
 from .settings import SettingsPanel
