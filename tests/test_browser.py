@@ -272,7 +272,8 @@ def test_settings_and_chat_panels_in_jupyterlab(lab: Lab, page: Any, tmp_path: P
     assert ("24 tokens" in summary and "ended: length" in summary) or "ended: eos" in summary, summary
     _wait_last_length(page, ".nbllm-msg-assistant", len("Assistant") + 5)
     # The reply shown is the model's own: the library's greedy reply to the same messages.
-    expected = _library_reply(long_model, "You are a helpful assistant.", "Hello! Who are you?", 24)
+    expected = _library_reply(long_model, "You are a helpful assistant.",
+                              "The apples cost $5 and the pears cost $10.\n\n    a < b & c", 24)
     assert _body(_text(page.locator(".nbllm-msg-assistant").last)) == _alnum(expected), expected
 
     # -- a long reply: watch it grow, press Stop, the partial reply stays ------------------------------
