@@ -19,7 +19,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any, ClassVar
 
-from ..errors import LoadError, NbllmWarning, OptionError, missing_dependency
+from ..errors import GenerationError, LoadError, NbllmWarning, OptionError, missing_dependency
 from ..options import GenerationOptions, LoadOptions
 from ..source import ModelSource
 from ..streaming import threaded_tokens
@@ -499,7 +499,20 @@ class TransformersLoader(TokenLoader):
         eos = self.eos_token_ids
 
         def run(emit: Any) -> None:
-            self.compile_seconds = compiled.generate(prompt_ids, request.options, request.seed, request.cancel, eos, emit)
+            from ._compiled import CompileFailed
+
+            try:
+                self.compile_seconds = compiled.generate(prompt_ids, request.options, request.seed, request.cancel, eos, emit)
+            except CompileFailed as exc:  # before any token: from now on this model generates without compiling
+                compiled.release()
+                self._compiled = None
+                self.placement.notes[:] = [n for n in self.placement.notes if not n.startswith("--compile: ")]
+                self.placement.notes.append(f"--compile has no effect: compiling failed ({exc}); generating without it")
+                raise GenerationError(
+                    f"--compile could not compile this model's decode step ({exc})",
+                    "run the prompt again: the model is still loaded and now generates without compiling "
+                    "(or load it without --compile)",
+                ) from exc
 
         return threaded_tokens(run, request.cancel)
 
