@@ -15,7 +15,7 @@ import concurrent.futures
 import queue
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Generator, Iterator, Sequence
 from typing import Any
 
 REPLACEMENT = "\ufffd"
@@ -110,7 +110,6 @@ class _Done:
 
 
 _DONE = _Done()
-_EMPTY = _Done()
 
 
 _WORKER: concurrent.futures.ThreadPoolExecutor | None = None
@@ -149,77 +148,73 @@ class TokenStream:
 
     def __init__(self, run: Callable[[Callable[[int], None]], None], cancel: threading.Event,
                  poll_seconds: float) -> None:
-        self._run, self._cancel, self._poll = run, cancel, poll_seconds
-        self._queue: queue.SimpleQueue[object] = queue.SimpleQueue()
-        self._pending: collections.deque[object] = collections.deque()
-        self._future: concurrent.futures.Future[None] | None = None
-        self._finished = False
-        self._interval = 1.0
         self.emitted_at: float | None = None
-        """``time.perf_counter()`` in the generation thread when the token last returned was produced."""
+        """``time.perf_counter()`` in the generation thread when the token last returned was made."""
+        self._tokens = self._generate(run, cancel, poll_seconds)
 
-    def _work(self) -> None:
-        put, clock = self._queue.put, time.perf_counter
-        try:
-            self._run(lambda token: put((token, clock())))
-        except BaseException as exc:  # re-raised in the consumer
-            put(exc)
-        finally:
-            put(_DONE)
-
-    def __iter__(self) -> TokenStream:
-        return self
+    def __iter__(self) -> Iterator[Any]:
+        return self._tokens
 
     def __next__(self) -> Any:
-        if self._future is None:
-            self._future = _worker().submit(self._work)
-        if not self._pending:
-            if self._finished:
-                raise StopIteration
-            self._fill()
-        item = self._pending.popleft()
-        if isinstance(item, tuple):
-            token, at = item
-            if self.emitted_at is not None:
-                self._interval = at - self.emitted_at
-            self.emitted_at = at
-            return token  # a token id (a batch emits one list of ids per step)
-        self._finished = True
-        self._pending.clear()
-        if isinstance(item, BaseException):
-            raise item
-        raise StopIteration
-
-    def _fill(self) -> None:
-        """Wait for the next token (or the end), then take whatever else is already there."""
-        get = self._queue.get
-        if self._interval < self.FAST_SECONDS:
-            time.sleep(min(self.LINGER_TOKENS * self._interval, self.LINGER_MAX_SECONDS))
-        while True:  # no `continue` here: CPython 3.11 lets a KeyboardInterrupt that lands on one skip finally blocks
-            try:
-                self._pending.append(get(timeout=self._poll))
-            except queue.Empty:
-                pass
-            else:
-                break
-        try:
-            while True:
-                self._pending.append(get(block=False))
-        except queue.Empty:
-            pass
+        return next(self._tokens)
 
     def close(self) -> None:
-        """Stop early: set ``cancel`` and wait for the generation thread (it never outlives its stream)."""
-        if self._future is None:
-            return
-        if not self._finished:
-            self._cancel.set()
-            self._finished = True
-        while not self._future.done():
-            concurrent.futures.wait([self._future], timeout=self._poll)
+        """Stop early: ``cancel`` is set and the generation thread waited for."""
+        self._tokens.close()
 
-    def __del__(self) -> None:
-        self.close()
+    def _generate(self, run: Callable[[Callable[[int], None]], None], cancel: threading.Event,
+                  poll: float) -> Generator[Any, None, None]:
+        # A generator, not __next__ on this object: closing it (or dropping it) runs the finally below,
+        # the way a generator is finalized, with no __del__ that an interrupt could land in and be lost.
+        q: queue.SimpleQueue[object] = queue.SimpleQueue()
+        put, clock = q.put, time.perf_counter
+
+        def worker() -> None:
+            try:
+                run(lambda token: put((token, clock())))
+            except BaseException as exc:  # re-raised in the consumer
+                put(exc)
+            finally:
+                put(_DONE)
+
+        future = _worker().submit(worker)
+        finished = False
+        interval = 1.0
+        pending: collections.deque[object] = collections.deque()
+        try:
+            while True:
+                if not pending:
+                    if interval < self.FAST_SECONDS:
+                        time.sleep(min(self.LINGER_TOKENS * interval, self.LINGER_MAX_SECONDS))
+                    while True:  # wait for the next token (or the end), then take what else is there
+                        try:  # no `continue` here: CPython 3.11 lets a KeyboardInterrupt landing on one skip finally blocks
+                            pending.append(q.get(timeout=poll))
+                        except queue.Empty:
+                            pass
+                        else:
+                            break
+                    try:
+                        while True:
+                            pending.append(q.get(block=False))
+                    except queue.Empty:
+                        pass
+                item = pending.popleft()
+                if isinstance(item, tuple):
+                    token, at = item
+                    if self.emitted_at is not None:
+                        interval = at - self.emitted_at
+                    self.emitted_at = at
+                    yield token  # a token id (a batch emits one list of ids per step)
+                else:
+                    finished = True
+                    if isinstance(item, BaseException):
+                        raise item
+                    return
+        finally:
+            if not finished:
+                cancel.set()
+            while not future.done():
+                concurrent.futures.wait([future], timeout=poll)
 
 
 def threaded_tokens(

@@ -157,3 +157,23 @@ def test_readme_performance_figures_are_the_benchmark_results_files():
         assert path.startswith("benchmarks/results/") and (root / path).exists(), path
         assert text.strip() == (root / path).read_text().strip(), f"README differs from {path}"
         assert (root / path).with_suffix(".json").exists(), path
+
+
+def test_a_compile_that_fails_says_so_once_and_the_model_generates_without_it(engine, tiny_model):
+    from nbllm.errors import GenerationError
+
+    engine.load(tiny_model)
+    reference = engine.generate(PROMPT, temperature=0, max_new_tokens=6).token_ids
+    engine.load(tiny_model, compile=True)
+
+    def no_compiler(*args, **kwargs):  # what torch.compile raises where it cannot build its C++ kernels
+        raise RuntimeError("InvalidCxxCompiler: No working C++ compiler found")
+
+    engine.loader._compiled._steps = {"greedy": no_compiler, "sampled": no_compiler}
+    with pytest.raises(GenerationError, match="--compile could not compile this model's decode step .*C\\+\\+ compiler"):
+        engine.generate(PROMPT, temperature=0, max_new_tokens=6)
+    assert engine.generate(PROMPT, temperature=0, max_new_tokens=6).token_ids == reference
+    status = engine.status()
+    assert status.details["compiled"] is False
+    assert any("compiling failed" in n for n in status.placement.notes)
+    assert not any(n.startswith("--compile: ") for n in status.placement.notes)

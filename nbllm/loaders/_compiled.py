@@ -166,6 +166,10 @@ def _own_copy(fn: Callable[..., Any]) -> Callable[..., Any]:
     return types.FunctionType(code, dict(fn.__globals__), fn.__name__, fn.__defaults__, fn.__closure__)
 
 
+class CompileFailed(Exception):
+    """torch.compile could not compile the decode step for this model (raised before any token)."""
+
+
 class CompiledDecoder:
     """The compiled decode steps of one loaded model, and the static caches they run on (one per size
     class, kept across generations)."""
@@ -222,9 +226,10 @@ class CompiledDecoder:
         import torch._dynamo
 
         for step in self._steps.values():  # the compiled graphs and the compiled functions in the globals
-            original = step._torchdynamo_orig_callable  # type: ignore[attr-defined]
-            torch._dynamo.reset_code(original.__code__)
-            original.__globals__.clear()
+            original = getattr(step, "_torchdynamo_orig_callable", None)
+            if original is not None:
+                torch._dynamo.reset_code(original.__code__)
+                original.__globals__.clear()
         self._steps.clear()
         self._caches.clear()
         self._ready.clear()
@@ -306,6 +311,8 @@ class CompiledDecoder:
                     with torch._inductor.config.patch(self._patch), warnings.catch_warnings():
                         warnings.simplefilter("ignore", UserWarning)  # inductor's own use of TypedStorage
                         step(*args(token, 0, draw=False))  # the seed's draws are the generation's alone
+                except Exception as exc:
+                    raise CompileFailed(f"{type(exc).__name__}: {exc}".splitlines()[0]) from exc
                 finally:
                     _PACKING.clear()
                 self._modules += [m for m in PyCodeCache.modules if id(m) not in known]

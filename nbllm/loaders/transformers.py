@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from ..adapters import Adapter, check_peft_adapter, module_key, peft_targets
-from ..errors import LoadError, NbllmError, NbllmWarning, OptionError, missing_dependency
+from ..errors import GenerationError, LoadError, NbllmError, NbllmWarning, OptionError, missing_dependency
 from ..options import GenerationOptions, LoadOptions
 from ..safetensors_file import check_safetensors
 from ..source import ModelSource
@@ -482,7 +482,20 @@ class TransformersLoader(TokenLoader):
         eos = self.eos_token_ids
 
         def run(emit: Any) -> None:
-            self.compile_seconds = compiled.generate(prompt_ids, request.options, request.seed, request.cancel, eos, emit)
+            from ._compiled import CompileFailed
+
+            try:
+                self.compile_seconds = compiled.generate(prompt_ids, request.options, request.seed, request.cancel, eos, emit)
+            except CompileFailed as exc:  # before any token: from now on this model generates without compiling
+                compiled.release()
+                self._compiled = None
+                self.placement.notes[:] = [n for n in self.placement.notes if not n.startswith("--compile: ")]
+                self.placement.notes.append(f"--compile has no effect: compiling failed ({exc}); generating without it")
+                raise GenerationError(
+                    f"--compile could not compile this model's decode step ({exc})",
+                    "run the prompt again: the model is still loaded and now generates without compiling "
+                    "(or load it without --compile)",
+                ) from exc
 
         return threaded_tokens(run, request.cancel)
 
