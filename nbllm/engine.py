@@ -10,15 +10,15 @@ being read on another thread (the chat panel's reply) is waited for; any other u
 left half read in a variable, or never read) is stopped cleanly, its ``finish_reason`` saying
 ``superseded``, its partial text kept. Two generations never interleave on one model, and a model is
 never released under a generation — except side by side on a loader that serves several requests at
-once (a server, ``parallel_requests`` > 1), where :func:`nbllm.generate_many` runs results ``beside``
-one another; anything else still waits for all of them.
+once (a server, ``parallel_requests`` > 1), where :meth:`Engine.generate_rows` (under
+:func:`nbllm.generate_many` and sweeps) runs results ``beside`` one another; anything else still waits
+for all of them.
 """
 
 from __future__ import annotations
 
 import concurrent.futures
 import contextlib
-import copy
 import datetime as _dt
 import gc
 import html
@@ -479,7 +479,7 @@ class Engine:
                     )
                 room = limit - len(ids)
                 if opts.max_new_tokens > room:
-                    capped = _with_max_new_tokens(opts, room)
+                    capped = opts.with_valid(max_new_tokens=room)
                     if conversation is None:
                         warnings.warn(
                             f"the prompt is {len(ids)} tokens and the model's context holds {limit}: at most "
@@ -656,16 +656,21 @@ class Engine:
         from ``seeds`` (drawn where ``None``), and return the finished results in order.
 
         A loader that runs several prompts at once (``batch_size`` above 1) gets them as padded batches
-        of up to that many rows, and each record says the batch it ran in; any other loader runs them
-        one after another, reusing the computed state of the prompt prefix the rows share (the record
-        says how many tokens). A row that would not fit the context runs alone. An interrupt finishes
-        the rows that were running as ``interrupted`` and propagates (the finished results are kept
-        on the exception as ``finished``).
+        of up to that many rows, and each record says the batch it ran in; a loader that serves several
+        requests at once (``parallel_requests`` above 1: a server) gets up to that many side by side
+        (:meth:`generate_rows`); any other loader runs them one after another, reusing the computed
+        state of the prompt prefix the rows share (the record says how many tokens). A row that would
+        not fit the context runs alone. An interrupt finishes the rows that were running as
+        ``interrupted`` and propagates; the exception's ``finished`` holds the results that finished,
+        in row order, ``None`` for the others.
         """
         opts = self.generation_options(options)
         row_seeds = list(seeds) if seeds is not None else [None] * len(prompts)
         if len(row_seeds) != len(prompts):
             raise OptionError(f"{len(prompts)} prompts and {len(row_seeds)} seeds", "give one seed (or None) per prompt")
+        if self.loaded and self.loader.parallel_requests > 1 and len(prompts) > 1:
+            return self.generate_rows([(p, opts if seed is None else opts.with_valid(seed=seed))
+                                       for p, seed in zip(prompts, row_seeds)])
         results: list[Result] = []
         with self._cond:
             self._settle()
@@ -682,13 +687,86 @@ class Engine:
                         results.extend(self._run_batch(loader, rows, opts))
                         continue
                     for prompt, seed in rows:
-                        result = self.stream_prompt(prompt, opts if seed is None else _with_seed(opts, seed), reuse_prefix=True)
+                        result = self.stream_prompt(prompt, opts if seed is None else opts.with_valid(seed=seed), reuse_prefix=True)
                         _ = result.text
                         results.append(result)
             except KeyboardInterrupt as exc:
-                exc.finished = [r for r in results if not r.interrupted]  # type: ignore[attr-defined]
+                exc.finished = [None if r.interrupted else r for r in results]  # type: ignore[attr-defined]
                 raise
         return results
+
+    def generate_rows(self, rows: Sequence[tuple[Prompt, GenerationOptions]]) -> list[Result]:
+        """Generate each ``(prompt, options)`` row, each with its own options, and return the finished
+        results in row order.
+
+        On a loader that serves several requests at once (``parallel_requests``: a server, up to
+        ``--max-concurrency``) up to that many rows run side by side, each on its own thread and its
+        own :class:`~nbllm.result.Result` (own seed, own record): the server batches them. Elsewhere the
+        rows run one after another. The first error is raised once the rows running beside it have
+        ended, and no further row starts; an interrupt cancels every row (their partial texts kept) and
+        propagates, its ``finished`` holding the finished results in row order (``None`` for the others).
+        """
+        with self._cond:
+            self._settle()  # a reply being read elsewhere (the chat panel) ends first
+            width = min(self.loader.parallel_requests, len(rows))
+        if width <= 1:
+            results: list[Result] = []
+            try:
+                for prompt, opts in rows:
+                    result = self.stream_prompt(prompt, opts, reuse_prefix=True)
+                    _ = result.text
+                    results.append(result)
+            except KeyboardInterrupt as exc:
+                exc.finished = [None if r.interrupted else r for r in results]  # type: ignore[attr-defined]
+                raise
+            return results
+        return self._side_by_side(rows, width)
+
+    def _side_by_side(self, rows: Sequence[tuple[Prompt, GenerationOptions]], width: int) -> list[Result]:
+        results: list[Result | None] = [None] * len(rows)
+        stopping = threading.Event()
+        lock = threading.Lock()
+
+        def run(i: int) -> None:
+            if stopping.is_set():
+                return
+            result = self.stream_prompt(rows[i][0], rows[i][1], beside=True)
+            with lock:
+                results[i] = result
+            if stopping.is_set():
+                result.cancel()
+            _ = result.text
+
+        def cancel_all() -> None:
+            stopping.set()
+            with lock:
+                for result in results:
+                    if result is not None:
+                        result.cancel()
+
+        pool = concurrent.futures.ThreadPoolExecutor(width, thread_name_prefix="nbllm-many")
+        futures = [pool.submit(run, i) for i in range(len(rows))]
+        first: BaseException | None = None
+        try:
+            for future in concurrent.futures.as_completed(futures):
+                exc = future.exception()
+                if exc is not None and first is None:
+                    first = exc
+                    cancel_all()
+        except KeyboardInterrupt as exc:  # an interrupt while waiting: stop everything, keep what came
+            cancel_all()
+            pool.shutdown(wait=True, cancel_futures=True)
+            exc.finished = [r if r is not None and not r.interrupted else None  # type: ignore[attr-defined]
+                            for r in results]
+            raise
+        except BaseException:
+            cancel_all()
+            raise
+        finally:
+            pool.shutdown(wait=True, cancel_futures=True)
+        if first is not None:
+            raise first
+        return [r for r in results if r is not None]
 
     def _run_batch(self, loader: TokenLoader, rows: list[tuple[Prompt, int | None]], opts: GenerationOptions) -> list[Result]:
         """One padded batch: the loader's steps → each row's text, stop strings, end reason and timings,
@@ -697,7 +775,7 @@ class Engine:
         cancel = threading.Event()
         results, requests = [], []
         for row, (prompt, seed) in enumerate(rows):
-            row_opts = opts if seed is None else _with_seed(opts, seed)
+            row_opts = opts if seed is None else opts.with_valid(seed=seed)
             used = seed if seed is not None else secrets.randbelow(2**32)
             result = Result(prompt.text, used, self._record(loader, prompt, row_opts, used, None, {**batch, "row": row}))
             result.prompt_tokens = len(prompt.ids or ())
@@ -767,13 +845,6 @@ class Engine:
         return results
 
 
-def _with_seed(opts: GenerationOptions, seed: int) -> GenerationOptions:
-    """``opts`` with ``seed`` (already valid: no second validation, no second round of warnings)."""
-    seeded = copy.copy(opts)
-    object.__setattr__(seeded, "seed", seed)
-    return seeded
-
-
 def _load_error(failure: Exception, cls: type[Loader], source: ModelSource) -> NbllmError:
     """A loader's failure as one line: its own error, or any other exception worded for the user."""
     if isinstance(failure, NbllmError):
@@ -793,14 +864,6 @@ def _messages(prompt: Sequence[Mapping[str, str]]) -> list[dict[str, str]]:
                               'write it as {"role": "user", "content": "..."}')
         out.append({"role": str(role), "content": content})
     return out
-
-
-def _with_max_new_tokens(opts: GenerationOptions, n: int) -> GenerationOptions:
-    """``opts`` with ``max_new_tokens`` lowered to ``n`` (already valid: no second validation, no
-    second round of warnings)."""
-    capped = copy.copy(opts)
-    object.__setattr__(capped, "max_new_tokens", n)
-    return capped
 
 
 def _load_options(options: LoadOptions | Mapping[str, Any] | None, kwargs: Mapping[str, Any]) -> LoadOptions:

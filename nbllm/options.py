@@ -9,6 +9,7 @@ validation, the settings panel and the run record are all derived from these two
 from __future__ import annotations
 
 import argparse
+import copy
 import dataclasses
 import math
 import re
@@ -153,6 +154,14 @@ class _Schema:
     def replace(self: S, **changes: Any) -> S:
         """A copy with some options changed (validated)."""
         return type(self).from_dict({**self.to_dict(), **changes})
+
+    def with_valid(self: S, **values: Any) -> S:
+        """A copy with some options set to values already validated (a drawn seed, a length capped to
+        the context): no second validation, no second round of warnings."""
+        changed = copy.copy(self)
+        for name, value in values.items():
+            object.__setattr__(changed, name, value)
+        return changed
 
     def to_dict(self) -> dict[str, Any]:
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}  # type: ignore[arg-type]
@@ -510,7 +519,7 @@ class LoadOptions(_Schema):
         "into a cell, shown or recorded); when it is not set, no key is sent.", group="remote", metavar="NAME",
     )
     max_concurrency: int = option(
-        8, "Most requests sent to the server at once by nbllm.generate_many (a server batches them).",
+        8, "Most requests sent to the server at once by nbllm.generate_many and sweeps (a server batches them).",
         group="remote", minimum=1, maximum=1024, metavar="N",
     )
     timeout: float = option(

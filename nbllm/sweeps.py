@@ -5,7 +5,9 @@ and returns a pandas DataFrame, one row per run: the prompt, the options that va
 tokens, tokens/s, why it ended and the record id (the run log's ``record_id``). Rows that share their
 options except the seed go to the engine together (:meth:`~nbllm.engine.Engine.generate_batch`): a
 loader that runs several prompts at once gets them as one padded batch; others run them one after
-another. An interrupt keeps the finished rows.
+another. On a server (a loader with ``parallel_requests`` above 1) every row is its own request and up
+to ``--max-concurrency`` of them run side by side (:meth:`~nbllm.engine.Engine.generate_rows`), whatever
+their options. An interrupt keeps the finished rows.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ import itertools
 import json
 import sys
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 from .engine import Engine, get_engine
@@ -85,24 +87,35 @@ def sweep(
         groups.setdefault(key, []).append(n)
 
     size = max(1, engine.loader.batch_size) if batch else 1
+    side_by_side = max(1, engine.loader.parallel_requests) if batch else 1
     done: dict[int, Result] = {}
     interrupted = False
     bar = tqdm(total=len(rows), desc="sweep", unit="run", file=sys.stderr, disable=progress is False,
                delay=0 if progress else 2.0)
+
+    def run(chunk: list[int], go: Callable[[], list[Result]]) -> None:
+        try:
+            finished = go()
+        except KeyboardInterrupt as exc:
+            done.update((n, r) for n, r in zip(chunk, getattr(exc, "finished", [])) if r is not None)
+            raise
+        done.update(zip(chunk, finished))
+        bar.update(len(chunk))
+
     try:
-        for members in groups.values():
-            opts = settings[rows[members[0]][1]]
-            for start in range(0, len(members), size):
-                chunk = members[start : start + size]
-                prompts_ = [ready[rows[n][0]] for n in chunk]
-                seeds_ = [seeds[rows[n][1]] for n in chunk]
-                try:
-                    finished = engine.generate_batch(prompts_, opts, seeds=seeds_)
-                except KeyboardInterrupt as exc:
-                    done.update(zip(chunk, getattr(exc, "finished", [])))
-                    raise
-                done.update(zip(chunk, finished))
-                bar.update(len(chunk))
+        if side_by_side > 1:  # a server: every row is its own request, any options, that many at once
+            for start in range(0, len(rows), 4 * side_by_side):  # in chunks, so the bar moves
+                chunk = list(range(start, min(start + 4 * side_by_side, len(rows))))
+                run(chunk, lambda chunk=chunk: engine.generate_rows(  # type: ignore[misc]
+                    [(ready[rows[n][0]], settings[rows[n][1]].with_valid(seed=seeds[rows[n][1]])) for n in chunk]))
+        else:
+            for members in groups.values():
+                opts = settings[rows[members[0]][1]]
+                for start in range(0, len(members), size):
+                    chunk = members[start : start + size]
+                    prompts_ = [ready[rows[n][0]] for n in chunk]
+                    seeds_ = [seeds[rows[n][1]] for n in chunk]
+                    run(chunk, lambda: engine.generate_batch(prompts_, opts, seeds=seeds_))  # noqa: B023
     except KeyboardInterrupt:
         interrupted = True
         warnings.warn(f"the sweep was interrupted: {len(done)} of {len(rows)} runs finished (kept in the table)",

@@ -279,6 +279,49 @@ def test_generate_many_sends_up_to_max_concurrency_requests_at_once(server: Llam
         proxy.stop()
 
 
+def test_a_sweep_sends_its_rows_side_by_side_whatever_their_options(server: LlamaCppServer) -> None:
+    # 2 prompts x 2 temperatures x 2 seeds: groups of 4 rows share their options; 6 in flight at once
+    # proves the rows of different options overlap too
+    proxy = CountingProxy(server.url.removesuffix("/v1"), hold_until=6)
+    try:
+        nbllm.load(proxy.url + "/v1", max_concurrency=6)
+        table = nbllm.sweep(PROMPTS[:2], temperature=[0, 0.8], seed=[1, 2], max_new_tokens=6, progress=False)
+        assert proxy.peak == 6 and proxy.seen == 8
+        assert len(table) == 8 and not table.attrs["interrupted"]
+        assert [(r.prompt, r.temperature, r.seed) for r in table.itertuples()] == [
+            (p, t, s) for p in PROMPTS[:2] for t in (0, 0.8) for s in (1, 2)]
+        for row in table.itertuples():
+            alone = nbllm.generate(row.prompt, temperature=row.temperature, seed=row.seed, max_new_tokens=6)
+            assert (row.text, row.tokens, row.finish_reason) == (alone.text, alone.completion_tokens,
+                                                                 alone.finish_reason)
+    finally:
+        proxy.stop()
+
+
+def test_an_interrupted_remote_sweep_keeps_its_finished_rows(server: LlamaCppServer) -> None:
+    import os
+    import signal
+
+    nbllm.load(server.url, max_concurrency=2)
+    engine = nbllm.get_engine()
+    finished: list[nbllm.Result] = []
+
+    def interrupt_after_the_second(result: nbllm.Result) -> None:
+        finished.append(result)
+        if len(finished) == 2:
+            os.kill(os.getpid(), signal.SIGINT)  # a real interrupt, as the kernel sends it
+
+    remove = engine.on_result(interrupt_after_the_second)
+    try:
+        with pytest.warns(NbllmWarning, match="the sweep was interrupted"):
+            table = nbllm.sweep(PROMPTS, seed=[1, 2, 3, 4], temperature=0.7, max_new_tokens=48, progress=False)
+    finally:
+        remove()
+    assert table.attrs["interrupted"] and 2 <= len(table) < 12
+    assert set(table["finish_reason"]) <= {"length", "stop"}
+    assert nbllm.generate("still there", max_new_tokens=2).finish_reason == "length"
+
+
 def test_generate_many_on_a_local_model_runs_one_after_another(tiny_gguf: Path) -> None:
     nbllm.load(tiny_gguf)
     results = nbllm.generate_many(PROMPTS, temperature=0, max_new_tokens=8)

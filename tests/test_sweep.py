@@ -167,6 +167,16 @@ def test_an_interrupt_keeps_the_finished_rows(tiny_model: Path, engine: Any) -> 
     assert nbllm.generate("still loaded", max_new_tokens=2).finish_reason == "length"
 
 
+def test_generate_many_on_transformers_runs_one_padded_batch_with_the_one_by_one_texts(tiny_model: Path,
+                                                                                      engine: Any) -> None:
+    nbllm.load(tiny_model, dtype="float32")
+    results = nbllm.generate_many(PROMPTS[:4], temperature=0.8, max_new_tokens=12)
+    batches = {r.record.batch["id"] for r in results if r.record is not None and r.record.batch}
+    assert len(batches) == 1 and len({r.seed for r in results}) == 4  # one batch; each row its own seed
+    for prompt, result in zip(PROMPTS[:4], results):
+        assert result.text == one_by_one(prompt, seed=result.seed, temperature=0.8, max_new_tokens=12).text
+
+
 def test_generate_batch_on_a_loader_that_runs_one_prompt_at_a_time(engine: Any) -> None:
     from test_loader_contract import ReverseLoader
 
