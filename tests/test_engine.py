@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import _thread
 import threading
-import time
 
 import pytest
 
@@ -188,6 +187,7 @@ def test_cancel_from_another_thread(engine, tiny_model):
     assert text == "".join(result.chunks) == engine.generate(PROMPT, temperature=0, max_new_tokens=n).text
 
 
+@pytest.mark.timeout(120)
 def test_an_exception_in_the_generating_thread_is_raised_not_a_hang(engine, tiny_model):
     engine.load(tiny_model)
     model = engine.loader.model
@@ -201,11 +201,9 @@ def test_an_exception_in_the_generating_thread_is_raised_not_a_hang(engine, tiny
         return real_forward(*args, **kwargs)
 
     model.forward = failing_forward
-    start = time.monotonic()
     result = engine.stream(PROMPT, temperature=0, max_new_tokens=50)
-    with pytest.raises(GenerationError) as info:
+    with pytest.raises(GenerationError) as info:  # a hang would end at the test's timeout instead
         _ = result.text
-    assert time.monotonic() - start < 10
     assert "RuntimeError: CUDA error: device-side assert triggered" in info.value.message
     assert result.finish_reason == "error" and len(result.token_ids) == 3
     model.forward = real_forward

@@ -81,6 +81,7 @@ def kernel():
     k.close()
 
 
+@pytest.mark.timeout(180)  # an interrupt that did not stop the generation ends here
 def test_kernel_interrupt_stops_generation_keeps_partial_text_and_model(kernel, tiny_model):
     kernel.execute(f"import os; os.environ['HF_HUB_OFFLINE'] = '1'\n%load_ext nbllm\n%llm_load {tiny_model}")
     updates = []
@@ -91,9 +92,7 @@ def test_kernel_interrupt_stops_generation_keeps_partial_text_and_model(kernel, 
             if len(updates) == 3:
                 kernel.km.interrupt_kernel()
 
-    start = time.monotonic()
     messages = kernel.execute("%%llm --temperature 0 --max-new-tokens 2000 -o r\nOnce", on_message=on_message)
-    assert time.monotonic() - start < 60
     # one line, no traceback, and the cell counts as failed so "Run All" stops here
     stderr = "".join(m["content"]["text"] for m in messages if m["msg_type"] == "stream")
     assert stderr.startswith("UsageError: Generation interrupted after") and stderr.count("\n") == 1

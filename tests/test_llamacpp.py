@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import _thread
 import hashlib
-import io
 import os
 import shutil
 import subprocess
@@ -30,6 +29,11 @@ from nbllm.loaders.llamacpp import (
     read_gguf_header,
 )
 from nbllm.options import LoadOptions
+
+try:
+    from stepping import count_steps, steps_once_the_generation_thread_is_free, stop_at_step
+except ImportError:  # tests/ imported as a package
+    from tests.stepping import count_steps, steps_once_the_generation_thread_is_free, stop_at_step
 from nbllm.source import ModelSource
 
 llama_cpp = need("llama_cpp")
@@ -453,42 +457,49 @@ def test_eos_tokens_include_the_models_end_of_generation_tokens(engine, tiny_ggu
     assert engine.loader.special_tokens == {"bos_token": "<s>", "eos_token": "</s>"}
 
 
-def test_cancel_from_another_thread_keeps_the_partial_text(engine, tiny_gguf):
+def test_cancel_from_another_thread_stops_within_a_step_and_keeps_the_partial_text(engine, tiny_gguf):
     engine.load(tiny_gguf)
-    full = engine.generate(PROMPT, temperature=0, max_new_tokens=300).text
+    full = engine.generate(PROMPT, temperature=0, max_new_tokens=300)
+    assert full.completion_tokens > 20
+    steps, counting = count_steps(engine.loader.llm)
     result = engine.stream(PROMPT, temperature=0, max_new_tokens=300)
-    seen = []
-    for chunk in result:
-        seen.append(chunk)
-        if len(seen) == 3:
-            threading.Thread(target=result.cancel).start()
-            threading.Event().wait(0.05)
-    assert result.finish_reason == "cancelled" and result.interrupted
-    assert result.text == "".join(seen) and full.startswith(result.text) and len(result.text) < len(full)
-    assert engine.generate(PROMPT, temperature=0, max_new_tokens=300).text == full  # still loaded and well
+    at, stopping = stop_at_step(engine, 6, lambda: threading.Thread(target=result.cancel).start())
+    try:
+        text = result.text
+    finally:
+        stopping.remove()
+        counting.remove()
+    assert at["told"] and result.finish_reason == "cancelled" and result.interrupted
+    # within a step: the step under way ends, no other starts (llama.cpp's eval is its step)
+    assert len(steps) == 6 and steps_once_the_generation_thread_is_free(steps) == 6
+    n = result.completion_tokens
+    assert n in (5, 6) and at["tokens"] == 5
+    assert text == "".join(result.chunks) == engine.generate(PROMPT, temperature=0, max_new_tokens=n).text
+    assert full.text.startswith(text)
+    assert engine.generate(PROMPT, temperature=0, max_new_tokens=300).text == full.text  # still loaded and well
 
 
-def test_keyboard_interrupt_in_the_magic_keeps_the_partial_text(shell, engine, tiny_gguf, monkeypatch):
+def test_keyboard_interrupt_in_the_magic_stops_within_a_step_and_keeps_the_partial_text(shell, engine, tiny_gguf,
+                                                                                        capsys):
     shell.run_line_magic("llm_load", str(tiny_gguf))
     full = engine.generate(PROMPT, temperature=0, max_new_tokens=2000).text
-
-    class InterruptOnFirstWrite(io.StringIO):
-        interrupted = False
-
-        def write(self, s: str) -> int:
-            if s and not self.interrupted:
-                self.interrupted = True
-                _thread.interrupt_main()  # what Jupyter's "interrupt the kernel" does
-            return super().write(s)
-
-    out = InterruptOnFirstWrite()
-    monkeypatch.setattr(sys, "stdout", out)
-    with pytest.raises(UsageError, match="interrupted after"):
-        shell.run_cell_magic("llm", "--temperature 0 --max-new-tokens 2000 -o r", PROMPT)
+    loader = engine.loader
+    capsys.readouterr()
+    steps, counting = count_steps(loader.llm)
+    at, stopping = stop_at_step(engine, 10, _thread.interrupt_main)  # what Jupyter's "interrupt the kernel" does
+    try:
+        with pytest.raises(UsageError, match=r"^Generation interrupted after 9 tokens; the partial text is kept"):
+            shell.run_cell_magic("llm", "--temperature 0 --max-new-tokens 2000 -o r", PROMPT)
+    finally:
+        stopping.remove()
+        counting.remove()
     r = shell.user_ns["r"]
-    assert r.finish_reason == "interrupted" and 0 < r.completion_tokens < 2000
-    assert full.startswith(r.text)
+    # llama.cpp steps on the cell's own thread: the interrupt is raised there, before the 10th eval runs
+    assert r is at["result"] and r.finish_reason == "interrupted" and "told" not in at
+    assert len(steps) == 10 and r.completion_tokens == at["tokens"] == 9 and full.startswith(r.text)
+    assert capsys.readouterr().out.startswith(r.text)
     assert engine.generate(PROMPT, temperature=0, max_new_tokens=2000).text == full  # still loaded and well
+    assert engine.loader is loader
 
 
 # ---------------------------------------------------------------------------------------- chat template

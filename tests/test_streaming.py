@@ -93,6 +93,7 @@ def test_holdback_output_is_the_text_cut_at_the_first_stop_for_any_chunking(text
     assert stopped == bool(firsts)
 
 
+@pytest.mark.timeout(60)
 def test_worker_exception_is_raised_in_the_consumer_not_a_hang():
     def run(emit):
         emit(1)
@@ -100,12 +101,10 @@ def test_worker_exception_is_raised_in_the_consumer_not_a_hang():
         raise RuntimeError("boom in generate")
 
     got = []
-    start = time.monotonic()
-    with pytest.raises(RuntimeError, match="boom in generate"):
+    with pytest.raises(RuntimeError, match="boom in generate"):  # a hang would end at the test's timeout instead
         for t in threaded_tokens(run, threading.Event()):
             got.append(t)
     assert got == [1, 2]
-    assert time.monotonic() - start < 5
 
 
 def test_closing_the_consumer_cancels_and_waits_for_the_worker():
