@@ -446,8 +446,9 @@ class LoadOptions(_Schema):
         "flash attention kernels). If it errors, turn it off and try again.", group="advanced",
     )
     compile: bool = option(
-        False, "Compile the model's forward pass with torch.compile: the first generation is slow "
-        "(compilation), later ones faster.", group="advanced",
+        False, "Compile one decode step with torch.compile over a static KV cache (CPU: frozen, packed "
+        "weights; CUDA: CUDA graphs): each cache size's first generation compiles, later ones decode "
+        "faster; greedy text equals eager.", group="advanced",
     )
     trust_remote_code: bool = option(
         False, "Run the Python code that ships with the model (needed by models with custom "
