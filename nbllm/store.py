@@ -18,6 +18,10 @@ A GGUF file at the models folder's root keeps its records in the root's ``.nbllm
 (its hashes, repository and commit), ``<file>.revision``, ``<file>.lock``; while it downloads, only
 ``<file>.pending.json`` and its partial file under ``partial/`` exist.
 
+The root's ``.nbllm/what-worked.json`` says, per model, the load options that last worked on this
+machine and the memory they took at their peak (:func:`read_worked`, :func:`write_worked`; the fit
+tools' record).
+
 The weights cache (``$NBLLM_CACHE_DIR/sha256.json``) maps path, size and modification time to a sha256,
 so a model that is not from the Hub is hashed once for its records.
 """
@@ -95,8 +99,9 @@ def verify(path: Path, record: FileRecord) -> bool:
 def _write_json(path: Path, data: Mapping[str, Any]) -> None:
     """Write JSON atomically, so a record is never half-written."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")  # two processes never share a temporary file
-    tmp.write_text(json.dumps(data, indent=1, sort_keys=True) + "\n", encoding="utf-8")
+    # two processes (or threads) never share a temporary file
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
+    tmp.write_text(json.dumps(data, indent=1, sort_keys=True, default=list) + "\n", encoding="utf-8")
     os.replace(tmp, path)
 
 
@@ -302,6 +307,33 @@ def pending_downloads(root: Path) -> Iterator[PendingDownload]:
         partial = _partial_file(meta, str(record.get("key") or record.get("sha256")))
         size = partial.stat().st_size if partial.is_file() else 0
         yield PendingDownload(pending.name.removesuffix(".pending.json"), record, size)
+
+
+# ------------------------------------------------------------------------------ what loaded on this machine
+
+WORKED_FILE = "what-worked.json"
+_WORKED_LOCK = threading.Lock()
+
+
+def worked_file(root: Path) -> Path:
+    """Where the models folder ``root`` keeps what loaded on this machine."""
+    return root / META_DIR / WORKED_FILE
+
+
+def read_worked(root: Path) -> dict[str, dict[str, Any]]:
+    """Model name → the record of its last load that worked here (empty when there is none yet)."""
+    models = _read_json(worked_file(root)).get("models")
+    return {k: v for k, v in models.items() if isinstance(v, dict)} if isinstance(models, dict) else {}
+
+
+def write_worked(root: Path, name: str, entry: Mapping[str, Any]) -> Path:
+    """Keep ``entry`` as ``name``'s record of what worked (one per model: the last)."""
+    with _WORKED_LOCK:
+        models = read_worked(root)
+        models[name] = dict(entry)
+        path = worked_file(root)
+        _write_json(path, {"version": 1, "models": models})
+    return path
 
 
 # ------------------------------------------------------------------------------ the weights sha256 cache

@@ -42,10 +42,9 @@ from ..errors import NbllmError, NbllmWarning, OptionError
 from ..loaders import LLAMACPP, TRANSFORMERS, option_loaders
 from ..options import GenerationOptions, LoadOptions
 from ..source import ModelSource
-from ..store import META_DIR
+from ..store import read_worked, write_worked
 
 SETTINGS_FILE = "config-user.yaml"
-WORKED_FILE = "what-worked.json"
 
 _TGW_LOADER = {TRANSFORMERS: "Transformers", LLAMACPP: "llama.cpp"}
 _FROM_TGW_LOADER = {"transformers": TRANSFORMERS, "llama.cpp": LLAMACPP, "llamacpp_hf": LLAMACPP}
@@ -461,19 +460,8 @@ class WhatWorked:
         return self.line()
 
 
-def worked_path(models_dir: str | Path | None = None) -> Path:
-    folder = Path(models_dir).expanduser() if models_dir is not None else models.models_dir()
-    return folder / META_DIR / WORKED_FILE
-
-
-def _read_worked(path: Path) -> dict[str, Any]:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return {"version": 1, "models": {}}
-    if not isinstance(data, dict) or not isinstance(data.get("models"), dict):
-        return {"version": 1, "models": {}}
-    return data
+def _models_root(models_dir: str | Path | None) -> Path:
+    return Path(models_dir).expanduser() if models_dir is not None else models.models_dir()
 
 
 def record_success(
@@ -490,24 +478,20 @@ def record_success(
     (``{"cuda:0": bytes, "cpu": bytes}``; :func:`measure_peak_memory` measures it). One record per model:
     the last one that worked."""
     options = load_options if isinstance(load_options, LoadOptions) else LoadOptions.from_dict(dict(load_options))
-    path = worked_path(models_dir)
-    data = _read_worked(path)
-    data["models"][model_name] = {
+    return write_worked(_models_root(models_dir), model_name, {
         "loader": loader,
         "options": options.changed(),
         "peak_memory": {str(k): int(v) for k, v in (peak_memory or {}).items()},
         "recorded_at": _dt.datetime.now().astimezone().isoformat(timespec="seconds"),
         "machine": machine,
         "load_seconds": load_seconds,
-    }
-    _write_atomic(path, json.dumps(data, indent=1, sort_keys=True, default=list) + "\n")
-    return path
+    })
 
 
 def what_worked(model_name: str, *, models_dir: str | Path | None = None) -> WhatWorked | None:
     """The last record of ``model_name`` loading on this machine, or None."""
-    entry = _read_worked(worked_path(models_dir))["models"].get(model_name)
-    if not isinstance(entry, dict):
+    entry = read_worked(_models_root(models_dir)).get(model_name)
+    if entry is None:
         return None
     return WhatWorked(
         model=model_name,
