@@ -563,7 +563,8 @@ class LoadOptions(_Schema):
                     )
         if quantized and self.dtype not in ("auto",) and self.load_in_4bit:
             warnings.warn(
-                "--dtype is ignored for 4-bit weights; --compute-dtype sets the computation type",
+                "with --load-in-4bit, --dtype sets only the layers left unquantized (embeddings, norms, the "
+                "output layer); --compute-dtype sets the type the 4-bit layers compute in",
                 NbllmWarning,
                 stacklevel=3,
             )

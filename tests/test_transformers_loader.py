@@ -218,6 +218,17 @@ def test_load_in_4bit_with_quant_type_double_quant_and_compute_dtype(
     assert result.token_ids == tokens and torch.equal(prompt_logits(engine), logits)
 
 
+def test_dtype_with_4bit_sets_the_layers_left_unquantized_and_says_so(engine, tiny_model_64):
+    import bitsandbytes as bnb
+
+    with pytest.warns(nbllm.errors.NbllmWarning, match="--dtype sets only the layers left unquantized"):
+        engine.load(tiny_model_64, load_in_4bit=True, dtype="bfloat16")
+    model = engine.loader.model
+    assert model.model.embed_tokens.weight.dtype == torch.bfloat16 and model.lm_head.weight.dtype == torch.bfloat16
+    layer = model.model.layers[0].mlp.up_proj
+    assert isinstance(layer, bnb.nn.Linear4bit) and layer.compute_dtype == torch.float32  # --compute-dtype auto
+
+
 def test_dtype(engine, tiny_model):
     engine.load(tiny_model, dtype="bfloat16")
     assert engine.loader.model.dtype == torch.bfloat16
