@@ -4,36 +4,10 @@ here" records."""
 from __future__ import annotations
 
 import sys
-from collections import Counter
-from typing import Any
 
+from ..memory import model_memory
 
-def model_memory(model: Any) -> dict[str, int]:
-    """Bytes per device of every tensor a loaded torch model holds: parameters, buffers, and the
-    quantization constants bitsandbytes keeps beside its weights (4-bit scales and code tables, 8-bit row
-    scales), which are neither parameters nor buffers. Tensors on the meta device are offloaded to disk."""
-    memory: Counter[str] = Counter()
-
-    def add(tensor: Any) -> None:
-        if tensor is None:
-            return
-        device = "disk" if tensor.device.type == "meta" else str(tensor.device)
-        memory[device] += tensor.numel() * tensor.element_size()
-
-    for tensor in [*model.parameters(), *model.buffers()]:
-        add(tensor)
-    for module in model.modules():
-        weight = getattr(module, "weight", None)
-        state = getattr(weight, "quant_state", None)
-        if state is not None:
-            add(getattr(state, "absmax", None))
-            add(getattr(state, "code", None))
-            if getattr(state, "nested", False) and getattr(state, "state2", None) is not None:
-                add(state.state2.absmax)
-                add(state.state2.code)
-                add(getattr(state, "offset", None))
-        add(getattr(weight, "SCB", None))
-    return dict(memory)
+__all__ = ["measure_peak_memory", "model_memory", "reset_peak_memory"]
 
 
 def measure_peak_memory() -> dict[str, int]:

@@ -21,6 +21,7 @@ from typing import Any, ClassVar
 
 from ..adapters import Adapter, check_peft_adapter, module_key, peft_targets
 from ..errors import GenerationError, LoadError, NbllmError, NbllmWarning, OptionError, missing_dependency
+from ..memory import model_memory
 from ..options import GenerationOptions, LoadOptions
 from ..safetensors_file import check_safetensors
 from ..source import ModelSource
@@ -287,12 +288,9 @@ class TransformersLoader(TokenLoader):
         )
 
     def _placement(self, note: str | None) -> Placement:
-        """Modules and bytes per device, from the parameters themselves (meta = offloaded to disk)."""
+        """Modules and bytes per device, from the tensors themselves (meta = offloaded to disk)."""
         device_map = getattr(self.model, "hf_device_map", None)
-        memory: Counter[str] = Counter()
-        for tensor in [*self.model.parameters(), *self.model.buffers()]:
-            dev = "disk" if tensor.device.type == "meta" else str(tensor.device)
-            memory[dev] += tensor.numel() * tensor.element_size()
+        memory = model_memory(self.model)  # bitsandbytes' scales and code tables too
         if device_map:
             devices = Counter(_device_name(d) for d in device_map.values())
         else:
