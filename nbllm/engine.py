@@ -672,27 +672,21 @@ class Engine:
             return self.generate_rows([(p, opts if seed is None else opts.with_valid(seed=seed))
                                        for p, seed in zip(prompts, row_seeds)])
         results: list[Result] = []
-        with self._cond:
+        with self._cond, _finished_on_interrupt(results):
             self._settle()
             loader = self.loader
             size = loader.batch_size if isinstance(loader, TokenLoader) else 1
             limit = loader.context_length
-            try:
-                for start in range(0, len(prompts), max(size, 1)):
-                    rows = list(zip(prompts[start : start + size], row_seeds[start : start + size]))
-                    fits = all(p.ids is not None and (limit is None or len(p.ids) + opts.max_new_tokens <= limit)
-                               for p, _ in rows)
-                    if size > 1 and len(rows) > 1 and fits:
-                        assert isinstance(loader, TokenLoader)
-                        results.extend(self._run_batch(loader, rows, opts))
-                        continue
-                    for prompt, seed in rows:
-                        result = self.stream_prompt(prompt, opts if seed is None else opts.with_valid(seed=seed), reuse_prefix=True)
-                        _ = result.text
-                        results.append(result)
-            except KeyboardInterrupt as exc:
-                exc.finished = [None if r.interrupted else r for r in results]  # type: ignore[attr-defined]
-                raise
+            for start in range(0, len(prompts), max(size, 1)):
+                rows = list(zip(prompts[start : start + size], row_seeds[start : start + size]))
+                fits = all(p.ids is not None and (limit is None or len(p.ids) + opts.max_new_tokens <= limit)
+                           for p, _ in rows)
+                if size > 1 and len(rows) > 1 and fits:
+                    assert isinstance(loader, TokenLoader)
+                    results.extend(self._run_batch(loader, rows, opts))
+                else:
+                    self._one_after_another([(p, opts if seed is None else opts.with_valid(seed=seed)) for p, seed in rows],
+                                            results)
         return results
 
     def generate_rows(self, rows: Sequence[tuple[Prompt, GenerationOptions]]) -> list[Result]:
@@ -711,16 +705,17 @@ class Engine:
             width = min(self.loader.parallel_requests, len(rows))
         if width <= 1:
             results: list[Result] = []
-            try:
-                for prompt, opts in rows:
-                    result = self.stream_prompt(prompt, opts, reuse_prefix=True)
-                    _ = result.text
-                    results.append(result)
-            except KeyboardInterrupt as exc:
-                exc.finished = [None if r.interrupted else r for r in results]  # type: ignore[attr-defined]
-                raise
+            with _finished_on_interrupt(results):
+                self._one_after_another(rows, results)
             return results
         return self._side_by_side(rows, width)
+
+    def _one_after_another(self, rows: Sequence[tuple[Prompt, GenerationOptions]], results: list[Result]) -> None:
+        """Run the rows in turn (reusing the prompt prefix they share), adding each finished result."""
+        for prompt, opts in rows:
+            result = self.stream_prompt(prompt, opts, reuse_prefix=True)
+            _ = result.text
+            results.append(result)
 
     def _side_by_side(self, rows: Sequence[tuple[Prompt, GenerationOptions]], width: int) -> list[Result]:
         results: list[Result | None] = [None] * len(rows)
@@ -747,23 +742,18 @@ class Engine:
         pool = concurrent.futures.ThreadPoolExecutor(width, thread_name_prefix="nbllm-many")
         futures = [pool.submit(run, i) for i in range(len(rows))]
         first: BaseException | None = None
-        try:
-            for future in concurrent.futures.as_completed(futures):
-                exc = future.exception()
-                if exc is not None and first is None:
-                    first = exc
-                    cancel_all()
-        except KeyboardInterrupt as exc:  # an interrupt while waiting: stop everything, keep what came
-            cancel_all()
-            pool.shutdown(wait=True, cancel_futures=True)
-            exc.finished = [r if r is not None and not r.interrupted else None  # type: ignore[attr-defined]
-                            for r in results]
-            raise
-        except BaseException:
-            cancel_all()
-            raise
-        finally:
-            pool.shutdown(wait=True, cancel_futures=True)
+        with _finished_on_interrupt(results):
+            try:
+                for future in concurrent.futures.as_completed(futures):
+                    exc = future.exception()
+                    if exc is not None and first is None:
+                        first = exc
+                        cancel_all()
+            except BaseException:  # an interrupt while waiting: stop everything, keep what came
+                cancel_all()
+                raise
+            finally:
+                pool.shutdown(wait=True, cancel_futures=True)
         if first is not None:
             raise first
         return [r for r in results if r is not None]
@@ -843,6 +833,17 @@ class Engine:
                 result.finish(reasons[row] or "length", timings)
         self.last_result = results[-1]
         return results
+
+
+@contextlib.contextmanager
+def _finished_on_interrupt(results: Sequence[Result | None]) -> Iterator[None]:
+    """An interrupt propagates with ``finished``: the rows' results that finished, in row order,
+    ``None`` for the others (those stopped by it, and those that never started)."""
+    try:
+        yield
+    except KeyboardInterrupt as exc:
+        exc.finished = [r if r is not None and not r.interrupted else None for r in results]  # type: ignore[attr-defined]
+        raise
 
 
 def _load_error(failure: Exception, cls: type[Loader], source: ModelSource) -> NbllmError:

@@ -9,8 +9,9 @@ bounds: what a test asserts is how many passes ran, which does not depend on the
 
 from __future__ import annotations
 
+import contextlib
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 
@@ -107,3 +108,16 @@ def stop_at_step(engine: Any, n: int, stop: Callable[[], object]) -> tuple[dict[
             seen["told"] = result.cancel_event.wait(120)
 
     return seen, before_each_step(step_model(engine), hook)
+
+
+@contextlib.contextmanager
+def stopped_at_step(engine: Any, n: int, stop: Callable[[], object]) -> Iterator[tuple[list[int], dict[str, Any]]]:
+    """:func:`count_steps` and :func:`stop_at_step` on the engine's model for the block: yields the steps
+    counted and what was seen at the stop; both hooks are gone afterwards."""
+    steps, counting = count_steps(step_model(engine))
+    at, stopping = stop_at_step(engine, n, stop)
+    try:
+        yield steps, at
+    finally:
+        stopping.remove()
+        counting.remove()

@@ -31,9 +31,9 @@ from nbllm.loaders.llamacpp import (
 from nbllm.options import LoadOptions
 
 try:
-    from stepping import count_steps, steps_once_the_generation_thread_is_free, stop_at_step
+    from stepping import steps_once_the_generation_thread_is_free, stopped_at_step
 except ImportError:  # tests/ imported as a package
-    from tests.stepping import count_steps, steps_once_the_generation_thread_is_free, stop_at_step
+    from tests.stepping import steps_once_the_generation_thread_is_free, stopped_at_step
 from nbllm.source import ModelSource
 
 llama_cpp = need("llama_cpp")
@@ -461,14 +461,9 @@ def test_cancel_from_another_thread_stops_within_a_step_and_keeps_the_partial_te
     engine.load(tiny_gguf)
     full = engine.generate(PROMPT, temperature=0, max_new_tokens=300)
     assert full.completion_tokens > 20
-    steps, counting = count_steps(engine.loader.llm)
     result = engine.stream(PROMPT, temperature=0, max_new_tokens=300)
-    at, stopping = stop_at_step(engine, 6, lambda: threading.Thread(target=result.cancel).start())
-    try:
+    with stopped_at_step(engine, 6, lambda: threading.Thread(target=result.cancel).start()) as (steps, at):
         text = result.text
-    finally:
-        stopping.remove()
-        counting.remove()
     assert at["told"] and result.finish_reason == "cancelled" and result.interrupted
     # within a step: the step under way ends, no other starts (llama.cpp's eval is its step)
     assert len(steps) == 6 and steps_once_the_generation_thread_is_free(steps) == 6
@@ -485,14 +480,10 @@ def test_keyboard_interrupt_in_the_magic_stops_within_a_step_and_keeps_the_parti
     full = engine.generate(PROMPT, temperature=0, max_new_tokens=2000).text
     loader = engine.loader
     capsys.readouterr()
-    steps, counting = count_steps(loader.llm)
-    at, stopping = stop_at_step(engine, 10, _thread.interrupt_main)  # what Jupyter's "interrupt the kernel" does
-    try:
-        with pytest.raises(UsageError, match=r"^Generation interrupted after 9 tokens; the partial text is kept"):
-            shell.run_cell_magic("llm", "--temperature 0 --max-new-tokens 2000 -o r", PROMPT)
-    finally:
-        stopping.remove()
-        counting.remove()
+    # what Jupyter's "interrupt the kernel" does, at the 10th step
+    with stopped_at_step(engine, 10, _thread.interrupt_main) as (steps, at), \
+            pytest.raises(UsageError, match=r"^Generation interrupted after 9 tokens; the partial text is kept"):
+        shell.run_cell_magic("llm", "--temperature 0 --max-new-tokens 2000 -o r", PROMPT)
     r = shell.user_ns["r"]
     # llama.cpp steps on the cell's own thread: the interrupt is raised there, before the 10th eval runs
     assert r is at["result"] and r.finish_reason == "interrupted" and "told" not in at
