@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib
 import os
+import signal
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -20,6 +21,17 @@ os.environ.setdefault("NBLLM_CACHE_DIR", str(ROOT / ".cache" / "nbllm-tests"))
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # The tests' runs go to a run log of their own, never to the user's.
 os.environ.setdefault("NBLLM_RUN_LOG", str(Path(tempfile.mkdtemp(prefix="nbllm-test-runs-")) / "runs.sqlite"))
+
+
+@pytest.fixture(autouse=True)
+def _sigint_raises_keyboard_interrupt() -> Iterator[None]:
+    """SIGINT raises KeyboardInterrupt while a test runs, as it does in a Jupyter kernel while a cell
+    runs (ipykernel's ``pre_handler_hook``), whatever this process inherited: a shell starts a
+    script's commands with SIGINT ignored when the script runs in the background, and then neither a
+    kernel interrupt (SIGINT) nor ``_thread.interrupt_main()`` would reach the tests that use them."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)
 
 
 def in_ci() -> bool:
