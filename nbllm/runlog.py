@@ -20,17 +20,20 @@ import queue
 import sqlite3
 import sys
 import threading
+import time
 import uuid
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import closing, contextmanager
 from dataclasses import asdict
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from .errors import NbllmError, missing_dependency
 from .identity import identity_key, record_identity
 from .options import GenerationOptions, LoadOptions
 from .result import Result
+
+T = TypeVar("T")
 
 if TYPE_CHECKING:
     import pandas
@@ -108,7 +111,10 @@ class RunLog:
             self.path.parent.mkdir(parents=True, exist_ok=True)
         with closing(sqlite3.connect(self.path, timeout=30, isolation_level=None)) as db:
             db.execute("PRAGMA busy_timeout = 30000")
-            if db.execute("PRAGMA journal_mode = WAL").fetchone()[0] != "wal":
+            # WAL is kept in the file: set it once. Two connections setting it on a new file at once get
+            # "database is locked" at once, without the busy timeout's wait, so that is retried here.
+            if db.execute("PRAGMA journal_mode").fetchone()[0] != "wal" and _when_unlocked(
+                    lambda: db.execute("PRAGMA journal_mode = WAL").fetchone()[0]) != "wal":
                 raise NbllmError(f"{self.path} cannot be put in WAL mode", "keep the run log on a local disk")
             db.execute("PRAGMA synchronous = NORMAL")
             version = db.execute("PRAGMA user_version").fetchone()[0]
@@ -116,7 +122,7 @@ class RunLog:
                 raise NbllmError(f"{self.path} was written by a newer nbllm (run log version {version})",
                                  "upgrade nbllm, or point NBLLM_RUN_LOG at another file")
             if version < SCHEMA_VERSION:
-                db.executescript(_SCHEMA + f"PRAGMA user_version = {SCHEMA_VERSION};")
+                _when_unlocked(lambda: db.executescript(_SCHEMA + f"PRAGMA user_version = {SCHEMA_VERSION};"))
             yield db
 
     # -- writing ---------------------------------------------------------------------------------
@@ -218,6 +224,20 @@ class RunLog:
             return 0
         with self._connect() as db:
             return int(db.execute("SELECT count(*) FROM runs").fetchone()[0])
+
+
+def _when_unlocked(step: Callable[[], T], seconds: float = 30.0) -> T:
+    """``step()``, tried again while SQLite answers "database is locked" (at most ``seconds``)."""
+    deadline = time.monotonic() + seconds
+    pause = 0.005
+    while True:
+        try:
+            return step()
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) or time.monotonic() > deadline:
+                raise
+        time.sleep(pause)  # another connection is setting the file up: a few milliseconds
+        pause = min(pause * 2, 0.1)
 
 
 def pandas_module() -> Any:
