@@ -173,6 +173,10 @@ def page(lab: Lab, tmp_path: Path) -> Iterator[Any]:
         context = browser.new_context(viewport={"width": 1280, "height": 2400}, device_scale_factor=1)
         pg = context.new_page()
         pg.set_default_timeout(TIMEOUT_MS)
+        # What the page printed, for a failure's report
+        pg.nbllm_console = console = []  # type: ignore[attr-defined]
+        pg.on("console", lambda m: console.append(f"console.{m.type}: {m.text}"))
+        pg.on("pageerror", lambda e: console.append(f"page error: {e}"))
         try:
             yield pg
         finally:
@@ -184,6 +188,31 @@ def page(lab: Lab, tmp_path: Path) -> Iterator[Any]:
             browser.close()
 
 
+def _report(page: Any, lab: Lab) -> str:
+    """What the notebook's cells hold, what the page printed and the end of JupyterLab's log."""
+    try:
+        cells = page.evaluate("""() => {
+            const w = window.jupyterapp.shell.currentWidget;
+            const k = w.sessionContext.session && w.sessionContext.session.kernel;
+            const out = [`kernel: ${k ? k.status + ' / ' + k.connectionStatus : 'none'}`];
+            for (const cell of w.content.widgets) {
+                const texts = [];
+                const outputs = cell.outputArea ? cell.outputArea.model : null;
+                for (let i = 0; outputs && i < outputs.length; i++) {
+                    const o = outputs.get(i).toJSON();
+                    texts.push(JSON.stringify(o).slice(0, 600));
+                }
+                out.push(`cell [${cell.model.executionCount}] ${cell.model.sharedModel.getSource().split('\\n')[0]}: `
+                         + (texts.join(' | ') || 'no output'));
+            }
+            return out.join('\\n');
+        }""")
+    except Exception as exc:  # the page itself may be what failed
+        cells = f"(the notebook could not be read: {exc})"
+    console = "\n".join(getattr(page, "nbllm_console", [])[-30:])
+    return f"{cells}\n--- the page printed:\n{console}\n--- JupyterLab's log:\n{lab.log.read_text()[-4000:]}"
+
+
 def _text(locator: Any) -> str:
     return str(locator.inner_text()).strip()
 
@@ -192,20 +221,26 @@ def test_settings_and_chat_panels_in_jupyterlab(lab: Lab, page: Any, tmp_path: P
     started = time.monotonic()
     shots = SCREENSHOTS if os.environ.get("NBLLM_UPDATE_SCREENSHOTS") == "1" else tmp_path
     page.goto(f"{lab.url}/lab/tree/{lab.notebook}?token={lab.token}")
-    # The notebook toolbar says "idle" before any kernel exists: wait for the kernel itself.
+    # The notebook toolbar says "idle" before any kernel exists: wait for the kernel itself, and for the
+    # notebook's cells (the kernel can be ready before the file is read: then there is nothing to run).
     page.wait_for_function(
-        """() => {
+        """(cells) => {
             const app = window.jupyterapp;
             const w = app && app.shell.currentWidget;
             const k = w && w.sessionContext && w.sessionContext.session && w.sessionContext.session.kernel;
-            return !!k && k.connectionStatus === 'connected' && k.status === 'idle';
-        }"""
+            return !!k && k.connectionStatus === 'connected' && k.status === 'idle'
+                && w.context.isReady && w.content.widgets.length === cells;
+        }""",
+        arg=len(_notebook()["cells"]),
     )
-    page.evaluate("() => window.jupyterapp.commands.execute('notebook:run-all-cells')")
+    page.evaluate("() => { window.jupyterapp.commands.execute('notebook:run-all-cells'); }")
 
     # -- settings panel: download a model (a progress bar shows), choose one, Load -------------------
     settings = page.locator(".nbllm-settings")
-    settings.wait_for()
+    try:  # the kernel's first cells (a loaded machine can take long to start a kernel's imports)
+        settings.wait_for(timeout=3 * TIMEOUT_MS)
+    except Exception as exc:
+        pytest.fail(f"the settings panel did not show: {exc}\n{_report(page, lab)}")
     model = page.locator(".nbllm-model select")
     assert "org_tiny-long" in _text(model)
     page.locator(".nbllm-download-id input").fill("org/tiny-download")

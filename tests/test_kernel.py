@@ -2,13 +2,19 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
 import queue
+import threading
 import time
+from pathlib import Path
 
 import nbformat
 import pytest
 from jupyter_client.manager import start_new_kernel
 from nbclient import NotebookClient
+
+TESTS = Path(__file__).resolve().parent
 
 
 def run_notebook(cells: list[str], timeout: int = 120) -> nbformat.NotebookNode:
@@ -82,17 +88,38 @@ def kernel():
 
 
 @pytest.mark.timeout(180)  # an interrupt that did not stop the generation ends here
-def test_kernel_interrupt_stops_generation_keeps_partial_text_and_model(kernel, tiny_model):
+def test_kernel_interrupt_stops_generation_keeps_partial_text_and_model(kernel, tiny_model, tmp_path):
     kernel.execute(f"import os; os.environ['HF_HUB_OFFLINE'] = '1'\n%load_ext nbllm\n%llm_load {tiny_model}")
+    # In the kernel: count the model's steps; at the 10th, tell this test (through a pipe) and hold that
+    # step until the generation was told to stop, as one slow step of a big model would be.
+    at_step = tmp_path / "at-step"
+    os.mkfifo(at_step)
+    kernel.execute(
+        f"import sys, nbllm\nsys.path.insert(0, {str(TESTS)!r})\n"
+        "from stepping import count_steps, stop_at_step, step_model, steps_once_the_generation_thread_is_free\n"
+        "steps, counting = count_steps(step_model(nbllm.get_engine()))\n"
+        f"at, stopping = stop_at_step(nbllm.get_engine(), 10, lambda: open({str(at_step)!r}, 'w').write('10'))"
+    )
+    assert kernel.last_status == "ok"
+
+    def interrupt_at_the_step() -> None:
+        with open(at_step) as pipe:  # opens when the kernel writes: its 10th step has started
+            if pipe.read() == "10":
+                kernel.km.interrupt_kernel()  # SIGINT, as the notebook's Interrupt button sends
+
+    interrupter = threading.Thread(target=interrupt_at_the_step, daemon=True)
+    interrupter.start()
     updates = []
 
     def on_message(msg):
         if msg["msg_type"] == "update_display_data":
             updates.append(msg)
-            if len(updates) == 3:
-                kernel.km.interrupt_kernel()
 
-    messages = kernel.execute("%%llm --temperature 0 --max-new-tokens 2000 -o r\nOnce", on_message=on_message)
+    try:
+        messages = kernel.execute("%%llm --temperature 0 --max-new-tokens 2000 -o r\nOnce", on_message=on_message)
+    finally:
+        with contextlib.suppress(OSError):  # a reader still waiting (the step never came) is let go
+            os.close(os.open(at_step, os.O_WRONLY | os.O_NONBLOCK))
     # one line, no traceback, and the cell counts as failed so "Run All" stops here
     stderr = "".join(m["content"]["text"] for m in messages if m["msg_type"] == "stream")
     assert stderr.startswith("UsageError: Generation interrupted after") and stderr.count("\n") == 1
@@ -101,10 +128,15 @@ def test_kernel_interrupt_stops_generation_keeps_partial_text_and_model(kernel, 
     assert "[interrupted after" in final["data"]["text/plain"]
     assert final["metadata"]["nbllm"]["seed"] >= 0
 
-    out = kernel.execute("import nbllm\nprint(r.finish_reason, r.completion_tokens < 2000, nbllm.status().loaded)\n"
-                         "print(len(nbllm.generate('Once', temperature=0, max_new_tokens=5).token_ids))")
+    # Within a step: the step under way when the interrupt came ends, no other one starts, and the 9
+    # tokens read before it are kept; the model stays loaded and generates.
+    out = kernel.execute(
+        "stopping.remove(); counting.remove()\n"
+        "print(at.get('told'), len(steps), at['steps'], steps_once_the_generation_thread_is_free(steps))\n"
+        "print(r.finish_reason, r.completion_tokens, at['tokens'], nbllm.status().loaded)\n"
+        "print(len(nbllm.generate('Once', temperature=0, max_new_tokens=5).token_ids))")
     printed = "".join(m["content"].get("text", "") for m in out if m["msg_type"] == "stream")
-    assert printed == "interrupted True True\n5\n"
+    assert printed == "True 10 10 10\ninterrupted 9 9 True\n5\n"
     assert final["data"]["text/plain"].startswith(
         "".join(m["content"].get("text", "") for m in kernel.execute("print(r.text, end='')")
                 if m["msg_type"] == "stream"))
