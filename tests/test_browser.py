@@ -221,15 +221,16 @@ def test_settings_and_chat_panels_in_jupyterlab(lab: Lab, page: Any, tmp_path: P
     started = time.monotonic()
     shots = SCREENSHOTS if os.environ.get("NBLLM_UPDATE_SCREENSHOTS") == "1" else tmp_path
     page.goto(f"{lab.url}/lab/tree/{lab.notebook}?token={lab.token}")
-    # The notebook toolbar says "idle" before any kernel exists: wait for the kernel itself, and for the
-    # notebook's cells (the kernel can be ready before the file is read: then there is nothing to run).
+    # The notebook toolbar says "idle" before any kernel exists: wait for the kernel itself, for the
+    # notebook's cells, and for ipywidgets' comm target on the kernel (a widget sent before it is lost).
     page.wait_for_function(
         """(cells) => {
             const app = window.jupyterapp;
             const w = app && app.shell.currentWidget;
             const k = w && w.sessionContext && w.sessionContext.session && w.sessionContext.session.kernel;
             return !!k && k.connectionStatus === 'connected' && k.status === 'idle'
-                && w.context.isReady && w.content.widgets.length === cells;
+                && w.context.isReady && w.content.widgets.length === cells
+                && !!k._targetRegistry && !!k._targetRegistry['jupyter.widget'];
         }""",
         arg=len(_notebook()["cells"]),
     )
