@@ -80,6 +80,20 @@ def test_gpu_split_limits_memory_per_gpu_and_offloads_the_rest_to_cpu(engine, ti
     assert len(engine.generate(PROMPT, temperature=0, max_new_tokens=4).token_ids) == 4
 
 
+def test_cpu_memory_alone_keeps_the_model_on_the_gpu(engine, tiny_model_64):
+    # accelerate uses only the devices max_memory names: the GPU is given what it has free
+    status = engine.load(tiny_model_64, cpu_memory=4)
+    assert set(status.placement.devices) == {"cuda:0"}
+    assert len(engine.generate(PROMPT, temperature=0, max_new_tokens=4).token_ids) == 4
+
+
+def test_gpu_split_alone_offloads_the_rest_to_ram_not_disk(engine, tiny_model_64):
+    status = engine.load(tiny_model_64, gpu_split="0.0005")  # no --cpu-memory: no limit on RAM
+    assert "cuda:0" in status.placement.devices and "cpu" in status.placement.devices
+    assert "disk" not in status.placement.devices
+    assert len(engine.generate(PROMPT, temperature=0, max_new_tokens=4).token_ids) == 4
+
+
 def test_gpu_split_across_two_gpus(engine, tiny_model_64):
     if _torch().cuda.device_count() < 2:
         pytest.skip("needs two GPUs")

@@ -307,6 +307,23 @@ def test_device_map_arguments_for_every_memory_option():
         args(LoadOptions(device="cuda"))
 
 
+def test_device_map_arguments_on_a_gpu_machine(monkeypatch):
+    """With a GPU every device is named to accelerate (it uses no other): the GPU with --gpu-split's share
+    or else what it has free, the CPU with --cpu-memory or else the RAM available (no limit)."""
+    import nbllm.loaders.transformers as module
+
+    monkeypatch.setattr(module, "cuda_devices", lambda: [("NVIDIA GeForce RTX 4060", (8, 9))])
+    monkeypatch.setattr(module, "free_memory", lambda gpus: {**{i: (7 - i) * 2**30 for i in range(gpus)},
+                                                              "cpu": 50 * 2**30})
+    args = TransformersLoader._device_arguments
+    assert args(LoadOptions()) == {"device_map": {"": "cuda"}}
+    assert args(LoadOptions(cpu_memory=8)) == {"device_map": "auto", "max_memory": {0: 7 * 2**30, "cpu": "8.0GiB"}}
+    assert args(LoadOptions(disk_offload=True))["max_memory"] == {0: 7 * 2**30, "cpu": 50 * 2**30}
+    assert args(LoadOptions(gpu_split="5", cpu_memory=8))["max_memory"] == {0: "5.0GiB", "cpu": "8.0GiB"}
+    assert args(LoadOptions(gpu_split="5"))["max_memory"] == {0: "5.0GiB", "cpu": 50 * 2**30}
+    assert args(LoadOptions(device="cpu", cpu_memory=8))["max_memory"] == {"cpu": "8.0GiB"}
+
+
 def test_quantized_offload_turns_on_fp32_cpu_offload():
     cfg = TransformersLoader._quantization_config(LoadOptions(load_in_8bit=True, cpu_memory=4), on_gpu=False)
     assert cfg.llm_int8_enable_fp32_cpu_offload is True

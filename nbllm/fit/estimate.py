@@ -4,7 +4,8 @@ Three parts, each per device: the **weights** (in the dtype, or quantized by bit
 file stores them), the **KV cache** for the context length, and the **overhead** (the CUDA context, the
 activations of a prompt, llama.cpp's compute buffer). Placement follows what the loaders do: the
 Transformers loader puts everything on one device unless ``--gpu-split``/``--cpu-memory``/
-``--disk-offload`` ask accelerate to spread it (and then only the devices named get layers); llama.cpp
+``--disk-offload`` ask accelerate to spread it (over the GPUs ``--gpu-split`` names, or every GPU up to
+its memory without it, then the CPU, then disk); llama.cpp
 puts the last ``--n-gpu-layers`` layers on the GPU.
 
 Rules, with the reason for each (``docs/fit.md`` has the table):
@@ -248,9 +249,6 @@ def _transformers(shape: ModelShape, opts: LoadOptions, machine: Machine, contex
         placed = [(blk, main) for blk in shape.blocks]
     else:
         placed = _accelerate_fill(shape, opts, gpus, split, mode, b)
-        if gpus and not split:
-            notes.append("with --cpu-memory or --disk-offload but no --gpu-split, accelerate gives the GPU no "
-                         "layers (only the devices named get any): add --gpu-split")
     devices: dict[str, DeviceMemory] = {}
     offloaded: list[int] = []
     for blk, device in placed:
@@ -311,18 +309,17 @@ def activation_bytes(shape: ModelShape, tokens: int, dtype_bytes: float) -> int:
 
 def _accelerate_fill(shape: ModelShape, opts: LoadOptions, gpus: list[Any], split: tuple[float, ...], mode: str,
                      b: float) -> list[tuple[Block, str]]:
-    """Blocks in order onto the devices accelerate is given (GPUs named by --gpu-split, then the CPU if
-    --cpu-memory is set, then disk), each up to its budget; bitsandbytes asks for 10% headroom."""
+    """Blocks in order onto the devices accelerate is given (the GPUs named by --gpu-split, or every GPU
+    up to its usable memory without it, then the CPU up to --cpu-memory or without a limit, then disk),
+    each up to its budget; bitsandbytes asks for 10% headroom."""
     budgets: list[tuple[str, float]] = []
     factor = 0.9 if mode != "plain" else 1.0
     largest = max((block_bytes(blk, "plain", b, opts) for blk in shape.blocks), default=0)
-    for i, gib in enumerate(split[: len(gpus)]):
-        budgets.append((f"cuda:{i}", max(gib * GiB * factor - largest, 0)))
+    sizes = [gib * GiB for gib in split[: len(gpus)]] if split else [g.memory_bytes * GPU_USABLE for g in gpus]
+    for i, size in enumerate(sizes):
+        budgets.append((f"cuda:{i}", max(size * factor - largest, 0)))
     limit = opts.cpu_memory_limit
-    if limit is not None:
-        budgets.append(("cpu", limit * GiB * factor))
-    elif not gpus:
-        budgets.append(("cpu", float("inf")))
+    budgets.append(("cpu", limit * GiB * factor if limit is not None else float("inf")))
     budgets.append(("disk", float("inf")))
     placed: list[tuple[Block, str]] = []
     slot, used = 0, 0.0

@@ -43,6 +43,17 @@ def cuda_devices() -> list[tuple[str, tuple[int, int]]]:
     ]
 
 
+def free_memory(gpus: int) -> dict[int | str, int]:
+    """Bytes free on each of the first ``gpus`` CUDA GPUs and in RAM ("cpu"): accelerate's own figures
+    for a device it is given no limit for."""
+    import psutil
+    import torch
+
+    free: dict[int | str, int] = {i: int(torch.cuda.mem_get_info(i)[0]) for i in range(gpus)}
+    free["cpu"] = int(psutil.virtual_memory().available)
+    return free
+
+
 def pick_attention(requested: str, gpus: list[tuple[str, tuple[int, int]]]) -> tuple[str, str | None]:
     """The attention implementation to use, and a note for the user when ``auto`` chose it.
 
@@ -196,9 +207,18 @@ class TransformersLoader(TokenLoader):
         device = "cuda" if gpus else "cpu"
         if not (split or options.cpu_memory_limit is not None or options.disk_offload):
             return {"device_map": {"": device}}
-        max_memory: dict[int | str, str] = {i: f"{gib}GiB" for i, gib in enumerate(split)}
-        if options.cpu_memory_limit is not None:
-            max_memory["cpu"] = f"{options.cpu_memory_limit}GiB"
+        # accelerate uses only the devices max_memory names, so with a GPU every device is named: the GPUs
+        # with --gpu-split's share or else what each has free, the CPU with --cpu-memory or else the RAM
+        # available ("no limit", as in text-generation-webui); then disk with --disk-offload.
+        max_memory: dict[int | str, str | int] = {}
+        limit = options.cpu_memory_limit
+        if gpus:
+            free = free_memory(len(gpus))
+            max_memory.update({i: f"{gib}GiB" for i, gib in enumerate(split)} if split else
+                              {i: free[i] for i in range(len(gpus))})
+            max_memory["cpu"] = f"{limit}GiB" if limit is not None else free["cpu"]
+        elif limit is not None:
+            max_memory["cpu"] = f"{limit}GiB"
         kwargs: dict[str, Any] = {"device_map": "auto", "max_memory": max_memory or None}
         if options.disk_offload:
             cache = Path(os.environ.get("NBLLM_CACHE_DIR", Path.home() / ".cache" / "nbllm"))
