@@ -234,7 +234,15 @@ def test_settings_and_chat_panels_in_jupyterlab(lab: Lab, page: Any, tmp_path: P
         }""",
         arg=len(_notebook()["cells"]),
     )
-    page.evaluate("() => { window.jupyterapp.commands.execute('notebook:run-all-cells'); }")
+    for _ in range(3):  # Run All, awaited; once the notebook is the current one it runs every cell
+        ran = page.evaluate("""async () => {
+            await window.jupyterapp.commands.execute('notebook:run-all-cells');
+            return window.jupyterapp.shell.currentWidget.content.widgets
+                .filter(cell => cell.model.executionCount !== null).length;
+        }""")
+        if ran:
+            break
+        page.locator(".jp-Notebook").first.click()  # not yet the notebook tracker's current widget: focus it
 
     # -- settings panel: download a model (a progress bar shows), choose one, Load -------------------
     settings = page.locator(".nbllm-settings")
