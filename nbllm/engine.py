@@ -29,7 +29,7 @@ import threading
 import time
 import uuid
 import warnings
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -668,9 +668,12 @@ class Engine:
         row_seeds = list(seeds) if seeds is not None else [None] * len(prompts)
         if len(row_seeds) != len(prompts):
             raise OptionError(f"{len(prompts)} prompts and {len(row_seeds)} seeds", "give one seed (or None) per prompt")
+
+        def seeded(rows: Iterable[tuple[Prompt, int | None]]) -> list[tuple[Prompt, GenerationOptions]]:
+            return [(p, opts if seed is None else opts.with_valid(seed=seed)) for p, seed in rows]
+
         if self.loaded and self.loader.parallel_requests > 1 and len(prompts) > 1:
-            return self.generate_rows([(p, opts if seed is None else opts.with_valid(seed=seed))
-                                       for p, seed in zip(prompts, row_seeds)])
+            return self.generate_rows(seeded(zip(prompts, row_seeds)))
         results: list[Result] = []
         with self._cond, _finished_on_interrupt(results):
             self._settle()
@@ -685,8 +688,7 @@ class Engine:
                     assert isinstance(loader, TokenLoader)
                     results.extend(self._run_batch(loader, rows, opts))
                 else:
-                    self._one_after_another([(p, opts if seed is None else opts.with_valid(seed=seed)) for p, seed in rows],
-                                            results)
+                    self._one_after_another(seeded(rows), results)
         return results
 
     def generate_rows(self, rows: Sequence[tuple[Prompt, GenerationOptions]]) -> list[Result]:

@@ -93,9 +93,9 @@ def sweep(
     bar = tqdm(total=len(rows), desc="sweep", unit="run", file=sys.stderr, disable=progress is False,
                delay=0 if progress else 2.0)
 
-    def run(chunk: list[int], go: Callable[[], list[Result]]) -> None:
+    def run(chunk: list[int], generate: Callable[..., list[Result]], *args: Any, **kwargs: Any) -> None:
         try:
-            finished = go()
+            finished = generate(*args, **kwargs)
         except KeyboardInterrupt as exc:
             done.update((n, r) for n, r in zip(chunk, getattr(exc, "finished", [])) if r is not None)
             raise
@@ -106,16 +106,15 @@ def sweep(
         if side_by_side > 1:  # a server: every row is its own request, any options, that many at once
             for start in range(0, len(rows), 4 * side_by_side):  # in chunks, so the bar moves
                 chunk = list(range(start, min(start + 4 * side_by_side, len(rows))))
-                run(chunk, lambda chunk=chunk: engine.generate_rows(  # type: ignore[misc]
-                    [(ready[rows[n][0]], settings[rows[n][1]].with_valid(seed=seeds[rows[n][1]])) for n in chunk]))
+                run(chunk, engine.generate_rows,
+                    [(ready[rows[n][0]], settings[rows[n][1]].with_valid(seed=seeds[rows[n][1]])) for n in chunk])
         else:
             for members in groups.values():
                 opts = settings[rows[members[0]][1]]
                 for start in range(0, len(members), size):
                     chunk = members[start : start + size]
-                    prompts_ = [ready[rows[n][0]] for n in chunk]
-                    seeds_ = [seeds[rows[n][1]] for n in chunk]
-                    run(chunk, lambda: engine.generate_batch(prompts_, opts, seeds=seeds_))  # noqa: B023
+                    run(chunk, engine.generate_batch, [ready[rows[n][0]] for n in chunk], opts,
+                        seeds=[seeds[rows[n][1]] for n in chunk])
     except KeyboardInterrupt:
         interrupted = True
         warnings.warn(f"the sweep was interrupted: {len(done)} of {len(rows)} runs finished (kept in the table)",
