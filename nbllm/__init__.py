@@ -20,6 +20,7 @@ from ._version import __version__ as __version__
 from .batch import generate_many
 from .chat import Conversation
 from .chat import Conversation as Chat
+from .constraints import table
 from .engine import Engine, Status, get_engine
 from .errors import NbllmError
 from .lora import lora_add, lora_clear, lora_list, lora_remove, lora_restore
@@ -73,5 +74,5 @@ def load_ipython_extension(ipython: Any) -> None:
 __all__ = [
     "Chat", "Conversation", "Engine", "GenerationOptions", "LoadOptions", "NbllmError", "Record", "Replay", "Result",
     "Status", "generate", "generate_many", "get_engine", "load", "load_ipython_extension", "lora_add", "lora_clear",
-    "lora_list", "lora_remove", "lora_restore", "replay", "runs", "serve", "status", "stream", "sweep", "unload",
+    "lora_list", "lora_remove", "lora_restore", "replay", "runs", "serve", "status", "stream", "sweep", "table", "unload",
 ]

@@ -630,6 +630,7 @@ class Engine:
             timings.total_seconds = end - start
             record.reused_prefix_tokens = loader.reused_tokens
             timings.compile_seconds = loader.compile_seconds
+            timings.grammar_seconds = loader.grammar_seconds
             if isinstance(loader, TextLoader):
                 prompt_tokens, completion = loader.usage
                 if prompt_tokens is not None:
@@ -825,7 +826,7 @@ class Engine:
                 tail = holdbacks[row].feed(decoders[row].flush()) + holdbacks[row].flush()
                 if tail:
                     result.chunks.append(tail)
-                timings = Timings(total_seconds=(ends[row] or clock()) - start)
+                timings = Timings(total_seconds=(ends[row] or clock()) - start, grammar_seconds=loader.grammar_seconds)
                 n = len(result.token_ids)
                 if first is not None and n:
                     timings.time_to_first_token = first - start

@@ -130,6 +130,9 @@ class Timings:
     compile_seconds: float | None = None
     """Seconds spent compiling before the first token (``--compile``'s first generation of a cache size);
     included in ``time_to_first_token``."""
+    grammar_seconds: float | None = None
+    """Seconds spent compiling the output's constraint (structured output) for this model's tokenizer; 0
+    when it came from the cache, ``None`` without a constraint. Included in ``time_to_first_token``."""
 
 
 class Result:
@@ -290,6 +293,16 @@ class Result:
     def replayed(self) -> bool:
         """Whether this result was answered from a recording (``nbllm.replay``) rather than generated."""
         return self.pending_record.replayed is not None
+
+    @property
+    def parsed(self) -> Any:
+        """The output as data, for a request with a constraint (structured output): the JSON value,
+        validated against the schema (an instance of the pydantic model it came from), or the choice,
+        or the text that matched the regex or grammar. An output cut off at ``max_new_tokens`` (its
+        text is kept) or that does not fit raises :class:`nbllm.constraints.ParseError` in one line."""
+        from .constraints import parsed
+
+        return parsed(self)
 
     @property
     def completion_tokens(self) -> int:

@@ -57,7 +57,6 @@ _UNSUPPORTED: dict[str, Callable[[Any], bool]] = {
     "logit_bias": bool,
     "frequency_penalty": bool,
     "presence_penalty": bool,
-    "response_format": lambda v: bool(v) and not (isinstance(v, dict) and v.get("type") == "text"),
 }
 """Request fields nbllm cannot honour, and when a value asks for them."""
 
@@ -124,7 +123,16 @@ def generation_options(body: Mapping[str, Any], defaults: GenerationOptions) -> 
     if greedy:  # greedy decoding ignores the samplers: no note about it in the kernel
         for name in ("top_p", "top_k", "min_p", "typical_p"):
             values[name] = GenerationOptions.spec(name).default
+    values.update(_constraint(body))
     return GenerationOptions.from_dict(values)
+
+
+def _constraint(body: Mapping[str, Any]) -> dict[str, Any]:
+    """Structured output: response_format, grammar, regex, choice (see :func:`nbllm.constraints.server_options`)."""
+    from .constraints import OPTIONS, server_options
+
+    asked = server_options(body)
+    return {**{name: GenerationOptions.spec(name).default for name in (*OPTIONS, "schema_multi")}, **asked} if asked else {}
 
 
 def chat_messages(body: Mapping[str, Any]) -> list[dict[str, str]]:

@@ -111,6 +111,11 @@ class Loader(ABC):
         """How many prompt tokens the last generation took from the kept state instead of computing."""
         self.compile_seconds: float | None = None
         """Seconds the last generation spent compiling (``--compile``'s first generation), else ``None``."""
+        self.grammar_seconds: float | None = None
+        """Seconds the last generation spent compiling its constraint (structured output; 0 when it came
+        from the cache), ``None`` without one."""
+        self.constraints: Any = None
+        """The loaded model's compiled constraints (:class:`nbllm.constraints.Compiler`), made on first use."""
 
     # -- what a user typed, before anything is released --------------------------------------------
     @classmethod

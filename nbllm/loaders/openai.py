@@ -108,7 +108,15 @@ def request_body(kind: ServerKind, model_id: str, request: Request) -> tuple[str
             value = kind.top_k_off
         for field in fields:
             body[field] = value
+    body.update(_constraint_fields(kind, request))
     return path, body, unsent
+
+
+def _constraint_fields(kind: ServerKind, request: Request) -> dict[str, Any]:
+    """Structured output in this server's dialect (:func:`nbllm.constraints.request_fields`)."""
+    from ..constraints import request_fields
+
+    return request_fields(kind.name, request.options, chat=request.messages is not None)
 
 
 def identify(owned_by: str, probe: Any, host: str) -> tuple[str, str | None]:
