@@ -17,6 +17,7 @@ the constraint in the server's own dialect (:func:`request_fields`).
 
 from __future__ import annotations
 
+import ast
 import functools
 import json
 import re
@@ -108,9 +109,24 @@ def schema_text(value: Any) -> str:
         stripped = value.strip()
         if stripped and stripped[0] not in "{[" and _is_file(stripped):
             return _read_file(Path(stripped).expanduser(), "--json-schema")
-        return value
+        return _python_literal(value)
     raise ConstraintError(f"--json-schema takes JSON text, a file, a dict or a pydantic model class, "
                           f"not {type(value).__name__}", 'give it as e.g. {"type": "object"}')
+
+
+def _python_literal(text: str) -> str:
+    """JSON text as it is; a Python dict's repr (``--json-schema "$schema"`` in a magic line expands a
+    dict so) as JSON text; anything else as it is (checked later)."""
+    try:
+        json.loads(text)
+        return text
+    except ValueError:
+        pass
+    try:
+        value = ast.literal_eval(text.strip())
+    except (ValueError, SyntaxError, MemoryError, RecursionError):
+        return text
+    return json.dumps(value, ensure_ascii=False) if isinstance(value, dict) else text
 
 
 def grammar_text(value: Any) -> str:
@@ -479,22 +495,25 @@ def torch_processor(compiled: Compiled, rows: int, prompt_width: int) -> Any:
     """A Transformers logits processor: one :class:`Matcher` per row of a (padded) batch, each masking
     its row's logits to the tokens its constraint allows. ``prompt_width``: the (padded) prompt's length."""
     import torch
+    from transformers import LogitsProcessor
 
-    matchers = [compiled.matcher() for _ in range(rows)]
+    class ConstraintMask(LogitsProcessor):
+        def __init__(self) -> None:
+            self.matchers = [compiled.matcher() for _ in range(rows)]
 
-    def mask(input_ids: Any, scores: Any) -> Any:
-        produced = input_ids.shape[1] - prompt_width
-        for row, matcher in enumerate(matchers):
-            if matcher.consumed < produced:
-                matcher.catch_up(input_ids[row, prompt_width + matcher.consumed :].tolist())
-            allowed = torch.from_numpy(matcher.allowed()).to(scores.device)
-            width = min(scores.shape[-1], allowed.shape[0])
-            scores[row, :width].masked_fill_(~allowed[:width], float("-inf"))
-            if scores.shape[-1] > width:
-                scores[row, width:] = float("-inf")
-        return scores
+        def __call__(self, input_ids: Any, scores: Any) -> Any:
+            produced = input_ids.shape[1] - prompt_width
+            for row, matcher in enumerate(self.matchers):
+                if matcher.consumed < produced:
+                    matcher.catch_up(input_ids[row, prompt_width + matcher.consumed :].tolist())
+                allowed = torch.from_numpy(matcher.allowed()).to(scores.device)
+                width = min(scores.shape[-1], allowed.shape[0])
+                scores[row, :width].masked_fill_(~allowed[:width], float("-inf"))
+                if scores.shape[-1] > width:
+                    scores[row, width:] = float("-inf")
+            return scores
 
-    return mask
+    return ConstraintMask()
 
 
 def numpy_processor(compiled: Compiled, prompt_length: int) -> Callable[[Any, Any], Any]:

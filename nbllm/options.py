@@ -690,7 +690,7 @@ class GenerationOptions(_Schema):
 
     def validate(self) -> None:
         super().validate()
-        if self.json_schema or self.schema or self.json or self.regex or self.choice or self.grammar:
+        if self.json_schema or self.schema or self.schema_multi or self.json or self.regex or self.choice or self.grammar:
             from .constraints import check_options
 
             check_options(self)

@@ -1,0 +1,98 @@
+"""Decode speed with a constraint (structured output) against the same generation without one.
+
+Run: python benchmarks/bench_structured.py [--params 64e6] [--tokens 64] [--rounds 5] [--threads 1]
+     [--loaders transformers,llama.cpp]
+
+One built-in model (random weights, ~64M parameters by default) per loader, loaded once by nbllm. Each
+round runs, interleaved (the order rotating), the same prompt through ``nbllm.generate``:
+
+* **free**: greedy, no constraint;
+* **json**: greedy, held to a JSON schema whose one string field must be at least 2000 characters long
+  (so the random model cannot end early: every run decodes ``--tokens`` tokens, all through the
+  llguidance mask);
+* **regex**: greedy, held to ``[a-z ]{2000,}``.
+
+Decode tokens/s is the engine's own (``r.timings.decode_tokens_per_second``: tokens after the first
+over the time between the first and the last), in wall-clock time; with ``--threads 1`` (the default)
+the model computes in one thread, so the ratio is the mask's cost per token against one token's
+compute. The constraint is compiled once before the rounds (its compile time is printed; it is cached
+per constraint and tokenizer afterwards, ``r.timings.grammar_seconds`` 0). Prints medians and the
+ratios constrained/free (target: at least 0.9); saves results/structured-<size>.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import statistics
+import sys
+from typing import Any
+
+import machine
+
+SCHEMA = {"type": "object", "properties": {"notes": {"type": "string", "minLength": 2000}}, "required": ["notes"],
+          "additionalProperties": False}
+REGEX = "[a-z ]{2000,}"
+
+
+def once(engine: Any, options: dict[str, Any]) -> tuple[float, int]:
+    """One generation: its decode tokens/s and token count (every run must decode all it was asked)."""
+    r = engine.generate(machine.PROMPT, **options)
+    assert r.completion_tokens == options["max_new_tokens"], (r.completion_tokens, r.finish_reason)
+    assert r.timings.decode_tokens_per_second is not None
+    return r.timings.decode_tokens_per_second, r.completion_tokens
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--params", type=float, default=64e6, help="model size in parameters (0: the smallest built-in)")
+    parser.add_argument("--tokens", type=int, default=64, help="new tokens per run")
+    parser.add_argument("--rounds", type=int, default=5, help="interleaved rounds")
+    parser.add_argument("--threads", type=int, default=1, help="compute threads (0: the library's default)")
+    parser.add_argument("--loaders", default="transformers,llama.cpp")
+    args = parser.parse_args()
+    machine.set_threads(args.threads)
+
+    import nbllm
+    from nbllm.testing import count_params, tiny_gguf_model, tiny_transformers_model
+
+    size = machine.model_size(args.params)
+    table = ["| loader | run | decode tok/s (median) | vs free | tokens |", "|---|---|---|---|---|"]
+    data: dict[str, dict[str, object]] = {}
+    for loader in args.loaders.split(","):
+        if loader == "transformers":
+            import torch
+
+            if args.threads:
+                torch.set_num_threads(args.threads)
+            nbllm.load(tiny_transformers_model(**size), dtype="float32")
+        else:
+            nbllm.load(tiny_gguf_model(**size), threads=args.threads, threads_batch=args.threads)
+        engine = nbllm.get_engine()
+        n = args.tokens
+        common = {"temperature": 0, "max_new_tokens": n}
+        warm = {"json": engine.generate(machine.PROMPT, json_schema=SCHEMA, **common),
+                "regex": engine.generate(machine.PROMPT, regex=REGEX, **common)}
+        engine.generate(machine.PROMPT, **common)
+        compile_seconds = {k: r.timings.grammar_seconds for k, r in warm.items()}
+        print(f"{loader}: constraint compile seconds (first request) {compile_seconds}", file=sys.stderr)
+
+        runs = {"free": {}, "json": {"json_schema": SCHEMA}, "regex": {"regex": REGEX}}
+        results = machine.interleaved({name: functools.partial(once, engine, {**common, **extra})
+                                       for name, extra in runs.items()}, args.rounds)
+        rates = {name: statistics.median(rate for rate, _ in runs) for name, runs in results.items()}
+        for name, rate in rates.items():
+            ratio = rate / rates["free"]
+            table.append(f"| {loader} | {name} | {rate:.1f} | {ratio:.3f} | {n} |")
+        data[loader] = {"rates": rates, "all": {k: [r for r, _ in v] for k, v in results.items()},
+                        "compile_seconds": compile_seconds}
+        nbllm.unload()
+    params = count_params(**size)
+    print("\n".join(table))
+    label = f"{params / 1e6:.0f}M" if params >= 1e6 else f"{params / 1e6:.2f}M"
+    machine.save(f"structured-{label}", machine.describe(args.threads), table, data,
+                 notes=[f"greedy, {args.tokens} new tokens, {args.rounds} interleaved rounds, prompt {machine.PROMPT!r}"])
+
+
+if __name__ == "__main__":
+    main()
