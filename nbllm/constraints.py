@@ -564,9 +564,13 @@ def llamacpp_compiler(llm: Any, eos: int | None) -> Compiler:
     vocab_size = int(llama_cpp.llama_vocab_n_tokens(vocab))
 
     def make() -> Any:
+        import warnings
+
         from llguidance.llamacpp import lltokenizer_from_vocab
 
-        return lltokenizer_from_vocab(vocab, eos_token=eos)
+        with warnings.catch_warnings():  # it calls llama_token_get_attr, deprecated once per token
+            warnings.simplefilter("ignore", DeprecationWarning)
+            return lltokenizer_from_vocab(vocab, eos_token=eos)
 
     return Compiler(make, vocab_size)
 

@@ -250,12 +250,33 @@ def test_sweep_with_a_schema_has_a_column_per_field(engine: Any, tiny_model: Pat
     import nbllm
 
     engine.load(tiny_model)
-    frame = nbllm.sweep(["one", "two"], engine=engine, schema="mood, level int", max_new_tokens=120,
-                        temperature=0, seed=[1, 2], progress=False)
-    assert {"mood", "level"} <= set(frame.columns)
-    assert len(frame) == 4
+    schema = {"type": "object", "properties": {"mood": {"enum": ["up", "down"]}, "level": {"type": "integer", "minimum": 0,
+                                                                                         "maximum": 9}},
+              "required": ["mood", "level"], "additionalProperties": False}
+    frame = nbllm.sweep(["one", "two"], engine=engine, json_schema=schema, max_new_tokens=60,
+                        temperature=1.0, seed=[1, 2], progress=False)
+    assert len(frame) == 4 and {"mood", "level"} <= set(frame.columns)
     for _, row in frame.iterrows():
         assert json.loads(row["text"]) == {"mood": row["mood"], "level": row["level"]}
+
+
+def test_many_items_per_input_give_a_row_per_item_and_a_cut_off_output_says_why():
+    from nbllm import table
+    from nbllm.result import Record, Result, Timings
+
+    def finished(text: str, reason: str, **options: Any) -> Result:
+        record = Record({}, "x", {}, GenerationOptions(**options).to_dict(), 1, "the prompt")
+        result = Result("the prompt", 1, record)
+        result.chunks.append(text)
+        result.finish(reason, Timings())
+        return result
+
+    many = finished('{"items":[{"name":"a","age":1},{"name":"b","age":2}]}', "eos", schema="name, age int", schema_multi=True)
+    cut = finished('{"name":"a","ag', "length", schema="name, age int")
+    frame = table([many, cut])
+    assert frame["name"].tolist()[:2] == ["a", "b"] and frame["age"].tolist()[:2] == [1, 2]
+    assert frame["record_id"].tolist()[0] == frame["record_id"].tolist()[1]
+    assert "reached the token limit (length)" in frame["parse_error"].tolist()[2]
 
 
 def test_llamacpp_every_schema_gives_valid_json(engine: Any, tiny_gguf: Path):
