@@ -62,7 +62,7 @@ class ParseError(NbllmError, ValueError):
 def short_schema(text: str, *, multi: bool = False) -> dict[str, Any]:
     """simonw/llm's short schema syntax as a JSON Schema: fields separated by commas (or newlines),
     each ``name [type][: description]`` with type ``str`` (the default), ``int``, ``float`` or ``bool``;
-    every field is required. ``multi``: ``{"items": [...]}``, many such objects per answer."""
+    every field is required, and no other field is allowed (a small model otherwise adds its own). ``multi``: ``{"items": [...]}``, many such objects per answer."""
     lines = text.split("\n") if "\n" in text else text.split(",")
     properties: dict[str, Any] = {}
     for field in (part.strip() for part in lines):
@@ -85,7 +85,8 @@ def short_schema(text: str, *, multi: bool = False) -> dict[str, Any]:
         properties[words[0]] = prop
     if not properties:
         raise ConstraintError("the short schema names no field", "write it like --schema 'name, age int'")
-    schema: dict[str, Any] = {"type": "object", "properties": properties, "required": list(properties)}
+    schema: dict[str, Any] = {"type": "object", "properties": properties, "required": list(properties),
+                              "additionalProperties": False}
     return many(schema) if multi else schema
 
 

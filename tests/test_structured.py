@@ -66,6 +66,7 @@ def test_short_schema_is_simonw_llms_syntax():
         "properties": {"name": {"type": "string"}, "age": {"type": "integer"},
                        "bio": {"type": "string", "description": "one sentence"}},
         "required": ["name", "age", "bio"],
+        "additionalProperties": False,
     }
     lines = short_schema("name: the full name, with title\nscore float", multi=True)
     item = lines["properties"]["items"]["items"]
@@ -299,10 +300,13 @@ def test_real_model_fills_a_simple_schema_sensibly(engine: Any):
     schema = {"type": "object", "properties": {"country": {"type": "string", "maxLength": 30},
                                                "capital": {"type": "string", "maxLength": 30}},
               "required": ["country", "capital"], "additionalProperties": False}
-    r = engine.generate("What is the capital of Portugal? Answer as JSON.", chat=True, json_schema=schema,
+    r = engine.generate("What is the capital of France? Answer as JSON.", chat=True, json_schema=schema,
                         temperature=0, max_new_tokens=60)
-    assert r.parsed["capital"].strip().lower() == "lisbon", r.text
-    assert "portugal" in r.parsed["country"].lower()
+    assert r.finish_reason == "eos" and r.parsed["capital"] == "Paris", r.text
+    assert r.parsed["country"].lower() == "france"
+    r = engine.generate("Alice is 31 years old. What is her name and age?", chat=True, schema="name, age int",
+                        temperature=0, max_new_tokens=40)
+    assert r.parsed == {"name": "Alice", "age": 31}, r.text
 
 
 # -- %llm_serve, with the official openai client; and nbllm's remote loader against it ------------------
@@ -327,9 +331,11 @@ def test_openai_client_response_format_against_llm_serve(engine: Any, tiny_gguf:
         text = answer.choices[0].message.content
         assert constraints.schema_problem(json.loads(text), schema) is None
         assert text == nbllm.generate(messages, json_schema=schema, temperature=0, max_new_tokens=200).text
-        answer = client.chat.completions.create(model=model, messages=messages, temperature=0, max_tokens=200,
+        answer = client.chat.completions.create(model=model, messages=messages, temperature=0, max_tokens=40,
                                                 response_format={"type": "json_object"})
-        assert isinstance(json.loads(answer.choices[0].message.content), dict)
+        text = answer.choices[0].message.content  # a random model's object may run past 40 tokens
+        assert text.startswith("{") and text == nbllm.generate(messages, json=True, temperature=0, max_new_tokens=40).text
+        assert answer.choices[0].finish_reason == "length" or isinstance(json.loads(text), dict)
         streamed = client.completions.create(model=model, prompt="Pick", temperature=0, max_tokens=20, stream=True,
                                              extra_body={"grammar": 'root ::= "left" | "right"'})
         assert "".join(c.choices[0].text for c in streamed if c.choices) in ("left", "right")
