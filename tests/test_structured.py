@@ -353,3 +353,30 @@ def test_openai_client_response_format_against_llm_serve(engine: Any, tiny_gguf:
         remote.unload()
     finally:
         stop()
+
+
+def test_llama_cpp_pythons_own_server_gets_its_dialect(engine: Any, tiny_gguf: Path):
+    """A real llama-cpp-python server (``python -m llama_cpp.server``): a JSON schema goes as its
+    ``response_format`` with ``schema``, a choice as a GBNF ``grammar``; its outputs fit."""
+    need("llama_cpp")
+    need("sse_starlette")
+    try:
+        from servers import LlamaCppServer
+    except ImportError:
+        from tests.servers import LlamaCppServer
+
+    server = LlamaCppServer(tiny_gguf)
+    try:
+        engine.load(server.url)
+        assert engine.loader.kind.name == "llama-cpp-python"
+        messages = [{"role": "user", "content": "Fill in:"}]
+        r = engine.generate(messages, json_schema=SCHEMAS["enum"], temperature=0, max_new_tokens=60)
+        assert constraints.schema_problem(json.loads(r.text), SCHEMAS["enum"]) is None, r.text
+        r = engine.generate("Pick:", choice=("left", "right"), temperature=0, max_new_tokens=10)
+        assert r.text in ("left", "right")
+        with pytest.raises(ConstraintError, match="the llama-cpp-python server cannot constrain output to the regex"):
+            engine.generate("x", regex="[0-9]+", max_new_tokens=5)
+        assert engine.loaded  # the model stays
+    finally:
+        engine.unload()
+        server.stop()
