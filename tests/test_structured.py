@@ -380,3 +380,20 @@ def test_llama_cpp_pythons_own_server_gets_its_dialect(engine: Any, tiny_gguf: P
     finally:
         engine.unload()
         server.stop()
+
+
+def test_magic_flags_in_a_real_shell(shell: Any, tiny_gguf: Path):
+    need("llama_cpp")
+    shell.run_line_magic("llm_load", str(tiny_gguf))
+    shell.run_cell_magic("llm", "--choice yes --choice 'no way' --temperature 0 -o r", "Answer:")
+    r = shell.user_ns["r"]
+    assert r.text in ("yes", "no way") and r.parsed == r.text
+    shell.user_ns["schema"] = SCHEMAS["enum"]  # a dict in the notebook: "$schema" expands to its Python form
+    shell.run_cell_magic("llm", '--json-schema "$schema" --temperature 0 -o r', "Mood:")
+    assert shell.user_ns["r"].parsed["mood"] in ("happy", "sad", "calm")
+    shell.run_cell_magic("llm", "--regex '[0-9]{{4}}' --temperature 0 -o r", "Year:")  # IPython reads {4} as Python
+    assert re.fullmatch("[0-9]{4}", shell.user_ns["r"].text)
+    from IPython.core.error import UsageError
+
+    with pytest.raises(UsageError, match=r"--regex is invalid at position 1"):
+        shell.run_cell_magic("llm", "--regex 'a(b'", "x")
