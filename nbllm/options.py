@@ -633,7 +633,7 @@ class GenerationOptions(_Schema):
     )
     schema: str | None = option(
         None, "simonw/llm's short schema syntax for a JSON object: 'name, age int, bio: one sentence' (types: "
-        "str, int, float, bool; every field required).", group="structured", metavar="FIELDS", panel=False,
+        "str, int, float, bool; every field required).", group="structured", metavar="FIELDS",
     )
     schema_multi: bool = option(
         False, "With --schema or --json-schema: many items per answer, as {\"items\": [...]}.", group="structured",
@@ -645,7 +645,7 @@ class GenerationOptions(_Schema):
     )
     choice: tuple[str, ...] = option(
         (), "The output is exactly one of these strings; repeat the flag for each.", group="structured",
-        metavar="TEXT", panel=False,
+        metavar="TEXT",
     )
     grammar: str | None = option(
         None, "The output follows this GBNF grammar (llama.cpp's format: root ::= ...), as text or a .gbnf file.",

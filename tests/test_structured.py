@@ -397,3 +397,26 @@ def test_magic_flags_in_a_real_shell(shell: Any, tiny_gguf: Path):
 
     with pytest.raises(UsageError, match=r"--regex is invalid at position 1"):
         shell.run_cell_magic("llm", "--regex 'a(b'", "x")
+
+
+def test_the_settings_panel_sets_a_short_schema_or_choices_as_defaults(engine: Any, tiny_gguf: Path, tmp_path: Path):
+    need("ipywidgets")
+    need("llama_cpp")
+    from nbllm.widgets.settings import SettingsPanel
+
+    panel = SettingsPanel(models_dir=tmp_path)
+    try:
+        engine.load(tiny_gguf)
+        field = panel.gen_fields["schema"]
+        field.input.value = "name, age integer"
+        assert field.messages.error_text.startswith("the short schema field 'age' has unknown type 'integer'")
+        assert engine.defaults.schema is None  # nothing else changed
+        field.input.value = "mood, level int"
+        assert field.messages.error_text == "" and engine.defaults.schema == "mood, level int"
+        field.input.value = ""
+        panel.gen_fields["choice"].input.value = "yes\nno"
+        assert engine.defaults.choice == ("yes", "no") and engine.defaults.schema is None
+        r = engine.generate("Answer:", temperature=0, max_new_tokens=10)  # the panel's defaults hold
+        assert r.text in ("yes", "no")
+    finally:
+        panel.close()
