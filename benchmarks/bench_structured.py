@@ -12,6 +12,10 @@ round runs, interleaved (the order rotating), the same prompt through ``nbllm.ge
   llguidance mask);
 * **regex**: greedy, held to ``[a-z ]{2000,}``.
 
+Then, alone, the JSON mask's own CPU time per token (thread CPU time, which other processes on a
+shared machine do not move): the matcher's allowed set as the boolean mask the loaders apply, and
+consuming a token.
+
 Decode tokens/s is the engine's own (``r.timings.decode_tokens_per_second``: tokens after the first
 over the time between the first and the last), in wall-clock time; with ``--threads 1`` (the default)
 the model computes in one thread, so the ratio is the mask's cost per token against one token's
@@ -24,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import json
 import statistics
 import sys
 from typing import Any
@@ -41,6 +46,26 @@ def once(engine: Any, options: dict[str, Any]) -> tuple[float, int]:
     assert r.completion_tokens == options["max_new_tokens"], (r.completion_tokens, r.finish_reason)
     assert r.timings.decode_tokens_per_second is not None
     return r.timings.decode_tokens_per_second, r.completion_tokens
+
+
+MASK_STEPS = 200
+
+
+def mask_cost(engine: Any, schema: dict[str, Any]) -> float:
+    """CPU seconds (this thread) per token of the constraint's own work: one matcher computing the next
+    token's allowed set, turned into the boolean mask the loaders apply, then consuming an allowed
+    token, over ``MASK_STEPS`` steps (a clock that other processes on the machine do not move)."""
+    import time
+
+    from nbllm.constraints import Constraint
+
+    compiled = engine.loader.constraints.compile(Constraint("json_schema", json.dumps(schema)))
+    matcher = compiled.matcher()
+    start = time.thread_time()
+    for _ in range(MASK_STEPS):
+        allowed = matcher.allowed()
+        matcher.consume(int(allowed.nonzero()[0][-1]))
+    return (time.thread_time() - start) / MASK_STEPS
 
 
 def main() -> None:
@@ -80,12 +105,15 @@ def main() -> None:
         runs = {"free": {}, "json": {"json_schema": SCHEMA}, "regex": {"regex": REGEX}}
         results = machine.interleaved({name: functools.partial(once, engine, {**common, **extra})
                                        for name, extra in runs.items()}, args.rounds)
+        mask = mask_cost(engine, SCHEMA)
+        print(f"{loader}: the JSON mask costs {mask * 1e6:.0f} us of CPU time per token", file=sys.stderr)
         rates = {name: statistics.median(rate for rate, _ in runs) for name, runs in results.items()}
         for name, rate in rates.items():
             ratio = rate / rates["free"]
             table.append(f"| {loader} | {name} | {rate:.1f} | {ratio:.3f} | {n} |")
+        table.append(f"| {loader} | JSON mask alone | {mask * 1e6:.0f} us CPU per token | | {MASK_STEPS} |")
         data[loader] = {"rates": rates, "all": {k: [r for r, _ in v] for k, v in results.items()},
-                        "compile_seconds": compile_seconds}
+                        "compile_seconds": compile_seconds, "mask_cpu_seconds_per_token": mask}
         nbllm.unload()
     params = count_params(**size)
     print("\n".join(table))
