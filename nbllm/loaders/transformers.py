@@ -502,7 +502,7 @@ class TransformersLoader(TokenLoader):
         self.grammar_seconds = None
         if constraint is None:
             return []
-        if self._compiled is not None:
+        if self._compiled is not None and rows == 1:  # (padded batches never use the compiled step)
             warnings.warn("--compile: a constrained request (structured output) runs without the compiled step",
                           NbllmWarning, stacklevel=4)
         if self.constraints is None:
