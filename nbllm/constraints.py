@@ -315,6 +315,14 @@ def schema_problem(value: Any, schema: Mapping[str, Any]) -> str | None:
     return f"at {where}: {error.message}"
 
 
+def refuse_unconstrained(loader: Any, options: Any) -> None:
+    """Refuse, in one line, a constrained request for a loader that does not declare
+    ``structured_output`` (its output would not be held to the constraint, without a word)."""
+    if not getattr(loader, "structured_output", False) and Constraint.from_options(options) is not None:
+        raise ConstraintError(f"the {loader.name} loader cannot hold its output to a constraint (structured output)",
+                              "load the model with the transformers or llama.cpp loader, or serve it from a server")
+
+
 def check_options(options: Any) -> None:
     """The constraint options of a :class:`~nbllm.options.GenerationOptions`, checked: at most one
     kind, and a usable one (called by its ``validate``)."""

@@ -36,6 +36,7 @@ from typing import Any
 
 from .adapters import Adapter, adapters_line, check_format
 from .chat_template import FALLBACK_NOTE, ChatNote, render_chat, starts_with_bos
+from .constraints import refuse_unconstrained
 from .errors import GenerationError, LoadError, NbllmError, NbllmWarning, NoModelLoadedError, OptionError
 from .loaders import Loader, Placement, Request, TextLoader, TokenLoader, choose_loader, resolve_source
 from .loaders.base import LoadInstead
@@ -487,6 +488,7 @@ class Engine:
                             "if the reply reaches the end)",
                             NbllmWarning, stacklevel=2,
                         )
+            refuse_unconstrained(loader, opts)
             seed = opts.seed if opts.seed is not None else secrets.randbelow(2**32)
             result = Result(prompt.text, seed, self._record(loader, prompt, opts, seed, conversation))
             result.prompt_tokens = len(ids) if ids is not None else 0
@@ -679,6 +681,7 @@ class Engine:
         with self._cond, _finished_on_interrupt(results):
             self._settle()
             loader = self.loader
+            refuse_unconstrained(loader, opts)
             size = loader.batch_size if isinstance(loader, TokenLoader) else 1
             limit = loader.context_length
             for start in range(0, len(prompts), max(size, 1)):

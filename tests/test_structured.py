@@ -420,3 +420,46 @@ def test_the_settings_panel_sets_a_short_schema_or_choices_as_defaults(engine: A
         assert r.text in ("yes", "no")
     finally:
         panel.close()
+
+
+def test_a_loader_that_does_not_declare_structured_output_refuses_a_constraint():
+    """The engine asks the loader's declaration (a loader of its own here: the unit is the engine)."""
+    from collections.abc import Iterator
+    from typing import ClassVar
+
+    import nbllm
+    from nbllm.loaders import Request, TextLoader
+    from nbllm.options import LoadOptions
+    from nbllm.source import ModelSource
+
+    class Echo(TextLoader):
+        name: ClassVar[str] = "echo"
+        formats: ClassVar[frozenset[str]] = frozenset({"echo"})
+        renders_chat: ClassVar[bool] = True
+
+        @classmethod
+        def claim(cls, spec: str, options: LoadOptions) -> ModelSource | None:
+            return ModelSource(format="echo", name=spec, url=spec, model_id="echo") if spec.startswith("echo://") else None
+
+        def load(self, source: ModelSource, options: LoadOptions) -> None:
+            self.source, self.options = source, options
+
+        def unload(self) -> None:
+            self.source = None
+
+        def generate_text(self, request: Request) -> Iterator[str]:
+            yield "free text"
+
+    nbllm.loaders.register(Echo)
+    engine = nbllm.Engine()
+    try:
+        engine.load("echo://x")
+        assert engine.generate("hi", max_new_tokens=3).text == "free text"
+        with pytest.raises(ConstraintError, match=r"the echo loader cannot hold its output to a constraint"):
+            engine.generate("hi", json=True)
+        with pytest.raises(ConstraintError, match=r"the echo loader cannot hold its output to a constraint"):
+            engine.generate_batch([engine.prompt_for("hi")], {"choice": ("a", "b")})
+        assert engine.loaded
+    finally:
+        engine.unload()
+        nbllm.loaders.unregister("echo")

@@ -255,6 +255,8 @@ def machine_notes(options: LoadOptions, *, gpu: bool, cores: int) -> list[str]:
 class LlamaCppLoader(TokenLoader):
     """Loads one GGUF file with ``llama_cpp.Llama`` and generates from it."""
 
+    structured_output: ClassVar[bool] = True
+
     name: ClassVar[str] = "llama.cpp"
     formats: ClassVar[frozenset[str]] = frozenset({"gguf"})
     load_options: ClassVar[frozenset[str]] = frozenset({

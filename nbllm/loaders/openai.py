@@ -184,6 +184,7 @@ class OpenAILoader(TextLoader):
     load_options: ClassVar[frozenset[str]] = frozenset({"remote_model", "api_key_env", "max_concurrency", "timeout"})
     libraries: ClassVar[tuple[str, ...]] = ("httpx",)
     renders_chat: ClassVar[bool] = True
+    structured_output: ClassVar[bool] = True  # passed on in the server's dialect, or refused by kind
 
     def __init__(self) -> None:
         self._local = _Facts()

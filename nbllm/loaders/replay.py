@@ -37,6 +37,7 @@ class ReplayLoader(TextLoader):
     formats: ClassVar[frozenset[str]] = frozenset({FORMAT})
     load_options: ClassVar[frozenset[str]] = frozenset(LoadOptions.names())
     renders_chat: ClassVar[bool] = True  # requests carry the messages, as the recorded identities do
+    structured_output: ClassVar[bool] = True  # a constraint is part of the identity a recorded run matches
     replay: ClassVar[Replay]
 
     def __init__(self) -> None:

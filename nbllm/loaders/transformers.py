@@ -139,6 +139,7 @@ class TransformersLoader(TokenLoader):
         "transformers", "torch", "accelerate", "bitsandbytes", "huggingface_hub", "tokenizers", "peft",
     )
     adapters: ClassVar[frozenset[str]] = frozenset({"peft"})
+    structured_output: ClassVar[bool] = True
 
     def __init__(self) -> None:
         super().__init__()
