@@ -743,9 +743,10 @@ def table(results: Sequence[Any]) -> Any:
     """A pandas DataFrame of finished results (e.g. :func:`nbllm.generate_many`'s): one row per
     result (per item with ``schema_multi``) with its prompt, text, finish reason and record id, and
     one column per top-level field of a JSON-constrained output."""
-    from .runlog import pandas_module
-
-    pd = pandas_module()
+    try:
+        import pandas as pd
+    except ImportError:
+        raise missing_dependency("pandas", "experiments") from None
     rows: list[dict[str, Any]] = []
     for result in results:
         record = result.record
