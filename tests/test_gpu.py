@@ -150,7 +150,7 @@ def test_gpu_split_with_more_values_than_gpus_is_refused(engine, tiny_model):
 def test_gpu_split_limits_memory_per_gpu_and_offloads_the_rest_to_cpu(engine, tiny_model_64):
     status = engine.load(tiny_model_64, gpu_split=_split_placing_part_on_gpu(tiny_model_64), cpu_memory=4)
     assert "cuda:0" in status.placement.devices and "cpu" in status.placement.devices
-    assert "cpu" in status.placement.memory and "disk" not in status.placement.memory  # offloaded to RAM, said so
+    assert "cpu" in status.placement.memory_bytes and "disk" not in status.placement.memory_bytes  # offloaded to RAM, said so
     assert not any("no layer fits" in n for n in status.placement.notes)
     assert len(engine.generate(PROMPT, temperature=0, max_new_tokens=4).token_ids) == 4
 
@@ -173,7 +173,7 @@ def test_4bit_offloaded_layers_stay_unquantized_and_gpu_layers_are_4bit(engine, 
         if isinstance(module, torch.nn.Linear) and not name.endswith("lm_head"):
             on_cpu = any(name == k or name.startswith(k + ".") for k, d in device_map.items() if d == "cpu")
             assert isinstance(module, bnb.nn.Linear4bit) is not on_cpu, name
-    assert "cpu" in status.placement.memory
+    assert "cpu" in status.placement.memory_bytes
     assert len(engine.generate(PROMPT, temperature=0, max_new_tokens=4).token_ids) == 4
 
 
@@ -189,7 +189,7 @@ def test_cpu_memory_alone_keeps_the_model_on_the_gpu_with_a_reserve(engine, tiny
 def test_gpu_split_alone_offloads_the_rest_to_ram_not_disk(engine, tiny_model_64):
     status = engine.load(tiny_model_64, gpu_split=_split_placing_part_on_gpu(tiny_model_64))  # no --cpu-memory
     assert "cuda:0" in status.placement.devices and "cpu" in status.placement.devices
-    assert "disk" not in status.placement.devices and "disk" not in status.placement.memory
+    assert "disk" not in status.placement.devices and "disk" not in status.placement.memory_bytes
     assert len(engine.generate(PROMPT, temperature=0, max_new_tokens=4).token_ids) == 4
 
 

@@ -395,7 +395,8 @@ def _llamacpp(shape: ModelShape, opts: LoadOptions, machine: Machine, context: i
             mem = devices.setdefault(device, DeviceMemory())
         mem.weights += blk.stored_bytes or 0
         mem.blocks += 1
-    compute = llamacpp_compute_bytes(shape, n_ctx, opts.n_batch, opts.flash_attn)
+    # unset, llama.cpp may turn flash attention on by itself: counted as off, the larger buffer
+    compute = llamacpp_compute_bytes(shape, n_ctx, opts.n_batch, bool(opts.flash_attn))
     if gpu_layers:
         devices[gpu_names[0]].overhead += compute
         for name in gpu_names:

@@ -46,10 +46,12 @@ def compute_dtype(options: LoadOptions, on_gpu: bool) -> str:
 def load_dtype(options: LoadOptions, config: Mapping[str, Any], on_gpu: bool) -> str | None:
     """The dtype to pass to ``from_pretrained`` (``None``: the checkpoint's, ``dtype="auto"``).
 
-    With --load-in-4bit on a GPU and no --dtype, the model's other parts load in the compute dtype:
-    bitsandbytes (``Linear4bit.set_compute_type``) replaces the compute dtype by the input's at the
-    first forward when that is float32 or bfloat16, so a float32 checkpoint would compute its 4-bit
-    layers in float32 while --compute-dtype says float16."""
+    With --load-in-4bit on a GPU and no --dtype, the model's other parts (embeddings, norms, attention,
+    the output layer) load in the compute dtype, as text-generation-webui loads them (float16 unless
+    bf16): a float32 checkpoint would otherwise keep them in float32 on the GPU, twice the memory, and
+    too wide for flash-attention. The 4-bit layers compute in --compute-dtype either way: transformers
+    builds each ``Linear4bit`` with it, and bitsandbytes 0.50 then casts the input to it (it adopts the
+    input's dtype, ``set_compute_type``, only for a layer built without one)."""
     if options.dtype in FLOAT_DTYPES:
         return options.dtype
     if options.load_in_4bit and on_gpu:
@@ -60,18 +62,6 @@ def load_dtype(options: LoadOptions, config: Mapping[str, Any], on_gpu: bool) ->
 def run_dtype(options: LoadOptions, config: Mapping[str, Any], on_gpu: bool) -> str:
     """The dtype the model's unquantized parts, and so its attention, will run in."""
     return load_dtype(options, config, on_gpu) or checkpoint_dtype(config)
-
-
-def compute_dtype_note(options: LoadOptions, config: Mapping[str, Any], on_gpu: bool) -> str | None:
-    """A note when bitsandbytes will not compute 4-bit layers in --compute-dtype: it takes the input's
-    dtype instead when that is float32 or bfloat16 (bitsandbytes ``Linear4bit.set_compute_type``)."""
-    if not options.load_in_4bit:
-        return None
-    wanted, runs = compute_dtype(options, on_gpu), run_dtype(options, config, on_gpu)
-    if runs != wanted and runs in ("float32", "bfloat16"):
-        return (f"4-bit layers compute in {runs}, not {wanted}: bitsandbytes computes in the dtype of its input, "
-                f"and the rest of the model runs in {runs} (add --dtype {wanted} to compute in {wanted})")
-    return None
 
 
 def attention_support(config: Mapping[str, Any]) -> tuple[bool | None, bool | None]:
@@ -131,16 +121,18 @@ def offload_map(model: Any, memory: Mapping[int | str, int], dtype: str, quantiz
     then drawn over the remaining modules at their unquantized size."""
     import torch
     from accelerate import infer_auto_device_map
-    from accelerate.utils import CustomDtype, compute_module_sizes
+    from accelerate.utils import CustomDtype, compute_module_sizes, get_balanced_memory
 
     plain = getattr(torch, dtype)
     target: Any = {"4bit": CustomDtype.INT4, "8bit": torch.int8}.get(quantized or "", plain)
     budgets = {k: int(v * (1 - BNB_RESERVE)) if quantized else int(v) for k, v in memory.items()}
     kept = _unquantized_parameters(model, plain) if quantized else {}
-    no_split = model._get_no_split_modules("auto") if hasattr(model, "_get_no_split_modules") else \
-        (getattr(model, "_no_split_modules", None) or [])
-    placed = infer_auto_device_map(model, max_memory=dict(budgets), dtype=target, special_dtypes=kept,
-                                   no_split_module_classes=list(no_split))
+    no_split = list(getattr(model, "_no_split_modules", None) or [])
+    # "auto" in transformers balances the layers over several GPUs (one GPU: the budgets stay as they are)
+    balanced = get_balanced_memory(model, max_memory=dict(budgets), no_split_module_classes=no_split, dtype=target,
+                                   special_dtypes=kept)
+    placed = infer_auto_device_map(model, max_memory=balanced, dtype=target, special_dtypes=kept,
+                                   no_split_module_classes=no_split)
     sizes = compute_module_sizes(model, dtype=plain)
     room = budgets["cpu"]
     out: dict[str, int | str] = {}

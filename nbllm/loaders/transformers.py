@@ -279,7 +279,7 @@ class TransformersLoader(TokenLoader):
         gpus = cuda_devices() if options.device != "cpu" else []
         config_json = _config_json(source)
         attention, note = attention_for(options, config_json, gpus)
-        notes = [n for n in (note, _gpu.compute_dtype_note(options, config_json, bool(gpus))) if n]
+        notes = [note] if note else []
         self._device_kwargs = self._device_arguments(options)
         kwargs: dict[str, Any] = dict(self._device_kwargs)
         path, remote = str(source.files), options.trust_remote_code
