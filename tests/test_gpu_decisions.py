@@ -417,3 +417,26 @@ def test_a_cuda_compiled_decoder_releases_its_graphs_on_unload(engine, tiny_mode
     decoder.on_cuda = True  # as on a GPU (compiling is not needed to test the release)
     decoder.release()
     assert len(calls) == 1 and calls[0].startswith("nbllm-generate")
+
+
+def test_flash_attentions_dtype_failure_is_a_known_one_with_its_fix():
+    """flash-attn's own check (csrc: "FlashAttention only support fp16 and bf16 data type"), raised at the
+    first generate of a float32 model; the text cannot be raised for real without flash-attn and a GPU."""
+    from nbllm.errors import GenerationError
+    from nbllm.fit.failures import failure_error, failure_kind
+
+    error = RuntimeError("FlashAttention only support fp16 and bf16 data type")
+    assert failure_kind(error) == "flash_dtype"
+    explained = failure_error(error, during="generation")
+    assert isinstance(explained, GenerationError) and "--dtype bfloat16" in explained.message
+
+
+def test_a_saved_unticked_flash_attn_box_leaves_the_choice_to_auto(tmp_path):
+    from nbllm.fit.settings import saved_settings
+
+    (tmp_path / "config-user.yaml").write_text("tiny.gguf:\n  loader: llama.cpp\n  flash_attn: false\n  ctx_size: 512\n"
+                                               "big.gguf:\n  loader: llama.cpp\n  flash_attn: true\n")
+    small = saved_settings("tiny.gguf", models_dir=tmp_path)
+    assert small is not None and "flash_attn" not in small.load and small.load.get("n_ctx") == 512
+    big = saved_settings("big.gguf", models_dir=tmp_path)
+    assert big is not None and big.load.get("flash_attn") is True
