@@ -338,14 +338,15 @@ def test_llama_cpp_is_given_auto_through_its_context_and_generates(tiny_gguf):
     assert plain.context_params.flash_attn_type == llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED
 
 
-def test_llama_cpp_loads_with_the_three_settings(engine, tiny_gguf):
+def test_llama_cpp_loads_with_the_three_settings(shell, engine, tiny_gguf):
     llama_cpp = pytest.importorskip("llama_cpp")
     on_gpu = bool(llama_cpp.llama_supports_gpu_offload())
-    expected = {None: -1 if on_gpu else 0, True: 1, False: 0}
-    for setting, value in expected.items():
-        engine.load(tiny_gguf, flash_attn=setting)
+    expected = {"": -1 if on_gpu else 0, " --flash-attn": 1, " --no-flash-attn": 0}
+    for flags, value in expected.items():
+        shell.run_line_magic("llm_load", f"{tiny_gguf}{flags}")
         assert engine.loader.llm.context_params.flash_attn_type == value
         assert engine.generate(PROMPT, temperature=0, max_new_tokens=2).completion_tokens == 2
+    assert "options:   --no-flash-attn" in str(engine.status())
 
 
 # -- 10. offloaded memory is told apart; the bitsandbytes library the probe expects -------------------

@@ -362,7 +362,8 @@ class TransformersLoader(TokenLoader):
         )
 
     def _placement(self, note: str | None) -> Placement:
-        """Modules and bytes per device, from the tensors themselves (meta = offloaded to disk)."""
+        """Modules and bytes per device, from the tensors themselves (meta: offloaded, to the CPU or disk as
+        the device map says)."""
         device_map = getattr(self.model, "hf_device_map", None)
         memory = model_memory(self.model, device_map)  # bitsandbytes' scales and code tables too; offloaded: cpu or disk
         if device_map:
