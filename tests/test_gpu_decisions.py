@@ -180,6 +180,10 @@ def test_the_fit_estimate_keeps_the_same_reserve_and_says_so(tiny_model_64):
     offloaded = estimate(tiny_model_64, {"cpu_memory": 8}, machine)
     assert any("up to 90% of its free memory" in n for n in offloaded.notes)
     assert not any("90%" in n for n in estimate(tiny_model_64, {}, machine).notes)
+    tiny_share = estimate(tiny_model_64, {"gpu_split": "0.0005"}, machine)
+    assert "cuda:0" not in tiny_share.devices or not tiny_share.devices["cuda:0"].blocks
+    assert any(n.startswith("cuda:0 gets no layer") for n in tiny_share.notes)
+    assert not any("gets no layer" in n for n in estimate(tiny_model_64, {"gpu_split": "1"}, machine).notes)
 
 
 # -- 6. a failed load's frames are cleared before the previous model comes back ----------------------

@@ -250,6 +250,10 @@ def _transformers(shape: ModelShape, opts: LoadOptions, machine: Machine, contex
         placed = [(blk, main) for blk in shape.blocks]
     else:
         placed = _accelerate_fill(shape, opts, gpus, split, mode, b)
+        used = {device for _, device in placed}
+        notes.extend(f"cuda:{i} gets no layer: its --gpu-split share is smaller than the room accelerate keeps there "
+                     "for the largest offloaded layer" for i in range(min(len(split), len(gpus)))
+                     if f"cuda:{i}" not in used)
     devices: dict[str, DeviceMemory] = {}
     offloaded: list[int] = []
     for blk, device in placed:
