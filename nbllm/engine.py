@@ -622,6 +622,7 @@ class Engine:
             from .fit import plan
 
             mapped = plan.explained(exc, self._source, self._options, during="generation")
+            drop_frames(exc)  # its frames hold the KV cache and activations; IPython keeps the error after the cell
             raise (mapped or GenerationError(
                 f"generation failed in {loader.name}: {type(exc).__name__}: {exc}".splitlines()[0],
                 "the model is still loaded; check the options, or reload the model if this repeats",

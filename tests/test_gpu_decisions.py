@@ -239,6 +239,49 @@ def test_a_failed_load_drops_what_it_built_before_the_previous_model_comes_back(
         nbllm.loaders.unregister("holds-then-oom")
 
 
+def test_an_out_of_memory_generation_drops_its_frames_and_the_model_stays(engine):
+    import nbllm.loaders
+    from nbllm.errors import GenerationError
+    from nbllm.loaders import TokenLoader
+    from nbllm.source import ModelSource
+
+    refs: list[weakref.ref[_Held]] = []
+
+    class OutOfMemoryMidGeneration(TokenLoader):
+        name: ClassVar[str] = "oom-mid-generation"
+        formats: ClassVar[frozenset[str]] = frozenset({"oom-mid-generation"})
+
+        @classmethod
+        def claim(cls, spec: str, options: LoadOptions) -> ModelSource | None:
+            return ModelSource(format="oom-mid-generation", name="gen", path=Path(spec)) if spec.endswith("-gen") else None
+
+        def load(self, source: ModelSource, options: LoadOptions) -> None:
+            self.source, self.options = source, options
+
+        def unload(self) -> None: ...
+        def tokenize(self, text: str, *, add_special: bool) -> list[int]: return [1, 2, 3]
+        def decode(self, ids: Any) -> str: return "x" * len(ids)
+        @property
+        def eos_token_ids(self) -> frozenset[int]: return frozenset()
+
+        def generate_tokens(self, request: Any) -> Any:
+            kv_cache = _Held()  # what a forward pass holds when CUDA runs out of memory
+            refs.append(weakref.ref(kv_cache))
+            yield 5
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 MiB")
+
+    nbllm.loaders.register(OutOfMemoryMidGeneration)
+    try:
+        engine.load("/models/a-gen")
+        with pytest.raises(GenerationError) as info:
+            engine.generate("hi", max_new_tokens=4)
+        assert "out of memory" in info.value.message and engine.loaded
+        assert refs[-1]() is None  # the error (alive here, as in sys.last_value) holds no frame's locals
+    finally:
+        engine.unload()
+        nbllm.loaders.unregister("oom-mid-generation")
+
+
 def test_drop_frames_clears_the_whole_chain_but_not_the_running_frame():
     from nbllm.memory import drop_frames
 
