@@ -239,20 +239,6 @@ class CompiledDecoder:
         if self.on_cuda:
             release_cuda_graphs()
 
-
-def release_cuda_graphs() -> None:
-    """Free the CUDA graphs ``--compile`` recorded, and their memory pool. Inductor keeps them in
-    thread-local storage (``torch._inductor.cudagraph_trees``) of the thread that ran the compiled step:
-    nbllm's generation thread, not the one unloading, so they are reset there."""
-    from ..streaming import run_on_generation_thread
-
-    def reset() -> None:
-        from torch._inductor.cudagraph_trees import reset_cudagraph_trees
-
-        reset_cudagraph_trees()
-
-    run_on_generation_thread(reset)
-
     def _cache(self, size: int) -> Any:
         from transformers import StaticCache
 
@@ -363,3 +349,17 @@ def release_cuda_graphs() -> None:
     def describe(self) -> str:
         sizes = sorted({size for _, size in self._ready})
         return self.how + (f"; compiled for caches of {', '.join(map(str, sizes))} tokens" if sizes else "")
+
+
+def release_cuda_graphs() -> None:
+    """Free the CUDA graphs ``--compile`` recorded, and their memory pool. Inductor keeps them in
+    thread-local storage (``torch._inductor.cudagraph_trees``) of the thread that ran the compiled step:
+    nbllm's generation thread, not the one unloading, so they are reset there."""
+    from ..streaming import run_on_generation_thread
+
+    def reset() -> None:
+        from torch._inductor.cudagraph_trees import reset_cudagraph_trees
+
+        reset_cudagraph_trees()
+
+    run_on_generation_thread(reset)
