@@ -39,7 +39,7 @@ from .chat_template import FALLBACK_NOTE, ChatNote, render_chat, starts_with_bos
 from .errors import GenerationError, LoadError, NbllmError, NbllmWarning, NoModelLoadedError, OptionError
 from .loaders import Loader, Placement, Request, TextLoader, TokenLoader, choose_loader, resolve_source
 from .loaders.base import LoadInstead
-from .memory import format_memory, process_rss
+from .memory import drop_frames, format_memory, process_rss
 from .options import GenerationOptions, LoadOptions
 from .result import Record, Result, Timings, clock, library_versions
 from .source import ModelSource
@@ -70,7 +70,8 @@ class Status:
     def lines(self) -> list[str]:
         if not self.loaded:
             return ["No model loaded. Load one with %llm_load MODEL (or nbllm.load(...))."]
-        opts = " ".join(f"{LoadOptions.spec(k).flag} {v}" if v is not True else LoadOptions.spec(k).flag
+        opts = " ".join(LoadOptions.spec(k).flag if v is True else "--no-" + LoadOptions.spec(k).flag[2:]
+                        if v is False else f"{LoadOptions.spec(k).flag} {v}"
                         for k, v in self.options.items()) or "defaults"
         out = [
             f"model:     {self.model} ({self.format}) — {self.path}",
@@ -247,6 +248,7 @@ class Engine:
             except Exception as failure:  # a loader's own NbllmError, or anything a loader let through
                 error = plan.explained(failure, source, opts, during="load") or _load_error(failure, cls, source)
                 cause = failure.__cause__ if isinstance(failure, NbllmError) and failure.__cause__ else failure
+                drop_frames(failure)  # what the failed load built (a partial model) goes before the previous comes back
                 if previous is not None and self._restore(*previous):  # type: ignore[arg-type]
                     error.cause += f" ({previous[0].name} is loaded again{dropped})"  # type: ignore[union-attr]
                     error.args = (error.message,)
@@ -620,6 +622,7 @@ class Engine:
             from .fit import plan
 
             mapped = plan.explained(exc, self._source, self._options, during="generation")
+            drop_frames(exc)  # its frames hold the KV cache and activations; IPython keeps the error after the cell
             raise (mapped or GenerationError(
                 f"generation failed in {loader.name}: {type(exc).__name__}: {exc}".splitlines()[0],
                 "the model is still loaded; check the options, or reload the model if this repeats",

@@ -304,6 +304,8 @@ def _read_load(entry: Mapping[str, Any], loader: str | None, saved: SavedSetting
         values["dtype"] = "bfloat16"
     if values.get("attn") == "auto":
         values.pop("attn")
+    if values.get("flash_attn") is False:  # text-generation-webui's unticked box: no choice made (auto), not off
+        values.pop("flash_attn")
     for name, value in values.items():
         spec = LoadOptions.spec(name)
         understood_by = option_loaders(name)
