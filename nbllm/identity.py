@@ -100,9 +100,9 @@ def differences(recorded: Mapping[str, Any], requested: Mapping[str, Any]) -> li
     if there_model != here_model:
         out.append("the model")
     if there_adapters != here_adapters:
-        there, here = _adapters(there_adapters), _adapters(here_adapters)
-        out.append(f"the adapters ({there} there, {here} here)" if there != here
-                   else f"the adapters' files or weights ({there})")
+        listed = _adapters(there_adapters), _adapters(here_adapters)
+        out.append(f"the adapters ({listed[0]} there, {listed[1]} here)" if listed[0] != listed[1]
+                   else f"the adapters' files or weights ({listed[0]})")
     if recorded.get("loader") != requested.get("loader"):
         out.append(f"the loader ({recorded.get('loader')} there, {requested.get('loader')} here)")
     for group in ("load_options", "generation_options"):

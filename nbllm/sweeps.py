@@ -73,8 +73,6 @@ def sweep(
     alone. ``progress``: a progress bar (default: shown when the sweep lasts over two seconds).
     ``results``: a list that receives the finished results of the rows, in row order.
     """
-    from tqdm import tqdm
-
     pd = pandas_module()
     engine = engine if engine is not None else get_engine()
     items = _prompts(prompts)
@@ -97,8 +95,8 @@ def sweep(
     interrupted = False
     stopped: str | None = None
     loader = engine.loader
-    bar = tqdm(total=len(rows), desc="sweep", unit="run", file=sys.stderr, disable=progress is False,
-               delay=0 if progress else 2.0)
+    bar = _progress_bar()(total=len(rows), desc="sweep", unit="run", file=sys.stderr, disable=progress is False,
+                          delay=0 if progress else 2.0)
 
     def model_gone() -> bool:
         """Whether the model was unloaded, or another loaded, since the sweep began (a replay's miss that
@@ -178,6 +176,29 @@ def sweep(
     if results is not None:
         results.extend(done[n] for n in sorted(done) if done[n].record is not None)
     return frame
+
+
+def _progress_bar() -> Any:
+    """tqdm's bar, writing its final line once. tqdm's ``close()`` writes the final line again (with the
+    overall rate) after the last ``update()`` wrote it: a terminal overwrites it (``\\r``), a notebook
+    keeps both lines. Here the last update only counts, and ``close()`` writes the line, also when the
+    bar was never shown but its delay has passed (a sweep of one batch)."""
+    from tqdm import tqdm
+
+    class SweepBar(tqdm):
+        def update(self, n: float | None = 1) -> bool | None:
+            if not self.disable and self.total is not None and self.n + (n or 0) >= self.total:
+                self.n += n or 0  # the last rows: close() shows them
+                return None
+            return super().update(n)
+
+        def close(self) -> None:
+            shown_at = float(getattr(self, "last_print_t", 0.0))  # unset on a disabled bar
+            if not self.disable and shown_at < self.start_t + self.delay <= self._time():
+                self.last_print_t = self.start_t + self.delay  # never shown, and due: close() shows the final line
+            super().close()
+
+    return SweepBar
 
 
 class _ModelGone(Exception):

@@ -16,7 +16,6 @@ from IPython.core.error import UsageError
 
 import nbllm
 from nbllm import models, testing
-from nbllm.errors import NbllmWarning
 from nbllm.recordings import active_replay
 from nbllm.runlog import flush
 
