@@ -145,6 +145,20 @@ def test_a_model_gone_during_a_sweep_keeps_the_finished_rows_and_sets_o(shell: A
     assert list(table["text"]) == [r.text for r in seen] and table.attrs["interrupted"]
 
 
+def test_a_replays_fallback_during_a_sweep_is_no_model_change(shell: Any, tiny_model: Path, log: Path,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    shell.run_line_magic("llm_load", f"{tiny_model} --dtype float32")
+    shell.run_cell_magic("llm", "--temperature 0.9 --max-new-tokens 4 --sweep 'seed=1,2' -o recorded", "Rivers")
+    _stop_logging(monkeypatch)
+    shell.run_line_magic("llm_replay", f"{log} --fallback run")
+    shell.run_line_magic("llm_load", f"{tiny_model} --dtype float32")
+    shell.run_cell_magic("llm", "--temperature 0.9 --max-new-tokens 4 --sweep 'seed=1,2,3' -o t", "Rivers")
+    table, recorded = shell.user_ns["t"], shell.user_ns["recorded"]
+    assert list(table["seed"]) == [1, 2, 3] and list(table["text"][:2]) == list(recorded["text"])
+    assert table["text"][2] == nbllm.generate("Rivers", temperature=0.9, max_new_tokens=4, seed=3).text
+    assert not table.attrs["interrupted"] and active_replay() is None
+
+
 # --------------------------------------------------------------------------- bad logs, grids, sources
 
 

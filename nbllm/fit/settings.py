@@ -270,8 +270,8 @@ def _read_loader(entry: Mapping[str, Any], saved: SavedSettings) -> str | None:
     loader = _FROM_TGW_LOADER.get(str(value).lower())
     if loader is None:
         saved.ignored["loader"] = saved.invalid["loader"] = (
-            f"{value} is not a loader nbllm has (it has {', '.join(_TGW_LOADER.values())}); the loader is chosen "
-            "as --loader auto does")
+            f"{value} is not a loader nbllm has (it has {' and '.join(_TGW_LOADER.values())}), so --loader auto "
+            "chooses")
         return None
     saved.load["loader"] = loader
     return loader
