@@ -53,12 +53,14 @@ def adapter_log(shell: Any, tiny_model: Path, log: Path, tmp_path: Path, monkeyp
     shell.run_line_magic("llm_load", f"{tiny_model} --dtype float32")
     base = _cell(shell, GEN, "Hello there", "base").text
     shell.run_line_magic("llm_lora", f"add {adapter}")
-    tuned = _cell(shell, GEN, "Hello there", "tuned").text
+    tuned_result = _cell(shell, GEN, "Hello there", "tuned")
+    tuned = tuned_result.text
     only = _cell(shell, GEN, "Only with the adapter", "only").text
     assert base != tuned  # the adapter changes the text
     _stop_logging(monkeypatch)
     nbllm.unload()
-    return {"adapter": adapter, "base": base, "tuned": tuned, "only": only}
+    return {"adapter": adapter, "base": base, "tuned": tuned, "only": only,
+            "recorded": tuned_result.record.to_dict()["model"]["adapters"]}
 
 
 def test_lora_add_under_replay_follows_the_recording_and_adapters_are_part_of_the_match(
@@ -79,6 +81,9 @@ def test_lora_add_under_replay_follows_the_recording_and_adapters_are_part_of_th
         _cell(shell, GEN, "Hello there")
     shell.run_line_magic("llm_lora", "clear")
     assert _cell(shell, GEN, "Hello there").text == adapter_log["base"]
+    assert [a.label for a in nbllm.lora_restore(adapter_log["recorded"])] == ["my-adapter ×1"]  # a record's, no files
+    assert _cell(shell, GEN, "Hello there").text == adapter_log["tuned"]
+    nbllm.lora_clear()
     with pytest.raises(UsageError, match=r"no recorded run in .* used an adapter 'someone/else' \(recorded: my-adapter\)"):
         shell.run_line_magic("llm_lora", "add someone/else")
 
