@@ -186,7 +186,7 @@ def _adapter_answers_to(adapter: Mapping[str, Any], text: str) -> bool:
     repo, revision = adapter.get("repo_id"), adapter.get("revision")
     if text in (path, adapter.get("name")) or (repo and text in (repo, f"{repo}:{revision}")):
         return True
-    return bool(path) and str(Path(text).expanduser()) == path or Path(text).name == adapter.get("name")
+    return (bool(path) and str(Path(text).expanduser()) == path) or Path(text).name == adapter.get("name")
 
 
 def _logged_run(row: Mapping[str, Any]) -> Run:
