@@ -137,6 +137,9 @@ class Engine:
         its stand-in loader records the model asked for and loads nothing); ``None`` from it: as usual."""
         self._listeners: list[Callable[[Result], None]] = []
         self._waiting = threading.local()
+        self.stood_in_by: Loader | None = None
+        """The stand-in (replay) whose miss loaded the model now loaded (``--fallback run``), else ``None``:
+        a sweep goes on across that change, and stops at any other."""
 
     def on_result(self, callback: Callable[[Result], None]) -> Callable[[], None]:
         """Call ``callback(result)`` each time a generation of this engine finishes, however it was
@@ -291,6 +294,7 @@ class Engine:
         self._source = self._options = self._asked = None
         self._hashes = None
         self._adapters = ()
+        self.stood_in_by = None
         if loader is not None:
             loader.unload()
             del loader
@@ -500,8 +504,7 @@ class Engine:
             try:
                 answered = loader.answer(request)
             except LoadInstead as instead:  # a stand-in (replay) gave up: the real model from here on
-                self.route = None
-                self.load(instead.model, instead.options)
+                self._load_instead(instead)
                 return self.stream_prompt(self._prepared_again(prompt, continue_final), opts, conversation=conversation,
                                           reuse_prefix=reuse_prefix, continue_final=continue_final)
             if answered is not None:  # a stand-in answered from its records: nothing runs
@@ -512,6 +515,26 @@ class Engine:
             result.on_done(self._released_by)
             result.on_done(self._notify)
             return result.attach(self._run(loader, request, result, context_capped=capped is not opts))
+
+    def _load_instead(self, instead: LoadInstead) -> None:
+        """Load the real model a stand-in gave up for. If that fails the stand-in stays, its route (the
+        replay stays on) and its adapters with it, and the error says so: one state, told alike."""
+        route, stand_in, adapters = self.route, self._loader, self._adapters
+        self.route = None
+        try:
+            self.load(instead.model, instead.options)
+        except NbllmError as error:
+            self.route = route
+            if self._loader is not stand_in:  # released by the failed load: stand in again (loads nothing)
+                self.load(instead.model, instead.options)
+                if adapters:
+                    self.set_adapters(adapters)
+            error.cause += "; the replay stays on (recorded requests still replay, the next miss tries the load again)"
+            error.args = (error.message,)
+            raise
+        self.stood_in_by = stand_in
+        if instead.loaded is not None:
+            instead.loaded()
 
     def _record(self, loader: Loader, prompt: Prompt, opts: GenerationOptions, seed: int,
                 conversation: dict[str, Any] | None, batch: dict[str, Any] | None = None) -> Record:
