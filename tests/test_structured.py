@@ -463,3 +463,21 @@ def test_a_loader_that_does_not_declare_structured_output_refuses_a_constraint()
     finally:
         engine.unload()
         nbllm.loaders.unregister("echo")
+
+
+def test_a_conversation_reply_follows_its_constraint_and_parses(engine: Any, tiny_gguf: Path):
+    need("llama_cpp")
+    import nbllm
+
+    from nbllm.chat import forget
+
+    engine.load(tiny_gguf)
+    forget("structured-test")
+    chat = nbllm.Chat("structured-test", engine=engine)
+    first = chat.send("Pick one.", choice=("red", "blue"), temperature=0, max_new_tokens=10)
+    assert first.text in ("red", "blue") and first.parsed == first.text
+    second = chat.send("Now as JSON.", json_schema=SCHEMAS["enum"], temperature=0, max_new_tokens=40)
+    assert second.parsed["mood"] in ("happy", "sad", "calm")
+    assert second.pending_record.conversation is not None  # a chat turn, recorded with its constraint
+    assert json.loads(second.record.generation_options["json_schema"]) == SCHEMAS["enum"]
+    forget("structured-test")
