@@ -468,7 +468,6 @@ def test_a_loader_that_does_not_declare_structured_output_refuses_a_constraint()
 def test_a_conversation_reply_follows_its_constraint_and_parses(engine: Any, tiny_gguf: Path):
     need("llama_cpp")
     import nbllm
-
     from nbllm.chat import forget
 
     engine.load(tiny_gguf)
