@@ -464,7 +464,7 @@ class Matcher:
         """A boolean numpy array over the vocabulary: the tokens that may come next."""
         self._fill(self._matcher, self._bitmask, 0)
         bits = self._np.unpackbits(self._bitmask.view(self._np.uint8), bitorder="little")
-        return bits[: self.vocab_size].astype(bool)
+        return bits[: self.vocab_size].view(self._np.bool_)  # 0/1 bytes read as booleans: no copy
 
 
 class Compiler:
