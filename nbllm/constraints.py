@@ -315,6 +315,17 @@ def schema_problem(value: Any, schema: Mapping[str, Any]) -> str | None:
     return f"at {where}: {error.message}"
 
 
+def without_other_constraints(start: Mapping[str, Any], changes: Mapping[str, Any]) -> dict[str, Any]:
+    """``start`` with ``changes`` on top; when the changes set a constraint, the constraint options they
+    do not name go back to unset, so the new constraint replaces the old one instead of joining it."""
+    if any(changes.get(name) for name in OPTIONS):
+        start = {**start, **{name: None if name not in ("json", "choice") else (False if name == "json" else ())
+                             for name in OPTIONS if name not in changes}}
+        if "schema_multi" not in changes:
+            start["schema_multi"] = False
+    return {**start, **changes}
+
+
 def refuse_unconstrained(loader: Any, options: Any) -> None:
     """Refuse, in one line, a constrained request for a loader that does not declare
     ``structured_output`` (its output would not be held to the constraint, without a word)."""

@@ -695,6 +695,21 @@ class GenerationOptions(_Schema):
                 object.__setattr__(self, "grammar", grammar_text(self.grammar))
         super().__post_init__()
 
+    def replace(self, **changes: Any) -> GenerationOptions:
+        """A copy with some options changed (validated). A constraint among the changes replaces the
+        one these options had (a cell's --json over a panel's default schema), rather than joining it."""
+        from .constraints import without_other_constraints
+
+        return type(self).from_dict(without_other_constraints(self.to_dict(), changes))
+
+    @classmethod
+    def from_namespace(cls, ns: argparse.Namespace, base: GenerationOptions | None = None) -> GenerationOptions:
+        """Options from parsed flags over ``base``; a constraint flag replaces ``base``'s constraint."""
+        from .constraints import without_other_constraints
+
+        start = base.to_dict() if base is not None else {}
+        return cls.from_dict(without_other_constraints(start, cls.typed(ns)))
+
     def validate(self) -> None:
         super().validate()
         if self.json_schema or self.schema or self.schema_multi or self.json or self.regex or self.choice or self.grammar:

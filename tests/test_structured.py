@@ -480,3 +480,16 @@ def test_a_conversation_reply_follows_its_constraint_and_parses(engine: Any, tin
     assert second.pending_record.conversation is not None  # a chat turn, recorded with its constraint
     assert json.loads(second.record.generation_options["json_schema"]) == SCHEMAS["enum"]
     forget("structured-test")
+
+
+def test_a_constraint_given_for_one_request_replaces_the_defaults_constraint(shell: Any, engine: Any, tiny_gguf: Path):
+    need("llama_cpp")
+    engine.load(tiny_gguf)
+    engine.defaults = GenerationOptions(schema="mood, level int", schema_multi=True)  # e.g. from the panel
+    r = engine.generate("x", choice=("a", "b"), temperature=0, max_new_tokens=5)
+    assert r.text in ("a", "b") and r.record.generation_options["schema"] is None
+    shell.run_cell_magic("llm", "--regex '[0-9]' --temperature 0 -o r", "Digit:")
+    assert re.fullmatch("[0-9]", shell.user_ns["r"].text)
+    assert engine.defaults.schema == "mood, level int"  # the defaults keep theirs
+    with pytest.raises(ConstraintError, match="--json and --regex cannot be used together"):
+        engine.generate("x", json=True, regex="a")  # two in one request is still refused
