@@ -493,3 +493,11 @@ def test_a_constraint_given_for_one_request_replaces_the_defaults_constraint(she
     assert engine.defaults.schema == "mood, level int"  # the defaults keep theirs
     with pytest.raises(ConstraintError, match="--json and --regex cannot be used together"):
         engine.generate("x", json=True, regex="a")  # two in one request is still refused
+
+
+def test_a_record_with_choices_reads_back_from_json_as_it_was():
+    from nbllm.result import Record
+
+    record = Record({"name": "m"}, "x", {}, GenerationOptions(choice=("a", "b")).to_dict(), 1, "p")
+    back = Record.from_dict(json.loads(record.to_json()))
+    assert back.generation_options["choice"] == ("a", "b") and back.to_dict() == record.to_dict()
