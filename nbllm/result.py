@@ -193,6 +193,11 @@ class Result:
         finally:
             self._running = None
 
+    @property
+    def reader(self) -> threading.Thread | None:
+        """The thread reading this result (or to read it): whose reply it is."""
+        return self._reader
+
     def read_by(self, thread: threading.Thread) -> None:
         """Say that ``thread`` (not the one that created the result) will read it, e.g. a panel's worker
         started right after: until it starts, a request from the creating thread waits instead of

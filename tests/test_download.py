@@ -12,7 +12,6 @@ import os
 import socket
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -27,8 +26,10 @@ from nbllm.store import read_revision
 
 try:
     from hubserver import HubServer, hub  # noqa: F401 - `hub` is a fixture
+    from watch import watched
 except ImportError:  # tests/ imported as a package
     from tests.hubserver import HubServer, hub  # noqa: F401
+    from tests.watch import watched
 
 ROOT = Path(__file__).resolve().parents[1]
 CHUNK = 64 * 1024
@@ -506,11 +507,10 @@ def test_token_never_appears_in_output_logs_or_records(
             assert TOKEN.encode() not in file.read_bytes(), file
 
 
-def test_offline_mode_answers_at_once_in_one_line() -> None:
-    start = time.monotonic()  # conftest sets HF_HUB_OFFLINE=1
-    with pytest.raises(DownloadError) as err:
+def test_offline_mode_answers_at_once_in_one_line(monkeypatch: pytest.MonkeyPatch) -> None:
+    with watched(monkeypatch) as seen, pytest.raises(DownloadError) as err:  # conftest sets HF_HUB_OFFLINE=1
         download("org/tiny", **_quiet())
-    assert time.monotonic() - start < 10
+    assert seen.connections == []  # no network call at all
     assert _one_line(err).startswith("HF_HUB_OFFLINE is set, so org/tiny cannot be downloaded.")
 
 
@@ -527,10 +527,10 @@ def test_unreachable_server_answers_quickly_in_one_line(monkeypatch: pytest.Monk
     monkeypatch.setattr(
         constants, "HUGGINGFACE_CO_URL_TEMPLATE", url + "/{repo_id}/resolve/{revision}/{filename}"
     )
-    start = time.monotonic()
-    with pytest.raises(DownloadError) as err:
+    with watched(monkeypatch, allow_network=True) as seen, pytest.raises(DownloadError) as err:
         download("org/tiny", **_quiet())
-    assert time.monotonic() - start < 10
+    port = int(url.rsplit(":", 1)[1])
+    assert [a for a in seen.connections if a[1] == port] == [("127.0.0.1", port)]  # one try: no retries, no backoff
     assert _one_line(err).startswith("cannot reach 127.0.0.1:")
 
 

@@ -430,8 +430,10 @@ class TransformersLoader(TokenLoader):
 
     def generate_tokens(self, request: Request) -> Iterator[int]:
         import torch
-        from transformers import StoppingCriteria, StoppingCriteriaList, set_seed
+        from transformers import StoppingCriteria, StoppingCriteriaList
         from transformers.generation.streamers import BaseStreamer
+
+        from ._seeding import set_seed  # not transformers': its import takes seconds (see _seeding)
 
         model = self.model
         kwargs = self.generation_kwargs(request.options)

@@ -12,7 +12,7 @@ import shlex
 import sys
 import time
 import warnings
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any, TypeVar
 
 from IPython.core import magic_arguments
@@ -140,6 +140,8 @@ class StreamView:
         self._handle: Any = None
         self._shown_at = 0.0
         self._text = ""
+        self.waited_for: str | None = None
+        """Whose reply the cell waited for (:func:`owner_of`), once it had to."""
 
     def start(self) -> None:
         if self.in_kernel and self._handle is None:
@@ -147,10 +149,14 @@ class StreamView:
 
             self._handle = display({"text/plain": ""}, raw=True, display_id=True)
 
-    def waiting(self, _result: Result | None = None) -> None:
-        """Say that the model is busy with a reply another thread is writing (the chat panel's): the
-        output is not empty while the cell waits for it (the text replaces this line)."""
-        line = WAITING
+    def waiting(self, result: Result | None = None) -> None:
+        """Say that the model is busy with a reply another thread is writing (a served request's, the chat
+        panel's): the output is not empty while the cell waits for it (the text replaces this line)."""
+        self.waited_for = owner_of(result)
+        self.show_line(WAITING.format(owner=self.waited_for))
+
+    def show_line(self, line: str) -> None:
+        """Show ``line`` in place of the output (a line of its own in a terminal)."""
         if not self.in_kernel:
             print(line, flush=True)
             return
@@ -193,16 +199,40 @@ def output_metadata(result: Result, note: str | None = None) -> dict[str, Any]:
     return {"nbllm": result.record.to_dict(), "nbllm_result": outcome}
 
 
-WAITING = ("[waiting for the chat panel's reply to end: the model writes one reply at a time (interrupt the kernel "
+WAITING = ("[waiting for {owner} to end: the model writes one reply at a time (interrupt the kernel "
            "to stop waiting)…]")
 
+_OWNERS = {"nbllm-serve": "a served request", "nbllm-chat": "the chat panel's reply"}
+"""The threads that read replies, by name prefix (:data:`nbllm.serve.THREAD_NAME`, the chat panel's worker)."""
 
-def waiting_shown(view: StreamView) -> contextlib.AbstractContextManager[None]:
+
+def owner_of(result: Result | None) -> str:
+    """Whose reply ``result`` is, in words, from the thread reading it."""
+    reader = result.reader if result is not None else None
+    name = reader.name if reader is not None else ""
+    for prefix, words in _OWNERS.items():
+        if name.startswith(prefix):
+            return words
+    return "a reply being read on another thread"
+
+
+@contextlib.contextmanager
+def waiting_shown(view: StreamView) -> Iterator[None]:
     """Start a generation inside this block: if the engine has to wait for a reply being written on
-    another thread (the chat panel's), ``view`` says so."""
+    another thread (a served request's, the chat panel's), ``view`` says so; interrupting that wait is
+    one line (nothing was generated; the model stays loaded)."""
     from ..engine import get_engine
 
-    return get_engine().on_wait(view.waiting)
+    with get_engine().on_wait(view.waiting):
+        try:
+            yield
+        except KeyboardInterrupt:
+            if view.waited_for is None:
+                raise UsageError("Interrupted before the generation started; nothing was generated and the model "
+                                 "is still loaded.") from None
+            view.show_line(f"[stopped waiting for {view.waited_for}]")
+            raise UsageError(f"Stopped waiting for {view.waited_for} to end; nothing was generated and the model "
+                             "is still loaded.") from None
 
 
 def show_stream(shell: Any, result: Result, view: StreamView | None = None) -> Result:
