@@ -32,7 +32,6 @@ from .safetensors_file import check_safetensors
 from .store import Bookkeeping, pending_downloads, read_record, read_revision, weights_sha256
 
 
-
 class AppliesAdapters(Protocol):
     """What :func:`check_format` reads of a loader class (:class:`nbllm.loaders.Loader` is one): its name and
     the adapter formats it applies. A protocol, so that this module needs nothing from the loaders (they

@@ -33,9 +33,7 @@ import time
 from collections.abc import AsyncIterator, Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any, ClassVar
-
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from .errors import NbllmError, NoModelLoadedError, OptionError, missing_dependency
 from .options import GenerationOptions, _Schema, option

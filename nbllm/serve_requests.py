@@ -158,8 +158,9 @@ def parse_request(raw: bytes, chat: bool) -> CompletionRequest | ChatRequest:
         if error["type"] == "missing":
             raise RequestError(name, f"{name} is missing", f"send {name}: {_words(kind.model_fields[name].annotation)}") from None
         wanted = _words(kind.model_fields[name].annotation)
+        required = kind.model_fields[name].is_required()
         raise RequestError(name, f"{name} must be {wanted}, not {_shown(body.get(name))}",
-                           f"send {wanted}, or leave {name} out") from None
+                           f"send {wanted}" if required else f"send {wanted}, or leave {name} out") from None
     for name, asks in UNSUPPORTED.items():
         if asks(getattr(request, name, None)):
             raise RequestError(name, f"{name} is not supported by nbllm's server", "leave it out of the request")

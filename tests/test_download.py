@@ -530,7 +530,9 @@ def test_unreachable_server_answers_quickly_in_one_line(monkeypatch: pytest.Monk
     with watched(monkeypatch, allow_network=True) as seen, pytest.raises(DownloadError) as err:
         download("org/tiny", **_quiet())
     port = int(url.rsplit(":", 1)[1])
-    assert [a for a in seen.connections if a[1] == port] == [("127.0.0.1", port)]  # one try: no retries, no backoff
+    # one try of the repository's metadata, no retries with backoff (huggingface_hub's own would make 5, ~23 s);
+    # huggingface_hub 2.x may try one more request of its own first (its agent registry at the endpoint)
+    assert 1 <= len([a for a in seen.connections if a[1] == port]) <= 2, seen.connections
     assert _one_line(err).startswith("cannot reach 127.0.0.1:")
 
 
@@ -710,6 +712,7 @@ def test_download_flags_come_from_one_schema() -> None:
     """%llm_download, `nbllm download` and the panel's download field take DownloadOptions' flags."""
     from nbllm.cli import _parser
     from nbllm.download import DownloadOptions
+    from nbllm.magics._common import magic_parser
     from nbllm.magics.models import ModelMagics
 
     def flags(parser: argparse.ArgumentParser) -> dict[str, tuple[list[str], str | None]]:
@@ -720,7 +723,7 @@ def test_download_flags_come_from_one_schema() -> None:
         for s in DownloadOptions.specs()
     }
     assert {"model", "file", "exclude", "check", "revision", "models_dir"} <= set(schema)
-    assert flags(ModelMagics.llm_download.parser) == schema  # type: ignore[attr-defined]
+    assert flags(magic_parser(ModelMagics.llm_download)) == schema
     commands = next(a for a in _parser()._actions if isinstance(a, argparse._SubParsersAction))
     assert flags(commands.choices["download"]) == schema
     options = DownloadOptions.parse("org/m:v2 --file '*Q5_K_M*' 'a b.gguf' --exclude '*.md' --check --dir '/x y'")
