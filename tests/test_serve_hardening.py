@@ -108,8 +108,8 @@ def test_a_body_that_is_not_a_json_object_is_one_line(slow: Engine, stop_serving
     for raw in (b"{not json", b"[1, 2]"):
         answer = httpx.post(f"{server.url}/completions", content=raw, headers={"Content-Type": "application/json"})
         assert answer.status_code == 400 and answer.json()["error"]["param"] is None
-        assert answer.json()["error"]["message"] in ("The request body is not JSON. Send a JSON object.",
-                                                     "The request body must be a JSON object. Send a JSON object.")
+        assert answer.json()["error"]["message"] in ("the request body is not JSON. Send a JSON object.",
+                                                     "the request body must be a JSON object. Send a JSON object.")
 
 
 # ------------------------------------------------------------------------------------------- cut short
@@ -286,7 +286,7 @@ def test_a_cell_waiting_behind_a_served_request_names_it_and_stops_waiting_in_on
         with pytest.raises(UsageError) as caught:
             shell.run_cell_magic("llm", "--max-new-tokens 2", "cell")
         monkeypatch.undo()
-        assert out.getvalue().startswith(line + "\n")
+        assert out.getvalue().startswith(line) and out.getvalue().endswith("[stopped waiting for a served request]\n")
         assert str(caught.value) == ("Stopped waiting for a served request to end; nothing was generated and the "
                                      "model is still loaded.")
         SlowLoader.gate.set()
