@@ -6,9 +6,7 @@ import concurrent.futures
 import datetime as _dt
 import functools
 import html
-import importlib.metadata
 import json
-import platform
 import threading
 import time
 import uuid
@@ -27,6 +25,9 @@ left half read (and another request may stop it) rather than being read."""
 def _installed_versions(dists: tuple[str, ...]) -> tuple[tuple[str, str], ...]:
     """Looked up once per process and set of libraries: reading package metadata costs milliseconds,
     and the libraries a process has imported do not change under it."""
+    import importlib.metadata  # here, not at import (nor platform): %load_ext imports this module
+    import platform
+
     from ._version import __version__
 
     out = {"python": platform.python_version(), "nbllm": __version__}
@@ -192,6 +193,11 @@ class Result:
                 yield chunk
         finally:
             self._running = None
+
+    @property
+    def reader(self) -> threading.Thread | None:
+        """The thread reading this result (or to read it): whose reply it is."""
+        return self._reader
 
     def read_by(self, thread: threading.Thread) -> None:
         """Say that ``thread`` (not the one that created the result) will read it, e.g. a panel's worker

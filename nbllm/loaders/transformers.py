@@ -26,6 +26,7 @@ from ..options import GenerationOptions, LoadOptions
 from ..safetensors_file import check_safetensors
 from ..source import ModelSource
 from ..streaming import threaded_tokens
+from ._quiet import quiet_library_noise
 from .base import Placement, Request, TokenLoader
 
 _DTYPES = {"float16", "bfloat16", "float32"}
@@ -270,6 +271,7 @@ class TransformersLoader(TokenLoader):
 
     # -- loading ---------------------------------------------------------------------------------
     def load(self, source: ModelSource, options: LoadOptions) -> None:
+        quiet_library_noise()  # bitsandbytes' import (--load-in-4bit) says nothing a user can act on
         import torch
         from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
@@ -485,8 +487,10 @@ class TransformersLoader(TokenLoader):
 
     def generate_tokens(self, request: Request) -> Iterator[int]:
         import torch
-        from transformers import StoppingCriteria, StoppingCriteriaList, set_seed
+        from transformers import StoppingCriteria, StoppingCriteriaList
         from transformers.generation.streamers import BaseStreamer
+
+        from ._seeding import set_seed  # not transformers': its import takes seconds (see _seeding)
 
         model = self.model
         kwargs = self.generation_kwargs(request.options)
@@ -592,6 +596,7 @@ class TransformersLoader(TokenLoader):
         back. Every new adapter is checked (and its weights read) before the model is touched."""
         if importlib.util.find_spec("peft") is None:
             raise missing_dependency("peft (needed to apply LoRA adapters)", "transformers")
+        quiet_library_noise()  # peft imports bitsandbytes
         from peft import LoraConfig
         from peft.functional import cast_adapter_dtype, inject_adapter_in_model
 
