@@ -78,6 +78,19 @@ def test_auto_picks_llamacpp_for_a_gguf_and_transformers_loads_it_when_asked(ggu
     assert choose_loader(source, LoadOptions(loader=TRANSFORMERS)).name == TRANSFORMERS
 
 
+def test_transformers_on_the_tiny_gguf_gives_the_tiny_folders_text(shell, engine, tiny_gguf, tiny_model):
+    """The tiny GGUF holds the tiny folder's weights in float32: through transformers' GGUF reading (the
+    magic, --loader transformers) the greedy text is the folder's, token for token."""
+    engine.load(tiny_model)
+    expected = nbllm.generate("The capital of Portugal is", temperature=0, max_new_tokens=16)
+    shell.run_line_magic("llm_load", f"{tiny_gguf} --loader transformers")
+    status = engine.status()
+    assert status.loader == TRANSFORMERS and status.format == "gguf"
+    assert status.details["dequantized"].startswith("F32 GGUF")
+    got = nbllm.generate("The capital of Portugal is", temperature=0, max_new_tokens=16)
+    assert got.token_ids == expected.token_ids and got.text == expected.text
+
+
 def test_transformers_refuses_a_gguf_adapter_in_one_line(engine, tmp_path):
     adapter = tiny_gguf_adapter(tmp_path)
     with pytest.raises(NbllmError) as err:
