@@ -86,6 +86,9 @@ class Loader(ABC):
     """The name users type after ``--loader``."""
     formats: ClassVar[frozenset[str]] = frozenset()
     """The :attr:`ModelSource.format` values this loader loads (``--loader auto`` picks by these)."""
+    formats_when_asked: ClassVar[frozenset[str]] = frozenset()
+    """Formats this loader also loads when it is named (``--loader NAME``) but that ``--loader auto``
+    leaves to a loader made for them (Transformers dequantizes a GGUF file that llama.cpp runs as is)."""
     load_options: ClassVar[frozenset[str]] = frozenset()
     """The :class:`LoadOptions` fields this loader understands; any other one set by the user is
     refused before anything is released."""
