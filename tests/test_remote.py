@@ -347,8 +347,16 @@ def test_extra_samplers_go_under_the_name_each_server_reads() -> None:
     assert unsent == ["typical_p"]
     _, body, unsent = request_body(SERVERS["llama.cpp"], "m", req)
     assert (body["repeat_penalty"], body["typical_p"], unsent) == (1.3, 0.9, [])
-    _, body, unsent = request_body(SERVERS["ollama"], "m", req)
-    assert unsent == ["min_p", "typical_p", "repetition_penalty"] and "min_p" not in body
+    path, body, unsent = request_body(SERVERS["ollama"], "m", req)  # its own API reads every sampler
+    assert (path, unsent, body["raw"]) == ("api/generate", [], True)
+    assert body["options"] == {"num_predict": 7, "temperature": 0.5, "seed": 5, "top_p": 0.9, "top_k": 0,
+                               "min_p": 0.1, "typical_p": 0.9, "repeat_penalty": 1.3, "repeat_last_n": -1}
+    chat = _request(temperature=0.5, min_p=0.1, repetition_penalty=1.3)
+    chat.messages = [{"role": "user", "content": "Hi"}]
+    _, body, unsent = request_body(SERVERS["tgi"], "m", chat)  # TGI's chat endpoint reads no extra sampler
+    assert unsent == ["min_p", "repetition_penalty"] and "min_p" not in body and "repetition_penalty" not in body
+    _, body, unsent = request_body(SERVERS["tgi"], "m", req)  # its /v1/completions reads repetition_penalty
+    assert body["repetition_penalty"] == 1.3 and unsent == ["min_p", "typical_p"]
     _, body, _ = request_body(SERVERS["unknown"], "m", req)
     assert body["repeat_penalty"] == body["repetition_penalty"] == 1.3
     # defaults are always sent where read: a server's own (repeat_penalty 1.1) never applies unasked
@@ -357,7 +365,7 @@ def test_extra_samplers_go_under_the_name_each_server_reads() -> None:
     # greedy: samplers a server does not read make no note (they would do nothing)
     with pytest.warns(NbllmWarning, match="greedy"):
         greedy = _request(temperature=0, top_k=5)
-    assert request_body(SERVERS["ollama"], "m", greedy)[2] == []
+    assert request_body(SERVERS["tgi"], "m", greedy)[2] == []
 
 
 def test_chat_requests_carry_messages_and_continue_the_last_reply() -> None:
