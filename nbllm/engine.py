@@ -275,7 +275,7 @@ class Engine:
         try:
             self._load(choose_loader(source, opts), source, opts)
             return True
-        except NbllmError:
+        except Exception:  # whatever it is (its file gone...), the load's own error is the one to show
             self._release()
             return False
 

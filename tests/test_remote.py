@@ -266,7 +266,7 @@ def test_a_url_with_a_password_is_refused_before_anything_is_sent(shell: Any) ->
 @pytest.mark.parametrize(("limit", "prompts"), [(2, 4), (3, 6)])
 def test_generate_many_sends_up_to_max_concurrency_requests_at_once(server: LlamaCppServer, limit: int,
                                                                    prompts: int) -> None:
-    proxy = CountingProxy(server.url.removesuffix("/v1"), hold_until=limit)
+    proxy = CountingProxy(server.url.removesuffix("/v1"), hold_until=limit, anonymous=True)
     try:
         nbllm.load(proxy.url + "/v1", max_concurrency=limit)
         asked = [f"{PROMPTS[i % 3]} {i}" for i in range(prompts)]
@@ -282,7 +282,7 @@ def test_generate_many_sends_up_to_max_concurrency_requests_at_once(server: Llam
 def test_a_sweep_sends_its_rows_side_by_side_whatever_their_options(server: LlamaCppServer) -> None:
     # 2 prompts x 2 temperatures x 2 seeds: groups of 4 rows share their options; 6 in flight at once
     # proves the rows of different options overlap too
-    proxy = CountingProxy(server.url.removesuffix("/v1"), hold_until=6)
+    proxy = CountingProxy(server.url.removesuffix("/v1"), hold_until=6, anonymous=True)
     try:
         nbllm.load(proxy.url + "/v1", max_concurrency=6)
         table = nbllm.sweep(PROMPTS[:2], temperature=[0, 0.8], seed=[1, 2], max_new_tokens=6, progress=False)

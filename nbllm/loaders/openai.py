@@ -450,9 +450,13 @@ class OpenAILoader(TextLoader):
         raise LoadError(f"{self.url}/models did not answer with a list of models",
                         "check that the URL is an OpenAI-compatible API's base URL")
 
+    def _root(self) -> str:
+        """The server's root: the base URL without ``/v1``."""
+        return self.url[: -len("/v1")] if self.url.endswith("/v1") else self.url
+
     def _probe(self, path: str) -> dict[str, Any] | None:
         """GET ``path`` below the server's root (the base URL without ``/v1``): its JSON object or None."""
-        root = self.url[: -len("/v1")] if self.url.endswith("/v1") else self.url
+        root = self._root()
         try:
             response = self.client.get(f"{root}/{path}", timeout=min(self.options.timeout if self.options else 5, 5))
             payload = response.json() if response.status_code == 200 else None
@@ -549,7 +553,8 @@ class OpenAILoader(TextLoader):
         timeout = self.options.timeout if self.options is not None else 60.0
         with self._slots:
             try:
-                with self.client.stream("POST", path, json=body) as response:
+                target = f"{self._root()}/{path}" if self.kind.native else path  # Ollama's own API: below the root
+                with self.client.stream("POST", target, json=body) as response:
                     if response.status_code != 200:
                         response.read()
                         raise self._status_error(response, GenerationError)
@@ -558,14 +563,20 @@ class OpenAILoader(TextLoader):
                         for line, at in _lines(response):
                             if request.cancel.is_set():
                                 return
-                            texts = self._line(line, reply, at, watch)
-                            yield from texts
+                            yield from self._line(line, reply, at, watch)
+                            if reply.failed:
+                                raise GenerationError(
+                                    f"the server at {self.url} ended the reply with finish reason {reply.failed!r} "
+                                    f"after {reply.pieces} pieces: it was aborted or failed there",
+                                    "the partial text is kept; check the server's log, then run the prompt again")
                             if reply.done:
                                 break
                     finally:
                         watch.finished.set()
                     if request.cancel.is_set():
                         return
+                    if watch.timed_out:
+                        raise self._silence_error(reply)
                     if self.finish_reason is None:
                         raise GenerationError(  # llama-cpp-python's server does this to a reply another request interrupts
                             f"the server at {self.url} ended the reply after {reply.pieces} pieces without saying why "
@@ -675,14 +686,12 @@ class OpenAILoader(TextLoader):
         return texts
 
     def _finished(self, reason: str, reply: _Reply, texts: list[str]) -> None:
-        """Note the server's finish reason; a reply the server aborted or failed is never a normal end."""
+        """Note the server's finish reason; a reply the server aborted or failed is never a normal end
+        (:attr:`_Reply.failed`, raised by the reader)."""
         self.notes["finish_reason"] = reason
         if reason in FAILED:
-            reply.failed = reason
-            raise GenerationError(
-                f"the server at {self.url} ended the reply with finish reason {reason!r} after "
-                f"{reply.pieces} pieces: it was aborted or failed there",
-                "the partial text is kept; check the server's log, then run the prompt again")
+            reply.failed = reason  # raised once this chunk's text is out
+            return
         self.finish_reason = _finish(reason)
 
     def _stopped(self, err: Any, reply: _Reply) -> GenerationError:
@@ -706,6 +715,8 @@ class OpenAILoader(TextLoader):
         prompt_tokens, completion = self.usage
         if completion is None and self.kind.tokenizer is not None:
             completion = self._tokens_in("".join(reply.reasoning) + "".join(reply.text))
+            if completion is not None and self.finish_reason == "eos":
+                completion += 1  # the end token the model made (never shown), as a local model counts it
             if completion is not None:
                 self.notes["completion_tokens_counted"] = f"by the server's tokenizer ({self.kind.tokenizer})"
         self.usage = (prompt_tokens, completion)
@@ -714,7 +725,7 @@ class OpenAILoader(TextLoader):
 
     def _tokens_in(self, text: str) -> int | None:
         """How many tokens the server's own tokenizer makes of ``text`` (``None`` if it cannot say)."""
-        root = self.url[: -len("/v1")] if self.url.endswith("/v1") else self.url
+        root = self._root()
         model = self.source.model_id if self.source is not None else None
 
         def count(part: str) -> int:
