@@ -343,3 +343,16 @@ def test_token_counts_without_usage_come_from_the_servers_tokenizer() -> None:
         assert remote.completion_tokens == local.completion_tokens
     finally:
         server.stop()
+
+
+def test_the_magic_shows_the_reasoning_apart_from_the_reply(shell: Any, capsys: Any) -> None:
+    server = served("vllm")
+    try:
+        shell.run_line_magic("llm_load", server.url)
+        capsys.readouterr()
+        shell.run_cell_magic("llm_chat", "think --temperature 0 --max-new-tokens 2 -o r", "Why? [think]")
+        out = capsys.readouterr().out
+        assert out.startswith("w0 w1 ") and out.rstrip().endswith("[reasoning]\nhmm hmm hmm")
+        assert shell.user_ns["r"].text == "w0 w1 "
+    finally:
+        server.stop()

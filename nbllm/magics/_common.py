@@ -174,6 +174,9 @@ class StreamView:
         extra = full[len(self._text) :] if full.startswith(self._text) else ""
         self._text = full
         suffix = f"\n[{note}]" if note else ""
+        thought = result.reasoning.strip()  # a server's reasoning text: shown apart, after the reply
+        if thought:
+            suffix += f"\n[reasoning]\n{thought}"
         if not self.in_kernel:
             sys.stdout.write(extra + suffix + "\n")
             sys.stdout.flush()
