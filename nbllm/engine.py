@@ -722,8 +722,10 @@ class Engine:
         """Run the rows in turn (reusing the prompt prefix they share), adding each finished result."""
         for prompt, opts in rows:
             result = self.stream_prompt(prompt, opts, reuse_prefix=True)
-            _ = result.text
-            results.append(result)
+            try:
+                _ = result.text
+            finally:  # an interrupt that lands as it finishes (in an on_done callback) keeps it; one that
+                results.append(result)  # stopped it marks it interrupted, which is left out of ``finished``
 
     def _side_by_side(self, rows: Sequence[tuple[Prompt, GenerationOptions]], width: int) -> list[Result]:
         results: list[Result | None] = [None] * len(rows)

@@ -84,7 +84,9 @@ def test_greedy_through_the_server_equals_the_llama_cpp_loader(shell: Any, serve
 
     assert record["loader"] == "openai" and record["mode"] == "raw" and record["prompt"] == PROMPTS[0]
     assert record["model"] == {"name": "tiny", "format": "openai", "url": server.url, "model_id": "tiny",
-                               "server": "llama-cpp-python"}
+                               "server": "llama-cpp-python", "finish_reason": "length",
+                               "completion_tokens_counted": "max_tokens (the server ended the reply at that limit)"}
+    assert remote[PROMPTS[0]].completion_tokens == 32  # the server streams no usage
     assert record["generation_options"]["temperature"] == 0 and record["seed"] == remote[PROMPTS[0]].seed
     assert record["load_options"]["api_key_env"] == "OPENAI_API_KEY"
     assert set(record["versions"]) == {"python", "nbllm", "httpx"}

@@ -713,6 +713,9 @@ class OpenAILoader(TextLoader):
         """Token counts the server did not send: the server's tokenizer counts the reply when it has one;
         otherwise they stay unknown (``None``), never guessed from the pieces. Then the decode rate."""
         prompt_tokens, completion = self.usage
+        if completion is None and self.finish_reason == "length":  # it stopped at the limit nbllm set
+            completion = request.options.max_new_tokens
+            self.notes["completion_tokens_counted"] = "max_tokens (the server ended the reply at that limit)"
         if completion is None and self.kind.tokenizer is not None:
             completion = self._tokens_in("".join(reply.reasoning) + "".join(reply.text))
             if completion is not None and self.finish_reason == "eos":
