@@ -28,7 +28,7 @@ What each reproduces, and from where (read in the servers' sources, see docs/rem
 The model's "text" is words ``w0 w1 ...`` (greedy) or words drawn from the seed. Markers in the prompt (or
 the last message) choose a behaviour: ``[think]`` reasoning first, ``[eos]`` the model ends after 3
 words, ``[abort]`` the server aborts after 2, ``[fail]`` it fails after 2, ``[stall]`` one word and then
-only keep-alive comments until the client leaves.
+only keep-alive comments until the client leaves, ``[burst]`` every piece in one write.
 """
 
 from __future__ import annotations
@@ -211,7 +211,9 @@ class DialectServer(ThreadedApp):
         if "[think]" in text and chat and self.dialect in REASONING_FIELD:
             for _ in range(3):
                 yield event(choice(None, **{REASONING_FIELD[self.dialect]: "hmm "}))
-        for i, word in enumerate(words):
+        if "[burst]" in text:  # every piece in one write, as a server (or a proxy) that buffers sends them
+            yield "".join(event(choice(word, reason if i == len(words) - 1 else None)) for i, word in enumerate(words))
+        for i, word in enumerate(words if "[burst]" not in text else ()):
             last = i == len(words) - 1
             if "[stall]" in text:
                 yield event(choice(word))

@@ -3,18 +3,27 @@ text-generation-webui (``--api``), llama-cpp-python's server, or another kernel'
 
 ``%llm_load http://host:8000/v1`` is claimed here (:meth:`OpenAILoader.claim`); loading asks the server
 which models it serves (the first one, or ``--remote-model ID``) and what software it runs. Raw prompts
-go to ``/completions`` and chats to ``/chat/completions``, both streamed (server-sent events).
+go to ``/completions`` and chats to ``/chat/completions``, both streamed (server-sent events); Ollama is
+spoken to through its own ``/api/generate`` and ``/api/chat`` (JSON lines), the only ones that read every
+sampler.
 
-- Sampling options the OpenAI schema lacks (top_k, min_p, typical_p, repetition_penalty) are sent under
-  the names the server reads (:data:`SERVERS`); one the server does not read is not sent, with a note.
-  They are always sent where read, so a server's own defaults (llama-cpp-python's repeat_penalty 1.1)
-  never apply behind the user's back.
+- Each server's dialect, from its own source (:data:`SERVERS`): sampling options the OpenAI schema lacks
+  (top_k, min_p, typical_p, repetition_penalty) go under the names the server reads, and one it does not
+  read is not sent, with a note; they are always sent where read, so a server's own defaults
+  (llama-cpp-python's repeat_penalty 1.1) never apply behind the user's back. A value the server refuses
+  is refused before sending (:func:`check_limits`); one that means "off" where the server refuses it is
+  left out. A seed the server does not follow (SGLang) is said and recorded.
 - Stop strings are the engine's, as for local models: the stream is closed where one appears, which
-  stops the server; so ``eos`` and ``stop`` mean the same for every server.
+  stops the server; so the server's ``stop`` is the model's end (``eos``). A reply the server aborted or
+  failed is an error, never a normal end; reasoning text is kept apart from the reply.
+- ``--timeout`` bounds the wait for data (:class:`_Watch`): keep-alive comments are no answer.
+- Token counts come from the server's usage, else its tokenizer, else stay unknown (never the number of
+  pieces).
 - The API key comes from an environment variable (``--api-key-env``, default ``OPENAI_API_KEY``). It
   lives in the HTTP client's headers only, and is scrubbed from anything the server says back.
 - Several requests may run side by side (:func:`nbllm.generate_many`), at most ``--max-concurrency``:
-  the per-generation facts (finish reason, usage, fingerprint) are kept per thread.
+  the per-generation facts (finish reason, usage, fingerprint, reasoning, rate, notes) are kept per thread.
+  llama-cpp-python's server gets one at a time (it cuts a running stream short for the next).
 """
 
 from __future__ import annotations
@@ -420,7 +429,7 @@ class OpenAILoader(TextLoader):
     def describe(self) -> dict[str, Any]:
         sent = sorted({f for fields in self.kind.fields.values() for f in fields})
         env = self.options.api_key_env if self.options is not None else "OPENAI_API_KEY"
-        return {
+        facts = {
             "server": self.kind.name + (f" {self.version}" if self.version else ""),
             "models": ", ".join(self.models),
             "samplers": ", ".join(sent) if sent else "temperature, top_p and seed only",
@@ -435,6 +444,7 @@ class OpenAILoader(TextLoader):
             "generation": "through Ollama's own /api/generate and /api/chat (its OpenAI layer reads no top_k, "
             "min_p, typical_p or repeat_penalty)" if self.kind.native else None,
         }
+        return {k: v for k, v in facts.items() if v is not None}
 
     # -- talking to the server -------------------------------------------------------------------
     def _models(self) -> list[dict[str, Any]]:
@@ -658,7 +668,7 @@ class OpenAILoader(TextLoader):
                 reply.text.append(text)
                 texts.append(text)
             if choice.get("finish_reason"):
-                self._finished(str(choice["finish_reason"]), reply, texts)
+                self._finished(str(choice["finish_reason"]), reply)
         return texts
 
     def _native(self, payload: dict[str, Any], reply: _Reply, at: float) -> list[str]:
@@ -682,10 +692,10 @@ class OpenAILoader(TextLoader):
             self.usage = (payload.get("prompt_eval_count"), count)
             if isinstance(count, int) and isinstance(seconds, (int, float)) and seconds > 0:
                 self.decode_rate = count / (seconds / 1e9)  # the server's own measure (nanoseconds)
-            self._finished(str(payload.get("done_reason") or "stop"), reply, texts)
+            self._finished(str(payload.get("done_reason") or "stop"), reply)
         return texts
 
-    def _finished(self, reason: str, reply: _Reply, texts: list[str]) -> None:
+    def _finished(self, reason: str, reply: _Reply) -> None:
         """Note the server's finish reason; a reply the server aborted or failed is never a normal end
         (:attr:`_Reply.failed`, raised by the reader)."""
         self.notes["finish_reason"] = reason
@@ -844,4 +854,5 @@ def _first_line(text: str) -> str:
     return lines[0].strip() if lines else ""
 
 
-__all__ = ["EXTRA_OPTIONS", "FORMAT", "SERVERS", "OpenAILoader", "ServerKind", "identify", "request_body"]
+__all__ = ["EXTRA_OPTIONS", "FAILED", "FINISH_REASONS", "FORMAT", "SERVERS", "OpenAILoader", "Range", "ServerKind",
+           "check_limits", "identify", "request_body"]
