@@ -57,14 +57,17 @@ def test_each_server_is_recognized_and_answers_raw_prompts_and_chats(dialect_ser
     assert chat.text == "w0 w1 w2 " and chat.record.mode == "chat"
     path, body = dialect_server.requests[-1]
     assert path == ("/api/chat" if name == "ollama" else "/v1/chat/completions")
-    if name == "text-generation-webui":  # it sends no usage: the count is unknown, never guessed
-        assert raw.completion_tokens is None and raw.timings.decode_tokens_per_second is None
-        assert "tokens: unknown" in raw.summary()
-    else:
-        assert (raw.completion_tokens, raw.prompt_tokens) == (5, 2)
     # a greedy request carries none of the samplers greedy decoding ignores (servers check them anyway)
     sent = body.get("options", body)
     assert not {"top_p", "top_k", "min_p", "typical_p"} & set(sent) or name == "ollama"
+    if name == "text-generation-webui":  # it sends no usage (here): a reply at the limit is max_tokens long...
+        assert (raw.completion_tokens, raw.prompt_tokens) == (5, None)
+        assert raw.record.model["completion_tokens_counted"].startswith("max_tokens")
+        ended = nbllm.generate("Go [eos]", temperature=0, max_new_tokens=5)  # ...another one's count is unknown
+        assert ended.completion_tokens is None and ended.timings.decode_tokens_per_second is None
+        assert "tokens: unknown" in ended.summary() and ended.text == "w0 w1 w2 "
+    else:
+        assert (raw.completion_tokens, raw.prompt_tokens) == (5, 2)
 
 
 @pytest.mark.parametrize("dialect_server", DIALECTS, indirect=True)
