@@ -593,7 +593,7 @@ class OpenAILoader(TextLoader):
                             f"({'[DONE] came first' if reply.done else 'the stream just ended'})",
                             "the partial text is kept; the server may have cut it short for another request: "
                             "check the server's log, then run the prompt again")
-                    self._count(request, reply)
+                self._count(request, reply)  # once the reply's connection is back (a server may hold its model till then)
             except httpx.HTTPError as exc:
                 if request.cancel.is_set():
                     return  # the connection was shut down to stop the reply: cancelled, not failed
