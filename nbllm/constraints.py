@@ -667,9 +667,9 @@ def request_fields(server: str, options: Any, *, chat: bool) -> dict[str, Any]:
         if kind in ("regex", "choice"):
             return {"response_format": {"type": "regex", "value": constraint.source if kind == "regex"
                                         else choices_regex(constraint.choices)}}
-    if server in ("openai", "ollama", "unknown") and openai_format is not None:
-        if server == "ollama" and kind == "json":  # Ollama's OpenAI endpoint maps response_format to its `format`
-            return {"response_format": {"type": "json_object"}}
+    if server == "ollama" and schema is not None:  # Ollama's own API: `format`, a schema or "json"
+        return {"format": schema if kind == "json_schema" else "json"}
+    if server in ("openai", "unknown") and openai_format is not None:
         return {"response_format": openai_format}
     takes = {"text-generation-webui": "GBNF grammars and choices only", "openai": "JSON schemas and JSON only",
              "ollama": "JSON schemas and JSON only", "unknown": "JSON schemas and JSON (response_format) only",

@@ -156,8 +156,8 @@ def test_parse_validates_against_the_schema_and_names_a_cut_off_output():
     ("llama.cpp", {"choice": ("a\"b", "c")}, {"grammar": 'root ::= "a\\"b" | "c"'}),
     ("llama-cpp-python", {"grammar": 'root ::= "a"'}, {"grammar": 'root ::= "a"'}),
     ("text-generation-webui", {"grammar": 'root ::= "a"'}, {"grammar_string": 'root ::= "a"'}),
-    ("ollama", {"json_schema": {"type": "object"}},
-     {"response_format": {"type": "json_schema", "json_schema": {"name": "output", "schema": {"type": "object"}, "strict": True}}}),
+    ("ollama", {"json_schema": {"type": "object"}}, {"format": {"type": "object"}}),
+    ("ollama", {"json": True}, {"format": "json"}),
     ("tgi", {"regex": "a+"}, {"response_format": {"type": "regex", "value": "a+"}}),
     ("nbllm", {"choice": ("x", "y")}, {"choice": ["x", "y"]}),
 ])
