@@ -402,9 +402,12 @@ def _stream(start: Callable[[], Result], post: Callable[[tuple[str, Any]], None]
             live.discard(result)
 
 
-def _usage(result: Result) -> dict[str, int]:
-    return {"prompt_tokens": result.prompt_tokens, "completion_tokens": result.completion_tokens,
-            "total_tokens": result.prompt_tokens + result.completion_tokens}
+def _usage(result: Result) -> dict[str, int] | None:
+    """The API's usage; ``None`` when a count is unknown (a model at a server that did not say): never a guess."""
+    prompt, completion = result.prompt_tokens, result.completion_tokens
+    if prompt is None or completion is None:
+        return None
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
 
 def _nbllm_error(exc: NbllmError, error: Callable[..., Any]) -> Any:

@@ -172,8 +172,9 @@ def replayed_result(run: Run, source: str) -> Result:
     marked ``replayed``."""
     record = Record.from_dict({**run.record, "replayed": {"source": source, "run": run.where}})
     result = Result(record.prompt, record.seed, record)
-    result.prompt_tokens = run.prompt_tokens or 0
-    result.counted_tokens = run.completion_tokens or 0
+    result.prompt_tokens = run.prompt_tokens  # None where the run's server did not say: unknown, as recorded
+    result.counted_tokens = run.completion_tokens
+    result.counts_unknown = run.completion_tokens is None
     known = {f.name for f in fields(Timings)}
     timings = Timings(**{k: v for k, v in (run.timings or {}).items() if k in known})
 

@@ -223,6 +223,9 @@ class StreamView:
         extra = full[len(self._text) :] if full.startswith(self._text) else ""
         self._text = full
         suffix = f"\n[{note}]" if note else ""
+        thought = result.reasoning.strip()  # a server's reasoning text: shown apart, after the reply
+        if thought:
+            suffix += f"\n[reasoning]\n{thought}"
         if not self.in_kernel:
             sys.stdout.write(extra + suffix + "\n")
             sys.stdout.flush()
@@ -287,10 +290,11 @@ def show_stream(shell: Any, result: Result, view: StreamView | None = None) -> R
             view.add(chunk)
     except KeyboardInterrupt:
         result.close()
-        view.finish(result, note=f"interrupted after {result.completion_tokens} tokens")
+        n = result.completion_tokens
+        after = f"{n} tokens" if n is not None else f"{len(result.chunks)} pieces"  # a server that did not count
+        view.finish(result, note=f"interrupted after {after}")
         raise UsageError(
-            f"Generation interrupted after {result.completion_tokens} tokens; the partial text is kept "
-            "and the model is still loaded."
+            f"Generation interrupted after {after}; the partial text is kept and the model is still loaded."
         ) from None
     view.finish(result, note="stopped" if result.finish_reason == "cancelled" else None)
     return result
