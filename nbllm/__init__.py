@@ -27,6 +27,7 @@ if TYPE_CHECKING:
     from .batch import generate_many
     from .chat import Conversation
     from .chat import Conversation as Chat
+    from .constraints import table
     from .engine import Engine, Status, get_engine
     from .lora import lora_add, lora_clear, lora_list, lora_remove, lora_restore
     from .recordings import Replay, replay
@@ -39,6 +40,7 @@ _LAZY = {
     "lora_add": ("lora", "lora_add"), "lora_clear": ("lora", "lora_clear"), "lora_list": ("lora", "lora_list"),
     "lora_remove": ("lora", "lora_remove"), "lora_restore": ("lora", "lora_restore"), "Replay": ("recordings", "Replay"),
     "replay": ("recordings", "replay"), "runs": ("runlog", "runs"), "sweep": ("sweeps", "sweep"),
+    "table": ("constraints", "table"),
 }
 """Names imported at first use: ``%load_ext nbllm`` (which imports this package) stays quick, without the
 engine, the loaders' registry or the download package."""
@@ -105,5 +107,5 @@ def load_ipython_extension(ipython: Any) -> None:
 __all__ = [
     "Chat", "Conversation", "Engine", "GenerationOptions", "LoadOptions", "NbllmError", "Record", "Replay", "Result",
     "Status", "generate", "generate_many", "get_engine", "load", "load_ipython_extension", "lora_add", "lora_clear",
-    "lora_list", "lora_remove", "lora_restore", "replay", "runs", "serve", "status", "stream", "sweep", "unload",
+    "lora_list", "lora_remove", "lora_restore", "replay", "runs", "serve", "status", "stream", "sweep", "table", "unload",
 ]

@@ -36,6 +36,7 @@ from typing import Any
 
 from .adapters import Adapter, adapters_line, check_format
 from .chat_template import FALLBACK_NOTE, ChatNote, render_chat, starts_with_bos
+from .constraints import refuse_unconstrained
 from .errors import GenerationError, LoadError, NbllmError, NbllmWarning, NoModelLoadedError, OptionError
 from .loaders import Loader, Placement, Request, TextLoader, TokenLoader, choose_loader, resolve_source
 from .loaders.base import LoadInstead
@@ -497,6 +498,7 @@ class Engine:
                             "if the reply reaches the end)",
                             NbllmWarning, stacklevel=2,
                         )
+            refuse_unconstrained(loader, opts)
             seed = opts.seed if opts.seed is not None else secrets.randbelow(2**32)
             result = Result(prompt.text, seed, self._record(loader, prompt, opts, seed, conversation))
             result.prompt_tokens = len(ids) if ids is not None else 0
@@ -660,6 +662,7 @@ class Engine:
             timings.total_seconds = end - start
             record.reused_prefix_tokens = loader.reused_tokens
             timings.compile_seconds = loader.compile_seconds
+            timings.grammar_seconds = loader.grammar_seconds
             if isinstance(loader, TextLoader):  # counts the engine behind did not give stay unknown (None)
                 result.prompt_tokens, result.counted_tokens = loader.usage
                 result.counts_unknown = result.counted_tokens is None
@@ -710,6 +713,7 @@ class Engine:
         with self._cond, _finished_on_interrupt(results):
             self._settle()
             loader = self.loader
+            refuse_unconstrained(loader, opts)
             size = loader.batch_size if isinstance(loader, TokenLoader) else 1
             limit = loader.context_length
             for start in range(0, len(prompts), max(size, 1)):
@@ -859,7 +863,7 @@ class Engine:
                 tail = holdbacks[row].feed(decoders[row].flush()) + holdbacks[row].flush()
                 if tail:
                     result.chunks.append(tail)
-                timings = Timings(total_seconds=(ends[row] or clock()) - start)
+                timings = Timings(total_seconds=(ends[row] or clock()) - start, grammar_seconds=loader.grammar_seconds)
                 n = len(result.token_ids)
                 if first is not None and n:
                     timings.time_to_first_token = first - start

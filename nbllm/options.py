@@ -596,7 +596,8 @@ class LoadOptions(_Schema):
 class GenerationOptions(_Schema):
     """How text is sampled. The defaults are nbllm's, documented in the README."""
 
-    GROUPS: ClassVar[dict[str, str]] = {"sampling": "Sampling", "length": "Length and stopping"}
+    GROUPS: ClassVar[dict[str, str]] = {"sampling": "Sampling", "length": "Length and stopping",
+                                        "structured": "Structured output"}
 
     max_new_tokens: int = option(
         512, "Most tokens to generate.", group="length", minimum=1, flag="--max-new-tokens", metavar="N"
@@ -633,6 +634,31 @@ class GenerationOptions(_Schema):
         None, "Random seed. Unset: one is drawn and recorded with the output, so it can be reproduced.",
         group="sampling", minimum=0, maximum=2**32 - 1, example="1234",
     )
+    # Structured output (nbllm/constraints.py; docs/structured.md): at most one of these per request.
+    json_schema: str | None = option(
+        None, "The output is JSON that follows this JSON Schema: JSON text or a .json file (Python: also a dict "
+        "or a pydantic model class); r.parsed reads it.", group="structured", metavar="SCHEMA", panel=False,
+    )
+    schema: str | None = option(
+        None, "simonw/llm's short schema syntax for a JSON object: 'name, age int, bio: one sentence' (types: "
+        "str, int, float, bool; every field required).", group="structured", metavar="FIELDS",
+    )
+    schema_multi: bool = option(
+        False, "With --schema or --json-schema: many items per answer, as {\"items\": [...]}.", group="structured",
+        panel=False,
+    )
+    json: bool = option(False, "The output is a JSON object (any keys).", group="structured", panel=False)
+    regex: str | None = option(
+        None, "The whole output matches this regular expression.", group="structured", metavar="REGEX", panel=False,
+    )
+    choice: tuple[str, ...] = option(
+        (), "The output is exactly one of these strings; repeat the flag for each.", group="structured",
+        metavar="TEXT",
+    )
+    grammar: str | None = option(
+        None, "The output follows this GBNF grammar (llama.cpp's format: root ::= ...), as text or a .gbnf file.",
+        group="structured", metavar="GBNF", panel=False,
+    )
 
     PRESETS: ClassVar[dict[str, dict[str, Any]]] = {
         "deterministic": {"temperature": 0.0, "top_p": 0.9, "top_k": 0, "min_p": 0.0, "repetition_penalty": 1.0},
@@ -660,8 +686,37 @@ class GenerationOptions(_Schema):
         start = base.to_dict() if base is not None else {}
         return cls.from_dict({**start, **cls.PRESETS[name], **overrides})
 
+    def __post_init__(self) -> None:
+        if self.json_schema is not None or self.grammar is not None:  # a dict, a model class, a file → text
+            from .constraints import grammar_text, schema_text
+
+            if self.json_schema is not None:
+                object.__setattr__(self, "json_schema", schema_text(self.json_schema))
+            if self.grammar is not None:
+                object.__setattr__(self, "grammar", grammar_text(self.grammar))
+        super().__post_init__()
+
+    def replace(self, **changes: Any) -> GenerationOptions:
+        """A copy with some options changed (validated). A constraint among the changes replaces the
+        one these options had (a cell's --json over a panel's default schema), rather than joining it."""
+        from .constraints import without_other_constraints
+
+        return type(self).from_dict(without_other_constraints(self.to_dict(), changes))
+
+    @classmethod
+    def from_namespace(cls, ns: argparse.Namespace, base: GenerationOptions | None = None) -> GenerationOptions:
+        """Options from parsed flags over ``base``; a constraint flag replaces ``base``'s constraint."""
+        from .constraints import without_other_constraints
+
+        start = base.to_dict() if base is not None else {}
+        return cls.from_dict(without_other_constraints(start, cls.typed(ns)))
+
     def validate(self) -> None:
         super().validate()
+        if self.json_schema or self.schema or self.schema_multi or self.json or self.regex or self.choice or self.grammar:
+            from .constraints import check_options
+
+            check_options(self)
         if any(s == "" for s in self.stop):
             raise OptionError("--stop '' is empty", "give the text to stop at")
         if self.greedy:

@@ -82,12 +82,13 @@ class Record:
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> Record:
         """A record as :meth:`to_dict` wrote it (keys this version does not know are left out; JSON's
-        lists of stop strings become tuples again). A missing required field raises ``KeyError``."""
+        lists of stop strings and choices become tuples again). A missing required field raises ``KeyError``."""
         known = {f.name for f in fields(cls)}
         values = {k: v for k, v in data.items() if k in known}
         options = dict(values.get("generation_options") or {})
-        if isinstance(options.get("stop"), list):
-            values["generation_options"] = {**options, "stop": tuple(options["stop"])}
+        for name in ("stop", "choice"):  # the options that are tuples
+            if isinstance(options.get(name), list):
+                values["generation_options"] = options = {**options, name: tuple(options[name])}
         return cls(**values)
 
     def complete_later(self, key: str, value: concurrent.futures.Future[Any]) -> None:
@@ -131,6 +132,9 @@ class Timings:
     compile_seconds: float | None = None
     """Seconds spent compiling before the first token (``--compile``'s first generation of a cache size);
     included in ``time_to_first_token``."""
+    grammar_seconds: float | None = None
+    """Seconds spent compiling the output's constraint (structured output) for this model's tokenizer; 0
+    when it came from the cache, ``None`` without a constraint. Included in ``time_to_first_token``."""
 
 
 class Result:
@@ -302,6 +306,16 @@ class Result:
     def replayed(self) -> bool:
         """Whether this result was answered from a recording (``nbllm.replay``) rather than generated."""
         return self.pending_record.replayed is not None
+
+    @property
+    def parsed(self) -> Any:
+        """The output as data, for a request with a constraint (structured output): the JSON value,
+        validated against the schema (an instance of the pydantic model it came from), or the choice,
+        or the text that matched the regex or grammar. An output cut off at ``max_new_tokens`` (its
+        text is kept) or that does not fit raises :class:`nbllm.constraints.ParseError` in one line."""
+        from .constraints import parsed
+
+        return parsed(self)
 
     @property
     def completion_tokens(self) -> int | None:

@@ -83,6 +83,12 @@ class _Request(_Model):
     typical_p: float | None = None
     repetition_penalty: float | None = None
     repeat_penalty: float | None = None
+    # structured output (nbllm/constraints.py): OpenAI's response_format; nbllm's (and vLLM's) grammar,
+    # regex and choice
+    response_format: dict[str, Any] | None = None
+    grammar: str | None = None
+    regex: str | None = None
+    choice: list[str] | None = None
 
 
 class CompletionRequest(_Request):
@@ -102,7 +108,6 @@ class ChatRequest(_Request):
     max_completion_tokens: int | None = None
     logprobs: bool | None = None
     top_logprobs: int | None = None
-    response_format: dict[str, Any] | None = None
     tools: list[dict[str, Any]] | None = None
     tool_choice: str | dict[str, Any] | None = None
     parallel_tool_calls: bool | None = None
@@ -126,7 +131,6 @@ UNSUPPORTED: dict[str, Callable[[Any], bool]] = {
     "logit_bias": bool,
     "frequency_penalty": bool,
     "presence_penalty": bool,
-    "response_format": lambda v: bool(v) and v.get("type") != "text",
 }
 """Fields the API has that nbllm cannot honour, and when a value asks for them (``n: 1`` does not)."""
 
@@ -195,7 +199,7 @@ def generation_options(request: CompletionRequest | ChatRequest, defaults: Gener
         for name in ("top_p", "top_k", "min_p", "typical_p"):
             values[name] = GenerationOptions.spec(name).default
     try:
-        return GenerationOptions.from_dict(values)
+        return GenerationOptions.from_dict(_with_constraint(values, request))
     except OptionError as exc:  # a combination of values: said in the options' words
         raise RequestError(None, exc.cause, exc.fix) from None
 
@@ -236,6 +240,15 @@ def _shown(value: Any) -> str:
 def param_of(exc: BaseException) -> str | None:
     """The request field an error is about (``None``: the request as a whole)."""
     return exc.param if isinstance(exc, RequestError) else None
+
+
+def _with_constraint(values: dict[str, Any], request: CompletionRequest | ChatRequest) -> dict[str, Any]:
+    """``values`` with the request's constraint (structured output), which replaces the defaults' one
+    (see :func:`nbllm.constraints.server_options`)."""
+    from .constraints import server_options, without_other_constraints
+
+    fields = {k: getattr(request, k) for k in ("response_format", "grammar", "regex", "choice")}
+    return without_other_constraints(values, server_options({k: v for k, v in fields.items() if v is not None}))
 
 
 __all__ = ["UNSUPPORTED", "ChatMessage", "ChatRequest", "CompletionRequest", "ContentPart", "RequestError",

@@ -19,6 +19,7 @@ import warnings
 from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
+from .constraints import with_fields
 from .engine import Engine, get_engine
 from .errors import NbllmWarning, NoModelLoadedError, OptionError
 from .options import GenerationOptions, decode_escapes
@@ -168,7 +169,7 @@ def sweep(
             finish_reason=result.finish_reason,
             record_id=result.record.id,
         )
-        table.append(row)
+        table.extend(with_fields(row, result))  # a JSON-constrained output: a column per field
     frame = pd.DataFrame(table)
     frame.attrs["interrupted"] = interrupted
     frame.attrs["stopped"] = stopped

@@ -100,6 +100,9 @@ class Loader(ABC):
     adapters: ClassVar[frozenset[str]] = frozenset()
     """The adapter formats (:attr:`nbllm.adapters.Adapter.format`: ``peft``, ``gguf``) this loader applies
     to a loaded model with :meth:`set_adapters`; empty: none."""
+    structured_output: ClassVar[bool] = False
+    """True when the loader holds its output to a request's constraint (``--json-schema``, ``--regex``...:
+    :mod:`nbllm.constraints`); the engine refuses a constrained request for any other in one line."""
     batch_size: ClassVar[int] = 1
     """How many prompts the loader generates at once (:meth:`TokenLoader.generate_batch`); 1: one
     after another. Sweeps ask the engine for batches of up to this many rows."""
@@ -116,6 +119,11 @@ class Loader(ABC):
         """How many prompt tokens the last generation took from the kept state instead of computing."""
         self.compile_seconds: float | None = None
         """Seconds the last generation spent compiling (``--compile``'s first generation), else ``None``."""
+        self.grammar_seconds: float | None = None
+        """Seconds the last generation spent compiling its constraint (structured output; 0 when it came
+        from the cache), ``None`` without one."""
+        self.constraints: Any = None
+        """The loaded model's compiled constraints (:class:`nbllm.constraints.Compiler`), made on first use."""
 
     # -- what a user typed, before anything is released --------------------------------------------
     @classmethod

@@ -289,6 +289,8 @@ def machine_notes(options: LoadOptions, *, gpu: bool, cores: int) -> list[str]:
 class LlamaCppLoader(TokenLoader):
     """Loads one GGUF file with ``llama_cpp.Llama`` and generates from it."""
 
+    structured_output: ClassVar[bool] = True
+
     name: ClassVar[str] = "llama.cpp"
     formats: ClassVar[frozenset[str]] = frozenset({"gguf"})
     load_options: ClassVar[frozenset[str]] = frozenset({
@@ -583,7 +585,8 @@ class LlamaCppLoader(TokenLoader):
         llm.set_seed(seed if seed != LLAMA_DEFAULT_SEED else LLAMA_DEFAULT_SEED - 1)
         eos = self._eos
         produced = 0
-        tokens = llm.generate(prompt_ids, reset=True, **self.sampling_kwargs(request.options))
+        tokens = llm.generate(prompt_ids, reset=True, **self.sampling_kwargs(request.options),
+                              **self._constraint_processor(request))
         try:
             for token in tokens:
                 if cancel.is_set():
@@ -594,6 +597,22 @@ class LlamaCppLoader(TokenLoader):
                     return
         finally:
             tokens.close()
+
+    def _constraint_processor(self, request: Request) -> dict[str, Any]:
+        """``logits_processor`` for a request with a constraint (structured output): the same llguidance
+        matcher as the Transformers loader, over the GGUF's vocabulary, masking the logits before
+        llama.cpp's samplers; no keyword without one."""
+        from ..constraints import Constraint, llamacpp_compiler, numpy_processor
+
+        constraint = Constraint.from_options(request.options)
+        self.grammar_seconds = None
+        if constraint is None:
+            return {}
+        if self.constraints is None:
+            self.constraints = llamacpp_compiler(self.llm, None)
+        compiled = self.constraints.compile(constraint)
+        self.grammar_seconds = compiled.seconds
+        return {"logits_processor": [numpy_processor(compiled, len(request.prompt_ids or ()))]}
 
     # -- LoRA adapters (GGUF) -----------------------------------------------------------------------
     def set_adapters(self, adapters: Sequence[Adapter]) -> None:

@@ -228,7 +228,15 @@ def request_body(kind: ServerKind, model_id: str, request: Request) -> tuple[str
             body[f] = value
     if kind.name == "llama.cpp":
         body["repeat_last_n"] = -1  # the whole context, as vLLM's and Transformers' penalties (default: 64)
+    body.update(_constraint_fields(kind, request))
     return path, body, unsent
+
+
+def _constraint_fields(kind: ServerKind, request: Request) -> dict[str, Any]:
+    """Structured output in this server's dialect (:func:`nbllm.constraints.request_fields`)."""
+    from ..constraints import request_fields
+
+    return request_fields(kind.name, request.options, chat=request.messages is not None)
 
 
 def _native_body(kind: ServerKind, model_id: str, request: Request) -> tuple[str, dict[str, Any], list[str]]:
@@ -239,7 +247,7 @@ def _native_body(kind: ServerKind, model_id: str, request: Request) -> tuple[str
         "top_p": opts.top_p, "top_k": opts.top_k, "min_p": opts.min_p, "typical_p": opts.typical_p,
         "repeat_penalty": opts.repetition_penalty, "repeat_last_n": -1,
     }
-    body: dict[str, Any] = {"model": model_id, "stream": True, "options": options}
+    body: dict[str, Any] = {"model": model_id, "stream": True, "options": options, **_constraint_fields(kind, request)}
     if request.messages is not None:  # a final assistant message is continued by Ollama itself
         body["messages"] = [dict(m) for m in request.messages]
         return "api/chat", body, []
@@ -330,6 +338,7 @@ class OpenAILoader(TextLoader):
     load_options: ClassVar[frozenset[str]] = frozenset({"remote_model", "api_key_env", "max_concurrency", "timeout"})
     libraries: ClassVar[tuple[str, ...]] = ("httpx",)
     renders_chat: ClassVar[bool] = True
+    structured_output: ClassVar[bool] = True  # passed on in the server's dialect, or refused by kind
 
     def __init__(self) -> None:
         self._local = _Facts()

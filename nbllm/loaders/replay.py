@@ -78,6 +78,7 @@ class ReplayLoader(TextLoader):
     load_options: ClassVar[frozenset[str]] = frozenset(LoadOptions.names())
     adapters: ClassVar[frozenset[str]] = frozenset({"peft", "gguf"})  # noted, as the model is: nothing is applied
     renders_chat: ClassVar[bool] = True  # requests carry the messages, as the recorded identities do
+    structured_output: ClassVar[bool] = True  # a constraint is part of the identity a recorded run matches
     replay: ClassVar[Replaying]
 
     def __init__(self) -> None:

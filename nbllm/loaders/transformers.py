@@ -185,6 +185,7 @@ class TransformersLoader(TokenLoader):
         "transformers", "torch", "accelerate", "bitsandbytes", "huggingface_hub", "tokenizers", "peft",
     )
     adapters: ClassVar[frozenset[str]] = frozenset({"peft"})
+    structured_output: ClassVar[bool] = True
 
     def __init__(self) -> None:
         super().__init__()
@@ -508,7 +509,7 @@ class TransformersLoader(TokenLoader):
 
     def generate_tokens(self, request: Request) -> Iterator[int]:
         import torch
-        from transformers import StoppingCriteria, StoppingCriteriaList
+        from transformers import LogitsProcessorList, StoppingCriteria, StoppingCriteriaList
         from transformers.generation.streamers import BaseStreamer
 
         from ._seeding import set_seed  # not transformers': its import takes seconds (see _seeding)
@@ -518,7 +519,8 @@ class TransformersLoader(TokenLoader):
         prompt_ids, seed, cancel, reuse_prefix = request.prompt_ids, request.seed, request.cancel, request.reuse_prefix
         assert prompt_ids is not None
         self.compile_seconds = None
-        if self._compiled is not None:
+        constrained = self._constraint_processors(request, rows=1, width=len(prompt_ids))
+        if self._compiled is not None and not constrained:
             return self._compiled_tokens(request)
 
         device = self._input_device()
@@ -563,12 +565,32 @@ class TransformersLoader(TokenLoader):
                     streamer=Emit(),
                     stopping_criteria=StoppingCriteriaList([Cancelled()]),
                     cache=cache,
+                    **({"logits_processor": LogitsProcessorList(constrained)} if constrained else {}),
                     **kwargs,
                 )
             if reuse_prefix:
                 self._cache, self._cache_ids = cache, (prompt_ids + produced)[: cache.get_seq_length()]
 
         return threaded_tokens(run, cancel)
+
+    def _constraint_processors(self, request: Request, *, rows: int, width: int) -> list[Any]:
+        """The logits processor that holds the output to the request's constraint (structured output:
+        one llguidance matcher per row), or none. ``--compile``'s decode step picks tokens inside its
+        graph, where no processor can go: a constrained request runs eagerly (a note says so)."""
+        from ..constraints import Constraint, hf_compiler, torch_processor
+
+        constraint = Constraint.from_options(request.options)
+        self.grammar_seconds = None
+        if constraint is None:
+            return []
+        if self._compiled is not None and rows == 1:  # (padded batches never use the compiled step)
+            warnings.warn("--compile: a constrained request (structured output) runs without the compiled step",
+                          NbllmWarning, stacklevel=4)
+        if self.constraints is None:
+            self.constraints = hf_compiler(self.tokenizer, self.model.config, self.eos_token_ids)
+        compiled = self.constraints.compile(constraint)
+        self.grammar_seconds = compiled.seconds
+        return [torch_processor(compiled, rows, width)]
 
     def _compiled_tokens(self, request: Request) -> Iterator[int]:
         """``--compile``: the compiled decode step generates (it keeps no prefix: the whole prompt is
@@ -771,7 +793,7 @@ class TransformersLoader(TokenLoader):
                     chosen[i, token[0, 0]] = 0.0
                 return chosen
 
-        processors = LogitsProcessorList()
+        processors = LogitsProcessorList(self._constraint_processors(requests[0], rows=len(rows), width=width))
         if options.repetition_penalty != 1.0:
             processors.append(PenaltyOnRows())
             kwargs["repetition_penalty"] = 1.0
