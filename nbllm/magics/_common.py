@@ -12,7 +12,7 @@ import shlex
 import sys
 import time
 import warnings
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any, TypeVar
 
 from IPython.core import magic_arguments
@@ -147,15 +147,24 @@ class StreamView:
 
             self._handle = display({"text/plain": ""}, raw=True, display_id=True)
 
-    def waiting(self, _result: Result | None = None) -> None:
+    waited_on: Result | None = None
+    """The reply (another thread's) this cell said it waits for."""
+
+    def waiting(self, result: Result | None = None) -> None:
         """Say that the model is busy with a reply another thread is writing (the chat panel's): the
         output is not empty while the cell waits for it (the text replaces this line)."""
+        self.waited_on = result
         line = WAITING
         if not self.in_kernel:
             print(line, flush=True)
             return
         self.start()
         self._handle.update({"text/plain": line}, raw=True)
+
+    def clear(self) -> None:
+        """Take back what the view shows (the waiting line of a cell that ends without a reply)."""
+        if self.in_kernel and self._handle is not None:
+            self._handle.update({"text/plain": ""}, raw=True)
 
     def add(self, chunk: str) -> None:
         self._text += chunk
@@ -194,15 +203,27 @@ def output_metadata(result: Result, note: str | None = None) -> dict[str, Any]:
 
 
 WAITING = ("[waiting for the chat panel's reply to end: the model writes one reply at a time (interrupt the kernel "
-           "to stop waiting)…]")
+           "to stop that reply and this cell)…]")
 
 
-def waiting_shown(view: StreamView) -> contextlib.AbstractContextManager[None]:
+@contextlib.contextmanager
+def waiting_shown(view: StreamView) -> Iterator[None]:
     """Start a generation inside this block: if the engine has to wait for a reply being written on
-    another thread (the chat panel's), ``view`` says so."""
+    another thread (the chat panel's), ``view`` says so. A kernel interrupt while it waits stops that
+    reply (what it wrote is kept) and ends the cell in one line, its waiting line gone."""
     from ..engine import get_engine
 
-    return get_engine().on_wait(view.waiting)
+    with get_engine().on_wait(view.waiting):
+        try:
+            yield
+        except KeyboardInterrupt:
+            reply = view.waited_on
+            if reply is None:
+                raise
+            reply.cancel()
+            view.clear()
+            raise UsageError("Interrupted: the chat panel's reply this cell waited for was stopped (what it wrote is "
+                             "kept, marked partial); run the cell again for its own reply.") from None
 
 
 def show_stream(shell: Any, result: Result, view: StreamView | None = None) -> Result:
