@@ -723,8 +723,8 @@ def test_a_load_during_a_chat_reply_says_it_waits_for_it_and_can_stop_it(
     select(settings, "org_tiny")
     assert settings.stop_reply_button.layout.display == "none"
     settings.load_button.click()
-    wait_for(lambda: "waiting for the chat panel's reply" in settings.status.value, what="the load saying it waits")
-    assert "Loading org_tiny: waiting for the chat panel's reply to end" in settings.status.value
+    said = html.escape("Loading org_tiny: waiting for the chat panel's reply to end")
+    wait_for(lambda: said in settings.status.value, what="the load saying it waits")
     assert settings.stop_reply_button.layout.display is None and chat.generating
     settings.stop_reply_button.click()
     assert settings.wait(60) and chat.wait(30)

@@ -794,8 +794,8 @@ class SettingsPanel(W.VBox):
         body = f"<b style='{WRAP}'>{html.escape(line)}</b>"
         if details:
             body += (f"<details><summary style='{HELP_STYLE}; cursor: pointer'>details</summary>"
-                     f"<pre class='nbllm-status-details' style='{HELP_STYLE}; {WRAP}; white-space: pre-wrap'>"
-                     f"{html.escape(details)}</pre></details>")  # its lines kept: pre-wrap after WRAP's normal
+                     f"<pre class='nbllm-status-details' style='{HELP_STYLE}; white-space: pre-wrap; "
+                     f"overflow-wrap: break-word'>{html.escape(details)}</pre></details>")  # its lines kept
         return f"<div style='margin: 4px 0; {WRAP}'>{body}</div>"
 
 
