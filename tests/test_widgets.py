@@ -290,6 +290,19 @@ def test_each_loader_keeps_its_choices_and_empty_groups_have_no_heading(
     assert settings.load_fields["alpha_value"].value == 1.5
 
 
+def test_a_second_panel_starts_the_other_loader_from_its_defaults_not_the_loaded_models(
+    settings: SettingsPanel, engine: Any, folder: Path
+) -> None:
+    engine.load(folder / "org_tiny", alpha_value=2.0)
+    second = SettingsPanel(models_dir=folder)
+    try:
+        assert second.load_fields["alpha_value"].value == 2.0  # the loaded model's, for its loader
+        select(second, "tiny.gguf")
+        assert second.load_fields["alpha_value"].value == 1.0  # llama.cpp's own default
+    finally:
+        second.close()
+
+
 def test_load_with_no_model_in_the_folder_says_what_to_do(tmp_path: Path, engine: Any) -> None:
     panel = SettingsPanel(models_dir=tmp_path / "empty")
     panel.load_button.click()
