@@ -747,7 +747,13 @@ def test_a_load_during_a_chat_reply_says_it_waits_for_it_and_can_stop_it(
 
 
 def test_the_openai_loader_takes_a_server_url_and_the_key_s_variable_name(settings: SettingsPanel,
-                                                                        engine: Any) -> None:
+                                                                        engine: Any, tiny_gguf: Path,
+                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    need("llama_cpp.server", "needs llama-cpp-python[server]")
+    try:
+        from servers import LlamaCppServer
+    except ImportError:  # tests/ imported as a package
+        from tests.servers import LlamaCppServer
     select(settings, "org_tiny")
     assert settings.server_row.layout.display == "none" and settings.model_row.layout.display is None
     settings.load_fields["loader"].value = "openai"
@@ -757,6 +763,22 @@ def test_the_openai_loader_takes_a_server_url_and_the_key_s_variable_name(settin
     assert settings.messages.error_text == (
         "no server URL is given. Type the server's URL in the Server URL field, e.g. http://127.0.0.1:8000/v1.")
     assert not engine.loaded
+    # A real server that wants a key: the panel names the variable, the key stays in the environment.
+    server = LlamaCppServer(tiny_gguf, api_key="panel-secret")
+    try:
+        monkeypatch.setenv("PANEL_TEST_KEY", "panel-secret")
+        settings.load_fields["api_key_env"].input.value = "PANEL_TEST_KEY"
+        settings.server_url.value = server.url
+        settings.load_button.click()
+        assert settings.wait(60) and settings.messages.error_text == "", settings.messages.error_text
+        status = engine.status()
+        assert status.loader == "openai" and status.path == server.url
+        assert status.options == {"loader": "openai", "api_key_env": "PANEL_TEST_KEY"}
+        assert "panel-secret" not in settings.status.value and "panel-secret" not in repr(status)
+        assert engine.generate("Hi", temperature=0, max_new_tokens=3).completion_tokens > 0
+    finally:
+        engine.unload()
+        server.stop()
 
 
 def test_success_and_information_are_not_warning_orange() -> None:
