@@ -39,7 +39,7 @@ from .chat_template import FALLBACK_NOTE, ChatNote, render_chat, starts_with_bos
 from .errors import GenerationError, LoadError, NbllmError, NbllmWarning, NoModelLoadedError, OptionError
 from .loaders import Loader, Placement, Request, TextLoader, TokenLoader, choose_loader, resolve_source
 from .loaders.base import LoadInstead
-from .memory import format_memory, process_rss
+from .memory import drop_frames, format_memory, process_rss
 from .options import GenerationOptions, LoadOptions
 from .result import Record, Result, Timings, clock, library_versions
 from .source import ModelSource
@@ -70,7 +70,8 @@ class Status:
     def lines(self) -> list[str]:
         if not self.loaded:
             return ["No model loaded. Load one with %llm_load MODEL (or nbllm.load(...))."]
-        opts = " ".join(f"{LoadOptions.spec(k).flag} {v}" if v is not True else LoadOptions.spec(k).flag
+        opts = " ".join(LoadOptions.spec(k).flag if v is True else "--no-" + LoadOptions.spec(k).flag[2:]
+                        if v is False else f"{LoadOptions.spec(k).flag} {v}"
                         for k, v in self.options.items()) or "defaults"
         out = [
             f"model:     {self.model} ({self.format}) — {self.path}",
@@ -136,6 +137,9 @@ class Engine:
         its stand-in loader records the model asked for and loads nothing); ``None`` from it: as usual."""
         self._listeners: list[Callable[[Result], None]] = []
         self._waiting = threading.local()
+        self.stood_in_by: Loader | None = None
+        """The stand-in (replay) whose miss loaded the model now loaded (``--fallback run``), else ``None``:
+        a sweep goes on across that change, and stops at any other."""
 
     def on_result(self, callback: Callable[[Result], None]) -> Callable[[], None]:
         """Call ``callback(result)`` each time a generation of this engine finishes, however it was
@@ -247,6 +251,7 @@ class Engine:
             except Exception as failure:  # a loader's own NbllmError, or anything a loader let through
                 error = plan.explained(failure, source, opts, during="load") or _load_error(failure, cls, source)
                 cause = failure.__cause__ if isinstance(failure, NbllmError) and failure.__cause__ else failure
+                drop_frames(failure)  # what the failed load built (a partial model) goes before the previous comes back
                 if previous is not None and self._restore(*previous):  # type: ignore[arg-type]
                     error.cause += f" ({previous[0].name} is loaded again{dropped})"  # type: ignore[union-attr]
                     error.args = (error.message,)
@@ -289,6 +294,7 @@ class Engine:
         self._source = self._options = self._asked = None
         self._hashes = None
         self._adapters = ()
+        self.stood_in_by = None
         if loader is not None:
             loader.unload()
             del loader
@@ -498,8 +504,7 @@ class Engine:
             try:
                 answered = loader.answer(request)
             except LoadInstead as instead:  # a stand-in (replay) gave up: the real model from here on
-                self.route = None
-                self.load(instead.model, instead.options)
+                self._load_instead(instead)
                 return self.stream_prompt(self._prepared_again(prompt, continue_final), opts, conversation=conversation,
                                           reuse_prefix=reuse_prefix, continue_final=continue_final)
             if answered is not None:  # a stand-in answered from its records: nothing runs
@@ -510,6 +515,26 @@ class Engine:
             result.on_done(self._released_by)
             result.on_done(self._notify)
             return result.attach(self._run(loader, request, result, context_capped=capped is not opts))
+
+    def _load_instead(self, instead: LoadInstead) -> None:
+        """Load the real model a stand-in gave up for. If that fails the stand-in stays, its route (the
+        replay stays on) and its adapters with it, and the error says so: one state, told alike."""
+        route, stand_in, adapters = self.route, self._loader, self._adapters
+        self.route = None
+        try:
+            self.load(instead.model, instead.options)
+        except NbllmError as error:
+            self.route = route
+            if self._loader is not stand_in:  # released by the failed load: stand in again (loads nothing)
+                self.load(instead.model, instead.options)
+                if adapters:
+                    self.set_adapters(adapters)
+            error.cause += "; the replay stays on (recorded requests still replay, the next miss tries the load again)"
+            error.args = (error.message,)
+            raise
+        self.stood_in_by = stand_in
+        if instead.loaded is not None:
+            instead.loaded()
 
     def _record(self, loader: Loader, prompt: Prompt, opts: GenerationOptions, seed: int,
                 conversation: dict[str, Any] | None, batch: dict[str, Any] | None = None) -> Record:
@@ -620,6 +645,7 @@ class Engine:
             from .fit import plan
 
             mapped = plan.explained(exc, self._source, self._options, during="generation")
+            drop_frames(exc)  # its frames hold the KV cache and activations; IPython keeps the error after the cell
             raise (mapped or GenerationError(
                 f"generation failed in {loader.name}: {type(exc).__name__}: {exc}".splitlines()[0],
                 "the model is still loaded; check the options, or reload the model if this repeats",

@@ -135,8 +135,14 @@ def lora_add(adapter: str | Path, scale: float = 1.0, *, revision: str | None = 
     replaced (its scale changed). Returns the adapters now applied. The model is not reloaded."""
     options = LoraOptions.from_dict(scale=scale, revision=revision)
     eng = _engine(engine)
-    _ = eng.loader  # nothing is loaded: say so before resolving (or downloading) anything
-    new = resolve_adapter(adapter, revision=options.revision, scale=options.scale)
+    loader = eng.loader  # nothing is loaded: say so before resolving (or downloading) anything
+    from .loaders.replay import ReplayLoader  # lazy, as the loaders are
+
+    if isinstance(loader, ReplayLoader):  # a replay notes the adapter as recorded, as it notes the model
+        spec = f"{adapter}:{options.revision}" if options.revision else str(adapter)
+        new = loader.adapter(spec, scale=options.scale)
+    else:
+        new = resolve_adapter(adapter, revision=options.revision, scale=options.scale)
     current = list(eng.adapters)
     if any(a.name == new.name for a in current):
         current = [new if a.name == new.name else a for a in current]
@@ -171,9 +177,14 @@ def lora_restore(recorded: Sequence[Mapping[str, Any]], *, engine: Engine | None
     else by its hub repository and commit, else by name; one whose weights no longer have the recorded
     sha256 is refused."""
     eng = _engine(engine)
-    _ = eng.loader
+    loader = eng.loader
+    from .loaders.replay import ReplayLoader
+
     wanted = []
     for item in recorded:
+        if isinstance(loader, ReplayLoader):
+            wanted.append(loader.adapter(str(item.get("path") or item["name"]), scale=float(item.get("scale", 1.0))))
+            continue
         path, repo, revision = item.get("path"), item.get("repo_id"), item.get("revision")
         spec = path if path and Path(path).exists() else f"{repo}:{revision}" if repo and revision else repo or item["name"]
         adapter = resolve_adapter(spec, scale=float(item.get("scale", 1.0)))

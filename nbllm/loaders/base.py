@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import threading
 from abc import ABC, abstractmethod
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -71,10 +71,12 @@ class LoadInstead(Exception):
     back (``%llm_replay SOURCE --fallback run``): the engine loads ``model`` with ``options`` for real
     (the stand-in is not used again) and runs the request on it."""
 
-    def __init__(self, model: str, options: LoadOptions) -> None:
+    def __init__(self, model: str, options: LoadOptions, loaded: Callable[[], None] | None = None) -> None:
         super().__init__(model)
         self.model = model
         self.options = options
+        self.loaded = loaded
+        """Called once the real model is loaded (a replay re-applies the stand-in's adapters to it)."""
 
 
 class Loader(ABC):

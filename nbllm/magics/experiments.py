@@ -86,7 +86,8 @@ def show_sweep(prompt: str, options: GenerationOptions, grid: str, *, chat: bool
     rows = [{"record": r.record.to_dict(), "outcome": r.outcome(text=True)} for r in results if r.record is not None]
     display(frame, metadata={"nbllm_runs": rows})
     if frame.attrs.get("interrupted"):
-        raise UsageError(f"Sweep interrupted after {len(frame)} of {frame.attrs['runs']} runs; the table keeps them.")
+        how = f"stopped ({frame.attrs['stopped']})" if frame.attrs.get("stopped") else "interrupted"
+        raise UsageError(f"Sweep {how} after {len(frame)} of {frame.attrs['runs']} runs; the table keeps them.")
 
 
 __all__ = ["ExperimentMagics", "show_sweep"]
