@@ -277,7 +277,7 @@ def test_each_loader_keeps_its_choices_and_empty_groups_have_no_heading(
     assert all(g.layout.display is None for k, g in settings.option_groups.items() if k not in ("quantization", "remote"))
     # ... but llama.cpp, shown for the first time, starts from its own defaults: nothing carried over
     assert settings.load_fields["alpha_value"].value == 1.0 and settings.load_fields["alpha_value"].input.value == "1"
-    assert settings.load_fields["gpu_split"].value is None and settings.load_fields["flash_attn"].value is False
+    assert settings.load_fields["gpu_split"].value is None and settings.load_fields["flash_attn"].value is None
     settings.load_fields["alpha_value"].input.value = "1.5"  # now llama.cpp's own choice
     settings.load_button.click()  # loading the GGUF shows its options; the Transformers ones stay
     assert settings.wait(60) and settings.messages.error_text == ""
@@ -288,6 +288,16 @@ def test_each_loader_keeps_its_choices_and_empty_groups_have_no_heading(
     assert settings.load_fields["flash_attn"].value is True
     select(settings, "tiny.gguf")
     assert settings.load_fields["alpha_value"].value == 1.5
+
+
+def test_a_three_state_option_goes_back_to_auto(settings: SettingsPanel) -> None:
+    select(settings, "org_tiny")
+    field = settings.load_fields["flash_attn"]
+    assert field.value is None and field.input.label == "auto"
+    field.input.value = "off"  # as a user picks it in the list
+    assert field.value is False and settings.load_options().flash_attn is False
+    field.value = None  # back to auto: the list shows it (not an empty list), and no choice is passed
+    assert field.input.label == "auto" and field.value is None and settings.load_options().flash_attn is None
 
 
 def test_a_second_panel_starts_the_other_loader_from_its_defaults_not_the_loaded_models(

@@ -72,8 +72,8 @@ def option_widget(spec: OptionSpec, value: Any = None) -> W.ValueWidget:
     choices = ("auto", *loader_names()) if spec == LoadOptions.spec("loader") else spec.choices
     if choices:
         widget: W.ValueWidget = W.Dropdown(options=list(choices), value=value, **common)
-    elif spec.type is bool and spec.default is None:  # a three-state switch (--flash-attn): auto, on, off
-        widget = W.Dropdown(options=[("auto", None), ("on", True), ("off", False)], value=value, **common)
+    elif three_state(spec):  # a three-state switch (--flash-attn): auto, on, off
+        widget = W.Dropdown(options=[(name, name) for name in _THREE_STATES], value=_state(value), **common)
     elif spec.type is bool:
         widget = W.Checkbox(value=bool(value), indent=False, **common)
     elif spec.type is tuple:  # several texts: one per line, escapes as in a magic line (\\n: a newline)
@@ -86,8 +86,24 @@ def option_widget(spec: OptionSpec, value: Any = None) -> W.ValueWidget:
     return widget
 
 
+_THREE_STATES: dict[str, bool | None] = {"auto": None, "on": True, "off": False}
+"""A yes/no option that may be unset, as its list shows it. (Not ``None`` as a list value: ipywidgets
+reads the value ``None`` as no choice at all and empties the list.)"""
+
+
+def three_state(spec: OptionSpec) -> bool:
+    """Whether the option is a yes/no that may also be unset (``--flash-attn``/``--no-flash-attn``/auto)."""
+    return spec.type is bool and spec.default is None
+
+
+def _state(value: bool | None) -> str:
+    return next(name for name, v in _THREE_STATES.items() if v is value)
+
+
 def default_input(spec: OptionSpec) -> Any:
     """What an option's widget holds for its default (a text field's text, a list's or box's value)."""
+    if three_state(spec):
+        return _state(None)
     if spec.choices or spec.type is bool:
         return bool(spec.default) if spec.type is bool else spec.default
     return field_text(spec, spec.default)
@@ -108,6 +124,8 @@ def read_widget(spec: OptionSpec, widget: W.ValueWidget) -> Any:
     """What the widget holds, as an option value, checked alone against the schema (raises
     :class:`OptionError` in panel words for what the schema refuses)."""
     value = widget.value
+    if three_state(spec):
+        return _THREE_STATES[value]
     if spec.type is tuple:
         decode = decode_escapes if spec.escapes else str
         return tuple(decode(line) for line in value.split("\n") if line)
@@ -171,7 +189,9 @@ class OptionField(W.VBox):
     @value.setter
     def value(self, value: Any) -> None:
         """Show ``value`` in the field, as if typed (listeners hear it)."""
-        if isinstance(self.input, (W.Dropdown, W.Checkbox)):
+        if three_state(self.spec):
+            self.input.value = _state(value)
+        elif isinstance(self.input, (W.Dropdown, W.Checkbox)):
             self.input.value = value
         else:
             self.input.value = field_text(self.spec, value)
