@@ -252,8 +252,12 @@ class Engine:
                 error = plan.explained(failure, source, opts, during="load") or _load_error(failure, cls, source)
                 cause = failure.__cause__ if isinstance(failure, NbllmError) and failure.__cause__ else failure
                 drop_frames(failure)  # what the failed load built (a partial model) goes before the previous comes back
-                if previous is not None and self._restore(*previous):  # type: ignore[arg-type]
-                    error.cause += f" ({previous[0].name} is loaded again{dropped})"  # type: ignore[union-attr]
+                if previous is not None:
+                    if self._restore(*previous):  # type: ignore[arg-type]
+                        error.cause += f" ({previous[0].name} is loaded again{dropped})"  # type: ignore[union-attr]
+                    else:
+                        error.cause += (f" (and {previous[0].name}, the model loaded before, could not be loaded "  # type: ignore[union-attr]
+                                        "again: no model is loaded now)")
                     error.args = (error.message,)
                 raise error from (None if cause is error else cause)
             plan.after_load(source, opts, cls.name, self._load_seconds or 0.0, save=save_settings,
@@ -276,7 +280,7 @@ class Engine:
         try:
             self._load(choose_loader(source, opts), source, opts)
             return True
-        except NbllmError:
+        except Exception:  # whatever it is (its file gone...), the load's own error is the one to show
             self._release()
             return False
 
@@ -656,17 +660,19 @@ class Engine:
             timings.total_seconds = end - start
             record.reused_prefix_tokens = loader.reused_tokens
             timings.compile_seconds = loader.compile_seconds
-            if isinstance(loader, TextLoader):
-                prompt_tokens, completion = loader.usage
-                if prompt_tokens is not None:
-                    result.prompt_tokens = prompt_tokens
-                result.counted_tokens = completion if completion is not None else produced
+            if isinstance(loader, TextLoader):  # counts the engine behind did not give stay unknown (None)
+                result.prompt_tokens, result.counted_tokens = loader.usage
+                result.counts_unknown = result.counted_tokens is None
+                result.reasoning = loader.reasoning
+                record.model.update(loader.notes)
                 if loader.fingerprint:
                     record.model["system_fingerprint"] = loader.fingerprint
             if first is not None:
                 timings.time_to_first_token = first - start
                 n = result.completion_tokens
-                if last is not None and n > 1 and last > first:
+                if isinstance(loader, TextLoader):
+                    timings.decode_tokens_per_second = loader.decode_rate
+                elif last is not None and n is not None and n > 1 and last > first:
                     timings.decode_tokens_per_second = (n - 1) / (last - first)
             result.finish(reason, timings)
 
@@ -742,8 +748,10 @@ class Engine:
         """Run the rows in turn (reusing the prompt prefix they share), adding each finished result."""
         for prompt, opts in rows:
             result = self.stream_prompt(prompt, opts, reuse_prefix=True)
-            _ = result.text
-            results.append(result)
+            try:
+                _ = result.text
+            finally:  # an interrupt that lands as it finishes (in an on_done callback) keeps it; one that
+                results.append(result)  # stopped it marks it interrupted, which is left out of ``finished``
 
     def _side_by_side(self, rows: Sequence[tuple[Prompt, GenerationOptions]], width: int) -> list[Result]:
         results: list[Result | None] = [None] * len(rows)

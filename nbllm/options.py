@@ -527,7 +527,8 @@ class LoadOptions(_Schema):
         group="remote", minimum=1, maximum=1024, metavar="N",
     )
     timeout: float = option(
-        60.0, "Seconds to wait for the server to accept a connection or to send the next piece of a reply.",
+        60.0, "Seconds to wait for the server to accept a connection or to send the next data of a reply "
+        "(keep-alive comments are no answer); raise it for prompts the server takes longer to read.",
         group="remote", minimum=0.1, metavar="SECONDS",
     )
 

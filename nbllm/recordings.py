@@ -20,27 +20,13 @@ from typing import Any, cast
 from .engine import Engine, get_engine
 from .errors import OptionError, ReplayError, missing_dependency
 from .identity import differences, identity_key, record_identity
-from .loaders.replay import FORMAT, ReplayLoader
+from .loaders.replay import FORMAT, ReplayLoader, Run
 from .options import LoadOptions
 from .runlog import RunLog
 from .source import ModelSource
 
 FALLBACKS = ("error", "run")
 _SQLITE_MAGIC = b"SQLite format 3\x00"
-
-
-@dataclass
-class Run:
-    """One recorded generation: its record and what came out."""
-
-    record: dict[str, Any]
-    text: str
-    finish_reason: str | None = None
-    prompt_tokens: int | None = None
-    completion_tokens: int | None = None
-    timings: dict[str, Any] | None = None
-    where: str = ""
-    """Where it is in its source: ``run 12`` (a run log's row id) or ``cell 5`` (a notebook cell)."""
 
 
 @dataclass

@@ -26,7 +26,7 @@ from collections.abc import Callable, Iterator, Mapping
 from contextlib import closing, contextmanager
 from dataclasses import asdict
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 from .errors import NbllmError, OptionError, missing_dependency
 from .identity import identity_key, record_identity
@@ -37,8 +37,6 @@ T = TypeVar("T")
 
 if TYPE_CHECKING:
     import pandas
-
-    from .engine import Engine
 
 SCHEMA_VERSION = 1
 SESSION = uuid.uuid4().hex[:12]
@@ -353,7 +351,14 @@ _WRITER = _Writer()
 atexit.register(_WRITER.flush, 10.0)
 
 
-def log_results(engine: Engine) -> None:
+class FinishesResults(Protocol):
+    """What :func:`log_results` needs of an engine (:class:`nbllm.Engine` is one): a way to be told of each
+    finished result. A protocol, so that the run log sits below the engine that uses it."""
+
+    def on_result(self, callback: Callable[[Result], None]) -> Callable[[], None]: ...
+
+
+def log_results(engine: FinishesResults) -> None:
     """Log every result ``engine`` finishes (the kernel's engine does, from its creation)."""
     engine.on_result(_WRITER.put)
 

@@ -514,7 +514,9 @@ def test_a_cell_waiting_for_the_chat_panels_reply_says_it_is_waiting(
     import io
     import threading
 
-    from nbllm.magics._common import WAITING
+    from nbllm.magics._common import WAITING as WAITING_FOR
+
+    WAITING = WAITING_FOR.format(owner="the chat panel's reply")
 
     class Watched(io.StringIO):
         """stdout, telling when the cell has said it waits."""
@@ -841,8 +843,9 @@ def test_a_kernel_interrupt_stops_the_panels_reply_and_a_cell_waiting_for_it_end
         from test_kernel import Kernel
     except ImportError:  # tests/ imported as a package
         from tests.test_kernel import Kernel
-    from nbllm.magics._common import WAITING
+    from nbllm.magics._common import WAITING as WAITING_FOR
 
+    WAITING = WAITING_FOR.format(owner="the chat panel's reply")
     kernel = Kernel()
     try:
         kernel.execute(
@@ -865,7 +868,7 @@ def test_a_kernel_interrupt_stops_the_panels_reply_and_a_cell_waiting_for_it_end
         assert stderr.startswith("UsageError: Interrupted: the chat panel's reply this cell waited for was stopped")
         assert stderr.count("\n") == 1 and "Traceback" not in stderr  # one line
         assert kernel.last_status == "error"
-        assert WAITING in shown and shown[-1] == ""  # the waiting line went
+        assert WAITING in shown and shown[-1] == "[stopped the chat panel's reply (what it wrote is kept, marked partial)]"
         out = kernel.execute("print(panel.wait(60), panel.chat.turns[-1].reply.finish_reason)")
         printed = "".join(m["content"].get("text", "") for m in out if m["msg_type"] == "stream")
         assert printed == "True cancelled\n"

@@ -12,10 +12,10 @@ from __future__ import annotations
 
 import re
 import warnings
-from collections.abc import Iterator, Sequence
-from dataclasses import fields
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
 from ..errors import GenerationError, NbllmWarning, ReplayError
 from ..identity import request_identity
@@ -26,9 +26,47 @@ from .base import LoadInstead, Request, TextLoader
 
 if TYPE_CHECKING:
     from ..adapters import Adapter
-    from ..recordings import Replay, Run
 
 FORMAT = "replay"
+
+
+@dataclass
+class Run:
+    """One recorded generation: its record and what came out."""
+
+    record: dict[str, Any]
+    text: str
+    finish_reason: str | None = None
+    prompt_tokens: int | None = None
+    completion_tokens: int | None = None
+    timings: dict[str, Any] | None = None
+    where: str = ""
+    """Where it is in its source: ``run 12`` (a run log's row id) or ``cell 5`` (a notebook cell)."""
+
+
+class Recorded(Protocol):
+    """What the loader asks of a recording (:class:`nbllm.recordings.Recording` is one)."""
+
+    source: Path
+
+    def __len__(self) -> int: ...
+    def model_for(self, spec: str) -> tuple[dict[str, Any], str] | None: ...
+    def take(self, identity: Mapping[str, Any]) -> Run | None: ...
+    def closest(self, identity: Mapping[str, Any]) -> tuple[Run, list[str]] | None: ...
+    def adapter_for(self, spec: str) -> dict[str, Any] | None: ...
+    def adapter_names(self) -> list[str]: ...
+
+
+class Replaying(Protocol):
+    """What the loader reads and counts of the replay it stands in for (:class:`nbllm.recordings.Replay` is
+    one). Protocols, so that this loader needs nothing from :mod:`nbllm.recordings`, which builds on it."""
+
+    recording: Recorded
+    fallback: str
+    answered: int
+    fell_back: bool
+
+    def fell_back_with(self, adapters: list[dict[str, Any]]) -> None: ...
 
 
 class ReplayLoader(TextLoader):
@@ -40,7 +78,7 @@ class ReplayLoader(TextLoader):
     load_options: ClassVar[frozenset[str]] = frozenset(LoadOptions.names())
     adapters: ClassVar[frozenset[str]] = frozenset({"peft", "gguf"})  # noted, as the model is: nothing is applied
     renders_chat: ClassVar[bool] = True  # requests carry the messages, as the recorded identities do
-    replay: ClassVar[Replay]
+    replay: ClassVar[Replaying]
 
     def __init__(self) -> None:
         super().__init__()
@@ -134,8 +172,9 @@ def replayed_result(run: Run, source: str) -> Result:
     marked ``replayed``."""
     record = Record.from_dict({**run.record, "replayed": {"source": source, "run": run.where}})
     result = Result(record.prompt, record.seed, record)
-    result.prompt_tokens = run.prompt_tokens or 0
-    result.counted_tokens = run.completion_tokens or 0
+    result.prompt_tokens = run.prompt_tokens  # None where the run's server did not say: unknown, as recorded
+    result.counted_tokens = run.completion_tokens
+    result.counts_unknown = run.completion_tokens is None
     known = {f.name for f in fields(Timings)}
     timings = Timings(**{k: v for k, v in (run.timings or {}).items() if k in known})
 

@@ -8,6 +8,7 @@ time, so ``%load_ext nbllm`` stays fast.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import importlib.util
 import itertools
 import json
@@ -26,7 +27,9 @@ from ..options import GenerationOptions, LoadOptions
 from ..safetensors_file import check_safetensors
 from ..source import ModelSource
 from ..streaming import threaded_tokens
+from ._quiet import quiet_library_noise
 from .base import Placement, Request, TokenLoader
+from .transformers_gguf import check_gguf, dequantized, gguf_arguments
 
 _DTYPES = {"float16", "bfloat16", "float32"}
 
@@ -172,6 +175,7 @@ class TransformersLoader(TokenLoader):
 
     name: ClassVar[str] = "transformers"
     formats: ClassVar[frozenset[str]] = frozenset({"transformers"})
+    formats_when_asked: ClassVar[frozenset[str]] = frozenset({"gguf"})  # dequantized: see transformers_gguf
     load_options: ClassVar[frozenset[str]] = frozenset({
         "revision", "device", "dtype", "load_in_8bit", "load_in_4bit", "quant_type", "compute_dtype", "double_quant",
         "attn", "flash_attn", "compile", "trust_remote_code", "cpu_memory", "gpu_split", "disk_offload",
@@ -197,6 +201,8 @@ class TransformersLoader(TokenLoader):
         """The compiled decode step (``--compile``), a :class:`~nbllm.loaders._compiled.CompiledDecoder`."""
         self._rust_decode: Any = None
         """The tokenizers library's own decode, where ``tokenizer.decode`` adds nothing to it."""
+        self._dequantized: str | None = None
+        """A GGUF file's load, in words (see :mod:`nbllm.loaders.transformers_gguf`)."""
 
     # -- before anything is released ------------------------------------------------------------
     @classmethod
@@ -209,6 +215,12 @@ class TransformersLoader(TokenLoader):
         _quiet_library_noise()
         cls._device_arguments(options)
         gpus = cuda_devices() if options.device != "cpu" else []  # what load() will use, not every GPU there is
+        if source.format == "gguf":
+            attention_for(options, {}, gpus)
+            for note in machine_notes(options, gpus):
+                warnings.warn(note, NbllmWarning, stacklevel=2)
+            check_gguf(source.files)
+            return
         config_path = source.files / "config.json"
         try:
             config = json.loads(config_path.read_text())
@@ -270,6 +282,7 @@ class TransformersLoader(TokenLoader):
 
     # -- loading ---------------------------------------------------------------------------------
     def load(self, source: ModelSource, options: LoadOptions) -> None:
+        quiet_library_noise()  # bitsandbytes' import (--load-in-4bit) says nothing a user can act on
         import torch
         from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
@@ -283,8 +296,11 @@ class TransformersLoader(TokenLoader):
         self._device_kwargs = self._device_arguments(options)
         kwargs: dict[str, Any] = dict(self._device_kwargs)
         path, remote = str(source.files), options.trust_remote_code
+        gguf: dict[str, Any] = {}  # a GGUF file: its folder, and gguf_file= for the config, model and tokenizer
+        if source.format == "gguf":
+            path, gguf = gguf_arguments(source.files)
         try:
-            config = AutoConfig.from_pretrained(path, trust_remote_code=remote, revision=options.revision)
+            config = AutoConfig.from_pretrained(path, trust_remote_code=remote, revision=options.revision, **gguf)
             rope = rope_parameters(getattr(config, "rope_parameters", None), options)
             if rope is not None:
                 config.rope_parameters = rope
@@ -304,10 +320,12 @@ class TransformersLoader(TokenLoader):
                 notes += _gpu.empty_gpus(kwargs["device_map"], memory)
             with _no_progress_bars():  # transformers' "Loading weights" bar: nbllm's own line says it loaded
                 self.model = AutoModelForCausalLM.from_pretrained(
-                    path, attn_implementation=attention, trust_remote_code=remote, revision=options.revision, **kwargs
+                    path, attn_implementation=attention, trust_remote_code=remote, revision=options.revision,
+                    **gguf, **kwargs
                 )
             self.model.eval()
-            self.tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=remote, revision=options.revision)
+            self.tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=remote, revision=options.revision,
+                                                           **gguf)
             self._rust_decode = _plain_rust_decode(self.tokenizer)
         except (OptionError, LoadError):
             self.unload()
@@ -339,6 +357,10 @@ class TransformersLoader(TokenLoader):
         self._attention = attention
         self.placement = self._placement(None)
         self.placement.notes[:0] = notes
+        if gguf:
+            self._dequantized, gguf_note = dequantized(source.files, self.model, sum(self.placement.memory_bytes.values()))
+            self.placement.notes.append(gguf_note)
+            self.source = dataclasses.replace(source, dequantized=self._dequantized)
         if options.compile:
             self.placement.notes.append(self._prepare_compile())
 
@@ -436,8 +458,9 @@ class TransformersLoader(TokenLoader):
         return {
             "attn_implementation": self._attention,
             "dtype": str(self.model.dtype).removeprefix("torch."),
-            "quantization": quantization_words(self.options, quant),
+            "quantization": quantization_words(self.options, quant) if not self._dequantized else None,
             "compiled": self._compiled.describe() if self._compiled is not None else False,
+            "dequantized": self._dequantized,
             "device_map": dict(getattr(self.model, "hf_device_map", None) or {}),
         }
 
@@ -485,8 +508,10 @@ class TransformersLoader(TokenLoader):
 
     def generate_tokens(self, request: Request) -> Iterator[int]:
         import torch
-        from transformers import StoppingCriteria, StoppingCriteriaList, set_seed
+        from transformers import StoppingCriteria, StoppingCriteriaList
         from transformers.generation.streamers import BaseStreamer
+
+        from ._seeding import set_seed  # not transformers': its import takes seconds (see _seeding)
 
         model = self.model
         kwargs = self.generation_kwargs(request.options)
@@ -592,6 +617,7 @@ class TransformersLoader(TokenLoader):
         back. Every new adapter is checked (and its weights read) before the model is touched."""
         if importlib.util.find_spec("peft") is None:
             raise missing_dependency("peft (needed to apply LoRA adapters)", "transformers")
+        quiet_library_noise()  # peft imports bitsandbytes
         from peft import LoraConfig
         from peft.functional import cast_adapter_dtype, inject_adapter_in_model
 
