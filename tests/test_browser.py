@@ -4,7 +4,8 @@ The test opens a notebook, downloads and loads a built-in tiny model from the se
 busy while it loads), types a number the schema refuses (the error shows next to the field), chats in
 the chat panel (dollars and code shown as written; the reply streams in and the view follows it unless
 the user scrolled up), presses Stop during a long reply and checks the partial reply is kept, and runs
-a ``%%llm`` cell while the panel writes a reply (the cell says it waits). No panel scrolls sideways. It takes
+a ``%%llm`` cell while the panel writes a reply (the cell says it waits), and restarts the kernel (the
+panels left on the page say their kernel is gone and disable their controls). No panel scrolls sideways. It takes
 the screenshots of both panels shown in the README: into ``docs/img/`` with ``NBLLM_UPDATE_SCREENSHOTS=1``,
 else into the test's temporary folder (so that running the tests does not change tracked files).
 
@@ -257,6 +258,9 @@ def test_settings_and_chat_panels_in_jupyterlab(lab: Lab, page: Any, tmp_path: P
     page.wait_for_function(
         "() => document.querySelector('.nbllm-note').innerText.includes('Downloaded org/tiny-download')"
     )
+    # a success is information, not a warning: in the text's colour, not orange
+    assert page.locator(".nbllm-panel-messages .nbllm-note-info").inner_text().startswith("Downloaded org/tiny-download")
+    assert page.locator(".nbllm-panel-messages .nbllm-note-warning").count() == 0
     page.locator(".nbllm-download-progress .widget-hprogress").first.wait_for()  # the download's own bar
     _wait_last_text(page, ".nbllm-download-progress", "100%")
     assert model.input_value().startswith("org_tiny-download ")  # the new model is selected
@@ -294,6 +298,28 @@ def test_settings_and_chat_panels_in_jupyterlab(lab: Lab, page: Any, tmp_path: P
     assert "transformers" in _text(status) and "on cpu" in _text(status)
     assert not page.locator(".nbllm-panel-messages .nbllm-error").is_visible()
     assert "deterministic" in _text(page.locator(".nbllm-preset"))
+    # "details" shows %llm_status as it prints it: its lines kept, no word broken
+    page.locator(".nbllm-status summary").click()
+    details = page.evaluate("""() => {
+        const pre = document.querySelector('.nbllm-status-details');
+        return {ws: getComputedStyle(pre).whiteSpace, lines: pre.innerText.split('\\n').length,
+                wrap: getComputedStyle(pre).overflowWrap};
+    }""")
+    assert details["ws"] == "pre-wrap" and details["lines"] >= 3 and details["wrap"] != "anywhere", details
+    page.locator(".nbllm-status summary").click()
+    for width in (1280, 900):  # the LoRA row: Apply shows its whole label, the adapter list is not cut
+        page.set_viewport_size({"width": width, "height": 2400})
+        page.wait_for_function("(w) => window.innerWidth === w", arg=width)
+        cut = page.evaluate(_LORA_CUT)
+        assert cut == [], (width, cut)
+        assert _sideways_scrollers(page, ".nbllm-settings") == [], width
+    page.set_viewport_size({"width": 1280, "height": 2400})
+    # a server's model: the panel takes its URL (and the name of the key's variable), not a folder
+    page.locator(".nbllm-opt-loader select").select_option("openai")
+    page.locator(".nbllm-server-url input").wait_for()
+    assert page.locator(".nbllm-opt-api_key_env input").is_visible() and not model.is_visible()
+    page.locator(".nbllm-opt-loader select").select_option("auto")
+    model.wait_for()
     shots.mkdir(parents=True, exist_ok=True)
     _screenshot(settings, shots / "settings-panel.png")
 
@@ -359,9 +385,23 @@ def test_settings_and_chat_panels_in_jupyterlab(lab: Lab, page: Any, tmp_path: P
 
     # -- a %%llm cell run while the panel writes a reply says it waits, then gives its own text ---------
     _set_number(page, ".nbllm-opt-max_new_tokens input", 300)
-    page.locator(".nbllm-input textarea").fill("Once more.")
+    page.evaluate(_SCROLL_UP)  # reading earlier messages: sending still shows the new one and its reply
+    assert not page.evaluate(_AT_THE_END)
+    page.locator(".nbllm-input textarea").fill(
+        "Once more.\n\n| a | b |\n|---|---|\n| 1 | 2 |\n\n![a cat](https://example.org/cat.png)")
     page.locator(".nbllm-send").click()
     page.wait_for_function("() => !document.querySelector('.nbllm-stop').disabled")
+    _wait_last_text(page, ".nbllm-msg-user", "[image: a cat]")
+    page.wait_for_function(_AT_THE_END)
+    shown = page.evaluate("""() => {
+        const all = document.querySelectorAll('.nbllm-msg-user'), msg = all[all.length - 1];
+        const table = msg.querySelector('table'), body = msg.querySelector('.nbllm-md');
+        return {left: table.getBoundingClientRect().left - body.getBoundingClientRect().left,
+                images: msg.querySelectorAll('img').length,
+                link: msg.querySelector('.nbllm-image a').getAttribute('href')};
+    }""")
+    assert abs(shown["left"]) <= 2, shown  # the table starts where the text starts, not centred
+    assert shown["images"] == 0 and shown["link"] == "https://example.org/cat.png", shown  # never fetched
     # Every text the cell's output shows is recorded (the notebook's own API: JupyterLab may take cells
     # out of view off the page).
     page.evaluate("""() => {
@@ -393,6 +433,17 @@ def test_settings_and_chat_panels_in_jupyterlab(lab: Lab, page: Any, tmp_path: P
     box.press_sequentially("second line")
     assert box.input_value() == "First line\nsecond line"
     assert page.locator(".nbllm-msg-user").count() == users and page.locator(".nbllm-send").is_enabled()
+
+    # -- the kernel restarts: the panels left on the page say that their kernel is gone ---------------
+    assert page.locator(".nbllm-dead").count() == 0
+    beat = page.evaluate("() => document.querySelector('.nbllm-heartbeat').textContent")
+    page.wait_for_function("(b) => document.querySelector('.nbllm-heartbeat').textContent !== b", arg=beat)
+    page.evaluate("() => window.jupyterapp.shell.currentWidget.sessionContext.session.kernel.restart()")
+    page.locator(".nbllm-settings.nbllm-dead").wait_for(timeout=2 * TIMEOUT_MS)
+    page.locator(".nbllm-chat-panel.nbllm-dead").wait_for()
+    assert "The kernel behind this panel is gone" in _text(page.locator(".nbllm-settings .nbllm-dead-note"))
+    assert page.locator(".nbllm-load").is_disabled() and page.locator(".nbllm-send").is_disabled()
+    assert page.locator(".nbllm-input textarea").is_disabled()
     elapsed = time.monotonic() - started
     print(f"browser flow took {elapsed:.1f} s")
 
@@ -424,6 +475,29 @@ _SCROLL_UP = """() => {
 }"""
 
 _FIRST_TOP = "() => document.querySelector('.nbllm-chat-view .nbllm-msg').getBoundingClientRect().top"
+
+_AT_THE_END = """() => {
+    // the chat view shows its end (laid out bottom up: scrollTop 0 is the end, scrolling up goes below 0)
+    const views = document.querySelectorAll('.nbllm-chat-view');
+    return views.length === 1 && views[0].scrollHeight > views[0].clientHeight && Math.abs(views[0].scrollTop) <= 2;
+}"""
+
+_LORA_CUT = """() => {
+    // what of the LoRA row does not show whole: a button label cut, an adapter name wider than its list
+    const cut = [];
+    const apply = document.querySelector('.nbllm-lora-add');
+    if (apply.scrollWidth > apply.clientWidth + 1 || !apply.innerText.includes('Apply'))
+        cut.push(`Apply: ${apply.scrollWidth} > ${apply.clientWidth} '${apply.innerText}'`);
+    const select = document.querySelector('.nbllm-lora-choice select');
+    const probe = document.createElement('span');
+    probe.style.cssText = `position: absolute; visibility: hidden; white-space: pre; font: ${getComputedStyle(select).font}`;
+    probe.textContent = select.options[select.selectedIndex].text;
+    document.body.appendChild(probe);
+    const need = probe.getBoundingClientRect().width;
+    probe.remove();
+    if (need + 24 > select.clientWidth) cut.push(`adapter list: ${need} + 24 > ${select.clientWidth}`);
+    return cut;
+}"""
 
 
 def _sideways_scrollers(page: Any, selector: str) -> list[str]:

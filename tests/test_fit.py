@@ -698,7 +698,7 @@ def test_what_nbllm_writes_is_what_text_generation_webui_reads(models_dir):
     for pattern in data:
         if re.match(pattern.lower(), "thebloke_llama-2-13b-fp16"):
             tgw_sees.update(data[pattern])
-    assert tgw_sees["loader"] == "Transformers" and tgw_sees["load_in_4bit"] is True
+    assert "loader" not in tgw_sees and tgw_sees["load_in_4bit"] is True  # loader auto: it infers one, as nbllm
     assert tgw_sees["compute_dtype"] == "float16" and tgw_sees["quant_type"] == "nf4"
     assert tgw_sees["use_flash_attention_2"] is True and tgw_sees["temperature"] == 0.3
     assert tgw_sees["cpu_memory"] == 0 and tgw_sees["gpu_split"] == "" and tgw_sees["use_double_quant"] is False
@@ -712,7 +712,7 @@ def test_saving_again_drops_options_no_longer_given(models_dir):
     save_settings("m", LoadOptions(load_in_4bit=True, double_quant=True))
     save_settings("m", LoadOptions(dtype="float16"))
     saved = saved_settings("m")
-    assert saved is not None and saved.load == {"loader": "transformers", "dtype": "float16"}
+    assert saved is not None and saved.load == {"dtype": "float16"}  # loader auto: stored and read as auto
     assert saved.generation == {}
 
 
@@ -724,7 +724,7 @@ def test_a_gguf_in_a_folder_is_saved_under_the_folders_name(models_dir, tiny_ggu
     assert settings_name(folder / tiny_gguf.name) == "TheBloke_Tiny-GGUF"
     save_settings("TheBloke_Tiny-GGUF", LoadOptions(n_ctx=512))
     saved = saved_settings("TheBloke_Tiny-GGUF")
-    assert saved is not None and saved.load == {"loader": "llama.cpp", "n_ctx": 512}
+    assert saved is not None and saved.load == {"n_ctx": 512}
 
 
 def test_invalid_saved_settings_name_the_file(models_dir):

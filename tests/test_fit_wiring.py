@@ -48,18 +48,18 @@ def test_save_settings_then_loading_by_name_applies_them_and_the_line_wins(shell
     shell.run_line_magic("llm_load", "org_tiny")
     out = capsys.readouterr().out
     assert any(n.startswith("note: saved settings for org_tiny") for n in _notes(out))
-    assert engine.status().options == {"loader": "transformers", "dtype": "float32", "attn": "eager"}
+    assert engine.status().options == {"dtype": "float32", "attn": "eager"}
 
     shell.run_line_magic("llm_load", "org_tiny --attn sdpa")  # the line wins over the saved value
-    assert engine.status().options == {"loader": "transformers", "dtype": "float32", "attn": "sdpa"}
+    assert engine.status().options == {"dtype": "float32", "attn": "sdpa"}
 
 
 def test_saved_settings_apply_to_a_gguf_too(engine: Any, folder: Path) -> None:
     fit.save_settings("tiny.gguf", LoadOptions(n_ctx=512))
     with pytest.warns(nbllm.errors.NbllmWarning, match="saved settings for tiny.gguf"):
         status = nbllm.load("tiny.gguf")
-    assert status.options == {"loader": "llama.cpp", "n_ctx": 512} and engine.loader.context_length == 512
-    assert nbllm.load("tiny.gguf", n_ctx=256).options == {"loader": "llama.cpp", "n_ctx": 256}
+    assert status.options == {"n_ctx": 512} and engine.loader.context_length == 512
+    assert nbllm.load("tiny.gguf", n_ctx=256).options == {"n_ctx": 256}
 
 
 def test_what_worked_is_recorded_after_a_load(engine: Any, folder: Path) -> None:

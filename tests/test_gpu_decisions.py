@@ -358,7 +358,7 @@ def test_flash_attn_is_three_state_in_one_schema_field():
     from nbllm.widgets.settings import option_widget
 
     widget = option_widget(LoadOptions.spec("flash_attn"))
-    assert [label for label, _ in widget.options] == ["auto", "on", "off"] and widget.value is None
+    assert [label for label, _ in widget.options] == ["auto", "on", "off"] and widget.label == "auto"
 
 
 def test_llama_cpp_flash_attention_unset_is_llama_cpps_own_auto_where_layers_go_on_a_gpu():

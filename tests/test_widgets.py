@@ -159,7 +159,7 @@ def test_load_errors_show_in_one_line_and_keep_the_loaded_model(settings: Settin
     settings.load_button.click()
     assert settings.wait(60)
     assert settings.messages.error_text == ""
-    assert "--quant-type only affects --load-in-4bit" in settings.messages.note_text
+    assert "quant_type only affects load_in_4bit" in settings.messages.note_text  # the panel's words
 
 
 def test_a_second_load_during_a_load_is_refused_with_a_note_and_the_first_one_ends(
@@ -268,22 +268,49 @@ def test_each_loader_keeps_its_choices_and_empty_groups_have_no_heading(
     pytest.importorskip("llama_cpp")
     select(settings, "org_tiny")
     settings.load_fields["dtype"].value = "float32"
-    settings.load_fields["attn"].value = "eager"
-    settings.load_fields["alpha_value"].input.value = "2"  # an option both loaders take
+    settings.load_fields["alpha_value"].input.value = "2"  # options both loaders take ...
+    settings.load_fields["gpu_split"].input.value = "7.5,8"  # (GiB per GPU here, proportions in llama.cpp)
+    settings.load_fields["flash_attn"].value = True
     assert settings.option_groups["quantization"].layout.display is None
     select(settings, "tiny.gguf")
     assert settings.option_groups["quantization"].layout.display == "none"  # llama.cpp has no such option
     assert all(g.layout.display is None for k, g in settings.option_groups.items() if k not in ("quantization", "remote"))
-    assert settings.load_fields["alpha_value"].value == 2.0  # first shown: what was set carries over
+    # ... but llama.cpp, shown for the first time, starts from its own defaults: nothing carried over
+    assert settings.load_fields["alpha_value"].value == 1.0 and settings.load_fields["alpha_value"].input.value == "1"
+    assert settings.load_fields["gpu_split"].value is None and settings.load_fields["flash_attn"].value is None
     settings.load_fields["alpha_value"].input.value = "1.5"  # now llama.cpp's own choice
     settings.load_button.click()  # loading the GGUF shows its options; the Transformers ones stay
     assert settings.wait(60) and settings.messages.error_text == ""
     assert engine.status().options == {"alpha_value": 1.5}
     select(settings, "org_tiny")
-    assert settings.load_fields["dtype"].value == "float32" and settings.load_fields["attn"].value == "eager"
-    assert settings.load_fields["alpha_value"].value == 2.0
+    assert settings.load_fields["dtype"].value == "float32"
+    assert settings.load_fields["alpha_value"].value == 2.0 and settings.load_fields["gpu_split"].value == "7.5,8"
+    assert settings.load_fields["flash_attn"].value is True
     select(settings, "tiny.gguf")
     assert settings.load_fields["alpha_value"].value == 1.5
+
+
+def test_a_three_state_option_goes_back_to_auto(settings: SettingsPanel) -> None:
+    select(settings, "org_tiny")
+    field = settings.load_fields["flash_attn"]
+    assert field.value is None and field.input.label == "auto"
+    field.input.value = "off"  # as a user picks it in the list
+    assert field.value is False and settings.load_options().flash_attn is False
+    field.value = None  # back to auto: the list shows it (not an empty list), and no choice is passed
+    assert field.input.label == "auto" and field.value is None and settings.load_options().flash_attn is None
+
+
+def test_a_second_panel_starts_the_other_loader_from_its_defaults_not_the_loaded_models(
+    settings: SettingsPanel, engine: Any, folder: Path
+) -> None:
+    engine.load(folder / "org_tiny", alpha_value=2.0)
+    second = SettingsPanel(models_dir=folder)
+    try:
+        assert second.load_fields["alpha_value"].value == 2.0  # the loaded model's, for its loader
+        select(second, "tiny.gguf")
+        assert second.load_fields["alpha_value"].value == 1.0  # llama.cpp's own default
+    finally:
+        second.close()
 
 
 def test_load_with_no_model_in_the_folder_says_what_to_do(tmp_path: Path, engine: Any) -> None:
@@ -568,3 +595,289 @@ def test_importing_the_panel_magics_imports_no_widgets_nor_torch() -> None:
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                          cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert out.stdout.strip() == "[]"
+
+
+# ------------------------------------------------------------- the panels as a browser user found them
+
+
+@pytest.fixture
+def in_folder(folder: Path) -> Iterator[Path]:
+    """``folder`` as the models folder in effect (loading by name, saved settings)."""
+    models.set_models_dir(folder)
+    yield folder
+    models.set_models_dir(None)
+
+
+def test_saved_settings_apply_to_a_model_linked_into_the_models_folder(in_folder: Path, engine: Any) -> None:
+    from nbllm import fit
+
+    panel = SettingsPanel()
+    try:
+        select(panel, "org_tiny")  # a symlink in the folder, its files elsewhere
+        panel.load_fields["dtype"].value = "float32"
+        panel.save_button.click()
+        assert panel.messages.error_text == ""
+        assert "Settings of org_tiny saved in" in panel.messages.info_text
+        saved = fit.saved_settings("org_tiny")
+        assert saved is not None and saved.load == {"dtype": "float32"}
+        panel.load_fields["dtype"].value = "auto"  # nothing typed: the saved settings apply
+        panel.load_button.click()
+        assert panel.wait(60) and panel.messages.error_text == ""
+        assert engine.status().options == {"dtype": "float32"}
+        assert "saved settings for org_tiny" in panel.messages.note_text  # and it says so
+        engine.unload()
+        assert nbllm_load("org_tiny").options == {"dtype": "float32"}  # by name, as %llm_load does
+    finally:
+        panel.close()
+
+
+def nbllm_load(name: str) -> Any:
+    import warnings
+
+    import nbllm
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return nbllm.load(name)
+
+
+def test_a_loader_saved_or_chosen_for_a_model_stays_with_that_model(in_folder: Path, engine: Any) -> None:
+    pytest.importorskip("llama_cpp")
+    import yaml
+
+    panel = SettingsPanel()
+    try:
+        select(panel, "org_tiny")
+        panel.save_button.click()  # loader auto: stored as auto (no loader key), restored as auto
+        entry = yaml.safe_load((in_folder / "config-user.yaml").read_text())["org_tiny$"]
+        assert "loader" not in entry
+        # A file text-generation-webui wrote names the loader: it applies to that model only.
+        (in_folder / "config-user.yaml").write_text("org_tiny$:\n  loader: Transformers\n")
+        panel.load_button.click()
+        assert panel.wait(60) and engine.status().options == {"loader": "transformers"}
+        assert panel.load_fields["loader"].value == "transformers"
+        select(panel, "tiny.gguf")
+        assert panel.load_fields["loader"].value == "auto" and panel.loader == "llama.cpp"
+        assert "(by the model's format)" in panel.effective_loader.value
+        panel.load_button.click()
+        assert panel.wait(60) and panel.messages.error_text == ""
+        assert engine.status().loader == "llama.cpp"
+        select(panel, "org_tiny")
+        assert panel.load_fields["loader"].value == "transformers"
+    finally:
+        panel.close()
+
+
+def test_lora_apply_refuses_a_scale_the_field_does_not_take(settings: SettingsPanel, engine: Any, folder: Path,
+                                                            tiny_model: Path) -> None:
+    pytest.importorskip("peft")
+    from nbllm import testing
+
+    loras = folder.parent / "loras"
+    loras.mkdir()
+    (loras / "tiny-lora").symlink_to(testing.tiny_peft_adapter(), target_is_directory=True)
+    settings.refresh_button.click()
+    assert settings.lora.choice.value.endswith("tiny-lora")
+    engine.load(tiny_model)
+    settings.lora.scale.input.value = "9"
+    assert settings.lora.scale.messages.error_text.endswith("In use: 1.")
+    settings.lora.add_button.click()
+    assert settings.messages.error_text == (
+        "the scale field holds a value the option does not take. Correct it as the message under the field says, "
+        "then click Apply.")
+    assert engine.adapters == ()  # not applied with the scale still in use
+    settings.lora.scale.input.value = "0.7"
+    settings.lora.add_button.click()
+    assert settings.messages.error_text == ""
+    assert [a.scale for a in engine.adapters] == [0.7]
+
+
+def test_notes_on_options_show_under_their_own_fields_in_the_panels_words(settings: SettingsPanel) -> None:
+    select(settings, "org_tiny")
+    fields = settings.load_fields
+    fields["quant_type"].value = "fp4"
+    fields["double_quant"].value = True
+    fields["compute_dtype"].value = "float16"  # changed last
+    assert fields["quant_type"].messages.note_text == "quant_type only affects load_in_4bit; it is ignored here"
+    assert fields["double_quant"].messages.note_text == "double_quant only affects load_in_4bit; it is ignored here"
+    assert fields["compute_dtype"].messages.note_text == (
+        "compute_dtype only affects load_in_4bit; it is ignored here")
+    fields["load_in_4bit"].value = True  # now they all take effect: every note goes
+    assert all(not f.messages.note_text for f in fields.values()), {n: f.messages.note_text for n, f in fields.items()}
+
+
+def test_messages_do_not_outlive_what_they_were_about(settings: SettingsPanel, engine: Any, chat: ChatPanel,
+                                                      shell: Any, long_model: Path) -> None:
+    from nbllm.widgets import _common
+    from nbllm.widgets.chat import BUSY
+
+    other = SettingsPanel(models_dir=settings._models_dir)
+    try:
+        select(settings, "org_tiny")
+        settings.load_button.click()
+        assert settings.wait(60)
+        other.messages.show_info("org_tiny: KV cache 2 MiB")  # what a load of the other panel said
+        settings.unload_button.click()  # unloaded in one panel: the other one's note about it goes
+        assert other.messages.note_text == "" and "No model loaded." in other.status.value
+    finally:
+        other.close()
+    # A second Send while a reply is written says so, and the message goes when the reply ends.
+    engine.load(long_model)
+    engine.defaults = GenerationOptions(temperature=0, max_new_tokens=4000)
+    chat.send("Write a long story.")
+    chat.send("Again")
+    assert chat.messages.error_text == BUSY
+    chat.stop()
+    assert chat.wait(30)
+    assert chat.messages.error_text == ""
+    assert "ended: cancelled" in chat.status.value
+    # A turn of %%llm_chat shown in the panel: no numbers line of the panel's earlier reply under it.
+    _common.track(chat)
+    shell.run_cell(f"%%llm_chat {chat.chat.name} --temperature 0 --max-new-tokens 3\nHi from a cell").raise_error()
+    assert chat.view.children[-2].text == "Hi from a cell"
+    assert chat.status.value == ""
+
+
+def test_a_load_during_a_chat_reply_says_it_waits_for_it_and_can_stop_it(
+    settings: SettingsPanel, chat: ChatPanel, engine: Any, long_model: Path
+) -> None:
+    engine.load(long_model)
+    engine.defaults = GenerationOptions(temperature=0, max_new_tokens=4000)
+    chat.send("Write a long story.")
+    wait_for(lambda: len(chat.view.children[-1].text) > 20, what="streamed text in the panel")
+    select(settings, "org_tiny")
+    assert settings.stop_reply_button.layout.display == "none"
+    settings.load_button.click()
+    said = html.escape("Loading org_tiny: waiting for the chat panel's reply to end")
+    wait_for(lambda: said in settings.status.value, what="the load saying it waits")
+    assert settings.stop_reply_button.layout.display is None and chat.generating
+    settings.stop_reply_button.click()
+    assert settings.wait(60) and chat.wait(30)
+    assert chat.chat.turns[-1].reply.finish_reason == "cancelled"  # stopped, what it wrote kept
+    assert engine.status().model == "org_tiny" and "Loaded org_tiny" in settings.status.value
+    assert settings.stop_reply_button.layout.display == "none"
+
+
+def test_the_openai_loader_takes_a_server_url_and_the_key_s_variable_name(settings: SettingsPanel,
+                                                                        engine: Any, tiny_gguf: Path,
+                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    need("llama_cpp.server", "needs llama-cpp-python[server]")
+    try:
+        from servers import LlamaCppServer
+    except ImportError:  # tests/ imported as a package
+        from tests.servers import LlamaCppServer
+    select(settings, "org_tiny")
+    assert settings.server_row.layout.display == "none" and settings.model_row.layout.display is None
+    settings.load_fields["loader"].value = "openai"
+    assert settings.server_row.layout.display is None and settings.model_row.layout.display == "none"
+    assert {"api_key_env", "remote_model", "timeout"} <= shown(settings) and "dtype" not in shown(settings)
+    settings.load_button.click()
+    assert settings.messages.error_text == (
+        "no server URL is given. Type the server's URL in the Server URL field, e.g. http://127.0.0.1:8000/v1.")
+    assert not engine.loaded
+    # A real server that wants a key: the panel names the variable, the key stays in the environment.
+    server = LlamaCppServer(tiny_gguf, api_key="panel-secret")
+    try:
+        monkeypatch.setenv("PANEL_TEST_KEY", "panel-secret")
+        settings.load_fields["api_key_env"].input.value = "PANEL_TEST_KEY"
+        settings.server_url.value = server.url
+        settings.load_button.click()
+        assert settings.wait(60) and settings.messages.error_text == "", settings.messages.error_text
+        status = engine.status()
+        assert status.loader == "openai" and status.path == server.url
+        assert status.options == {"loader": "openai", "api_key_env": "PANEL_TEST_KEY"}
+        assert "panel-secret" not in settings.status.value and "panel-secret" not in repr(status)
+        assert engine.generate("Hi", temperature=0, max_new_tokens=3).completion_tokens > 0
+    finally:
+        engine.unload()
+        server.stop()
+
+
+def test_success_and_information_are_not_warning_orange() -> None:
+    from nbllm.widgets._common import INFO_COLOR, WARN_COLOR, MessageLine
+
+    line = MessageLine()
+    line.show_info("Settings of x saved in y")
+    assert INFO_COLOR in line.note.value and WARN_COLOR not in line.note.value
+    line.show_note("quant_type only affects load_in_4bit", info="x is loaded")
+    assert line.note_text == "quant_type only affects load_in_4bit; x is loaded"
+    assert line.warning_text == "quant_type only affects load_in_4bit" and line.info_text == "x is loaded"
+    assert line.note.value.index(WARN_COLOR) < line.note.value.index(INFO_COLOR)
+
+
+def test_an_image_in_a_reply_is_its_alt_text_and_a_link_never_fetched() -> None:
+    from nbllm.widgets.chat import chat_html
+
+    out = chat_html("See ![a cat](https://example.org/cat.png) here")
+    assert "<img" not in out and "!" not in out
+    assert '[image: <a href="https://example.org/cat.png" target="_blank" rel="noopener noreferrer">a cat</a>]' in out
+    assert "<img" not in chat_html("![x](javascript:alert(1))") and "href" not in chat_html("![x](javascript:1)")
+
+
+def test_the_status_details_keep_their_lines(settings: SettingsPanel, engine: Any, tiny_model: Path) -> None:
+    engine.load(tiny_model)
+    settings.refresh()
+    pre = settings.status.value.split("<pre", 1)[1].split(">", 1)[0]
+    # one white-space rule in the details' style, the one that keeps %llm_status's lines
+    assert pre.count("white-space") == 1 and "white-space: pre-wrap" in pre and "anywhere" not in pre
+
+
+def test_panels_carry_the_heartbeat_the_page_watches_for_a_dead_kernel(settings: SettingsPanel,
+                                                                      chat: ChatPanel) -> None:
+    from nbllm.widgets import _common
+
+    for panel in (settings, chat):
+        assert "nbllm-panel" in panel._dom_classes
+        (box,) = [c for c in panel.children if any("nbllm-heartbeat" in w._dom_classes for w in getattr(c, "children", ()))]
+        beat, watcher = box.children
+        (output,) = watcher.outputs
+        assert "nbllm-dead" in output["data"]["application/javascript"]
+    first = _common.heartbeat().children[0]
+    value = first.value
+    wait_for(lambda: first.value != value, timeout=120, what="a beat")
+
+
+@pytest.mark.timeout(240)
+def test_a_kernel_interrupt_stops_the_panels_reply_and_a_cell_waiting_for_it_ends_in_one_line(long_model: Path) -> None:
+    try:
+        from test_kernel import Kernel
+    except ImportError:  # tests/ imported as a package
+        from tests.test_kernel import Kernel
+    from nbllm.magics._common import WAITING as WAITING_FOR
+
+    WAITING = WAITING_FOR.format(owner="the chat panel's reply")
+    kernel = Kernel()
+    try:
+        kernel.execute(
+            "import os; os.environ['HF_HUB_OFFLINE'] = '1'\n%load_ext nbllm\nimport nbllm\n"
+            f"nbllm.load({str(long_model)!r})\n"
+            "from nbllm.widgets import ChatPanel\npanel = ChatPanel('k')\n"
+            "nbllm.get_engine().defaults = nbllm.GenerationOptions(temperature=0, max_new_tokens=4000)\n"
+            "panel.send('Write a long story.')")
+        assert kernel.last_status == "ok"
+        shown: list[str] = []
+
+        def on_message(msg: dict[str, Any]) -> None:
+            if msg["msg_type"] in ("display_data", "update_display_data"):
+                shown.append(msg["content"]["data"]["text/plain"])
+                if msg["content"]["data"]["text/plain"] == WAITING:
+                    kernel.km.interrupt_kernel()  # SIGINT, as the notebook's Interrupt button sends
+
+        messages = kernel.execute("%%llm --max-new-tokens 3\nHi", on_message=on_message)
+        stderr = "".join(m["content"]["text"] for m in messages if m["msg_type"] == "stream")
+        assert stderr.startswith("UsageError: Interrupted: the chat panel's reply this cell waited for was stopped")
+        assert stderr.count("\n") == 1 and "Traceback" not in stderr  # one line
+        assert kernel.last_status == "error"
+        assert WAITING in shown and shown[-1] == "[stopped the chat panel's reply (what it wrote is kept, marked partial)]"
+        out = kernel.execute("print(panel.wait(60), panel.chat.turns[-1].reply.finish_reason)")
+        printed = "".join(m["content"].get("text", "") for m in out if m["msg_type"] == "stream")
+        assert printed == "True cancelled\n"
+        # With no cell running, the interrupt stops the panel's reply too (as Stop does).
+        kernel.execute("panel.send('Write another long story.')")
+        assert kernel.last_status == "ok"
+        kernel.km.interrupt_kernel()
+        out = kernel.execute("print(panel.wait(60), len(panel.chat), panel.chat.turns[-1].reply.finish_reason)")
+        printed = "".join(m["content"].get("text", "") for m in out if m["msg_type"] == "stream")
+        assert printed == "True 2 cancelled\n"
+    finally:
+        kernel.close()

@@ -8,25 +8,19 @@ from __future__ import annotations
 
 import warnings
 
-from .. import models
 from ..errors import NbllmError, NbllmWarning
 from ..options import GenerationOptions, LoadOptions
 from ..source import ModelSource
 from .failures import failure_error
 from .measure import measure_peak_memory, reset_peak_memory
 from .recommend import recommend
-from .settings import SavedSettings, record_success, save_settings, saved_settings, settings_name
+from .settings import SavedSettings, listed_name, record_success, save_settings, saved_settings, settings_name
 
 
 def in_models_folder(source: ModelSource) -> bool:
-    """Whether the model's files are in the models folder (saved settings and what worked are kept there)."""
-    if source.path is None:
-        return False
-    try:
-        source.path.resolve().relative_to(models.models_dir().resolve())
-    except (ValueError, OSError):
-        return False
-    return True
+    """Whether the model is in the models folder (saved settings and what worked are kept there): its
+    files, or a link to them (a linked model is listed, and loaded by name, as one of the folder's)."""
+    return source.path is not None and listed_name(source.path) is not None
 
 
 def load_options(source: ModelSource, typed: LoadOptions, *, fit: bool) -> tuple[LoadOptions, SavedSettings | None]:

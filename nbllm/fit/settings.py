@@ -164,11 +164,28 @@ def settings_name(source: ModelSource | str | Path) -> str:
         path = Path(str(source))
         if not path.exists():
             return Path(str(source)).name
-    root = models.models_dir().resolve()
-    resolved = path.resolve()
-    if resolved.parent != root and resolved.is_file() and resolved.parent.parent == root:
-        return resolved.parent.name
-    return resolved.name
+    return listed_name(path) or path.resolve().name
+
+
+def listed_name(path: Path, models_dir: str | Path | None = None) -> str | None:
+    """The name the models folder lists the model at ``path`` under (a subfolder, or a GGUF file at its
+    root), or None when it is not in the folder. A link in the folder is a model of the folder, wherever
+    its files are (``path`` may be the link or what it points to)."""
+    root = Path(models_dir).expanduser() if models_dir is not None else models.models_dir()
+    target = path.resolve()
+    for inside in (path.absolute(), target):
+        for folder in (root.absolute(), root.resolve()):
+            if inside != folder and inside.is_relative_to(folder):
+                return inside.relative_to(folder).parts[0]
+    try:
+        links = [e for e in root.iterdir() if e.is_symlink()]
+    except OSError:
+        return None
+    for link in links:
+        pointed = link.resolve()
+        if target == pointed or (pointed.is_dir() and target.is_relative_to(pointed)):
+            return link.name
+    return None
 
 
 def _load_yaml(path: Path) -> dict[str, Any]:
@@ -439,7 +456,10 @@ def save_settings(
     old = data.get(key) if isinstance(data.get(key), Mapping) else {}
     owned = _OWNED_LOAD_KEYS | (_OWNED_GENERATION_KEYS if gen is not None else set())
     kept = {k: v for k, v in (old or {}).items() if k not in owned and not _GPU_MEMORY.match(str(k))}
-    data[key] = {**tgw_entry(options, loader, gen), **kept}
+    entry = tgw_entry(options, loader, gen)
+    if options.loader == "auto":  # stored as auto: no loader key (text-generation-webui then infers one too)
+        del entry["loader"]
+    data[key] = {**entry, **kept}
     text = yaml.safe_dump(data, sort_keys=False, allow_unicode=True, default_flow_style=False)
     _write_atomic(path, text)
     return path

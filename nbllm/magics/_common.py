@@ -184,6 +184,8 @@ class StreamView:
         self._shown_at = 0.0
         self._text = ""
         self.waited_for: str | None = None
+        self.waited_on: Result | None = None
+        """The reply (another thread's) this cell said it waits for."""
         """Whose reply the cell waited for (:func:`owner_of`), once it had to."""
 
     def start(self) -> None:
@@ -196,6 +198,7 @@ class StreamView:
         """Say that the model is busy with a reply another thread is writing (a served request's, the chat
         panel's): the output is not empty while the cell waits for it (the text replaces this line)."""
         self.waited_for = owner_of(result)
+        self.waited_on = result
         self.show_line(WAITING.format(owner=self.waited_for))
 
     def show_line(self, line: str) -> None:
@@ -266,7 +269,8 @@ def owner_of(result: Result | None) -> str:
 def waiting_shown(view: StreamView) -> Iterator[None]:
     """Start a generation inside this block: if the engine has to wait for a reply being written on
     another thread (a served request's, the chat panel's), ``view`` says so; interrupting that wait is
-    one line (nothing was generated; the model stays loaded)."""
+    one line (nothing was generated; the model stays loaded), and stops the chat panel's reply (a served
+    request is another client's: it goes on)."""
     with get_engine().on_wait(view.waiting):
         try:
             yield
@@ -274,6 +278,14 @@ def waiting_shown(view: StreamView) -> Iterator[None]:
             if view.waited_for is None:
                 raise UsageError("Interrupted before the generation started; nothing was generated and the model "
                                  "is still loaded.") from None
+            if view.waited_on is not None and view.waited_for == _OWNERS["nbllm-chat"]:
+                # the user interrupts what the kernel is doing: the panel's reply too (a served request is
+                # another client's, and goes on)
+                view.waited_on.cancel()
+                view.show_line("[stopped the chat panel's reply (what it wrote is kept, marked partial)]")
+                raise UsageError("Interrupted: the chat panel's reply this cell waited for was stopped (what it wrote "
+                                 "is kept, marked partial); nothing was generated for this cell and the model is "
+                                 "still loaded.") from None
             view.show_line(f"[stopped waiting for {view.waited_for}]")
             raise UsageError(f"Stopped waiting for {view.waited_for} to end; nothing was generated and the model "
                              "is still loaded.") from None

@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import html
 import logging
+import signal
 import threading
 import time
+import weakref
 from collections.abc import Callable
 from typing import Any
 
@@ -20,7 +22,7 @@ import ipywidgets as W
 from ..chat import ContextFullError, Conversation, Turn, conversation
 from ..errors import NbllmError, NoModelLoadedError
 from ..result import Result
-from ._common import HELP_STYLE, MessageLine, button, guarded, joined, title, track, untrack
+from ._common import HELP_STYLE, MessageLine, button, guarded, heartbeat, joined, title, track, untrack
 
 log = logging.getLogger("nbllm.widgets")
 
@@ -32,6 +34,9 @@ STOP_WAIT_SECONDS = 30.0
 
 CURSOR = " ▍"
 
+BUSY = "A reply is still being written. Stop it first."
+"""What a second Send (or Regenerate...) says while a reply is written; it goes when the reply ends."""
+
 _CSS = """<style>
 .nbllm-msg { border-radius: 8px; padding: 2px 12px; margin: 4px 0; overflow-wrap: anywhere; min-width: 0; }
 .nbllm-msg-user { margin-left: 15%; background: rgba(66, 133, 244, .12); }
@@ -40,6 +45,7 @@ _CSS = """<style>
 .nbllm-msg .jp-RenderedHTMLCommon { padding: 0; font-size: var(--jp-content-font-size1, 14px); }
 .nbllm-msg .jp-RenderedHTMLCommon pre { white-space: pre-wrap; overflow-wrap: anywhere; }
 .nbllm-msg .nbllm-msg-head { margin: 4px 0 2px 0; }
+.nbllm-msg .jp-RenderedHTMLCommon table { margin-left: 0; margin-right: auto; }
 </style>"""
 
 _MARKDOWN: Any = None
@@ -50,16 +56,26 @@ def _markdown() -> Any:
     global _MARKDOWN
     if _MARKDOWN is None:
         from markdown_it import MarkdownIt
+        from markdown_it.common.utils import escapeHtml
 
         md = MarkdownIt("commonmark", {"breaks": True, "html": False})
-        md.enable(["table", "strikethrough"]).disable(["entity", "image"])
+        md.enable(["table", "strikethrough"]).disable(["entity"])
 
         def link_open(self: Any, tokens: Any, idx: int, options: Any, env: Any) -> str:
             tokens[idx].attrSet("target", "_blank")  # a link must not take the notebook's tab away
             tokens[idx].attrSet("rel", "noopener noreferrer")
             return str(self.renderToken(tokens, idx, options, env))
 
+        def image(self: Any, tokens: Any, idx: int, options: Any, env: Any) -> str:
+            """An image is never fetched from a reply: its alt text, as a link to it."""
+            token = tokens[idx]
+            src = escapeHtml(str(token.attrGet("src") or ""))
+            alt = escapeHtml(self.renderInlineAsText(token.children or [], options, env)) or src
+            return (f'<span class="nbllm-image">[image: <a href="{src}" target="_blank" '
+                    f'rel="noopener noreferrer">{alt}</a>]</span>')
+
         md.add_render_rule("link_open", link_open)
+        md.add_render_rule("image", image)
         _MARKDOWN = md
     return _MARKDOWN
 
@@ -105,6 +121,43 @@ def words(exc: NbllmError) -> str:
     return exc.message
 
 
+_writing: weakref.WeakSet[Result] = weakref.WeakSet()
+"""The replies the chat panels are writing now."""
+_hooked_kernel: Any = None
+_idle_handler: Any = None
+
+
+def _on_interrupt(signum: int, frame: Any) -> None:
+    """A kernel interrupt (SIGINT) while no cell runs: stop the panels' replies, as Stop does."""
+    for result in list(_writing):
+        result.cancel()
+    if callable(_idle_handler) and _idle_handler not in (signal.default_int_handler, _on_interrupt):
+        _idle_handler(signum, frame)
+
+
+def stop_replies_on_interrupt() -> None:
+    """Make a kernel interrupt stop the chat panels' replies when no cell runs (while a cell runs, the
+    interrupt is the cell's, and a cell that waits for a reply stops it: see ``waiting_shown``).
+
+    ipykernel ignores SIGINT between requests: around each request it installs Python's default
+    handler, and afterwards puts back the one it saved (``SIG_IGN`` from its start). The handler it
+    saves becomes :func:`_on_interrupt` (which then does what the saved one did); called on the
+    kernel's main thread (a button's handler, or a cell)."""
+    global _hooked_kernel, _idle_handler
+    try:
+        from IPython import get_ipython
+    except ImportError:  # pragma: no cover - ipywidgets needs IPython
+        return
+    kernel = getattr(get_ipython(), "kernel", None)
+    if (kernel is None or kernel is _hooked_kernel or not hasattr(kernel, "saved_sigint_handler")
+            or threading.current_thread() is not threading.main_thread()):
+        return
+    if kernel.saved_sigint_handler is not _on_interrupt:
+        _idle_handler = kernel.saved_sigint_handler
+        kernel.saved_sigint_handler = _on_interrupt
+    _hooked_kernel = kernel
+
+
 def _reply_note(turn: Turn) -> str:
     return " · ".join(turn.notes)
 
@@ -133,10 +186,10 @@ class ChatPanel(W.VBox):
         self.view.add_class("nbllm-chat-messages")
         # The messages sit in a scroll box laid out bottom up (column-reverse): the browser keeps its
         # view at the end while a reply grows, and where the user scrolled to once they scroll up.
-        self.scroller = W.Box([self.view], layout=W.Layout(
+        self._scroller_layout = W.Layout(
             width="100%", max_height="520px", overflow="hidden auto", flex_flow="column-reverse",
-            border="1px solid var(--jp-border-color2, #ccc)", padding="4px"))
-        self.scroller.add_class("nbllm-chat-view")
+            border="1px solid var(--jp-border-color2, #ccc)", padding="4px")
+        self.scroller = self._new_scroller()
         # ipywidgets' text area reports its text, not its keys: Enter cannot send without front-end
         # code, so Enter writes a new line and the Send button sends (the placeholder says so).
         self.input = W.Textarea(placeholder="Message (the Send button sends it; Enter starts a new line)", rows=3,
@@ -150,8 +203,9 @@ class ChatPanel(W.VBox):
         self.status = W.HTML()
         self.status.add_class("nbllm-chat-status")
 
-        super().__init__([
+        self._parts: list[W.Widget] = [
             W.HTML(_CSS),
+            heartbeat(),
             title(f"nbllm · chat “{self.chat.name}”"),
             self.system,
             self.scroller,
@@ -160,9 +214,11 @@ class ChatPanel(W.VBox):
                     self.clear_button]),
             self.status,
             self.messages,
-        ], layout=W.Layout(width="100%", max_width="820px", padding="8px",
-                           border="1px solid var(--jp-border-color2, #ccc)"))
+        ]
+        super().__init__(self._parts, layout=W.Layout(width="100%", max_width="820px", padding="8px",
+                                                      border="1px solid var(--jp-border-color2, #ccc)"))
         self.add_class("nbllm-chat-panel")
+        self.add_class("nbllm-panel")
 
         self.send_button.on_click(lambda _b: self.send())
         self.stop_button.on_click(lambda _b: self.stop())
@@ -185,7 +241,11 @@ class ChatPanel(W.VBox):
         return joined(self._worker, timeout)
 
     def refresh(self) -> None:
-        """Show the conversation as it is now (it may have changed through ``%%llm_chat``)."""
+        """Show the conversation as it is now (it may have changed through ``%%llm_chat``: then the
+        numbers line, which was about the panel's last reply, goes)."""
+        self._redraw(ours=False)
+
+    def _redraw(self, *, ours: bool) -> None:
         if self.generating:
             return
         with self._render_lock:
@@ -195,6 +255,8 @@ class ChatPanel(W.VBox):
             if shown == self._shown and len(self.view.children) == sum(1 + (r is not None) for _u, r, _n in shown):
                 self._set_buttons(generating=False)
                 return  # unchanged since last shown: no redraw after every cell
+            if not ours and self._shown is not None and shown != self._shown:
+                self.status.value = ""  # a turn from elsewhere: the numbers shown were another reply's
             self._shown = shown
             views: list[W.Widget] = []
             for turn in self.chat.turns:
@@ -244,6 +306,19 @@ class ChatPanel(W.VBox):
         self.refresh()
 
     # -- internals -----------------------------------------------------------------------------------
+    def _new_scroller(self) -> W.Box:
+        box = W.Box([self.view], layout=self._scroller_layout)
+        box.add_class("nbllm-chat-view")
+        return box
+
+    def _to_the_end(self) -> None:
+        """Show the end of the chat, where the message just sent and its reply are, even if the user
+        had scrolled up: a new scroll box starts at its end (the kernel cannot scroll the page's box)."""
+        old, self.scroller = self.scroller, self._new_scroller()
+        self._parts = [self.scroller if part is old else part for part in self._parts]
+        self.children = self._parts
+        old.close()
+
     def _system_changed(self, change: dict[str, Any]) -> None:
         self.chat.system = change["new"] or None
 
@@ -264,7 +339,7 @@ class ChatPanel(W.VBox):
         if self.generating and stopping:
             self.wait(STOP_WAIT_SECONDS)
         if self.generating:
-            self.messages.show_error("A reply is still being written. Stop it first.")
+            self.messages.show_error(BUSY)
             return
         self.chat.system = self.system.value or None
         result = guarded(self.messages, start, words)
@@ -285,6 +360,7 @@ class ChatPanel(W.VBox):
                     views = views[:-1]
                 if not replace_last and user is not None:
                     views.append(MessageView("user", user))
+                    self._to_the_end()
                 reply_view = MessageView("assistant")
                 views.append(reply_view)
             self.view.children = views
@@ -296,6 +372,8 @@ class ChatPanel(W.VBox):
             target=self._stream, args=(result, reply_view, prefix, restore_input), name="nbllm-chat", daemon=True
         )
         result.read_by(self._worker)  # a cell run meanwhile waits for this reply instead of stopping it
+        _writing.add(result)
+        stop_replies_on_interrupt()
         self._worker.start()
 
     def _stream(self, result: Result, view: MessageView, prefix: str, restore_input: str | None) -> None:
@@ -319,13 +397,16 @@ class ChatPanel(W.VBox):
             log.exception("chat generation failed")
             self.messages.show_error(f"{type(exc).__name__}: {exc}".splitlines()[0])
         finally:
+            _writing.discard(result)
             self._result = None
             if failed and restore_input is not None and not self.input.value:
                 self.input.value = restore_input
             if result.done:
                 self.status.value = f"<span style='{HELP_STYLE}'>{html.escape(result.summary())}</span>"
+            if self.messages.error_text == BUSY:  # a second click while it wrote: no longer true
+                self.messages.clear_error()
             self._busy = False
-            self.refresh()
+            self._redraw(ours=True)
 
     def _set_buttons(self, *, generating: bool) -> None:
         self.stop_button.disabled = not generating

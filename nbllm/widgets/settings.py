@@ -22,9 +22,11 @@ from ..download.options import DownloadOptions
 from ..engine import Engine, Status, format_memory, get_engine
 from ..errors import NbllmError, OptionError
 from ..loaders import TRANSFORMERS, loader_class, loader_names
+from ..loaders.openai import OpenAILoader
 from ..lora import LoraOptions, lora_add, lora_remove
 from ..models import ModelsFolder, format_size
 from ..options import GenerationOptions, LoadOptions, OptionSpec, decode_escapes, encode_escapes, field_value
+from ..result import Result
 from ._common import (
     HELP_STYLE,
     WRAP,
@@ -32,7 +34,10 @@ from ._common import (
     button,
     collected_notes,
     guarded,
+    heartbeat,
     joined,
+    named_options,
+    panel_words,
     refresh_all,
     title,
     track,
@@ -47,6 +52,9 @@ GENERATION_FIELDS = ("temperature", "top_p", "top_k", "min_p", "repetition_penal
 library's (:meth:`GenerationOptions.presets`)."""
 
 _NO_MODEL = "(no model in the models folder)"
+
+OPENAI = OpenAILoader.name
+"""The loader of a model at a server: the panel takes its URL instead of a model of the folder."""
 
 _CSS = """<style>
 .nbllm-settings .nbllm-invalid input, .nbllm-settings input.nbllm-invalid, .nbllm-settings .nbllm-invalid textarea {
@@ -65,8 +73,8 @@ def option_widget(spec: OptionSpec, value: Any = None) -> W.ValueWidget:
     choices = ("auto", *loader_names()) if spec == LoadOptions.spec("loader") else spec.choices
     if choices:
         widget: W.ValueWidget = W.Dropdown(options=list(choices), value=value, **common)
-    elif spec.type is bool and spec.default is None:  # a three-state switch (--flash-attn): auto, on, off
-        widget = W.Dropdown(options=[("auto", None), ("on", True), ("off", False)], value=value, **common)
+    elif three_state(spec):  # a three-state switch (--flash-attn): auto, on, off
+        widget = W.Dropdown(options=[(name, name) for name in _THREE_STATES], value=_state(value), **common)
     elif spec.type is bool:
         widget = W.Checkbox(value=bool(value), indent=False, **common)
     elif spec.type is tuple:  # several texts: one per line, escapes as in a magic line (\\n: a newline)
@@ -77,6 +85,29 @@ def option_widget(spec: OptionSpec, value: Any = None) -> W.ValueWidget:
         widget = W.Text(value=field_text(spec, value), placeholder=placeholder, continuous_update=False, **common)
     widget.add_class(f"nbllm-opt-{spec.name}")
     return widget
+
+
+_THREE_STATES: dict[str, bool | None] = {"auto": None, "on": True, "off": False}
+"""A yes/no option that may be unset, as its list shows it. (Not ``None`` as a list value: ipywidgets
+reads the value ``None`` as no choice at all and empties the list.)"""
+
+
+def three_state(spec: OptionSpec) -> bool:
+    """Whether the option is a yes/no that may also be unset (``--flash-attn``/``--no-flash-attn``/auto)."""
+    return spec.type is bool and spec.default is None
+
+
+def _state(value: bool | None) -> str:
+    return next(name for name, v in _THREE_STATES.items() if v is value)
+
+
+def default_input(spec: OptionSpec) -> Any:
+    """What an option's widget holds for its default (a text field's text, a list's or box's value)."""
+    if three_state(spec):
+        return _state(None)
+    if spec.choices or spec.type is bool:
+        return bool(spec.default) if spec.type is bool else spec.default
+    return field_text(spec, spec.default)
 
 
 def field_text(spec: OptionSpec, value: Any) -> str:
@@ -94,6 +125,8 @@ def read_widget(spec: OptionSpec, widget: W.ValueWidget) -> Any:
     """What the widget holds, as an option value, checked alone against the schema (raises
     :class:`OptionError` in panel words for what the schema refuses)."""
     value = widget.value
+    if three_state(spec):
+        return _THREE_STATES[value]
     if spec.type is tuple:
         decode = decode_escapes if spec.escapes else str
         return tuple(decode(line) for line in value.split("\n") if line)
@@ -157,7 +190,9 @@ class OptionField(W.VBox):
     @value.setter
     def value(self, value: Any) -> None:
         """Show ``value`` in the field, as if typed (listeners hear it)."""
-        if isinstance(self.input, (W.Dropdown, W.Checkbox)):
+        if three_state(self.spec):
+            self.input.value = _state(value)
+        elif isinstance(self.input, (W.Dropdown, W.Checkbox)):
             self.input.value = value
         else:
             self.input.value = field_text(self.spec, value)
@@ -256,6 +291,8 @@ class SettingsPanel(W.VBox):
         self._loading: str | None = None
         self._worker: threading.Thread | None = None
         self._shown_loader: str | None = None
+        self._model_loaders: dict[str, str] = {}
+        """The loader chosen for each model (in the list) while this panel lives: auto unless set."""
         self._choices: dict[str, dict[str, Any]] = {}
         """What was set for each loader while this panel lives: switching the model to a GGUF and back
         brings back the Transformers choices (options both loaders share included)."""
@@ -268,6 +305,16 @@ class SettingsPanel(W.VBox):
         self.model.add_class("nbllm-model")
         self.refresh_button = button("", "refresh", icon="refresh", tooltip="List the models folder again")
         self.folder_label = W.HTML(layout=W.Layout(min_width="0"))
+        self.model_row = W.HBox([self.model, self.refresh_button, self.folder_label], layout=W.Layout(width="100%"))
+        # A model at a server (the openai loader): its URL, typed; the key stays in the environment
+        # variable the api_key_env field names (never typed here, shown or recorded).
+        self.server_url = W.Text(description="Server URL", placeholder="http://127.0.0.1:8000/v1",
+                                 style={"description_width": "initial"}, layout=W.Layout(width="60%"))
+        self.server_url.add_class("nbllm-server-url")
+        self.server_row = W.VBox([self.server_url, _help(
+            "The base URL of an OpenAI-compatible server (vLLM, llama.cpp's server, %llm_serve, ...). Its API "
+            "key, if it needs one, is read from the environment variable named in api_key_env below.")],
+            layout=W.Layout(width="100%", display="none"))
         self.download_id = W.Text(description="Download model", placeholder=DownloadOptions.spec("model").metavar,
                                   tooltip=f"A hub id, and %llm_download's flags if needed: "
                                   f"{DownloadOptions.usage()}",
@@ -288,6 +335,10 @@ class SettingsPanel(W.VBox):
         self.save_button = button("Save settings", "save-settings", icon="save",
                                   tooltip="Save these load options and generation defaults for the selected model "
                                           "(config-user.yaml in the models folder; loading it by name applies them)")
+        self.stop_reply_button = button("Stop the reply", "stop-reply", style="warning", icon="stop",
+                                        tooltip="Stop the chat panel's reply that this load waits for")
+        self.stop_reply_button.layout.display = "none"  # shown while a load waits for a reply
+        self._waited_on: Result | None = None
         self.status = W.HTML()
         self.status.add_class("nbllm-status")
 
@@ -314,11 +365,14 @@ class SettingsPanel(W.VBox):
 
         super().__init__([
             W.HTML(_CSS, layout=W.Layout(display="none")),
+            heartbeat(),
             title("nbllm · model settings"),
-            W.HBox([self.model, self.refresh_button, self.folder_label], layout=W.Layout(width="100%")),
+            self.model_row,
+            self.server_row,
             W.HBox([self.download_id, self.download_button], layout=W.Layout(width="100%")),
             self.download_output,
-            W.HBox([self.load_button, self.unload_button, self.save_button]),
+            W.HBox([self.load_button, self.unload_button, self.save_button, self.stop_reply_button],
+                   layout=W.Layout(flex_flow="row wrap")),
             self.status,
             self.messages,
             W.HTML("<hr style='margin: 4px 0'>"),
@@ -336,13 +390,15 @@ class SettingsPanel(W.VBox):
         ], layout=W.Layout(width="100%", max_width="980px", border="1px solid var(--jp-border-color2, #ccc)",
                            padding="8px"))
         self.add_class("nbllm-settings")
+        self.add_class("nbllm-panel")
 
         self.refresh_button.on_click(lambda _b: self.refresh_models())
         self.download_button.on_click(lambda _b: self.download())
         self.load_button.on_click(lambda _b: self.load())
         self.unload_button.on_click(lambda _b: self.unload())
         self.save_button.on_click(lambda _b: self.save_settings())
-        self.model.observe(lambda _c: self._update_visibility(), names="value")
+        self.stop_reply_button.on_click(lambda _b: self.stop_reply())
+        self.model.observe(lambda _c: self._model_selected(), names="value")
         for f in self.load_fields.values():
             f.on_change(self._load_field_changed)
         for name, b in self.preset_buttons.items():
@@ -368,6 +424,11 @@ class SettingsPanel(W.VBox):
         if chosen != "auto":
             return str(chosen)
         return self._loaders.get(self.model.value or "", TRANSFORMERS)
+
+    @property
+    def remote(self) -> bool:
+        """Whether the loader chosen is the one of a model at a server: Load takes the Server URL field."""
+        return self.load_fields["loader"].value == OPENAI
 
     def load_options(self) -> LoadOptions:
         """The load options the panel shows for the chosen loader (hidden ones keep their defaults;
@@ -435,11 +496,15 @@ class SettingsPanel(W.VBox):
         runs on a worker thread. While it runs, Load says "Loading…" and, with Unload and the model
         choice, is disabled; another Load is refused with a note, never dropped without a word."""
         if self._loading is not None:
-            self.messages.show_note(f"{self._loading} is still loading: Load is back when it has loaded.")
+            self.messages.show_info(f"{self._loading} is still loading: Load is back when it has loaded.")
             return
 
         def prepare() -> tuple[str, LoadOptions]:
-            if not self.model.value:
+            if self.remote:
+                if not self.server_url.value.strip():
+                    raise OptionError("no server URL is given", "type the server's URL in the Server URL field, "
+                                      "e.g. http://127.0.0.1:8000/v1")
+            elif not self.model.value:
                 raise OptionError("no model is selected", "download one, or choose one in the Model list")
             invalid = [name for name, f in self.load_fields.items() if f.shown and not f.valid]
             if invalid:
@@ -447,46 +512,71 @@ class SettingsPanel(W.VBox):
                     f"{', '.join(invalid)} {'holds' if len(invalid) == 1 else 'hold'} a value the option does not take",
                     "correct it as the message under the field says, then click Load",
                 )
-            return str(self.model.value), self.load_options()
+            model = self.server_url.value.strip() if self.remote else str(self.model.value)
+            return model, self.load_options()
 
         prepared = guarded(self.messages, prepare)
         if prepared is None:
             return
         model, options = prepared
-        checked = self.messages.note_text  # notes on the options (ineffective combinations)
-        self._set_loading(Path(model).name)
+        checked = panel_words(self.messages.warning_text)  # notes on the options (ineffective combinations)
+        self.messages.show_note(checked)
+        self._set_loading(model if self.remote else Path(model).name)
         self._worker = threading.Thread(target=self._load_in_worker, args=(model, options, checked),
                                         name="nbllm-load", daemon=True)
         self._worker.start()
 
     def _load_in_worker(self, model: str, options: LoadOptions, checked: str) -> None:
         status: Status | None = None
+        error = ""
         try:
-            with collected_notes() as notes:
+            with collected_notes() as notes, self.engine.on_wait(self._waiting_for_reply):
                 try:
                     status = self.engine.load(model, options)
                 except NbllmError as exc:
-                    self.messages.show_error(exc.message)
+                    error = exc.message
                 except Exception as exc:  # a bug: one line in the panel, the traceback in the log
                     log.exception("loading from the settings panel failed")
-                    self.messages.show_error(f"{type(exc).__name__}: {exc}".splitlines()[0])
+                    error = f"{type(exc).__name__}: {exc}".splitlines()[0]
         finally:
             with self._lock:
                 self._loading = None
                 self._set_loading(None)
             self.refresh()
-            said = [checked, *notes]
+            if error:
+                self.messages.show_error(error)
+            warned, said = [checked, *notes], []
             if status is not None and status.already_loaded:
                 said.append(f"{status.model} is already loaded with these options; nothing was done")
             elif status is not None:
                 said.extend(status.placement.notes)
-            self.messages.show_note("; ".join(n for n in dict.fromkeys(said) if n))
+            self.messages.show_note("; ".join(panel_words(n) for n in dict.fromkeys(warned) if n),
+                                    info="; ".join(n for n in dict.fromkeys(said) if n))
             refresh_all(except_=self)
+
+    def _waiting_for_reply(self, reply: Result) -> None:
+        """The load waits for a reply another thread writes (the chat panel's): say so, and offer to
+        stop that reply (called once, on the load's worker, holding the engine's lock: so not this
+        panel's, which a refresh holds while it asks the engine)."""
+        loading = self._loading
+        if loading is None:
+            return
+        self._waited_on = reply
+        self.stop_reply_button.layout.display = None
+        self.status.value = self._status_html(
+            f"Loading {loading}: waiting for the chat panel's reply to end (the model writes one reply at a time). "
+            "Click Stop the reply to stop it now (what it wrote is kept).")
+
+    def stop_reply(self) -> None:
+        """Stop the reply the load waits for (the Stop the reply button); what it wrote is kept."""
+        reply = self._waited_on
+        if reply is not None:
+            reply.cancel()
 
     def unload(self) -> None:
         """Unload the model (the Unload button)."""
         if self._loading is not None:
-            self.messages.show_note(f"{self._loading} is still loading: Unload is back when it has loaded.")
+            self.messages.show_info(f"{self._loading} is still loading: Unload is back when it has loaded.")
             return
         guarded(self.messages, self.engine.unload)
         self.refresh()
@@ -502,7 +592,7 @@ class SettingsPanel(W.VBox):
                 raise OptionError("no model is selected", "choose one in the Model list, then click Save settings")
             name = settings_name(Path(self.model.value))
             path = save_settings(name, self.load_options(), self.generation_options(), models_dir=self.folder.path)
-            self.messages.show_note(f"Settings of {name} saved in {path}: loading it by name applies them.")
+            self.messages.show_info(f"Settings of {name} saved in {path}: loading it by name applies them.")
             return path
 
         return guarded(self.messages, run)
@@ -535,7 +625,7 @@ class SettingsPanel(W.VBox):
             self.refresh_models()
             if str(result.path) in self._loaders and not self.loading:
                 self.model.value = str(result.path)
-            self.messages.show_note(result.summary)
+            self.messages.show_info(result.summary)
 
         guarded(self.messages, run)
 
@@ -565,6 +655,8 @@ class SettingsPanel(W.VBox):
             self.status.value = self._status_html(status_line(status), details=str(status) if status.loaded else None)
             seen = (status.path, tuple(sorted(status.options.items()))) if status.loaded else None
             if seen != self._seen:
+                if self._seen is not None:  # another model, or none: notes about the last one are stale
+                    self.messages.clear()
                 self._seen = seen
                 if status.loaded:
                     self._show_loaded(status)
@@ -589,26 +681,48 @@ class SettingsPanel(W.VBox):
         self.load_button.icon = "hourglass-half" if busy else "play"
         for widget in (self.load_button, self.unload_button, self.model, self.refresh_button):
             widget.disabled = busy
+        if not busy:
+            self._waited_on = None
+            self.stop_reply_button.layout.display = "none"
         if busy:
             self.status.value = self._status_html(
                 f"Loading {name}… Load, Unload and the model choice are back when it has loaded.")
 
     def _show_loaded(self, status: Status) -> None:
         """Select the loaded model and show the options it was loaded with (it may come from
-        %llm_load): those its loader understands; the other loaders' choices stay as they were."""
+        %llm_load): those its loader understands; the other loaders' choices stay as they were. A
+        loader the model was loaded with by name (``--loader``, or its saved settings) is that
+        model's choice only: another model selected afterwards has its own (auto unless set)."""
         if self._listed(status.path) is None:
             self.refresh_models()
+        listed = self._listed(status.path)
+        if listed is not None:
+            self._model_loaders[listed] = str(status.options.get("loader", "auto"))
+        if status.loader == OPENAI and status.path:
+            self.server_url.value = status.path
         self._syncing = True
         try:
-            listed = self._listed(status.path)
             if listed is not None:
-                self.model.value = listed
+                self.model.value = listed  # (its loader choice, and that loader's fields, come with it)
+            self.load_fields["loader"].value = status.options.get("loader", "auto")
+            self._update_visibility()
             understood = loader_class(status.loader).load_options if status.loader else frozenset()
             for name, f in self.load_fields.items():
-                if name == "loader" or name in understood:
+                if name != "loader" and name in understood:
                     f.value = status.options.get(name, f.spec.default)
         finally:
             self._syncing = False
+        self._update_visibility()
+
+    def _model_selected(self) -> None:
+        """Another model selected: its own loader choice (auto unless one was chosen for it)."""
+        choice = self._model_loaders.get(self.model.value or "", "auto")
+        if self.load_fields["loader"].value != choice:
+            syncing, self._syncing = self._syncing, True
+            try:
+                self.load_fields["loader"].value = choice
+            finally:
+                self._syncing = syncing
         self._update_visibility()
 
     def _listed(self, path: str | None) -> str | None:
@@ -642,24 +756,23 @@ class SettingsPanel(W.VBox):
         says about it (an error, a note) shows under that field."""
         if self._syncing:
             return
-        _clear_others(self.gen_fields.values(), field)
-
         def run() -> None:
             self.engine.defaults = self.generation_options()
 
-        guarded(field.messages, run)
+        _check_set(self.gen_fields, field, run)
         self._show_preset(self.engine.defaults)
 
     def _load_field_changed(self, field: OptionField) -> None:
         """A load option got a valid value: check the set it makes (an error or a note shows under
         that field; Load checks again)."""
         if field.spec.name == "loader":
+            if not self._syncing and self.model.value:
+                self._model_loaders[str(self.model.value)] = str(field.value)
             self._update_visibility()
         if self._syncing:
             return
-        _clear_others(self.load_fields.values(), field)
         if field.shown:
-            guarded(field.messages, self.load_options)
+            _check_set(self.load_fields, field, self.load_options)
 
     def _update_visibility(self) -> None:
         loader = self.loader
@@ -668,6 +781,9 @@ class SettingsPanel(W.VBox):
         understood = loader_class(loader).load_options
         for name, f in self.load_fields.items():
             f.show(name == "loader" or name in understood)
+        remote = self.remote  # a URL instead of the models folder's list
+        self.model_row.layout.display = "none" if remote else None
+        self.server_row.layout.display = None if remote else "none"
         for key, box in self.option_groups.items():  # no heading over an empty group
             box.layout.display = None if key == "model" or any(
                 f.shown for f in self.load_fields.values() if f.spec.group == key) else "none"
@@ -679,15 +795,21 @@ class SettingsPanel(W.VBox):
         )
 
     def _switch_choices(self, loader: str) -> None:
-        """Keep what was set for the loader shown until now, and bring back what was set for ``loader``."""
+        """Keep what was set for the loader shown until now, and bring back what was set for ``loader``;
+        a loader shown for the first time starts from its own defaults (options both loaders take,
+        such as gpu_split, do not mean the same in both)."""
         previous, self._shown_loader = self._shown_loader, loader
         if previous is not None:
             kept = loader_class(previous).load_options
             self._choices[previous] = {n: f.input.value for n, f in self.load_fields.items() if n in kept}
+        understood = loader_class(loader).load_options
+        typed = self._choices.get(loader) or {
+            n: default_input(f.spec) for n, f in self.load_fields.items() if n in understood
+        }
         syncing, self._syncing = self._syncing, True
         try:
-            for name, typed in self._choices.get(loader, {}).items():
-                self.load_fields[name].input.value = typed
+            for name, text in typed.items():
+                self.load_fields[name].input.value = text
         finally:
             self._syncing = syncing
 
@@ -695,15 +817,31 @@ class SettingsPanel(W.VBox):
         body = f"<b style='{WRAP}'>{html.escape(line)}</b>"
         if details:
             body += (f"<details><summary style='{HELP_STYLE}; cursor: pointer'>details</summary>"
-                     f"<pre style='{HELP_STYLE}; white-space: pre-wrap; {WRAP}'>{html.escape(details)}</pre></details>")
+                     f"<pre class='nbllm-status-details' style='{HELP_STYLE}; white-space: pre-wrap; "
+                     f"overflow-wrap: break-word'>{html.escape(details)}</pre></details>")  # its lines kept
         return f"<div style='margin: 4px 0; {WRAP}'>{body}</div>"
 
 
-def _clear_others(fields: Any, edited: OptionField) -> None:
-    """Clear what the last check of the whole set said under other fields (their own errors stay)."""
-    for f in fields:
-        if f is not edited and f.valid:
+def _check_set(fields: dict[str, OptionField], edited: OptionField, check: Callable[[], Any]) -> None:
+    """Check the whole set after ``edited`` changed, in the panel's words: an error (an impossible
+    combination) shows under the edited field; each note under the field it is about (the first option
+    it names), not all under the field changed last. What the last check said elsewhere is cleared
+    (a field's own error about what was typed in it stays)."""
+    for f in fields.values():
+        if f.valid:
             f.messages.clear()
+    with collected_notes() as notes:
+        try:
+            check()
+        except NbllmError as exc:
+            edited.messages.show_error(panel_words(exc.message))
+        except Exception as exc:  # a bug: one line in the panel, the traceback in the log
+            log.exception("checking the settings panel's options failed")
+            edited.messages.show_error(f"{type(exc).__name__}: {exc}".splitlines()[0])
+    for note in dict.fromkeys(notes):
+        owner = next((fields[n] for n in named_options(note) if n in fields and fields[n].shown), edited)
+        said = owner.messages.warning_text
+        owner.messages.show_note("; ".join(t for t in (said, panel_words(note)) if t))
 
 
 
@@ -714,19 +852,24 @@ class LoraSection(W.VBox):
 
     def __init__(self, engine: Engine, messages: MessageLine, models_dir: str | Path | None = None) -> None:
         self.engine, self.messages, self._models_dir = engine, messages, models_dir
+        # One row that wraps: the adapter list takes the room its names need, the scale the rest, and
+        # Apply keeps its whole label (it never shrinks; at a narrow width it goes to the next line).
         self.choice = W.Dropdown(description="Adapter", options=[], style={"description_width": "initial"},
-                                 layout=W.Layout(width="45%"))
+                                 layout=W.Layout(width="auto", flex="2 1 22em", min_width="0"))
         self.choice.add_class("nbllm-lora-choice")
         self.scale = OptionField(LoraOptions.spec("scale"))
+        self.scale.layout.width, self.scale.layout.flex = "auto", "1 1 14em"
         self.add_button = button("Apply", "lora-add", icon="plus",
                                  tooltip="Apply the adapter to the loaded model with this scale, without reloading it")
+        self.add_button.layout.flex, self.add_button.layout.min_width = "0 0 auto", "max-content"
         self.applied = W.VBox()
         self.applied.add_class("nbllm-lora-applied")
         self._shown: tuple[Any, ...] | None = None
         super().__init__([
             W.HTML(f"<b>LoRA adapters</b> <span style='{HELP_STYLE}'>(applied to the loaded model; several stack, "
                    "each with its scale)</span>"),
-            W.HBox([self.choice, self.scale, self.add_button]),
+            W.HBox([self.choice, self.scale, self.add_button],
+                   layout=W.Layout(width="100%", flex_flow="row wrap", align_items="flex-start")),
             self.applied,
         ])
         self.add_class("nbllm-group-lora")
@@ -748,6 +891,9 @@ class LoraSection(W.VBox):
         def run() -> None:
             if not self.choice.value:
                 raise OptionError("no adapter is selected", "download one with %llm_download into loras/, then refresh")
+            if not self.scale.valid:  # never apply another scale than the one typed
+                raise OptionError("the scale field holds a value the option does not take",
+                                  "correct it as the message under the field says, then click Apply")
             lora_add(self.choice.value, self.scale.value, engine=self.engine)
 
         guarded(self.messages, run)
