@@ -22,11 +22,16 @@ from .chat import Conversation
 from .chat import Conversation as Chat
 from .engine import Engine, Status, get_engine
 from .errors import NbllmError
+from .evaluate import (  # the functions (the module stays importable: nbllm.evaluate.Evaluation)
+    evaluate,
+    evaluate_tasks,
+)
 from .lora import lora_add, lora_clear, lora_list, lora_remove, lora_restore
 from .options import GenerationOptions, LoadOptions
 from .recordings import Replay, replay
 from .result import Record, Result
 from .runlog import runs
+from .scoring import perplexity, score, tokenize
 from .serve import serve  # the function (the module stays importable: from nbllm.serve import ServeOptions)
 from .sweeps import sweep
 
@@ -72,6 +77,7 @@ def load_ipython_extension(ipython: Any) -> None:
 
 __all__ = [
     "Chat", "Conversation", "Engine", "GenerationOptions", "LoadOptions", "NbllmError", "Record", "Replay", "Result",
-    "Status", "generate", "generate_many", "get_engine", "load", "load_ipython_extension", "lora_add", "lora_clear",
-    "lora_list", "lora_remove", "lora_restore", "replay", "runs", "serve", "status", "stream", "sweep", "unload",
+    "Status", "evaluate", "evaluate_tasks", "generate", "generate_many", "get_engine", "load", "load_ipython_extension", "lora_add", "lora_clear",
+    "lora_list", "lora_remove", "lora_restore", "perplexity", "replay", "runs", "score", "serve", "status", "stream", "sweep",
+    "tokenize", "unload",
 ]

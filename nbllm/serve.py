@@ -10,7 +10,8 @@ Requests take the generation options of ``%%llm`` under the API's names (``max_t
 ``temperature``, ``top_p``, ``seed``, ``stop``) and the extra ones vLLM and llama.cpp's server read
 (``top_k``, ``min_p``, ``typical_p``, ``repetition_penalty`` or ``repeat_penalty``); what a request
 leaves out comes from the engine's defaults (the settings panel's). A request for something nbllm
-cannot do (``n`` > 1, ``logprobs``, ``echo``, tools) is refused with 400, never silently ignored.
+cannot do (tools, ``best_of``, penalties it has not) is refused with 400, never silently ignored; ``logprobs``,
+``echo``, ``n`` and token-id prompts are answered by :mod:`nbllm.serve_logprobs`.
 
 Binding anything but loopback needs a key (``--api-key-env NAME``): clients then send
 ``Authorization: Bearer <the value of $NAME>``.
@@ -33,6 +34,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
+from . import serve_logprobs
 from .engine import Engine, Prompt, get_engine
 from .errors import NbllmError, NoModelLoadedError, OptionError, missing_dependency
 from .options import GenerationOptions, _Schema, option
@@ -45,12 +47,8 @@ client sees a live connection (and a client that left is noticed)."""
 _FINISH = {"eos": "stop", "stop": "stop", "length": "length", "context": "length"}
 """nbllm's finish reasons in the API's words (an interrupted reply is ``stop``)."""
 
-_UNSUPPORTED: dict[str, Callable[[Any], bool]] = {
-    "n": lambda v: v not in (None, 1),
+_UNSUPPORTED: dict[str, Callable[[Any], bool]] = {  # n, echo, logprobs, top_logprobs: nbllm.serve_logprobs
     "best_of": lambda v: v not in (None, 1),
-    "echo": bool,
-    "logprobs": bool,
-    "top_logprobs": bool,
     "suffix": bool,
     "tools": bool,
     "functions": bool,
@@ -226,15 +224,19 @@ def create_app(engine: Engine | None = None, *, api_key: str | None = None, work
         if body.get("model") not in (None, "", model):
             return error(404, f"the model {body.get('model')!r} is not served here; it serves {model!r}",
                          code="model_not_found")
+        extended = serve_logprobs.asks(body, chat)  # logprobs, echo, n, token-id or listed prompts
         try:
             options = generation_options(body, eng.defaults)
-            prompt: str | list[dict[str, str]] = chat_messages(body) if chat else completion_prompt(body)
+            prompt: str | list[dict[str, str]] = chat_messages(body) if chat else (
+                "" if extended else completion_prompt(body))
         except NbllmError as exc:
             return error(400, exc.message)
-        continue_final = bool(chat and body.get("continue_final_message"))
-        start = _starter(eng, prompt, options, continue_final)
         meta = {"id": ("chatcmpl-" if chat else "cmpl-") + secrets.token_hex(12), "created": int(time.time()),
                 "model": model, "system_fingerprint": fingerprint}
+        if extended:
+            return await _extended(body, options, meta, chat, prompt if chat else None)
+        continue_final = bool(chat and body.get("continue_final_message"))
+        start = _starter(eng, prompt, options, continue_final)
         include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
         if body.get("stream"):
             return StreamingResponse(_events(start, meta, chat, include_usage), media_type="text/event-stream",
@@ -252,6 +254,18 @@ def create_app(engine: Engine | None = None, *, api_key: str | None = None, work
             choice["text"] = text
         return JSONResponse({**meta, "object": "chat.completion" if chat else "text_completion",
                              "choices": [choice], "usage": _usage(result)})
+
+    async def _extended(body: dict[str, Any], options: GenerationOptions, meta: dict[str, Any], chat: bool,
+                        messages: Any) -> Any:
+        if body.get("stream"):
+            return error(400, "logprobs, echo, n > 1 and token-id or listed prompts are answered whole: leave "
+                              "stream out")
+        loop = asyncio.get_running_loop()
+        try:
+            payload = await loop.run_in_executor(pool, serve_logprobs.respond, eng, body, options, meta, chat, messages)
+        except NbllmError as exc:
+            return _nbllm_error(exc, error)
+        return JSONResponse(payload)
 
     async def _events(start: Callable[[], Result], meta: dict[str, Any], chat: bool,
                       include_usage: bool) -> AsyncIterator[str]:

@@ -26,6 +26,7 @@ from ..options import GenerationOptions, LoadOptions
 from ..safetensors_file import check_safetensors
 from ..source import ModelSource
 from ..streaming import threaded_tokens
+from ._logprobs import transformers_recorder, transformers_scores
 from .base import Placement, Request, TokenLoader
 
 _DTYPES = {"float16", "bfloat16", "float32"}
@@ -139,6 +140,8 @@ class TransformersLoader(TokenLoader):
         "transformers", "torch", "accelerate", "bitsandbytes", "huggingface_hub", "tokenizers", "peft",
     )
     adapters: ClassVar[frozenset[str]] = frozenset({"peft"})
+    gives_logprobs: ClassVar[bool] = True
+    scores_tokens: ClassVar[bool] = True
 
     def __init__(self) -> None:
         super().__init__()
@@ -438,8 +441,9 @@ class TransformersLoader(TokenLoader):
         prompt_ids, seed, cancel, reuse_prefix = request.prompt_ids, request.seed, request.cancel, request.reuse_prefix
         assert prompt_ids is not None
         self.compile_seconds = None
-        if self._compiled is not None:
+        if self._compiled is not None and request.options.logprobs is None:  # logprobs: generate's own path
             return self._compiled_tokens(request)
+        logprobs = transformers_recorder(self, request)
 
         device = self._input_device()
         answers = {flag: torch.full((1,), flag, dtype=torch.bool, device=device) for flag in (False, True)}
@@ -463,10 +467,14 @@ class TransformersLoader(TokenLoader):
                     if value.numel() == 1:  # one new token per step: the common case, kept short
                         token = int(value)
                         produced.append(token)
+                        if logprobs is not None:
+                            logprobs.add(token)
                         emit(token)
                         return
                     for token in value.reshape(-1).tolist():
                         produced.append(token)
+                        if logprobs is not None:
+                            logprobs.add(token)
                         emit(token)
 
                 def end(self) -> None:
@@ -483,12 +491,16 @@ class TransformersLoader(TokenLoader):
                     streamer=Emit(),
                     stopping_criteria=StoppingCriteriaList([Cancelled()]),
                     cache=cache,
+                    **({"logits_processor": [logprobs.processor()]} if logprobs is not None else {}),
                     **kwargs,
                 )
             if reuse_prefix:
                 self._cache, self._cache_ids = cache, (prompt_ids + produced)[: cache.get_seq_length()]
 
         return threaded_tokens(run, cancel)
+
+    def token_scores(self, rows: Sequence[Sequence[int]], starts: Sequence[int], top: int = 0) -> list[Any]:
+        return transformers_scores(self.model, self._input_device(), rows, starts, top)
 
     def _compiled_tokens(self, request: Request) -> Iterator[int]:
         """``--compile``: the compiled decode step generates (it keeps no prefix: the whole prompt is
