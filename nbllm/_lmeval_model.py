@@ -1,9 +1,9 @@
 """The nbllm model class of lm-evaluation-harness (imported only by :func:`nbllm.evaluate.evaluate`: it
 imports lm_eval). Registered with lm-eval as ``nbllm``; it runs on the engine's loaded model.
 
-Texts are tokenized as lm-eval's own ``hf`` model tokenizes them (no special tokens; a context's trailing
-spaces moved to the continuation; an empty context replaced by the BOS token, else EOS), so both give the
-same log-likelihoods on the same weights.
+Texts are tokenized as lm-eval's own ``hf`` model tokenizes them (the tokenizer's own special tokens; a
+context's trailing spaces moved to the continuation; an empty context replaced by the BOS token, else EOS),
+so both give the same log-likelihoods on the same weights.
 """
 
 from __future__ import annotations
@@ -48,10 +48,16 @@ class NbllmLM(LM):
         if n_spaces:
             continuation, context = context[-n_spaces:] + continuation, context[:-n_spaces]
         if not context:
-            return [self._prefix_token(loader)], loader.tokenize(continuation, add_special=False)
-        whole = loader.tokenize(context + continuation, add_special=False)
-        context_ids = loader.tokenize(context, add_special=False)
+            return [self._prefix_token(loader)], self._encode(loader, continuation)
+        whole = self._encode(loader, context + continuation)
+        context_ids = self._encode(loader, context)
         return context_ids, whole[len(context_ids):]
+
+    def _encode(self, loader: TokenLoader, text: str) -> list[int]:
+        """As lm-eval's hf model encodes: the tokenizer's own special tokens (its BOS), unless the text
+        already starts with the BOS text."""
+        bos = loader.special_tokens.get("bos_token") or ""
+        return loader.tokenize(text, add_special=not (bos and text.startswith(bos)))
 
     def _score(self, loader: TokenLoader, pairs: Sequence[tuple[list[int], list[int]]]) -> list[tuple[float, bool]]:
         limit = loader.context_length or 2048
@@ -91,7 +97,7 @@ class NbllmLM(LM):
             limit = loader.context_length or 2048
             for request in tqdm(requests, desc="loglikelihood_rolling", disable=disable_tqdm):
                 windows = list(map(utils.make_disjoint_window, utils.get_rolling_token_windows(
-                    token_list=loader.tokenize(request.args[0], add_special=False),
+                    token_list=self._encode(loader, request.args[0]),
                     prefix_token=self._prefix_token(loader), max_seq_len=limit, context_len=1)))
                 total = sum(ll for ll, _ in self._score(loader, windows))
                 out.append(total)
