@@ -78,7 +78,6 @@ def respond(engine: Engine, body: Mapping[str, Any], options: GenerationOptions,
     if not isinstance(n, int) or isinstance(n, bool) or not 1 <= n <= 16:
         raise OptionError(f"n {n!r} is out of range", "ask for 1 to 16 choices")
     echo = bool(body.get("echo")) and not chat
-    max_tokens = body.get("max_tokens", body.get("max_completion_tokens"))
     run_options = options.with_valid(logprobs=k) if k is not None else options
     choices: list[dict[str, Any]] = []
     prompt_tokens = completion_tokens = 0
@@ -89,11 +88,9 @@ def respond(engine: Engine, body: Mapping[str, Any], options: GenerationOptions,
         echoed = _prompt_logprobs(engine, ready, k or 0) if echo else None
         for i in range(n):
             seeded = run_options if n == 1 or options.seed is None else run_options.with_valid(seed=options.seed + i)
-            result = None
-            if max_tokens != 0:
-                result = engine.stream_prompt(ready, seeded)
-                _ = result.text
-                completion_tokens += result.completion_tokens
+            result = engine.stream_prompt(ready, seeded)
+            _ = result.text
+            completion_tokens += result.completion_tokens
             choices.append(_choice(len(choices), ready, result, echoed, k, chat, echo))
     return {**meta, "object": "chat.completion" if chat else "text_completion", "choices": choices,
             "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
@@ -133,12 +130,11 @@ def _piece(loader: TokenLoader, token: int) -> str:
     return loader.decode([token])
 
 
-def _choice(index: int, ready: Prompt, result: Result | None, echoed: Sequence[tuple[str, float | None, Any]] | None,
+def _choice(index: int, ready: Prompt, result: Result, echoed: Sequence[tuple[str, float | None, Any]] | None,
             k: int | None, chat: bool, echo: bool) -> dict[str, Any]:
-    text = "".join(result.chunks) if result is not None else ""
-    finish = {"eos": "stop", "stop": "stop", "length": "length", "context": "length"}.get(
-        (result.finish_reason if result is not None else "length") or "", "stop")
-    entries = (result.tokens or []) if result is not None else []
+    text = "".join(result.chunks)
+    finish = {"eos": "stop", "stop": "stop", "length": "length", "context": "length"}.get(result.finish_reason or "", "stop")
+    entries = result.tokens or []
     if chat:
         logprobs = None
         if k is not None:
