@@ -622,10 +622,6 @@ class GenerationOptions(_Schema):
         "escapes: \\n is a newline, \\t a tab (quote them in a magic line: --stop '\\n').", group="length",
         metavar="TEXT", escapes=True,
     )
-    seed: int | None = option(
-        None, "Random seed. Unset: one is drawn and recorded with the output, so it can be reproduced.",
-        group="sampling", minimum=0, maximum=2**32 - 1, example="1234",
-    )
     logprobs: int | None = option(
         None, "Keep each new token's log-probability and its K most likely alternatives (0: the token's own only; "
         "at most 20): in the result (.tokens), the record and the run log; the cell shows the tokens coloured by "
@@ -637,6 +633,10 @@ class GenerationOptions(_Schema):
         group="sampling", panel=False,
     )
 
+    seed: int | None = option(
+        None, "Random seed. Unset: one is drawn and recorded with the output, so it can be reproduced.",
+        group="sampling", minimum=0, maximum=2**32 - 1, example="1234",
+    )
     PRESETS: ClassVar[dict[str, dict[str, Any]]] = {
         "deterministic": {"temperature": 0.0, "top_p": 0.9, "top_k": 0, "min_p": 0.0, "repetition_penalty": 1.0},
         "balanced": {"temperature": 0.7, "top_p": 0.9, "top_k": 0, "min_p": 0.0, "repetition_penalty": 1.0},
