@@ -79,18 +79,23 @@ def entry(token: int, logits: Any, top: int, piece: Callable[[int], str],
           options: GenerationOptions | None = None) -> dict[str, Any]:
     """One new token's record: its ``id``, text (``token``), ``logprob`` and the ``top`` most likely
     tokens at that position as ``[token, id, logprob]``. ``options`` (after the samplers) applies
-    :func:`after_samplers` first."""
+    :func:`after_samplers` first. Runs once per token: one max, one exp and one partial sort over the
+    vocabulary, in float32 (the sum in float64), never a whole log-softmax array."""
     import numpy as np
 
-    row = after_samplers(logits, options) if options is not None else logits
-    logp = log_softmax(row)
-    out: dict[str, Any] = {"id": int(token), "token": piece(int(token)), "logprob": _finite(logp[int(token)])}
+    x = after_samplers(logits, options) if options is not None else np.asarray(logits, dtype=np.float32)
+    peak = float(x.max())
+    lse = peak + math.log(float(np.exp(x - peak).sum(dtype=np.float64)))
+    out: dict[str, Any] = {"id": int(token), "token": piece(int(token)), "logprob": _finite(float(x[int(token)]) - lse)}
+    alternatives = []
     if top:
-        best = np.argpartition(-logp, top - 1)[:top] if top < logp.size else np.arange(logp.size)
-        best = best[np.argsort(-logp[best], kind="stable")]
-        out["top"] = [[piece(int(i)), int(i), _finite(logp[i])] for i in best if np.isfinite(logp[i])]
-    else:
-        out["top"] = []
+        n = x.size
+        best = np.argpartition(x, n - top)[n - top :] if top < n else np.arange(n)
+        for i in best[np.argsort(-x[best], kind="stable")]:
+            value = float(x[i]) - lse
+            if math.isfinite(value):
+                alternatives.append([piece(int(i)), int(i), value])
+    out["top"] = alternatives
     return out
 
 
