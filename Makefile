@@ -1,5 +1,5 @@
 # Two commands on a fresh machine:
-#   make quickstart   install everything, then run notebooks/quickstart.ipynb on the built-in tiny model
+#   make quickstart   install everything, then run notebooks/quickstart.ipynb (built-in tiny model, then a real one)
 #   make test         install everything, then run the whole test suite
 # and  make experiment  runs notebooks/experiment.ipynb twice, then replays it without its model (CI does).
 # Everything installs into .venv (CPU torch first: an unpinned torch would pull a CUDA build).
@@ -15,7 +15,7 @@ $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet torch==2.13.0
-	$(PY) -m pip install --quiet -e '.[all,dev]'
+	$(PY) -m pip install --quiet -e '.[all,dev,demo]'
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -50,6 +50,7 @@ bench: install
 	$(PY) benchmarks/bench_remote.py
 	$(PY) benchmarks/bench_first_prompt.py
 	$(PY) benchmarks/bench_lora.py
+	$(PY) benchmarks/bench_real_model.py
 
 # The same on CUDA (float16/bfloat16, bitsandbytes 4-bit and 8-bit, sdpa/flash-attention 2, eager/compile with
 # CUDA graphs, llama.cpp on the GPU), then the gpu tests. Without CUDA: one line, and nothing else runs.

@@ -12,28 +12,51 @@ Importing this package imports no torch, transformers or llama_cpp; the loaders 
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ._version import __version__ as __version__
-from .batch import generate_many
-from .chat import Conversation
-from .chat import Conversation as Chat
-from .engine import Engine, Status, get_engine
 from .errors import NbllmError
-from .evaluate import (  # the functions (the module stays importable: nbllm.evaluate.Evaluation)
+from .evaluate import (  # the functions (the module stays importable: nbllm.evaluate.Evaluation); imports no engine
     evaluate,
     evaluate_tasks,
 )
-from .lora import lora_add, lora_clear, lora_list, lora_remove, lora_restore
 from .options import GenerationOptions, LoadOptions
-from .recordings import Replay, replay
 from .result import Record, Result
-from .runlog import runs
-from .scoring import perplexity, score, tokenize
 from .serve import serve  # the function (the module stays importable: from nbllm.serve import ServeOptions)
-from .sweeps import sweep
+
+if TYPE_CHECKING:
+    from .batch import generate_many
+    from .chat import Conversation
+    from .chat import Conversation as Chat
+    from .engine import Engine, Status, get_engine
+    from .lora import lora_add, lora_clear, lora_list, lora_remove, lora_restore
+    from .recordings import Replay, replay
+    from .runlog import runs
+    from .scoring import perplexity, score, tokenize
+    from .sweeps import sweep
+
+_LAZY = {
+    "generate_many": ("batch", "generate_many"), "Conversation": ("chat", "Conversation"), "Chat": ("chat", "Conversation"),
+    "Engine": ("engine", "Engine"), "Status": ("engine", "Status"), "get_engine": ("engine", "get_engine"),
+    "lora_add": ("lora", "lora_add"), "lora_clear": ("lora", "lora_clear"), "lora_list": ("lora", "lora_list"),
+    "lora_remove": ("lora", "lora_remove"), "lora_restore": ("lora", "lora_restore"), "Replay": ("recordings", "Replay"),
+    "replay": ("recordings", "replay"), "runs": ("runlog", "runs"), "sweep": ("sweeps", "sweep"),
+    "score": ("scoring", "score"), "perplexity": ("scoring", "perplexity"), "tokenize": ("scoring", "tokenize"),
+}
+"""Names imported at first use: ``%load_ext nbllm`` (which imports this package) stays quick, without the
+engine, the loaders' registry or the download package."""
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _LAZY:
+        raise AttributeError(f"module 'nbllm' has no attribute {name!r}")
+    module, attr = _LAZY[name]
+    value = getattr(importlib.import_module(f".{module}", __name__), attr)
+    globals()[name] = value
+    return value
 
 
 def load(model: str | Path, options: LoadOptions | Mapping[str, Any] | None = None, *, fit: bool = False,
@@ -42,16 +65,22 @@ def load(model: str | Path, options: LoadOptions | Mapping[str, Any] | None = No
     :class:`LoadOptions` fields, e.g. ``load_in_4bit=True``. ``fit=True`` loads with the options
     recommended for this machine (:func:`nbllm.fit.recommend`); ``save_settings=True`` stores the options
     as the model's settings (``config-user.yaml``), applied whenever it is loaded by name."""
+    from .engine import get_engine
+
     return get_engine().load(model, options, fit=fit, save_settings=save_settings, **kwargs)
 
 
 def unload() -> bool:
     """Release the loaded model and its memory."""
+    from .engine import get_engine
+
     return get_engine().unload()
 
 
 def status() -> Status:
     """What is loaded, with which options, where its layers are and the memory it uses."""
+    from .engine import get_engine
+
     return get_engine().status()
 
 
@@ -59,12 +88,16 @@ def generate(prompt: str | Sequence[Mapping[str, str]], options: GenerationOptio
              **kwargs: Any) -> Result:
     """Generate to the end; keyword arguments are :class:`GenerationOptions` fields (and ``chat``,
     ``system``)."""
+    from .engine import get_engine
+
     return get_engine().generate(prompt, options, **kwargs)
 
 
 def stream(prompt: str | Sequence[Mapping[str, str]], options: GenerationOptions | Mapping[str, Any] | None = None,
            **kwargs: Any) -> Result:
     """Start generating; iterate the result to get text as it is produced."""
+    from .engine import get_engine
+
     return get_engine().stream(prompt, options, **kwargs)
 
 

@@ -23,7 +23,7 @@ import re
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 from .errors import LoadError, ModelNotFoundError
 from .gguf_file import GGUFError, GGUFHeader, gguf_files, read_gguf_header
@@ -31,8 +31,14 @@ from .models import ModelsFolder, folder_name, models_dir
 from .safetensors_file import check_safetensors
 from .store import Bookkeeping, pending_downloads, read_record, read_revision, weights_sha256
 
-if TYPE_CHECKING:  # pragma: no cover
-    from .loaders import Loader
+
+class AppliesAdapters(Protocol):
+    """What :func:`check_format` reads of a loader class (:class:`nbllm.loaders.Loader` is one): its name and
+    the adapter formats it applies. A protocol, so that this module needs nothing from the loaders (they
+    import it, through the download package)."""
+
+    name: str
+    adapters: frozenset[str]
 
 PEFT, GGUF = "peft", "gguf"
 
@@ -177,7 +183,7 @@ _FIXES = {
 }
 
 
-def check_format(adapter: Adapter, loader: type[Loader]) -> None:
+def check_format(adapter: Adapter, loader: AppliesAdapters) -> None:
     """Refuse an adapter whose format the loaded model's loader does not apply (a GGUF adapter on a
     Transformers model and the reverse)."""
     if adapter.format in loader.adapters:

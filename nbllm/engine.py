@@ -39,7 +39,7 @@ from .chat_template import FALLBACK_NOTE, ChatNote, render_chat, starts_with_bos
 from .errors import GenerationError, LoadError, NbllmError, NbllmWarning, NoModelLoadedError, OptionError
 from .loaders import Loader, Placement, Request, TextLoader, TokenLoader, choose_loader, resolve_source
 from .loaders.base import LoadInstead
-from .memory import format_memory, process_rss
+from .memory import drop_frames, format_memory, process_rss
 from .options import GenerationOptions, LoadOptions
 from .result import Record, Result, Timings, clock, library_versions
 from .source import ModelSource
@@ -71,7 +71,8 @@ class Status:
     def lines(self) -> list[str]:
         if not self.loaded:
             return ["No model loaded. Load one with %llm_load MODEL (or nbllm.load(...))."]
-        opts = " ".join(f"{LoadOptions.spec(k).flag} {v}" if v is not True else LoadOptions.spec(k).flag
+        opts = " ".join(LoadOptions.spec(k).flag if v is True else "--no-" + LoadOptions.spec(k).flag[2:]
+                        if v is False else f"{LoadOptions.spec(k).flag} {v}"
                         for k, v in self.options.items()) or "defaults"
         out = [
             f"model:     {self.model} ({self.format}) — {self.path}",
@@ -137,6 +138,9 @@ class Engine:
         its stand-in loader records the model asked for and loads nothing); ``None`` from it: as usual."""
         self._listeners: list[Callable[[Result], None]] = []
         self._waiting = threading.local()
+        self.stood_in_by: Loader | None = None
+        """The stand-in (replay) whose miss loaded the model now loaded (``--fallback run``), else ``None``:
+        a sweep goes on across that change, and stops at any other."""
 
     def on_result(self, callback: Callable[[Result], None]) -> Callable[[], None]:
         """Call ``callback(result)`` each time a generation of this engine finishes, however it was
@@ -248,8 +252,13 @@ class Engine:
             except Exception as failure:  # a loader's own NbllmError, or anything a loader let through
                 error = plan.explained(failure, source, opts, during="load") or _load_error(failure, cls, source)
                 cause = failure.__cause__ if isinstance(failure, NbllmError) and failure.__cause__ else failure
-                if previous is not None and self._restore(*previous):  # type: ignore[arg-type]
-                    error.cause += f" ({previous[0].name} is loaded again{dropped})"  # type: ignore[union-attr]
+                drop_frames(failure)  # what the failed load built (a partial model) goes before the previous comes back
+                if previous is not None:
+                    if self._restore(*previous):  # type: ignore[arg-type]
+                        error.cause += f" ({previous[0].name} is loaded again{dropped})"  # type: ignore[union-attr]
+                    else:
+                        error.cause += (f" (and {previous[0].name}, the model loaded before, could not be loaded "  # type: ignore[union-attr]
+                                        "again: no model is loaded now)")
                     error.args = (error.message,)
                 raise error from (None if cause is error else cause)
             plan.after_load(source, opts, cls.name, self._load_seconds or 0.0, save=save_settings,
@@ -272,7 +281,7 @@ class Engine:
         try:
             self._load(choose_loader(source, opts), source, opts)
             return True
-        except NbllmError:
+        except Exception:  # whatever it is (its file gone...), the load's own error is the one to show
             self._release()
             return False
 
@@ -290,6 +299,7 @@ class Engine:
         self._source = self._options = self._asked = None
         self._hashes = None
         self._adapters = ()
+        self.stood_in_by = None
         if loader is not None:
             loader.unload()
             del loader
@@ -516,8 +526,7 @@ class Engine:
             try:
                 answered = loader.answer(request)
             except LoadInstead as instead:  # a stand-in (replay) gave up: the real model from here on
-                self.route = None
-                self.load(instead.model, instead.options)
+                self._load_instead(instead)
                 return self.stream_prompt(self._prepared_again(prompt, continue_final), opts, conversation=conversation,
                                           reuse_prefix=reuse_prefix, continue_final=continue_final)
             if answered is not None:  # a stand-in answered from its records: nothing runs
@@ -530,6 +539,26 @@ class Engine:
             result.on_done(self._released_by)
             result.on_done(self._notify)
             return result.attach(self._run(loader, request, result, context_capped=capped is not opts))
+
+    def _load_instead(self, instead: LoadInstead) -> None:
+        """Load the real model a stand-in gave up for. If that fails the stand-in stays, its route (the
+        replay stays on) and its adapters with it, and the error says so: one state, told alike."""
+        route, stand_in, adapters = self.route, self._loader, self._adapters
+        self.route = None
+        try:
+            self.load(instead.model, instead.options)
+        except NbllmError as error:
+            self.route = route
+            if self._loader is not stand_in:  # released by the failed load: stand in again (loads nothing)
+                self.load(instead.model, instead.options)
+                if adapters:
+                    self.set_adapters(adapters)
+            error.cause += "; the replay stays on (recorded requests still replay, the next miss tries the load again)"
+            error.args = (error.message,)
+            raise
+        self.stood_in_by = stand_in
+        if instead.loaded is not None:
+            instead.loaded()
 
     def _record(self, loader: Loader, prompt: Prompt, opts: GenerationOptions, seed: int,
                 conversation: dict[str, Any] | None, batch: dict[str, Any] | None = None) -> Record:
@@ -640,6 +669,7 @@ class Engine:
             from .fit import plan
 
             mapped = plan.explained(exc, self._source, self._options, during="generation")
+            drop_frames(exc)  # its frames hold the KV cache and activations; IPython keeps the error after the cell
             raise (mapped or GenerationError(
                 f"generation failed in {loader.name}: {type(exc).__name__}: {exc}".splitlines()[0],
                 "the model is still loaded; check the options, or reload the model if this repeats",
@@ -652,17 +682,19 @@ class Engine:
             timings.total_seconds = end - start
             record.reused_prefix_tokens = loader.reused_tokens
             timings.compile_seconds = loader.compile_seconds
-            if isinstance(loader, TextLoader):
-                prompt_tokens, completion = loader.usage
-                if prompt_tokens is not None:
-                    result.prompt_tokens = prompt_tokens
-                result.counted_tokens = completion if completion is not None else produced
+            if isinstance(loader, TextLoader):  # counts the engine behind did not give stay unknown (None)
+                result.prompt_tokens, result.counted_tokens = loader.usage
+                result.counts_unknown = result.counted_tokens is None
+                result.reasoning = loader.reasoning
+                record.model.update(loader.notes)
                 if loader.fingerprint:
                     record.model["system_fingerprint"] = loader.fingerprint
             if first is not None:
                 timings.time_to_first_token = first - start
                 n = result.completion_tokens
-                if last is not None and n > 1 and last > first:
+                if isinstance(loader, TextLoader):
+                    timings.decode_tokens_per_second = loader.decode_rate
+                elif last is not None and n is not None and n > 1 and last > first:
                     timings.decode_tokens_per_second = (n - 1) / (last - first)
             result.finish(reason, timings)
 
@@ -738,8 +770,10 @@ class Engine:
         """Run the rows in turn (reusing the prompt prefix they share), adding each finished result."""
         for prompt, opts in rows:
             result = self.stream_prompt(prompt, opts, reuse_prefix=True)
-            _ = result.text
-            results.append(result)
+            try:
+                _ = result.text
+            finally:  # an interrupt that lands as it finishes (in an on_done callback) keeps it; one that
+                results.append(result)  # stopped it marks it interrupted, which is left out of ``finished``
 
     def _side_by_side(self, rows: Sequence[tuple[Prompt, GenerationOptions]], width: int) -> list[Result]:
         results: list[Result | None] = [None] * len(rows)

@@ -15,11 +15,13 @@ import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from .engine import Engine, get_engine
 from .errors import OptionError, missing_dependency
 from .result import Record
+
+if TYPE_CHECKING:  # the engine is imported when an evaluation runs, not by ``import nbllm``
+    from .engine import Engine
 
 
 @dataclass
@@ -111,6 +113,7 @@ def evaluate(tasks: str | Sequence[str], *, limit: int | float | None = None, nu
     ``seed`` for every random choice lm-eval makes, ``include_path`` a folder of your own task YAML files.
     Recorded in the run log (task names and versions, few-shot count, seed, limit) and answered from the
     recording while a replay is on."""
+    from .engine import get_engine
     from .scoring import _log, _replayed
 
     engine = engine or get_engine()

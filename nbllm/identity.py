@@ -95,8 +95,14 @@ def differences(recorded: Mapping[str, Any], requested: Mapping[str, Any]) -> li
     """What differs between two identities, in words (``temperature 0.7 there, 0.0 here``), for an
     error that names the closest recorded run."""
     out: list[str] = []
-    if recorded.get("model") != requested.get("model"):
+    there_model, here_model = dict(recorded.get("model") or {}), dict(requested.get("model") or {})
+    there_adapters, here_adapters = there_model.pop("adapters", None), here_model.pop("adapters", None)
+    if there_model != here_model:
         out.append("the model")
+    if there_adapters != here_adapters:
+        listed = _adapters(there_adapters), _adapters(here_adapters)
+        out.append(f"the adapters ({listed[0]} there, {listed[1]} here)" if listed[0] != listed[1]
+                   else f"the adapters' files or weights ({listed[0]})")
     if recorded.get("loader") != requested.get("loader"):
         out.append(f"the loader ({recorded.get('loader')} there, {requested.get('loader')} here)")
     for group in ("load_options", "generation_options"):
@@ -150,6 +156,12 @@ def _typed(kind: type, value: Any) -> Any:
 
 def _shown(values: Mapping[str, Any], name: str) -> str:
     return repr(values[name]) if name in values else "default"
+
+
+def _adapters(adapters: Any) -> str:
+    if not adapters:
+        return "none"
+    return ", ".join(f"{a.get('name')} ×{a.get('scale', 1.0):g}" if isinstance(a, Mapping) else str(a) for a in adapters)
 
 
 def _seed(seed: Any) -> str:

@@ -11,13 +11,14 @@ import html
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from .adapters import Adapter, LoraEntry, LorasFolder, adapter_from_path
-from .engine import Engine, get_engine
 from .errors import LoadError, ModelNotFoundError, OptionError
-from .models import format_size, parse_hub_id, requested_revision
 from .options import _Schema, option
+
+if TYPE_CHECKING:  # %load_ext imports this module for %llm_lora's flags: the rest comes when an adapter does
+    from .adapters import Adapter, LoraEntry
+    from .engine import Engine
 
 
 @dataclass(frozen=True)
@@ -42,6 +43,9 @@ def resolve_adapter(spec: str | Path, *, revision: str | None = None, scale: flo
     In order: an existing path; a name in the adapters folder; a hub id ``organization/adapter[:revision]``
     — a complete local copy is used as is, otherwise it is downloaded into the adapters folder first.
     """
+    from .adapters import LorasFolder, adapter_from_path
+    from .models import parse_hub_id, requested_revision
+
     text = str(spec).strip()
     if not text:
         raise OptionError("no adapter given", "give a path, a name from %llm_lora list, or a hub id organization/adapter")
@@ -91,6 +95,8 @@ class LoraList:
         return applied_line(self.model, self.applied)
 
     def rows(self) -> list[tuple[str, ...]]:
+        from .models import format_size
+
         scales = {a.path: a.scale for a in self.applied}
         return [
             (e.name, e.format.upper(), format_size(e.size), (e.revision or "")[:10],
@@ -125,6 +131,8 @@ class LoraList:
 
 
 def _engine(engine: Engine | None) -> Engine:
+    from .engine import get_engine  # at first use: %load_ext imports this module for %llm_lora's flags
+
     return engine or get_engine()
 
 
@@ -135,8 +143,14 @@ def lora_add(adapter: str | Path, scale: float = 1.0, *, revision: str | None = 
     replaced (its scale changed). Returns the adapters now applied. The model is not reloaded."""
     options = LoraOptions.from_dict(scale=scale, revision=revision)
     eng = _engine(engine)
-    _ = eng.loader  # nothing is loaded: say so before resolving (or downloading) anything
-    new = resolve_adapter(adapter, revision=options.revision, scale=options.scale)
+    loader = eng.loader  # nothing is loaded: say so before resolving (or downloading) anything
+    from .loaders.replay import ReplayLoader  # lazy, as the loaders are
+
+    if isinstance(loader, ReplayLoader):  # a replay notes the adapter as recorded, as it notes the model
+        spec = f"{adapter}:{options.revision}" if options.revision else str(adapter)
+        new = loader.adapter(spec, scale=options.scale)
+    else:
+        new = resolve_adapter(adapter, revision=options.revision, scale=options.scale)
     current = list(eng.adapters)
     if any(a.name == new.name for a in current):
         current = [new if a.name == new.name else a for a in current]
@@ -171,9 +185,14 @@ def lora_restore(recorded: Sequence[Mapping[str, Any]], *, engine: Engine | None
     else by its hub repository and commit, else by name; one whose weights no longer have the recorded
     sha256 is refused."""
     eng = _engine(engine)
-    _ = eng.loader
+    loader = eng.loader
+    from .loaders.replay import ReplayLoader
+
     wanted = []
     for item in recorded:
+        if isinstance(loader, ReplayLoader):
+            wanted.append(loader.adapter(str(item.get("path") or item["name"]), scale=float(item.get("scale", 1.0))))
+            continue
         path, repo, revision = item.get("path"), item.get("repo_id"), item.get("revision")
         spec = path if path and Path(path).exists() else f"{repo}:{revision}" if repo and revision else repo or item["name"]
         adapter = resolve_adapter(spec, scale=float(item.get("scale", 1.0)))
@@ -187,6 +206,8 @@ def lora_restore(recorded: Sequence[Mapping[str, Any]], *, engine: Engine | None
 
 def lora_list(*, models: str | Path | None = None, engine: Engine | None = None) -> LoraList:
     """The adapters applied to the loaded model and those in the adapters folder."""
+    from .adapters import LorasFolder
+
     eng = _engine(engine)
     folder = LorasFolder(models)
     model = eng.status().model if eng.loaded else None

@@ -84,7 +84,7 @@ class OptionSpec:
 S = TypeVar("S", bound="_Schema")
 
 _TYPES: dict[str, type] = {
-    "bool": bool, "int": int, "float": float, "str": str,
+    "bool": bool, "bool | None": bool, "int": int, "float": float, "str": str,
     "str | None": str, "float | None": float, "int | None": int,
     "tuple[str, ...]": tuple, "tuple[float, ...]": tuple,
 }
@@ -198,8 +198,8 @@ class _Schema:
         for s in cls.specs():
             help_text = f"{s.help} (default: {_show(s.default)})"
             kwargs: dict[str, Any] = {"dest": s.name, "help": help_text.replace("%", "%%")}
-            if s.type is bool:
-                kwargs["action"] = "store_true"
+            if s.type is bool:  # a switch; with no default (auto) it has an off form too: --no-flash-attn
+                kwargs["action"] = "store_true" if s.default is not None else argparse.BooleanOptionalAction
                 kwargs["default"] = None if defaults_none else s.default
             elif s.type is tuple:
                 kwargs["action"] = "append"
@@ -342,6 +342,8 @@ def _coerce(s: OptionSpec, value: Any) -> Any:
         if s.type is bool:
             if isinstance(value, str):
                 low = value.strip().lower()
+                if s.default is None and low in ("auto", "none", ""):  # a three-state switch: unset is auto
+                    return None
                 if low in ("1", "true", "yes", "on"):
                     return True
                 if low in ("0", "false", "no", "off", ""):
@@ -441,9 +443,10 @@ class LoadOptions(_Schema):
         "picks flash_attention_2 where it can run and sdpa elsewhere.",
         choices=("auto", "sdpa", "eager", "flash_attention_2"), group="advanced",
     )
-    flash_attn: bool = option(
-        False, "Use FlashAttention (Transformers: same as --attn flash_attention_2; llama.cpp: its "
-        "flash attention kernels). If it errors, turn it off and try again.", group="advanced",
+    flash_attn: bool | None = option(
+        None, "Use FlashAttention: --flash-attn on, --no-flash-attn off, unset: auto (Transformers: on is "
+        "--attn flash_attention_2, off keeps --attn auto from picking it; llama.cpp: its flash attention "
+        "kernels, which llama.cpp itself turns on where they run). If it errors, turn it off.", group="advanced",
     )
     compile: bool = option(
         False, "Compile one decode step with torch.compile over a static KV cache (CPU: frozen, packed "
@@ -525,7 +528,8 @@ class LoadOptions(_Schema):
         group="remote", minimum=1, maximum=1024, metavar="N",
     )
     timeout: float = option(
-        60.0, "Seconds to wait for the server to accept a connection or to send the next piece of a reply.",
+        60.0, "Seconds to wait for the server to accept a connection or to send the next data of a reply "
+        "(keep-alive comments are no answer); raise it for prompts the server takes longer to read.",
         group="remote", minimum=0.1, metavar="SECONDS",
     )
 
@@ -545,6 +549,8 @@ class LoadOptions(_Schema):
             raise OptionError(
                 f"--flash-attn contradicts --attn {self.attn}", "drop one of them"
             )
+        if self.flash_attn is False and self.attn == "flash_attention_2":
+            raise OptionError("--no-flash-attn contradicts --attn flash_attention_2", "drop one of them")
         if self.device == "cpu" and self.gpu_split:
             raise OptionError("--gpu-split needs --device cuda or auto, not cpu", "drop --gpu-split")
         parse_gpu_split(self.gpu_split)
@@ -581,8 +587,10 @@ class LoadOptions(_Schema):
 
     @property
     def attn_requested(self) -> str:
-        """The attention implementation asked for, with --flash-attn folded in."""
-        return "flash_attention_2" if self.flash_attn else self.attn
+        """The attention implementation asked for, with --flash-attn folded in (--no-flash-attn: auto is sdpa)."""
+        if self.flash_attn:
+            return "flash_attention_2"
+        return "sdpa" if self.flash_attn is False and self.attn == "auto" else self.attn
 
 
 @dataclass(frozen=True)
@@ -689,7 +697,7 @@ def markdown_table(schema: type[_Schema], loaders: Callable[[str], Iterable[str]
         "| flag | default | what it does and when to use it |"
     rows = [head, "|---|---|---|---|" if loaders else "|---|---|---|"]
     for s in schema.specs():
-        default = _show(s.default) if s.type is not bool else "off"
+        default = _show(s.default) if s.type is not bool else "off" if s.default is not None else "auto"
         choices = f" One of: {', '.join(map(str, s.choices))}." if s.choices else ""
         column = f" {', '.join(loaders(s.name)) or 'all'} |" if loaders else ""
         rows.append(f"| `{s.flag}` | {default} |{column} {s.help}{choices} |")

@@ -20,27 +20,13 @@ from typing import Any, cast
 from .engine import Engine, get_engine
 from .errors import OptionError, ReplayError, missing_dependency
 from .identity import differences, identity_key, record_identity
-from .loaders.replay import FORMAT, ReplayLoader
+from .loaders.replay import FORMAT, ReplayLoader, Run
 from .options import LoadOptions
 from .runlog import RunLog
 from .source import ModelSource
 
 FALLBACKS = ("error", "run")
 _SQLITE_MAGIC = b"SQLite format 3\x00"
-
-
-@dataclass
-class Run:
-    """One recorded generation: its record and what came out."""
-
-    record: dict[str, Any]
-    text: str
-    finish_reason: str | None = None
-    prompt_tokens: int | None = None
-    completion_tokens: int | None = None
-    timings: dict[str, Any] | None = None
-    where: str = ""
-    """Where it is in its source: ``run 12`` (a run log's row id) or ``cell 5`` (a notebook cell)."""
 
 
 @dataclass
@@ -69,10 +55,22 @@ class Recording:
         with path.open("rb") as f:
             is_log = f.read(len(_SQLITE_MAGIC)) == _SQLITE_MAGIC
         if is_log:
-            return cls(path, [_logged_run(row) for row in RunLog(path).rows(session=session)])
-        if session is not None:
-            raise OptionError("--session picks runs of a run log, not of a notebook", "drop --session")
-        return cls(path, notebook_runs(path))
+            log = RunLog(path)
+            found = cls(path, [_logged_run(row) for row in log.rows(session=session)])
+            if not found.runs and session is not None:
+                sessions = log.sessions()
+                listed = ", ".join(sessions[-5:]) if sessions else "none"
+                raise ReplayError(f"the run log {path} has no runs of session {session!r} (its latest sessions: "
+                                  f"{listed})", "give one of its sessions (%llm_runs shows them), or drop --session")
+        else:
+            if session is not None:
+                raise OptionError("--session picks runs of a run log, not of a notebook", "drop --session")
+            found = cls(path, notebook_runs(path))
+        if not found.runs:
+            what = "run log" if is_log else "notebook"
+            raise ReplayError(f"the {what} {path} holds no recorded runs, so there is nothing to replay",
+                              "give a run log with runs, or a notebook saved with the outputs of %%llm cells")
+        return found
 
     def __len__(self) -> int:
         return len(self.runs)
@@ -87,6 +85,28 @@ class Recording:
                 return dict(model), str(run.record.get("loader", ""))
         return None
 
+    def adapter_for(self, spec: str) -> dict[str, Any] | None:
+        """The recorded adapter (an entry of a record's ``model["adapters"]``) that ``spec``, as typed after
+        ``%llm_lora add``, names: its path, its folder or file name, or its hub id (with or without its
+        revision); the latest recorded one when several answer."""
+        text = spec.strip().rstrip("/")
+        if not text:
+            return None
+        for run in reversed(self.runs):
+            for adapter in (run.record.get("model") or {}).get("adapters") or ():
+                if isinstance(adapter, Mapping) and _adapter_answers_to(adapter, text):
+                    return dict(adapter)
+        return None
+
+    def adapter_names(self) -> list[str]:
+        """The names of the adapters the recorded runs used, in first-use order."""
+        names: dict[str, None] = {}
+        for run in self.runs:
+            for adapter in (run.record.get("model") or {}).get("adapters") or ():
+                if isinstance(adapter, Mapping) and adapter.get("name"):
+                    names[str(adapter["name"])] = None
+        return list(names)
+
     def take(self, identity: Mapping[str, Any]) -> Run | None:
         """The next recorded run with this identity (the last one again once all were taken)."""
         key = identity_key(identity)
@@ -98,16 +118,42 @@ class Recording:
         return self.runs[found[min(n, len(found) - 1)]]
 
     def closest(self, identity: Mapping[str, Any]) -> tuple[Run, list[str]] | None:
-        """The recorded run that differs from ``identity`` in the fewest things (the latest among
-        equals), and those things in words."""
-        best: tuple[int, int, Run, list[str]] | None = None
+        """The recorded run nearest to ``identity`` (see :func:`distance`; the latest among equals), and
+        what differs, in words."""
+        best: tuple[int, int, Run, dict[str, Any]] | None = None
         for i, run in enumerate(self.runs):
             unsaid = run.record.get("seed_drawn") is None and identity.get("seed") is None
-            differs = differences(record_identity(run.record, seed_drawn=True if unsaid else None), identity)
-            score = (len(differs), -i)
+            recorded = record_identity(run.record, seed_drawn=True if unsaid else None)
+            score = (distance(recorded, identity), -i)
             if best is None or score < (best[0], best[1]):
-                best = (score[0], score[1], run, differs)
-        return None if best is None else (best[2], best[3])
+                best = (score[0], score[1], run, recorded)
+        return None if best is None else (best[2], differences(best[3], identity))
+
+
+def distance(recorded: Mapping[str, Any], requested: Mapping[str, Any]) -> int:
+    """How far apart two identities are, for naming the closest recorded run: another model weighs most,
+    then another prompt (or messages, or mode: the same cell run otherwise is what a user looks for),
+    other adapters, another loader, then each option that differs; the seed least (a sweep cell that
+    differs only in its seed is nearer than one with another prompt)."""
+    def without_adapters(model: Any) -> Any:
+        return {k: v for k, v in model.items() if k != "adapters"} if isinstance(model, Mapping) else model
+
+    there_model, here_model = recorded.get("model") or {}, requested.get("model") or {}
+    score = 0
+    if without_adapters(there_model) != without_adapters(here_model):
+        score += 10_000
+    if (recorded.get("messages"), recorded.get("prompt")) != (requested.get("messages"), requested.get("prompt")):
+        score += 2_000
+    if there_model.get("adapters") != here_model.get("adapters"):
+        score += 1_000
+    if recorded.get("loader") != requested.get("loader"):
+        score += 500
+    for group in ("load_options", "generation_options"):
+        there, here = recorded.get(group) or {}, requested.get(group) or {}
+        score += 10 * sum(there.get(name) != here.get(name) for name in set(there) | set(here))
+    if recorded.get("seed") != requested.get("seed"):
+        score += 1
+    return score
 
 
 def _answers_to(model: Mapping[str, Any], spec: str) -> bool:
@@ -119,6 +165,14 @@ def _answers_to(model: Mapping[str, Any], spec: str) -> bool:
         return True
     tail = Path(text).name
     return bool(tail) and (tail == model.get("name") or (bool(model.get("path")) and Path(str(model["path"])).name == tail))
+
+
+def _adapter_answers_to(adapter: Mapping[str, Any], text: str) -> bool:
+    path = str(adapter.get("path") or "")
+    repo, revision = adapter.get("repo_id"), adapter.get("revision")
+    if text in (path, adapter.get("name")) or (repo and text in (repo, f"{repo}:{revision}")):
+        return True
+    return (bool(path) and str(Path(text).expanduser()) == path) or Path(text).name == adapter.get("name")
 
 
 def _logged_run(row: Mapping[str, Any]) -> Run:
@@ -143,10 +197,11 @@ def notebook_runs(path: str | Path) -> list[Run]:
     """
     try:
         notebook = json.loads(Path(path).read_text(encoding="utf-8"))
-        if not isinstance(notebook, dict) or not isinstance(notebook.get("cells", []), list):
+        if not isinstance(notebook, dict) or not isinstance(notebook.get("cells", notebook.get("worksheets")), list):
             raise ValueError("not a notebook")
     except (OSError, ValueError) as exc:
-        raise ReplayError(f"{path} cannot be read as a notebook ({type(exc).__name__})",
+        why = "it has no list of cells" if str(exc) == "not a notebook" else type(exc).__name__
+        raise ReplayError(f"{path} cannot be read as a notebook ({why})",
                           "give a saved notebook (.ipynb) or a run log") from None
     if notebook.get("nbformat", 4) < 4:
         try:
@@ -218,7 +273,10 @@ class Replay:
         engine.route = self._route
         _ACTIVE = self
         if status.loaded and status.format != FORMAT and status.path:
+            adapters = engine.adapters
             engine.load(status.path, LoadOptions.from_dict(status.options))
+            if adapters:  # the stand-in keeps them, as the model had them
+                engine.set_adapters(adapters)
         return self
 
     def stop(self) -> None:
@@ -230,6 +288,15 @@ class Replay:
             self.engine.unload()
         if _ACTIVE is self:
             _ACTIVE = None
+
+    def fell_back_with(self, adapters: list[dict[str, Any]]) -> None:
+        """After a miss loaded the real model (``fallback="run"``): the replay is off; the adapters the
+        stand-in had are applied to the model as recorded (their files must be here, with their weights)."""
+        self.fell_back = True
+        if adapters:
+            from .lora import lora_restore
+
+            lora_restore(adapters, engine=self.engine)
 
     def __enter__(self) -> Replay:
         return self

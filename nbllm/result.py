@@ -6,9 +6,7 @@ import concurrent.futures
 import datetime as _dt
 import functools
 import html
-import importlib.metadata
 import json
-import platform
 import threading
 import time
 import uuid
@@ -27,6 +25,9 @@ left half read (and another request may stop it) rather than being read."""
 def _installed_versions(dists: tuple[str, ...]) -> tuple[tuple[str, str], ...]:
     """Looked up once per process and set of libraries: reading package metadata costs milliseconds,
     and the libraries a process has imported do not change under it."""
+    import importlib.metadata  # here, not at import (nor platform): %load_ext imports this module
+    import platform
+
     from ._version import __version__
 
     out = {"python": platform.python_version(), "nbllm": __version__}
@@ -149,9 +150,15 @@ class Result:
         self.seed = seed
         self.chunks: list[str] = []
         self.token_ids: list[int] = []
-        self.prompt_tokens = 0
+        self.prompt_tokens: int | None = 0
+        """Tokens of the prompt (``None``: an engine that gives text did not say)."""
         self.counted_tokens: int | None = None
         """New tokens as counted by an engine that gives text, not token ids (a server)."""
+        self.counts_unknown = False
+        """True when the engine behind gave text without saying how many tokens it was (then
+        :attr:`completion_tokens` is ``None``, never a guess)."""
+        self.reasoning = ""
+        """The reasoning (thinking) text a server sent beside the reply, kept apart from :attr:`text`."""
         self.finish_reason: str | None = None
         """``eos`` (the model ended), ``stop`` (a stop string), ``length`` (max_new_tokens),
         ``context`` (the model's context is full), ``cancelled`` (cancel()), ``interrupted``
@@ -196,6 +203,11 @@ class Result:
                 yield chunk
         finally:
             self._running = None
+
+    @property
+    def reader(self) -> threading.Thread | None:
+        """The thread reading this result (or to read it): whose reply it is."""
+        return self._reader
 
     def read_by(self, thread: threading.Thread) -> None:
         """Say that ``thread`` (not the one that created the result) will read it, e.g. a panel's worker
@@ -305,8 +317,11 @@ class Result:
         return TokenLogprobs(entries) if entries is not None else None
 
     @property
-    def completion_tokens(self) -> int:
-        return len(self.token_ids) if self.counted_tokens is None else self.counted_tokens
+    def completion_tokens(self) -> int | None:
+        """New tokens (``None``: a server that gave text did not say how many, see :attr:`counts_unknown`)."""
+        if self.counted_tokens is not None:
+            return self.counted_tokens
+        return None if self.counts_unknown else len(self.token_ids)
 
     def outcome(self, *, text: bool = False) -> dict[str, Any]:
         """How it ended, as a saved output keeps it for replay: the finish reason, token counts and
@@ -319,6 +334,8 @@ class Result:
         }
         if text:
             out["text"] = "".join(self.chunks)
+        if self.reasoning:
+            out["reasoning"] = self.reasoning
         return out
 
     def to_dict(self) -> dict[str, Any]:
@@ -330,12 +347,14 @@ class Result:
             "seed": self.seed,
             "timings": asdict(self.timings),
             "record": self.record.to_dict() if self.record else None,
+            **({"reasoning": self.reasoning} if self.reasoning else {}),
         }
 
     def summary(self) -> str:
         """One line: tokens, speed, seed, why it ended."""
         t = self.timings
-        parts = [f"{self.completion_tokens} tokens"]
+        n = self.completion_tokens
+        parts = [f"{n} tokens" if n is not None else "tokens: unknown (the server did not count them)"]
         if t.decode_tokens_per_second:
             parts.append(f"{t.decode_tokens_per_second:.1f} tok/s")
         if t.time_to_first_token is not None:

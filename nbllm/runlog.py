@@ -26,9 +26,9 @@ from collections.abc import Callable, Iterator, Mapping
 from contextlib import closing, contextmanager
 from dataclasses import asdict
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
-from .errors import NbllmError, missing_dependency
+from .errors import NbllmError, OptionError, missing_dependency
 from .identity import identity_key, record_identity
 from .options import GenerationOptions, LoadOptions
 from .result import Result
@@ -37,8 +37,6 @@ T = TypeVar("T")
 
 if TYPE_CHECKING:
     import pandas
-
-    from .engine import Engine
 
 SCHEMA_VERSION = 1
 SESSION = uuid.uuid4().hex[:12]
@@ -110,20 +108,29 @@ class RunLog:
         if create:
             self.path.parent.mkdir(parents=True, exist_ok=True)
         with closing(sqlite3.connect(self.path, timeout=30, isolation_level=None)) as db:
-            db.execute("PRAGMA busy_timeout = 30000")
-            # WAL is kept in the file: set it once. Two connections setting it on a new file at once get
-            # "database is locked" at once, without the busy timeout's wait, so that is retried here.
-            if db.execute("PRAGMA journal_mode").fetchone()[0] != "wal" and _when_unlocked(
-                    lambda: db.execute("PRAGMA journal_mode = WAL").fetchone()[0]) != "wal":
-                raise NbllmError(f"{self.path} cannot be put in WAL mode", "keep the run log on a local disk")
-            db.execute("PRAGMA synchronous = NORMAL")
-            version = db.execute("PRAGMA user_version").fetchone()[0]
-            if version > SCHEMA_VERSION:
-                raise NbllmError(f"{self.path} was written by a newer nbllm (run log version {version})",
-                                 "upgrade nbllm, or point NBLLM_RUN_LOG at another file")
-            if version < SCHEMA_VERSION:
-                _when_unlocked(lambda: db.executescript(_SCHEMA + f"PRAGMA user_version = {SCHEMA_VERSION};"))
+            try:
+                self._prepare(db)
+            except sqlite3.DatabaseError as exc:
+                if getattr(exc, "sqlite_errorname", "") not in ("SQLITE_NOTADB", "SQLITE_CORRUPT"):
+                    raise
+                raise NbllmError(f"{self.path} is not a run log (not an SQLite file: {exc})",
+                                 "give the run log's file (runs.sqlite), or a saved notebook to %llm_replay") from None
             yield db
+
+    def _prepare(self, db: sqlite3.Connection) -> None:
+        db.execute("PRAGMA busy_timeout = 30000")
+        # WAL is kept in the file: set it once. Two connections setting it on a new file at once get
+        # "database is locked" at once, without the busy timeout's wait, so that is retried here.
+        if db.execute("PRAGMA journal_mode").fetchone()[0] != "wal" and _when_unlocked(
+                lambda: db.execute("PRAGMA journal_mode = WAL").fetchone()[0]) != "wal":
+            raise NbllmError(f"{self.path} cannot be put in WAL mode", "keep the run log on a local disk")
+        db.execute("PRAGMA synchronous = NORMAL")
+        version = db.execute("PRAGMA user_version").fetchone()[0]
+        if version > SCHEMA_VERSION:
+            raise NbllmError(f"{self.path} was written by a newer nbllm (run log version {version})",
+                             "upgrade nbllm, or point NBLLM_RUN_LOG at another file")
+        if version < SCHEMA_VERSION:
+            _when_unlocked(lambda: db.executescript(_SCHEMA + f"PRAGMA user_version = {SCHEMA_VERSION};"))
 
     # -- writing ---------------------------------------------------------------------------------
     def add(self, result: Result) -> int:
@@ -178,6 +185,7 @@ class RunLog:
     def rows(self, *, last: int | None = None, model: str | None = None, session: str | None = None) -> list[dict[str, Any]]:
         """The logged runs, oldest first, as dicts (JSON columns decoded): the ``last`` N, of models whose
         name contains ``model``, of one ``session``."""
+        _check_last(last)
         where, args = [], []
         if model:
             where.append("instr(lower(model), lower(?)) > 0")
@@ -207,6 +215,7 @@ class RunLog:
         """The runs as a DataFrame, one row per run: what it was (model, loader, mode, prompt, a column per
         generation option), what came out (text, finish reason, tokens, speed) and its ids. ``where``
         keeps the rows whose column equals the value (``temperature=0``)."""
+        _check_last(last)
         pd = pandas_module()
         rows = self.rows(model=model, session=session, last=None if where else last)
         frame = pd.DataFrame([_flat(row) for row in rows], columns=_frame_columns())
@@ -219,11 +228,23 @@ class RunLog:
             frame = frame.tail(int(last))
         return frame.reset_index(drop=True)
 
+    def sessions(self) -> list[str]:
+        """The sessions (kernels) that logged runs here, in the order of their first run."""
+        with self._connect(create=False) as db:
+            return [row[0] for row in db.execute("SELECT session FROM runs GROUP BY session ORDER BY min(id)")]
+
     def __len__(self) -> int:
         if not self.path.exists():
             return 0
         with self._connect() as db:
             return int(db.execute("SELECT count(*) FROM runs").fetchone()[0])
+
+
+def _check_last(last: int | None) -> None:
+    """``last`` counts runs: a negative number (SQLite's ``LIMIT -1`` is no limit at all) is refused."""
+    if last is not None and (isinstance(last, bool) or not isinstance(last, int) or last < 0):
+        raise OptionError(f"last {last} is not a number of runs (SQLite would read it as every run)",
+                          "give the number of latest runs to show: 0 or more")
 
 
 def _when_unlocked(step: Callable[[], T], seconds: float = 30.0) -> T:
@@ -330,7 +351,14 @@ _WRITER = _Writer()
 atexit.register(_WRITER.flush, 10.0)
 
 
-def log_results(engine: Engine) -> None:
+class FinishesResults(Protocol):
+    """What :func:`log_results` needs of an engine (:class:`nbllm.Engine` is one): a way to be told of each
+    finished result. A protocol, so that the run log sits below the engine that uses it."""
+
+    def on_result(self, callback: Callable[[Result], None]) -> Callable[[], None]: ...
+
+
+def log_results(engine: FinishesResults) -> None:
     """Log every result ``engine`` finishes (the kernel's engine does, from its creation)."""
     engine.on_result(_WRITER.put)
 
@@ -345,6 +373,7 @@ def runs(last: int | None = None, model: str | None = None, *, path: str | Path 
     """The run log as a DataFrame (``nbllm.runs``): the ``last`` N runs, of models whose name contains
     ``model``, of one ``session``, with columns equal to ``where`` (``temperature=0``). Runs finished
     in this kernel are written first. ``path``: another log than this kernel's."""
+    _check_last(last)
     flush()
     log = RunLog(path)
     if path is None and not log.path.exists():  # nothing generated yet

@@ -9,20 +9,22 @@ the chat panel keep working, and a client that goes away stops its generation.
 Requests take the generation options of ``%%llm`` under the API's names (``max_tokens``,
 ``temperature``, ``top_p``, ``seed``, ``stop``) and the extra ones vLLM and llama.cpp's server read
 (``top_k``, ``min_p``, ``typical_p``, ``repetition_penalty`` or ``repeat_penalty``); what a request
-leaves out comes from the engine's defaults (the settings panel's). A request for something nbllm
-cannot do (tools, ``best_of``, penalties it has not) is refused with 400, never silently ignored; ``logprobs``,
-``echo``, ``n`` and token-id prompts are answered by :mod:`nbllm.serve_logprobs`.
+leaves out comes from the engine's defaults (the settings panel's). Every field is checked against the
+type the OpenAI API gives it (:mod:`nbllm.serve_requests`); a bad one, or a request for something nbllm
+cannot do (tools, ``best_of``, penalties), is refused with 400 naming the field, never silently ignored;
+``logprobs``, ``echo``, ``n`` > 1 and token-id or listed prompts are answered by :mod:`nbllm.serve_logprobs`.
+A reply cut short (``%llm_serve --stop``, a kernel interrupt) never ends as ``stop``:
+a streamed one ends with an error event, a whole one with the finish reason ``abort`` (vLLM's word).
 
 Binding anything but loopback needs a key (``--api-key-env NAME``): clients then send
-``Authorization: Bearer <the value of $NAME>``.
+``Authorization: Bearer <the value of $NAME>``. Without a key, requests that a web page may have sent
+are refused (:mod:`nbllm.serve_guard`).
 """
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import hmac
-import ipaddress
 import json
 import os
 import secrets
@@ -32,32 +34,29 @@ import time
 from collections.abc import AsyncIterator, Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
-from . import serve_logprobs
-from .engine import Engine, Prompt, get_engine
 from .errors import NbllmError, NoModelLoadedError, OptionError, missing_dependency
 from .options import GenerationOptions, _Schema, option
 from .result import Result
+from .serve_guard import Guard, Refused, is_loopback
+
+if TYPE_CHECKING:  # the engine (and pydantic) are imported when a server starts, not by %load_ext
+    from .engine import Engine
+    from .serve_requests import ChatRequest, CompletionRequest
+
+THREAD_NAME = "nbllm-serve"
+"""The prefix of the names of the threads that read served replies (a cell waiting behind one names it)."""
 
 KEEPALIVE_SECONDS = 1.0
 """While a streamed request waits its turn behind the engine, an SSE comment is sent this often, so the
 client sees a live connection (and a client that left is noticed)."""
 
 _FINISH = {"eos": "stop", "stop": "stop", "length": "length", "context": "length"}
-"""nbllm's finish reasons in the API's words (an interrupted reply is ``stop``)."""
+"""nbllm's finish reasons in the API's words. Any other (``cancelled``, ``interrupted``, ``superseded``,
+``error``) is a reply cut short: ``abort``, as vLLM says, or an error event when streamed."""
 
-_UNSUPPORTED: dict[str, Callable[[Any], bool]] = {  # n, echo, logprobs, top_logprobs: nbllm.serve_logprobs
-    "best_of": lambda v: v not in (None, 1),
-    "suffix": bool,
-    "tools": bool,
-    "functions": bool,
-    "logit_bias": bool,
-    "frequency_penalty": bool,
-    "presence_penalty": bool,
-    "response_format": lambda v: bool(v) and not (isinstance(v, dict) and v.get("type") == "text"),
-}
-"""Request fields nbllm cannot honour, and when a value asks for them."""
+ABORTED = "abort"
 
 
 @dataclass(frozen=True)
@@ -76,6 +75,11 @@ class ServeOptions(_Schema):
         None, "The environment variable holding the key clients must send (Authorization: Bearer KEY). "
         "Unset: no key, and only loopback may be served.", group="serve", metavar="NAME",
     )
+    allow_origin: tuple[str, ...] = option(
+        (), "A web page's origin (http://localhost:3000) allowed to use a server without a key, with CORS; "
+        "repeat for several, * for any. Unset: requests from web pages are refused.", group="serve",
+        metavar="ORIGIN",
+    )
 
     def validate(self) -> None:
         super().validate()
@@ -86,97 +90,82 @@ class ServeOptions(_Schema):
             )
 
 
-def is_loopback(host: str) -> bool:
-    """Whether ``host`` is only reachable from this machine."""
-    if host.strip().lower() == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host.strip("[]")).is_loopback
-    except ValueError:
-        return False
-
-
-# ------------------------------------------------------------------------------------- requests → options
-def generation_options(body: Mapping[str, Any], defaults: GenerationOptions) -> GenerationOptions:
-    """The :class:`GenerationOptions` a request asks for, over ``defaults``; raises ``OptionError``
-    (one line) for values out of bounds and for what nbllm cannot do."""
-    for name, asks in _UNSUPPORTED.items():
-        if name in body and asks(body[name]):
-            raise OptionError(f"{name} is not supported by nbllm's server", "leave it out of the request")
-    values = defaults.to_dict()
-    names = {"max_tokens": "max_new_tokens", "max_completion_tokens": "max_new_tokens", "temperature": "temperature",
-             "top_p": "top_p", "top_k": "top_k", "min_p": "min_p", "typical_p": "typical_p",
-             "repeat_penalty": "repetition_penalty", "repetition_penalty": "repetition_penalty", "seed": "seed"}
-    for key, name in names.items():
-        if body.get(key) is not None:
-            values[name] = body[key]
-    stop = body.get("stop")
-    if stop is not None:
-        values["stop"] = (stop,) if isinstance(stop, str) else tuple(stop)
-    if isinstance(values["top_k"], (int, float)) and values["top_k"] < 0:  # vLLM's "disabled"
-        values["top_k"] = 0
-    try:
-        greedy = float(values["temperature"]) == 0.0
-    except (TypeError, ValueError):
-        greedy = False
-    if greedy:  # greedy decoding ignores the samplers: no note about it in the kernel
-        for name in ("top_p", "top_k", "min_p", "typical_p"):
-            values[name] = GenerationOptions.spec(name).default
-    return GenerationOptions.from_dict(values)
-
-
-def chat_messages(body: Mapping[str, Any]) -> list[dict[str, str]]:
+# ------------------------------------------------------------------------------------- requests → prompts
+def chat_messages(request: ChatRequest) -> list[dict[str, str]]:
     """The request's messages as nbllm's ``{"role", "content"}`` dicts (text parts joined; the API's
     ``developer`` role is a system prompt)."""
-    raw = body.get("messages")
-    if not isinstance(raw, list) or not raw:
-        raise OptionError("messages must be a non-empty list", 'send [{"role": "user", "content": "..."}]')
+    from .serve_requests import RequestError
+
+    if not request.messages:
+        raise RequestError("messages", "messages must be a non-empty list", 'send [{"role": "user", "content": "..."}]')
     out = []
-    for i, m in enumerate(raw):
-        role = m.get("role") if isinstance(m, dict) else None
-        content = m.get("content") if isinstance(m, dict) else None
-        if isinstance(content, list):
-            parts = [p.get("text") for p in content if isinstance(p, dict) and p.get("type") == "text"]
-            content = "".join(p for p in parts if isinstance(p, str)) if len(parts) == len(content) else None
-        role = "system" if role == "developer" else role
-        if role not in ("system", "user", "assistant") or not isinstance(content, str):
-            raise OptionError(f"message {i + 1} needs a role (system, user or assistant) and text content",
-                              "nbllm's server takes text messages only")
-        out.append({"role": str(role), "content": content})
+    for i, m in enumerate(request.messages):
+        content: str | None = None
+        if isinstance(m.content, list):
+            if all(p.type == "text" and isinstance(p.text, str) for p in m.content):
+                content = "".join(p.text or "" for p in m.content)
+        else:
+            content = m.content
+        role = "system" if m.role == "developer" else m.role
+        if role not in ("system", "user", "assistant") or content is None:
+            raise RequestError("messages", f"message {i + 1} needs a role (system, user or assistant) and text content",
+                               "nbllm's server takes text messages only")
+        out.append({"role": role, "content": content})
     return out
 
 
-def completion_prompt(body: Mapping[str, Any]) -> str:
-    prompt = body.get("prompt")
+def completion_prompt(request: CompletionRequest) -> str:
+    from .serve_requests import RequestError
+
+    prompt = request.prompt
     if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
         prompt = prompt[0]
     if not isinstance(prompt, str):
-        raise OptionError("prompt must be one text", "send one prompt per request (token ids are not taken)")
+        raise RequestError("prompt", "prompt must be one text",
+                           "send one prompt per request (token ids are not taken)")
     return prompt
 
 
 # ------------------------------------------------------------------------------------- the app
-def create_app(engine: Engine | None = None, *, api_key: str | None = None, workers: int = 32) -> Any:
+def create_app(engine: Engine | None = None, *, api_key: str | None = None, workers: int = 32,
+               host: str = "127.0.0.1", port: int = 0, allow_origins: tuple[str, ...] = ()) -> Any:
     """The ASGI app serving ``engine``'s model (the kernel's by default). ``api_key``: the key clients
-    must send as a bearer token (``None``: none)."""
+    must send as a bearer token (``None``: none; then requests a web page may have sent are refused,
+    except from ``allow_origins``, for a server bound to ``host``:``port``)."""
     try:
         from starlette.applications import Starlette
+        from starlette.middleware import Middleware
+        from starlette.middleware.cors import CORSMiddleware
         from starlette.requests import Request
         from starlette.responses import JSONResponse, Response, StreamingResponse
         from starlette.routing import Route
-    except ImportError:
-        raise missing_dependency("starlette", "serve") from None
+
+        from .serve_requests import ChatRequest, RequestError, generation_options, param_of, parse_request
+    except ImportError as exc:
+        raise missing_dependency(exc.name or "starlette", "serve") from None
+    import asyncio
+
     from ._version import __version__
+    from .engine import get_engine
 
     eng = engine if engine is not None else get_engine()
-    pool = ThreadPoolExecutor(workers, thread_name_prefix="nbllm-serve")
+    pool = ThreadPoolExecutor(workers, thread_name_prefix=THREAD_NAME)
     live: set[Result] = set()
+    guard = Guard(host, port, allow_origins) if api_key is None else None
+    stopping = threading.Event()
 
-    def error(status: int, message: str, kind: str = "invalid_request_error", code: str | None = None) -> Any:
-        return JSONResponse({"error": {"message": message, "type": kind, "param": None, "code": code}},
+    def error(status: int, message: str, kind: str = "invalid_request_error", code: str | None = None,
+              param: str | None = None) -> Any:
+        return JSONResponse({"error": {"message": message, "type": kind, "param": param, "code": code}},
                             status_code=status)
 
     def refused(request: Request) -> Any:
+        if guard is not None:
+            try:
+                guard.check(request.method, request.headers)
+            except Refused as exc:
+                return error(exc.status, exc.message, code="refused")
+            return None
         if api_key is None:
             return None
         given = request.headers.get("authorization", "")
@@ -213,32 +202,31 @@ def create_app(engine: Engine | None = None, *, api_key: str | None = None, work
         if (no := refused(request)) is not None:
             return no
         try:
-            body = await request.json()
-        except ValueError:
-            return error(400, "the request body is not JSON")
-        if not isinstance(body, dict):
-            return error(400, "the request body must be a JSON object")
+            body = parse_request(await request.body(), chat)
+        except RequestError as exc:
+            return error(400, exc.message, param=exc.param)
         model, fingerprint = served()
         if model is None:
             return error(503, "no model is loaded in the kernel; load one with %llm_load", "server_error")
-        if body.get("model") not in (None, "", model):
-            return error(404, f"the model {body.get('model')!r} is not served here; it serves {model!r}",
-                         code="model_not_found")
-        extended = serve_logprobs.asks(body, chat)  # logprobs, echo, n, token-id or listed prompts
+        if body.model not in (None, "", model):
+            return error(404, f"the model {body.model!r} is not served here; it serves {model!r}",
+                         code="model_not_found", param="model")
         try:
             options = generation_options(body, eng.defaults)
-            prompt: str | list[dict[str, str]] = chat_messages(body) if chat else (
-                "" if extended else completion_prompt(body))
+            prompt: str | list[dict[str, str]] = (chat_messages(body) if isinstance(body, ChatRequest) else
+                                                  "" if _extends(body.model_dump(exclude_none=True), chat)
+                                                  else completion_prompt(body))
         except NbllmError as exc:
-            return error(400, exc.message)
+            return error(400, exc.message, param=param_of(exc))
         meta = {"id": ("chatcmpl-" if chat else "cmpl-") + secrets.token_hex(12), "created": int(time.time()),
                 "model": model, "system_fingerprint": fingerprint}
-        if extended:
-            return await _extended(body, options, meta, chat, prompt if chat else None)
-        continue_final = bool(chat and body.get("continue_final_message"))
+        given = body.model_dump(exclude_none=True)
+        if _extends(given, chat):  # logprobs, echo, n > 1, token-id or listed prompts
+            return await _extended(given, options, meta, chat, prompt if chat else None, bool(body.stream))
+        continue_final = bool(getattr(body, "continue_final_message", False))
         start = _starter(eng, prompt, options, continue_final)
-        include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
-        if body.get("stream"):
+        include_usage = bool(body.stream_options and body.stream_options.include_usage)
+        if body.stream:
             return StreamingResponse(_events(start, meta, chat, include_usage), media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
         loop = asyncio.get_running_loop()
@@ -247,7 +235,7 @@ def create_app(engine: Engine | None = None, *, api_key: str | None = None, work
         except NbllmError as exc:
             return _nbllm_error(exc, error)
         text = "".join(result.chunks)
-        choice: dict[str, Any] = {"index": 0, "logprobs": None, "finish_reason": _FINISH.get(result.finish_reason or "", "stop")}
+        choice: dict[str, Any] = {"index": 0, "logprobs": None, "finish_reason": _finish(result)}
         if chat:
             choice["message"] = {"role": "assistant", "content": text}
         else:
@@ -256,13 +244,18 @@ def create_app(engine: Engine | None = None, *, api_key: str | None = None, work
                              "choices": [choice], "usage": _usage(result)})
 
     async def _extended(body: dict[str, Any], options: GenerationOptions, meta: dict[str, Any], chat: bool,
-                        messages: Any) -> Any:
-        if body.get("stream"):
+                        messages: Any, stream: bool) -> Any:
+        if stream:
             return error(400, "logprobs, echo, n > 1 and token-id or listed prompts are answered whole: leave "
-                              "stream out")
+                              "stream out", param="stream")
+        from .serve_logprobs import respond
+        from .serve_requests import RequestError
+
         loop = asyncio.get_running_loop()
         try:
-            payload = await loop.run_in_executor(pool, serve_logprobs.respond, eng, body, options, meta, chat, messages)
+            payload = await loop.run_in_executor(pool, respond, eng, body, options, meta, chat, messages)
+        except RequestError as exc:
+            return error(400, exc.message, param=exc.param)
         except NbllmError as exc:
             return _nbllm_error(exc, error)
         return JSONResponse(payload)
@@ -312,7 +305,13 @@ def create_app(engine: Engine | None = None, *, api_key: str | None = None, work
                     return
                 else:  # end
                     result: Result = value
-                    yield event(piece(None, _FINISH.get(result.finish_reason or "", "stop")))
+                    if _finish(result) == ABORTED:  # cut short: the client must not take it for a whole reply
+                        why = ("the server was stopped (%llm_serve --stop)" if stopping.is_set()
+                               else f"the generation ended early ({result.finish_reason})")
+                        message = f"the reply was cut short after {len(result.chunks)} pieces: {why}"
+                        yield f"data: {json.dumps({'error': {'message': message, 'type': 'server_error', 'code': ABORTED}})}\n\n"
+                        return
+                    yield event(piece(None, _finish(result)))
                     if include_usage:
                         yield event(None, usage=_usage(result))
                     yield "data: [DONE]\n\n"
@@ -337,10 +336,18 @@ def create_app(engine: Engine | None = None, *, api_key: str | None = None, work
         Route("/version", version, methods=["GET"]),
         Route("/health", health, methods=["GET"]),
     ]
-    app = Starlette(routes=routes)
+    middleware = [Middleware(CORSMiddleware, allow_origins=list(allow_origins), allow_methods=["GET", "POST"],
+                             allow_headers=["*"])] if allow_origins else []
+    app = Starlette(routes=routes, middleware=middleware)
     app.state.live = live
     app.state.pool = pool
+    app.state.stopping = stopping
     return app
+
+
+def _finish(result: Result) -> str:
+    """The API's finish reason for ``result``: ``abort`` for a reply cut short."""
+    return _FINISH.get(result.finish_reason or "", ABORTED)
 
 
 def _starter(engine: Engine, prompt: str | list[dict[str, str]], options: GenerationOptions,
@@ -352,6 +359,7 @@ def _starter(engine: Engine, prompt: str | list[dict[str, str]], options: Genera
     def start() -> Result:  # go on with the last (assistant) message, as vLLM's continue_final_message does
         from .chat import render_continuation
         from .chat_template import starts_with_bos
+        from .engine import Prompt
 
         loader = engine.loader
         if loader.renders_chat:
@@ -362,6 +370,13 @@ def _starter(engine: Engine, prompt: str | list[dict[str, str]], options: Genera
         return engine.stream_prompt(ready, options, continue_final=True)
 
     return start
+
+
+def _extends(body: Mapping[str, Any], chat: bool) -> bool:
+    """Whether :mod:`nbllm.serve_logprobs` answers the request (logprobs, echo, n > 1, token-id or listed prompts)."""
+    from .serve_logprobs import asks
+
+    return asks(body, chat)
 
 
 def _read(start: Callable[[], Result], live: set[Result]) -> Result:
@@ -416,9 +431,12 @@ def _stream(start: Callable[[], Result], post: Callable[[tuple[str, Any]], None]
             live.discard(result)
 
 
-def _usage(result: Result) -> dict[str, int]:
-    return {"prompt_tokens": result.prompt_tokens, "completion_tokens": result.completion_tokens,
-            "total_tokens": result.prompt_tokens + result.completion_tokens}
+def _usage(result: Result) -> dict[str, int] | None:
+    """The API's usage; ``None`` when a count is unknown (a model at a server that did not say): never a guess."""
+    prompt, completion = result.prompt_tokens, result.completion_tokens
+    if prompt is None or completion is None:
+        return None
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
 
 def _nbllm_error(exc: NbllmError, error: Callable[..., Any]) -> Any:
@@ -447,7 +465,6 @@ class Server:
                                   f"put the key clients must send in the environment variable {options.api_key_env} "
                                   "before starting Jupyter")
         self.options = options
-        self.app = create_app(engine, api_key=key)
         host = "127.0.0.1" if options.host.strip().lower() == "localhost" else options.host.strip("[]")
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
         sock = socket.socket(family, socket.SOCK_STREAM)
@@ -459,6 +476,11 @@ class Server:
             raise OptionError(f"cannot listen on {options.host}:{options.port} ({exc.strerror or exc})",
                               "choose another --port (0 picks a free one)") from None
         self.port = int(sock.getsockname()[1])
+        try:
+            self.app = create_app(engine, api_key=key, host=host, port=self.port, allow_origins=options.allow_origin)
+        except BaseException:
+            sock.close()
+            raise
         self.url = f"http://{'[' + host + ']' if family == socket.AF_INET6 else host}:{self.port}/v1"
         config = uvicorn.Config(self.app, log_config=None, log_level="warning", access_log=False, lifespan="off",
                                 timeout_graceful_shutdown=2)
@@ -479,7 +501,9 @@ class Server:
         return self._thread.is_alive()
 
     def stop(self) -> None:
-        """Stop answering: running replies are cancelled (their partial text kept), then the thread ends."""
+        """Stop answering: running replies are cancelled (their partial text kept; a client is told its
+        reply was cut short), then the thread ends."""
+        self.app.state.stopping.set()
         for result in list(self.app.state.live):
             result.cancel()
         self._server.should_exit = True
@@ -528,5 +552,14 @@ def current() -> Server | None:
     return _SERVER if _SERVER is not None and _SERVER.running else None
 
 
-__all__ = ["ServeOptions", "Server", "chat_messages", "create_app", "current", "generation_options", "is_loopback",
-           "serve", "stop"]
+def generation_options(body: Mapping[str, Any], defaults: GenerationOptions, *, chat: bool = False) -> GenerationOptions:
+    """The :class:`GenerationOptions` a request's JSON ``body`` asks for, over ``defaults`` (checked as the
+    server checks it: :mod:`nbllm.serve_requests`)."""
+    from .serve_requests import generation_options as options_of
+    from .serve_requests import parse_request
+
+    return options_of(parse_request(json.dumps(body).encode(), chat), defaults)
+
+
+__all__ = ["ABORTED", "ServeOptions", "Server", "chat_messages", "create_app", "current", "generation_options",
+           "is_loopback", "serve", "stop"]

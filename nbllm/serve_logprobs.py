@@ -14,10 +14,11 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from .engine import Engine, Prompt
-from .errors import GenerationError, OptionError
+from .errors import GenerationError
 from .loaders import TokenLoader
 from .options import GenerationOptions
 from .result import Result
+from .serve_requests import RequestError
 
 MAX_TOP = 20
 """The most alternatives per token a request may ask for (as ``--logprobs``)."""
@@ -39,7 +40,7 @@ def top_count(body: Mapping[str, Any], chat: bool) -> int | None:
     if chat:
         if not body.get("logprobs"):
             if body.get("top_logprobs"):
-                raise OptionError("top_logprobs needs logprobs: true", "add \"logprobs\": true to the request")
+                raise RequestError("top_logprobs", "top_logprobs needs logprobs: true", "add \"logprobs\": true to the request")
             return None
         k = body.get("top_logprobs") or 0
     else:
@@ -48,7 +49,7 @@ def top_count(body: Mapping[str, Any], chat: bool) -> int | None:
             return None
         k = 0 if k is True else k
     if not isinstance(k, int) or isinstance(k, bool) or not 0 <= k <= MAX_TOP:
-        raise OptionError(f"{'top_logprobs' if chat else 'logprobs'} {k!r} is out of range",
+        raise RequestError("top_logprobs" if chat else "logprobs", f"{'top_logprobs' if chat else 'logprobs'} {k!r} is out of range",
                           f"ask for 0 to {MAX_TOP} alternatives per token")
     return k
 
@@ -66,7 +67,7 @@ def prompts_of(body: Mapping[str, Any]) -> list[str | list[int]]:
         if all(isinstance(p, list) and p and all(isinstance(t, int) and not isinstance(t, bool) for t in p)
                for p in prompt):
             return [list(p) for p in prompt]
-    raise OptionError("prompt must be a text, token ids, or a list of either (none empty)",
+    raise RequestError("prompt", "prompt must be a text, token ids, or a list of either (none empty)",
                       'send e.g. "prompt": "Hello" or "prompt": [[15496, 11]]')
 
 
@@ -76,7 +77,7 @@ def respond(engine: Engine, body: Mapping[str, Any], options: GenerationOptions,
     k = top_count(body, chat)
     n = body.get("n", 1) or 1
     if not isinstance(n, int) or isinstance(n, bool) or not 1 <= n <= 16:
-        raise OptionError(f"n {n!r} is out of range", "ask for 1 to 16 choices")
+        raise RequestError("n", f"n {n!r} is out of range", "ask for 1 to 16 choices")
     echo = bool(body.get("echo")) and not chat
     run_options = options.with_valid(logprobs=k) if k is not None else options
     choices: list[dict[str, Any]] = []
@@ -90,7 +91,7 @@ def respond(engine: Engine, body: Mapping[str, Any], options: GenerationOptions,
             seeded = run_options if n == 1 or options.seed is None else run_options.with_valid(seed=options.seed + i)
             result = engine.stream_prompt(ready, seeded)
             _ = result.text
-            completion_tokens += result.completion_tokens
+            completion_tokens += result.completion_tokens or 0
             choices.append(_choice(len(choices), ready, result, echoed, k, chat, echo))
     return {**meta, "object": "chat.completion" if chat else "text_completion", "choices": choices,
             "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
@@ -102,11 +103,11 @@ def _prompt(engine: Engine, prompt: str | list[int] | list[dict[str, str]], chat
         return engine.prompt_for(prompt, chat=True)  # type: ignore[arg-type]
     if isinstance(prompt, str):
         if not prompt:
-            raise OptionError("a prompt is empty", "send text to continue")
+            raise RequestError("prompt", "a prompt is empty", "send text to continue")
         return engine.prompt_for(prompt)
     loader = engine.loader
     if not isinstance(loader, TokenLoader):
-        raise GenerationError(f"the {loader.name} loader takes no token ids", "send the prompt as text")
+        raise RequestError("prompt", f"the {loader.name} loader takes no token ids", "send the prompt as text")
     ids = [int(t) for t in prompt]  # type: ignore[arg-type]  # token ids (prompts_of checked them)
     return Prompt(loader.decode(ids), ids)
 

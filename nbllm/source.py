@@ -35,6 +35,9 @@ class ModelSource:
     """The hub repository the files came from, when known."""
     server: str | None = None
     """The software (and version) of the server holding the model, as it says (e.g. ``vllm 0.9.2``)."""
+    dequantized: str | None = None
+    """Set by a loader that dequantized the file to load it (Transformers on a GGUF file): from what to
+    what, and the memory it took."""
 
     @property
     def files(self) -> Path:
@@ -63,4 +66,6 @@ class ModelSource:
             out["repo_id"] = self.repo_id
         if self.revision:
             out["revision"] = self.revision
+        if self.dequantized:
+            out["dequantized"] = self.dequantized
         return out

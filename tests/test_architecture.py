@@ -2,7 +2,8 @@
 
 The graph is read from the source with ``ast`` (nothing is imported), counting every import at any depth,
 function-level lazy imports included: a lazy import hides a cycle from Python's import system, not from
-the design. Imports under ``if TYPE_CHECKING:`` are skipped (they never run).
+the design. Imports under ``if TYPE_CHECKING:`` count too: they never run, but a type two modules need
+from each other is a cycle in the design all the same (it belongs in a module below both, or a protocol).
 """
 
 from __future__ import annotations
@@ -37,27 +38,28 @@ def _is_type_checking(test: ast.expr) -> bool:
     )
 
 
-def _imports(tree: ast.AST) -> list[ast.Import | ast.ImportFrom]:
-    """Every import statement in ``tree``, at any depth, except those under ``if TYPE_CHECKING:``."""
+def _imports(tree: ast.AST, *, type_checking: bool = True) -> list[ast.Import | ast.ImportFrom]:
+    """Every import statement in ``tree``, at any depth; those under ``if TYPE_CHECKING:`` only with
+    ``type_checking``."""
     found: list[ast.Import | ast.ImportFrom] = []
     todo: list[ast.AST] = [tree]
     while todo:
         node = todo.pop()
         if isinstance(node, (ast.Import, ast.ImportFrom)):
             found.append(node)
-        if isinstance(node, ast.If) and _is_type_checking(node.test):
+        if isinstance(node, ast.If) and _is_type_checking(node.test) and not type_checking:
             todo.extend(node.orelse)
             continue
         todo.extend(ast.iter_child_nodes(node))
     return found
 
 
-def _edges(name: str, file: Path, modules: dict[str, Path]) -> set[str]:
+def _edges(name: str, file: Path, modules: dict[str, Path], *, type_checking: bool = True) -> set[str]:
     """The package's modules that module ``name`` imports."""
     is_package = file.name == "__init__.py"
     package = name if is_package else name.rpartition(".")[0]
     out: set[str] = set()
-    for node in _imports(ast.parse(file.read_text(encoding="utf-8"), str(file))):
+    for node in _imports(ast.parse(file.read_text(encoding="utf-8"), str(file)), type_checking=type_checking):
         if isinstance(node, ast.Import):
             out.update(alias.name for alias in node.names if alias.name in modules)
             continue
@@ -77,10 +79,10 @@ def _edges(name: str, file: Path, modules: dict[str, Path]) -> set[str]:
     return out
 
 
-def import_graph(root: Path = PACKAGE) -> dict[str, set[str]]:
-    """Module → the package's modules it imports."""
+def import_graph(root: Path = PACKAGE, *, type_checking: bool = True) -> dict[str, set[str]]:
+    """Module → the package's modules it imports (with ``type_checking``, under ``if TYPE_CHECKING:`` too)."""
     modules = _modules(root)
-    return {name: _edges(name, file, modules) for name, file in modules.items()}
+    return {name: _edges(name, file, modules, type_checking=type_checking) for name, file in modules.items()}
 
 
 def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
@@ -116,6 +118,16 @@ def test_no_import_cycle_in_the_package() -> None:
     assert cycle is None, "import cycle: " + " -> ".join(cycle or [])
 
 
+def test_without_type_checking_imports_the_graph_is_what_python_runs(tmp_path: Path) -> None:
+    root = tmp_path / "p"
+    root.mkdir()
+    (root / "__init__.py").write_text("")
+    (root / "a.py").write_text("from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from .b import y\nx = 1\n")
+    (root / "b.py").write_text("from .a import x\n")
+    assert find_cycle(import_graph(root, type_checking=False)) is None
+    assert find_cycle(import_graph(root)) == ["p.a", "p.b", "p.a"]
+
+
 @pytest.mark.parametrize(
     ("files", "cycle"),
     [
@@ -135,14 +147,22 @@ def test_no_import_cycle_in_the_package() -> None:
             {"__init__.py": "", "a.py": "from .sub import y\n", "sub/__init__.py": "from ..a import z\n"},
             ["p.a", "p.sub", "p.a"],
         ),
-        (  # TYPE_CHECKING imports never run; a name from the parent's module is not an edge to __init__
+        (  # a TYPE_CHECKING import is an edge too; a name from the parent's module is not an edge to __init__
             {
                 "__init__.py": "from .a import x\n",
                 "a.py": "from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from .b import y\nx = 1\n",
                 "b.py": "from .a import x\nfrom .errors import E\n",
                 "errors.py": "class E(Exception): ...\n",
             },
-            None,
+            ["p.a", "p.b", "p.a"],
+        ),
+        (  # under `if typing.TYPE_CHECKING:` and in its else branch alike
+            {
+                "__init__.py": "",
+                "a.py": "import typing\nif typing.TYPE_CHECKING:\n    pass\nelse:\n    from .b import y\n",
+                "b.py": "from .a import x\n",
+            },
+            ["p.a", "p.b", "p.a"],
         ),
     ],
 )

@@ -394,11 +394,13 @@ def test_offloaded_layers_are_not_quantized_and_run_on_the_gpu(shapes):
 
 def test_cpu_memory_without_gpu_split_fills_the_gpu_first_then_the_cpu(shapes):
     """--cpu-memory alone (the guide's "Maximum CPU memory"): the GPU takes what fits in its memory, the
-    CPU the rest up to the limit, as the loader asks accelerate (each GPU with what it has free)."""
+    CPU the rest up to the limit, as the loader asks accelerate (each GPU with what it has free, less the
+    loader's 10% reserve)."""
     est = estimate(shapes["llama-7b"], {"dtype": "float16", "cpu_memory": 40}, RTX_4060)
     gpu, cpu = est.devices["cuda:0"], est.devices["cpu"]
     assert gpu.blocks > 0 and cpu.blocks > 0 and gpu.blocks + cpu.blocks == 34
-    assert gpu.weights <= 8 * GiB * 0.95 < gpu.weights + model_shape(shapes["llama-7b"]).layer_blocks[0].params * 2 * 2
+    budget = 8 * GiB * 0.95 * 0.9
+    assert gpu.weights <= budget < gpu.weights + model_shape(shapes["llama-7b"]).layer_blocks[0].params * 2 * 2
     assert "disk" not in est.devices
     # --gpu-split alone: the GPU's share, and the CPU takes the rest with no limit (not the disk)
     est = estimate(shapes["llama-7b"], {"dtype": "float16", "gpu_split": "4"}, RTX_4060)

@@ -84,7 +84,9 @@ def test_greedy_through_the_server_equals_the_llama_cpp_loader(shell: Any, serve
 
     assert record["loader"] == "openai" and record["mode"] == "raw" and record["prompt"] == PROMPTS[0]
     assert record["model"] == {"name": "tiny", "format": "openai", "url": server.url, "model_id": "tiny",
-                               "server": "llama-cpp-python"}
+                               "server": "llama-cpp-python", "finish_reason": "length",
+                               "completion_tokens_counted": "max_tokens (the server ended the reply at that limit)"}
+    assert remote[PROMPTS[0]].completion_tokens == 32  # the server streams no usage
     assert record["generation_options"]["temperature"] == 0 and record["seed"] == remote[PROMPTS[0]].seed
     assert record["load_options"]["api_key_env"] == "OPENAI_API_KEY"
     assert set(record["versions"]) == {"python", "nbllm", "httpx"}
@@ -266,7 +268,7 @@ def test_a_url_with_a_password_is_refused_before_anything_is_sent(shell: Any) ->
 @pytest.mark.parametrize(("limit", "prompts"), [(2, 4), (3, 6)])
 def test_generate_many_sends_up_to_max_concurrency_requests_at_once(server: LlamaCppServer, limit: int,
                                                                    prompts: int) -> None:
-    proxy = CountingProxy(server.url.removesuffix("/v1"), hold_until=limit)
+    proxy = CountingProxy(server.url.removesuffix("/v1"), hold_until=limit, anonymous=True)
     try:
         nbllm.load(proxy.url + "/v1", max_concurrency=limit)
         asked = [f"{PROMPTS[i % 3]} {i}" for i in range(prompts)]
@@ -282,7 +284,7 @@ def test_generate_many_sends_up_to_max_concurrency_requests_at_once(server: Llam
 def test_a_sweep_sends_its_rows_side_by_side_whatever_their_options(server: LlamaCppServer) -> None:
     # 2 prompts x 2 temperatures x 2 seeds: groups of 4 rows share their options; 6 in flight at once
     # proves the rows of different options overlap too
-    proxy = CountingProxy(server.url.removesuffix("/v1"), hold_until=6)
+    proxy = CountingProxy(server.url.removesuffix("/v1"), hold_until=6, anonymous=True)
     try:
         nbllm.load(proxy.url + "/v1", max_concurrency=6)
         table = nbllm.sweep(PROMPTS[:2], temperature=[0, 0.8], seed=[1, 2], max_new_tokens=6, progress=False)
@@ -347,8 +349,16 @@ def test_extra_samplers_go_under_the_name_each_server_reads() -> None:
     assert unsent == ["typical_p"]
     _, body, unsent = request_body(SERVERS["llama.cpp"], "m", req)
     assert (body["repeat_penalty"], body["typical_p"], unsent) == (1.3, 0.9, [])
-    _, body, unsent = request_body(SERVERS["ollama"], "m", req)
-    assert unsent == ["min_p", "typical_p", "repetition_penalty"] and "min_p" not in body
+    path, body, unsent = request_body(SERVERS["ollama"], "m", req)  # its own API reads every sampler
+    assert (path, unsent, body["raw"]) == ("api/generate", [], True)
+    assert body["options"] == {"num_predict": 7, "temperature": 0.5, "seed": 5, "top_p": 0.9, "top_k": 0,
+                               "min_p": 0.1, "typical_p": 0.9, "repeat_penalty": 1.3, "repeat_last_n": -1}
+    chat = _request(temperature=0.5, min_p=0.1, repetition_penalty=1.3)
+    chat.messages = [{"role": "user", "content": "Hi"}]
+    _, body, unsent = request_body(SERVERS["tgi"], "m", chat)  # TGI's chat endpoint reads no extra sampler
+    assert unsent == ["min_p", "repetition_penalty"] and "min_p" not in body and "repetition_penalty" not in body
+    _, body, unsent = request_body(SERVERS["tgi"], "m", req)  # its /v1/completions reads repetition_penalty
+    assert body["repetition_penalty"] == 1.3 and unsent == ["min_p", "typical_p"]
     _, body, _ = request_body(SERVERS["unknown"], "m", req)
     assert body["repeat_penalty"] == body["repetition_penalty"] == 1.3
     # defaults are always sent where read: a server's own (repeat_penalty 1.1) never applies unasked
@@ -357,7 +367,7 @@ def test_extra_samplers_go_under_the_name_each_server_reads() -> None:
     # greedy: samplers a server does not read make no note (they would do nothing)
     with pytest.warns(NbllmWarning, match="greedy"):
         greedy = _request(temperature=0, top_k=5)
-    assert request_body(SERVERS["ollama"], "m", greedy)[2] == []
+    assert request_body(SERVERS["tgi"], "m", greedy)[2] == []
 
 
 def test_chat_requests_carry_messages_and_continue_the_last_reply() -> None:

@@ -159,11 +159,13 @@ def test_an_interrupt_keeps_the_finished_rows(tiny_model: Path, engine: Any) -> 
 
     remove = engine.on_result(interrupt_at_the_third)
     try:
-        with pytest.warns(nbllm.errors.NbllmWarning, match="the sweep was interrupted: 2 of 6 runs finished"):
+        # the third had finished when the interrupt came (in its on_result callback): it is kept too
+        with pytest.warns(nbllm.errors.NbllmWarning, match="the sweep was interrupted: 3 of 6 runs finished"):
             table = nbllm.sweep(["a", "b"], seed=[1, 2, 3], temperature=0.5, max_new_tokens=4, batch=False)
     finally:
         remove()
-    assert len(table) == 2 and table.attrs["interrupted"] and list(table["seed"]) == [1, 2]
+    assert len(table) == 3 and table.attrs["interrupted"] and list(table["seed"]) == [1, 2, 3]
+    assert set(table["finish_reason"]) == {"length"}
     assert nbllm.generate("still loaded", max_new_tokens=2).finish_reason == "length"
 
 

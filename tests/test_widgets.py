@@ -487,7 +487,9 @@ def test_a_cell_waiting_for_the_chat_panels_reply_says_it_is_waiting(
     import io
     import threading
 
-    from nbllm.magics._common import WAITING
+    from nbllm.magics._common import WAITING as WAITING_FOR
+
+    WAITING = WAITING_FOR.format(owner="the chat panel's reply")
 
     class Watched(io.StringIO):
         """stdout, telling when the cell has said it waits."""

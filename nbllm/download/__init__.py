@@ -14,12 +14,32 @@ than ``main``).
 
 from __future__ import annotations
 
-from .check import check_model
-from .hub import CONNECT_TIMEOUT, METADATA_TIMEOUT
-from .options import DownloadOptions
-from .result import DownloadResult, Echo
-from .select import DEFAULT_QUANTIZATION, QUANTIZATION_PREFERENCE, Selection, select_files
-from .transfer import download
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from .check import check_model
+    from .hub import CONNECT_TIMEOUT, METADATA_TIMEOUT
+    from .options import DownloadOptions
+    from .result import DownloadResult, Echo
+    from .select import DEFAULT_QUANTIZATION, QUANTIZATION_PREFERENCE, Selection, select_files
+    from .transfer import download
+
+_WHERE = {
+    "check_model": "check", "CONNECT_TIMEOUT": "hub", "METADATA_TIMEOUT": "hub", "DownloadOptions": "options",
+    "DownloadResult": "result", "Echo": "result", "DEFAULT_QUANTIZATION": "select", "QUANTIZATION_PREFERENCE": "select",
+    "Selection": "select", "select_files": "select", "download": "transfer",
+}
+"""Each name's module, imported at first use: ``%load_ext nbllm`` needs only :mod:`.options` (the
+``%llm_download`` flags), not the transfer machinery."""
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _WHERE:
+        raise AttributeError(f"module 'nbllm.download' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{_WHERE[name]}", __name__), name)
+    globals()[name] = value
+    return value
 
 __all__ = [
     "CONNECT_TIMEOUT",

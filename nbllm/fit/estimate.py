@@ -14,8 +14,8 @@ Rules, with the reason for each (``docs/fit.md`` has the table):
   ``lm_head`` stay in the model's dtype. 4-bit stores half a byte per weight plus one float32 scale per
   64 weights (double quantization: one byte per 64, plus a float32 per 256 blocks); 8-bit stores a byte per
   weight plus one float32 scale per output row.
-* Layers that accelerate offloads to the CPU or disk are **not** quantized
-  (``llm_int8_enable_fp32_cpu_offload`` leaves them in the model's dtype), and they run on the GPU: each
+* Layers that accelerate offloads to the CPU or disk are **not** quantized (the loader gives bitsandbytes a
+  dict device map, with which it leaves them in the model's dtype), and they run on the GPU: each
   forward pass copies them over, so the GPU also holds their KV cache and room for the largest of them.
 * Activations and KV cache are in the dtype of the unquantized parts (bitsandbytes casts its outputs
   back to the input's dtype).
@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from ..loaders import LLAMACPP, TRANSFORMERS
+from ..loaders._gpu import GPU_RESERVE
 from ..loaders.llamacpp import N_CTX_CAP, default_n_ctx, kv_cache_bytes
 from ..memory import format_memory
 from ..options import LoadOptions
@@ -249,6 +250,10 @@ def _transformers(shape: ModelShape, opts: LoadOptions, machine: Machine, contex
         placed = [(blk, main) for blk in shape.blocks]
     else:
         placed = _accelerate_fill(shape, opts, gpus, split, mode, b)
+        used = {device for _, device in placed}
+        notes.extend(f"cuda:{i} gets no layer: its --gpu-split share is smaller than the room accelerate keeps there "
+                     "for the largest offloaded layer" for i in range(min(len(split), len(gpus)))
+                     if f"cuda:{i}" not in used)
     devices: dict[str, DeviceMemory] = {}
     offloaded: list[int] = []
     for blk, device in placed:
@@ -275,6 +280,9 @@ def _transformers(shape: ModelShape, opts: LoadOptions, machine: Machine, contex
             overhead.overhead += max(offloaded)
             notes.append("offloaded layers are not quantized and are copied to the GPU for every forward pass "
                          "(slow); the GPU also keeps room for the largest of them")
+        if offload and not split:
+            notes.append(f"offloading, each GPU is filled up to {1 - GPU_RESERVE:.0%} of its free memory: the rest is "
+                         "a reserve for activations and a long prompt's KV cache")
     if "disk" in devices:
         notes.append("layers on disk are read back for every token: expect seconds per token")
     precision = _precision(shape, opts, mode, dtype, bool(gpus))
@@ -315,7 +323,9 @@ def _accelerate_fill(shape: ModelShape, opts: LoadOptions, gpus: list[Any], spli
     budgets: list[tuple[str, float]] = []
     factor = 0.9 if mode != "plain" else 1.0
     largest = max((block_bytes(blk, "plain", b, opts) for blk in shape.blocks), default=0)
-    sizes = [gib * GiB for gib in split[: len(gpus)]] if split else [g.memory_bytes * GPU_USABLE for g in gpus]
+    # without --gpu-split the loader gives each GPU its free memory less a reserve (GPU_RESERVE)
+    sizes = [gib * GiB for gib in split[: len(gpus)]] if split else \
+        [(g.free_bytes or g.memory_bytes * GPU_USABLE) * (1 - GPU_RESERVE) for g in gpus]
     for i, size in enumerate(sizes):
         budgets.append((f"cuda:{i}", max(size * factor - largest, 0)))
     limit = opts.cpu_memory_limit
@@ -389,7 +399,8 @@ def _llamacpp(shape: ModelShape, opts: LoadOptions, machine: Machine, context: i
             mem = devices.setdefault(device, DeviceMemory())
         mem.weights += blk.stored_bytes or 0
         mem.blocks += 1
-    compute = llamacpp_compute_bytes(shape, n_ctx, opts.n_batch, opts.flash_attn)
+    # unset, llama.cpp may turn flash attention on by itself: counted as off, the larger buffer
+    compute = llamacpp_compute_bytes(shape, n_ctx, opts.n_batch, bool(opts.flash_attn))
     if gpu_layers:
         devices[gpu_names[0]].overhead += compute
         for name in gpu_names:

@@ -42,6 +42,8 @@ KNOWN_MESSAGES: dict[str, tuple[str, ...]] = {
                       "the package flash_attn seems to be not installed", "No module named 'flash_attn"),
     "flash_unsupported": ("FlashAttention only supports Ampere GPUs or newer", "does not support Flash Attention",
                           "Flash Attention 2 is not available on CPU", "FlashAttention2 has been toggled on"),
+    "flash_dtype": ("FlashAttention only support fp16 and bf16 data type",
+                    "Flash Attention 2 only supports torch.float16 and torch.bfloat16"),
     "remote_code": ("trust_remote_code=True", "contains custom code which must be executed"),
     "unknown_architecture": ("does not recognize this architecture",),
     "no_cuda": ("Torch not compiled with CUDA enabled", "Found no NVIDIA driver", "CUDA driver version is insufficient",
@@ -75,8 +77,8 @@ def failure_kind(exc: BaseException) -> str | None:
         text = str(err)
         if "OutOfMemoryError" in names:  # torch.OutOfMemoryError (torch.cuda.OutOfMemoryError is the same)
             return "cuda_oom"
-        for kind in ("cuda_oom", "bnb_no_gpu", "bnb_missing", "bnb_offload", "flash_missing", "flash_unsupported",
-                     "remote_code", "unknown_architecture", "no_cuda", "cpu_oom"):
+        for kind in ("cuda_oom", "bnb_no_gpu", "bnb_missing", "bnb_offload", "flash_missing", "flash_dtype",
+                     "flash_unsupported", "remote_code", "unknown_architecture", "no_cuda", "cpu_oom"):
             if any(phrase in text for phrase in KNOWN_MESSAGES[kind]):
                 return kind
         if isinstance(err, MemoryError):
@@ -148,6 +150,9 @@ def failure_error(
                    "use --attn sdpa (flash-attention 2 needs an Ampere or newer NVIDIA GPU and a model that supports "
                    "it; a flash-attn built for another torch is reinstalled with pip install flash-attn "
                    "--no-build-isolation --force-reinstall)")
+    if kind == "flash_dtype":
+        return cls(f"flash-attention 2 runs only in float16 or bfloat16, and the model is in another dtype ({verb})",
+                   "load it with --dtype bfloat16 (or float16), or with --attn sdpa")
     if kind == "remote_code":
         return cls(f"{name} ships its own model code and needs --trust-remote-code",
                    "add --trust-remote-code if you trust the repository it comes from")

@@ -12,6 +12,7 @@ import dataclasses
 import importlib.metadata
 import importlib.util
 import os
+import re
 import shutil
 import sys
 from collections.abc import Iterable, Mapping
@@ -353,16 +354,42 @@ def llama_cpp_gpu_support() -> bool | None:
 
 
 def bitsandbytes_cuda_support(torch_cuda: str | None) -> bool | None:
-    """Whether bitsandbytes ships a CUDA library for torch's CUDA version (it is not imported: its import
-    prints noise)."""
+    """Whether bitsandbytes ships a CUDA library it will load for torch's CUDA version (it is not
+    imported: its import prints noise)."""
     spec = importlib.util.find_spec("bitsandbytes")
     if spec is None or not spec.submodule_search_locations:
         return None
     if not torch_cuda:
         return False
     folder = Path(next(iter(spec.submodule_search_locations)))
-    tag = "".join(torch_cuda.split(".")[:2])
-    return any(folder.glob(f"libbitsandbytes_cuda{tag}*"))
+    return bitsandbytes_library(torch_cuda, [p.name for p in folder.glob("libbitsandbytes_cuda*")]) is not None
+
+
+def bitsandbytes_library(torch_cuda: str, names: Iterable[str]) -> str | None:
+    """The CUDA library bitsandbytes loads for torch's CUDA version among the files it ships, as its
+    ``cextension.get_cuda_bnb_library_path`` picks it (0.50): the same version, else the newest one not
+    newer within the same major version, else the oldest newer one within it; none across majors.
+    ``BNB_CUDA_VERSION`` names one version and disables the choice."""
+    def version(tag: str) -> tuple[int, int]:
+        return int(tag[:2]), int(tag[2:])  # "128" is 12.8, "130" 13.0: the major has two digits
+
+    libraries = {}
+    for name in names:
+        match = re.match(r"libbitsandbytes_cuda(\d{3,})\.", name)
+        if match:
+            libraries[version(match.group(1))] = name
+    override = os.environ.get("BNB_CUDA_VERSION")
+    if override is not None:
+        return libraries.get(version(override)) if override.isdigit() and len(override) >= 3 else None
+    try:
+        major, minor = (int(x) for x in torch_cuda.split(".")[:2])
+    except ValueError:
+        return None
+    same_major = sorted(v for v in libraries if v[0] == major)
+    older = [v for v in same_major if v <= (major, minor)]
+    newer = [v for v in same_major if v > (major, minor)]
+    chosen = older[-1] if older else newer[0] if newer else None
+    return libraries[chosen] if chosen else None
 
 
 def _probe_memory() -> tuple[int, int | None, int | None]:

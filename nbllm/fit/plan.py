@@ -34,6 +34,9 @@ def load_options(source: ModelSource, typed: LoadOptions, *, fit: bool) -> tuple
     recommendation (each reason a note, before anything loads), then what the user set (which wins)."""
     base: dict[str, object] = {}
     saved = saved_settings(settings_name(source)) if in_models_folder(source) else None
+    invalid = saved.invalid_note() if saved is not None else None
+    if invalid:
+        warnings.warn(invalid, NbllmWarning, stacklevel=3)
     if saved:
         warnings.warn(saved.note(), NbllmWarning, stacklevel=3)
         base.update(saved.load)

@@ -109,6 +109,8 @@ def flags(options: Mapping[str, Any]) -> str:
         flag = LoadOptions.spec(name).flag
         if value is True:
             out.append(flag)
+        elif value is False and LoadOptions.spec(name).default is None:  # a three-state switch set off
+            out.append("--no-" + flag[2:])
         elif value is False or value is None:
             continue
         else:

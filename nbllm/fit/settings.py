@@ -106,6 +106,19 @@ class SavedSettings:
     """Generation option names → values."""
     ignored: dict[str, str] = field(default_factory=dict)
     """Keys nbllm does not use → why (text-generation-webui's own settings, other loaders)."""
+    invalid: dict[str, str] = field(default_factory=dict)
+    """Keys whose value nbllm cannot use (``ctx_size: abc``, ``loader: ExLlamav2``) → why; also in
+    :attr:`ignored`. Each load says so (:meth:`invalid_note`)."""
+    origin: dict[str, str] = field(default_factory=dict)
+    """Key → the entry (pattern) its value came from (the last matching entry that sets it)."""
+
+    def invalid_note(self) -> str | None:
+        """One line naming each entry and key whose value is ignored, and why (``None``: there is none)."""
+        if not self.invalid:
+            return None
+        parts = [f"entry {self.origin.get(key, '?')!r} key {key}: {why}" for key, why in self.invalid.items()]
+        return (f"{self.path} has values nbllm ignores for {self.model}: " + "; ".join(parts)
+                + " (fix or remove them there)")
 
     def load_options(self, typed: Mapping[str, Any] | None = None) -> LoadOptions:
         """The saved load options with ``typed`` (what the user gave on the line) over them."""
@@ -227,14 +240,16 @@ def saved_settings(model_name: str, *, models_dir: str | Path | None = None) -> 
     data = _load_yaml(path)
     merged: dict[str, Any] = {}
     patterns = []
+    origin: dict[str, str] = {}
     for pattern, entry in data.items():
         if isinstance(entry, Mapping) and _matches(str(pattern), model_name):
             patterns.append(str(pattern))
             merged.update(entry)
+            origin.update((str(key), str(pattern)) for key in entry)
     if not patterns:
         return None
     folder = path.parent
-    saved = SavedSettings(model_name, path, patterns)
+    saved = SavedSettings(model_name, path, patterns, origin=origin)
     loader = _read_loader(merged, saved) or _loader_for(model_name, folder)
     _read_load(merged, loader, saved)
     _read_generation(merged, saved)
@@ -254,7 +269,9 @@ def _read_loader(entry: Mapping[str, Any], saved: SavedSettings) -> str | None:
         return None
     loader = _FROM_TGW_LOADER.get(str(value).lower())
     if loader is None:
-        saved.ignored["loader"] = f"{value} is not a loader nbllm has"
+        saved.ignored["loader"] = saved.invalid["loader"] = (
+            f"{value} is not a loader nbllm has (it has {' and '.join(_TGW_LOADER.values())}), so --loader auto "
+            "chooses")
         return None
     saved.load["loader"] = loader
     return loader
@@ -271,6 +288,9 @@ def _key_rank(key: str, name: str) -> int:
 def _read_load(entry: Mapping[str, Any], loader: str | None, saved: SavedSettings) -> None:
     values: dict[str, Any] = {}
     ranks: dict[str, int] = {}
+    keys: dict[str, str] = {"device": "cpu" if entry.get("cpu") is True else "device",
+                            "dtype": "dtype" if entry.get("dtype") is not None else "bf16"}
+    """nbllm option → the key of the file it was read from."""
     for key, value in entry.items():
         if key in _SPECIAL_READ or key in _GENERATION_KEYS or key in ("seed", "custom_stopping_strings"):
             continue
@@ -283,7 +303,7 @@ def _read_load(entry: Mapping[str, Any], loader: str | None, saved: SavedSetting
             continue
         rank = _key_rank(str(key), name)
         if name not in values or rank < ranks[name]:
-            values[name], ranks[name] = value, rank
+            values[name], ranks[name], keys[name] = value, rank, str(key)
     # Conversions of text-generation-webui's values to nbllm's.
     if values.get("cpu_memory") in (0, "0", "", None):
         values.pop("cpu_memory", None)
@@ -304,19 +324,23 @@ def _read_load(entry: Mapping[str, Any], loader: str | None, saved: SavedSetting
         values["dtype"] = "bfloat16"
     if values.get("attn") == "auto":
         values.pop("attn")
+    if values.get("flash_attn") is False:  # text-generation-webui's unticked box: no choice made (auto), not off
+        values.pop("flash_attn")
     for name, value in values.items():
         spec = LoadOptions.spec(name)
         understood_by = option_loaders(name)
         if loader is not None and name != "loader" and loader not in understood_by:
             if value not in (None, False, spec.default):
-                saved.ignored[name] = f"a {' and '.join(understood_by)} option; this model loads with {loader}"
+                saved.ignored[keys.get(name, name)] = (f"a {' and '.join(understood_by)} option; this model loads with "
+                                                       f"{loader}")
             continue
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", NbllmWarning)
                 coerced = getattr(LoadOptions.from_dict({name: value}), name)
         except OptionError as exc:
-            saved.ignored[name] = exc.message
+            key = keys.get(name, name)
+            saved.ignored[key] = saved.invalid[key] = f"{value!r} ignored ({exc.cause})"
             continue
         if coerced != spec.default:
             saved.load[name] = coerced
@@ -332,7 +356,8 @@ def _read_generation(entry: Mapping[str, Any], saved: SavedSettings) -> None:
             parsed = ast.literal_eval(f"[{stops}]")
             values["stop"] = tuple(str(s) for s in parsed if str(s))
         except (ValueError, SyntaxError):
-            saved.ignored["custom_stopping_strings"] = "not a list of quoted strings"
+            saved.ignored["custom_stopping_strings"] = saved.invalid["custom_stopping_strings"] = (
+                f"{stops!r} ignored (not a list of quoted strings)")
     elif isinstance(stops, (list, tuple)):
         values["stop"] = tuple(str(s) for s in stops if str(s))
     for name, value in values.items():
@@ -341,7 +366,8 @@ def _read_generation(entry: Mapping[str, Any], saved: SavedSettings) -> None:
                 warnings.simplefilter("ignore", NbllmWarning)
                 saved.generation[name] = getattr(GenerationOptions.from_dict({name: value}), name)
         except OptionError as exc:
-            saved.ignored[name] = exc.message
+            key = "custom_stopping_strings" if name == "stop" else name
+            saved.ignored[key] = saved.invalid[key] = f"{value!r} ignored ({exc.cause})"
 
 
 # -------------------------------------------------------------------------------------------- writing

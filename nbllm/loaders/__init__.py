@@ -112,8 +112,8 @@ def choose_loader(source: ModelSource, options: LoadOptions) -> type[Loader]:
         cls = candidates[0]
     else:
         cls = loader_class(options.loader)
-        if source.format not in cls.formats:
-            able = [c.name for c in loader_classes() if source.format in c.formats]
+        if source.format not in cls.formats | cls.formats_when_asked:
+            able = [c.name for c in loader_classes() if source.format in c.formats | c.formats_when_asked]
             raise OptionError(
                 f"{source.name} is {_format_words(source.format)}, which the {cls.name} loader does not load",
                 f"use {_either(able)} (or --loader auto)" if able else "choose another model",

@@ -61,6 +61,9 @@ def unsupported_reason(model: Any) -> str | None:
     devices = {str(d) for d in (getattr(model, "hf_device_map", None) or {}).values()}
     if len(devices) > 1 or "disk" in devices:
         return "it does not run a model split across devices or offloaded"
+    attention = str(getattr(getattr(model, "config", None), "_attn_implementation", None) or "")
+    if "flash" in attention:  # flash paths take no mask: attention would cover the static cache's empty slots
+        return f"passes no attention mask over its static KV cache, which {attention} needs"
     if not getattr(model, "_can_compile_fullgraph", False):
         return f"{type(model).__name__} does not declare support for torch.compile with a static cache"
     return None
@@ -233,6 +236,8 @@ class CompiledDecoder:
         self._steps.clear()
         self._caches.clear()
         self._ready.clear()
+        if self.on_cuda:
+            release_cuda_graphs()
 
     def _cache(self, size: int) -> Any:
         from transformers import StaticCache
@@ -344,3 +349,17 @@ class CompiledDecoder:
     def describe(self) -> str:
         sizes = sorted({size for _, size in self._ready})
         return self.how + (f"; compiled for caches of {', '.join(map(str, sizes))} tokens" if sizes else "")
+
+
+def release_cuda_graphs() -> None:
+    """Free the CUDA graphs ``--compile`` recorded, and their memory pool. Inductor keeps them in
+    thread-local storage (``torch._inductor.cudagraph_trees``) of the thread that ran the compiled step:
+    nbllm's generation thread, not the one unloading, so they are reset there."""
+    from ..streaming import run_on_generation_thread
+
+    def reset() -> None:
+        from torch._inductor.cudagraph_trees import reset_cudagraph_trees
+
+        reset_cudagraph_trees()
+
+    run_on_generation_thread(reset)

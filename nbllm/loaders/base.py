@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import threading
 from abc import ABC, abstractmethod
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -74,10 +74,12 @@ class LoadInstead(Exception):
     back (``%llm_replay SOURCE --fallback run``): the engine loads ``model`` with ``options`` for real
     (the stand-in is not used again) and runs the request on it."""
 
-    def __init__(self, model: str, options: LoadOptions) -> None:
+    def __init__(self, model: str, options: LoadOptions, loaded: Callable[[], None] | None = None) -> None:
         super().__init__(model)
         self.model = model
         self.options = options
+        self.loaded = loaded
+        """Called once the real model is loaded (a replay re-applies the stand-in's adapters to it)."""
 
 
 class Loader(ABC):
@@ -87,6 +89,9 @@ class Loader(ABC):
     """The name users type after ``--loader``."""
     formats: ClassVar[frozenset[str]] = frozenset()
     """The :attr:`ModelSource.format` values this loader loads (``--loader auto`` picks by these)."""
+    formats_when_asked: ClassVar[frozenset[str]] = frozenset()
+    """Formats this loader also loads when it is named (``--loader NAME``) but that ``--loader auto``
+    leaves to a loader made for them (Transformers dequantizes a GGUF file that llama.cpp runs as is)."""
     load_options: ClassVar[frozenset[str]] = frozenset()
     """The :class:`LoadOptions` fields this loader understands; any other one set by the user is
     refused before anything is released."""
@@ -236,9 +241,18 @@ class TextLoader(Loader):
         self.fingerprint: str | None = None
         """What the engine behind says identifies its configuration for the last generation (the
         OpenAI API's ``system_fingerprint``); it goes into the record."""
+        self.reasoning: str = ""
+        """The reasoning (thinking) text the engine behind sent beside the reply, kept apart from it."""
+        self.decode_rate: float | None = None
+        """Tokens per second after the first, as measured on what the engine behind sent (``None``:
+        not measurable, e.g. the token count is unknown or every piece came at once)."""
+        self.notes: dict[str, Any] = {}
+        """What the record's ``model`` should say about how the engine behind served the last
+        generation (e.g. that its seed does not reproduce a sampled reply)."""
 
     @abstractmethod
     def generate_text(self, request: Request) -> Iterator[str]:
         """Yield text pieces as they come until the end, ``max_new_tokens`` or ``request.cancel``;
-        set ``finish_reason``, ``usage`` and ``fingerprint`` when known. Closing the iterator early
+        set ``finish_reason``, ``usage``, ``fingerprint``, ``reasoning``, ``decode_rate`` and ``notes`` when
+        known; a count the engine behind does not give stays ``None`` (nbllm never guesses it). Closing the iterator early
         must stop the generation (close the stream) and leave the model usable."""

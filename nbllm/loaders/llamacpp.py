@@ -139,7 +139,7 @@ def llama_kwargs(source: ModelSource, options: LoadOptions, metadata: Mapping[st
         "n_threads": options.threads or None,
         "n_threads_batch": options.threads_batch or None,
         "tensor_split": list(options.gpu_split_values) or None,
-        "flash_attn": options.flash_attn,
+        "flash_attn": bool(options.flash_attn),  # unset (auto): see flash_attention_type
         "type_k": type_k,
         "type_v": type_v,
         "use_mmap": not options.no_mmap,
@@ -148,6 +148,40 @@ def llama_kwargs(source: ModelSource, options: LoadOptions, metadata: Mapping[st
         "rope_freq_scale": 1.0 / options.compress_pos_emb if options.compress_pos_emb != 1.0 else 0.0,
         "verbose": options.verbose,
     }
+
+
+def flash_attention_type(options: LoadOptions, gpu: bool) -> int:
+    """llama.cpp's flash attention setting (``LLAMA_FLASH_ATTN_TYPE_*``: -1 auto, 0 off, 1 on).
+
+    --flash-attn is on, --no-flash-attn off. Unset, llama.cpp's own ``auto`` decides where layers run on
+    a GPU (it turns flash attention on where the backend has it); llama-cpp-python's ``Llama`` takes
+    only a bool, and its ``False`` would override that ``auto`` with off. On a CPU-only run unset stays
+    off, llama-cpp-python's default (every CPU figure and the greedy-equality tests use it)."""
+    if options.flash_attn is not None:
+        return int(options.flash_attn)
+    return -1 if gpu and options.n_gpu_layers != 0 else 0
+
+
+@contextlib.contextmanager
+def _flash_attention(llama_cpp: Any, setting: int) -> Iterator[None]:
+    """While loading, create the llama.cpp context with ``setting`` (see :func:`flash_attention_type`):
+    ``Llama`` turns its ``flash_attn`` bool into on or off and has no way to pass auto."""
+    internals = llama_cpp.llama.internals
+    original = internals.LlamaContext
+    if setting != llama_cpp.LLAMA_FLASH_ATTN_TYPE_AUTO:
+        yield
+        return
+
+    class AutoFlashAttention(original):  # type: ignore[misc, valid-type]
+        def __init__(self, *args: Any, params: Any, **kwargs: Any) -> None:
+            params.flash_attn_type = setting
+            super().__init__(*args, params=params, **kwargs)
+
+    internals.LlamaContext = AutoFlashAttention
+    try:
+        yield
+    finally:
+        internals.LlamaContext = original
 
 
 def kv_cache_bytes(metadata: Mapping[str, Any], n_ctx: int, options: LoadOptions) -> int | None:
@@ -348,7 +382,8 @@ class LlamaCppLoader(TokenLoader):
         LOG.mode = "verbose" if options.verbose else "quiet"
         LOG.clear()
         try:
-            with _tolerant_chat_templates(llama_cpp) as broken:
+            flash = flash_attention_type(options, bool(llama_cpp.llama_supports_gpu_offload()))
+            with _tolerant_chat_templates(llama_cpp) as broken, _flash_attention(llama_cpp, flash):
                 self.llm = llama_cpp.Llama(**self.kwargs)
         except MemoryError:
             self.unload()
@@ -511,7 +546,8 @@ class LlamaCppLoader(TokenLoader):
             "threads": f"{self.llm.n_threads}/{self.llm.n_threads_batch}" if self.llm is not None else None,
             "rope": f"freq_base {base:g}" + (f", freq_scale {kw['rope_freq_scale']:g}" if kw["rope_freq_scale"] else "")
             if base else None,
-            "flash_attn": opts.flash_attn,
+            "flash_attn": {-1: "auto (llama.cpp decides)", 0: False, 1: True}.get(
+                int(self.llm.context_params.flash_attn_type), opts.flash_attn) if self.llm is not None else opts.flash_attn,
             "cache_type": opts.cache_type if opts.cache_type == "fp16" or opts.flash_attn
             else f"K {opts.cache_type}, V fp16",
             "gpu_offload": self._gpu_offload,

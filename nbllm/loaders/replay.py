@@ -12,9 +12,10 @@ from __future__ import annotations
 
 import re
 import warnings
-from collections.abc import Iterator
-from dataclasses import fields
-from typing import TYPE_CHECKING, Any, ClassVar
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
 from ..errors import GenerationError, NbllmWarning, ReplayError
 from ..identity import request_identity
@@ -24,9 +25,48 @@ from ..source import ModelSource
 from .base import LoadInstead, Request, TextLoader
 
 if TYPE_CHECKING:
-    from ..recordings import Replay, Run
+    from ..adapters import Adapter
 
 FORMAT = "replay"
+
+
+@dataclass
+class Run:
+    """One recorded generation: its record and what came out."""
+
+    record: dict[str, Any]
+    text: str
+    finish_reason: str | None = None
+    prompt_tokens: int | None = None
+    completion_tokens: int | None = None
+    timings: dict[str, Any] | None = None
+    where: str = ""
+    """Where it is in its source: ``run 12`` (a run log's row id) or ``cell 5`` (a notebook cell)."""
+
+
+class Recorded(Protocol):
+    """What the loader asks of a recording (:class:`nbllm.recordings.Recording` is one)."""
+
+    source: Path
+
+    def __len__(self) -> int: ...
+    def model_for(self, spec: str) -> tuple[dict[str, Any], str] | None: ...
+    def take(self, identity: Mapping[str, Any]) -> Run | None: ...
+    def closest(self, identity: Mapping[str, Any]) -> tuple[Run, list[str]] | None: ...
+    def adapter_for(self, spec: str) -> dict[str, Any] | None: ...
+    def adapter_names(self) -> list[str]: ...
+
+
+class Replaying(Protocol):
+    """What the loader reads and counts of the replay it stands in for (:class:`nbllm.recordings.Replay` is
+    one). Protocols, so that this loader needs nothing from :mod:`nbllm.recordings`, which builds on it."""
+
+    recording: Recorded
+    fallback: str
+    answered: int
+    fell_back: bool
+
+    def fell_back_with(self, adapters: list[dict[str, Any]]) -> None: ...
 
 
 class ReplayLoader(TextLoader):
@@ -36,14 +76,17 @@ class ReplayLoader(TextLoader):
     name: ClassVar[str] = "replay"
     formats: ClassVar[frozenset[str]] = frozenset({FORMAT})
     load_options: ClassVar[frozenset[str]] = frozenset(LoadOptions.names())
+    adapters: ClassVar[frozenset[str]] = frozenset({"peft", "gguf"})  # noted, as the model is: nothing is applied
     renders_chat: ClassVar[bool] = True  # requests carry the messages, as the recorded identities do
-    replay: ClassVar[Replay]
+    replay: ClassVar[Replaying]
 
     def __init__(self) -> None:
         super().__init__()
         self.model: dict[str, Any] = {}
         self.loader_name = "auto"
         self.spec = ""
+        self.applied: list[Adapter] = []
+        """The adapters ``%llm_lora`` applied to the stand-in: part of each request's identity."""
 
     def load(self, source: ModelSource, options: LoadOptions) -> None:
         self.source, self.options, self.spec = source, options, source.name
@@ -54,13 +97,36 @@ class ReplayLoader(TextLoader):
                 f"replay: {self.spec} has no recorded run in {self.replay.recording.source}; nothing was loaded"
             )
             return
-        self.model, self.loader_name = recorded
+        model, self.loader_name = recorded
+        self.model = {k: v for k, v in model.items() if k != "adapters"}  # adapters come from %llm_lora, as recorded
         if options.loader != "auto":
             self.loader_name = options.loader
         self.placement.notes.append(f"replay: nothing was loaded; outputs come from {self.replay.recording.source}")
 
     def unload(self) -> None:
         self.source = None
+        self.applied = []
+
+    def set_adapters(self, adapters: Sequence[Adapter]) -> None:
+        self.applied = list(adapters)
+
+    def adapter(self, spec: str, *, scale: float) -> Adapter:
+        """The adapter ``%llm_lora add SPEC`` names, as the recording holds it (its path, hub revision and
+        sha256; no file is read), with ``scale``; an adapter the recording does not hold is read from its
+        files when they are here (requests with it then miss, naming the adapters), else refused."""
+        from ..adapters import Adapter, adapter_from_path
+
+        recorded = self.replay.recording.adapter_for(spec)
+        if recorded is not None:
+            return Adapter(str(recorded["name"]), str(recorded["format"]), Path(str(recorded.get("path") or spec)),
+                           scale, recorded.get("repo_id"), recorded.get("revision"), dict(recorded.get("sha256") or {}))
+        path = Path(spec).expanduser()
+        if path.exists():
+            return adapter_from_path(path, scale=scale)
+        names = self.replay.recording.adapter_names()
+        raise ReplayError(f"no recorded run in {self.replay.recording.source} used an adapter {spec!r} (recorded: "
+                          f"{', '.join(names) or 'none'})",
+                          "apply an adapter the recording used, or turn the replay off (%llm_replay off) to apply others")
 
     def describe(self) -> dict[str, Any]:
         return {"replaying": str(self.replay.recording.source), "recorded runs": len(self.replay.recording)}
@@ -70,8 +136,9 @@ class ReplayLoader(TextLoader):
 
     def answer(self, request: Request) -> Result:
         assert self.options is not None
+        model = {**self.model, "adapters": [a.identity() for a in self.applied]} if self.applied else self.model
         wanted = request_identity(
-            model=self.model,
+            model=model,
             loader=self.loader_name,
             load_options=self.options.to_dict(),
             generation_options=request.options.to_dict(),
@@ -94,8 +161,8 @@ class ReplayLoader(TextLoader):
         if self.replay.fallback == "run":
             warnings.warn(f"{why}: loading {self.spec} to run it (the replay is off from here on)",
                           NbllmWarning, stacklevel=2)
-            self.replay.fell_back = True
-            raise LoadInstead(self.spec, self.options)
+            adapters = [a.identity() for a in self.applied]
+            raise LoadInstead(self.spec, self.options, loaded=lambda: self.replay.fell_back_with(adapters))
         raise ReplayError(why, "run the cell as it was recorded, or replay with --fallback run to load the model "
                                "for what changed")
 
@@ -105,8 +172,9 @@ def replayed_result(run: Run, source: str) -> Result:
     marked ``replayed``."""
     record = Record.from_dict({**run.record, "replayed": {"source": source, "run": run.where}})
     result = Result(record.prompt, record.seed, record)
-    result.prompt_tokens = run.prompt_tokens or 0
-    result.counted_tokens = run.completion_tokens or 0
+    result.prompt_tokens = run.prompt_tokens  # None where the run's server did not say: unknown, as recorded
+    result.counted_tokens = run.completion_tokens
+    result.counts_unknown = run.completion_tokens is None
     known = {f.name for f in fields(Timings)}
     timings = Timings(**{k: v for k, v in (run.timings or {}).items() if k in known})
 

@@ -8,6 +8,7 @@ time, so ``%load_ext nbllm`` stays fast.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import importlib.util
 import itertools
 import json
@@ -27,7 +28,9 @@ from ..safetensors_file import check_safetensors
 from ..source import ModelSource
 from ..streaming import threaded_tokens
 from ._logprobs import transformers_recorder, transformers_scores
+from ._quiet import quiet_library_noise
 from .base import Placement, Request, TokenLoader
+from .transformers_gguf import check_gguf, dequantized, gguf_arguments
 
 _DTYPES = {"float16", "bfloat16", "float32"}
 
@@ -55,11 +58,22 @@ def free_memory(gpus: int) -> dict[int | str, int]:
     return free
 
 
-def pick_attention(requested: str, gpus: list[tuple[str, tuple[int, int]]]) -> tuple[str, str | None]:
+def pick_attention(
+    requested: str,
+    gpus: list[tuple[str, tuple[int, int]]],
+    *,
+    dtype: str = "float16",
+    supported: bool | None = True,
+    compile: bool = False,
+) -> tuple[str, str | None]:
     """The attention implementation to use, and a note for the user when ``auto`` chose it.
 
-    flash_attention_2 needs an NVIDIA GPU of the Ampere generation or newer (compute capability 8.0)
-    and the flash-attn package; asked for explicitly, a missing piece is an error naming it.
+    flash_attention_2 needs an NVIDIA GPU of the Ampere generation or newer (compute capability 8.0),
+    the flash-attn package, a model class that implements it (``supported``; ``None``: unknown, as for
+    remote code) and a float16 or bfloat16 model (``dtype``: flash-attn fails at the first generate
+    otherwise, and transformers only warns); it cannot serve ``--compile``'s decode step, which runs over
+    a static cache without an attention mask (transformers' flash path then attends to the cache's empty
+    slots). Asked for explicitly, what is missing is an error naming it; ``auto`` then picks sdpa.
     """
     if requested not in ("auto", "flash_attention_2"):
         return requested, None
@@ -79,11 +93,33 @@ def pick_attention(requested: str, gpus: list[tuple[str, tuple[int, int]]]) -> t
             "FlashAttention 2 needs the flash-attn package, which is not installed",
             "install it with: pip install flash-attn --no-build-isolation (or use --attn sdpa)",
         )
+    elif supported is False:
+        why = ("FlashAttention 2 is not implemented for this model's architecture in transformers", "use --attn sdpa")
+    elif dtype not in ("float16", "bfloat16"):
+        why = (f"FlashAttention 2 runs only in float16 or bfloat16, and this model would run in {dtype}",
+               "add --dtype bfloat16 (or float16), or use --attn sdpa")
+    elif compile:
+        why = ("--compile's decode step runs over a static KV cache without an attention mask, and FlashAttention 2 "
+               "needs one to leave the cache's empty slots out", "drop --compile, or use --attn sdpa with it")
+    elif supported is None and requested == "auto":
+        why = ("whether this model's code implements FlashAttention 2 is unknown", "ask for it with --attn flash_attention_2")
     else:
         return "flash_attention_2", ("attention: auto picked flash_attention_2" if requested == "auto" else None)
     if requested == "flash_attention_2":
         raise OptionError(*why)
     return "sdpa", f"attention: auto picked sdpa ({why[0]})"
+
+
+def attention_for(options: LoadOptions, config: dict[str, Any], gpus: list[tuple[str, tuple[int, int]]]) -> tuple[str, str | None]:
+    """:func:`pick_attention` for these options and this model (its dtype and class, read from config.json)."""
+    from . import _gpu
+
+    supported: bool | None = True
+    if gpus and options.attn_requested in ("auto", "flash_attention_2"):  # imports the model's class: on a GPU only
+        remote = options.trust_remote_code and bool(config.get("auto_map"))
+        supported = None if remote else _gpu.attention_support(config)[0]
+    return pick_attention(options.attn_requested, gpus, dtype=_gpu.run_dtype(options, config, bool(gpus)),
+                          supported=supported, compile=options.compile)
 
 
 def machine_notes(options: LoadOptions, gpus: list[tuple[str, tuple[int, int]]]) -> list[str]:
@@ -100,6 +136,15 @@ def machine_notes(options: LoadOptions, gpus: list[tuple[str, tuple[int, int]]])
         notes.append("--disk-offload has no effect here without --cpu-memory: with no GPU, every layer fits in RAM "
                      "or the load fails")
     return notes
+
+
+def _config_json(source: ModelSource) -> dict[str, Any]:
+    """config.json as a dict ({} when it cannot be read: from_pretrained then says why)."""
+    try:
+        config = json.loads((source.files / "config.json").read_text())
+    except (OSError, ValueError):
+        return {}
+    return config if isinstance(config, dict) else {}
 
 
 def needs_remote_code(config: dict[str, Any]) -> bool:
@@ -131,6 +176,7 @@ class TransformersLoader(TokenLoader):
 
     name: ClassVar[str] = "transformers"
     formats: ClassVar[frozenset[str]] = frozenset({"transformers"})
+    formats_when_asked: ClassVar[frozenset[str]] = frozenset({"gguf"})  # dequantized: see transformers_gguf
     load_options: ClassVar[frozenset[str]] = frozenset({
         "revision", "device", "dtype", "load_in_8bit", "load_in_4bit", "quant_type", "compute_dtype", "double_quant",
         "attn", "flash_attn", "compile", "trust_remote_code", "cpu_memory", "gpu_split", "disk_offload",
@@ -158,6 +204,8 @@ class TransformersLoader(TokenLoader):
         """The compiled decode step (``--compile``), a :class:`~nbllm.loaders._compiled.CompiledDecoder`."""
         self._rust_decode: Any = None
         """The tokenizers library's own decode, where ``tokenizer.decode`` adds nothing to it."""
+        self._dequantized: str | None = None
+        """A GGUF file's load, in words (see :mod:`nbllm.loaders.transformers_gguf`)."""
 
     # -- before anything is released ------------------------------------------------------------
     @classmethod
@@ -169,15 +217,23 @@ class TransformersLoader(TokenLoader):
             raise missing_dependency("bitsandbytes (needed by --load-in-4bit/--load-in-8bit)", "gpu")
         _quiet_library_noise()
         cls._device_arguments(options)
-        gpus = cuda_devices()
-        pick_attention(options.attn_requested, gpus)
-        for note in machine_notes(options, gpus if options.device != "cpu" else []):
-            warnings.warn(note, NbllmWarning, stacklevel=2)
+        gpus = cuda_devices() if options.device != "cpu" else []  # what load() will use, not every GPU there is
+        if source.format == "gguf":
+            attention_for(options, {}, gpus)
+            for note in machine_notes(options, gpus):
+                warnings.warn(note, NbllmWarning, stacklevel=2)
+            check_gguf(source.files)
+            return
         config_path = source.files / "config.json"
         try:
             config = json.loads(config_path.read_text())
         except (OSError, ValueError) as exc:
             raise LoadError(f"{config_path} cannot be read ({type(exc).__name__})", "download the model again") from None
+        if not isinstance(config, dict):
+            raise LoadError(f"{config_path} holds no settings object", "download the model again")
+        attention_for(options, config, gpus)
+        for note in machine_notes(options, gpus):
+            warnings.warn(note, NbllmWarning, stacklevel=2)
         if needs_remote_code(config) and not options.trust_remote_code:
             raise LoadError(
                 f"{source.name} ships its own model code (model_type {config.get('model_type')!r}) and needs "
@@ -210,16 +266,15 @@ class TransformersLoader(TokenLoader):
         device = "cuda" if gpus else "cpu"
         if not (split or options.cpu_memory_limit is not None or options.disk_offload):
             return {"device_map": {"": device}}
-        # accelerate uses only the devices max_memory names, so with a GPU every device is named: the GPUs
-        # with --gpu-split's share or else what each has free, the CPU with --cpu-memory or else the RAM
-        # available ("no limit", as in text-generation-webui); then disk with --disk-offload.
+        # accelerate uses only the devices max_memory names, so with a GPU every device is named (see
+        # _gpu.max_memory: a reserve is kept on each GPU given no --gpu-split); load() then turns "auto"
+        # into a dict map, which bitsandbytes needs to leave offloaded layers unquantized.
+        from . import _gpu
+
         max_memory: dict[int | str, str | int] = {}
         limit = options.cpu_memory_limit
         if gpus:
-            free = free_memory(len(gpus))
-            max_memory.update({i: f"{gib}GiB" for i, gib in enumerate(split)} if split else
-                              {i: free[i] for i in range(len(gpus))})
-            max_memory["cpu"] = f"{limit}GiB" if limit is not None else free["cpu"]
+            max_memory.update(_gpu.max_memory(options, split, free_memory(len(gpus))))
         elif limit is not None:
             max_memory["cpu"] = f"{limit}GiB"
         kwargs: dict[str, Any] = {"device_map": "auto", "max_memory": max_memory or None}
@@ -230,34 +285,50 @@ class TransformersLoader(TokenLoader):
 
     # -- loading ---------------------------------------------------------------------------------
     def load(self, source: ModelSource, options: LoadOptions) -> None:
+        quiet_library_noise()  # bitsandbytes' import (--load-in-4bit) says nothing a user can act on
         import torch
         from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
+        from . import _gpu
+
         self.source, self.options = source, options
         gpus = cuda_devices() if options.device != "cpu" else []
-        attention, note = pick_attention(options.attn_requested, gpus)
+        config_json = _config_json(source)
+        attention, note = attention_for(options, config_json, gpus)
+        notes = [note] if note else []
         self._device_kwargs = self._device_arguments(options)
         kwargs: dict[str, Any] = dict(self._device_kwargs)
         path, remote = str(source.files), options.trust_remote_code
+        gguf: dict[str, Any] = {}  # a GGUF file: its folder, and gguf_file= for the config, model and tokenizer
+        if source.format == "gguf":
+            path, gguf = gguf_arguments(source.files)
         try:
-            config = AutoConfig.from_pretrained(path, trust_remote_code=remote, revision=options.revision)
+            config = AutoConfig.from_pretrained(path, trust_remote_code=remote, revision=options.revision, **gguf)
             rope = rope_parameters(getattr(config, "rope_parameters", None), options)
             if rope is not None:
                 config.rope_parameters = rope
             kwargs["config"] = config
-            if options.dtype in _DTYPES:
-                kwargs["dtype"] = getattr(torch, options.dtype)
-            else:
-                kwargs["dtype"] = "auto"
+            dtype = _gpu.load_dtype(options, config_json, bool(gpus))
+            kwargs["dtype"] = getattr(torch, dtype) if dtype else "auto"
             quantization = self._quantization_config(options, bool(gpus))
             if quantization is not None:
                 kwargs["quantization_config"] = quantization
+            if gpus and kwargs["device_map"] == "auto":  # offloading from a GPU: a dict map (see _gpu)
+                memory = kwargs["max_memory"]
+                quantized = "4bit" if options.load_in_4bit else "8bit" if options.load_in_8bit else None
+                empty = _gpu.empty_model(config, _gpu.run_dtype(options, config_json, True), remote)
+                kwargs["device_map"] = _gpu.offload_map(empty, memory, _gpu.run_dtype(options, config_json, True),
+                                                        quantized)
+                del empty
+                notes += _gpu.empty_gpus(kwargs["device_map"], memory)
             with _no_progress_bars():  # transformers' "Loading weights" bar: nbllm's own line says it loaded
                 self.model = AutoModelForCausalLM.from_pretrained(
-                    path, attn_implementation=attention, trust_remote_code=remote, revision=options.revision, **kwargs
+                    path, attn_implementation=attention, trust_remote_code=remote, revision=options.revision,
+                    **gguf, **kwargs
                 )
             self.model.eval()
-            self.tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=remote, revision=options.revision)
+            self.tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=remote, revision=options.revision,
+                                                           **gguf)
             self._rust_decode = _plain_rust_decode(self.tokenizer)
         except (OptionError, LoadError):
             self.unload()
@@ -287,7 +358,12 @@ class TransformersLoader(TokenLoader):
                 "raise --cpu-memory, or add --disk-offload to put the rest on disk",
             )
         self._attention = attention
-        self.placement = self._placement(note)
+        self.placement = self._placement(None)
+        self.placement.notes[:0] = notes
+        if gguf:
+            self._dequantized, gguf_note = dequantized(source.files, self.model, sum(self.placement.memory_bytes.values()))
+            self.placement.notes.append(gguf_note)
+            self.source = dataclasses.replace(source, dequantized=self._dequantized)
         if options.compile:
             self.placement.notes.append(self._prepare_compile())
 
@@ -311,9 +387,10 @@ class TransformersLoader(TokenLoader):
         )
 
     def _placement(self, note: str | None) -> Placement:
-        """Modules and bytes per device, from the tensors themselves (meta = offloaded to disk)."""
+        """Modules and bytes per device, from the tensors themselves (meta: offloaded, to the CPU or disk as
+        the device map says)."""
         device_map = getattr(self.model, "hf_device_map", None)
-        memory = model_memory(self.model)  # bitsandbytes' scales and code tables too
+        memory = model_memory(self.model, device_map)  # bitsandbytes' scales and code tables too; offloaded: cpu or disk
         if device_map:
             devices = Counter(_device_name(d) for d in device_map.values())
         else:
@@ -384,8 +461,9 @@ class TransformersLoader(TokenLoader):
         return {
             "attn_implementation": self._attention,
             "dtype": str(self.model.dtype).removeprefix("torch."),
-            "quantization": quantization_words(self.options, quant),
+            "quantization": quantization_words(self.options, quant) if not self._dequantized else None,
             "compiled": self._compiled.describe() if self._compiled is not None else False,
+            "dequantized": self._dequantized,
             "device_map": dict(getattr(self.model, "hf_device_map", None) or {}),
         }
 
@@ -433,8 +511,10 @@ class TransformersLoader(TokenLoader):
 
     def generate_tokens(self, request: Request) -> Iterator[int]:
         import torch
-        from transformers import StoppingCriteria, StoppingCriteriaList, set_seed
+        from transformers import StoppingCriteria, StoppingCriteriaList
         from transformers.generation.streamers import BaseStreamer
+
+        from ._seeding import set_seed  # not transformers': its import takes seconds (see _seeding)
 
         model = self.model
         kwargs = self.generation_kwargs(request.options)
@@ -549,6 +629,7 @@ class TransformersLoader(TokenLoader):
         back. Every new adapter is checked (and its weights read) before the model is touched."""
         if importlib.util.find_spec("peft") is None:
             raise missing_dependency("peft (needed to apply LoRA adapters)", "transformers")
+        quiet_library_noise()  # peft imports bitsandbytes
         from peft import LoraConfig
         from peft.functional import cast_adapter_dtype, inject_adapter_in_model
 

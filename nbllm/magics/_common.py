@@ -12,8 +12,8 @@ import shlex
 import sys
 import time
 import warnings
-from collections.abc import Callable, Iterable, Mapping
-from typing import Any, TypeVar
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from IPython.core import magic_arguments
 from IPython.core.error import UsageError
@@ -22,7 +22,17 @@ from ..errors import NbllmError, NbllmWarning
 from ..options import GenerationOptions, _Schema
 from ..result import Result
 
+if TYPE_CHECKING:
+    from ..engine import Engine
+
 F = TypeVar("F", bound=Callable[..., Any])
+
+
+def get_engine() -> Engine:
+    """The kernel's engine, imported at first use (``%load_ext nbllm`` imports no engine, no loaders)."""
+    from ..engine import get_engine as kernel_engine
+
+    return kernel_engine()
 
 
 def user_errors(func: F) -> F:
@@ -65,6 +75,39 @@ def schema_arguments(*schemas: type[_Schema], skip: Iterable[str] = ()) -> Calla
     return decorate
 
 
+def lazy_arguments(name: str | None = None) -> Any:
+    """IPython's ``@magic_arguments()``, except that the parser (and the help text listing every flag, whose
+    formatting was the slowest part of ``%load_ext nbllm``) is built when first needed: by
+    :func:`parse_line`, or by ``%llm_load?`` (IPython asks an object's ``getdoc()`` for its help)."""
+    return _LazyArguments(name)
+
+
+class _LazyArguments(magic_arguments.magic_arguments):
+    def __call__(self, func: F) -> F:
+        if not getattr(func, "has_arguments", False):
+            func.has_arguments = True  # type: ignore[attr-defined]
+            func.decorators = []  # type: ignore[attr-defined]
+        if self.name is not None:
+            func.argcmd_name = self.name  # type: ignore[attr-defined]
+        func.getdoc = functools.partial(magic_help, func)  # type: ignore[attr-defined]
+        return func
+
+
+def magic_parser(magic: Callable[..., Any]) -> Any:
+    """The ``magic_arguments`` parser of ``magic`` (built now if it was not yet: :class:`lazy_arguments`)."""
+    func: Any = getattr(magic, "__func__", magic)
+    parser = func.__dict__.get("parser")
+    if parser is None:
+        parser = func.parser = magic_arguments.construct_parser(func)  # also sets __doc__ to the full help
+    return parser
+
+
+def magic_help(magic: Callable[..., Any]) -> str:
+    """``magic``'s help as ``%magic?`` shows it: its docstring and every flag."""
+    magic_parser(magic)
+    return str(getattr(magic, "__func__", magic).__doc__)
+
+
 def parse_line(magic: Callable[..., Any], line: str) -> Any:
     """Parse a magic's line with its ``magic_arguments`` parser, with shell quoting: ``--system
     'Be brief.'`` gives ``Be brief.`` (IPython's own splitter keeps the quotes). Every nbllm magic
@@ -73,7 +116,7 @@ def parse_line(magic: Callable[..., Any], line: str) -> Any:
         argv = shlex.split(line, posix=True)
     except ValueError as exc:
         raise UsageError(f"cannot parse the line: {exc} (check the quotes)") from None
-    return magic.parser.parse_args(argv)  # type: ignore[attr-defined]
+    return magic_parser(magic).parse_args(argv)
 
 
 def variable_name(text: str) -> str:
@@ -140,6 +183,8 @@ class StreamView:
         self._handle: Any = None
         self._shown_at = 0.0
         self._text = ""
+        self.waited_for: str | None = None
+        """Whose reply the cell waited for (:func:`owner_of`), once it had to."""
 
     def start(self) -> None:
         if self.in_kernel and self._handle is None:
@@ -147,10 +192,14 @@ class StreamView:
 
             self._handle = display({"text/plain": ""}, raw=True, display_id=True)
 
-    def waiting(self, _result: Result | None = None) -> None:
-        """Say that the model is busy with a reply another thread is writing (the chat panel's): the
-        output is not empty while the cell waits for it (the text replaces this line)."""
-        line = WAITING
+    def waiting(self, result: Result | None = None) -> None:
+        """Say that the model is busy with a reply another thread is writing (a served request's, the chat
+        panel's): the output is not empty while the cell waits for it (the text replaces this line)."""
+        self.waited_for = owner_of(result)
+        self.show_line(WAITING.format(owner=self.waited_for))
+
+    def show_line(self, line: str) -> None:
+        """Show ``line`` in place of the output (a line of its own in a terminal)."""
         if not self.in_kernel:
             print(line, flush=True)
             return
@@ -174,6 +223,9 @@ class StreamView:
         extra = full[len(self._text) :] if full.startswith(self._text) else ""
         self._text = full
         suffix = f"\n[{note}]" if note else ""
+        thought = result.reasoning.strip()  # a server's reasoning text: shown apart, after the reply
+        if thought:
+            suffix += f"\n[reasoning]\n{thought}"
         tokens = result.tokens  # --logprobs: the tokens coloured by probability (plain text: a table)
         if not self.in_kernel:
             sys.stdout.write(extra + suffix + "\n" + (tokens.text() + "\n" if tokens is not None else ""))
@@ -197,16 +249,38 @@ def output_metadata(result: Result, note: str | None = None) -> dict[str, Any]:
     return {"nbllm": result.record.to_dict(), "nbllm_result": outcome}
 
 
-WAITING = ("[waiting for the chat panel's reply to end: the model writes one reply at a time (interrupt the kernel "
+WAITING = ("[waiting for {owner} to end: the model writes one reply at a time (interrupt the kernel "
            "to stop waiting)…]")
 
+_OWNERS = {"nbllm-serve": "a served request", "nbllm-chat": "the chat panel's reply"}
+"""The threads that read replies, by name prefix (:data:`nbllm.serve.THREAD_NAME`, the chat panel's worker)."""
 
-def waiting_shown(view: StreamView) -> contextlib.AbstractContextManager[None]:
+
+def owner_of(result: Result | None) -> str:
+    """Whose reply ``result`` is, in words, from the thread reading it."""
+    reader = result.reader if result is not None else None
+    name = reader.name if reader is not None else ""
+    for prefix, words in _OWNERS.items():
+        if name.startswith(prefix):
+            return words
+    return "a reply being read on another thread"
+
+
+@contextlib.contextmanager
+def waiting_shown(view: StreamView) -> Iterator[None]:
     """Start a generation inside this block: if the engine has to wait for a reply being written on
-    another thread (the chat panel's), ``view`` says so."""
-    from ..engine import get_engine
-
-    return get_engine().on_wait(view.waiting)
+    another thread (a served request's, the chat panel's), ``view`` says so; interrupting that wait is
+    one line (nothing was generated; the model stays loaded)."""
+    with get_engine().on_wait(view.waiting):
+        try:
+            yield
+        except KeyboardInterrupt:
+            if view.waited_for is None:
+                raise UsageError("Interrupted before the generation started; nothing was generated and the model "
+                                 "is still loaded.") from None
+            view.show_line(f"[stopped waiting for {view.waited_for}]")
+            raise UsageError(f"Stopped waiting for {view.waited_for} to end; nothing was generated and the model "
+                             "is still loaded.") from None
 
 
 def show_stream(shell: Any, result: Result, view: StreamView | None = None) -> Result:
@@ -220,10 +294,11 @@ def show_stream(shell: Any, result: Result, view: StreamView | None = None) -> R
             view.add(chunk)
     except KeyboardInterrupt:
         result.close()
-        view.finish(result, note=f"interrupted after {result.completion_tokens} tokens")
+        n = result.completion_tokens
+        after = f"{n} tokens" if n is not None else f"{len(result.chunks)} pieces"  # a server that did not count
+        view.finish(result, note=f"interrupted after {after}")
         raise UsageError(
-            f"Generation interrupted after {result.completion_tokens} tokens; the partial text is kept "
-            "and the model is still loaded."
+            f"Generation interrupted after {after}; the partial text is kept and the model is still loaded."
         ) from None
     view.finish(result, note="stopped" if result.finish_reason == "cancelled" else None)
     return result

@@ -2,17 +2,19 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from IPython.core import magic_arguments
 from IPython.core.error import UsageError
 from IPython.core.magic import Magics, line_cell_magic, line_magic, magics_class
 
-from ..chat import Conversation, conversation, load_conversation
-from ..engine import get_engine
 from ._common import (
     StreamView,
     generation_arguments,
     generation_options,
+    get_engine,
     interpolate,
+    lazy_arguments,
     output_argument,
     parse_line,
     show_stream,
@@ -20,13 +22,16 @@ from ._common import (
     waiting_shown,
 )
 
+if TYPE_CHECKING:
+    from ..chat import Conversation
+
 
 @magics_class
 class ChatMagics(Magics):
     """Multi-turn conversations with the loaded model, through its own chat template."""
 
     @line_cell_magic
-    @magic_arguments.magic_arguments(name="%llm_chat")  # the usage line says %%llm_chat
+    @lazy_arguments(name="%llm_chat")  # the usage line says %%llm_chat
     @magic_arguments.argument("name", nargs="?", default="default",
                               help="The conversation to continue (default: default); a new name starts one.")
     @generation_arguments
@@ -52,6 +57,10 @@ class ChatMagics(Magics):
             %llm_chat tutor --regenerate
             %llm_chat tutor --continue
         """
+        from ..chat import (
+            conversation,  # the conversations (and the engine) load at first use, not at %load_ext
+        )
+
         args = parse_line(self.llm_chat, line)
         shell = self.shell
         assert shell is not None
@@ -67,17 +76,19 @@ class ChatMagics(Magics):
         show_stream(shell, result, view)
 
     @line_magic
-    @magic_arguments.magic_arguments()
+    @lazy_arguments()
     @magic_arguments.argument("name", nargs="?", default="default", help="The conversation (default: default).")
     @user_errors
     def llm_chat_reset(self, line: str) -> None:
         """Forget the turns of conversation NAME and start it over (its system prompt is kept)."""
+        from ..chat import conversation
+
         args = parse_line(self.llm_chat_reset, line)
         n = conversation(args.name).reset()
         print(f"Conversation {args.name!r} reset ({n} turn{'' if n == 1 else 's'} forgotten).")
 
     @line_magic
-    @magic_arguments.magic_arguments()
+    @lazy_arguments()
     @magic_arguments.argument("name", nargs="?", help="The conversation (default: default; with --load: the "
                               "name saved in the file).")
     @magic_arguments.argument("--save", metavar="FILE", help="Write the conversation to FILE (JSON).")
@@ -90,6 +101,8 @@ class ChatMagics(Magics):
             %llm_history tutor --save tutor.json
             %llm_history tutor --load tutor.json
         """
+        from ..chat import conversation, load_conversation
+
         args = parse_line(self.llm_history, line)
         if args.save and args.load:
             raise UsageError("--save and --load cannot be used together. Choose one of them.")

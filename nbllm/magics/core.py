@@ -7,14 +7,16 @@ from typing import Any
 from IPython.core import magic_arguments
 from IPython.core.magic import Magics, cell_magic, line_magic, magics_class
 
-from ..engine import format_memory, get_engine, process_rss
 from ..errors import NbllmError
+from ..memory import format_memory, process_rss
 from ..options import LoadOptions
 from ._common import (
     StreamView,
     generation_arguments,
     generation_options,
+    get_engine,
     interpolate,
+    lazy_arguments,
     output_argument,
     parse_line,
     schema_arguments,
@@ -29,7 +31,7 @@ class CoreMagics(Magics):
     """Load a model once; prompt it from any cell."""
 
     @line_magic
-    @magic_arguments.magic_arguments()
+    @lazy_arguments()
     @magic_arguments.argument("model", help="A model folder, a .gguf file, a models-folder name or a hub id (org/model).")
     @schema_arguments(LoadOptions)
     @magic_arguments.argument("--fit", action="store_true",
@@ -65,7 +67,7 @@ class CoreMagics(Magics):
             print(note)
 
     @cell_magic
-    @magic_arguments.magic_arguments(name="%llm")  # the usage line says %%llm
+    @lazy_arguments(name="%llm")  # the usage line says %%llm
     @generation_arguments
     @magic_arguments.argument("--chat", action="store_true",
                               help="Send the cell as one user turn through the model's chat template.")

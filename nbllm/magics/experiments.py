@@ -10,11 +10,10 @@ from IPython.core.error import UsageError
 from IPython.core.magic import Magics, line_magic, magics_class
 
 from ..options import GenerationOptions
-from ..recordings import FALLBACKS, active_replay, replay
 from ..result import Result
-from ..runlog import runs
-from ..sweeps import parse_grid, sweep
-from ._common import parse_line, user_errors
+from ._common import lazy_arguments, parse_line, user_errors
+
+# the run log, the replay and sweeps (and the engine under them) are imported when a magic runs, not by %load_ext
 
 
 @magics_class
@@ -22,7 +21,7 @@ class ExperimentMagics(Magics):
     """The run log and replays."""
 
     @line_magic
-    @magic_arguments.magic_arguments()
+    @lazy_arguments()
     @magic_arguments.argument("--last", metavar="N", type=int, default=20, help="Show the N latest runs (default: 20).")
     @magic_arguments.argument("--model", metavar="NAME", help="Only runs of models whose name contains NAME.")
     @magic_arguments.argument("--session", metavar="ID", help="Only the runs of one kernel (the session column).")
@@ -34,14 +33,16 @@ class ExperimentMagics(Magics):
 
             %llm_runs --last 5 --model qwen
         """
+        from ..runlog import runs
+
         args = parse_line(self.llm_runs, line)
         return runs(last=args.last, model=args.model, session=args.session, path=args.path)
 
     @line_magic
-    @magic_arguments.magic_arguments()
+    @lazy_arguments()
     @magic_arguments.argument("source", nargs="?", help="A saved notebook (.ipynb) or a run log (.sqlite); "
                               "'off' turns the replay off; nothing: say what is replayed.")
-    @magic_arguments.argument("--fallback", choices=FALLBACKS, default="error",
+    @magic_arguments.argument("--fallback", default="error", metavar="{error,run}",
                               help="At a prompt no recorded run matches: error (one line naming the closest run, "
                                    "the default) or run (load the model and run it, and the cells after it).")
     @magic_arguments.argument("--session", metavar="ID", help="Replay only one kernel's runs of a run log.")
@@ -56,7 +57,11 @@ class ExperimentMagics(Magics):
             %llm_replay ~/.local/share/nbllm/runs.sqlite --fallback run
             %llm_replay off
         """
+        from ..recordings import FALLBACKS, active_replay, replay
+
         args = parse_line(self.llm_replay, line)
+        if args.fallback not in FALLBACKS:  # (not argparse's choices: the replay is imported when used, not at %load_ext)
+            raise UsageError(f"--fallback {args.fallback!r} is not valid. Use one of: {', '.join(FALLBACKS)}.")
         if args.source is None:
             current = active_replay()
             print(repr(current) if current is not None else "No replay is on.")
@@ -78,6 +83,8 @@ def show_sweep(prompt: str, options: GenerationOptions, grid: str, *, chat: bool
     output's metadata, for replay), store the DataFrame in ``output``."""
     from IPython.display import display
 
+    from ..sweeps import parse_grid, sweep
+
     values: dict[str, Any] = dict(parse_grid(grid))
     results: list[Result] = []
     frame = sweep(prompt, options, chat=chat, system=system, results=results, **values)
@@ -86,7 +93,8 @@ def show_sweep(prompt: str, options: GenerationOptions, grid: str, *, chat: bool
     rows = [{"record": r.record.to_dict(), "outcome": r.outcome(text=True)} for r in results if r.record is not None]
     display(frame, metadata={"nbllm_runs": rows})
     if frame.attrs.get("interrupted"):
-        raise UsageError(f"Sweep interrupted after {len(frame)} of {frame.attrs['runs']} runs; the table keeps them.")
+        how = f"stopped ({frame.attrs['stopped']})" if frame.attrs.get("stopped") else "interrupted"
+        raise UsageError(f"Sweep {how} after {len(frame)} of {frame.attrs['runs']} runs; the table keeps them.")
 
 
 __all__ = ["ExperimentMagics", "show_sweep"]

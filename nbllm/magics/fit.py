@@ -5,7 +5,7 @@ from __future__ import annotations
 from IPython.core import magic_arguments
 from IPython.core.magic import Magics, line_magic, magics_class
 
-from ._common import parse_line, user_errors
+from ._common import lazy_arguments, parse_line, user_errors
 
 
 @magics_class
@@ -13,7 +13,7 @@ class FitMagics(Magics):
     """What fits on this machine, before loading."""
 
     @line_magic
-    @magic_arguments.magic_arguments()
+    @lazy_arguments()
     @magic_arguments.argument("model", nargs="?", help="A model folder, a .gguf file, or a models-folder name.")
     @magic_arguments.argument("--context", type=int, metavar="TOKENS",
                               help="Plan the KV cache for this many tokens (default: the model's, at most 8192).")

@@ -5,12 +5,11 @@ from __future__ import annotations
 from typing import Any
 
 from IPython.core.magic import Magics, line_magic, magics_class
-from IPython.core.magic_arguments import argument, magic_arguments
+from IPython.core.magic_arguments import argument
 
 from .. import lora
-from ..engine import get_engine
 from ..errors import OptionError
-from ._common import parse_line, schema_arguments, user_errors
+from ._common import get_engine, lazy_arguments, parse_line, schema_arguments, user_errors
 
 ACTIONS = ("add", "remove", "list", "clear")
 
@@ -20,7 +19,7 @@ class LoraMagics(Magics):
     """Apply, stack, remove and list LoRA adapters."""
 
     @line_magic
-    @magic_arguments()
+    @lazy_arguments()
     @argument("action", nargs="?", default="list", choices=ACTIONS,
               help="add an adapter (on top of those applied; again with another --scale to change it), remove one, "
                    "list them (the default), or clear them all.")

@@ -8,15 +8,17 @@ class is also the configurable behind ``%config ModelMagics.models_dir = "/path/
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from IPython.core.magic import Magics, line_magic, magics_class
-from IPython.core.magic_arguments import argument, magic_arguments
+from IPython.core.magic_arguments import argument
 from traitlets import Unicode, observe
 
-from .. import models
-from ..download.options import DownloadOptions
-from ._common import parse_line, user_errors
+from ..download.options import DownloadOptions  # the download package itself is imported when it downloads
+from ._common import lazy_arguments, parse_line, user_errors
+
+if TYPE_CHECKING:
+    from ..models import ModelList
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -44,22 +46,28 @@ class ModelMagics(Magics):
         if shell is not None and self not in shell.configurables:
             shell.configurables.append(self)
         if self.models_dir:  # set from an IPython profile before the class existed
-            models.set_models_dir(self.models_dir)
+            from ..models import set_models_dir
+
+            set_models_dir(self.models_dir)
 
     @observe("models_dir")
     def _models_dir_changed(self, change: dict[str, Any]) -> None:
-        models.set_models_dir(change["new"] or None)
+        from ..models import set_models_dir
+
+        set_models_dir(change["new"] or None)
 
     @line_magic
-    @magic_arguments()
+    @lazy_arguments()
     @user_errors
-    def llm_models(self, line: str) -> models.ModelList:
+    def llm_models(self, line: str) -> ModelList:
         """List the models folder: name, loader, format and quantization, size, revision, status."""
+        from ..models import ModelsFolder
+
         parse_line(self.llm_models, line)
-        return models.ModelsFolder().list()
+        return ModelsFolder().list()
 
     @line_magic
-    @magic_arguments()
+    @lazy_arguments()
     @_download_flags
     @user_errors
     def llm_download(self, line: str) -> None:

@@ -7,7 +7,7 @@ from typing import Any
 from IPython.core import magic_arguments
 from IPython.core.magic import Magics, line_magic, magics_class
 
-from ._common import parse_line, user_errors
+from ._common import lazy_arguments, parse_line, user_errors
 
 
 @magics_class
@@ -24,7 +24,7 @@ class PanelMagics(Magics):
         return SettingsPanel()
 
     @line_magic
-    @magic_arguments.magic_arguments()
+    @lazy_arguments()
     @magic_arguments.argument("name", nargs="?", default="default",
                               help="The conversation to show (default: default), the one %%llm_chat NAME uses.")
     @user_errors

@@ -5,9 +5,8 @@ from __future__ import annotations
 from IPython.core import magic_arguments
 from IPython.core.magic import Magics, line_magic, magics_class
 
-from ..engine import get_engine
 from ..serve import ServeOptions, serve, stop
-from ._common import parse_line, schema_arguments, user_errors
+from ._common import get_engine, lazy_arguments, parse_line, schema_arguments, user_errors
 
 
 @magics_class
@@ -15,7 +14,7 @@ class ServeMagics(Magics):
     """Offer the loaded model to other programs over HTTP."""
 
     @line_magic
-    @magic_arguments.magic_arguments()
+    @lazy_arguments()
     @schema_arguments(ServeOptions)
     @magic_arguments.argument("--stop", action="store_true", help="Stop the server.")
     @user_errors

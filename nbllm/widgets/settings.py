@@ -64,6 +64,8 @@ def option_widget(spec: OptionSpec, value: Any = None) -> W.ValueWidget:
     choices = ("auto", *loader_names()) if spec == LoadOptions.spec("loader") else spec.choices
     if choices:
         widget: W.ValueWidget = W.Dropdown(options=list(choices), value=value, **common)
+    elif spec.type is bool and spec.default is None:  # a three-state switch (--flash-attn): auto, on, off
+        widget = W.Dropdown(options=[("auto", None), ("on", True), ("off", False)], value=value, **common)
     elif spec.type is bool:
         widget = W.Checkbox(value=bool(value), indent=False, **common)
     elif spec.type is tuple:  # several texts: one per line, escapes as in a magic line (\\n: a newline)
