@@ -19,6 +19,10 @@ from typing import TYPE_CHECKING, Any
 
 from ._version import __version__ as __version__
 from .errors import NbllmError
+from .evaluate import (  # the functions (the module stays importable: nbllm.evaluate.Evaluation); imports no engine
+    evaluate,
+    evaluate_tasks,
+)
 from .options import GenerationOptions, LoadOptions
 from .result import Record, Result
 from .serve import serve  # the function (the module stays importable: from nbllm.serve import ServeOptions)
@@ -32,6 +36,7 @@ if TYPE_CHECKING:
     from .lora import lora_add, lora_clear, lora_list, lora_remove, lora_restore
     from .recordings import Replay, replay
     from .runlog import runs
+    from .scoring import perplexity, score, tokenize
     from .sweeps import sweep
 
 _LAZY = {
@@ -41,6 +46,7 @@ _LAZY = {
     "lora_remove": ("lora", "lora_remove"), "lora_restore": ("lora", "lora_restore"), "Replay": ("recordings", "Replay"),
     "replay": ("recordings", "replay"), "runs": ("runlog", "runs"), "sweep": ("sweeps", "sweep"),
     "table": ("constraints", "table"),
+    "score": ("scoring", "score"), "perplexity": ("scoring", "perplexity"), "tokenize": ("scoring", "tokenize"),
 }
 """Names imported at first use: ``%load_ext nbllm`` (which imports this package) stays quick, without the
 engine, the loaders' registry or the download package."""
@@ -106,6 +112,7 @@ def load_ipython_extension(ipython: Any) -> None:
 
 __all__ = [
     "Chat", "Conversation", "Engine", "GenerationOptions", "LoadOptions", "NbllmError", "Record", "Replay", "Result",
-    "Status", "generate", "generate_many", "get_engine", "load", "load_ipython_extension", "lora_add", "lora_clear",
-    "lora_list", "lora_remove", "lora_restore", "replay", "runs", "serve", "status", "stream", "sweep", "table", "unload",
+    "Status", "evaluate", "evaluate_tasks", "generate", "generate_many", "get_engine", "load", "load_ipython_extension",
+    "lora_add", "lora_clear", "lora_list", "lora_remove", "lora_restore", "perplexity", "replay", "runs", "score", "serve",
+    "status", "stream", "sweep", "table", "tokenize", "unload",
 ]

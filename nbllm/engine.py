@@ -46,6 +46,7 @@ from .result import Record, Result, Timings, clock, library_versions
 from .source import ModelSource
 from .store import weights_sha256
 from .streaming import IncrementalDecoder, StopHoldback, TokenStream
+from .tokens import logprobs_refusal
 
 
 @dataclass
@@ -382,6 +383,23 @@ class Engine:
                               "pass keyword arguments, e.g. temperature=0")
         return base.replace(**kwargs) if kwargs else base
 
+    @contextlib.contextmanager
+    def model_held(self) -> Iterator[Loader]:
+        """The loaded model's loader, held for a computation that is not a generation (scoring,
+        perplexity, evaluation: :mod:`nbllm.scoring`): unfinished results are settled first, and nothing
+        else uses the model until the block ends."""
+        with self._cond:
+            self._settle()
+            yield self.loader
+
+    def measurement_record(self, loader: Loader, kind: str, text: str, inputs: Mapping[str, Any]) -> Record:
+        """The record of a measurement of the loaded model (``kind``: score, perplexity, eval) on ``text``
+        with ``inputs`` (they stand where a generation's options stand, so they are part of its identity)."""
+        record = self._record(loader, Prompt(text, None), self.defaults, 0, None)
+        record.generation_options = {"measure": kind, **inputs}
+        record.mode, record.seed_drawn = kind, False
+        return record
+
     def tokenize(self, text: str, *, add_special: bool) -> list[int]:
         """Token ids of ``text`` with the loaded model's tokenizer. The model is settled first: a fast
         tokenizer used while another thread decodes (a cell and the chat panel) raises "Already borrowed"."""
@@ -516,6 +534,8 @@ class Engine:
             if answered is not None:  # a stand-in answered from its records: nothing runs
                 self.last_result = answered
                 return answered
+            if capped.logprobs is not None and not loader.gives_logprobs:
+                raise GenerationError(*logprobs_refusal(loader))
             self._owners.append(result)
             self.last_result = result
             result.on_done(self._released_by)
@@ -658,6 +678,8 @@ class Engine:
             )) from exc
         finally:
             stream.close()
+            if request.options.logprobs is not None:
+                record.logprobs = request.logprobs[: len(result.token_ids) or produced]
             end = clock()
             timings.total_seconds = end - start
             record.reused_prefix_tokens = loader.reused_tokens
@@ -720,7 +742,7 @@ class Engine:
                 rows = list(zip(prompts[start : start + size], row_seeds[start : start + size]))
                 fits = all(p.ids is not None and (limit is None or len(p.ids) + opts.max_new_tokens <= limit)
                            for p, _ in rows)
-                if size > 1 and len(rows) > 1 and fits:
+                if size > 1 and len(rows) > 1 and fits and opts.logprobs is None:  # logprobs: one by one
                     assert isinstance(loader, TokenLoader)
                     results.extend(self._run_batch(loader, rows, opts))
                 else:

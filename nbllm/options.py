@@ -502,7 +502,8 @@ class LoadOptions(_Schema):
     )
     cache_type: str = option(
         "fp16", "Data type of the KV cache. q8_0 halves its memory, q4_0 quarters it (needs "
-        "--flash-attn for the V cache).", choices=("fp16", "q8_0", "q4_0"), group="memory",
+        "--flash-attn for the V cache); fp32 doubles it and keeps log-probabilities within 1e-4 of a float32 "
+        "Transformers model (fp16 moves them by up to ~0.05).", choices=("fp16", "q8_0", "q4_0", "fp32"), group="memory",
     )
     no_mmap: bool = option(
         False, "Read the whole file into memory instead of mapping it (slower to load).",
@@ -630,6 +631,17 @@ class GenerationOptions(_Schema):
         "escapes: \\n is a newline, \\t a tab (quote them in a magic line: --stop '\\n').", group="length",
         metavar="TEXT", escapes=True,
     )
+    logprobs: int | None = option(
+        None, "Keep each new token's log-probability and its K most likely alternatives (0: the token's own only; "
+        "at most 20): in the result (.tokens), the record and the run log; the cell shows the tokens coloured by "
+        "probability.", group="sampling", minimum=0, maximum=20, metavar="K", panel=False, example="5",
+    )
+    logprobs_after_samplers: bool = option(
+        False, "With --logprobs: the probabilities after the samplers (temperature, top-k, top-p, min-p, typical-p), "
+        "as the token was drawn, instead of the model's own (text-generation-webui's Logits tab offers both).",
+        group="sampling", panel=False,
+    )
+
     seed: int | None = option(
         None, "Random seed. Unset: one is drawn and recorded with the output, so it can be reproduced.",
         group="sampling", minimum=0, maximum=2**32 - 1, example="1234",

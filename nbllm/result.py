@@ -74,6 +74,10 @@ class Record:
     """For a row generated in a padded batch: the batch's ``id``, its ``size`` and this ``row``."""
     replayed: dict[str, Any] | None = None
     """For a result answered from a recording instead of a model: the ``source`` and the ``run`` in it."""
+    logprobs: list[dict[str, Any]] | None = None
+    """What came out, with ``--logprobs K``: one entry per new token (``id``, ``token``, ``logprob`` and the
+    ``top`` K alternatives as ``[token, id, logprob]``), so the run log and a replay keep them
+    (:mod:`nbllm.tokens`). Not part of the request's identity."""
 
     def __post_init__(self) -> None:
         self._later: dict[str, concurrent.futures.Future[Any]] = {}
@@ -316,6 +320,15 @@ class Result:
         from .constraints import parsed
 
         return parsed(self)
+
+    @property
+    def tokens(self) -> Any:
+        """With ``logprobs=K``: the new tokens as a :class:`~nbllm.tokens.TokenLogprobs` (one row per token,
+        ``.frame()`` a DataFrame, shown coloured by probability); ``None`` without it."""
+        from .tokens import TokenLogprobs
+
+        entries = self.pending_record.logprobs
+        return TokenLogprobs(entries) if entries is not None else None
 
     @property
     def completion_tokens(self) -> int | None:

@@ -11,8 +11,9 @@ Requests take the generation options of ``%%llm`` under the API's names (``max_t
 (``top_k``, ``min_p``, ``typical_p``, ``repetition_penalty`` or ``repeat_penalty``); what a request
 leaves out comes from the engine's defaults (the settings panel's). Every field is checked against the
 type the OpenAI API gives it (:mod:`nbllm.serve_requests`); a bad one, or a request for something nbllm
-cannot do (``n`` > 1, ``logprobs``, ``echo``, tools), is refused with 400 naming the field, never
-silently ignored. A reply cut short (``%llm_serve --stop``, a kernel interrupt) never ends as ``stop``:
+cannot do (tools, ``best_of``, penalties), is refused with 400 naming the field, never silently ignored;
+``logprobs``, ``echo``, ``n`` > 1 and token-id or listed prompts are answered by :mod:`nbllm.serve_logprobs`.
+A reply cut short (``%llm_serve --stop``, a kernel interrupt) never ends as ``stop``:
 a streamed one ends with an error event, a whole one with the finish reason ``abort`` (vLLM's word).
 
 Binding anything but loopback needs a key (``--api-key-env NAME``): clients then send
@@ -212,14 +213,18 @@ def create_app(engine: Engine | None = None, *, api_key: str | None = None, work
                          code="model_not_found", param="model")
         try:
             options = generation_options(body, eng.defaults)
-            prompt: str | list[dict[str, str]] = (chat_messages(body) if isinstance(body, ChatRequest)
+            prompt: str | list[dict[str, str]] = (chat_messages(body) if isinstance(body, ChatRequest) else
+                                                  "" if _extends(body.model_dump(exclude_none=True), chat)
                                                   else completion_prompt(body))
         except NbllmError as exc:
             return error(400, exc.message, param=param_of(exc))
-        continue_final = bool(getattr(body, "continue_final_message", False))
-        start = _starter(eng, prompt, options, continue_final)
         meta = {"id": ("chatcmpl-" if chat else "cmpl-") + secrets.token_hex(12), "created": int(time.time()),
                 "model": model, "system_fingerprint": fingerprint}
+        given = body.model_dump(exclude_none=True)
+        if _extends(given, chat):  # logprobs, echo, n > 1, token-id or listed prompts
+            return await _extended(given, options, meta, chat, prompt if chat else None, bool(body.stream))
+        continue_final = bool(getattr(body, "continue_final_message", False))
+        start = _starter(eng, prompt, options, continue_final)
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         if body.stream:
             return StreamingResponse(_events(start, meta, chat, include_usage), media_type="text/event-stream",
@@ -237,6 +242,23 @@ def create_app(engine: Engine | None = None, *, api_key: str | None = None, work
             choice["text"] = text
         return JSONResponse({**meta, "object": "chat.completion" if chat else "text_completion",
                              "choices": [choice], "usage": _usage(result)})
+
+    async def _extended(body: dict[str, Any], options: GenerationOptions, meta: dict[str, Any], chat: bool,
+                        messages: Any, stream: bool) -> Any:
+        if stream:
+            return error(400, "logprobs, echo, n > 1 and token-id or listed prompts are answered whole: leave "
+                              "stream out", param="stream")
+        from .serve_logprobs import respond
+        from .serve_requests import RequestError
+
+        loop = asyncio.get_running_loop()
+        try:
+            payload = await loop.run_in_executor(pool, respond, eng, body, options, meta, chat, messages)
+        except RequestError as exc:
+            return error(400, exc.message, param=exc.param)
+        except NbllmError as exc:
+            return _nbllm_error(exc, error)
+        return JSONResponse(payload)
 
     async def _events(start: Callable[[], Result], meta: dict[str, Any], chat: bool,
                       include_usage: bool) -> AsyncIterator[str]:
@@ -348,6 +370,13 @@ def _starter(engine: Engine, prompt: str | list[dict[str, str]], options: Genera
         return engine.stream_prompt(ready, options, continue_final=True)
 
     return start
+
+
+def _extends(body: Mapping[str, Any], chat: bool) -> bool:
+    """Whether :mod:`nbllm.serve_logprobs` answers the request (logprobs, echo, n > 1, token-id or listed prompts)."""
+    from .serve_logprobs import asks
+
+    return asks(body, chat)
 
 
 def _read(start: Callable[[], Result], live: set[Result]) -> Result:

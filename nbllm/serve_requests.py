@@ -117,12 +117,8 @@ class ChatRequest(_Request):
     """vLLM's: go on with the last (assistant) message instead of starting a new one."""
 
 
-UNSUPPORTED: dict[str, Callable[[Any], bool]] = {
-    "n": lambda v: v not in (None, 1),
+UNSUPPORTED: dict[str, Callable[[Any], bool]] = {  # n, echo, logprobs, top_logprobs: nbllm.serve_logprobs
     "best_of": lambda v: v not in (None, 1),
-    "echo": bool,
-    "logprobs": lambda v: v is not None and v is not False,
-    "top_logprobs": bool,
     "suffix": bool,
     "tools": bool,
     "tool_choice": lambda v: v not in (None, "none"),

@@ -200,7 +200,15 @@ def test_cache_type_ids_are_llama_cpps():
         "fp16": llama_cpp.GGML_TYPE_F16,
         "q8_0": llama_cpp.GGML_TYPE_Q8_0,
         "q4_0": llama_cpp.GGML_TYPE_Q4_0,
+        "fp32": llama_cpp.GGML_TYPE_F32,
     }
+
+
+def test_fp32_cache_is_fp32_for_both_caches_without_flash_attention():
+    from nbllm.loaders.llamacpp import cache_types
+
+    assert cache_types(LoadOptions(cache_type="fp32")) == (llama_cpp.GGML_TYPE_F32, llama_cpp.GGML_TYPE_F32)
+    assert cache_types(LoadOptions(cache_type="q8_0"))[1] == llama_cpp.GGML_TYPE_F16
 
 
 # --------------------------------------------------------------------------- option mapping (real load)

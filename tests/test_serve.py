@@ -163,8 +163,8 @@ def test_bad_requests_are_refused_with_the_apis_errors(engine: Any, tiny_gguf: P
     model = nbllm.status().model
     with pytest.raises(openai.NotFoundError, match=f"the model 'gpt-4' is not served here; it serves '{model}'"):
         client.completions.create(model="gpt-4", prompt="Hi")
-    with pytest.raises(openai.BadRequestError, match="n is not supported by nbllm's server"):
-        client.completions.create(model=model, prompt="Hi", n=2)
+    with pytest.raises(openai.BadRequestError, match="best_of is not supported by nbllm's server"):
+        client.completions.create(model=model, prompt="Hi", best_of=2)
     with pytest.raises(openai.BadRequestError, match="temperature 9.0 is above 5.0"):
         client.completions.create(model=model, prompt="Hi", temperature=9)
     too_long = "word " * 3000

@@ -64,6 +64,9 @@ class Request:
     reuse_prefix: bool = False
     """May the loader serve the part of the prompt it shares with its kept state (a conversation's
     history) from that state? Without it the whole prompt is computed, so a seed reproduces exactly."""
+    logprobs: list[dict[str, Any]] = field(default_factory=list)
+    """With ``options.logprobs`` set (a loader whose :attr:`Loader.gives_logprobs`): the loader appends
+    one entry per token it yields, before yielding it (:func:`nbllm.tokens.entry`)."""
 
 
 class LoadInstead(Exception):
@@ -106,6 +109,11 @@ class Loader(ABC):
     batch_size: ClassVar[int] = 1
     """How many prompts the loader generates at once (:meth:`TokenLoader.generate_batch`); 1: one
     after another. Sweeps ask the engine for batches of up to this many rows."""
+    gives_logprobs: ClassVar[bool] = False
+    """Whether the loader fills :attr:`Request.logprobs` when ``--logprobs`` asks for them."""
+    scores_tokens: ClassVar[bool] = False
+    """Whether the loader gives the log-probabilities of given tokens (:meth:`TokenLoader.token_scores`):
+    scoring, perplexity and evaluation need it."""
     parallel_requests: int = 1
     """How many requests the loaded model serves side by side (a server: up to ``--max-concurrency``).
     Above 1, :func:`nbllm.generate_many` runs that many at once, and the per-generation facts a
@@ -210,6 +218,12 @@ class TokenLoader(Loader):
         generation ended; it is never shown (``decode`` skips special tokens). Closing the iterator
         early must stop the generation and leave the model usable.
         """
+
+    def token_scores(self, rows: Sequence[Sequence[int]], starts: Sequence[int], top: int = 0) -> list[Any]:
+        """The model's log-probabilities of given tokens (a loader whose :attr:`scores_tokens`): for each
+        row of token ids, a :class:`nbllm.tokens.Scores` of the tokens from ``starts[i]`` (at least 1) to the
+        end of the row, each given the ones before it. Rows may be run as one batch."""
+        raise NotImplementedError(f"the {self.name} loader does not score tokens")
 
     def generate_batch(self, requests: Sequence[Request]) -> Iterator[list[int]]:
         """Generate ``requests`` as one batch (a loader whose :attr:`batch_size` is above 1).

@@ -48,6 +48,7 @@ from ..gguf_file import (
 )
 from ..options import GenerationOptions, LoadOptions
 from ..source import ModelSource
+from ._logprobs import llamacpp_last_logits, llamacpp_recorder, llamacpp_scores
 from .base import Placement, Request, TokenLoader
 
 N_CTX_CAP = 8192
@@ -62,11 +63,11 @@ ALPHA_EXPONENT = 64 / 63
 """NTK-aware scaling multiplies the RoPE base by alpha^(d/(d-2)); text-generation-webui fixes d = 128
 (the head size of Llama-style models), hence 64/63."""
 
-CACHE_TYPES: dict[str, int] = {"fp16": 1, "q8_0": 8, "q4_0": 2}
+CACHE_TYPES: dict[str, int] = {"fp16": 1, "q8_0": 8, "q4_0": 2, "fp32": 0}
 """``--cache-type`` → GGML type id (``GGML_TYPE_F16``, ``GGML_TYPE_Q8_0``, ``GGML_TYPE_Q4_0``)."""
 
-_CACHE_BLOCK = {"fp16": 1, "q8_0": 32, "q4_0": 32}
-_CACHE_BYTES = {"fp16": 2.0, "q8_0": 34 / 32, "q4_0": 18 / 32}
+_CACHE_BLOCK = {"fp16": 1, "q8_0": 32, "q4_0": 32, "fp32": 1}
+_CACHE_BYTES = {"fp16": 2.0, "q8_0": 34 / 32, "q4_0": 18 / 32, "fp32": 4.0}
 
 LLAMA_DEFAULT_SEED = 0xFFFFFFFF
 """llama.cpp's "draw a random seed" value: never passed, or sampling would not be reproducible."""
@@ -120,9 +121,10 @@ def rope_freq_base(metadata: Mapping[str, Any], options: LoadOptions) -> float:
 
 
 def cache_types(options: LoadOptions) -> tuple[int, int]:
-    """(type_k, type_v) for ``--cache-type``: the V cache is quantized only with ``--flash-attn``."""
+    """(type_k, type_v) for ``--cache-type``: the V cache is quantized only with ``--flash-attn`` (fp32 needs
+    no quantization: both caches get it)."""
     k = CACHE_TYPES[options.cache_type]
-    return k, (k if options.flash_attn else CACHE_TYPES["fp16"])
+    return k, (k if options.flash_attn or options.cache_type == "fp32" else CACHE_TYPES["fp16"])
 
 
 def llama_kwargs(source: ModelSource, options: LoadOptions, metadata: Mapping[str, Any]) -> dict[str, Any]:
@@ -299,6 +301,8 @@ class LlamaCppLoader(TokenLoader):
     })
     libraries: ClassVar[tuple[str, ...]] = ("llama_cpp_python", "huggingface_hub")
     adapters: ClassVar[frozenset[str]] = frozenset({"gguf"})
+    gives_logprobs: ClassVar[bool] = True
+    scores_tokens: ClassVar[bool] = True
 
     def __init__(self) -> None:
         super().__init__()
@@ -424,7 +428,7 @@ class LlamaCppLoader(TokenLoader):
         """Choices made for the user, shown by %llm_load and %llm_status."""
         opts, notes = self.options, []
         assert opts is not None
-        if opts.cache_type != "fp16" and not opts.flash_attn:
+        if opts.cache_type not in ("fp16", "fp32") and not opts.flash_attn:
             notes.append(f"--cache-type {opts.cache_type} quantizes the K cache only; the V cache stays fp16 "
                          "(llama.cpp quantizes it only with --flash-attn)")
         trained = trained_context(self.header.metadata) if self.header else None
@@ -585,12 +589,16 @@ class LlamaCppLoader(TokenLoader):
         llm.set_seed(seed if seed != LLAMA_DEFAULT_SEED else LLAMA_DEFAULT_SEED - 1)
         eos = self._eos
         produced = 0
+        logprobs = llamacpp_recorder(self, request)
         tokens = llm.generate(prompt_ids, reset=True, **self.sampling_kwargs(request.options),
                               **self._constraint_processor(request))
         try:
             for token in tokens:
                 if cancel.is_set():
                     return
+                if logprobs is not None:  # the logits the token was just sampled from
+                    logprobs.keep(llamacpp_last_logits(llm))
+                    logprobs.add(int(token))
                 yield int(token)
                 produced += 1
                 if token in eos or produced >= limit or cancel.is_set():
@@ -613,6 +621,9 @@ class LlamaCppLoader(TokenLoader):
         compiled = self.constraints.compile(constraint)
         self.grammar_seconds = compiled.seconds
         return {"logits_processor": [numpy_processor(compiled, len(request.prompt_ids or ()))]}
+
+    def token_scores(self, rows: Sequence[Sequence[int]], starts: Sequence[int], top: int = 0) -> list[Any]:
+        return llamacpp_scores(self.llm, rows, starts, top)
 
     # -- LoRA adapters (GGUF) -----------------------------------------------------------------------
     def set_adapters(self, adapters: Sequence[Adapter]) -> None:

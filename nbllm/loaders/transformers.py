@@ -27,6 +27,7 @@ from ..options import GenerationOptions, LoadOptions
 from ..safetensors_file import check_safetensors
 from ..source import ModelSource
 from ..streaming import threaded_tokens
+from ._logprobs import transformers_recorder, transformers_scores
 from ._quiet import quiet_library_noise
 from .base import Placement, Request, TokenLoader
 from .transformers_gguf import check_gguf, dequantized, gguf_arguments
@@ -186,6 +187,8 @@ class TransformersLoader(TokenLoader):
     )
     adapters: ClassVar[frozenset[str]] = frozenset({"peft"})
     structured_output: ClassVar[bool] = True
+    gives_logprobs: ClassVar[bool] = True
+    scores_tokens: ClassVar[bool] = True
 
     def __init__(self) -> None:
         super().__init__()
@@ -520,8 +523,13 @@ class TransformersLoader(TokenLoader):
         assert prompt_ids is not None
         self.compile_seconds = None
         constrained = self._constraint_processors(request, rows=1, width=len(prompt_ids))
-        if self._compiled is not None and not constrained:
+        if self._compiled is not None and not constrained and request.options.logprobs is None:  # else generate's path
             return self._compiled_tokens(request)
+        logprobs = transformers_recorder(self, request)
+        processors: list[Any] = list(constrained)
+        if logprobs is not None:  # the model's own probabilities: before the constraint's mask, unless after samplers
+            after = request.options.logprobs_after_samplers
+            processors = [*processors, logprobs.processor()] if after else [logprobs.processor(), *processors]
 
         device = self._input_device()
         answers = {flag: torch.full((1,), flag, dtype=torch.bool, device=device) for flag in (False, True)}
@@ -545,10 +553,14 @@ class TransformersLoader(TokenLoader):
                     if value.numel() == 1:  # one new token per step: the common case, kept short
                         token = int(value)
                         produced.append(token)
+                        if logprobs is not None:
+                            logprobs.add(token)
                         emit(token)
                         return
                     for token in value.reshape(-1).tolist():
                         produced.append(token)
+                        if logprobs is not None:
+                            logprobs.add(token)
                         emit(token)
 
                 def end(self) -> None:
@@ -565,7 +577,7 @@ class TransformersLoader(TokenLoader):
                     streamer=Emit(),
                     stopping_criteria=StoppingCriteriaList([Cancelled()]),
                     cache=cache,
-                    **({"logits_processor": LogitsProcessorList(constrained)} if constrained else {}),
+                    **({"logits_processor": LogitsProcessorList(processors)} if processors else {}),
                     **kwargs,
                 )
             if reuse_prefix:
@@ -591,6 +603,9 @@ class TransformersLoader(TokenLoader):
         compiled = self.constraints.compile(constraint)
         self.grammar_seconds = compiled.seconds
         return [torch_processor(compiled, rows, width)]
+
+    def token_scores(self, rows: Sequence[Sequence[int]], starts: Sequence[int], top: int = 0) -> list[Any]:
+        return transformers_scores(self.model, self._input_device(), rows, starts, top)
 
     def _compiled_tokens(self, request: Request) -> Iterator[int]:
         """``--compile``: the compiled decode step generates (it keeps no prefix: the whole prompt is

@@ -13,9 +13,11 @@ def load_ipython_extension(ipython: Any) -> None:
     from .lora import LoraMagics
     from .models import ModelMagics
     from .panels import PanelMagics
+    from .scoring import ScoringMagics
     from .serve import ServeMagics
 
-    for magics in (CoreMagics, ChatMagics, ModelMagics, PanelMagics, LoraMagics, ExperimentMagics, ServeMagics):
+    for magics in (CoreMagics, ChatMagics, ModelMagics, PanelMagics, LoraMagics, ExperimentMagics, ServeMagics,
+                   ScoringMagics):
         ipython.register_magics(magics)
     from .fit import FitMagics  # %llm_doctor
 

@@ -229,11 +229,15 @@ class StreamView:
         thought = result.reasoning.strip()  # a server's reasoning text: shown apart, after the reply
         if thought:
             suffix += f"\n[reasoning]\n{thought}"
+        tokens = result.tokens  # --logprobs: the tokens coloured by probability (plain text: a table)
         if not self.in_kernel:
-            sys.stdout.write(extra + suffix + "\n")
+            sys.stdout.write(extra + suffix + "\n" + (tokens.text() + "\n" if tokens is not None else ""))
             sys.stdout.flush()
             return
-        self._handle.update({"text/plain": full + suffix}, raw=True, metadata=output_metadata(result, note))
+        bundle = {"text/plain": full + suffix}
+        if tokens is not None:
+            bundle = {"text/plain": full + suffix + "\n\n" + tokens.text(), "text/html": tokens.html()}
+        self._handle.update(bundle, raw=True, metadata=output_metadata(result, note))
 
 
 def output_metadata(result: Result, note: str | None = None) -> dict[str, Any]:

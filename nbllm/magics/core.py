@@ -75,6 +75,10 @@ class CoreMagics(Magics):
     @magic_arguments.argument("--sweep", metavar="GRID",
                               help='Run the prompt with every combination of these options and show a table, e.g. '
                                    '--sweep "temperature=0,0.7 seed=1,2,3" (-o VAR stores the DataFrame).')
+    @magic_arguments.argument("--choices", metavar="A|B|C",
+                              help='Score these continuations of the cell (separated by |, spaces kept: " A| B") '
+                                   "and show them ranked by log-likelihood instead of generating (-o VAR stores "
+                                   "the scores).")
     @output_argument
     @user_errors
     def llm(self, line: str, cell: str) -> None:
@@ -96,6 +100,11 @@ class CoreMagics(Magics):
         if not prompt.strip():
             raise NbllmError("the prompt is empty", "write it in the cell, under the %%llm line")
         chat = args.chat or args.system is not None
+        if args.choices is not None:
+            from .scoring import show_choices
+
+            show_choices(prompt, args.choices, output=args.output, namespace=user_ns)
+            return
         if args.sweep is not None:
             from .experiments import show_sweep
 
