@@ -115,6 +115,12 @@ def test_sglang_ignores_the_seed_unless_deterministic_and_the_record_says_so() -
         assert nbllm.status().details["seed"].startswith("ignored for sampled replies")
         greedy = nbllm.generate("Once", temperature=0, max_new_tokens=3)
         assert "seed_reproducible" not in greedy.record.model
+        assert "repetition_penalty_applied" not in greedy.record.model
+        with pytest.warns(NbllmWarning, match="SGLang accepts repetition_penalty but some of its versions and modes "
+                                              "do not apply it"):
+            penalized = nbllm.generate("Once", temperature=0, repetition_penalty=1.3, max_new_tokens=3)
+        assert penalized.record.model["repetition_penalty_applied"] == "unverified"
+        assert nbllm.status().details["repetition penalty"].startswith("sent, but may not apply")
     finally:
         server.stop()
     deterministic = served("sglang", deterministic=True)

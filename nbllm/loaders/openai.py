@@ -106,6 +106,8 @@ class ServerKind:
     API reads every sampler)."""
     repetition_window: str | None = None
     """How much of the text the server's repetition penalty covers, when that is not the whole sequence."""
+    repetition_unsure: str | None = None
+    """Why the server may accept ``repetition_penalty`` and not apply it (SGLang), when it may."""
     tokenizer: str | None = None
     """The server's endpoint that counts tokens (below its root), used when a reply comes without usage."""
 
@@ -135,7 +137,10 @@ SERVERS: dict[str, ServerKind] = {
     "sglang": _kind("sglang", -1, top_k="top_k", min_p="min_p", repetition_penalty="repetition_penalty",
                     label="SGLang", limits={"top_p": _UNIT_OPEN, "min_p": Range(0.0, 1.0),
                                             "repetition_penalty": Range(0.0, 2.0)},
-                    continue_fields={"continue_final_message": True}),
+                    continue_fields={"continue_final_message": True},
+                    # sgl-project/sglang#28179: accepted, but not applied where its penalizer is not registered
+                    repetition_unsure="SGLang accepts repetition_penalty but some of its versions and modes do not "
+                                      "apply it (sglang issue 28179)"),
     # tools/server/server-task.cpp params_from_json_cmpl: no range checks; repeat_last_n -1 = the context
     "llama.cpp": _kind("llama.cpp", top_k="top_k", min_p="min_p", typical_p="typical_p",
                        repetition_penalty="repeat_penalty", label="llama.cpp's llama-server", tokenizer="tokenize"),
@@ -351,6 +356,7 @@ class OpenAILoader(TextLoader):
         self._key: str | None = None
         self._slots = threading.BoundedSemaphore(1)
         self._said_seed = False
+        self._said_repetition = False
 
     # per-generation facts, per thread (several requests may run side by side)
     finish_reason = _PerThread[str | None]()
@@ -449,7 +455,8 @@ class OpenAILoader(TextLoader):
             + f", timeout {self.options.timeout:g} s without data" if self.options is not None else None,
             "seed": None if self.kind.seed_applies else
             "ignored for sampled replies (the server was not started with --enable-deterministic-inference)",
-            "repetition penalty": f"covers {self.kind.repetition_window}" if self.kind.repetition_window else None,
+            "repetition penalty": f"covers {self.kind.repetition_window}" if self.kind.repetition_window else
+            "sent, but may not apply (sglang issue 28179)" if self.kind.repetition_unsure else None,
             "generation": "through Ollama's own /api/generate and /api/chat (its OpenAI layer reads no top_k, "
             "min_p, typical_p or repeat_penalty)" if self.kind.native else None,
         }
@@ -624,6 +631,12 @@ class OpenAILoader(TextLoader):
                               NbllmWarning, stacklevel=3)
         if self.kind.repetition_window and opts.repetition_penalty != 1.0:
             self.notes["repetition_penalty_covers"] = self.kind.repetition_window
+        if self.kind.repetition_unsure and opts.repetition_penalty != 1.0:
+            self.notes["repetition_penalty_applied"] = "unverified"
+            if not self._said_repetition:
+                self._said_repetition = True
+                warnings.warn(f"{self.kind.repetition_unsure}: the record marks --repetition-penalty "
+                              f"{opts.repetition_penalty:g} as unverified", NbllmWarning, stacklevel=3)
 
     def _line(self, line: str, reply: _Reply, at: float, watch: _Watch) -> list[str]:
         """The text pieces of one line of the stream (server-sent events, or Ollama's JSON lines)."""
