@@ -6,6 +6,8 @@ what to do about it (the fix). The magics show it as an IPython ``UsageError`` (
 
 from __future__ import annotations
 
+from typing import Any
+
 
 class NbllmError(Exception):
     """An error written for the user: ``cause`` is what went wrong, ``fix`` is what to do."""
@@ -67,3 +69,13 @@ def missing_dependency(package: str, extra: str) -> MissingDependencyError:
     return MissingDependencyError(
         f"{package} is not installed", f"install it with: pip install 'nbllm[{extra}]'"
     )
+
+
+def pandas_module() -> Any:
+    """pandas, imported now (tables are DataFrames; ``import nbllm`` does not pay for it). It lives here, at
+    the bottom of the package, so that every layer that makes a table can ask for it."""
+    try:
+        import pandas
+    except ImportError:
+        raise missing_dependency("pandas (the run log, sweep and score tables are DataFrames)", "experiments") from None
+    return pandas

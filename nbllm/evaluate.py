@@ -52,14 +52,14 @@ class Evaluation:
         return out
 
     def frame(self) -> Any:
-        from .runlog import pandas_module
+        from .errors import pandas_module
 
         return pandas_module().DataFrame(self.rows(), columns=["task", "metric", "filter", "value", "stderr",
                                                                 "version", "n_shot"])
 
     def samples(self, task: str) -> Any:
         """The per-sample rows of ``task`` as a DataFrame (doc id, target, the model's answers, each metric)."""
-        from .runlog import pandas_module
+        from .errors import pandas_module
 
         if task not in self.sample_rows:
             raise OptionError(f"no samples of {task!r}", f"use one of: {', '.join(self.sample_rows) or 'none kept'}")

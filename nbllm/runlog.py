@@ -28,7 +28,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
-from .errors import NbllmError, OptionError, missing_dependency
+from .errors import NbllmError, OptionError, pandas_module
 from .identity import identity_key, record_identity
 from .options import GenerationOptions, LoadOptions
 from .result import Result
@@ -259,15 +259,6 @@ def _when_unlocked(step: Callable[[], T], seconds: float = 30.0) -> T:
                 raise
         time.sleep(pause)  # another connection is setting the file up: a few milliseconds
         pause = min(pause * 2, 0.1)
-
-
-def pandas_module() -> Any:
-    """pandas, imported now (tables are DataFrames; ``import nbllm`` does not pay for it)."""
-    try:
-        import pandas
-    except ImportError:
-        raise missing_dependency("pandas (the run log and sweep tables are DataFrames)", "experiments") from None
-    return pandas
 
 
 def _json(value: Any) -> str | None:

@@ -91,7 +91,7 @@ class Scores:
 
     def frame(self) -> Any:
         """A pandas DataFrame, one row per choice, most likely first."""
-        from .runlog import pandas_module
+        from .errors import pandas_module
 
         return pandas_module().DataFrame(self.rows())
 
@@ -172,7 +172,7 @@ class Tokens:
         return f"{self.count} tokens{share}"
 
     def frame(self) -> Any:
-        from .runlog import pandas_module
+        from .errors import pandas_module
 
         return pandas_module().DataFrame({"token": self.tokens, "id": self.ids})
 

@@ -21,10 +21,9 @@ from typing import TYPE_CHECKING, Any
 
 from .constraints import with_fields
 from .engine import Engine, get_engine
-from .errors import NbllmWarning, NoModelLoadedError, OptionError
+from .errors import NbllmWarning, NoModelLoadedError, OptionError, pandas_module
 from .options import GenerationOptions, decode_escapes
 from .result import Result
-from .runlog import pandas_module
 
 if TYPE_CHECKING:
     import pandas

@@ -155,7 +155,7 @@ class TokenLogprobs(Sequence[dict[str, Any]]):
     def frame(self) -> Any:
         """A pandas DataFrame: one row per token (position, token, id, logprob, prob, rank-1 alternative,
         the alternatives as a list)."""
-        from .runlog import pandas_module
+        from .errors import pandas_module
 
         pd = pandas_module()
         rows = []
