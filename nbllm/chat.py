@@ -633,11 +633,7 @@ def _record(data: Mapping[str, Any], where: str) -> Record:
     for f in fields(Record):
         if f.name not in values and f.default is MISSING and f.default_factory is MISSING:
             raise ChatError(f"{where} has no {f.name!r}", _FILE_FIX)
-    options = dict(values.get("generation_options") or {})
-    if isinstance(options.get("stop"), list):  # JSON has no tuples
-        options["stop"] = tuple(options["stop"])
-        values["generation_options"] = options
-    return Record(**values)
+    return Record.from_dict(values)  # its tuple options (stop, choice) become tuples again
 
 
 def _count(n: int) -> str:
