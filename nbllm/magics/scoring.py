@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 from collections.abc import MutableMapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from IPython.core import magic_arguments
 from IPython.core.magic import Magics, line_cell_magic, line_magic, magics_class
 
 from ..errors import OptionError
-from ..scoring import Scores, perplexity, score, tokenize
-from ._common import interpolate, output_argument, parse_line, user_errors
+from ._common import interpolate, lazy_arguments, output_argument, parse_line, user_errors
+
+if TYPE_CHECKING:  # the scoring module (and the engine under it) is imported when a magic runs, not at %load_ext
+    from ..scoring import Scores
 
 
 def split_choices(text: str) -> list[str]:
@@ -27,6 +29,8 @@ def show_choices(prompt: str, choices: str, *, output: str | None, namespace: Mu
     scores, so a saved notebook replays it."""
     from IPython.display import display
 
+    from ..scoring import score
+
     scores = score(prompt, split_choices(choices))
     if output:
         namespace[output] = scores
@@ -42,7 +46,7 @@ class ScoringMagics(Magics):
     """Tokens and perplexity of the loaded model."""
 
     @line_cell_magic
-    @magic_arguments.magic_arguments()
+    @lazy_arguments()
     @magic_arguments.argument("text", nargs="*", help="The text (or write it in the cell, under %%llm_tokens).")
     @magic_arguments.argument("--chat", action="store_true",
                               help="Tokenize the text as one user turn rendered through the model's chat template.")
@@ -60,13 +64,15 @@ class ScoringMagics(Magics):
         args = parse_line(self.llm_tokens, line)
         user_ns = self.shell.user_ns if self.shell is not None else {}
         text = cell.strip("\n") if cell is not None else " ".join(args.text)
+        from ..scoring import tokenize
+
         tokens = tokenize(interpolate(text, user_ns), chat=args.chat or args.system is not None, system=args.system)
         if args.output:
             user_ns[args.output] = tokens
         return tokens
 
     @line_cell_magic
-    @magic_arguments.magic_arguments()
+    @lazy_arguments()
     @magic_arguments.argument("path", nargs="?", help="A text file (or write the text in the cell).")
     @magic_arguments.argument("--max-length", type=int, metavar="N",
                               help="Tokens per window (default: the model's context).")
@@ -91,13 +97,15 @@ class ScoringMagics(Magics):
             text = Path(args.path).expanduser()
         else:
             raise OptionError("there is no text to measure", "write it in the cell, or give a text file's path")
+        from ..scoring import perplexity
+
         result = perplexity(text, max_length=args.max_length, stride=args.stride)
         if args.output:
             user_ns[args.output] = result
         print(result)
 
     @line_magic
-    @magic_arguments.magic_arguments()
+    @lazy_arguments()
     @magic_arguments.argument("tasks", help="lm-eval task names, separated by commas (nbllm.evaluate_tasks() lists them).")
     @magic_arguments.argument("--limit", type=float, metavar="N",
                               help="Samples per task (below 1: a share of them).")
