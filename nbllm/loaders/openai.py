@@ -680,15 +680,7 @@ class OpenAILoader(TextLoader):
                 continue
             delta = (choice.get("delta") or {}) if reply.chat else choice
             thought = delta.get("reasoning_content") or delta.get("reasoning")
-            if isinstance(thought, str) and thought:
-                reply.reasoning.append(thought)
-                reply.stamp(at)
-            text = delta.get("content") if reply.chat else choice.get("text")
-            if isinstance(text, str) and text:
-                reply.stamp(at)
-                reply.pieces += 1
-                reply.text.append(text)
-                texts.append(text)
+            texts += reply.take(thought, delta.get("content") if reply.chat else choice.get("text"), at)
             if choice.get("finish_reason"):
                 self._finished(str(choice["finish_reason"]), reply)
         return texts
@@ -697,17 +689,7 @@ class OpenAILoader(TextLoader):
         """One of Ollama's JSON lines (``/api/generate``: ``response``; ``/api/chat``: ``message``)."""
         message = payload.get("message") if reply.chat else payload
         message = message if isinstance(message, dict) else {}
-        thought = message.get("thinking")
-        if isinstance(thought, str) and thought:
-            reply.reasoning.append(thought)
-            reply.stamp(at)
-        text = message.get("content") if reply.chat else message.get("response")
-        texts: list[str] = []
-        if isinstance(text, str) and text:
-            reply.stamp(at)
-            reply.pieces += 1
-            reply.text.append(text)
-            texts.append(text)
+        texts = reply.take(message.get("thinking"), message.get("content") if reply.chat else message.get("response"), at)
         if payload.get("done"):
             reply.done = True
             count, seconds = payload.get("eval_count"), payload.get("eval_duration")
@@ -800,6 +782,18 @@ class _Reply:
         if self.first_at is None:
             self.first_at = at
         self.last_at = at
+
+    def take(self, thought: Any, text: Any, at: float) -> list[str]:
+        """Keep what one event brought (reasoning apart from the reply's text); the new text pieces."""
+        if isinstance(thought, str) and thought:
+            self.reasoning.append(thought)
+            self.stamp(at)
+        if not (isinstance(text, str) and text):
+            return []
+        self.stamp(at)
+        self.pieces += 1
+        self.text.append(text)
+        return [text]
 
     def rate(self, tokens: int) -> float | None:
         """Tokens per second after the first, from when the pieces arrived (``None`` when they all came
