@@ -22,34 +22,13 @@ import nbllm.loaders
 from nbllm.engine import Engine
 from nbllm.serve import current, stop
 
-try:
-    from test_serve import SlowLoader
+try:  # the slow loader and its fixtures are test_serve's (the same served engine and server clean-up)
+    from test_serve import SlowLoader, slow, stop_serving  # noqa: F401
 except ImportError:  # tests/ imported as a package
-    from tests.test_serve import SlowLoader
+    from tests.test_serve import SlowLoader, slow, stop_serving  # noqa: F401
 
 httpx = pytest.importorskip("httpx")
 pytest.importorskip("pydantic")
-
-
-@pytest.fixture
-def slow(engine: Any) -> Iterator[Engine]:
-    """An engine of its own holding the slow loader (words at a steady pace; ``SlowLoader.gate`` holds a
-    reply after its first word)."""
-    nbllm.loaders.register(SlowLoader)
-    SlowLoader.log, SlowLoader.gate = [], None
-    served = Engine()
-    served.load("slow://words")
-    yield served
-    if SlowLoader.gate is not None:
-        SlowLoader.gate.set()
-    served.unload()
-    nbllm.loaders.unregister("slow")
-
-
-@pytest.fixture
-def stop_serving() -> Iterator[None]:
-    yield
-    stop()
 
 
 def _post(url: str, body: Any, **headers: str) -> httpx.Response:
