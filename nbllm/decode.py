@@ -85,7 +85,8 @@ class Row:
 
 
 def decode_steps(rows: Sequence[Row], steps: Iterable[Sequence[Any]], stamps: Any = None) -> Iterator[tuple[int, str]]:
-    """Feed each step's items to their rows; yield ``(row, piece)`` for every piece of text made. Ends
+    """Feed each step's items to their rows; yield ``(row, piece)`` for every piece of text made, and
+    ``(row, piece or "")`` when a row ends (its ``reason`` set), so it can be finished at once. Ends
     when every row has ended, or when the steps end (the rows still running keep no reason: the caller
     says why: length, the loader's own reason, a cancel). Rows that ended get no more items. ``stamps``:
     the loader's stream when it says when each item was made (a :class:`TokenStream`), else the steps'."""
@@ -99,7 +100,7 @@ def decode_steps(rows: Sequence[Row], steps: Iterable[Sequence[Any]], stamps: An
             if row.reason is not None:
                 continue
             piece = row.feed(item, now)
-            if piece:
+            if piece or row.reason is not None:
                 yield i, piece
             ended = ended and row.reason is not None
         if ended:

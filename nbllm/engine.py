@@ -620,7 +620,8 @@ class Engine:
         start = clock()
         try:
             for _, piece in decode_steps((row,), single(stream), stamps=stream):
-                yield piece
+                if piece:
+                    yield piece
             if row.reason is None:
                 own, _ = text_loader_facts(loader)
                 row.reason = own or "length"
@@ -838,18 +839,55 @@ class Engine:
                           **fields)
         return result, request
 
+    def queued(self, loader: Loader, prompt: Prompt, opts: GenerationOptions) -> tuple[Result, Request]:
+        """A request about to join the scheduler's queue: its result (the run log hears when it ends) and
+        its request for the loader."""
+        refuse_unconstrained(loader, opts)
+        with self._cond:
+            result, request = self._begin(loader, prompt, opts)
+        result.on_done(self._notify)
+        self.last_result = result
+        return result, request
+
+    def take_turn(self, loader: Loader, results: Sequence[Result]) -> None:
+        """Let ``results`` (a batch the scheduler is about to run) own the model, once the results that own
+        it now are settled (see the module). Raises when ``loader`` is no longer the loaded model."""
+        with self._cond:
+            self._settle()  # a reply being read elsewhere (a cell, the chat panel) ends first
+            if self._loader is not loader:
+                raise NoModelLoadedError("the model this request was prepared for has been unloaded",
+                                         "send the request again")
+            for result in results:
+                self._owners.append(result)
+                result.on_done(self._released_by)
+
     def decode_batch(self, loader: TokenLoader, requests: Sequence[Request], results: Sequence[Result],
                      deliver: Callable[[int, str], None], *, fix: str,
-                     cancelled: Callable[[int], str] | None = None) -> None:
+                     cancelled: Callable[[int], str] | None = None, ended: Callable[[int], None] | None = None) -> None:
         """Run ``requests`` (same options but the seed, one cancel event) as one batch of the loader and
-        decode it (:mod:`nbllm.decode`): ``deliver(row, piece)`` gets each row's text as it comes, and
-        every result is finished when the batch ends. A row whose own result is cancelled ends
-        ``cancelled`` (or what ``cancelled(row)`` says) while the others go on; the batch stops once every
-        row has ended. One request alone runs as the loader runs one (``generate_tokens``)."""
+        decode it (:mod:`nbllm.decode`): ``deliver(row, piece)`` gets each row's text as it comes, and each
+        result is finished as soon as its row ends (then ``ended(row)`` is called), the others when the
+        batch ends. A row whose own result is cancelled ends ``cancelled`` (or what ``cancelled(row)``
+        says) while the others go on; the batch stops once every row has ended. One request alone runs as
+        the loader runs one (``generate_tokens``)."""
         rows = [Row(result, request, loader.decode, loader.eos_token_ids, limit=request.options.max_new_tokens,
                     watch_cancel=True) for result, request in zip(results, requests)]
         start = clock()
         steps: Any = None
+
+        def end(i: int) -> None:
+            row = rows[i]
+            tail = row.tail()
+            if tail:
+                deliver(i, tail)
+            timings = row.timings(start)
+            timings.grammar_seconds = loader.grammar_seconds
+            row.result.pending_record.reused_prefix_tokens = 0
+            reason = row.reason or ("cancelled" if row.result.cancel_event.is_set() else "length")
+            row.result.finish(cancelled(i) if cancelled is not None and reason == "cancelled" else reason, timings)
+            if ended is not None:
+                ended(i)
+
         try:
             if len(requests) == 1:
                 steps = loader.generate_tokens(requests[0])
@@ -857,7 +895,10 @@ class Engine:
             else:
                 steps = stepped = loader.generate_batch(requests)
             for index, piece in decode_steps(rows, stepped, stamps=steps):
-                deliver(index, piece)
+                if piece:
+                    deliver(index, piece)
+                if rows[index].reason is not None:
+                    end(index)
         except KeyboardInterrupt:
             for row in rows:
                 row.reason = row.reason or "interrupted"
@@ -874,14 +915,8 @@ class Engine:
             if steps is not None and hasattr(steps, "close"):
                 steps.close()
             for i, row in enumerate(rows):
-                tail = row.tail()
-                if tail:
-                    deliver(i, tail)
-                timings = row.timings(start)
-                timings.grammar_seconds = loader.grammar_seconds
-                row.result.pending_record.reused_prefix_tokens = 0
-                reason = row.reason or ("cancelled" if row.result.cancel_event.is_set() else "length")
-                row.result.finish(cancelled(i) if cancelled is not None and reason == "cancelled" else reason, timings)
+                if not row.result.done:
+                    end(i)
 
 
 @contextlib.contextmanager

@@ -29,17 +29,31 @@ import queue
 import threading
 import time
 import uuid
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
-from .errors import NoModelLoadedError
 from .loaders import Loader, Request, TokenLoader
 from .options import GenerationOptions
 from .result import Result, Timings
 
-if TYPE_CHECKING:  # pragma: no cover
-    from .engine import Engine, Prompt
+
+class Engine(Protocol):
+    """What the scheduler uses of :class:`nbllm.engine.Engine` (named here: the engine imports the scheduler)."""
+
+    last_result: Result | None
+
+    @property
+    def loader(self) -> Loader: ...
+    def generation_options(self, options: Any = None, **kwargs: Any) -> GenerationOptions: ...
+    def prompt_for(self, prompt: Any, *, chat: bool = False, system: str | None = None) -> Any: ...
+    def stream_prompt(self, prompt: Any, options: Any = None, *, continue_final: bool = False,
+                      beside: bool = False) -> Result: ...
+    def queued(self, loader: Loader, prompt: Any, opts: GenerationOptions) -> tuple[Result, Request]: ...
+    def take_turn(self, loader: Loader, results: Sequence[Result]) -> None: ...
+    def decode_batch(self, loader: TokenLoader, requests: Sequence[Request], results: Sequence[Result],
+                     deliver: Callable[[int, str], None], *, fix: str,
+                     cancelled: Callable[[int], str] | None = None, ended: Callable[[int], None] | None = None) -> None: ...
 
 
 @dataclass(eq=False)
@@ -92,7 +106,7 @@ class Scheduler:
         opts = eng.generation_options(options, **kwargs)
         return self.stream_prompt(eng.prompt_for(prompt, chat=chat or system is not None, system=system), opts)
 
-    def stream_prompt(self, prompt: Prompt, options: GenerationOptions | Mapping[str, Any] | None = None, *,
+    def stream_prompt(self, prompt: Any, options: GenerationOptions | Mapping[str, Any] | None = None, *,
                       continue_final: bool = False) -> Result:
         """Like :meth:`nbllm.engine.Engine.stream_prompt`, through the queue (see the module)."""
         eng = self._engine
@@ -102,14 +116,8 @@ class Scheduler:
             if loader.parallel_requests > 1:
                 return self._beside(loader, prompt, opts, continue_final)
             return eng.stream_prompt(prompt, opts, continue_final=continue_final)
-        from .constraints import refuse_unconstrained
-
-        refuse_unconstrained(loader, opts)
-        with eng._cond:
-            result, request = eng._begin(loader, prompt, opts)
+        result, request = eng.queued(loader, prompt, opts)
         ticket = _Ticket(loader, result, request, opts.with_valid(seed=None))
-        result.on_done(eng._notify)
-        eng.last_result = result
         result.attach(self._read(ticket))
         with self._cond:
             self._queue.append(ticket)
@@ -120,13 +128,13 @@ class Scheduler:
         return result
 
     @staticmethod
-    def _batchable(loader: Loader, prompt: Prompt, opts: GenerationOptions, continue_final: bool) -> bool:
+    def _batchable(loader: Loader, prompt: Any, opts: GenerationOptions, continue_final: bool) -> bool:
         if not isinstance(loader, TokenLoader) or loader.batch_size <= 1 or prompt.ids is None or continue_final:
             return False
         limit = loader.context_length
         return opts.logprobs is None and (limit is None or len(prompt.ids) + opts.max_new_tokens <= limit)
 
-    def _beside(self, loader: Loader, prompt: Prompt, opts: GenerationOptions, continue_final: bool) -> Result:
+    def _beside(self, loader: Loader, prompt: Any, opts: GenerationOptions, continue_final: bool) -> Result:
         """A request for a loader that serves several at once: up to ``parallel_requests`` run side by side."""
         with self._cond:
             if self._side is None or self._side[0] != loader.parallel_requests:
@@ -227,22 +235,14 @@ class Scheduler:
         eng = self._engine
         loader = group[0].loader
         try:
-            with eng._cond:
-                eng._settle()  # a reply being read elsewhere (a cell, the chat panel) ends first
-                if eng._loader is not loader:
-                    raise NoModelLoadedError("the model this request was prepared for has been unloaded",
-                                             "send the request again")
-                group = [t for t in group if not t.result.done]
-                for ticket in group:
-                    if ticket.result.cancel_event.is_set():
-                        ticket.result.finish(ticket.why, Timings())
-                        ticket.pieces.put(("end", None))
-                group = [t for t in group if not t.result.done]
-                for ticket in group:
-                    eng._owners.append(ticket.result)
-                    ticket.result.on_done(eng._released_by)
+            for ticket in group:
+                if ticket.result.cancel_event.is_set() and not ticket.result.done:  # cancelled while queued
+                    ticket.result.finish(ticket.why, Timings())
+                    ticket.pieces.put(("end", None))
+            group = [t for t in group if not t.result.done]
             if not group:
                 return
+            eng.take_turn(loader, [t.result for t in group])  # waits for a reply read elsewhere (a cell)
             self.batch_sizes.append(len(group))
             self._expected = len(group)
             assert isinstance(loader, TokenLoader)
@@ -258,14 +258,22 @@ class Scheduler:
             def deliver(row: int, piece: str) -> None:
                 group[row].pieces.put(("piece", piece))
 
+            def ended(row: int) -> None:
+                self._ended(group[row])
+
             eng.decode_batch(loader, requests, [t.result for t in group], deliver,
                              fix="the model is still loaded; send the request again, or alone, if this repeats",
-                             cancelled=lambda row: group[row].why)
+                             cancelled=lambda row: group[row].why,
+                             ended=ended)
         except BaseException as exc:  # to each caller of the batch, never to the worker
             for ticket in group:
                 if not ticket.result.done:
                     ticket.result.finish("error", Timings())
-                ticket.pieces.put(("error", exc))
-            return
-        for ticket in group:
+                if ticket.result.finish_reason == "error":  # the rows that ended before it have had their end
+                    ticket.pieces.put(("error", exc))
+
+    @staticmethod
+    def _ended(ticket: _Ticket) -> None:
+        """A row finished: its reader's stream ends (one that failed gets its error from the worker instead)."""
+        if ticket.result.finish_reason != "error":
             ticket.pieces.put(("end", None))
