@@ -74,7 +74,7 @@ class _Ticket:
 class Scheduler:
     """The queue of one model's requests and the worker that batches them (see the module)."""
 
-    GATHER_SECONDS = 0.02
+    GATHER_SECONDS = 0.05
     """When the last batch had several rows, the worker waits up to this long for as many requests to
     queue again before starting the next batch (their clients send them as their replies end); after a
     lone request it starts at once, so one client never waits for others that are not coming."""
