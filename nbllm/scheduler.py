@@ -75,9 +75,10 @@ class Scheduler:
     """The queue of one model's requests and the worker that batches them (see the module)."""
 
     GATHER_SECONDS = 0.05
-    """When the last batch had several rows, the worker waits up to this long for as many requests to
-    queue again before starting the next batch (their clients send them as their replies end); after a
-    lone request it starts at once, so one client never waits for others that are not coming."""
+    """After batches of several rows, the worker waits up to this long for as many requests as the largest
+    of them to queue again before starting the next batch (their clients send them as their replies end);
+    when fewer come in time it expects that many from then on, so one client alone never waits for others
+    that are not coming (it waits once, after they left)."""
 
     def __init__(self, engine: Engine) -> None:
         self._engine = engine
@@ -222,6 +223,7 @@ class Scheduler:
         while len(self._queue) < min(self._expected, size) and not self._held:
             left = deadline - time.monotonic()
             if left <= 0 or not self._cond.wait(left):
+                self._expected = len(self._queue)  # fewer came back: expect as many as came
                 break
         if not self._queue or self._held:
             return []
@@ -244,7 +246,7 @@ class Scheduler:
                 return
             eng.take_turn(loader, [t.result for t in group])  # waits for a reply read elsewhere (a cell)
             self.batch_sizes.append(len(group))
-            self._expected = len(group)
+            self._expected = max(self._expected, len(group))
             assert isinstance(loader, TokenLoader)
             batch = {"id": uuid.uuid4().hex[:12], "size": len(group)}
             if len(group) > 1:
