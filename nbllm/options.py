@@ -654,6 +654,14 @@ class GenerationOptions(_Schema):
         group="sampling", panel=False,
     )
 
+    # Speculative decoding (docs/speculative.md): its own block, apart from the samplers.
+    prompt_lookup: int = option(
+        0, "Prompt lookup decoding: draft up to N tokens per step by finding the last words again in the prompt and "
+        "the reply, and check them in one step (same text; faster when the reply repeats its input: rewrites, "
+        "edits of code, extraction). 0 disables; 10 suits most rewrites.", group="speculative", minimum=0,
+        maximum=64, metavar="N", example="10",
+    )
+
     seed: int | None = option(
         None, "Random seed. Unset: one is drawn and recorded with the output, so it can be reproduced.",
         group="sampling", minimum=0, maximum=2**32 - 1, example="1234",
@@ -682,13 +690,6 @@ class GenerationOptions(_Schema):
     grammar: str | None = option(
         None, "The output follows this GBNF grammar (llama.cpp's format: root ::= ...), as text or a .gbnf file.",
         group="structured", metavar="GBNF", panel=False,
-    )
-    # Speculative decoding (docs/speculative.md): its own block, apart from the samplers.
-    prompt_lookup: int = option(
-        0, "Prompt lookup decoding: draft up to N tokens per step by finding the last words again in the prompt and "
-        "the reply, and check them in one step (same text; faster when the reply repeats its input: rewrites, "
-        "edits of code, extraction). 0 disables; 10 suits most rewrites.", group="speculative", minimum=0,
-        maximum=64, metavar="N", example="10",
     )
 
     PRESETS: ClassVar[dict[str, dict[str, Any]]] = {
