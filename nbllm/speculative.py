@@ -18,7 +18,6 @@ drafted", as LM Studio says). No heavy import here: ``%load_ext nbllm`` imports 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from .errors import OptionError
@@ -73,27 +72,6 @@ def refuse_unspeculative(loader: Any, options: Any) -> None:
     if options.prompt_lookup and not getattr(loader, "speculation", False):
         raise OptionError(f"--prompt-lookup means nothing to the {loader.name} loader (it cannot check drafted tokens)",
                           "drop --prompt-lookup, or load the model with the transformers or llama.cpp loader")
-
-
-def draft_source(spec: str, target_format: str, loader_name: str) -> Any:
-    """The :class:`~nbllm.source.ModelSource` of ``--draft-model``: a path, or a name in the models folder
-    (resolved as a model is), of the loaded model's format."""
-    from .errors import ModelNotFoundError
-    from .resolve import resolve
-
-    text = str(spec).strip()
-    if not Path(text).expanduser().exists() and ("/" in text or "\\" in text or text.endswith(".gguf")):
-        raise ModelNotFoundError(f"--draft-model {text}: no such file or folder", "give the draft model's path, or a "
-                                 "name that the models folder lists")
-    source = resolve(text)
-    if source.format != target_format:
-        kinds = {"gguf": "a GGUF file", "transformers": "a Transformers model folder"}
-        raise OptionError(
-            f"--draft-model {source.name} is {kinds.get(source.format, source.format)}; the {loader_name} loader "
-            f"needs {kinds.get(target_format, target_format)} there, like the model it drafts for",
-            "give the draft model in the loaded model's format",
-        )
-    return source
 
 
 def vocabulary_mismatch(model: str, draft: str, what: str) -> OptionError:

@@ -21,7 +21,29 @@ from typing import Any
 from ..errors import LoadError
 from ..options import LoadOptions
 from ..source import ModelSource
-from ..speculative import DraftCounts, draft_source, vocabulary_mismatch
+from ..speculative import DraftCounts, vocabulary_mismatch
+
+
+def draft_source(spec: str, target_format: str, loader_name: str) -> Any:
+    """The :class:`~nbllm.source.ModelSource` of ``--draft-model``: a path, or a name in the models folder
+    (resolved as a model is), of the loaded model's format."""
+    from ..errors import ModelNotFoundError, OptionError
+    from ..resolve import resolve
+
+    try:
+        source = resolve(str(spec).strip())
+    except ModelNotFoundError as exc:
+        raise ModelNotFoundError(f"--draft-model: {exc.cause}", exc.fix) from None
+    if source.format != target_format:
+        kinds = {"gguf": "a GGUF file", "transformers": "a Transformers model folder"}
+        raise OptionError(
+            f"--draft-model {source.name} is {kinds.get(source.format, source.format)}; the {loader_name} loader "
+            f"needs {kinds.get(target_format, target_format)} there, like the model it drafts for",
+            "give the draft model in the loaded model's format",
+        )
+    return source
+
+
 
 # ------------------------------------------------------------------------------------------ Transformers
 

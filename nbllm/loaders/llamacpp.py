@@ -404,8 +404,7 @@ class LlamaCppLoader(TokenLoader):
             flash = flash_attention_type(options, bool(llama_cpp.llama_supports_gpu_offload()))
             drafting: dict[str, Any] = {}
             if options.draft_model:  # checked by check(); the same Llama keyword for both models
-                from ..speculative import draft_source
-                from ._speculative import draft_classes
+                from ._speculative import draft_classes, draft_source
 
                 counting, drafter = draft_classes()
                 draft = draft_source(options.draft_model, "gguf", self.name)

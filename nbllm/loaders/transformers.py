@@ -341,8 +341,7 @@ class TransformersLoader(TokenLoader):
                                                            **gguf)
             self._rust_decode = _plain_rust_decode(self.tokenizer)
             if options.draft_model:
-                from ..speculative import draft_source
-                from ._speculative import load_transformers_draft
+                from ._speculative import draft_source, load_transformers_draft
 
                 with _no_progress_bars():
                     self.draft = load_transformers_draft(draft_source(options.draft_model, "transformers", self.name),
