@@ -96,7 +96,7 @@ def main() -> None:
         for task in TASKS:
             run(loader, task, "plain")
             run(loader, task, "lookup")  # warm both paths
-        methods = {f"{task}/{arm}": (lambda t=task, a=arm: run(loader, t, a)) for task in TASKS for arm in ("plain", "lookup")}
+        methods = {f"{task}/{arm}": (lambda t=task, a=arm, lo=loader: run(lo, t, a)) for task in TASKS for arm in ("plain", "lookup")}
         report(loader, "lookup", f"--prompt-lookup {args.lookup}", machine.interleaved(methods, args.rounds))
         # a draft model is loaded with the model: each round loads it with and without, in turn
         rates: dict[str, list[float]] = {}

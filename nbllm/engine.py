@@ -37,7 +37,6 @@ from typing import Any
 from .adapters import Adapter, adapters_line, check_format
 from .chat_template import FALLBACK_NOTE, ChatNote, render_chat, starts_with_bos
 from .constraints import refuse_unconstrained
-from .speculative import refuse_unspeculative
 from .errors import GenerationError, LoadError, NbllmError, NbllmWarning, NoModelLoadedError, OptionError
 from .loaders import Loader, Placement, Request, TextLoader, TokenLoader, choose_loader, resolve_source
 from .loaders.base import LoadInstead
@@ -45,6 +44,7 @@ from .memory import drop_frames, format_memory, process_rss
 from .options import GenerationOptions, LoadOptions
 from .result import Record, Result, Timings, clock, library_versions
 from .source import ModelSource
+from .speculative import refuse_unspeculative
 from .store import weights_sha256
 from .streaming import IncrementalDecoder, StopHoldback, TokenStream
 from .tokens import logprobs_refusal
