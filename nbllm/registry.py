@@ -83,6 +83,11 @@ class Models:
         with self._lock:
             return dict(self._named)
 
+    def named_loaded(self) -> list[str]:
+        """The names of the models loaded --as NAME (without the unnamed one)."""
+        with self._lock:
+            return [n for n, e in self._named.items() if e.loaded]
+
     def names(self) -> list[str]:
         return list(self.engines())
 

@@ -269,3 +269,39 @@ def test_models_on_one_cpu_are_compared_in_turn(tiny_model: Path, tiny_gguf: Pat
 
     run_comparison("Hello", ["base", "quant"], GREEDY, update=update)
     assert seen == ["base", "quant"]  # one after the other, never interleaved
+
+
+def test_the_settings_panel_loads_into_a_name_and_the_chat_panel_picks_it(tiny_model: Path, tmp_path: Path,
+                                                                         engine: Any) -> None:
+    pytest.importorskip("ipywidgets")
+    from nbllm.chat import forget
+    from nbllm.widgets.chat import ChatPanel
+    from nbllm.widgets.settings import SettingsPanel
+
+    root = tmp_path / "models"
+    root.mkdir()
+    (root / "org_tiny").symlink_to(tiny_model, target_is_directory=True)
+    panel = SettingsPanel(models_dir=root)
+    try:
+        panel.model.value = next(v for label, v in panel.model.options if label.startswith("org_tiny "))
+        panel.load_as.value = "no good"
+        panel.load_button.click()
+        assert "'no good' is not a model name" in panel.messages.error_text and nbllm.loaded_models() == {}
+        panel.load_as.value = "side"
+        panel.load_button.click()
+        assert panel.wait(600) and panel.messages.error_text == ""
+        assert not engine.loaded and list(nbllm.loaded_models()) == ["side"]
+    finally:
+        panel.close()
+    forget("pick")
+    chat = ChatPanel("pick")
+    try:
+        assert list(chat.model.options) == ["default", "side"] and chat.model.value == "default"
+        chat.model.value = "side"
+        chat.input.value = "Hello"
+        chat.send_button.click()
+        assert chat.wait(600) and chat.messages.error_text == ""
+        assert chat.chat.model == "side" and chat.chat.turns[-1].reply is not None
+    finally:
+        chat.close()
+        forget("pick")
