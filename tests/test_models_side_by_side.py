@@ -12,14 +12,13 @@ from typing import Any
 
 import pytest
 from IPython.core.error import UsageError
+from servers import CountingProxy, LlamaCppServer
 
 import nbllm
 from nbllm.fit.estimate import RAM_USABLE, estimate
 from nbllm.fit.machine import Machine
 from nbllm.registry import NotEnoughMemoryError, UnknownModelError, models
 from nbllm.runlog import flush
-
-from servers import CountingProxy, LlamaCppServer
 
 GREEDY = {"temperature": 0, "max_new_tokens": 8}
 
