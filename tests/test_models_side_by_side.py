@@ -144,12 +144,17 @@ def test_compare_magic_shows_columns_and_keeps_the_comparison(shell: Any, tiny_m
     assert shell.user_ns["r"].text == cmp.text("quant") and shell.user_ns["r"].record.model_name == "quant"
     with pytest.raises(UsageError, match="no model is loaded as 'nope'"):
         shell.run_cell_magic("llm", "--model nope", "Hello")
+    shell.run_cell_magic("llm", "--sweep 'model=base,quant seed=1' --max-new-tokens 4 -o t", "Hello")
+    assert list(shell.user_ns["t"].model) == ["base", "quant"]
     with pytest.raises(UsageError, match="does not go with --model"):
         shell.run_cell_magic("llm", "--compare base,quant --model base", "Hello")
     listing = str(shell.run_line_magic("llm_status", ""))
     assert listing.startswith("2 models loaded:") and "base " in listing and "memory: cpu" in listing
     shell.run_line_magic("llm_unload", "quant")
     assert list(nbllm.loaded_models()) == ["base"]
+    capsys.readouterr()
+    shell.run_line_magic("llm_unload", "")
+    assert capsys.readouterr().out == "No unnamed model was loaded (loaded: base: %llm_unload NAME, or --all).\n"
     with pytest.raises(UsageError, match="no model is loaded as 'quant'"):
         shell.run_line_magic("llm_unload", "quant")
     shell.run_line_magic("llm_unload", "--all")

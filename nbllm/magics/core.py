@@ -177,6 +177,8 @@ class CoreMagics(Magics):
         if registry.unload(args.name):
             as_name = f" ({args.name})" if args.name else ""
             print(f"Unloaded {model}{as_name}; process memory {format_memory(before)} → {format_memory(process_rss())}.")
+        elif registry.names():
+            print(f"No unnamed model was loaded (loaded: {', '.join(registry.names())}: %llm_unload NAME, or --all).")
         else:
             print("No model was loaded.")
 
