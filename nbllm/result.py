@@ -153,7 +153,7 @@ class Timings:
     @property
     def acceptance_rate(self) -> float | None:
         """Accepted over drafted tokens (``None`` when nothing was drafted)."""
-        return self.accepted_tokens / self.draft_tokens if self.draft_tokens else None
+        return (self.accepted_tokens or 0) / self.draft_tokens if self.draft_tokens else None
 
 
 class Result:

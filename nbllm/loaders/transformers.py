@@ -589,7 +589,7 @@ class TransformersLoader(TokenLoader):
             self._cache, self._cache_ids = None, []
             set_seed(seed)
             input_ids = torch.tensor([prompt_ids], device=device)
-            counted = contextlib.nullcontext()
+            counted: contextlib.AbstractContextManager[None] = contextlib.nullcontext()
             if speculative:
                 from ..speculative import DraftCounts
                 from ._speculative import counted_candidates
