@@ -496,8 +496,10 @@ class Conversation:
                                   else parse_tool_calls(reply.content, fmt))
                 if not calls or made >= max_tool_calls:
                     if calls:
-                        self.notes.append(f"the reply calls tools after the {max_tool_calls} calls allowed "
-                                          "(max_tool_calls): they were not run")
+                        note = (f"the reply calls tools after the {max_tool_calls} calls allowed (max_tool_calls): "
+                                "they were not run")
+                        self.notes.append(note)
+                        warnings.warn(note, ChatNote, stacklevel=3)
                     self.turns.append(_with(turn, reply))
                     return result
                 for call in calls:
@@ -636,7 +638,9 @@ class Conversation:
             else:
                 what = {"system": "a system message that is not the first message",
                         "user": "a user message right after another user message",
-                        "assistant": "an assistant message that answers no user message"}[role]
+                        "assistant": "an assistant message that answers no user message",
+                        "tool": "a tool result outside a saved turn (a chat with tools is read from its 'turns')",
+                        }[role]
                 raise ChatError(
                     f"message {i} is {what}",
                     "fix the file: an optional system message first, then user and assistant messages alternating",
@@ -709,7 +713,7 @@ def _with(turn: Turn, reply: Reply) -> Turn:
 
 
 _FILE_FIX = "correct the file (its format is in docs/chat.md), or save the conversation again"
-_ROLES = ("system", "user", "assistant")
+_ROLES = ("system", "user", "assistant", "tool")
 
 
 def _kind(value: Any) -> str:
@@ -744,14 +748,16 @@ def _field(data: Mapping[str, Any], key: str, where: str, kind: type, default: A
     return value
 
 
-def _message(value: Any, number: int) -> dict[str, str]:
-    """Message ``number`` of a file: ``{"role", "content"}`` with a known role and text content."""
+def _message(value: Any, number: int) -> dict[str, Any]:
+    """Message ``number`` of a file: ``{"role", "content"}`` with a known role and text content (and a tool
+    chat's ``tool_calls`` / ``tool_call_id`` / ``name``, kept as they are)."""
     where = f"message {number}"
     data = _object(value, where)
     role = _field(data, "role", where, str)
     if role not in _ROLES:
         raise ChatError(f"{where}: 'role' is {role!r}, not one of {', '.join(_ROLES)}", _FILE_FIX)
-    return {"role": role, "content": _field(data, "content", where, str)}
+    return {"role": role, "content": _field(data, "content", where, str),
+            **{k: data[k] for k in ("tool_calls", "tool_call_id", "name") if k in data}}
 
 
 def _record(data: Mapping[str, Any], where: str) -> Record:
