@@ -267,3 +267,51 @@ def test_the_magic_runs_notebook_functions(shell: Any, capsys: pytest.CaptureFix
         shell.run_cell_magic("llm_chat", "w --tools x", "hi")
     with pytest.raises(UsageError, match="not defined in the notebook"):
         shell.run_cell_magic("llm_chat", "w --tools nothere", "hi")
+
+
+# -- %llm_serve ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["whole", "streamed"])
+def test_serve_takes_tools_and_returns_tool_calls(engine: Any, stream: bool) -> None:
+    openai = pytest.importorskip("openai")
+    import nbllm
+    from nbllm.serve import stop
+
+    nbllm.load(tiny_gguf_model(chat_template="tools"))
+    server = nbllm.serve(port=0)
+    try:
+        client = openai.OpenAI(base_url=server.url, api_key="unused", max_retries=0, timeout=60)
+        schema, model = Tool.of(weather).schema, nbllm.status().model
+        messages: list[dict[str, Any]] = [{"role": "user", "content": "Weather in Paris?"}]
+        answer = client.chat.completions.create(model=model, messages=messages, tools=[schema], tool_choice="required",
+                                                temperature=0, max_tokens=60, stream=stream)
+        if stream:
+            calls, finish = [], None
+            for chunk in answer:
+                for choice in chunk.choices:
+                    calls.extend(choice.delta.tool_calls or [])
+                    finish = choice.finish_reason or finish
+        else:
+            calls, finish = answer.choices[0].message.tool_calls, answer.choices[0].finish_reason
+        assert finish == "tool_calls" and len(calls) == 1
+        call = calls[0]
+        args = json.loads(call.function.arguments)
+        assert call.function.name == "weather" and args["city"] in ("Paris", "Lisbon")
+        # the same request in the kernel: the same call
+        local = Conversation("t")
+        with pytest.warns(NbllmWarning, match="after the 0 calls allowed"):
+            local.send("Weather in Paris?", tools=[weather], tool_choice="required", temperature=0, max_new_tokens=60,
+                       max_tool_calls=0).text
+        assert json.loads(local.turns[0].reply.content.split("\n")[1])["arguments"] == args  # type: ignore[union-attr]
+        # the client runs it and sends the result back: a final answer
+        messages += [{"role": "assistant", "content": None, "tool_calls": [
+            {"id": call.id, "type": "function", "function": {"name": "weather", "arguments": call.function.arguments}}]},
+            {"role": "tool", "tool_call_id": call.id, "content": json.dumps(weather(**args))}]
+        final = client.chat.completions.create(model=model, messages=messages, tools=[schema], temperature=0, max_tokens=8)
+        assert final.choices[0].finish_reason in ("length", "stop", "tool_calls")
+        with pytest.raises(openai.BadRequestError, match="tool_choice 'nope' is neither"):
+            client.chat.completions.create(model=model, messages=messages, tools=[schema], tool_choice={
+                "type": "function", "function": {"name": "nope"}})
+    finally:
+        stop()
