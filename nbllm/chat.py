@@ -424,6 +424,7 @@ class Conversation:
         open_reply: bool,
         on_reply: Callable[[Reply], None],
         tools: Sequence[Tool] | None = None,
+        tool_choice: str | None = None,
     ) -> Result:
         """Render ``turns`` (the last one is being answered), start the generation and arrange for
         ``on_reply`` to receive the reply when it ends well or is interrupted."""
@@ -437,7 +438,8 @@ class Conversation:
         for note in self.notes:
             warnings.warn(note, ChatNote, stacklevel=3)
         result = engine.stream_prompt(
-            Prompt(prompt.text, prompt.ids, prompt.messages), opts,
+            Prompt(prompt.text, prompt.ids, prompt.messages, tools=[t.schema for t in tools] if tools else None,
+                   tool_choice=tool_choice), opts,
             conversation={"name": self.name, "turn": number}, reuse_prefix=True, continue_final=open_reply,
         )
         self._pending = result
@@ -476,18 +478,22 @@ class Conversation:
                 raise ChatError(f"max_tool_calls is {max_tool_calls!r}", "give a whole number, 0 or more")
             choice = check_choice(tool_choice, tools)
             loader = self.engine.loader
-            if loader.renders_chat:
-                raise ChatError(f"the {loader.name} loader does not pass tools to its server yet",
+            if loader.renders_chat and loader.tool_calls_as is None:
+                raise ChatError(f"the {loader.name} loader does not pass tools on",
                                 "chat with tools on a model loaded with the transformers or llama.cpp loader")
-            fmt = require_format(loader.chat_template, "the loaded model")
+            # a server renders the tools and holds a forced call itself; its calls come back in one format
+            fmt = loader.tool_calls_as or require_format(loader.chat_template, "the loaded model")
             turn = Turn(user=text)
             number, made = len(self.turns) + 1, 0
             while True:
                 forced = choice not in ("auto", "none") and made == 0
-                extra = {**kwargs, "grammar": call_grammar(fmt, tools, choice)} if forced else dict(kwargs)
+                at_server = loader.renders_chat
+                extra = ({**kwargs, "grammar": call_grammar(fmt, tools, choice)} if forced and not at_server
+                         else dict(kwargs))
                 got: list[Reply] = []
                 result = self._start([*self.turns, turn], options, extra, number=number, open_reply=False,
-                                     on_reply=got.append, tools=None if choice == "none" else tools)
+                                     on_reply=got.append, tools=None if choice == "none" else tools,
+                                     tool_choice=(choice if forced else "auto") if at_server else None)
                 _ = result.text
                 if not got:  # failed or never started: no broken turn
                     return result

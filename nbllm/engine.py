@@ -111,6 +111,9 @@ class Prompt:
     text: str
     ids: list[int] | None
     messages: list[dict[str, Any]] | None = None
+    tools: list[dict[str, Any]] | None = None
+    """Chat mode: the tools' JSON schemas, for a loader that renders chats (others have them rendered)."""
+    tool_choice: Any = None
 
 
 class Engine:
@@ -435,7 +438,7 @@ class Engine:
             if system:
                 messages.insert(0, {"role": "system", "content": system})
         if loader.renders_chat:
-            return Prompt("", None, messages)
+            return Prompt("", None, messages, tools=list(tools) if tools else None)
         if loader.chat_template is None and warn_fallback:
             warnings.warn(FALLBACK_NOTE, ChatNote, stacklevel=3)
         text = render_chat(loader.chat_template, messages, special_tokens=loader.special_tokens, tools=tools)
@@ -525,7 +528,7 @@ class Engine:
             request = Request(
                 prompt=prompt.text, prompt_ids=ids, options=capped, seed=seed, cancel=result.cancel_event,
                 messages=prompt.messages, continue_final=continue_final,
-                reuse_prefix=reuse_prefix and self.reuse_prefix,
+                reuse_prefix=reuse_prefix and self.reuse_prefix, tools=prompt.tools, tool_choice=prompt.tool_choice,
             )
             try:
                 answered = loader.answer(request)

@@ -315,3 +315,33 @@ def test_serve_takes_tools_and_returns_tool_calls(engine: Any, stream: bool) -> 
                 "type": "function", "function": {"name": "nope"}})
     finally:
         stop()
+
+
+def test_the_remote_loader_passes_tools_to_a_server_and_reads_its_calls(engine: Any) -> None:
+    """A chat with tools on a model at a server (here nbllm's own, serving a second engine): the tools
+    and tool_choice travel in the request, the server's tool_calls come back as calls that run here."""
+    pytest.importorskip("llama_cpp")
+    from nbllm.engine import Engine
+    from nbllm.serve import stop
+
+    served = Engine()
+    served.load(tiny_gguf_model(chat_template="tools"))
+    server = __import__("nbllm").serve(port=0, engine=served)
+    try:
+        engine.load(server.url)
+        conv = Conversation("t", engine=engine)
+        seen: list[ToolCall] = []
+        conv.send("Weather in Paris?", tools=[weather], tool_choice="weather", temperature=0, max_new_tokens=60,
+                  on_tool_call=seen.append).text
+        assert len(seen) == 1 and seen[0].name == "weather" and not seen[0].error
+        assert CALLS == [seen[0].arguments["city"]]
+        assert [m["role"] for m in conv.messages()] == ["user", "assistant", "tool", "assistant"]
+        # the server held the first reply to the call as it does in the kernel: the same arguments
+        local = Conversation("l", engine=served)
+        with pytest.warns(NbllmWarning, match="after the 0 calls allowed"):
+            local.send("Weather in Paris?", tools=[weather], tool_choice="weather", temperature=0, max_new_tokens=60,
+                       max_tool_calls=0).text
+        assert parse_tool_calls(local.turns[0].reply.content, "hermes")[1][0].arguments == seen[0].arguments  # type: ignore[union-attr]
+    finally:
+        stop()
+        served.unload()
