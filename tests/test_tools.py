@@ -345,3 +345,29 @@ def test_the_remote_loader_passes_tools_to_a_server_and_reads_its_calls(engine: 
     finally:
         stop()
         served.unload()
+
+
+def test_the_remote_loader_against_llama_cpp_pythons_server(engine: Any) -> None:
+    """llama-cpp-python's server with its ``chatml-function-calling`` format: the tools and a forced
+    tool_choice reach it, and its streamed ``tool_calls`` (the name repeated in every piece) come back as
+    one call that runs here. (Its streamed ``auto`` reply after a tool result ends with no data on this
+    version, so the whole loop is tested against nbllm's own server above.)"""
+    pytest.importorskip("llama_cpp.server")
+    try:
+        from servers import LlamaCppServer
+    except ImportError:
+        from tests.servers import LlamaCppServer
+    from nbllm.engine import Prompt
+
+    server = LlamaCppServer(tiny_gguf_model(chat_template="tools"), chat_format="chatml-function-calling")
+    try:
+        engine.load(server.url)
+        messages = [{"role": "user", "content": "Weather in Paris?"}]
+        text = engine.stream_prompt(Prompt("", None, messages, tools=[Tool.of(weather).schema], tool_choice="weather"),
+                                    {"temperature": 0, "max_new_tokens": 40}).text
+        content, calls = parse_tool_calls(text, engine.loader.tool_calls_as)
+        assert content == "" and len(calls) == 1 and calls[0].name == "weather", text
+        run_call(calls[0], [Tool.of(weather)])
+        assert not calls[0].error and CALLS == [calls[0].arguments["city"]] and CALLS[0] in ("Paris", "Lisbon")
+    finally:
+        server.stop()

@@ -245,7 +245,7 @@ def _tool_fields(request: Request) -> dict[str, Any]:
     messages = []
     for m in request.messages or ():
         if m.get("tool_calls"):
-            m = {**m, "content": m.get("content") or None, "tool_calls": [
+            m = {**m, "content": m.get("content") or "", "tool_calls": [  # "" not null: llama-cpp-python's wants text
                 {**c, "function": {**c["function"], "arguments": c["function"]["arguments"]
                                    if isinstance(c["function"].get("arguments"), str)
                                    else json.dumps(c["function"].get("arguments"), ensure_ascii=False)}}
@@ -813,7 +813,7 @@ class _Reply:
             call = self.calls.setdefault(int(piece.get("index") or 0), {"id": None, "name": "", "arguments": ""})
             function = piece.get("function") or {}
             call["id"] = piece.get("id") or call["id"]
-            call["name"] += function.get("name") or ""
+            call["name"] = call["name"] or function.get("name") or ""  # llama-cpp-python's repeats it
             call["arguments"] += function.get("arguments") or ""
 
     def calls_text(self) -> str:
