@@ -27,7 +27,16 @@ from .engine import Engine, Prompt, get_engine
 from .errors import ChatError, GenerationError
 from .options import GenerationOptions
 from .result import Record, Result
-from .tools import Tool, ToolCall, call_grammar, check_choice, parse_tool_calls, require_format, run_call, tools_from
+from .tools import (
+    Tool,
+    ToolCall,
+    call_grammar,
+    check_choice,
+    parse_tool_calls,
+    require_format,
+    run_call,
+    tools_from,
+)
 
 FORMAT = "nbllm.conversation"
 """The ``format`` field of a saved conversation."""

@@ -83,7 +83,7 @@ def render_chat(
     *,
     special_tokens: dict[str, str],
     add_generation_prompt: bool = True,
-    tools: Sequence[dict[str, Any]] | None = None,
+    tools: Sequence[Mapping[str, Any]] | None = None,
 ) -> str:
     """The prompt text for ``messages`` (dicts with ``role`` and ``content``) under ``template``.
 

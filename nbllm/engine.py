@@ -438,7 +438,7 @@ class Engine:
             if system:
                 messages.insert(0, {"role": "system", "content": system})
         if loader.renders_chat:
-            return Prompt("", None, messages, tools=list(tools) if tools else None)
+            return Prompt("", None, messages, tools=[dict(t) for t in tools] if tools else None)
         if loader.chat_template is None and warn_fallback:
             warnings.warn(FALLBACK_NOTE, ChatNote, stacklevel=3)
         text = render_chat(loader.chat_template, messages, special_tokens=loader.special_tokens, tools=tools)

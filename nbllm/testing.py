@@ -679,8 +679,9 @@ def _write_gguf(file: Path, spec: dict[str, Any], name: str, file_type: str) -> 
     w.add_pad_token_id(3)
     w.add_add_bos_token(True)
     w.add_add_eos_token(False)
-    if spec["chat_template"]:
-        w.add_chat_template(_template(spec))
+    template = _template(spec)
+    if template is not None:
+        w.add_chat_template(template)
 
     hf_to_gguf = _HF_TO_GGUF
     for hf_name, tensor in _weights(spec).items():

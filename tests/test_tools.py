@@ -4,9 +4,9 @@ the call loop end to end on real tiny models through both loaders, from Python a
 from __future__ import annotations
 
 import json
-import warnings
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator, Literal
+from typing import Any, Literal
 
 import pytest
 from IPython.core.error import UsageError
@@ -215,11 +215,11 @@ def test_a_forced_call_runs_and_its_result_goes_back(tools_model: Any) -> None:
 
 def test_a_tool_error_goes_back_and_the_chat_goes_on(tools_model: Any) -> None:
     conv = Conversation("t")
-    conv.send("Fail please", tools=[add, fail], tool_choice="fail", temperature=0, max_new_tokens=60).text
+    _ = conv.send("Fail please", tools=[add, fail], tool_choice="fail", temperature=0, max_new_tokens=60).text
     call = conv.turns[0].tool_calls[0]
     assert call.error and call.result == "RuntimeError: the service is down second line"
     assert "RuntimeError: the service is down" in conv.turns[0].reply.record.prompt  # type: ignore[union-attr]
-    conv.send("And now?", max_new_tokens=5, temperature=0).text  # the conversation goes on
+    _ = conv.send("And now?", max_new_tokens=5, temperature=0).text  # the conversation goes on
     assert len(conv.turns) == 2
 
 
@@ -233,7 +233,7 @@ def test_max_tool_calls_stops_running_calls(tools_model: Any) -> None:
 
 def test_a_chat_with_tools_saves_and_loads(tools_model: Any, tmp_path: Path) -> None:
     conv = Conversation("t")
-    conv.send("Paris?", tools=[weather], tool_choice="required", temperature=0, max_new_tokens=60).text
+    _ = conv.send("Paris?", tools=[weather], tool_choice="required", temperature=0, max_new_tokens=60).text
     back = Conversation.load(conv.save(tmp_path / "c.json"))
     assert back.messages() == conv.messages()
     assert back.turns[0].tool_calls[0].to_dict() == conv.turns[0].tool_calls[0].to_dict()
@@ -301,7 +301,7 @@ def test_serve_takes_tools_and_returns_tool_calls(engine: Any, stream: bool) -> 
         # the same request in the kernel: the same call
         local = Conversation("t")
         with pytest.warns(NbllmWarning, match="after the 0 calls allowed"):
-            local.send("Weather in Paris?", tools=[weather], tool_choice="required", temperature=0, max_new_tokens=60,
+            _ = local.send("Weather in Paris?", tools=[weather], tool_choice="required", temperature=0, max_new_tokens=60,
                        max_tool_calls=0).text
         assert json.loads(local.turns[0].reply.content.split("\n")[1])["arguments"] == args  # type: ignore[union-attr]
         # the client runs it and sends the result back: a final answer
@@ -331,7 +331,7 @@ def test_the_remote_loader_passes_tools_to_a_server_and_reads_its_calls(engine: 
         engine.load(server.url)
         conv = Conversation("t", engine=engine)
         seen: list[ToolCall] = []
-        conv.send("Weather in Paris?", tools=[weather], tool_choice="weather", temperature=0, max_new_tokens=60,
+        _ = conv.send("Weather in Paris?", tools=[weather], tool_choice="weather", temperature=0, max_new_tokens=60,
                   on_tool_call=seen.append).text
         assert len(seen) == 1 and seen[0].name == "weather" and not seen[0].error
         assert CALLS == [seen[0].arguments["city"]]
@@ -339,7 +339,7 @@ def test_the_remote_loader_passes_tools_to_a_server_and_reads_its_calls(engine: 
         # the server held the first reply to the call as it does in the kernel: the same arguments
         local = Conversation("l", engine=served)
         with pytest.warns(NbllmWarning, match="after the 0 calls allowed"):
-            local.send("Weather in Paris?", tools=[weather], tool_choice="weather", temperature=0, max_new_tokens=60,
+            _ = local.send("Weather in Paris?", tools=[weather], tool_choice="weather", temperature=0, max_new_tokens=60,
                        max_tool_calls=0).text
         assert parse_tool_calls(local.turns[0].reply.content, "hermes")[1][0].arguments == seen[0].arguments  # type: ignore[union-attr]
     finally:

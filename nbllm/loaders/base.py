@@ -57,7 +57,7 @@ class Request:
     cancel: threading.Event
     """Set when the generation must stop (Stop, an interrupt, another request taking the model):
     check it at every step."""
-    messages: list[dict[str, str]] | None = None
+    messages: list[dict[str, Any]] | None = None
     """Chat mode: the messages the prompt was rendered from."""
     continue_final: bool = False
     """Chat mode: the last message is the assistant's, to be extended rather than answered."""
