@@ -12,7 +12,6 @@ from ._common import (
     StreamView,
     generation_arguments,
     generation_options,
-    get_engine,
     interpolate,
     lazy_arguments,
     output_argument,
@@ -49,6 +48,9 @@ class ChatMagics(Magics):
                                    "to a call of it.")
     @magic_arguments.argument("--max-tool-calls", metavar="N", type=int, default=5,
                               help="Stop running calls after N of them in one message (default 5).")
+    @magic_arguments.argument("--model", metavar="NAME",
+                              help="Talk to the model loaded as NAME (%%llm_load MODEL --as NAME; default: the "
+                                   "unnamed one); the conversation keeps it for later cells.")
     @output_argument
     @user_errors
     def llm_chat(self, line: str, cell: str | None = None) -> None:
@@ -76,7 +78,13 @@ class ChatMagics(Magics):
         shell = self.shell
         assert shell is not None
         message = interpolate((cell or "").strip("\n"), shell.user_ns)
-        options = generation_options(args, get_engine().defaults)
+        conv = conversation(args.name)
+        if args.model is not None:
+            from ..registry import DEFAULT, engine_for
+
+            engine_for(args.model)  # an unknown name: one line, the conversation unchanged
+            conv.model = None if args.model == DEFAULT else args.model
+        options = generation_options(args, conv.engine.defaults)
         system = interpolate(args.system, shell.user_ns) if args.system is not None else None
         tools = None
         if args.tools is not None:
@@ -84,11 +92,10 @@ class ChatMagics(Magics):
 
             tools = tools_named(args.tools, shell.user_ns)
         view = StreamView(shell)
-        with waiting_shown(view):
-            result = conversation(args.name).reply(message, options, regenerate=args.regenerate,
-                                                   continue_=args.continue_, system=system, tools=tools,
-                                                   tool_choice=args.tool_choice, max_tool_calls=args.max_tool_calls,
-                                                   on_tool_call=lambda call: print(f"[tool] {call}"))
+        with waiting_shown(view, conv.engine):
+            result = conv.reply(message, options, regenerate=args.regenerate, continue_=args.continue_, system=system,
+                                tools=tools, tool_choice=args.tool_choice, max_tool_calls=args.max_tool_calls,
+                                on_tool_call=lambda call: print(f"[tool] {call}"))
         if args.output:
             shell.user_ns[args.output] = result
         show_stream(shell, result, view)
