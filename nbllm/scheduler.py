@@ -133,7 +133,8 @@ class Scheduler:
         if not isinstance(loader, TokenLoader) or loader.batch_size <= 1 or prompt.ids is None or continue_final:
             return False
         limit = loader.context_length
-        return opts.logprobs is None and (limit is None or len(prompt.ids) + opts.max_new_tokens <= limit)
+        speculative = bool(getattr(opts, "prompt_lookup", None) or getattr(opts, "draft_model", None))
+        return opts.logprobs is None and not speculative and (limit is None or len(prompt.ids) + opts.max_new_tokens <= limit)
 
     def _beside(self, loader: Loader, prompt: Any, opts: GenerationOptions, continue_final: bool) -> Result:
         """A request for a loader that serves several at once: up to ``parallel_requests`` run side by side."""
