@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ..frontend import command
 from ..loaders import LLAMACPP, TRANSFORMERS
 from ..loaders.llamacpp import N_CTX_CAP
 from ..options import LoadOptions
@@ -446,7 +447,7 @@ def _gguf_alternative(shape: ModelShape, machine: Machine, ctx: int, why: str) -
             break
     assert choice is not None
     choice.needs = (f"a {choice.estimate.precision} GGUF of this model (search the Hub for '<model> GGUF'), e.g. "
-                    f"%llm_download ORG/MODEL-GGUF --file '*{choice.estimate.precision}*'")
+                    f"{command('download file', 'ORG/MODEL-GGUF', f'*{choice.estimate.precision}*')}")
     return choice
 
 

@@ -39,6 +39,7 @@ from typing import Any, ClassVar
 
 from ..adapters import Adapter, check_gguf_adapter
 from ..errors import LoadError, ModelNotFoundError, NbllmWarning, OptionError, missing_dependency
+from ..frontend import command
 from ..gguf_file import (
     GGUFHeader,
     adapter_not_model,
@@ -329,7 +330,7 @@ class LlamaCppLoader(TokenLoader):
         llama_cpp = _import_llama_cpp()
         path = source.files
         if not path.is_file():
-            raise ModelNotFoundError(f"no GGUF file at {path}", "check the path, or run %llm_models to list models")
+            raise ModelNotFoundError(f"no GGUF file at {path}", f"check the path, or run {command('models')} to list models")
         header = read_gguf_header(path)
         if header.is_adapter:
             raise adapter_not_model(path)

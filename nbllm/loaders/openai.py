@@ -41,6 +41,7 @@ from typing import Any, ClassVar, Generic, TypeVar
 from urllib.parse import urlsplit
 
 from ..errors import GenerationError, LoadError, MissingDependencyError, NbllmError, NbllmWarning, OptionError
+from ..frontend import command
 from ..options import GenerationOptions, LoadOptions
 from ..source import ModelSource
 from .base import Request, TextLoader
@@ -533,7 +534,7 @@ class OpenAILoader(TextLoader):
                          "check the key in that variable, or name another with --api-key-env")
         if code == 404 and "model" in said.lower():
             return error(f"the server at {self.url} no longer serves {self.source.model_id if self.source else 'the model'!r} "
-                         f"(404: {said})", "load it again: %llm_load with the server's URL")
+                         f"(404: {said})", f"load it again: {command('load', 'URL')} with the server's URL")
         return error(f"the server at {self.url} answered {code}" + (f": {said}" if said else ""),
                      "check the request's options against what the server supports, and the server's log")
 
