@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .errors import LoadError, ModelNotFoundError, OptionError
+from .errors import LoadError, OptionError
 from .frontend import command
 from .options import _Schema, option
 
@@ -44,33 +44,10 @@ def resolve_adapter(spec: str | Path, *, revision: str | None = None, scale: flo
     In order: an existing path; a name in the adapters folder; a hub id ``organization/adapter[:revision]``
     — a complete local copy is used as is, otherwise it is downloaded into the adapters folder first.
     """
-    from .adapters import LorasFolder, adapter_from_path
-    from .models import parse_hub_id, requested_revision
+    from .adapters import adapter_from_path
+    from .resolve import locate
 
-    text = str(spec).strip()
-    if not text:
-        raise OptionError("no adapter given", f"give a path, a name from {command('lora list')}, or a hub id organization/adapter")
-    path = Path(text).expanduser()
-    if path.exists():
-        return adapter_from_path(path, scale=scale)
-    folder = LorasFolder(models)
-    if "/" not in text and "\\" not in text:
-        return adapter_from_path(folder.get(text).path, scale=scale)
-    hub = parse_hub_id(text)
-    if hub is None:
-        raise ModelNotFoundError(f"no adapter at {text}",
-                                 f"give an existing path, a name from {command('lora list')}, or a hub id organization/adapter")
-    repo_id, rev = hub[0], requested_revision(text, hub[1], revision)
-    local = folder.find_download(repo_id, rev)
-    if local is None:
-        from .download import download  # lazy: huggingface_hub is imported only when a download happens
-
-        result = download(repo_id, revision=rev, models_dir=folder.models)
-        if result.path.parent != folder.path:
-            raise LoadError(f"{repo_id} is a model, not a LoRA adapter (it was downloaded into the models folder)",
-                            f"load it with {command('load', result.name)}")
-        local = result.path
-    return adapter_from_path(local, scale=scale)
+    return adapter_from_path(locate(spec, kind="adapter", revision=revision, models=models), scale=scale)
 
 
 @dataclass(frozen=True)

@@ -21,7 +21,7 @@ from typing import Any
 
 from ..errors import GenerationError, LoadError, NbllmError, NbllmWarning
 from ..frontend import command
-from ..loaders import LLAMACPP
+from ..loaders import LLAMACPP, auto_loader
 from ..memory import format_memory
 from ..options import LoadOptions
 from ..source import ModelSource
@@ -255,7 +255,7 @@ def _memory_options(shape: ModelShape, opts: LoadOptions, machine: Machine, duri
     if during == "generation":
         fixes.append(f"a shorter prompt or fewer --max-new-tokens (every 1000 tokens hold {format_memory(per_1k)} of "
                      "KV cache)")
-    loader = LLAMACPP if shape.format == "gguf" or opts.loader == LLAMACPP else "transformers"
+    loader = opts.loader if opts.loader != "auto" else auto_loader(shape.format).name
     if loader == LLAMACPP:
         if gpu:
             layers = _layers_that_fit(shape, opts, machine)

@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from ..frontend import command
-from ..loaders import LLAMACPP, TRANSFORMERS
+from ..loaders import GGUF_FORMAT, LLAMACPP, TRANSFORMERS
 from ..loaders.llamacpp import N_CTX_CAP
 from ..options import LoadOptions
 from ..source import ModelSource
@@ -132,7 +132,7 @@ def recommend(
     """
     shape = model_shape(model)
     machine = machine if machine is not None else probe_cached()
-    if shape.format == "gguf":
+    if shape.format == GGUF_FORMAT:
         return _gguf(shape, machine, context, [])
     return _transformers(shape, machine, context)
 
@@ -429,7 +429,7 @@ def gguf_like(shape: ModelShape, quantization: str = "Q4_K_M") -> ModelShape:
         "llama.attention.value_length": shape.head_dim,
         "llama.context_length": shape.trained_context or 4096,
     }
-    return dataclasses.replace(shape, name=f"a {quantization} GGUF of {shape.name}", format="gguf",
+    return dataclasses.replace(shape, name=f"a {quantization} GGUF of {shape.name}", format=GGUF_FORMAT,
                                source=f"{shape.source}, at {bpw} bits per weight", blocks=blocks, metadata=metadata,
                                quantization=quantization, dtype=None, prequantized=None, needs_remote_code=False)
 

@@ -296,6 +296,8 @@ class LlamaCppLoader(TokenLoader):
 
     name: ClassVar[str] = "llama.cpp"
     formats: ClassVar[frozenset[str]] = frozenset({"gguf"})
+    format_words: ClassVar[str] = "a GGUF file"
+    model_files: ClassVar[tuple[str, ...]] = (".gguf",)
     load_options: ClassVar[frozenset[str]] = frozenset({
         "revision", "file", "flash_attn", "gpu_split", "alpha_value", "compress_pos_emb", "rope_freq_base",
         "n_gpu_layers", "n_ctx", "n_batch", "threads", "threads_batch", "cache_type", "no_mmap", "mlock", "verbose",

@@ -76,6 +76,7 @@ class ReplayLoader(TextLoader):
 
     name: ClassVar[str] = "replay"
     formats: ClassVar[frozenset[str]] = frozenset({FORMAT})
+    format_words: ClassVar[str] = "a recorded run"
     load_options: ClassVar[frozenset[str]] = frozenset(LoadOptions.names())
     adapters: ClassVar[frozenset[str]] = frozenset({"peft", "gguf"})  # noted, as the model is: nothing is applied
     renders_chat: ClassVar[bool] = True  # requests carry the messages, as the recorded identities do
