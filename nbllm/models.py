@@ -34,6 +34,7 @@ from .errors import ModelNotFoundError, OptionError
 from .frontend import command
 from .gguf_file import gguf_models, inspect_gguf, quantization_from_name, split_gguf_parts
 from .loaders.registry import (
+    GGUF_FORMAT,
     auto_loader,
     file_format,
     folder_format,
@@ -368,9 +369,12 @@ class ModelList:
         return f"<table class='nbllm-models'>{caption}<thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
 
 
-def _gguf_facts(model: Path) -> tuple[str | None, str | None]:
-    """A GGUF model's quantization (its header's ``general.file_type``, else its name) and what makes
-    it unloadable, from the same header checks the llama.cpp loader runs (cheap: headers only)."""
+def _file_facts(model: Path) -> tuple[str | None, str | None]:
+    """A model file's quantization and what makes it unloadable. For a GGUF file: its header's
+    ``general.file_type`` (else its name) and the same header checks the llama.cpp loader runs (cheap:
+    headers only); a file of another loader's format is left to that loader's own check at load."""
+    if file_format(model) != GGUF_FORMAT:
+        return quantization_from_name(model.name), None
     header, problem = inspect_gguf(model)
     return (header.file_type if header else None) or quantization_from_name(model.name), problem
 
@@ -497,7 +501,7 @@ class ModelsFolder:
         present = [p for p in files if p.is_file()]
         missing = len(files) - len(present)
         record = read_record(path) or {}
-        quant, damage = _gguf_facts(path) if not missing else (quantization_from_name(path.name), None)
+        quant, damage = _file_facts(path) if not missing else (quantization_from_name(path.name), None)
         return ModelEntry(
             name=path.name,
             path=path,
@@ -526,7 +530,7 @@ class ModelsFolder:
         if files or any(file_format(f) is not None for f in planned):  # a folder of model files
             loader: LoaderName = auto_loader(found).name if found else loader_names()[0]
             fmt = (found or "").upper()
-            facts = {m.name: _gguf_facts(m) for m in gguf_models(files)}
+            facts = {m.name: _file_facts(m) for m in gguf_models(files)}
             quant = ", ".join(sorted({q for q, _ in facts.values() if q})) or None
             if problem is None:
                 damage = next((f"{name}: {bad}" for name, (_, bad) in facts.items() if bad), None)

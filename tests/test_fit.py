@@ -777,7 +777,7 @@ def test_llm_doctor_with_a_model(shell, models_dir, tiny_model_64):
 def test_llm_doctor_errors_are_one_line(shell, tmp_path):
     from IPython.core.error import UsageError
 
-    with pytest.raises(UsageError, match=r"^no model at .*\. Give a model folder"):
+    with pytest.raises(UsageError, match=r"^no model at .*\. Give an existing path, a name from %llm_models"):
         shell.run_line_magic("llm_doctor", str(tmp_path / "missing"))
 
 
