@@ -546,7 +546,7 @@ def test_an_adapter_repository_downloads_into_loras_checked_and_applies(engine, 
     hub.add_folder("org/tiny-lora", peft_a)
     result = download("org/tiny-lora", echo=None)
     assert result.path == adapters.loras_dir() / "org_tiny-lora" and result.adapter
-    assert result.summary.endswith("Apply it with %llm_lora add org_tiny-lora.")
+    assert result.summary.endswith(f"Apply it with {command('lora add', 'org_tiny-lora')}.")
     assert not (isolated / "org_tiny-lora").exists()
     assert download("org/tiny-lora", echo=None).downloaded == ()  # complete: nothing fetched again
     assert download("org/tiny-lora", check=True, echo=None).checked
