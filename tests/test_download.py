@@ -21,9 +21,9 @@ from conftest import need
 from nbllm import models
 from nbllm.download import DEFAULT_QUANTIZATION, download, select_files
 from nbllm.errors import DownloadError, ModelNotFoundError, OptionError
+from nbllm.frontend import command
 from nbllm.resolve import resolve
 from nbllm.store import read_revision
-from nbllm.frontend import command
 
 try:
     from hubserver import HubServer, hub  # noqa: F401 - `hub` is a fixture

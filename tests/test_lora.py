@@ -17,8 +17,8 @@ from IPython.core.error import UsageError
 import nbllm
 from nbllm import adapters, models, testing
 from nbllm.errors import LoadError, ModelNotFoundError, NbllmError, NoModelLoadedError, OptionError
-from nbllm.gguf_file import read_gguf_header
 from nbllm.frontend import command
+from nbllm.gguf_file import read_gguf_header
 
 try:
     from hubserver import hub  # noqa: F401 - a fixture

@@ -16,12 +16,12 @@ from conftest import need
 
 from nbllm import models
 from nbllm.errors import DownloadError, ModelNotFoundError, OptionError
+from nbllm.frontend import command
 from nbllm.gguf_file import file_type_name, quantization_from_name, read_gguf_header
 from nbllm.models import ModelsFolder
 from nbllm.resolve import resolve
 from nbllm.source import ModelSource
 from nbllm.store import read_revision
-from nbllm.frontend import command
 
 try:
     from watch import watched
