@@ -36,7 +36,11 @@ class Forms:
 
 _COMMANDS: dict[str, Forms] = {
     "load": Forms("%llm_load {0}", "nbllm.load({0})"),
-    "unload": Forms("%llm_unload", "nbllm.unload()"),
+    "load as": Forms("%llm_load {0} --as {1}", "nbllm.load({0}, name={1})"),
+    "load in place": Forms("%llm_load {0} --replace {1}", "nbllm.load({0}, replace={1})"),
+    "load in place as": Forms("%llm_load {0} --as {1} --replace {2}", "nbllm.load({0}, name={1}, replace={2})"),
+    "unload": Forms("%llm_unload {0}", "nbllm.unload({0})"),
+    "compare": Forms("%%llm --compare {0}", "nbllm.compare(PROMPT, {0})"),
     "status": Forms("%llm_status", "nbllm.status()"),
     "models": Forms("%llm_models", "nbllm.models.ModelsFolder().list()", "nbllm models"),
     "download": Forms("%llm_download {0}", "nbllm.download.download({0})", "nbllm download {0}"),

@@ -25,7 +25,7 @@ def test_every_command_has_a_form_in_each_front_end() -> None:
             python = command(name, *args)
         with using("cli"):
             shell = command(name, *args)
-        assert notebook.startswith("%llm_") or notebook.startswith("%%llm_"), name
+        assert notebook.startswith(("%llm_", "%%llm")), name
         assert "%" not in python and "{" not in python and "{" not in notebook, (name, python)
         assert shell == (python if forms.cli is None else shell) and not shell.startswith("%"), name
     with using("python"):
