@@ -301,8 +301,8 @@ class LlamaCppLoader(TokenLoader):
     })
     libraries: ClassVar[tuple[str, ...]] = ("llama_cpp_python", "huggingface_hub")
     adapters: ClassVar[frozenset[str]] = frozenset({"gguf"})
-    gives_logprobs: ClassVar[bool] = True
-    scores_tokens: ClassVar[bool] = True
+    gives_logprobs: bool = True
+    scores_tokens: bool = True
 
     def __init__(self) -> None:
         super().__init__()
