@@ -165,3 +165,34 @@ metadata:
         return [float(r[0]) for s in samples for r in s["filtered_resps"]]
 
     assert lls(remote) == pytest.approx(lls(local), abs=1e-3) and len(lls(remote)) == 4
+
+
+def test_streamed_logprobs_of_both_forms_keep_the_k_most_likely() -> None:
+    """A server adds the drawn token to its alternatives when it is not among the K most likely: left out."""
+    from nbllm.loaders._remote_scores import entries
+
+    legacy = {"logprobs": {"tokens": ["a", "b"], "token_logprobs": [-0.5, -3.0],
+                           "top_logprobs": [{"a": -0.5, "c": -1.5}, {"d": -0.2, "e": -1.0, "b": -3.0}]}}
+    assert entries(legacy, 2, chat=False) == [
+        {"id": None, "token": "a", "logprob": -0.5, "top": [["a", None, -0.5], ["c", None, -1.5]]},
+        {"id": None, "token": "b", "logprob": -3.0, "top": [["d", None, -0.2], ["e", None, -1.0]]}]
+    chat = {"logprobs": {"content": [{"token": "x", "logprob": -0.1, "bytes": [120],
+                                      "top_logprobs": [{"token": "x", "logprob": -0.1}, {"token": "y", "logprob": -2.5}]}]}}
+    assert entries(chat, 1, chat=True) == [{"id": None, "token": "x", "logprob": -0.1, "top": [["x", None, -0.1]]}]
+    assert entries({"logprobs": None}, 3, chat=False) == [] and entries({}, 3, chat=True) == []
+
+
+@pytest.mark.parametrize("kind", ["nbllm", "ollama", "tgi"])
+def test_a_server_without_streamed_logprobs_is_one_line(kind: str) -> None:
+    from nbllm.loaders._remote_scores import NO_STREAMED_LOGPROBS
+    from nbllm.loaders.openai import SERVERS, OpenAILoader
+    from nbllm.scoring import _scorer
+    from nbllm.tokens import logprobs_refusal
+
+    loader = OpenAILoader()
+    loader.kind = SERVERS[kind]
+    loader.logprobs_why = NO_STREAMED_LOGPROBS[kind]  # what load() sets for that kind of server
+    why, fix = logprobs_refusal(loader)
+    assert why == NO_STREAMED_LOGPROBS[kind] and "drop --logprobs" in fix
+    with pytest.raises(NbllmError, match=f"{SERVERS[kind].label} gives nbllm no log-probabilities of given tokens"):
+        _scorer(loader)
