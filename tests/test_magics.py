@@ -48,6 +48,24 @@ def test_load_ext_imports_no_heavy_library():
     assert out.stdout.strip() == "[]", out.stdout + out.stderr
 
 
+def test_load_ext_imports_no_schema_result_or_server_module():
+    # the options' schemas, results, the server and evaluation modules are imported when first used (a magic's
+    # parser, nbllm.GenerationOptions...), and nbllm.serve / nbllm.evaluate stay callable whichever came first
+    code = (
+        "import sys\n"
+        "from IPython.core.interactiveshell import InteractiveShell\n"
+        "InteractiveShell.instance().run_line_magic('load_ext', 'nbllm')\n"
+        "print(sorted(m for m in ('nbllm.options', 'nbllm.result', 'nbllm.identity', 'nbllm.serve', 'nbllm.evaluate',"
+        " 'nbllm.lora', 'nbllm.download.options', 'nbllm.serve_guard') if m in sys.modules))\n"
+        "import nbllm, nbllm.serve, nbllm.evaluate\n"
+        "from nbllm.evaluate import Evaluation\n"
+        "print(callable(nbllm.serve), callable(nbllm.evaluate), nbllm.evaluate_tasks.__module__,"
+        " nbllm.GenerationOptions.__module__)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.split("\n")[:2] == ["[]", "True True nbllm.evaluate nbllm.options"], out.stdout + out.stderr
+
+
 def test_greedy_cell_output_equals_model_generate(shell, tiny_model, capsys):
     shell.run_line_magic("llm_load", f"{tiny_model} --attn sdpa")
     capsys.readouterr()
