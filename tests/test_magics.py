@@ -10,7 +10,7 @@ import sys
 import threading
 
 import pytest
-from hypothesis import assume, given
+from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 from IPython.core.error import UsageError
 
@@ -131,6 +131,7 @@ _NAMES = st.from_regex(r"[A-Za-z_][A-Za-z0-9_]{0,6}", fullmatch=True)
 _NO_OPEN_BRACE = st.text(st.characters(blacklist_characters="{", blacklist_categories=("Cs",)))
 
 
+@settings(suppress_health_check=[HealthCheck.too_slow])  # a busy machine generates inputs slowly: not a failure
 @given(st.lists(st.tuples(st.sampled_from(["text", "var", "escaped"]), _NO_OPEN_BRACE, _NAMES)),
        st.dictionaries(_NAMES, st.text()))
 def test_interpolation_inserts_variables_writes_escaped_names_and_keeps_every_other_brace(parts, namespace):
