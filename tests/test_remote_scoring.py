@@ -196,3 +196,14 @@ def test_a_server_without_streamed_logprobs_is_one_line(kind: str) -> None:
     assert why == NO_STREAMED_LOGPROBS[kind] and "drop --logprobs" in fix
     with pytest.raises(NbllmError, match=f"{SERVERS[kind].label} gives nbllm no log-probabilities of given tokens"):
         _scorer(loader)
+
+
+def test_scoring_at_a_server_that_went_away_is_one_line(engine: Any, tiny_gguf: Path) -> None:
+    gone = LlamaCppServer(tiny_gguf)
+    try:
+        engine.load(gone.url)
+    finally:
+        gone.stop()
+    with pytest.raises(NbllmError, match=f"the request to the server at {gone.url} failed"):
+        nbllm.score(CONTEXT, CHOICES)
+    assert engine.loaded

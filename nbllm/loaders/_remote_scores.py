@@ -80,7 +80,13 @@ class ServerScorer:
         self._prefix: list[int] | None = None
 
     def _post(self, path: str, body: dict[str, Any]) -> Any:
-        response = self.client.post(path, json=body)
+        import httpx
+
+        try:
+            response = self.client.post(path, json=body)
+        except httpx.HTTPError as exc:
+            raise GenerationError(f"the request to the server at {self.url} failed ({type(exc).__name__})",
+                                  "check that the server is running, then score again") from None
         if response.status_code != 200:
             raise GenerationError(f"the server at {self.url} answered {response.status_code} to {path.rsplit('/', 1)[-1]}",
                                   "check the server's log; score the model with a local loader instead")
