@@ -195,8 +195,12 @@ class Conversation:
     conversation (the engine runs one generation at a time overall).
     """
 
-    def __init__(self, name: str = "chat", system: str | None = None, *, engine: Engine | None = None) -> None:
+    def __init__(self, name: str = "chat", system: str | None = None, *, engine: Engine | None = None,
+                 model: str | None = None) -> None:
         self.name = name
+        self.model = model
+        """The name of the model it talks to (``%llm_load MODEL --as NAME``; ``None``: the unnamed model).
+        Its turns stay when it changes: the next reply comes from the new model."""
         self.system = system
         """The system prompt ('' or None: none)."""
         self.turns: list[Turn] = []
@@ -213,7 +217,13 @@ class Conversation:
 
     @property
     def engine(self) -> Engine:
-        return self._engine if self._engine is not None else get_engine()
+        if self._engine is not None:
+            return self._engine
+        if self.model is not None:
+            from .registry import engine_for
+
+            return engine_for(self.model)
+        return get_engine()
 
     # -- what it holds ---------------------------------------------------------------------------
     def messages(self) -> list[dict[str, str]]:

@@ -139,6 +139,9 @@ class Engine:
         its stand-in loader records the model asked for and loads nothing); ``None`` from it: as usual."""
         self._listeners: list[Callable[[Result], None]] = []
         self._waiting = threading.local()
+        self.name: str | None = None
+        """The name this model was loaded as (``--as NAME``, :mod:`nbllm.registry`); ``None`` for the
+        kernel's unnamed model. Records carry it (``Record.model_name``)."""
         self.stood_in_by: Loader | None = None
         """The stand-in (replay) whose miss loaded the model now loaded (``--fallback run``), else ``None``:
         a sweep goes on across that change, and stops at any other."""
@@ -579,6 +582,7 @@ class Engine:
             versions=library_versions(loader.libraries),
             seed_drawn=opts.seed is None,
             batch=batch,
+            model_name=self.name,
         )
         if self._hashes is not None:
             record.complete_later("sha256", self._hashes)

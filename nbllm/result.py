@@ -74,6 +74,9 @@ class Record:
     """For a row generated in a padded batch: the batch's ``id``, its ``size`` and this ``row``."""
     replayed: dict[str, Any] | None = None
     """For a result answered from a recording instead of a model: the ``source`` and the ``run`` in it."""
+    model_name: str | None = None
+    """The name the model was loaded as (``%llm_load MODEL --as NAME``, ``nbllm.load(..., name=)``), so each
+    output of a comparison says whose it is; ``None`` for the unnamed model. Not part of the request's identity."""
     logprobs: list[dict[str, Any]] | None = None
     """What came out, with ``--logprobs K``: one entry per new token (``id``, ``token``, ``logprob`` and the
     ``top`` K alternatives as ``[token, id, logprob]``), so the run log and a replay keep them

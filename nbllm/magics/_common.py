@@ -296,12 +296,12 @@ def owner_of(result: Result | None) -> str:
 
 
 @contextlib.contextmanager
-def waiting_shown(view: StreamView) -> Iterator[None]:
+def waiting_shown(view: StreamView, engine: Engine | None = None) -> Iterator[None]:
     """Start a generation inside this block: if the engine has to wait for a reply being written on
     another thread (a served request's, the chat panel's), ``view`` says so; interrupting that wait is
     one line (nothing was generated; the model stays loaded), and stops the chat panel's reply (a served
     request is another client's: it goes on)."""
-    with get_engine().on_wait(view.waiting):
+    with (engine if engine is not None else get_engine()).on_wait(view.waiting):
         try:
             yield
         except KeyboardInterrupt:

@@ -12,7 +12,6 @@ from ._common import (
     StreamView,
     generation_arguments,
     generation_options,
-    get_engine,
     interpolate,
     lazy_arguments,
     output_argument,
@@ -41,6 +40,9 @@ class ChatMagics(Magics):
                               help="Generate the last reply again (the earlier versions are kept); no message.")
     @magic_arguments.argument("--continue", dest="continue_", action="store_true",
                               help="Extend the last reply from where it ended; no message.")
+    @magic_arguments.argument("--model", metavar="NAME",
+                              help="Talk to the model loaded as NAME (%%llm_load MODEL --as NAME; default: the "
+                                   "unnamed one); the conversation keeps it for later cells.")
     @output_argument
     @user_errors
     def llm_chat(self, line: str, cell: str | None = None) -> None:
@@ -65,11 +67,17 @@ class ChatMagics(Magics):
         shell = self.shell
         assert shell is not None
         message = interpolate((cell or "").strip("\n"), shell.user_ns)
-        options = generation_options(args, get_engine().defaults)
+        conv = conversation(args.name)
+        if args.model is not None:
+            from ..registry import DEFAULT, engine_for
+
+            engine_for(args.model)  # an unknown name: one line, the conversation unchanged
+            conv.model = None if args.model == DEFAULT else args.model
+        options = generation_options(args, conv.engine.defaults)
         system = interpolate(args.system, shell.user_ns) if args.system is not None else None
         view = StreamView(shell)
-        with waiting_shown(view):
-            result = conversation(args.name).reply(message, options, regenerate=args.regenerate,
+        with waiting_shown(view, conv.engine):
+            result = conv.reply(message, options, regenerate=args.regenerate,
                                                    continue_=args.continue_, system=system)
         if args.output:
             shell.user_ns[args.output] = result

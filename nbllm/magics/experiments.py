@@ -80,7 +80,7 @@ class ExperimentMagics(Magics):
 
 
 def show_sweep(prompt: str, options: GenerationOptions, grid: str, *, chat: bool, system: str | None,
-               output: str | None, namespace: MutableMapping[str, Any]) -> None:
+               output: str | None, namespace: MutableMapping[str, Any], model: str | None = None) -> None:
     """``%%llm --sweep GRID``: run the sweep, show its table (the rows' records and outcomes in the
     output's metadata, for replay), store the DataFrame in ``output``."""
     from IPython.display import display
@@ -89,6 +89,8 @@ def show_sweep(prompt: str, options: GenerationOptions, grid: str, *, chat: bool
 
     values: dict[str, Any] = dict(parse_grid(grid))
     results: list[Result] = []
+    if model is not None and "model" not in values:
+        values["model"] = model
     frame = sweep(prompt, options, chat=chat, system=system, results=results, **values)
     if output:
         namespace[output] = frame

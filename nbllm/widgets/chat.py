@@ -218,11 +218,16 @@ class ChatPanel(W.VBox):
         self.clear_button = button("Clear", "clear", icon="trash")
         self.status = W.HTML()
         self.status.add_class("nbllm-chat-status")
+        self.model = W.Dropdown(description="Model", options=["default"], value="default",
+                                tooltip="The model that replies: the unnamed one (default), or one loaded --as NAME",
+                                style={"description_width": "initial"}, layout=W.Layout(width="auto"))
+        self.model.add_class("nbllm-chat-model")
 
         self._parts: list[W.Widget] = [
             W.HTML(_CSS),
             heartbeat(),
             title(f"nbllm · chat “{self.chat.name}”"),
+            self.model,
             self.system,
             self.scroller,
             self.input,
@@ -242,6 +247,7 @@ class ChatPanel(W.VBox):
         self.continue_button.on_click(lambda _b: self.continue_reply())
         self.clear_button.on_click(lambda _b: self.clear())
         self.system.observe(self._system_changed, names="value")
+        self.model.observe(self._model_changed, names="value")
 
         self.refresh()
         track(self)
@@ -261,9 +267,30 @@ class ChatPanel(W.VBox):
         numbers line, which was about the panel's last reply, goes)."""
         self._redraw(ours=False)
 
+    def _models_shown(self) -> None:
+        """The model list: the unnamed model and every model loaded --as NAME; the conversation's own chosen."""
+        from ..registry import DEFAULT, models
+
+        names = [DEFAULT, *models().named_loaded()]
+        chosen = self.chat.model or DEFAULT
+        if chosen not in names:
+            names.append(chosen)  # unloaded since: shown, and a send says so in one line
+        if list(self.model.options) != names:
+            self.model.options = names
+        if self.model.value != chosen:
+            self.model.value = chosen
+
+    def _model_changed(self, change: dict[str, Any]) -> None:
+        from ..registry import DEFAULT
+
+        new = change["new"]
+        if new is not None:
+            self.chat.model = None if new == DEFAULT else new
+
     def _redraw(self, *, ours: bool) -> None:
         if self.generating:
             return
+        self._models_shown()
         with self._render_lock:
             if (self.chat.system or "") != self.system.value:
                 self.system.value = self.chat.system or ""
