@@ -110,7 +110,10 @@ class Prompt:
 
     text: str
     ids: list[int] | None
-    messages: list[dict[str, str]] | None = None
+    messages: list[dict[str, Any]] | None = None
+    tools: list[dict[str, Any]] | None = None
+    """Chat mode: the tools' JSON schemas, for a loader that renders chats (others have them rendered)."""
+    tool_choice: Any = None
 
 
 class Engine:
@@ -420,13 +423,15 @@ class Engine:
         chat: bool = False,
         system: str | None = None,
         warn_fallback: bool = True,
+        tools: Sequence[Mapping[str, Any]] | None = None,
     ) -> Prompt:
         """The prompt for ``prompt``: raw text, or (``chat`` or a list of messages) rendered through
         the model's chat template. An empty ``system`` means none.
 
         A model without a chat template gets :data:`FALLBACK_TEMPLATE` and a :class:`ChatNote`
         warning (conversations say it once themselves: ``warn_fallback=False``). A loader that
-        renders chats itself (a server) gets the messages."""
+        renders chats itself (a server) gets the messages. ``tools``: JSON schemas of functions the
+        template renders (:mod:`nbllm.tools`)."""
         loader = self.loader
         if isinstance(prompt, str) and not chat:
             return Prompt(prompt, self._ids(prompt, add_special=True))
@@ -436,10 +441,10 @@ class Engine:
             if system:
                 messages.insert(0, {"role": "system", "content": system})
         if loader.renders_chat:
-            return Prompt("", None, messages)
+            return Prompt("", None, messages, tools=[dict(t) for t in tools] if tools else None)
         if loader.chat_template is None and warn_fallback:
             warnings.warn(FALLBACK_NOTE, ChatNote, stacklevel=3)
-        text = render_chat(loader.chat_template, messages, special_tokens=loader.special_tokens)
+        text = render_chat(loader.chat_template, messages, special_tokens=loader.special_tokens, tools=tools)
         return Prompt(text, self._ids(text, add_special=not starts_with_bos(text, loader.special_tokens)), messages)
 
     def _ids(self, text: str, *, add_special: bool) -> list[int] | None:
@@ -526,7 +531,7 @@ class Engine:
             request = Request(
                 prompt=prompt.text, prompt_ids=ids, options=capped, seed=seed, cancel=result.cancel_event,
                 messages=prompt.messages, continue_final=continue_final,
-                reuse_prefix=reuse_prefix and self.reuse_prefix,
+                reuse_prefix=reuse_prefix and self.reuse_prefix, tools=prompt.tools, tool_choice=prompt.tool_choice,
             )
             try:
                 answered = loader.answer(request)
@@ -923,15 +928,17 @@ def _load_error(failure: Exception, cls: type[Loader], source: ModelSource) -> N
                      "check the model and the options; reload if this repeats")
 
 
-def _messages(prompt: Sequence[Mapping[str, str]]) -> list[dict[str, str]]:
+def _messages(prompt: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
     """Chat messages as plain dicts, checked: each a role and text content."""
     out = []
     for i, m in enumerate(prompt):
         role, content = m.get("role"), m.get("content")
-        if role not in ("system", "user", "assistant") or not isinstance(content, str):
+        if role not in ("system", "user", "assistant", "tool") or not isinstance(content, str):
             raise OptionError(f"message {i + 1} needs a role (system, user or assistant) and text content",
                               'write it as {"role": "user", "content": "..."}')
-        out.append({"role": str(role), "content": content})
+        # a tool chat's messages keep their calls and call ids (nbllm.tools)
+        out.append({"role": str(role), "content": content,
+                    **{k: m[k] for k in ("tool_calls", "tool_call_id", "name") if k in m}})
     return out
 
 

@@ -57,13 +57,17 @@ class Request:
     cancel: threading.Event
     """Set when the generation must stop (Stop, an interrupt, another request taking the model):
     check it at every step."""
-    messages: list[dict[str, str]] | None = None
+    messages: list[dict[str, Any]] | None = None
     """Chat mode: the messages the prompt was rendered from."""
     continue_final: bool = False
     """Chat mode: the last message is the assistant's, to be extended rather than answered."""
     reuse_prefix: bool = False
     """May the loader serve the part of the prompt it shares with its kept state (a conversation's
     history) from that state? Without it the whole prompt is computed, so a seed reproduces exactly."""
+    tools: list[dict[str, Any]] | None = None
+    """Chat mode at a loader that renders chats (:attr:`Loader.tool_calls_as`): the JSON schemas of the
+    functions the model may call, and ``tool_choice`` in OpenAI's form."""
+    tool_choice: Any = None
     logprobs: list[dict[str, Any]] = field(default_factory=list)
     """With ``options.logprobs`` set (a loader whose :attr:`Loader.gives_logprobs`): the loader appends
     one entry per token it yields, before yielding it (:func:`nbllm.tokens.entry`)."""
@@ -100,6 +104,9 @@ class Loader(ABC):
     renders_chat: ClassVar[bool] = False
     """True when the engine behind the loader applies the chat template itself (a server's chat
     endpoint): the engine then passes messages, not rendered text."""
+    tool_calls_as: ClassVar[str | None] = None
+    """A loader that renders chats and passes ``tools`` on (a server's): the tool-call format
+    (:mod:`nbllm.tools`) its text gives the server's tool calls in."""
     adapters: ClassVar[frozenset[str]] = frozenset()
     """The adapter formats (:attr:`nbllm.adapters.Adapter.format`: ``peft``, ``gguf``) this loader applies
     to a loaded model with :meth:`set_adapters`; empty: none."""

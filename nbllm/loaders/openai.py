@@ -237,7 +237,27 @@ def request_body(kind: ServerKind, model_id: str, request: Request) -> tuple[str
     body.update(_constraint_fields(kind, request))
     if opts.logprobs is not None:
         body.update(logprobs_fields(opts.logprobs, chat=chat))
+    if chat and request.tools:
+        body.update(_tool_fields(request))
     return path, body, unsent
+
+
+def _tool_fields(request: Request) -> dict[str, Any]:
+    """OpenAI's ``tools`` / ``tool_choice``, and the messages' tool calls with their arguments as JSON text
+    (nbllm keeps them as objects, as chat templates render them)."""
+    messages = []
+    for m in request.messages or ():
+        if m.get("tool_calls"):
+            m = {**m, "content": m.get("content") or "", "tool_calls": [  # "" not null: llama-cpp-python's wants text
+                {**c, "function": {**c["function"], "arguments": c["function"]["arguments"]
+                                   if isinstance(c["function"].get("arguments"), str)
+                                   else json.dumps(c["function"].get("arguments"), ensure_ascii=False)}}
+                for c in m["tool_calls"]]}
+        messages.append(m)
+    choice = request.tool_choice or "auto"
+    if choice not in ("auto", "none", "required"):
+        choice = {"type": "function", "function": {"name": choice}}
+    return {"messages": messages, "tools": list(request.tools or ()), "tool_choice": choice}
 
 
 def _constraint_fields(kind: ServerKind, request: Request) -> dict[str, Any]:
@@ -346,6 +366,7 @@ class OpenAILoader(TextLoader):
     load_options: ClassVar[frozenset[str]] = frozenset({"remote_model", "api_key_env", "max_concurrency", "timeout"})
     libraries: ClassVar[tuple[str, ...]] = ("httpx",)
     renders_chat: ClassVar[bool] = True
+    tool_calls_as: ClassVar[str | None] = "hermes"  # the server's tool_calls, as text conversations read
     structured_output: ClassVar[bool] = True  # passed on in the server's dialect, or refused by kind
 
     def __init__(self) -> None:
@@ -733,6 +754,10 @@ class OpenAILoader(TextLoader):
             texts += reply.take(thought, delta.get("content") if reply.chat else choice.get("text"), at)
             if reply.logprobs is not None:
                 reply.logprobs.extend(entries(choice, reply.top, chat=reply.chat))
+            if reply.chat and isinstance(delta.get("tool_calls"), list):
+                reply.add_calls(delta["tool_calls"])
+            if choice.get("finish_reason") and reply.calls:
+                texts += reply.take(None, reply.calls_text(), at)
             if choice.get("finish_reason"):
                 self._finished(str(choice["finish_reason"]), reply)
         return texts
@@ -832,6 +857,32 @@ class _Reply:
         self.logprobs: list[dict[str, Any]] | None = None
         """With ``--logprobs``: where each token's entry goes (:attr:`Request.logprobs`)."""
         self.top = 0
+        self.calls: dict[int, dict[str, Any]] = {}
+        """The server's tool calls, put together from their streamed pieces, by index."""
+
+    def add_calls(self, pieces: list[Any]) -> None:
+        """One event's ``tool_calls`` deltas (the id and name come once, the arguments' text in pieces)."""
+        for piece in pieces:
+            if not isinstance(piece, dict):
+                continue
+            call = self.calls.setdefault(int(piece.get("index") or 0), {"id": None, "name": "", "arguments": ""})
+            function = piece.get("function") or {}
+            call["id"] = piece.get("id") or call["id"]
+            call["name"] = call["name"] or function.get("name") or ""  # llama-cpp-python's repeats it
+            call["arguments"] += function.get("arguments") or ""
+
+    def calls_text(self) -> str:
+        """The tool calls as Hermes text (:attr:`OpenAILoader.tool_calls_as`), which conversations read."""
+        out = []
+        for _, call in sorted(self.calls.items()):
+            try:
+                arguments: Any = json.loads(call["arguments"] or "{}")
+            except ValueError:
+                arguments = call["arguments"]
+            body = {"name": call["name"], "arguments": arguments, **({"id": call["id"]} if call["id"] else {})}
+            out.append("<tool_call>\n" + json.dumps(body, ensure_ascii=False) + "\n</tool_call>")
+        self.calls = {}
+        return "".join(out)
 
     def stamp(self, at: float) -> None:
         if self.first_at is None:
