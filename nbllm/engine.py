@@ -44,6 +44,7 @@ from .memory import drop_frames, format_memory, process_rss
 from .options import GenerationOptions, LoadOptions
 from .result import Record, Result, Timings, clock, library_versions
 from .source import ModelSource
+from .speculative import refuse_unspeculative
 from .store import weights_sha256
 from .streaming import IncrementalDecoder, StopHoldback, TokenStream
 from .tokens import logprobs_refusal
@@ -525,6 +526,7 @@ class Engine:
                             NbllmWarning, stacklevel=2,
                         )
             refuse_unconstrained(loader, opts)
+            refuse_unspeculative(loader, opts)
             seed = opts.seed if opts.seed is not None else secrets.randbelow(2**32)
             result = Result(prompt.text, seed, self._record(loader, prompt, opts, seed, conversation))
             result.prompt_tokens = len(ids) if ids is not None else 0
@@ -696,6 +698,9 @@ class Engine:
             record.reused_prefix_tokens = loader.reused_tokens
             timings.compile_seconds = loader.compile_seconds
             timings.grammar_seconds = loader.grammar_seconds
+            if getattr(loader, "draft_counts", None) is not None:  # speculative decoding (nbllm/speculative.py)
+                counts = loader.draft_counts
+                timings.draft_tokens, timings.accepted_tokens, timings.speculative = counts.drafted, counts.accepted, counts.method
             if isinstance(loader, TextLoader):  # counts the engine behind did not give stay unknown (None)
                 result.prompt_tokens, result.counted_tokens = loader.usage
                 result.counts_unknown = result.counted_tokens is None
@@ -747,6 +752,7 @@ class Engine:
             self._settle()
             loader = self.loader
             refuse_unconstrained(loader, opts)
+            refuse_unspeculative(loader, opts)
             size = loader.batch_size if isinstance(loader, TokenLoader) else 1
             limit = loader.context_length
             for start in range(0, len(prompts), max(size, 1)):

@@ -123,6 +123,10 @@ class Loader(ABC):
     """Whether the loader gives the log-probabilities of given tokens (:meth:`TokenLoader.token_scores`;
     the remote loader: at a server that gives them, with ``tokenize``, ``decode`` and ``token_scores`` of
     its own): scoring, perplexity and evaluation need it."""
+    speculation: ClassVar[bool] = False
+    """Whether the loader drafts tokens and checks them in one step (``--prompt-lookup``, and the load option
+    ``--draft-model`` when it lists it): :mod:`nbllm.speculative`. The engine refuses ``--prompt-lookup``
+    for any other in one line."""
     parallel_requests: int = 1
     """How many requests the loaded model serves side by side (a server: up to ``--max-concurrency``).
     Above 1, :func:`nbllm.generate_many` runs that many at once, and the per-generation facts a
@@ -140,6 +144,9 @@ class Loader(ABC):
         """Seconds the last generation spent compiling its constraint (structured output; 0 when it came
         from the cache), ``None`` without one."""
         self.constraints: Any = None
+        self.draft_counts: Any = None
+        """Tokens drafted and accepted by the last generation (:class:`nbllm.speculative.DraftCounts`), ``None``
+        when it drafted nothing (no speculative decoding asked for)."""
         """The loaded model's compiled constraints (:class:`nbllm.constraints.Compiler`), made on first use."""
 
     # -- what a user typed, before anything is released --------------------------------------------
