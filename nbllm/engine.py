@@ -690,7 +690,9 @@ class Engine:
         finally:
             stream.close()
             if request.options.logprobs is not None:
-                record.logprobs = request.logprobs[: len(result.token_ids) or produced]
+                # a server's entries are per token, not per text piece: all of them
+                record.logprobs = request.logprobs if isinstance(loader, TextLoader) else \
+                    request.logprobs[: len(result.token_ids) or produced]
             end = clock()
             timings.total_seconds = end - start
             record.reused_prefix_tokens = loader.reused_tokens

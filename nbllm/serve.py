@@ -36,6 +36,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
 
+from ._callable import callable_as
 from .errors import NbllmError, NoModelLoadedError, OptionError, missing_dependency
 from .options import GenerationOptions, _Schema, option
 from .result import Result
@@ -605,3 +606,6 @@ def generation_options(body: Mapping[str, Any], defaults: GenerationOptions, *, 
 
 __all__ = ["ABORTED", "ServeOptions", "Server", "chat_messages", "create_app", "current", "generation_options",
            "is_loopback", "serve", "stop"]
+
+
+callable_as(__name__, serve)  # nbllm.serve(...) whether the attribute is this function or this module

@@ -116,11 +116,13 @@ class Loader(ABC):
     batch_size: ClassVar[int] = 1
     """How many prompts the loader generates at once (:meth:`TokenLoader.generate_batch`); 1: one
     after another. Sweeps ask the engine for batches of up to this many rows."""
-    gives_logprobs: ClassVar[bool] = False
-    """Whether the loader fills :attr:`Request.logprobs` when ``--logprobs`` asks for them."""
-    scores_tokens: ClassVar[bool] = False
-    """Whether the loader gives the log-probabilities of given tokens (:meth:`TokenLoader.token_scores`):
-    scoring, perplexity and evaluation need it."""
+    gives_logprobs: bool = False
+    """Whether the loader fills :attr:`Request.logprobs` when ``--logprobs`` asks for them (the remote
+    loader: per server, set when it loads)."""
+    scores_tokens: bool = False
+    """Whether the loader gives the log-probabilities of given tokens (:meth:`TokenLoader.token_scores`;
+    the remote loader: at a server that gives them, with ``tokenize``, ``decode`` and ``token_scores`` of
+    its own): scoring, perplexity and evaluation need it."""
     speculation: ClassVar[bool] = False
     """Whether the loader drafts tokens and checks them in one step (``--prompt-lookup``, and the load option
     ``--draft-model`` when it lists it): :mod:`nbllm.speculative`. The engine refuses ``--prompt-lookup``

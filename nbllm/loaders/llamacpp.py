@@ -302,8 +302,8 @@ class LlamaCppLoader(TokenLoader):
     })
     libraries: ClassVar[tuple[str, ...]] = ("llama_cpp_python", "huggingface_hub")
     adapters: ClassVar[frozenset[str]] = frozenset({"gguf"})
-    gives_logprobs: ClassVar[bool] = True
-    scores_tokens: ClassVar[bool] = True
+    gives_logprobs: bool = True
+    scores_tokens: bool = True
     speculation: ClassVar[bool] = True
 
     def __init__(self) -> None:

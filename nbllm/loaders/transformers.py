@@ -187,8 +187,8 @@ class TransformersLoader(TokenLoader):
     )
     adapters: ClassVar[frozenset[str]] = frozenset({"peft"})
     structured_output: ClassVar[bool] = True
-    gives_logprobs: ClassVar[bool] = True
-    scores_tokens: ClassVar[bool] = True
+    gives_logprobs: bool = True
+    scores_tokens: bool = True
     speculation: ClassVar[bool] = True
 
     def __init__(self) -> None:
