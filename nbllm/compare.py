@@ -16,6 +16,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from ._callable import callable_as
 from .engine import Engine
 from .errors import NbllmError, OptionError, pandas_module
 from .frontend import command
@@ -230,3 +231,6 @@ def compare(
     frame.attrs["notes"] = [n for c in done for n in c.notes]
     frame.attrs["record_ids"] = [{n: r.record.id for n, r in c.results.items() if r.record is not None} for c in done]
     return frame
+
+
+callable_as(__name__, compare)  # nbllm.compare(...) whether the attribute is this function or this module

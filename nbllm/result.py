@@ -142,6 +142,18 @@ class Timings:
     grammar_seconds: float | None = None
     """Seconds spent compiling the output's constraint (structured output) for this model's tokenizer; 0
     when it came from the cache, ``None`` without a constraint. Included in ``time_to_first_token``."""
+    draft_tokens: int | None = None
+    """Speculative decoding (``--prompt-lookup``, ``--draft-model``): tokens drafted for the model to check;
+    ``None`` without it."""
+    accepted_tokens: int | None = None
+    """Of :attr:`draft_tokens`, the ones the model accepted (it would have produced them itself)."""
+    speculative: str | None = None
+    """How the tokens were drafted: ``prompt lookup`` or ``draft model``."""
+
+    @property
+    def acceptance_rate(self) -> float | None:
+        """Accepted over drafted tokens (``None`` when nothing was drafted)."""
+        return (self.accepted_tokens or 0) / self.draft_tokens if self.draft_tokens else None
 
 
 class Result:
@@ -378,6 +390,8 @@ class Result:
             parts.append(f"first token {t.time_to_first_token * 1000:.0f} ms")
         if t.compile_seconds is not None:
             parts.append(f"compiled in {t.compile_seconds:.1f} s")
+        if t.draft_tokens is not None:
+            parts.append(f"{t.speculative}: accepted {t.accepted_tokens} of {t.draft_tokens} drafted")
         parts.append(f"seed {self.seed}")
         parts.append(f"ended: {self.finish_reason or 'running'}")
         if self.replayed:
