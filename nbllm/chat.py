@@ -493,7 +493,7 @@ class Conversation:
                 raise ChatError("the message is empty", "write the message to send")
             if self.turns and self.turns[-1].reply is None:
                 raise ChatError(f"the last message of conversation {self.name!r} has no reply yet",
-                                f"answer it first with regenerate (%llm_chat {self.name} --regenerate)")
+                                f"answer it first with regenerate ({command('chat regenerate', self.name)})")
             if isinstance(max_tool_calls, bool) or not isinstance(max_tool_calls, int) or max_tool_calls < 0:
                 raise ChatError(f"max_tool_calls is {max_tool_calls!r}", "give a whole number, 0 or more")
             choice = check_choice(tool_choice, tools)
