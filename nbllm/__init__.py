@@ -19,13 +19,6 @@ from typing import TYPE_CHECKING, Any
 
 from ._version import __version__ as __version__
 from .errors import NbllmError
-from .evaluate import (  # the functions (the module stays importable: nbllm.evaluate.Evaluation); imports no engine
-    evaluate,
-    evaluate_tasks,
-)
-from .options import GenerationOptions, LoadOptions
-from .result import Record, Result
-from .serve import serve  # the function (the module stays importable: from nbllm.serve import ServeOptions)
 
 if TYPE_CHECKING:
     from .batch import generate_many
@@ -34,10 +27,14 @@ if TYPE_CHECKING:
     from .compare import compare
     from .constraints import table
     from .engine import Engine, Status, get_engine
+    from .evaluate import evaluate, evaluate_tasks
     from .lora import lora_add, lora_clear, lora_list, lora_remove, lora_restore
+    from .options import GenerationOptions, LoadOptions
     from .recordings import Replay, replay
+    from .result import Record, Result
     from .runlog import runs
     from .scoring import perplexity, score, tokenize
+    from .serve import serve
     from .sweeps import sweep
 
 _LAZY = {
@@ -48,9 +45,15 @@ _LAZY = {
     "replay": ("recordings", "replay"), "runs": ("runlog", "runs"), "sweep": ("sweeps", "sweep"),
     "table": ("constraints", "table"), "compare": ("compare", "compare"),
     "score": ("scoring", "score"), "perplexity": ("scoring", "perplexity"), "tokenize": ("scoring", "tokenize"),
+    "GenerationOptions": ("options", "GenerationOptions"), "LoadOptions": ("options", "LoadOptions"),
+    "Record": ("result", "Record"), "Result": ("result", "Result"),
+    "evaluate": ("evaluate", "evaluate"), "evaluate_tasks": ("evaluate", "evaluate_tasks"), "serve": ("serve", "serve"),
 }
 """Names imported at first use: ``%load_ext nbllm`` (which imports this package) stays quick, without the
-engine, the loaders' registry or the download package."""
+engine, the loaders' registry, the download package, the options' schemas, results or the server module.
+``nbllm.evaluate`` and ``nbllm.serve`` are functions named as their modules: importing such a module makes
+the package's attribute the module, so each module is callable as its function (``nbllm.evaluate(...)``
+works whichever was imported first)."""
 
 
 def __getattr__(name: str) -> Any:

@@ -39,6 +39,7 @@ from .chat_template import FALLBACK_NOTE, ChatNote, render_chat, starts_with_bos
 from .constraints import refuse_unconstrained
 from .decode import Row, decode_steps, generation_error, single, text_loader_facts
 from .errors import GenerationError, LoadError, NbllmError, NbllmWarning, NoModelLoadedError, OptionError
+from .frontend import command
 from .loaders import Loader, Placement, Request, TextLoader, TokenLoader, choose_loader, resolve_source
 from .loaders.base import LoadInstead
 from .memory import drop_frames, format_memory, process_rss
@@ -75,7 +76,7 @@ class Status:
 
     def lines(self) -> list[str]:
         if not self.loaded:
-            return ["No model loaded. Load one with %llm_load MODEL (or nbllm.load(...))."]
+            return [f"No model loaded. Load one with {command('load', 'MODEL')}."]
         opts = " ".join(LoadOptions.spec(k).flag if v is True else "--no-" + LoadOptions.spec(k).flag[2:]
                         if v is False else f"{LoadOptions.spec(k).flag} {v}"
                         for k, v in self.options.items()) or "defaults"
@@ -332,7 +333,7 @@ class Engine:
         with self._cond:
             loader = self._loader
         if loader is None:
-            raise NoModelLoadedError("no model is loaded", "load one first: %llm_load MODEL or nbllm.load(MODEL)")
+            raise NoModelLoadedError("no model is loaded", f"load one first: {command('load', 'MODEL')}")
         return loader
 
     def status(self) -> Status:
@@ -659,7 +660,9 @@ class Engine:
         finally:
             stream.close()
             if request.options.logprobs is not None:
-                record.logprobs = request.logprobs[: len(result.token_ids) or row.produced]
+                # a server's entries are per token, not per text piece: all of them
+                record.logprobs = request.logprobs if isinstance(loader, TextLoader) else \
+                    request.logprobs[: len(result.token_ids) or row.produced]
             timings = row.timings(start, clock(), text_loader_facts(loader)[1])
             timings.compile_seconds, timings.grammar_seconds = loader.compile_seconds, loader.grammar_seconds
             if getattr(loader, "draft_counts", None) is not None:  # speculative decoding (nbllm/speculative.py)

@@ -276,9 +276,10 @@ def perplexity(text: str | Path | Sequence[str], *, max_length: int | None = Non
             for begin, end, targets in plan:
                 part = ids[begin:end]
                 first = max(1, len(part) - targets)  # the guide's labels: the last `targets` tokens (never the first)
-                got = scorer.token_scores([part], [first])[0]
+                unscorable = max(0, _first_scored(scorer) - first)  # a server's echo: none for the first token
+                got = scorer.token_scores([part], [first + unscorable])[0]
                 mean = -sum(got.logprobs) / len(got.logprobs)
-                weight = targets - 1  # the guide: valid labels less the batch's one (its label shift)
+                weight = targets - 1 - unscorable  # the guide: valid labels less the batch's one (its label shift)
                 nll_sum += mean * weight
                 counted += weight
                 windows += 1
@@ -319,11 +320,19 @@ def _engine_of(model: str | None) -> Engine:
     return engine_for(model)
 
 
-def _scorer(loader: Loader) -> TokenLoader:
-    if not isinstance(loader, TokenLoader) or not loader.scores_tokens:
-        raise GenerationError(f"the {loader.name} loader does not give the log-probabilities of given tokens",
+def _scorer(loader: Loader) -> Any:
+    """The loader, when it gives the log-probabilities of given tokens (a local one, or the remote loader at
+    a server that gives them): ``tokenize``, ``decode``, ``token_scores`` and ``context_length``."""
+    if not loader.scores_tokens:
+        why = getattr(loader, "scores_why", None)  # the remote loader says why its server cannot
+        raise GenerationError(why or f"the {loader.name} loader does not give the log-probabilities of given tokens",
                               "load the model with the transformers or llama.cpp loader to score it")
     return loader
+
+
+def _first_scored(scorer: Any) -> int:
+    """The first position of a row the loader scores (1; a server's echo may give none for the first token)."""
+    return int(getattr(scorer, "first_scored", 1))
 
 
 def _check_texts(context: str, items: list[str]) -> None:

@@ -93,6 +93,16 @@ class Loader(ABC):
     """The name users type after ``--loader``."""
     formats: ClassVar[frozenset[str]] = frozenset()
     """The :attr:`ModelSource.format` values this loader loads (``--loader auto`` picks by these)."""
+    format_words: ClassVar[str] = ""
+    """What a model of this loader's format is, in a user's words (``a GGUF file``), for messages."""
+    model_files: ClassVar[tuple[str, ...]] = ()
+    """How the names of the files holding a model of this loader's format end (``.gguf``, lower case): such a
+    file is of this loader's format, and so is a folder holding one (model files win over markers). A
+    loader that declares them has one format."""
+    model_markers: ClassVar[tuple[str, ...]] = ()
+    """Files whose presence makes a folder a model of this loader's format (``config.json``). This and
+    :attr:`model_files` are the one place that decides which format a path is
+    (:func:`nbllm.loaders.path_format`), and so which loader ``--loader auto`` gives it."""
     formats_when_asked: ClassVar[frozenset[str]] = frozenset()
     """Formats this loader also loads when it is named (``--loader NAME``) but that ``--loader auto``
     leaves to a loader made for them (Transformers dequantizes a GGUF file that llama.cpp runs as is)."""
@@ -116,11 +126,13 @@ class Loader(ABC):
     batch_size: ClassVar[int] = 1
     """How many prompts the loader generates at once (:meth:`TokenLoader.generate_batch`); 1: one
     after another. Sweeps ask the engine for batches of up to this many rows."""
-    gives_logprobs: ClassVar[bool] = False
-    """Whether the loader fills :attr:`Request.logprobs` when ``--logprobs`` asks for them."""
-    scores_tokens: ClassVar[bool] = False
-    """Whether the loader gives the log-probabilities of given tokens (:meth:`TokenLoader.token_scores`):
-    scoring, perplexity and evaluation need it."""
+    gives_logprobs: bool = False
+    """Whether the loader fills :attr:`Request.logprobs` when ``--logprobs`` asks for them (the remote
+    loader: per server, set when it loads)."""
+    scores_tokens: bool = False
+    """Whether the loader gives the log-probabilities of given tokens (:meth:`TokenLoader.token_scores`;
+    the remote loader: at a server that gives them, with ``tokenize``, ``decode`` and ``token_scores`` of
+    its own): scoring, perplexity and evaluation need it."""
     speculation: ClassVar[bool] = False
     """Whether the loader drafts tokens and checks them in one step (``--prompt-lookup``, and the load option
     ``--draft-model`` when it lists it): :mod:`nbllm.speculative`. The engine refuses ``--prompt-lookup``

@@ -6,11 +6,12 @@ import html
 import sys
 import threading
 from collections.abc import Mapping, MutableMapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from IPython.core.error import UsageError
 
-from ..options import GenerationOptions
+if TYPE_CHECKING:
+    from ..options import GenerationOptions
 
 
 class ColumnsView:

@@ -9,7 +9,6 @@ from IPython.core.magic import Magics, cell_magic, line_magic, magics_class
 
 from ..errors import NbllmError
 from ..memory import format_memory, process_rss
-from ..options import LoadOptions
 from ._common import (
     StreamView,
     generation_arguments,
@@ -33,7 +32,7 @@ class CoreMagics(Magics):
     @line_magic
     @lazy_arguments()
     @magic_arguments.argument("model", help="A model folder, a .gguf file, a models-folder name or a hub id (org/model).")
-    @schema_arguments(LoadOptions)
+    @schema_arguments("options.LoadOptions")
     @magic_arguments.argument("--fit", action="store_true",
                               help="Load with the options recommended for this machine (%%llm_doctor MODEL shows "
                                    "them); options on the line win.")
@@ -62,6 +61,8 @@ class CoreMagics(Magics):
         text-generation-webui's ``config-user.yaml``); options on the line win.
         """
         args = parse_line(self.llm_load, line)
+        from ..options import LoadOptions
+
         options = LoadOptions.from_namespace(args)
         from ..registry import models
 

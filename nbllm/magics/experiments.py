@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 from collections.abc import MutableMapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from IPython.core import magic_arguments
 from IPython.core.error import UsageError
 from IPython.core.magic import Magics, line_magic, magics_class
 
-from ..options import GenerationOptions
-from ..result import Result
 from ._common import lazy_arguments, parse_line, user_errors
+
+if TYPE_CHECKING:
+    from ..options import GenerationOptions
+    from ..result import Result
 
 # the run log, the replay and sweeps (and the engine under them) are imported when a magic runs, not by %load_ext
 

@@ -47,7 +47,7 @@ from ._common import (
 log = logging.getLogger("nbllm.widgets")
 
 GENERATION_FIELDS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty", "max_new_tokens", "seed", "stop",
-                     "schema", "choice")
+                     "logprobs", "schema", "choice")
 """The generation options the panel shows (the others keep the engine's defaults). Presets are the
 library's (:meth:`GenerationOptions.presets`)."""
 
