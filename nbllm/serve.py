@@ -2,9 +2,10 @@
 
 A Starlette app (:func:`create_app`) run by uvicorn on a background thread of the kernel answers
 ``/v1/models``, ``/v1/completions`` and ``/v1/chat/completions``, streamed (server-sent events, as the
-OpenAI API streams) or not. Each request becomes the same ``Engine.stream`` call a cell makes, on a
-worker thread, so it waits its turn behind the engine (an unfinished result owns the model): cells and
-the chat panel keep working, and a client that goes away stops its generation.
+OpenAI API streams) or not. Each request joins the model's queue (:mod:`nbllm.scheduler`) from a worker
+thread: concurrent clients of a model that batches (Transformers) run together in one batch, each reply
+its one-by-one text; other models take them in turn, behind the engine (an unfinished result owns the
+model), so cells and the chat panel keep working; a client that goes away stops its own reply only.
 
 Requests take the generation options of ``%%llm`` under the API's names (``max_tokens``,
 ``temperature``, ``top_p``, ``seed``, ``stop``) and the extra ones vLLM and llama.cpp's server read
@@ -396,9 +397,10 @@ def _finish(result: Result) -> str:
 
 def _starter(engine: Engine, prompt: str | list[dict[str, str]], options: GenerationOptions,
              continue_final: bool) -> Callable[[], Result]:
-    """The call that starts the generation on a worker thread (it waits there for the engine)."""
+    """The call that starts the generation on a worker thread: the request joins the model's queue
+    (:mod:`nbllm.scheduler`), where concurrent clients are batched if the loader can."""
     if isinstance(prompt, str) or not continue_final:
-        return lambda: engine.stream(prompt, options)
+        return lambda: engine.scheduler.stream(prompt, options)
 
     def start() -> Result:  # go on with the last (assistant) message, as vLLM's continue_final_message does
         from .chat import render_continuation
@@ -411,7 +413,7 @@ def _starter(engine: Engine, prompt: str | list[dict[str, str]], options: Genera
         else:
             text = render_continuation(loader.chat_template, prompt, special_tokens=loader.special_tokens)
             ready = Prompt(text, engine.tokenize(text, add_special=not starts_with_bos(text, loader.special_tokens)), prompt)
-        return engine.stream_prompt(ready, options, continue_final=True)
+        return engine.scheduler.stream_prompt(ready, options, continue_final=True)
 
     return start
 
