@@ -39,6 +39,7 @@ from .chat_template import FALLBACK_NOTE, ChatNote, render_chat, starts_with_bos
 from .constraints import refuse_unconstrained
 from .errors import GenerationError, LoadError, NbllmError, NbllmWarning, NoModelLoadedError, OptionError
 from .loaders import Loader, Placement, Request, TextLoader, TokenLoader, choose_loader, resolve_source
+from .loaders._samplers import refuse_samplers
 from .loaders.base import LoadInstead
 from .memory import drop_frames, format_memory, process_rss
 from .options import GenerationOptions, LoadOptions
@@ -517,6 +518,7 @@ class Engine:
                             NbllmWarning, stacklevel=2,
                         )
             refuse_unconstrained(loader, opts)
+            refuse_samplers(loader, opts)
             seed = opts.seed if opts.seed is not None else secrets.randbelow(2**32)
             result = Result(prompt.text, seed, self._record(loader, prompt, opts, seed, conversation))
             result.prompt_tokens = len(ids) if ids is not None else 0
@@ -736,7 +738,8 @@ class Engine:
             self._settle()
             loader = self.loader
             refuse_unconstrained(loader, opts)
-            size = loader.batch_size if isinstance(loader, TokenLoader) else 1
+            refuse_samplers(loader, opts)
+            size = loader.batch_size if isinstance(loader, TokenLoader) and not opts.active_samplers() else 1
             limit = loader.context_length
             for start in range(0, len(prompts), max(size, 1)):
                 rows = list(zip(prompts[start : start + size], row_seeds[start : start + size]))

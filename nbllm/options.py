@@ -593,11 +593,21 @@ class LoadOptions(_Schema):
         return "sdpa" if self.flash_attn is False and self.attn == "auto" else self.attn
 
 
+SAMPLER_ORDER: tuple[str, ...] = (
+    "repetition_penalty", "presence_penalty", "frequency_penalty", "dry", "top_n_sigma", "temperature",
+    "dynamic_temperature", "quadratic_sampling", "top_k", "top_p", "typical_p", "epsilon_cutoff", "eta_cutoff",
+    "top_a", "min_p", "mirostat", "xtc", "no_repeat_ngram",
+)
+"""text-generation-webui's default sampler order (its ``sampler_priority``, less tfs and the encoder
+repetition penalty, which nbllm does not have): what ``--sampler-priority`` names and reorders."""
+
+
 @dataclass(frozen=True)
 class GenerationOptions(_Schema):
     """How text is sampled. The defaults are nbllm's, documented in the README."""
 
     GROUPS: ClassVar[dict[str, str]] = {"sampling": "Sampling", "length": "Length and stopping",
+                                        "samplers": "Samplers (text-generation-webui's)",
                                         "structured": "Structured output"}
 
     max_new_tokens: int = option(
@@ -641,6 +651,119 @@ class GenerationOptions(_Schema):
         "as the token was drawn, instead of the model's own (text-generation-webui's Logits tab offers both).",
         group="sampling", panel=False,
     )
+
+    # ---- samplers from text-generation-webui (issue 25; nbllm/loaders/_samplers.py; docs/samplers.md) ----
+    # Each default is text-generation-webui's neutral ("off") value, so a request that sets none of them is
+    # the request it was before they existed (identities and records carry only changed values).
+    frequency_penalty: float = option(
+        0.0, "Penalty that grows with how many times a token already appeared: subtracted from its logit once per "
+        "occurrence (0 disables).", group="samplers", minimum=-2.0, maximum=2.0,
+    )
+    presence_penalty: float = option(
+        0.0, "Flat penalty subtracted from the logit of every token that already appeared (0 disables).",
+        group="samplers", minimum=-2.0, maximum=2.0,
+    )
+    repetition_penalty_range: int = option(
+        0, "How many of the last tokens the repetition, presence and frequency penalties look at (0: all of them).",
+        group="samplers", minimum=0, metavar="N",
+    )
+    no_repeat_ngram_size: int = option(
+        0, "Never repeat a sequence of this many tokens (0 disables; small values such as 2 cripple the text).",
+        group="samplers", minimum=0, metavar="N",
+    )
+    dry_multiplier: float = option(
+        0.0, "DRY: penalize a token that would extend a sequence already in the text; strength (0 disables, 0.8 "
+        "is typical).", group="samplers", minimum=0.0,
+    )
+    dry_base: float = option(
+        1.75, "DRY: how fast the penalty grows with the length of the repeated sequence.", group="samplers",
+        minimum=1.0, maximum=10.0,
+    )
+    dry_allowed_length: int = option(
+        2, "DRY: the longest sequence repeated without penalty.", group="samplers", minimum=1, metavar="N",
+    )
+    dry_sequence_breakers: str = option(
+        '"\\n", ":", "\\"", "*"', "DRY: strings that end a repeated sequence, as quoted strings separated by commas "
+        "(text-generation-webui's format).", group="samplers", metavar="TEXT",
+    )
+    xtc_threshold: float = option(
+        0.1, "XTC: tokens at least this likely count as top choices; all but the least likely of them are removed.",
+        group="samplers", minimum=0.0, maximum=0.5,
+    )
+    xtc_probability: float = option(
+        0.0, "XTC: the chance that the top choices are removed at a step (0 disables).", group="samplers",
+        minimum=0.0, maximum=1.0,
+    )
+    mirostat_mode: int = option(
+        0, "Mirostat: 1 or 2 replaces the other truncation samplers and keeps the text's surprise near "
+        "mirostat_tau (0 disables; llama.cpp's two versions).", group="samplers", choices=(0, 1, 2),
+    )
+    mirostat_tau: float = option(5.0, "Mirostat: the target surprise (entropy); lower is more focused.",
+                                 group="samplers", minimum=0.0)
+    mirostat_eta: float = option(0.1, "Mirostat: the learning rate.", group="samplers", minimum=0.0, maximum=1.0)
+    top_n_sigma: float = option(
+        0.0, "Keep only tokens whose logit is within n standard deviations of the top one (0 disables).",
+        group="samplers", minimum=0.0,
+    )
+    dynamic_temperature: bool = option(
+        False, "Dynamic temperature: the temperature of each step is between dynatemp_low and dynatemp_high, "
+        "higher when the model is unsure (replaces --temperature).", group="samplers",
+    )
+    dynatemp_low: float = option(1.0, "Dynamic temperature: the lowest temperature.", group="samplers",
+                                 minimum=0.0, maximum=5.0)
+    dynatemp_high: float = option(1.0, "Dynamic temperature: the highest temperature.", group="samplers",
+                                  minimum=0.0, maximum=5.0)
+    dynatemp_exponent: float = option(1.0, "Dynamic temperature: the exponent of the curve between low and high.",
+                                      group="samplers", minimum=0.0)
+    smoothing_factor: float = option(
+        0.0, "Quadratic sampling: makes the distribution smoother around the top tokens (0 disables).",
+        group="samplers", minimum=0.0,
+    )
+    smoothing_curve: float = option(
+        1.0, "Quadratic sampling: the curve (1 is plain quadratic, higher curbs the unlikely tokens more).",
+        group="samplers", minimum=1.0,
+    )
+    epsilon_cutoff: float = option(
+        0.0, "Drop tokens less likely than this, in units of 1e-4 (0 disables; 3 is typical).", group="samplers",
+        minimum=0.0, maximum=9.0,
+    )
+    eta_cutoff: float = option(
+        0.0, "Eta sampling: an entropy-dependent epsilon, in units of 1e-4 (0 disables; 3 is typical).",
+        group="samplers", minimum=0.0, maximum=20.0,
+    )
+    top_a: float = option(
+        0.0, "Drop tokens less likely than top_a times the square of the top probability (0 disables).",
+        group="samplers", minimum=0.0, maximum=1.0,
+    )
+    custom_token_bans: str = option(
+        "", "Token ids that are never generated, separated by commas (text-generation-webui's format).",
+        group="samplers", metavar="IDS",
+    )
+    logit_bias: tuple[str, ...] = option(
+        (), "Add a bias to one token's logit: TOKEN_ID:BIAS (repeat the flag for several; -100 bans it).",
+        group="samplers", metavar="ID:BIAS",
+    )
+    ban_eos_token: bool = option(
+        False, "Never end the text with the end-of-sequence token (it goes on to --max-new-tokens).",
+        group="samplers",
+    )
+    guidance_scale: float = option(
+        1.0, "CFG (classifier-free guidance): how strongly the text is pushed away from --negative-prompt "
+        "(1 disables; 1.5 is typical).", group="samplers", minimum=0.0,
+    )
+    negative_prompt: str = option(
+        "", "CFG: the prompt the text is pushed away from (empty: none, which guides against no context).",
+        group="samplers", metavar="TEXT", escapes=True,
+    )
+    sampler_priority: tuple[str, ...] = option(
+        (), "The order the samplers run in, by name (repeat the flag; empty: text-generation-webui's order). "
+        "Names: " + ", ".join(SAMPLER_ORDER) + ".", group="samplers", metavar="NAME", panel=False,
+    )
+    temperature_last: bool = option(
+        False, "Apply temperature (and dynamic temperature) after the other samplers instead of in its place in "
+        "the order.", group="samplers",
+    )
+    # ---- end of text-generation-webui's samplers ----
 
     seed: int | None = option(
         None, "Random seed. Unset: one is drawn and recorded with the output, so it can be reproduced.",
@@ -741,9 +864,133 @@ class GenerationOptions(_Schema):
                     stacklevel=3,
                 )
 
+        check_samplers(self)
+
     @property
     def greedy(self) -> bool:
         return self.temperature == 0.0
+
+    # -- text-generation-webui's samplers, read (validated by check_samplers) --
+    @property
+    def sequence_breakers(self) -> list[str]:
+        """``dry_sequence_breakers`` as a list of strings."""
+        return parse_sequence_breakers(self.dry_sequence_breakers)
+
+    @property
+    def token_bans(self) -> list[int]:
+        """``custom_token_bans`` as token ids."""
+        return parse_token_bans(self.custom_token_bans)
+
+    @property
+    def logit_biases(self) -> dict[int, float]:
+        """``logit_bias`` as token id → bias."""
+        return parse_logit_bias(self.logit_bias)
+
+    @property
+    def sampler_order(self) -> list[str]:
+        """The samplers' order: ``sampler_priority`` (its missing names after it, in the default order),
+        with temperature and dynamic temperature moved to the end under ``temperature_last``."""
+        given = list(self.sampler_priority)
+        order = given + [n for n in SAMPLER_ORDER if n not in given]
+        if self.temperature_last:
+            order = [n for n in order if n not in ("temperature", "dynamic_temperature")]
+            order += ["temperature", "dynamic_temperature"]
+        return order
+
+    def active_samplers(self) -> list[str]:
+        """The text-generation-webui sampler options that change this request (the switch of each sampler:
+        ``dry_multiplier``, not ``dry_base``, which does nothing while DRY is off)."""
+        return [n for n in SAMPLER_SWITCHES if getattr(self, n) != self.spec(n).default]
+
+    def samplers_set(self) -> list[str]:
+        """The text-generation-webui sampler options set away from their off values (their names)."""
+        return [n for n in SAMPLER_OPTIONS if getattr(self, n) != self.spec(n).default]
+
+
+SAMPLER_OPTIONS: tuple[str, ...] = (
+    "frequency_penalty", "presence_penalty", "repetition_penalty_range", "no_repeat_ngram_size", "dry_multiplier",
+    "dry_base", "dry_allowed_length", "dry_sequence_breakers", "xtc_threshold", "xtc_probability", "mirostat_mode",
+    "mirostat_tau", "mirostat_eta", "top_n_sigma", "dynamic_temperature", "dynatemp_low", "dynatemp_high",
+    "dynatemp_exponent", "smoothing_factor", "smoothing_curve", "epsilon_cutoff", "eta_cutoff", "top_a",
+    "custom_token_bans", "logit_bias", "ban_eos_token", "guidance_scale", "negative_prompt", "sampler_priority",
+    "temperature_last",
+)
+"""The options text-generation-webui's samplers added (issue 25), in schema order."""
+
+
+SAMPLER_SWITCHES: tuple[str, ...] = (
+    "frequency_penalty", "presence_penalty", "repetition_penalty_range", "no_repeat_ngram_size", "dry_multiplier",
+    "xtc_probability", "mirostat_mode", "top_n_sigma", "dynamic_temperature", "smoothing_factor", "epsilon_cutoff",
+    "eta_cutoff", "top_a", "custom_token_bans", "logit_bias", "ban_eos_token", "guidance_scale", "sampler_priority",
+    "temperature_last",
+)
+"""The option that turns each of those samplers on (the others only tune one that is on)."""
+
+
+def parse_sequence_breakers(text: str) -> list[str]:
+    """text-generation-webui's ``dry_sequence_breakers``: quoted strings separated by commas
+    (``"\\n", ":"``), read as the items of a JSON list; an empty text is no breakers."""
+    import json
+
+    if not text.strip():
+        return []
+    try:
+        items = json.loads(f"[{text}]")
+    except json.JSONDecodeError:
+        items = None
+    if not isinstance(items, list) or not all(isinstance(i, str) and i for i in items):
+        raise OptionError(f"--dry-sequence-breakers {text!r} is not a list of quoted strings",
+                          'write them as text-generation-webui does: --dry-sequence-breakers \'"\\n", ":", "*"\'')
+    return items
+
+
+def parse_token_bans(text: str) -> list[int]:
+    """``custom_token_bans``: token ids separated by commas."""
+    parts = [p.strip() for p in text.split(",") if p.strip()]
+    if not all(p.isdigit() for p in parts):
+        raise OptionError(f"--custom-token-bans {text!r} is not a list of token ids",
+                          "give token ids separated by commas: --custom-token-bans 13,198")
+    return [int(p) for p in parts]
+
+
+def parse_logit_bias(entries: Iterable[str]) -> dict[int, float]:
+    """``logit_bias`` entries ``TOKEN_ID:BIAS`` → ``{id: bias}`` (a later entry for a token wins)."""
+    out: dict[int, float] = {}
+    for entry in entries:
+        token, sep, bias = str(entry).partition(":")
+        try:
+            if not sep or not token.strip().isdigit():
+                raise ValueError(entry)
+            value = float(bias)
+            if not math.isfinite(value):
+                raise ValueError(entry)
+        except ValueError:
+            raise OptionError(f"--logit-bias {entry!r} is not TOKEN_ID:BIAS",
+                              "give a token id and a number: --logit-bias 13:-5") from None
+        out[int(token)] = value
+    return out
+
+
+def check_samplers(opts: GenerationOptions) -> None:
+    """The text-generation-webui sampler options checked together (each alone is checked by its field)."""
+    opts.sequence_breakers, opts.token_bans, opts.logit_biases  # noqa: B018 - parsing is the check
+    unknown = [n for n in opts.sampler_priority if n not in SAMPLER_ORDER]
+    if unknown:
+        raise OptionError(f"--sampler-priority {unknown[0]!r} is not a sampler nbllm knows",
+                          f"use names from: {', '.join(SAMPLER_ORDER)}")
+    if opts.dynatemp_low > opts.dynatemp_high:
+        raise OptionError(f"--dynatemp-low {opts.dynatemp_low:g} is above --dynatemp-high {opts.dynatemp_high:g}",
+                          "give a low temperature at most the high one")
+    if opts.negative_prompt and opts.guidance_scale == 1.0:
+        warnings.warn("--negative-prompt has no effect with --guidance-scale 1; set a guidance scale such as 1.5",
+                      NbllmWarning, stacklevel=4)
+    if opts.greedy:
+        ignored = [n for n in ("xtc_probability", "mirostat_mode", "top_n_sigma", "dynamic_temperature",
+                               "smoothing_factor", "epsilon_cutoff", "eta_cutoff", "top_a")
+                   if getattr(opts, n) != opts.spec(n).default]
+        if ignored:
+            warnings.warn(f"temperature 0 is greedy decoding; {', '.join(ignored)} "
+                          f"{'has' if len(ignored) == 1 else 'have'} no effect", NbllmWarning, stacklevel=4)
 
 
 def markdown_table(schema: type[_Schema], loaders: Callable[[str], Iterable[str]] | None = None) -> str:

@@ -49,6 +49,7 @@ from ..gguf_file import (
 from ..options import GenerationOptions, LoadOptions
 from ..source import ModelSource
 from ._logprobs import llamacpp_last_logits, llamacpp_recorder, llamacpp_scores
+from ._samplers import LLAMACPP_SAMPLERS, llamacpp_chain
 from .base import Placement, Request, TokenLoader
 
 N_CTX_CAP = 8192
@@ -303,6 +304,7 @@ class LlamaCppLoader(TokenLoader):
     adapters: ClassVar[frozenset[str]] = frozenset({"gguf"})
     gives_logprobs: ClassVar[bool] = True
     scores_tokens: ClassVar[bool] = True
+    sampler_options = LLAMACPP_SAMPLERS
 
     def __init__(self) -> None:
         super().__init__()
@@ -590,8 +592,11 @@ class LlamaCppLoader(TokenLoader):
         eos = self._eos
         produced = 0
         logprobs = llamacpp_recorder(self, request)
-        tokens = llm.generate(prompt_ids, reset=True, **self.sampling_kwargs(request.options),
-                              **self._constraint_processor(request))
+        constraint = self._constraint_processor(request)
+        if request.options.active_samplers():  # text-generation-webui's samplers: llama.cpp's chain, in its order
+            chain = llamacpp_chain(llm, request.options, prompt_ids, sorted(eos), constraint.get("logits_processor"))
+            llm._init_sampler = lambda **_: chain  # what generate() builds its sampler with, for this call
+        tokens = llm.generate(prompt_ids, reset=True, **self.sampling_kwargs(request.options), **constraint)
         try:
             for token in tokens:
                 if cancel.is_set():
@@ -605,6 +610,7 @@ class LlamaCppLoader(TokenLoader):
                     return
         finally:
             tokens.close()
+            llm.__dict__.pop("_init_sampler", None)
 
     def _constraint_processor(self, request: Request) -> dict[str, Any]:
         """``logits_processor`` for a request with a constraint (structured output): the same llguidance
