@@ -424,3 +424,96 @@ class Xtc:
         if self.special and remove[:, self.special].any():
             return scores
         return scores.masked_fill(remove, -math.inf)
+
+
+# -- servers (the openai loader) ---------------------------------------------------------------------
+
+_PENALTIES = frozenset({"frequency_penalty", "presence_penalty"})
+_LLAMA_SERVER = frozenset({
+    "frequency_penalty", "presence_penalty", "repetition_penalty_range", "dry_multiplier", "xtc_probability",
+    "mirostat_mode", "top_n_sigma", "dynamic_temperature", "custom_token_bans", "logit_bias", "ban_eos_token",
+})
+SERVER_SAMPLERS: dict[str, frozenset[str]] = {
+    # tools/server/server-task.cpp params_from_json_cmpl
+    "llama.cpp": _LLAMA_SERVER,
+    # nbllm.serve_requests: llama.cpp's server's fields (the loaded model's loader refuses what it cannot do)
+    "nbllm": _LLAMA_SERVER,
+    # modules/api/typing.py GenerationOptions: every one under its own name
+    "text-generation-webui": frozenset(SAMPLER_SWITCHES),
+    # vllm/entrypoints/openai/protocol.py: the OpenAI penalties, logit_bias, ignore_eos
+    "vllm": _PENALTIES | {"logit_bias", "ban_eos_token"},
+    "sglang": _PENALTIES | {"ban_eos_token"},
+    "openai": _PENALTIES | {"logit_bias"},
+    "tgi": frozenset({"frequency_penalty"}),
+    # llama_cpp/server/types.py
+    "llama-cpp-python": _PENALTIES | {"mirostat_mode", "logit_bias"},
+    # api/types.go Options
+    "ollama": _PENALTIES | {"repetition_penalty_range", "mirostat_mode"},
+    "unknown": _PENALTIES | {"logit_bias"},
+}
+"""Server kind → the text-generation-webui sampler switches it reads (others are refused before sending)."""
+
+
+def server_sampler_fields(kind: str, opts: GenerationOptions) -> dict[str, Any]:
+    """The request fields that carry ``opts``' active samplers in server ``kind``'s dialect (the kind's
+    :data:`SERVER_SAMPLERS`; :func:`refuse_samplers` has refused the others)."""
+    active = set(opts.active_samplers())
+    if not active:
+        return {}
+    out: dict[str, Any] = {}
+    if "frequency_penalty" in active:
+        out["frequency_penalty"] = opts.frequency_penalty
+    if "presence_penalty" in active:
+        out["presence_penalty"] = opts.presence_penalty
+    if kind == "text-generation-webui":  # its own names and formats
+        for name in active:
+            value = getattr(opts, name)
+            out[name] = dict(opts.logit_biases) if name == "logit_bias" else \
+                "\n".join(value) if name == "sampler_priority" else value
+        for tuned, switch in (("dry_base", "dry_multiplier"), ("dry_allowed_length", "dry_multiplier"),
+                              ("dry_sequence_breakers", "dry_multiplier"), ("xtc_threshold", "xtc_probability"),
+                              ("mirostat_tau", "mirostat_mode"), ("mirostat_eta", "mirostat_mode"),
+                              ("dynatemp_low", "dynamic_temperature"), ("dynatemp_high", "dynamic_temperature"),
+                              ("dynatemp_exponent", "dynamic_temperature"), ("smoothing_curve", "smoothing_factor"),
+                              ("negative_prompt", "guidance_scale")):
+            if switch in active:
+                out[tuned] = getattr(opts, tuned)
+        return out
+    bias = dict(opts.logit_biases)
+    bans = list(opts.token_bans)
+    if kind in ("llama.cpp", "nbllm"):
+        if "repetition_penalty_range" in active:
+            out["repeat_last_n"] = opts.repetition_penalty_range
+        if "dry_multiplier" in active:
+            out.update(dry_multiplier=opts.dry_multiplier, dry_base=opts.dry_base,
+                       dry_allowed_length=opts.dry_allowed_length, dry_sequence_breakers=opts.sequence_breakers,
+                       dry_penalty_last_n=opts.repetition_penalty_range or -1)
+        if "xtc_probability" in active:
+            out.update(xtc_probability=opts.xtc_probability, xtc_threshold=opts.xtc_threshold)
+        if "mirostat_mode" in active:
+            out.update(mirostat=opts.mirostat_mode, mirostat_tau=opts.mirostat_tau, mirostat_eta=opts.mirostat_eta)
+        if "top_n_sigma" in active:
+            out["top_n_sigma"] = opts.top_n_sigma
+        if "dynamic_temperature" in active:  # llama.cpp's: a range around temperature
+            low, high = opts.dynatemp_low, opts.dynatemp_high
+            out.update(temperature=(low + high) / 2, dynatemp_range=(high - low) / 2,
+                       dynatemp_exponent=opts.dynatemp_exponent)
+        if bans:  # llama.cpp's server: false bans a token
+            out["logit_bias"] = [[t, b] for t, b in bias.items()] + [[t, False] for t in bans]
+        elif bias:
+            out["logit_bias"] = [[t, b] for t, b in bias.items()]
+        if "ban_eos_token" in active:
+            out["ignore_eos"] = True
+        return out
+    if "logit_bias" in active:
+        out["logit_bias"] = {str(t): b for t, b in bias.items()}
+    if "ban_eos_token" in active:
+        out["ignore_eos"] = True
+    if kind == "llama-cpp-python" and "mirostat_mode" in active:
+        out.update(mirostat_mode=opts.mirostat_mode, mirostat_tau=opts.mirostat_tau, mirostat_eta=opts.mirostat_eta)
+    if kind == "ollama":
+        if "repetition_penalty_range" in active:
+            out["repeat_last_n"] = opts.repetition_penalty_range
+        if "mirostat_mode" in active:
+            out.update(mirostat=opts.mirostat_mode, mirostat_tau=opts.mirostat_tau, mirostat_eta=opts.mirostat_eta)
+    return out

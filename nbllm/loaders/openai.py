@@ -43,6 +43,7 @@ from urllib.parse import urlsplit
 from ..errors import GenerationError, LoadError, MissingDependencyError, NbllmError, NbllmWarning, OptionError
 from ..options import GenerationOptions, LoadOptions
 from ..source import ModelSource
+from ._samplers import SERVER_SAMPLERS, server_sampler_fields
 from .base import Request, TextLoader
 
 T = TypeVar("T")
@@ -234,6 +235,7 @@ def request_body(kind: ServerKind, model_id: str, request: Request) -> tuple[str
     if kind.name == "llama.cpp":
         body["repeat_last_n"] = -1  # the whole context, as vLLM's and Transformers' penalties (default: 64)
     body.update(_constraint_fields(kind, request))
+    body.update(server_sampler_fields(kind.name, opts))
     return path, body, unsent
 
 
@@ -251,6 +253,7 @@ def _native_body(kind: ServerKind, model_id: str, request: Request) -> tuple[str
         "num_predict": opts.max_new_tokens, "temperature": opts.temperature, "seed": request.seed,
         "top_p": opts.top_p, "top_k": opts.top_k, "min_p": opts.min_p, "typical_p": opts.typical_p,
         "repeat_penalty": opts.repetition_penalty, "repeat_last_n": -1,
+        **server_sampler_fields(kind.name, opts),
     }
     body: dict[str, Any] = {"model": model_id, "stream": True, "options": options, **_constraint_fields(kind, request)}
     if request.messages is not None:  # a final assistant message is continued by Ollama itself
@@ -344,6 +347,15 @@ class OpenAILoader(TextLoader):
     libraries: ClassVar[tuple[str, ...]] = ("httpx",)
     renders_chat: ClassVar[bool] = True
     structured_output: ClassVar[bool] = True  # passed on in the server's dialect, or refused by kind
+
+    @property  # type: ignore[override]
+    def sampler_options(self) -> frozenset[str]:
+        """The text-generation-webui samplers this server reads (:data:`SERVER_SAMPLERS`)."""
+        return SERVER_SAMPLERS.get(self.kind.name, frozenset())
+
+    @property  # type: ignore[override]
+    def sampler_refusal(self) -> str:
+        return f"{self.kind.label} does not read them: serve the model from text-generation-webui or llama.cpp's server"
 
     def __init__(self) -> None:
         self._local = _Facts()
