@@ -355,7 +355,7 @@ class OpenAILoader(TextLoader):
 
     @property  # type: ignore[override]
     def sampler_refusal(self) -> str:
-        return f"{self.kind.label} does not read them: serve the model from text-generation-webui or llama.cpp's server"
+        return f"serve the model from text-generation-webui or llama.cpp's server ({self.kind.label} does not read them)"
 
     def __init__(self) -> None:
         self._local = _Facts()
