@@ -795,31 +795,28 @@ class GenerationOptions(_Schema):
         group="structured", metavar="GBNF", panel=False,
     )
 
-    PRESETS: ClassVar[dict[str, dict[str, Any]]] = {
-        "deterministic": {"temperature": 0.0, "top_p": 0.9, "top_k": 0, "min_p": 0.0, "repetition_penalty": 1.0},
-        "balanced": {"temperature": 0.7, "top_p": 0.9, "top_k": 0, "min_p": 0.0, "repetition_penalty": 1.0},
-        "creative": {"temperature": 1.0, "top_p": 0.95, "top_k": 0, "min_p": 0.05, "repetition_penalty": 1.1},
-    }
-    """Named sampling settings. deterministic is greedy decoding (same prompt, same reply; the samplers
-    greedy decoding ignores stay at their defaults, so nothing warns); balanced is nbllm's default;
-    creative samples more widely and curbs repetition. None touches max_new_tokens, stop or seed."""
-
     @classmethod
     def presets(cls) -> dict[str, dict[str, Any]]:
-        """Every preset by name: the option values it sets."""
-        return {name: dict(values) for name, values in cls.PRESETS.items()}
+        """Every preset by name: the option values its file sets (text-generation-webui's YAML format:
+        nbllm's own, then the user's from ``presets/`` beside the models folder; :mod:`nbllm.presets`).
+        deterministic is greedy decoding; balanced is nbllm's default; creative samples more widely and
+        curbs repetition."""
+        from .presets import all_presets
+
+        return all_presets()
 
     @classmethod
     def preset(cls, name: str, base: GenerationOptions | None = None, **overrides: Any) -> GenerationOptions:
         """``base`` (or the defaults) with preset ``name`` applied, then ``overrides`` on top (validated).
 
         ``%%llm --preset creative --temperature 0.8`` is ``preset("creative", engine.defaults,
-        temperature=0.8)``: what the user typed wins over the preset, the preset over the defaults.
+        temperature=0.8)``: what the user typed wins over the preset, the preset over the defaults. As in
+        text-generation-webui, the samplers the preset's file does not name go to their neutral values
+        (temperature 1, top_p 1, the others off); max_new_tokens, stop, the seed and constraints stay.
         """
-        if name not in cls.PRESETS:
-            raise OptionError(f"unknown preset {name!r}", f"use one of: {', '.join(cls.PRESETS)}")
-        start = base.to_dict() if base is not None else {}
-        return cls.from_dict({**start, **cls.PRESETS[name], **overrides})
+        from .presets import apply_preset
+
+        return apply_preset(name, base, **overrides)
 
     def __post_init__(self) -> None:
         if self.json_schema is not None or self.grammar is not None:  # a dict, a model class, a file → text

@@ -294,3 +294,62 @@ def test_warnings_stay_quiet_for_defaults():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         GenerationOptions(temperature=0.0)
+
+
+# -- presets in text-generation-webui's format -------------------------------------------------------------
+@pytest.fixture
+def user_data(tmp_path):
+    from nbllm.models import set_models_dir
+
+    (tmp_path / "user_data" / "models").mkdir(parents=True)
+    (tmp_path / "user_data" / "presets").mkdir()
+    set_models_dir(tmp_path / "user_data" / "models")
+    yield tmp_path / "user_data"
+    set_models_dir(None)
+
+
+def test_builtin_presets_are_yaml_files_in_text_generation_webuis_format():
+    import yaml
+
+    from nbllm.presets import BUILTIN_DIR
+
+    for name, values in GenerationOptions.presets().items():
+        assert yaml.safe_load((BUILTIN_DIR / f"{name}.yaml").read_text()) == values
+
+
+def test_a_users_text_generation_webui_preset_works(user_data):
+    (user_data / "presets" / "Wild DRY.yaml").write_text(
+        "temperature: 1.3\nmin_p: 0.05\ndry_multiplier: 0.8\ndry_sequence_breakers: '\"\\n\", \":\"'\n"
+        "xtc_probability: 0.5\nsampler_priority: |-\n  dry\n  tfs\n  min_p\n  temperature\n"
+        "tfs: 1\nencoder_repetition_penalty: 1\n")
+    assert "Wild DRY" in GenerationOptions.presets()
+    base = GenerationOptions(max_new_tokens=33, top_k=40, seed=9)
+    opts = GenerationOptions.preset("Wild DRY", base, xtc_probability=0.2)
+    assert (opts.temperature, opts.min_p, opts.dry_multiplier, opts.xtc_probability) == (1.3, 0.05, 0.8, 0.2)
+    assert opts.sequence_breakers == ["\n", ":"] and opts.sampler_priority == ("dry", "min_p", "temperature")
+    assert (opts.top_k, opts.top_p) == (0, 1.0)  # what the file does not name is neutral, as in text-generation-webui
+    assert (opts.max_new_tokens, opts.seed) == (33, 9)  # never touched by a preset
+
+
+def test_preset_round_trip_and_bad_files(user_data):
+    from nbllm.presets import read_preset, save_preset
+
+    opts = GenerationOptions(temperature=0.9, dry_multiplier=0.8, logit_bias=["5:-2"], sampler_priority=["min_p"],
+                             mirostat_mode=2)
+    path = save_preset("mine", opts)
+    assert path == user_data / "presets" / "mine.yaml"
+    again = GenerationOptions.preset("mine")
+    assert {n: getattr(again, n) for n in opts.changed()} == opts.changed()
+    (user_data / "presets" / "typo.yaml").write_text("temprature: 0.5\n")
+    with pytest.raises(OptionError, match=r"^preset typo.yaml has an unknown option 'temprature'\. Remove it"):
+        read_preset(user_data / "presets" / "typo.yaml")
+    (user_data / "presets" / "tfs.yaml").write_text("tfs: 0.9\npenalty_alpha: 0.6\ntop_k: 4\n")
+    with pytest.warns(NbllmWarning, match="preset tfs: nbllm has no tfs, penalty_alpha; left out"):
+        assert read_preset(user_data / "presets" / "tfs.yaml") == {"top_k": 4}
+    (user_data / "presets" / "hot.yaml").write_text("temperature: 50\n")
+    with pytest.raises(OptionError, match=r"^preset hot.yaml: --temperature 50"):
+        read_preset(user_data / "presets" / "hot.yaml")
+    (user_data / "presets" / "greedy.yaml").write_text("do_sample: false\n")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # greedy: the samplers it ignores stay where they do not warn
+        assert GenerationOptions.preset("greedy").greedy
