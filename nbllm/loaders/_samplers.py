@@ -40,7 +40,7 @@ def refuse_samplers(loader: Any, options: GenerationOptions) -> None:
     active = options.active_samplers()
     if not active:
         return
-    allowed = getattr(loader, "sampler_options", frozenset())
+    allowed: frozenset[str] = getattr(loader, "sampler_options", frozenset())
     missing = [n for n in active if n not in allowed]
     if missing:
         flags = ", ".join(options.spec(n).flag for n in missing)
@@ -269,7 +269,7 @@ class Dry:
         """Next token → the longest repeat it would extend."""
         if not ids or ids[-1] in self.breakers:
             return {}
-        last, out = ids[-1], {}
+        last, out = ids[-1], dict[int, int]()
         for i in range(len(ids) - 1):
             if ids[i] != last or ids[i + 1] in self.breakers:
                 continue

@@ -348,13 +348,13 @@ class OpenAILoader(TextLoader):
     renders_chat: ClassVar[bool] = True
     structured_output: ClassVar[bool] = True  # passed on in the server's dialect, or refused by kind
 
-    @property  # type: ignore[override]
-    def sampler_options(self) -> frozenset[str]:
+    @property
+    def sampler_options(self) -> frozenset[str]:  # type: ignore[override]
         """The text-generation-webui samplers this server reads (:data:`SERVER_SAMPLERS`)."""
         return SERVER_SAMPLERS.get(self.kind.name, frozenset())
 
-    @property  # type: ignore[override]
-    def sampler_refusal(self) -> str:
+    @property
+    def sampler_refusal(self) -> str:  # type: ignore[override]
         return f"serve the model from text-generation-webui or llama.cpp's server ({self.kind.label} does not read them)"
 
     def __init__(self) -> None:
