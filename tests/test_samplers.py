@@ -353,3 +353,11 @@ def test_preset_round_trip_and_bad_files(user_data):
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # greedy: the samplers it ignores stay where they do not warn
         assert GenerationOptions.preset("greedy").greedy
+
+
+def test_a_broken_user_preset_is_left_out_of_the_list_and_refused_by_name(user_data):
+    (user_data / "presets" / "broken.yaml").write_text("temperature: [\n")
+    with pytest.warns(NbllmWarning, match=r"preset broken.yaml cannot be read .*\(left out of the presets\)"):
+        assert list(GenerationOptions.presets()) == ["deterministic", "balanced", "creative"]
+    with pytest.raises(OptionError, match=r"^preset broken.yaml cannot be read"):
+        GenerationOptions.preset("broken")

@@ -20,6 +20,7 @@ from IPython.core.error import UsageError
 
 from ..errors import NbllmError, NbllmWarning
 from ..options import GenerationOptions, _Schema
+from ..presets import BUILTIN
 from ..result import Result
 
 if TYPE_CHECKING:
@@ -140,8 +141,8 @@ def generation_arguments(func: F) -> F:
     func = schema_arguments(GenerationOptions)(func)
     return magic_arguments.argument(
         "--preset", metavar="NAME",
-        help=f"Start from a named preset ({', '.join(GenerationOptions.presets())}); options typed on the line "
-             "win over it.",
+        help=f"Start from a named preset ({', '.join(BUILTIN)}, or NAME.yaml in presets/ beside the models folder, "
+             "text-generation-webui's format); options typed on the line win over it.",
     )(func)
 
 
