@@ -45,6 +45,7 @@ from .memory import drop_frames, format_memory, process_rss
 from .options import GenerationOptions, LoadOptions
 from .result import Record, Result, Timings, clock, library_versions
 from .source import ModelSource
+from .speculative import refuse_unspeculative
 from .store import weights_sha256
 from .streaming import IncrementalDecoder, StopHoldback, TokenStream
 from .tokens import logprobs_refusal
@@ -111,7 +112,10 @@ class Prompt:
 
     text: str
     ids: list[int] | None
-    messages: list[dict[str, str]] | None = None
+    messages: list[dict[str, Any]] | None = None
+    tools: list[dict[str, Any]] | None = None
+    """Chat mode: the tools' JSON schemas, for a loader that renders chats (others have them rendered)."""
+    tool_choice: Any = None
 
 
 class Engine:
@@ -140,6 +144,9 @@ class Engine:
         its stand-in loader records the model asked for and loads nothing); ``None`` from it: as usual."""
         self._listeners: list[Callable[[Result], None]] = []
         self._waiting = threading.local()
+        self.name: str | None = None
+        """The name this model was loaded as (``--as NAME``, :mod:`nbllm.registry`); ``None`` for the
+        kernel's unnamed model. Records carry it (``Record.model_name``)."""
         self.stood_in_by: Loader | None = None
         """The stand-in (replay) whose miss loaded the model now loaded (``--fallback run``), else ``None``:
         a sweep goes on across that change, and stops at any other."""
@@ -418,13 +425,15 @@ class Engine:
         chat: bool = False,
         system: str | None = None,
         warn_fallback: bool = True,
+        tools: Sequence[Mapping[str, Any]] | None = None,
     ) -> Prompt:
         """The prompt for ``prompt``: raw text, or (``chat`` or a list of messages) rendered through
         the model's chat template. An empty ``system`` means none.
 
         A model without a chat template gets :data:`FALLBACK_TEMPLATE` and a :class:`ChatNote`
         warning (conversations say it once themselves: ``warn_fallback=False``). A loader that
-        renders chats itself (a server) gets the messages."""
+        renders chats itself (a server) gets the messages. ``tools``: JSON schemas of functions the
+        template renders (:mod:`nbllm.tools`)."""
         loader = self.loader
         if isinstance(prompt, str) and not chat:
             return Prompt(prompt, self._ids(prompt, add_special=True))
@@ -434,10 +443,10 @@ class Engine:
             if system:
                 messages.insert(0, {"role": "system", "content": system})
         if loader.renders_chat:
-            return Prompt("", None, messages)
+            return Prompt("", None, messages, tools=[dict(t) for t in tools] if tools else None)
         if loader.chat_template is None and warn_fallback:
             warnings.warn(FALLBACK_NOTE, ChatNote, stacklevel=3)
-        text = render_chat(loader.chat_template, messages, special_tokens=loader.special_tokens)
+        text = render_chat(loader.chat_template, messages, special_tokens=loader.special_tokens, tools=tools)
         return Prompt(text, self._ids(text, add_special=not starts_with_bos(text, loader.special_tokens)), messages)
 
     def _ids(self, text: str, *, add_special: bool) -> list[int] | None:
@@ -518,6 +527,7 @@ class Engine:
                             NbllmWarning, stacklevel=2,
                         )
             refuse_unconstrained(loader, opts)
+            refuse_unspeculative(loader, opts)
             refuse_samplers(loader, opts)
             seed = opts.seed if opts.seed is not None else secrets.randbelow(2**32)
             result = Result(prompt.text, seed, self._record(loader, prompt, opts, seed, conversation))
@@ -525,7 +535,7 @@ class Engine:
             request = Request(
                 prompt=prompt.text, prompt_ids=ids, options=capped, seed=seed, cancel=result.cancel_event,
                 messages=prompt.messages, continue_final=continue_final,
-                reuse_prefix=reuse_prefix and self.reuse_prefix,
+                reuse_prefix=reuse_prefix and self.reuse_prefix, tools=prompt.tools, tool_choice=prompt.tool_choice,
             )
             try:
                 answered = loader.answer(request)
@@ -581,6 +591,7 @@ class Engine:
             versions=library_versions(loader.libraries),
             seed_drawn=opts.seed is None,
             batch=batch,
+            model_name=self.name,
         )
         if self._hashes is not None:
             record.complete_later("sha256", self._hashes)
@@ -681,12 +692,17 @@ class Engine:
         finally:
             stream.close()
             if request.options.logprobs is not None:
-                record.logprobs = request.logprobs[: len(result.token_ids) or produced]
+                # a server's entries are per token, not per text piece: all of them
+                record.logprobs = request.logprobs if isinstance(loader, TextLoader) else \
+                    request.logprobs[: len(result.token_ids) or produced]
             end = clock()
             timings.total_seconds = end - start
             record.reused_prefix_tokens = loader.reused_tokens
             timings.compile_seconds = loader.compile_seconds
             timings.grammar_seconds = loader.grammar_seconds
+            if getattr(loader, "draft_counts", None) is not None:  # speculative decoding (nbllm/speculative.py)
+                counts = loader.draft_counts
+                timings.draft_tokens, timings.accepted_tokens, timings.speculative = counts.drafted, counts.accepted, counts.method
             if isinstance(loader, TextLoader):  # counts the engine behind did not give stay unknown (None)
                 result.prompt_tokens, result.counted_tokens = loader.usage
                 result.counts_unknown = result.counted_tokens is None
@@ -738,6 +754,7 @@ class Engine:
             self._settle()
             loader = self.loader
             refuse_unconstrained(loader, opts)
+            refuse_unspeculative(loader, opts)
             refuse_samplers(loader, opts)
             size = loader.batch_size if isinstance(loader, TokenLoader) and not opts.active_samplers() else 1
             limit = loader.context_length
@@ -920,15 +937,17 @@ def _load_error(failure: Exception, cls: type[Loader], source: ModelSource) -> N
                      "check the model and the options; reload if this repeats")
 
 
-def _messages(prompt: Sequence[Mapping[str, str]]) -> list[dict[str, str]]:
+def _messages(prompt: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
     """Chat messages as plain dicts, checked: each a role and text content."""
     out = []
     for i, m in enumerate(prompt):
         role, content = m.get("role"), m.get("content")
-        if role not in ("system", "user", "assistant") or not isinstance(content, str):
+        if role not in ("system", "user", "assistant", "tool") or not isinstance(content, str):
             raise OptionError(f"message {i + 1} needs a role (system, user or assistant) and text content",
                               'write it as {"role": "user", "content": "..."}')
-        out.append({"role": str(role), "content": content})
+        # a tool chat's messages keep their calls and call ids (nbllm.tools)
+        out.append({"role": str(role), "content": content,
+                    **{k: m[k] for k in ("tool_calls", "tool_call_id", "name") if k in m}})
     return out
 
 
