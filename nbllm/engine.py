@@ -38,6 +38,7 @@ from .adapters import Adapter, adapters_line, check_format
 from .chat_template import FALLBACK_NOTE, ChatNote, render_chat, starts_with_bos
 from .constraints import refuse_unconstrained
 from .errors import GenerationError, LoadError, NbllmError, NbllmWarning, NoModelLoadedError, OptionError
+from .frontend import command
 from .loaders import Loader, Placement, Request, TextLoader, TokenLoader, choose_loader, resolve_source
 from .loaders._samplers import refuse_samplers
 from .loaders.base import LoadInstead
@@ -73,7 +74,7 @@ class Status:
 
     def lines(self) -> list[str]:
         if not self.loaded:
-            return ["No model loaded. Load one with %llm_load MODEL (or nbllm.load(...))."]
+            return [f"No model loaded. Load one with {command('load', 'MODEL')}."]
         opts = " ".join(LoadOptions.spec(k).flag if v is True else "--no-" + LoadOptions.spec(k).flag[2:]
                         if v is False else f"{LoadOptions.spec(k).flag} {v}"
                         for k, v in self.options.items()) or "defaults"
@@ -329,7 +330,7 @@ class Engine:
         with self._cond:
             loader = self._loader
         if loader is None:
-            raise NoModelLoadedError("no model is loaded", "load one first: %llm_load MODEL or nbllm.load(MODEL)")
+            raise NoModelLoadedError("no model is loaded", f"load one first: {command('load', 'MODEL')}")
         return loader
 
     def status(self) -> Status:

@@ -38,6 +38,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 from ._callable import callable_as
 from .errors import NbllmError, NoModelLoadedError, OptionError, missing_dependency
+from .frontend import command
 from .options import GenerationOptions, _Schema, option
 from .result import Result
 from .serve_guard import Guard, Refused, is_loopback
@@ -213,7 +214,7 @@ def create_app(engine: Engine | None = None, *, api_key: str | None = None, work
             return error(400, exc.message, param=exc.param)
         model, fingerprint = served()
         if model is None:
-            return error(503, "no model is loaded in the kernel; load one with %llm_load", "server_error")
+            return error(503, f"no model is loaded in the kernel; load one with {command('load', 'MODEL')}", "server_error")
         if body.model not in (None, "", model):
             return error(404, f"the model {body.model!r} is not served here; it serves {model!r}",
                          code="model_not_found", param="model")
@@ -349,7 +350,7 @@ def create_app(engine: Engine | None = None, *, api_key: str | None = None, work
                 else:  # end
                     result: Result = value
                     if _finish(result) == ABORTED:  # cut short: the client must not take it for a whole reply
-                        why = ("the server was stopped (%llm_serve --stop)" if stopping.is_set()
+                        why = (f"the server was stopped ({command('serve stop')})" if stopping.is_set()
                                else f"the generation ended early ({result.finish_reason})")
                         message = f"the reply was cut short after {len(result.chunks)} pieces: {why}"
                         yield f"data: {json.dumps({'error': {'message': message, 'type': 'server_error', 'code': ABORTED}})}\n\n"
@@ -574,7 +575,7 @@ def serve(options: ServeOptions | Mapping[str, Any] | None = None, *, engine: En
     with _SERVER_LOCK:
         if _SERVER is not None and _SERVER.running:
             raise OptionError(f"the kernel's model is already served at {_SERVER.url}",
-                              "stop it first: %llm_serve --stop (or .stop() on the server nbllm.serve returned)")
+                              f"stop it first: {command('serve stop')}")
         _SERVER = Server(opts, engine)
         return _SERVER
 

@@ -39,6 +39,7 @@ from typing import Any, ClassVar
 
 from ..adapters import Adapter, check_gguf_adapter
 from ..errors import LoadError, ModelNotFoundError, NbllmWarning, OptionError, missing_dependency
+from ..frontend import command
 from ..gguf_file import (
     GGUFHeader,
     adapter_not_model,
@@ -296,6 +297,8 @@ class LlamaCppLoader(TokenLoader):
 
     name: ClassVar[str] = "llama.cpp"
     formats: ClassVar[frozenset[str]] = frozenset({"gguf"})
+    format_words: ClassVar[str] = "a GGUF file"
+    model_files: ClassVar[tuple[str, ...]] = (".gguf",)
     load_options: ClassVar[frozenset[str]] = frozenset({
         "revision", "file", "flash_attn", "gpu_split", "alpha_value", "compress_pos_emb", "rope_freq_base",
         "n_gpu_layers", "n_ctx", "n_batch", "threads", "threads_batch", "cache_type", "no_mmap", "mlock", "verbose",
@@ -337,7 +340,7 @@ class LlamaCppLoader(TokenLoader):
         llama_cpp = _import_llama_cpp()
         path = source.files
         if not path.is_file():
-            raise ModelNotFoundError(f"no GGUF file at {path}", "check the path, or run %llm_models to list models")
+            raise ModelNotFoundError(f"no GGUF file at {path}", f"check the path, or run {command('models')} to list models")
         header = read_gguf_header(path)
         if header.is_adapter:
             raise adapter_not_model(path)

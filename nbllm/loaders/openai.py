@@ -41,6 +41,7 @@ from typing import Any, ClassVar, Generic, TypeVar
 from urllib.parse import urlsplit
 
 from ..errors import GenerationError, LoadError, MissingDependencyError, NbllmError, NbllmWarning, OptionError
+from ..frontend import command
 from ..options import GenerationOptions, LoadOptions
 from ..source import ModelSource
 from ._remote_scores import NO_STREAMED_LOGPROBS, SCORING_SERVERS, ServerScorer, entries, logprobs_fields
@@ -366,6 +367,7 @@ class OpenAILoader(TextLoader):
 
     name: ClassVar[str] = "openai"
     formats: ClassVar[frozenset[str]] = frozenset({FORMAT})
+    format_words: ClassVar[str] = "a model at an OpenAI-compatible server"
     load_options: ClassVar[frozenset[str]] = frozenset({"remote_model", "api_key_env", "max_concurrency", "timeout"})
     libraries: ClassVar[tuple[str, ...]] = ("httpx",)
     renders_chat: ClassVar[bool] = True
@@ -577,7 +579,7 @@ class OpenAILoader(TextLoader):
                          "check the key in that variable, or name another with --api-key-env")
         if code == 404 and "model" in said.lower():
             return error(f"the server at {self.url} no longer serves {self.source.model_id if self.source else 'the model'!r} "
-                         f"(404: {said})", "load it again: %llm_load with the server's URL")
+                         f"(404: {said})", f"load it again: {command('load', 'URL')} with the server's URL")
         return error(f"the server at {self.url} answered {code}" + (f": {said}" if said else ""),
                      "check the request's options against what the server supports, and the server's log")
 

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
 from ..errors import GenerationError, NbllmWarning, ReplayError
+from ..frontend import command
 from ..identity import request_identity
 from ..options import SAMPLER_SWITCHES, LoadOptions
 from ..result import Record, Result, Timings
@@ -75,6 +76,7 @@ class ReplayLoader(TextLoader):
 
     name: ClassVar[str] = "replay"
     formats: ClassVar[frozenset[str]] = frozenset({FORMAT})
+    format_words: ClassVar[str] = "a recorded run"
     load_options: ClassVar[frozenset[str]] = frozenset(LoadOptions.names())
     adapters: ClassVar[frozenset[str]] = frozenset({"peft", "gguf"})  # noted, as the model is: nothing is applied
     renders_chat: ClassVar[bool] = True  # requests carry the messages, as the recorded identities do
@@ -128,7 +130,7 @@ class ReplayLoader(TextLoader):
         names = self.replay.recording.adapter_names()
         raise ReplayError(f"no recorded run in {self.replay.recording.source} used an adapter {spec!r} (recorded: "
                           f"{', '.join(names) or 'none'})",
-                          "apply an adapter the recording used, or turn the replay off (%llm_replay off) to apply others")
+                          f"apply an adapter the recording used, or turn the replay off ({command('replay off')}) to apply others")
 
     def describe(self) -> dict[str, Any]:
         return {"replaying": str(self.replay.recording.source), "recorded runs": len(self.replay.recording)}

@@ -177,6 +177,8 @@ class TransformersLoader(TokenLoader):
 
     name: ClassVar[str] = "transformers"
     formats: ClassVar[frozenset[str]] = frozenset({"transformers"})
+    format_words: ClassVar[str] = "a Transformers model folder (the one holding config.json)"
+    model_markers: ClassVar[tuple[str, ...]] = ("config.json",)
     formats_when_asked: ClassVar[frozenset[str]] = frozenset({"gguf"})  # dequantized: see transformers_gguf
     load_options: ClassVar[frozenset[str]] = frozenset({
         "revision", "device", "dtype", "load_in_8bit", "load_in_4bit", "quant_type", "compute_dtype", "double_quant",
