@@ -41,6 +41,7 @@ from .decode import Row, decode_steps, generation_error, single, text_loader_fac
 from .errors import GenerationError, LoadError, NbllmError, NbllmWarning, NoModelLoadedError, OptionError
 from .frontend import command
 from .loaders import Loader, Placement, Request, TextLoader, TokenLoader, choose_loader, resolve_source
+from .loaders._samplers import refuse_samplers
 from .loaders.base import LoadInstead
 from .memory import drop_frames, format_memory, process_rss
 from .options import GenerationOptions, LoadOptions
@@ -530,8 +531,7 @@ class Engine:
                             "if the reply reaches the end)",
                             NbllmWarning, stacklevel=2,
                         )
-            refuse_unconstrained(loader, opts)
-            refuse_unspeculative(loader, opts)
+            refuse_what_it_cannot_do(loader, opts)
             result, request = self._begin(loader, prompt, opts, capped=capped, conversation=conversation,
                                           continue_final=continue_final, reuse_prefix=reuse_prefix and self.reuse_prefix)
             try:
@@ -737,9 +737,8 @@ class Engine:
         with self._cond, _finished_on_interrupt(results):
             self._settle()
             loader = self.loader
-            refuse_unconstrained(loader, opts)
-            refuse_unspeculative(loader, opts)
-            size = loader.batch_size if isinstance(loader, TokenLoader) else 1
+            refuse_what_it_cannot_do(loader, opts)
+            size = loader.batch_size if isinstance(loader, TokenLoader) and not opts.active_samplers() else 1
             limit = loader.context_length
             for start in range(0, len(prompts), max(size, 1)):
                 rows = list(zip(prompts[start : start + size], row_seeds[start : start + size]))
@@ -860,8 +859,7 @@ class Engine:
     def queued(self, loader: Loader, prompt: Prompt, opts: GenerationOptions) -> tuple[Result, Request]:
         """A request about to join the scheduler's queue: its result (the run log hears when it ends) and
         its request for the loader."""
-        refuse_unconstrained(loader, opts)
-        refuse_unspeculative(loader, opts)
+        refuse_what_it_cannot_do(loader, opts)
         with self._cond:
             result, request = self._begin(loader, prompt, opts)
         result.on_done(self._notify)
@@ -936,6 +934,14 @@ class Engine:
             for i, row in enumerate(rows):
                 if not row.result.done:
                     end(i)
+
+
+def refuse_what_it_cannot_do(loader: Loader, opts: GenerationOptions) -> None:
+    """Refuse, in one line, options the loaded model cannot honour: output constraints, speculation, samplers
+    (each loader declares what it can do). Every path that starts a generation asks here first."""
+    refuse_unconstrained(loader, opts)
+    refuse_unspeculative(loader, opts)
+    refuse_samplers(loader, opts)
 
 
 @contextlib.contextmanager

@@ -134,7 +134,8 @@ class Scheduler:
             return False
         limit = loader.context_length
         speculative = bool(getattr(opts, "prompt_lookup", None) or getattr(opts, "draft_model", None))
-        return opts.logprobs is None and not speculative and (limit is None or len(prompt.ids) + opts.max_new_tokens <= limit)
+        alone = opts.logprobs is not None or speculative or bool(opts.active_samplers())
+        return not alone and (limit is None or len(prompt.ids) + opts.max_new_tokens <= limit)
 
     def _beside(self, loader: Loader, prompt: Any, opts: GenerationOptions, continue_final: bool) -> Result:
         """A request for a loader that serves several at once: up to ``parallel_requests`` run side by side."""

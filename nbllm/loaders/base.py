@@ -123,6 +123,12 @@ class Loader(ABC):
     structured_output: ClassVar[bool] = False
     """True when the loader holds its output to a request's constraint (``--json-schema``, ``--regex``...:
     :mod:`nbllm.constraints`); the engine refuses a constrained request for any other in one line."""
+    sampler_options: frozenset[str] = frozenset()
+    """The text-generation-webui sampler switches (:data:`nbllm.options.SAMPLER_SWITCHES`) this loader
+    applies; a request that sets another is refused in one line
+    (:func:`nbllm.loaders._samplers.refuse_samplers`). A remote loader's depends on its server."""
+    sampler_refusal: str | None = None
+    """What to do instead, for that refusal (default: load the model with the transformers loader)."""
     batch_size: ClassVar[int] = 1
     """How many prompts the loader generates at once (:meth:`TokenLoader.generate_batch`); 1: one
     after another. Sweeps ask the engine for batches of up to this many rows."""

@@ -50,6 +50,7 @@ from ..gguf_file import (
 from ..options import GenerationOptions, LoadOptions
 from ..source import ModelSource
 from ._logprobs import llamacpp_last_logits, llamacpp_recorder, llamacpp_scores
+from ._samplers import LLAMACPP_SAMPLERS, llamacpp_chain
 from .base import Placement, Request, TokenLoader
 
 N_CTX_CAP = 8192
@@ -308,6 +309,7 @@ class LlamaCppLoader(TokenLoader):
     gives_logprobs: bool = True
     scores_tokens: bool = True
     speculation: ClassVar[bool] = True
+    sampler_options = LLAMACPP_SAMPLERS
 
     def __init__(self) -> None:
         super().__init__()
@@ -627,6 +629,9 @@ class LlamaCppLoader(TokenLoader):
         produced = 0
         logprobs = llamacpp_recorder(self, request)
         constraint = self._constraint_processor(request)
+        if request.options.active_samplers():  # text-generation-webui's samplers: llama.cpp's chain, in its order
+            chain = llamacpp_chain(llm, request.options, prompt_ids, sorted(eos), constraint.get("logits_processor"))
+            llm._init_sampler = lambda **_: chain  # what generate() builds its sampler with, for this call
         with self._speculating(request, bool(constraint) or logprobs is not None) as counts:
             tokens = llm.generate(prompt_ids, reset=True, **self.sampling_kwargs(request.options), **constraint)
             try:
@@ -644,6 +649,7 @@ class LlamaCppLoader(TokenLoader):
                         return
             finally:
                 tokens.close()
+                llm.__dict__.pop("_init_sampler", None)
 
     @contextlib.contextmanager
     def _speculating(self, request: Request, exact_steps: bool) -> Iterator[Any]:

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 from ..errors import GenerationError, NbllmWarning, ReplayError
 from ..frontend import command
 from ..identity import request_identity
-from ..options import LoadOptions
+from ..options import SAMPLER_SWITCHES, LoadOptions
 from ..result import Record, Result, Timings
 from ..source import ModelSource
 from .base import LoadInstead, Request, TextLoader
@@ -81,6 +81,7 @@ class ReplayLoader(TextLoader):
     adapters: ClassVar[frozenset[str]] = frozenset({"peft", "gguf"})  # noted, as the model is: nothing is applied
     renders_chat: ClassVar[bool] = True  # requests carry the messages, as the recorded identities do
     structured_output: ClassVar[bool] = True  # a constraint is part of the identity a recorded run matches
+    sampler_options = frozenset(SAMPLER_SWITCHES)  # so are the samplers
     replay: ClassVar[Replaying]
 
     def __init__(self) -> None:
