@@ -131,6 +131,11 @@ def test_every_generation_option_with_a_panel_flag_is_in_the_panel_in_its_sample
         assert box.titles == (section_title,) and box.selected_index is None
         inside = {id(w) for w in _descendants(box)}
         assert all(id(settings.gen_fields[n]) in inside for n in names), key
+    # docs/panels.md's table of the sections says the same
+    rows = {line.split("|")[1].strip(): line.split("|")[2] for line in
+            (Path(__file__).parent.parent / "docs" / "panels.md").read_text().splitlines() if line.count("|") == 3}
+    for section_title, names in SAMPLER_SECTIONS.values():
+        assert [n for n in rows[section_title].replace(",", " ").split() if n in settings.gen_fields] == list(names)
     assert [f.spec.name for f in settings.gen_fields.values() if f.slider is not None and
             any(id(f) in {id(w) for w in _descendants(b)} for b in settings.sampler_sections.values())]
 
