@@ -338,7 +338,11 @@ def test_settings_and_chat_panels_in_jupyterlab(lab: Lab, page: Any, tmp_path: P
     page.locator(".nbllm-opt-loader select").select_option("auto")
     model.wait_for()
     shots.mkdir(parents=True, exist_ok=True)
-    _screenshot(settings, shots / "settings-panel.png")
+    # (the samplers' closed sections make the panel ~2500 px tall: a taller view to take it whole)
+    page.set_viewport_size({"width": 1280, "height": 3000})
+    page.wait_for_function("() => window.innerHeight === 3000")
+    _screenshot(settings, shots / "settings-panel.png", fits=2800)
+    page.set_viewport_size({"width": 1280, "height": 2400})
 
     # -- chat panel: a short reply streams in ---------------------------------------------------------
     chat = page.locator(".nbllm-chat-panel")
@@ -549,11 +553,11 @@ def _sideways_scrollers(page: Any, selector: str) -> list[str]:
     ))
 
 
-def _screenshot(panel: Any, path: Path) -> None:
+def _screenshot(panel: Any, path: Path, fits: int = 2200) -> None:
     """A screenshot of one panel, its top scrolled to the top of the notebook (under no toolbar)."""
     panel.evaluate("el => el.scrollIntoView({block: 'start'})")
     box = panel.bounding_box()
-    assert box is not None and box["height"] < 2200, f"the panel is {box} tall: it does not fit the viewport"
+    assert box is not None and box["height"] < fits, f"the panel is {box} tall: it does not fit the viewport"
     panel.screenshot(path=str(path))
 
 

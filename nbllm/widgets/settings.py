@@ -413,7 +413,7 @@ class SettingsPanel(W.VBox):
         self.sampler_sections: dict[str, W.Accordion] = {}
         for key, (section_title, section) in sections.items():
             box = W.Accordion(children=[_grid([self.gen_fields[n] for n in section])], titles=(section_title,),
-                              selected_index=None, layout=W.Layout(width="100%"))
+                              selected_index=None, layout=W.Layout(width="auto"))  # (100% and its margins: sideways)
             box.add_class(f"nbllm-samplers-{key}")
             self.sampler_sections[key] = box
         self.preset_buttons = {name: button(name, f"preset-{name}") for name in GenerationOptions.presets()}
