@@ -111,6 +111,12 @@ class Turn:
     reply: Reply | None = None
     earlier: list[Reply] = field(default_factory=list)
     """Replies this one replaced, oldest first."""
+    parts: list[dict[str, str]] | None = None
+    """A message with images: its content parts (text, and images by sha256: :mod:`nbllm.images`);
+    ``user`` then holds its text alone. ``None``: a text message."""
+    images: list[Any] = field(default_factory=list, repr=False, compare=False)
+    """The pixels of its images (:class:`~nbllm.images.ChatImage`), held while the conversation lives;
+    never saved (a loaded conversation has the hashes only)."""
 
     @property
     def versions(self) -> list[Reply]:
@@ -127,8 +133,8 @@ class Turn:
             notes.append(f"version {len(self.earlier) + 1} of {len(self.earlier) + 1}")
         return notes
 
-    def messages(self, *, reply: bool = True) -> list[dict[str, str]]:
-        out = [{"role": "user", "content": self.user}]
+    def messages(self, *, reply: bool = True) -> list[dict[str, Any]]:
+        out: list[dict[str, Any]] = [{"role": "user", "content": [dict(p) for p in self.parts] if self.parts else self.user}]
         if reply and self.reply is not None:
             out.append({"role": "assistant", "content": self.reply.content})
         return out
@@ -136,6 +142,7 @@ class Turn:
     def to_dict(self) -> dict[str, Any]:
         return {
             "user": self.user,
+            **({"parts": [dict(p) for p in self.parts]} if self.parts else {}),
             "reply": self.reply.to_dict() if self.reply is not None else None,
             "earlier": [r.to_dict() for r in self.earlier],
         }
@@ -146,8 +153,10 @@ class Turn:
         data = _object(data, where)
         reply = _field(data, "reply", where, dict, default=None)
         earlier = _field(data, "earlier", where, list, default=[])
+        parts = _parts(_field(data, "parts", where, list, default=None), where)
         return cls(
             user=_field(data, "user", where, str),
+            parts=parts,
             reply=Reply.from_dict(reply, f"{where}, reply") if reply is not None else None,
             earlier=[Reply.from_dict(r, f"{where}, earlier reply {i}") for i, r in enumerate(earlier, 1)],
         )
@@ -177,9 +186,10 @@ class ContextFullError(ChatError, GenerationError):
 class _Prompt:
     text: str
     ids: list[int] | None
-    messages: list[dict[str, str]]
+    messages: list[dict[str, Any]]
     left_out: int
     notes: list[str]
+    images: list[Any] = field(default_factory=list)
 
 
 class Conversation:
@@ -221,8 +231,8 @@ class Conversation:
         with self._lock:
             return self._messages(self.turns)
 
-    def _messages(self, turns: Sequence[Turn], *, last_reply: bool = True) -> list[dict[str, str]]:
-        out = [{"role": "system", "content": self.system}] if self.system else []
+    def _messages(self, turns: Sequence[Turn], *, last_reply: bool = True) -> list[dict[str, Any]]:
+        out: list[dict[str, Any]] = [{"role": "system", "content": self.system}] if self.system else []
         for i, turn in enumerate(turns):
             out.extend(turn.messages(reply=last_reply or i < len(turns) - 1))
         return out
@@ -257,7 +267,7 @@ class Conversation:
         """
         if regenerate and continue_:
             raise ChatError("regenerate and continue cannot be used together", "choose one of them")
-        if (regenerate or continue_) and message is not None and message.strip():
+        if (regenerate or continue_) and message is not None and _has_content(message):
             what = "regenerate" if regenerate else "continue"
             raise ChatError(f"{what} takes no message (it works on the last reply)", "leave the message out")
         with self._lock:
@@ -270,8 +280,13 @@ class Conversation:
                 return self.continue_reply(options, **kwargs)
             return self.send(message or "", options, **kwargs)
 
-    def send(self, text: str, options: GenerationOptions | Mapping[str, Any] | None = None, **kwargs: Any) -> Result:
+    def send(self, text: str | Sequence[Any], options: GenerationOptions | Mapping[str, Any] | None = None,
+             **kwargs: Any) -> Result:
         """Send ``text`` as the user's next message; iterate the returned result to stream the reply.
+
+        A message with images is a list of text pieces and images in order (``["What is in", img, "?"]``;
+        an image is a PIL image, a numpy array or a ``pathlib.Path``: :func:`nbllm.images.as_image`); the
+        model must take images (a vision model), else :class:`~nbllm.errors.ImageError` says so in one line.
 
         Keyword arguments are :class:`~nbllm.options.GenerationOptions` fields. The turn is added
         when the reply ends (kept as ``partial`` if interrupted; not added if generation fails). An
@@ -280,7 +295,7 @@ class Conversation:
         """
         with self._lock:
             self._check_idle()
-            if not text.strip():
+            if not _has_content(text):
                 raise ChatError("the message is empty", "write the message to send")
             if self.turns and self.turns[-1].reply is None:
                 raise ChatError(
@@ -288,7 +303,7 @@ class Conversation:
                     "user messages in a row",
                     f"answer it first with regenerate (%llm_chat {self.name} --regenerate)",
                 )
-            turn = Turn(user=text)
+            turn = _user_turn(text)
             return self._start([*self.turns, turn], options, kwargs, number=len(self.turns) + 1,
                                open_reply=False, on_reply=lambda reply: self.turns.append(_with(turn, reply)))
 
@@ -305,7 +320,7 @@ class Conversation:
                     last.earlier.append(last.reply)
                 last.reply = reply
 
-            return self._start([*self.turns[:-1], Turn(user=last.user)], options, kwargs, number=len(self.turns),
+            return self._start([*self.turns[:-1], Turn(user=last.user, parts=last.parts, images=last.images)], options, kwargs, number=len(self.turns),
                                open_reply=False, on_reply=replace)
 
     def continue_reply(self, options: GenerationOptions | Mapping[str, Any] | None = None, **kwargs: Any) -> Result:
@@ -357,6 +372,7 @@ class Conversation:
         ``on_reply`` to receive the reply when it ends well or is interrupted."""
         engine = self.engine
         opts = engine.generation_options(options, **kwargs)
+        _hold_images(turns)
         prompt = self._prompt(engine, turns, open_reply=open_reply, max_new_tokens=opts.max_new_tokens)
         self.notes = [note for note in prompt.notes if note not in self._said]
         self.left_out = prompt.left_out
@@ -364,7 +380,7 @@ class Conversation:
         for note in self.notes:
             warnings.warn(note, ChatNote, stacklevel=3)
         result = engine.stream_prompt(
-            Prompt(prompt.text, prompt.ids, prompt.messages), opts,
+            Prompt(prompt.text, prompt.ids, prompt.messages, prompt.images), opts,
             conversation={"name": self.name, "turn": number}, reuse_prefix=True, continue_final=open_reply,
         )
         self._pending = result
@@ -391,10 +407,11 @@ class Conversation:
             messages = self._messages(turns[start:], last_reply=open_reply)
             if open_reply and not loader.renders_chat:
                 text = render_continuation(loader.chat_template, messages, special_tokens=loader.special_tokens)
-                ids = engine.tokenize(text, add_special=not starts_with_bos(text, loader.special_tokens))
-                return _Prompt(text, ids, messages, start, notes)
+                images = engine.images_for(messages)
+                ids = engine._ids(text, add_special=not starts_with_bos(text, loader.special_tokens), images=images)
+                return _Prompt(text, ids, messages, start, notes, images)
             ready = engine.prompt_for(messages, chat=True, warn_fallback=False)
-            return _Prompt(ready.text, ready.ids, messages, start, notes)
+            return _Prompt(ready.text, ready.ids, messages, start, notes, ready.images)
 
         context = loader.context_length
         budget = None if context is None else context - max_new_tokens
@@ -503,7 +520,12 @@ class Conversation:
             if role == "system" and i == 1:
                 conv.system = content
             elif role == "user" and (last is None or last.reply is not None):
-                conv.turns.append(Turn(user=content))
+                if isinstance(content, list):
+                    from .images import content_text
+
+                    conv.turns.append(Turn(user=content_text(content), parts=content))
+                else:
+                    conv.turns.append(Turn(user=content))
             elif role == "assistant" and last is not None and last.reply is None:
                 last.reply = Reply(content)
             else:
@@ -576,6 +598,49 @@ class Conversation:
             return "".join(parts)
 
 
+def _has_content(message: str | Sequence[Any]) -> bool:
+    """Whether a message says anything: text beyond spaces, or an image."""
+    if isinstance(message, str):
+        return bool(message.strip())
+    return any(not isinstance(piece, str) or piece.strip() for piece in message)
+
+
+def _user_turn(message: str | Sequence[Any]) -> Turn:
+    """The turn of a user message: text, or text pieces and images (content parts, the pixels held)."""
+    if isinstance(message, str):
+        return Turn(user=message)
+    from .images import as_image, content_text, parts
+
+    pieces = [piece if isinstance(piece, (str, Mapping)) else as_image(piece, f"image {i}")
+              for i, piece in enumerate(message, 1)]
+    content = parts(pieces)
+    images = [piece for piece in pieces if not isinstance(piece, (str, Mapping))]
+    if not images:
+        return Turn(user=content_text(content))
+    return Turn(user=content_text(content), parts=content, images=images)
+
+
+def _hold_images(turns: Sequence[Turn]) -> None:
+    """Put the pixels the turns hold back in the image store (a long session may have let them go)."""
+    from .images import remember
+
+    for turn in turns:
+        for image in turn.images:
+            remember(image)
+
+
+def _parts(value: list[Any] | None, where: str) -> list[dict[str, str]] | None:
+    if value is None:
+        return None
+    from .errors import ImageError
+    from .images import check_part
+
+    try:
+        return [check_part(p, f"{where}, part {i}") for i, p in enumerate(value, 1)]
+    except ImageError as exc:
+        raise ChatError(exc.cause, _FILE_FIX) from None
+
+
 def _with(turn: Turn, reply: Reply) -> Turn:
     turn.reply = reply
     return turn
@@ -617,13 +682,15 @@ def _field(data: Mapping[str, Any], key: str, where: str, kind: type, default: A
     return value
 
 
-def _message(value: Any, number: int) -> dict[str, str]:
+def _message(value: Any, number: int) -> dict[str, Any]:
     """Message ``number`` of a file: ``{"role", "content"}`` with a known role and text content."""
     where = f"message {number}"
     data = _object(value, where)
     role = _field(data, "role", where, str)
     if role not in _ROLES:
         raise ChatError(f"{where}: 'role' is {role!r}, not one of {', '.join(_ROLES)}", _FILE_FIX)
+    if role == "user" and isinstance(data.get("content"), list):  # a message with images: content parts
+        return {"role": role, "content": _parts(data["content"], where)}
     return {"role": role, "content": _field(data, "content", where, str)}
 
 

@@ -110,7 +110,9 @@ class Prompt:
 
     text: str
     ids: list[int] | None
-    messages: list[dict[str, str]] | None = None
+    messages: list[dict[str, Any]] | None = None
+    images: list[Any] = field(default_factory=list)
+    """The :class:`~nbllm.images.ChatImage` of each image part of ``messages``, in order."""
 
 
 class Engine:
@@ -432,15 +434,42 @@ class Engine:
             messages = [m for m in messages if m["role"] != "system"]
             if system:
                 messages.insert(0, {"role": "system", "content": system})
+        images = self.images_for(messages)
         if loader.renders_chat:
-            return Prompt("", None, messages)
+            return Prompt("", None, messages, images)
         if loader.chat_template is None and warn_fallback:
             warnings.warn(FALLBACK_NOTE, ChatNote, stacklevel=3)
         text = render_chat(loader.chat_template, messages, special_tokens=loader.special_tokens)
-        return Prompt(text, self._ids(text, add_special=not starts_with_bos(text, loader.special_tokens)), messages)
+        add_special = not starts_with_bos(text, loader.special_tokens)
+        return Prompt(text, self._ids(text, add_special=add_special, images=images), messages, images)
 
-    def _ids(self, text: str, *, add_special: bool) -> list[int] | None:
-        return self.tokenize(text, add_special=add_special) if isinstance(self.loader, TokenLoader) else None
+    def images_for(self, messages: Sequence[Mapping[str, Any]]) -> list[Any]:
+        """The images of ``messages``' image parts, in order; a loaded model that takes no images, or an
+        image no longer held in memory, raises :class:`~nbllm.errors.ImageError` in one line."""
+        from .images import image_hashes, recall
+
+        hashes = image_hashes(messages)
+        if not hashes:
+            return []
+        loader = self.loader
+        if not loader.takes_images:
+            from .errors import ImageError
+
+            name = self._source.name if self._source is not None else "the loaded model"
+            raise ImageError(f"{name} takes no images (a text-only model); the message has {len(hashes)}",
+                             "load a vision model (an image-text-to-text model folder, or a GGUF with its mmproj "
+                             "projector), or send text only")
+        return [recall(h) for h in hashes]
+
+    def _ids(self, text: str, *, add_special: bool, images: Sequence[Any] = ()) -> list[int] | None:
+        """The token ids of ``text``; with ``images``, as the loader's processor expands their placeholders."""
+        if not isinstance(self.loader, TokenLoader):
+            return None
+        if not images:
+            return self.tokenize(text, add_special=add_special)
+        with self._cond:
+            self._settle()
+            return self.loader.tokenize_with_images(text, images, add_special=add_special)
 
     def stream(
         self,
@@ -523,7 +552,7 @@ class Engine:
             request = Request(
                 prompt=prompt.text, prompt_ids=ids, options=capped, seed=seed, cancel=result.cancel_event,
                 messages=prompt.messages, continue_final=continue_final,
-                reuse_prefix=reuse_prefix and self.reuse_prefix,
+                reuse_prefix=reuse_prefix and self.reuse_prefix, images=list(prompt.images),
             )
             try:
                 answered = loader.answer(request)
@@ -917,11 +946,18 @@ def _load_error(failure: Exception, cls: type[Loader], source: ModelSource) -> N
                      "check the model and the options; reload if this repeats")
 
 
-def _messages(prompt: Sequence[Mapping[str, str]]) -> list[dict[str, str]]:
-    """Chat messages as plain dicts, checked: each a role and text content."""
-    out = []
+def _messages(prompt: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """Chat messages as plain dicts, checked: each a role and text content, or (a user message) a list of
+    content parts where images may stand (:mod:`nbllm.images`)."""
+    out: list[dict[str, Any]] = []
     for i, m in enumerate(prompt):
         role, content = m.get("role"), m.get("content")
+        if role == "user" and isinstance(content, list):
+            from .images import check_part
+
+            out.append({"role": "user", "content": [check_part(p, f"message {i + 1}, part {j}")
+                                                    for j, p in enumerate(content, 1)]})
+            continue
         if role not in ("system", "user", "assistant") or not isinstance(content, str):
             raise OptionError(f"message {i + 1} needs a role (system, user or assistant) and text content",
                               'write it as {"role": "user", "content": "..."}')
