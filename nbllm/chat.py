@@ -563,7 +563,7 @@ class Conversation:
             if self.system:
                 lines.append(_block("system", self.system))
             for turn in self.turns:
-                lines.append(_block("user", turn.user))
+                lines.append(_block("user", _shown(turn)))
                 if turn.reply is not None:
                     lines.append(_block("assistant", turn.reply.content, _marks(turn)))
             return "\n".join(lines)
@@ -591,11 +591,24 @@ class Conversation:
             if self.system:
                 parts.append(box("system", self.system))
             for turn in self.turns:
-                parts.append(box("user", turn.user))
+                parts.append(box("user", _shown(turn)) + _thumbnails(turn))
                 if turn.reply is not None:
                     parts.append(box("assistant", turn.reply.content, _marks(turn)))
             parts.append("</div>")
             return "".join(parts)
+
+
+def _shown(turn: Turn) -> str:
+    """A user message as text, each image as ``[image <first hash digits>]``."""
+    if not turn.parts:
+        return turn.user
+    return "".join(p["text"] if p["type"] == "text" else f"[image {p['sha256'][:12]}]" for p in turn.parts)
+
+
+def _thumbnails(turn: Turn) -> str:
+    """The images a turn still holds, small, under its message (HTML)."""
+    return "".join(f"<img src='{image.data_url()}' title='sha256 {image.sha256}' style='max-height: 96px; "
+                   "margin: 0 0 6px 15%; image-rendering: pixelated'>" for image in turn.images)
 
 
 def _has_content(message: str | Sequence[Any]) -> bool:

@@ -1,0 +1,180 @@
+"""Images in chat: the tiny LLaVA through the real Transformers loader, the magics in a real IPython
+shell, records and replay by sha256, and the one-line refusals."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import nbllm
+from nbllm.chat import Conversation
+from nbllm.errors import ImageError
+from nbllm.images import as_image, parts, recall
+
+
+@pytest.fixture(scope="session")
+def tiny_vision() -> Path:
+    from nbllm.testing import tiny_vision_model
+
+    return tiny_vision_model()
+
+
+@pytest.fixture
+def vision(engine: Any, tiny_vision: Path) -> Any:
+    engine.load(str(tiny_vision))
+    return engine
+
+
+def _picture(seed: int, size: int = 32) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, (size, size, 3), dtype=np.uint8)
+
+
+def _library_reply(folder: Path, content: list[dict[str, Any]], images: list[Any], max_new_tokens: int) -> str:
+    """What transformers itself answers: its processor's chat template, its processor, greedy generate."""
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    model = AutoModelForImageTextToText.from_pretrained(folder).eval()
+    processor = AutoProcessor.from_pretrained(folder)
+    text = processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True,
+                                         tokenize=False)
+    inputs = processor(text=text, images=images, return_tensors="pt", add_special_tokens=False)
+    out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
+    return str(processor.tokenizer.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True))
+
+
+# -- the image values ------------------------------------------------------------------------------------
+def test_an_image_is_named_by_the_sha256_of_its_pixels_however_it_is_given(tmp_path: Path) -> None:
+    array = _picture(1)
+    Image.fromarray(array).save(tmp_path / "a.png")
+    from_array, from_file, from_pil = as_image(array), as_image(tmp_path / "a.png"), as_image(Image.fromarray(array))
+    assert from_array.sha256 == from_file.sha256 == from_pil.sha256
+    assert as_image(_picture(2)).sha256 != from_array.sha256
+    assert (from_array.width, from_array.height) == (32, 32)
+    assert np.array_equal(np.asarray(recall(from_array.sha256).pil()), array)  # PNG keeps the pixels
+    assert parts(["What is ", array, "?"]) == [
+        {"type": "text", "text": "What is "}, {"type": "image", "sha256": from_array.sha256},
+        {"type": "text", "text": "?"}]
+
+
+def test_bad_images_are_one_line_each(tmp_path: Path) -> None:
+    (tmp_path / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    with pytest.raises(ImageError) as corrupt:
+        as_image(tmp_path / "broken.png")
+    assert "broken.png" in str(corrupt.value) and "\n" not in str(corrupt.value)
+    with pytest.raises(ImageError, match="there is no file"):
+        as_image(tmp_path / "missing.png")
+    with pytest.raises(ImageError, match=r"shape \(4,\), not an image"):
+        as_image(np.zeros(4, dtype=np.uint8))
+    with pytest.raises(ImageError, match="not held in memory"):
+        recall("0" * 64)
+
+
+def test_the_tiny_vision_model_is_deterministic(tmp_path: Path, tiny_vision: Path) -> None:
+    from nbllm.testing import tiny_vision_model
+
+    again = tiny_vision_model(tmp_path / "again")
+    for name in ("model.safetensors", "tokenizer.json", "processor_config.json", "chat_template.jinja"):
+        assert (again / name).read_bytes() == (tiny_vision / name).read_bytes(), name
+    assert json.loads((again / "config.json").read_text())["architectures"] == ["LlavaForConditionalGeneration"]
+
+
+# -- the Transformers loader -----------------------------------------------------------------------------
+def test_a_chat_with_an_image_gives_what_transformers_gives(vision: Any, tiny_vision: Path) -> None:
+    assert vision.loader.takes_images and vision.loader.processor is not None
+    picture = _picture(3)
+    chat = Conversation("look", engine=vision)
+    reply = chat.send(["What is in ", picture, "?"], temperature=0, max_new_tokens=8)
+    content = [{"type": "text", "text": "What is in "}, {"type": "image"}, {"type": "text", "text": "?"}]
+    assert reply.text == _library_reply(tiny_vision, content, [Image.fromarray(picture)], 8)
+    # the image's 16 tokens are in the prompt the engine counted
+    assert reply.prompt_tokens == len(vision.loader.tokenize(reply.record.prompt, add_special=False)) + 15
+    # the pixels decide the reply: another picture, another answer (same text)
+    other = Conversation("other", engine=vision).send(["What is in ", _picture(4), "?"], temperature=0,
+                                                      max_new_tokens=8)
+    assert other.text != reply.text
+    # records carry the hash, never the pixels
+    sha = as_image(picture).sha256
+    assert reply.record.messages[0]["content"][1] == {"type": "image", "sha256": sha}
+    saved = json.dumps(reply.record.to_dict())
+    assert sha in saved and "base64" not in saved and len(saved) < 20_000
+    # a second turn keeps the image in the history; text-only turns work as before
+    second = chat.send("And now?", temperature=0, max_new_tokens=4)
+    _ = second.text
+    assert second.record.messages[0]["content"][1]["sha256"] == sha and len(chat) == 2
+
+
+def test_a_saved_conversation_keeps_the_hashes_and_loads_back(vision: Any, tmp_path: Path) -> None:
+    chat = Conversation("keep", engine=vision)
+    _ = chat.send([_picture(5), "Describe it."], temperature=0, max_new_tokens=4).text
+    path = chat.save(tmp_path / "keep.json")
+    data = json.loads(path.read_text())
+    assert data["messages"][0]["content"][0]["type"] == "image" and data["turns"][0]["parts"][0]["sha256"]
+    back = Conversation.load(path)
+    assert back.messages() == chat.messages() and "[image " in str(back)
+
+
+def test_a_text_only_model_refuses_an_image_in_one_line(engine: Any, tiny_model: Path) -> None:
+    engine.load(str(tiny_model))
+    chat = Conversation("blind", engine=engine)
+    with pytest.raises(ImageError) as refused:
+        chat.send(["What is this?", _picture(6)], max_new_tokens=2)
+    assert "takes no images" in str(refused.value) and "\n" not in str(refused.value)
+    assert len(chat) == 0 and not chat.generating
+    assert chat.send("Still there?", max_new_tokens=2).text is not None  # the model and the chat still work
+
+
+# -- the magics ------------------------------------------------------------------------------------------
+def test_the_chat_magic_takes_images_from_the_namespace(shell: Any, vision: Any, tiny_vision: Path,
+                                                        tmp_path: Path) -> None:
+    from IPython.core.error import UsageError
+
+    picture = _picture(7)
+    Image.fromarray(picture).save(tmp_path / "p.png")
+    shell.user_ns.update(img=Image.fromarray(picture), path=tmp_path / "p.png", word="colour")
+    shell.run_cell_magic("llm_chat", "eye --temperature 0 --max-new-tokens 6 -o r", "{img} Which {word}?")
+    r = shell.user_ns["r"]
+    assert r.record.messages[0]["content"] == [{"type": "image", "sha256": as_image(picture).sha256},
+                                               {"type": "text", "text": " Which colour?"}]
+    library = Conversation("lib", engine=vision).send([picture, " Which colour?"], temperature=0, max_new_tokens=6)
+    assert r.text == library.text
+    # a path is the same picture
+    shell.run_cell_magic("llm_chat", "eye2 --temperature 0 --max-new-tokens 6 -o p", "{path} Which {word}?")
+    assert shell.user_ns["p"].text == r.text
+    # {{img}} stays text
+    shell.run_cell_magic("llm_chat", "eye3 --temperature 0 --max-new-tokens 2 -o t", "{{img}}")
+    assert shell.user_ns["t"].record.messages[0]["content"] == "{img}"
+    shell.user_ns["bad"] = tmp_path / "nothing.png"
+    with pytest.raises(UsageError, match="there is no file"):
+        shell.run_cell_magic("llm_chat", "eye4", "{bad} What?")
+
+
+# -- replay ----------------------------------------------------------------------------------------------
+@pytest.fixture
+def image_log(vision: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[Path, str]]:
+    from nbllm.runlog import flush
+
+    flush()
+    log = tmp_path / "runs.sqlite"
+    monkeypatch.setenv("NBLLM_RUN_LOG", str(log))
+    text = Conversation("rec", engine=vision).send([_picture(8), "What?"], temperature=0, max_new_tokens=6).text
+    flush()
+    monkeypatch.setenv("NBLLM_RUN_LOG", "off")
+    yield log, text
+    nbllm.replay(None)
+
+
+def test_replay_matches_the_images_by_hash(image_log: tuple[Path, str], tiny_vision: Path) -> None:
+    log, text = image_log
+    nbllm.replay(log)
+    nbllm.load(str(tiny_vision))
+    again = Conversation("rec2").send([_picture(8), "What?"], temperature=0, max_new_tokens=6)
+    assert again.text == text and again.replayed
+    with pytest.raises(nbllm.NbllmError, match="no recorded run") as miss:
+        _ = Conversation("rec3").send([_picture(9), "What?"], temperature=0, max_new_tokens=6).text
+    assert "message" in str(miss.value)
