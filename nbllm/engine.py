@@ -952,11 +952,10 @@ def _messages(prompt: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
     out: list[dict[str, Any]] = []
     for i, m in enumerate(prompt):
         role, content = m.get("role"), m.get("content")
-        if role == "user" and isinstance(content, list):
-            from .images import check_part
+        if role == "user" and isinstance(content, list):  # text and images: nbllm.images.parts
+            from .images import parts
 
-            out.append({"role": "user", "content": [check_part(p, f"message {i + 1}, part {j}")
-                                                    for j, p in enumerate(content, 1)]})
+            out.append({"role": "user", "content": parts(content)})
             continue
         if role not in ("system", "user", "assistant") or not isinstance(content, str):
             raise OptionError(f"message {i + 1} needs a role (system, user or assistant) and text content",

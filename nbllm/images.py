@@ -172,12 +172,12 @@ def recall(sha256: str) -> ChatImage:
 
 # -- message content ----------------------------------------------------------------------------------
 def parts(values: Iterable[Any]) -> list[dict[str, str]]:
-    """Message content parts from text pieces and images, in order (adjacent text joined, empty text
-    dropped): ``["What is in ", img, "?"]`` → a text part, an image part, a text part."""
+    """Message content parts from text pieces, images and parts, in order (adjacent text joined, empty
+    text dropped): ``["What is in ", img, "?"]`` → a text part, an image part, a text part."""
     out: list[dict[str, str]] = []
     for i, value in enumerate(values, 1):
-        if isinstance(value, Mapping) and value.get("type") in ("text", "image"):
-            out.append(dict(value))
+        if isinstance(value, Mapping):
+            out.append(check_part(value, f"part {i}"))
         elif isinstance(value, str):
             if out and out[-1]["type"] == "text":
                 out[-1] = {"type": "text", "text": out[-1]["text"] + value}

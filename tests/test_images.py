@@ -178,3 +178,56 @@ def test_replay_matches_the_images_by_hash(image_log: tuple[Path, str], tiny_vis
     with pytest.raises(nbllm.NbllmError, match="no recorded run") as miss:
         _ = Conversation("rec3").send([_picture(9), "What?"], temperature=0, max_new_tokens=6).text
     assert "message" in str(miss.value)
+
+
+# -- serving, and the remote loader ----------------------------------------------------------------------
+def test_llm_serve_takes_image_url_parts_from_the_openai_client(vision: Any) -> None:
+    import base64
+    import io
+
+    import openai
+
+    from nbllm.serve import stop
+
+    picture = _picture(10)
+    png = io.BytesIO()
+    Image.fromarray(picture).save(png, format="PNG")
+    url = "data:image/png;base64," + base64.b64encode(png.getvalue()).decode()
+    server = nbllm.serve(port=0)
+    try:
+        client = openai.OpenAI(base_url=server.url, api_key="unused", max_retries=0, timeout=120)
+        answer = client.chat.completions.create(
+            model=nbllm.status().model, temperature=0, max_tokens=6,
+            messages=[{"role": "user", "content": [{"type": "text", "text": "What is "},
+                                                   {"type": "image_url", "image_url": {"url": url}}]}])
+        local = nbllm.generate([{"role": "user", "content": ["What is ", picture]}], temperature=0, max_new_tokens=6)
+        assert answer.choices[0].message.content == local.text
+        # nbllm's remote loader (in an engine of its own) sends the image to the server as an image_url part
+        from nbllm.engine import Engine
+
+        remote = Engine()
+        remote.load(server.url)
+        try:
+            assert remote.generate([{"role": "user", "content": ["What is ", picture]}], temperature=0,
+                                   max_new_tokens=6).text == local.text
+        finally:
+            remote.unload()
+        with pytest.raises(openai.BadRequestError, match="not an image file"):
+            client.chat.completions.create(model=nbllm.status().model, max_tokens=2, messages=[
+                {"role": "user", "content": [{"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}}]}])
+    finally:
+        stop()
+
+
+def test_the_remote_loader_sends_images_as_image_url_parts() -> None:
+    from nbllm.loaders.openai import wire_messages
+
+    image = as_image(_picture(11))
+    messages = [{"role": "system", "content": "Short."},
+                {"role": "user", "content": [{"type": "text", "text": "See "}, image.part()]}]
+    assert wire_messages(messages, [image]) == [
+        {"role": "system", "content": "Short."},
+        {"role": "user", "content": [{"type": "text", "text": "See "},
+                                     {"type": "image_url", "image_url": {"url": image.data_url()}}]}]
+    ollama = wire_messages(messages, [image], native=True)[1]
+    assert ollama["content"] == "See " and ollama["images"] == [image.data_url().partition(",")[2]]
