@@ -406,7 +406,8 @@ class Conversation:
         def render(start: int) -> _Prompt:
             messages = self._messages(turns[start:], last_reply=open_reply)
             if open_reply and not loader.renders_chat:
-                text = render_continuation(loader.chat_template, messages, special_tokens=loader.special_tokens)
+                text = render_continuation(loader.chat_template, loader.template_messages(messages),
+                                           special_tokens=loader.special_tokens)
                 images = engine.images_for(messages)
                 ids = engine._ids(text, add_special=not starts_with_bos(text, loader.special_tokens), images=images)
                 return _Prompt(text, ids, messages, start, notes, images)

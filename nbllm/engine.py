@@ -439,7 +439,7 @@ class Engine:
             return Prompt("", None, messages, images)
         if loader.chat_template is None and warn_fallback:
             warnings.warn(FALLBACK_NOTE, ChatNote, stacklevel=3)
-        text = render_chat(loader.chat_template, messages, special_tokens=loader.special_tokens)
+        text = render_chat(loader.chat_template, loader.template_messages(messages), special_tokens=loader.special_tokens)
         add_special = not starts_with_bos(text, loader.special_tokens)
         return Prompt(text, self._ids(text, add_special=add_special, images=images), messages, images)
 

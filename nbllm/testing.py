@@ -49,6 +49,7 @@ __all__ = [
     "real_model_transformers",
     "tiny_gguf_adapter",
     "tiny_gguf_model",
+    "tiny_gguf_vision_model",
     "tiny_peft_adapter",
     "tiny_transformers_model",
     "tiny_vision_model",
@@ -868,6 +869,98 @@ def tiny_vision_model(
         folder = tmp / "model"
         folder.mkdir()
         _write_vision(folder, spec)
+        (folder / _MARKER).write_text(json.dumps(spec, sort_keys=True, indent=1) + "\n", encoding="utf-8")
+        _install_dir(folder, target, spec)
+    return target
+
+
+def _write_projector(file: Path, spec: dict[str, Any]) -> None:
+    """A LLaVA-style projector GGUF (``clip.projector_type = "mlp"``: a CLIP vision tower and a two-layer
+    MLP into the language model's width), with llama.cpp's ``clip.cpp`` tensor names and keys."""
+    import numpy as np
+    from gguf import GGUFWriter
+
+    n_embd, image, patch, width = spec["vision_hidden_size"], spec["image_size"], spec["patch_size"], spec["hidden_size"]
+    ff = 2 * n_embd
+    rng = np.random.default_rng(spec["seed"])
+    writer = GGUFWriter(str(file), "clip")
+    writer.add_name("nbllm tiny projector")
+    writer.add_file_type(0)  # all float32
+    writer.add_bool("clip.has_vision_encoder", True)
+    writer.add_bool("clip.has_llava_projector", True)
+    writer.add_string("clip.projector_type", "mlp")
+    writer.add_bool("clip.use_gelu", True)
+    for key, value in (("image_size", image), ("patch_size", patch), ("embedding_length", n_embd),
+                       ("feed_forward_length", ff), ("projection_dim", width), ("block_count", 1),
+                       ("attention.head_count", 4)):
+        writer.add_uint32(f"clip.vision.{key}", value)
+    writer.add_float32("clip.vision.attention.layer_norm_epsilon", 1e-5)
+    writer.add_array("clip.vision.image_mean", [0.48145466, 0.4578275, 0.40821073])  # CLIP's
+    writer.add_array("clip.vision.image_std", [0.26862954, 0.26130258, 0.27577711])
+
+    def tensor(name: str, *shape: int, ones: bool = False) -> None:
+        value = np.ones(shape, np.float32) if ones else rng.standard_normal(shape).astype(np.float32) * 0.1
+        writer.add_tensor(name, value)
+
+    tensor("v.patch_embd.weight", n_embd, 3, patch, patch)
+    tensor("v.class_embd", n_embd)
+    tensor("v.position_embd.weight", (image // patch) ** 2 + 1, n_embd)
+    tensor("v.pre_ln.weight", n_embd, ones=True)
+    tensor("v.pre_ln.bias", n_embd)
+    for part in ("attn_q", "attn_k", "attn_v", "attn_out"):
+        tensor(f"v.blk.0.{part}.weight", n_embd, n_embd)
+        tensor(f"v.blk.0.{part}.bias", n_embd)
+    for norm in ("ln1", "ln2"):
+        tensor(f"v.blk.0.{norm}.weight", n_embd, ones=True)
+        tensor(f"v.blk.0.{norm}.bias", n_embd)
+    tensor("v.blk.0.ffn_up.weight", ff, n_embd)
+    tensor("v.blk.0.ffn_up.bias", ff)
+    tensor("v.blk.0.ffn_down.weight", n_embd, ff)
+    tensor("v.blk.0.ffn_down.bias", n_embd)
+    tensor("mm.0.weight", width, n_embd)
+    tensor("mm.0.bias", width)
+    tensor("mm.2.weight", width, width)
+    tensor("mm.2.bias", width)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+
+def tiny_gguf_vision_model(
+    path: str | Path | None = None,
+    *,
+    hidden_size: int = 64,
+    vision_hidden_size: int = 64,
+    image_size: int = 32,
+    patch_size: int = 8,
+    seed: int = 0,
+) -> Path:
+    """Build (or reuse) a folder holding the tiny GGUF model (:func:`tiny_gguf_model`) and a random
+    projector beside it, ``mmproj-tiny-f32.gguf`` (LLaVA's MLP projector over a one-layer CLIP tower, as
+    llama.cpp's ``convert_hf_to_gguf.py --mmproj`` writes one); return the folder. llama.cpp loads the
+    model with its projector through libmtmd, and each image becomes ``(image_size / patch_size) ** 2``
+    positions. ``path=None``: cached as the other tiny models are.
+    """
+    _check_int("vision_hidden_size", vision_hidden_size, 64)
+    if vision_hidden_size % 64:
+        raise OptionError(f"vision_hidden_size must be a multiple of 64, got {vision_hidden_size}")
+    _check_int("patch_size", patch_size, 1)
+    _check_int("image_size", image_size, patch_size)
+    if image_size % patch_size:
+        raise OptionError(f"image_size ({image_size}) must be a multiple of patch_size ({patch_size})")
+    spec = {**_spec(hidden_size=hidden_size, num_layers=2, num_heads=4, num_kv_heads=None, intermediate_size=None,
+                    vocab_size=512, max_position_embeddings=2048, seed=seed, chat_template=True),
+            "format": "gguf-vision", "vision_hidden_size": vision_hidden_size, "image_size": image_size,
+            "patch_size": patch_size}
+    target = Path(path).expanduser() if path is not None else _cache_root() / _name(spec, "mmproj")
+    if _check_target_dir(target, spec):
+        return target
+    with _temp_dir(target.parent) as tmp:
+        folder = tmp / "model"
+        folder.mkdir()
+        tiny_gguf_model(folder / "tiny.gguf", hidden_size=hidden_size, seed=seed)
+        _write_projector(folder / "mmproj-tiny-f32.gguf", spec)
         (folder / _MARKER).write_text(json.dumps(spec, sort_keys=True, indent=1) + "\n", encoding="utf-8")
         _install_dir(folder, target, spec)
     return target

@@ -166,6 +166,11 @@ class Loader(ABC):
         refuses an image for any other model in one line."""
         return False
 
+    def template_messages(self, messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """``messages`` as the chat template renders them: as they are, unless the loader marks images its
+        own way (llama.cpp: a media marker in the text)."""
+        return messages
+
     @property
     def chat_template(self) -> str | None:
         """The model's own chat template (jinja source), if it has one."""
