@@ -119,6 +119,13 @@ class Turn:
     never saved (a loaded conversation has the hashes only)."""
 
     @property
+    def shown(self) -> str:
+        """The user message as text, each image as ``[image <first digits of its sha256>]``."""
+        if not self.parts:
+            return self.user
+        return "".join(p["text"] if p["type"] == "text" else f"[image {p['sha256'][:12]}]" for p in self.parts)
+
+    @property
     def versions(self) -> list[Reply]:
         """Every version of the reply, the current one last."""
         return [*self.earlier, *([self.reply] if self.reply is not None else [])]
@@ -564,7 +571,7 @@ class Conversation:
             if self.system:
                 lines.append(_block("system", self.system))
             for turn in self.turns:
-                lines.append(_block("user", _shown(turn)))
+                lines.append(_block("user", turn.shown))
                 if turn.reply is not None:
                     lines.append(_block("assistant", turn.reply.content, _marks(turn)))
             return "\n".join(lines)
@@ -592,18 +599,11 @@ class Conversation:
             if self.system:
                 parts.append(box("system", self.system))
             for turn in self.turns:
-                parts.append(box("user", _shown(turn)) + _thumbnails(turn))
+                parts.append(box("user", turn.shown) + _thumbnails(turn))
                 if turn.reply is not None:
                     parts.append(box("assistant", turn.reply.content, _marks(turn)))
             parts.append("</div>")
             return "".join(parts)
-
-
-def _shown(turn: Turn) -> str:
-    """A user message as text, each image as ``[image <first hash digits>]``."""
-    if not turn.parts:
-        return turn.user
-    return "".join(p["text"] if p["type"] == "text" else f"[image {p['sha256'][:12]}]" for p in turn.parts)
 
 
 def _thumbnails(turn: Turn) -> str:

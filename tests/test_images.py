@@ -317,3 +317,46 @@ def test_a_projector_that_does_not_fit_the_model_is_one_line(engine: Any, tiny_g
         engine.load(str(folder))
     message = str(refused.value)
     assert "could not load the projector mmproj-tiny-f32.gguf" in message and "\n" not in message
+
+
+# -- the chat panel --------------------------------------------------------------------------------------
+def test_the_chat_panel_sends_an_uploaded_image(vision: Any) -> None:
+    import io
+
+    from nbllm.chat import forget
+    from nbllm.options import GenerationOptions
+    from nbllm.widgets import ChatPanel
+
+    def upload(name: str, data: bytes) -> dict[str, Any]:
+        import datetime
+
+        return {"name": name, "type": "image/png", "size": len(data), "content": memoryview(data),
+                "last_modified": datetime.datetime.now(datetime.timezone.utc)}  # as the front end's upload gives it
+
+    picture = _picture(14)
+    png = io.BytesIO()
+    Image.fromarray(picture).save(png, format="PNG")
+    vision.defaults = GenerationOptions(temperature=0, max_new_tokens=6)
+    forget("panel-images")
+    panel = ChatPanel("panel-images")
+    try:
+        panel.upload.value = (upload("broken.png", b"not a picture"),)
+        panel.input.value = "What is it?"
+        panel.send_button.click()
+        assert "broken.png is not an image file" in panel.messages.error_text and len(panel.chat) == 0
+        assert panel.input.value == "What is it?"  # nothing was sent: the message stays
+
+        panel.upload.value = (upload("p.png", png.getvalue()),)
+        panel.send_button.click()
+        assert panel.wait(120) and panel.messages.error_text == ""
+        turn = panel.chat.turns[-1]
+        assert turn.parts == [{"type": "image", "sha256": as_image(picture).sha256},
+                              {"type": "text", "text": "What is it?"}]
+        assert panel.upload.value == () and panel.input.value == ""
+        expected = Conversation("panel-lib", engine=vision).send([picture, "What is it?"]).text
+        assert turn.reply is not None and turn.reply.content == expected
+        user_view = panel.view.children[0]
+        assert user_view.images and "data:image/png;base64," in user_view.value
+    finally:
+        panel.close()
+        forget("panel-images")
