@@ -258,7 +258,7 @@ class Conversation:
     # -- talking ---------------------------------------------------------------------------------
     def reply(
         self,
-        message: str | None = None,
+        message: str | Sequence[Any] | None = None,
         options: GenerationOptions | Mapping[str, Any] | None = None,
         *,
         regenerate: bool = False,
@@ -266,7 +266,8 @@ class Conversation:
         system: str | None = None,
         **kwargs: Any,
     ) -> Result:
-        """The next reply, as a front end asks for it: to ``message`` (:meth:`send`), or the last reply
+        """The next reply, as a front end asks for it: to ``message`` (:meth:`send`: text, or text pieces and
+        images), or the last reply
         written again (``regenerate``) or extended (``continue_``), which take no message.
 
         ``system`` sets the system prompt first ('' removes it; None keeps it). The chat magic and the

@@ -197,7 +197,7 @@ def content_text(content: str | Sequence[Mapping[str, Any]]) -> str:
 
 def image_hashes(messages: Sequence[Mapping[str, Any]] | None) -> list[str]:
     """The sha256 of every image in ``messages``, in order."""
-    out = []
+    out: list[str] = []
     for m in messages or ():
         content = m.get("content")
         if not isinstance(content, str):

@@ -39,7 +39,14 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from ..adapters import Adapter, check_gguf_adapter
-from ..errors import GenerationError, LoadError, ModelNotFoundError, NbllmWarning, OptionError, missing_dependency
+from ..errors import (
+    GenerationError,
+    LoadError,
+    ModelNotFoundError,
+    NbllmWarning,
+    OptionError,
+    missing_dependency,
+)
 from ..gguf_file import (
     GGUFHeader,
     adapter_not_model,
@@ -639,7 +646,7 @@ class LlamaCppLoader(TokenLoader):
         try:
             llm.reset()
             llm._ctx.kv_cache_clear()
-            for chunk, tokens, n in self._chunk_ids(chunks):
+            for chunk, tokens, _n in self._chunk_ids(chunks):
                 if tokens is not None:
                     llm.eval(tokens)
                     continue

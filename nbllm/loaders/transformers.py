@@ -297,7 +297,13 @@ class TransformersLoader(TokenLoader):
     def load(self, source: ModelSource, options: LoadOptions) -> None:
         quiet_library_noise()  # bitsandbytes' import (--load-in-4bit) says nothing a user can act on
         import torch
-        from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText, AutoProcessor, AutoTokenizer
+        from transformers import (
+            AutoConfig,
+            AutoModelForCausalLM,
+            AutoModelForImageTextToText,
+            AutoProcessor,
+            AutoTokenizer,
+        )
 
         from . import _gpu
 
