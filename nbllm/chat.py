@@ -417,7 +417,7 @@ class Conversation:
                 text = render_continuation(loader.chat_template, loader.template_messages(messages),
                                            special_tokens=loader.special_tokens)
                 images = engine.images_for(messages)
-                ids = engine._ids(text, add_special=not starts_with_bos(text, loader.special_tokens), images=images)
+                ids = engine.prompt_ids(text, add_special=not starts_with_bos(text, loader.special_tokens), images=images)
                 return _Prompt(text, ids, messages, start, notes, images)
             ready = engine.prompt_for(messages, chat=True, warn_fallback=False)
             return _Prompt(ready.text, ready.ids, messages, start, notes, ready.images)

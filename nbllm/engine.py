@@ -428,7 +428,7 @@ class Engine:
         renders chats itself (a server) gets the messages."""
         loader = self.loader
         if isinstance(prompt, str) and not chat:
-            return Prompt(prompt, self._ids(prompt, add_special=True))
+            return Prompt(prompt, self.prompt_ids(prompt, add_special=True))
         messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else _messages(prompt)
         if system is not None:
             messages = [m for m in messages if m["role"] != "system"]
@@ -441,7 +441,7 @@ class Engine:
             warnings.warn(FALLBACK_NOTE, ChatNote, stacklevel=3)
         text = render_chat(loader.chat_template, loader.template_messages(messages), special_tokens=loader.special_tokens)
         add_special = not starts_with_bos(text, loader.special_tokens)
-        return Prompt(text, self._ids(text, add_special=add_special, images=images), messages, images)
+        return Prompt(text, self.prompt_ids(text, add_special=add_special, images=images), messages, images)
 
     def images_for(self, messages: Sequence[Mapping[str, Any]]) -> list[Any]:
         """The images of ``messages``' image parts, in order; a loaded model that takes no images, or an
@@ -461,7 +461,7 @@ class Engine:
                              "projector), or send text only")
         return [recall(h) for h in hashes]
 
-    def _ids(self, text: str, *, add_special: bool, images: Sequence[Any] = ()) -> list[int] | None:
+    def prompt_ids(self, text: str, *, add_special: bool, images: Sequence[Any] = ()) -> list[int] | None:
         """The token ids of ``text``; with ``images``, as the loader's processor expands their placeholders."""
         if not isinstance(self.loader, TokenLoader):
             return None
@@ -770,7 +770,7 @@ class Engine:
             for start in range(0, len(prompts), max(size, 1)):
                 rows = list(zip(prompts[start : start + size], row_seeds[start : start + size]))
                 fits = all(p.ids is not None and (limit is None or len(p.ids) + opts.max_new_tokens <= limit)
-                           for p, _ in rows)
+                           and not p.images for p, _ in rows)  # images: one by one, each with its pixels
                 if size > 1 and len(rows) > 1 and fits and opts.logprobs is None:  # logprobs: one by one
                     assert isinstance(loader, TokenLoader)
                     results.extend(self._run_batch(loader, rows, opts))

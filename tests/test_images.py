@@ -98,6 +98,10 @@ def test_a_chat_with_an_image_gives_what_transformers_gives(vision: Any, tiny_vi
     other = Conversation("other", engine=vision).send(["What is in ", _picture(4), "?"], temperature=0,
                                                       max_new_tokens=8)
     assert other.text != reply.text
+    # several prompts at once: each with its own pixels (rows with images are not batched together)
+    many = nbllm.generate_many([[{"role": "user", "content": ["What is in ", p, "?"]}] for p in (picture, _picture(4))],
+                               temperature=0, max_new_tokens=8, engine=vision)
+    assert [r.text for r in many] == [reply.text, other.text]
     # records carry the hash, never the pixels
     sha = as_image(picture).sha256
     assert reply.record.messages[0]["content"][1] == {"type": "image", "sha256": sha}
