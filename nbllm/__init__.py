@@ -19,24 +19,22 @@ from typing import TYPE_CHECKING, Any
 
 from ._version import __version__ as __version__
 from .errors import NbllmError
-from .evaluate import (  # the functions (the module stays importable: nbllm.evaluate.Evaluation); imports no engine
-    evaluate,
-    evaluate_tasks,
-)
-from .options import GenerationOptions, LoadOptions
-from .result import Record, Result
-from .serve import serve  # the function (the module stays importable: from nbllm.serve import ServeOptions)
 
 if TYPE_CHECKING:
     from .batch import generate_many
     from .chat import Conversation
     from .chat import Conversation as Chat
+    from .compare import compare
     from .constraints import table
     from .engine import Engine, Status, get_engine
+    from .evaluate import evaluate, evaluate_tasks
     from .lora import lora_add, lora_clear, lora_list, lora_remove, lora_restore
+    from .options import GenerationOptions, LoadOptions
     from .recordings import Replay, replay
+    from .result import Record, Result
     from .runlog import runs
     from .scoring import perplexity, score, tokenize
+    from .serve import serve
     from .sweeps import sweep
 
 _LAZY = {
@@ -45,11 +43,17 @@ _LAZY = {
     "lora_add": ("lora", "lora_add"), "lora_clear": ("lora", "lora_clear"), "lora_list": ("lora", "lora_list"),
     "lora_remove": ("lora", "lora_remove"), "lora_restore": ("lora", "lora_restore"), "Replay": ("recordings", "Replay"),
     "replay": ("recordings", "replay"), "runs": ("runlog", "runs"), "sweep": ("sweeps", "sweep"),
-    "table": ("constraints", "table"),
+    "table": ("constraints", "table"), "compare": ("compare", "compare"),
     "score": ("scoring", "score"), "perplexity": ("scoring", "perplexity"), "tokenize": ("scoring", "tokenize"),
+    "GenerationOptions": ("options", "GenerationOptions"), "LoadOptions": ("options", "LoadOptions"),
+    "Record": ("result", "Record"), "Result": ("result", "Result"),
+    "evaluate": ("evaluate", "evaluate"), "evaluate_tasks": ("evaluate", "evaluate_tasks"), "serve": ("serve", "serve"),
 }
 """Names imported at first use: ``%load_ext nbllm`` (which imports this package) stays quick, without the
-engine, the loaders' registry or the download package."""
+engine, the loaders' registry, the download package, the options' schemas, results or the server module.
+``nbllm.evaluate`` and ``nbllm.serve`` are functions named as their modules: importing such a module makes
+the package's attribute the module, so each module is callable as its function (``nbllm.evaluate(...)``
+works whichever was imported first)."""
 
 
 def __getattr__(name: str) -> Any:
@@ -61,46 +65,60 @@ def __getattr__(name: str) -> Any:
     return value
 
 
-def load(model: str | Path, options: LoadOptions | Mapping[str, Any] | None = None, *, fit: bool = False,
-         save_settings: bool = False, **kwargs: Any) -> Status:
+def load(model: str | Path, options: LoadOptions | Mapping[str, Any] | None = None, *, name: str | None = None,
+         replace: str | None = None, fit: bool = False, save_settings: bool = False, **kwargs: Any) -> Status:
     """Load ``model`` into this process's engine (see :meth:`Engine.load`); keyword arguments are
     :class:`LoadOptions` fields, e.g. ``load_in_4bit=True``. ``fit=True`` loads with the options
     recommended for this machine (:func:`nbllm.fit.recommend`); ``save_settings=True`` stores the options
-    as the model's settings (``config-user.yaml``), applied whenever it is loaded by name."""
-    from .engine import get_engine
+    as the model's settings (``config-user.yaml``), applied whenever it is loaded by name.
 
-    return get_engine().load(model, options, fit=fit, save_settings=save_settings, **kwargs)
+    ``name`` loads it beside the models already loaded, under that name (``model=NAME`` elsewhere picks
+    it); it must fit beside them in memory, or ``replace=NAME`` unloads that one first
+    (:mod:`nbllm.registry`). Without a name it replaces the unnamed model, as always."""
+    from .registry import models
 
-
-def unload() -> bool:
-    """Release the loaded model and its memory."""
-    from .engine import get_engine
-
-    return get_engine().unload()
+    return models().load(model, options, name=name, replace=replace, fit=fit, save_settings=save_settings, **kwargs)
 
 
-def status() -> Status:
-    """What is loaded, with which options, where its layers are and the memory it uses."""
-    from .engine import get_engine
+def unload(name: str | None = None, *, all: bool = False) -> bool:  # noqa: A002 (the flag is --all)
+    """Release the model loaded as ``name`` (``None``: the unnamed one), or ``all`` of them, and their memory."""
+    from .registry import models
 
-    return get_engine().status()
+    if all:
+        return bool(models().unload_all())
+    return models().unload(name)
+
+
+def status(name: str | None = None) -> Status:
+    """What is loaded as ``name`` (``None``: the unnamed model), with which options, where its layers are
+    and the memory it uses (:func:`loaded_models` gives every model's)."""
+    from .registry import models
+
+    return models().engine(name).status()
+
+
+def loaded_models() -> dict[str, Status]:
+    """Every loaded model's status, by name (the unnamed one as ``default``)."""
+    from .registry import models
+
+    return models().statuses()
 
 
 def generate(prompt: str | Sequence[Mapping[str, str]], options: GenerationOptions | Mapping[str, Any] | None = None,
-             **kwargs: Any) -> Result:
+             *, model: str | None = None, **kwargs: Any) -> Result:
     """Generate to the end; keyword arguments are :class:`GenerationOptions` fields (and ``chat``,
-    ``system``)."""
-    from .engine import get_engine
+    ``system``). ``model``: the name of the model to ask (``None``: the unnamed one)."""
+    from .registry import engine_for
 
-    return get_engine().generate(prompt, options, **kwargs)
+    return engine_for(model).generate(prompt, options, **kwargs)
 
 
 def stream(prompt: str | Sequence[Mapping[str, str]], options: GenerationOptions | Mapping[str, Any] | None = None,
-           **kwargs: Any) -> Result:
-    """Start generating; iterate the result to get text as it is produced."""
-    from .engine import get_engine
+           *, model: str | None = None, **kwargs: Any) -> Result:
+    """Start generating; iterate the result to get text as it is produced. ``model``: as in :func:`generate`."""
+    from .registry import engine_for
 
-    return get_engine().stream(prompt, options, **kwargs)
+    return engine_for(model).stream(prompt, options, **kwargs)
 
 
 def load_ipython_extension(ipython: Any) -> None:
@@ -112,7 +130,7 @@ def load_ipython_extension(ipython: Any) -> None:
 
 __all__ = [
     "Chat", "Conversation", "Engine", "GenerationOptions", "LoadOptions", "NbllmError", "Record", "Replay", "Result",
-    "Status", "evaluate", "evaluate_tasks", "generate", "generate_many", "get_engine", "load", "load_ipython_extension",
+    "Status", "compare", "evaluate", "evaluate_tasks", "generate", "generate_many", "get_engine", "load", "load_ipython_extension", "loaded_models",
     "lora_add", "lora_clear", "lora_list", "lora_remove", "lora_restore", "perplexity", "replay", "runs", "score", "serve",
     "status", "stream", "sweep", "table", "tokenize", "unload",
 ]

@@ -32,16 +32,16 @@ class NbllmLM(LM):
         self.engine = engine or get_engine()
 
     # -- tokens, as lm-eval's hf model makes them ------------------------------------------------------
-    def _loader(self) -> TokenLoader:
+    def _loader(self) -> Any:
         loader = self.engine.loader
-        if not isinstance(loader, TokenLoader) or not loader.scores_tokens:
+        if not loader.scores_tokens:  # a local loader, or the remote loader at a server it scores on
             raise GenerationError(f"the {loader.name} loader does not give the log-probabilities lm-eval needs",
                                   "load the model with the transformers or llama.cpp loader to evaluate it")
         return loader
 
     def _prefix_token(self, loader: TokenLoader) -> int:
         ids = loader.tokenize("", add_special=True)
-        return ids[0] if ids else min(loader.eos_token_ids)
+        return ids[0] if ids else min(getattr(loader, "eos_token_ids", None) or [0])
 
     def _encode_pair(self, loader: TokenLoader, context: str, continuation: str) -> tuple[list[int], list[int]]:
         n_spaces = len(context) - len(context.rstrip())

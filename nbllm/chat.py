@@ -27,6 +27,16 @@ from .engine import Engine, Prompt, get_engine
 from .errors import ChatError, GenerationError
 from .options import GenerationOptions
 from .result import Record, Result
+from .tools import (
+    Tool,
+    ToolCall,
+    call_grammar,
+    check_choice,
+    parse_tool_calls,
+    require_format,
+    run_call,
+    tools_from,
+)
 
 FORMAT = "nbllm.conversation"
 """The ``format`` field of a saved conversation."""
@@ -104,6 +114,34 @@ class Reply:
 
 
 @dataclass
+class ToolStep:
+    """In a chat with tools: a reply that called tools (its text outside the calls, the calls with their
+    results, and the record of the generation that wrote it), before the turn's final reply."""
+
+    content: str
+    calls: list[ToolCall]
+    records: list[Record] = field(default_factory=list)
+
+    def messages(self) -> list[dict[str, Any]]:
+        """The assistant message with its ``tool_calls``, then one ``tool`` message per result."""
+        return [{"role": "assistant", "content": self.content, "tool_calls": [c.message() for c in self.calls]},
+                *[c.result_message() for c in self.calls]]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"content": self.content, "calls": [c.to_dict() for c in self.calls],
+                "records": [r.to_dict() for r in self.records]}
+
+    @classmethod
+    def from_dict(cls, data: Any, where: str = "tool step") -> ToolStep:
+        data = _object(data, where)
+        calls = _field(data, "calls", where, list, default=[])
+        records = _field(data, "records", where, list, default=[])
+        return cls(_field(data, "content", where, str, default=""),
+                   [ToolCall.from_dict(_object(c, f"{where}, call {i}")) for i, c in enumerate(calls, 1)],
+                   [_record(_object(r, f"{where}, record {i}"), f"{where}, record {i}") for i, r in enumerate(records, 1)])
+
+
+@dataclass
 class Turn:
     """A user message and the model's reply to it, with the reply's earlier versions (``regenerate``)."""
 
@@ -117,6 +155,8 @@ class Turn:
     images: list[Any] = field(default_factory=list, repr=False, compare=False)
     """The pixels of its images (:class:`~nbllm.images.ChatImage`), held while the conversation lives;
     never saved (a loaded conversation has the hashes only)."""
+    steps: list[ToolStep] = field(default_factory=list)
+    """In a chat with tools: the replies that called tools, with the calls' results, before ``reply``."""
 
     @property
     def shown(self) -> str:
@@ -124,6 +164,11 @@ class Turn:
         if not self.parts:
             return self.user
         return "".join(p["text"] if p["type"] == "text" else f"[image {p['sha256'][:12]}]" for p in self.parts)
+
+    @property
+    def tool_calls(self) -> list[ToolCall]:
+        """Every tool call of this turn, in order, with its result."""
+        return [call for step in self.steps for call in step.calls]
 
     @property
     def versions(self) -> list[Reply]:
@@ -142,6 +187,8 @@ class Turn:
 
     def messages(self, *, reply: bool = True) -> list[dict[str, Any]]:
         out: list[dict[str, Any]] = [{"role": "user", "content": [dict(p) for p in self.parts] if self.parts else self.user}]
+        for step in self.steps:
+            out.extend(step.messages())
         if reply and self.reply is not None:
             out.append({"role": "assistant", "content": self.reply.content})
         return out
@@ -152,6 +199,7 @@ class Turn:
             **({"parts": [dict(p) for p in self.parts]} if self.parts else {}),
             "reply": self.reply.to_dict() if self.reply is not None else None,
             "earlier": [r.to_dict() for r in self.earlier],
+            **({"steps": [s.to_dict() for s in self.steps]} if self.steps else {}),
         }
 
     @classmethod
@@ -161,7 +209,9 @@ class Turn:
         reply = _field(data, "reply", where, dict, default=None)
         earlier = _field(data, "earlier", where, list, default=[])
         parts = _parts(_field(data, "parts", where, list, default=None), where)
+        steps = _field(data, "steps", where, list, default=[])
         return cls(
+            steps=[ToolStep.from_dict(s, f"{where}, tool step {i}") for i, s in enumerate(steps, 1)],
             user=_field(data, "user", where, str),
             parts=parts,
             reply=Reply.from_dict(reply, f"{where}, reply") if reply is not None else None,
@@ -212,8 +262,12 @@ class Conversation:
     conversation (the engine runs one generation at a time overall).
     """
 
-    def __init__(self, name: str = "chat", system: str | None = None, *, engine: Engine | None = None) -> None:
+    def __init__(self, name: str = "chat", system: str | None = None, *, engine: Engine | None = None,
+                 model: str | None = None) -> None:
         self.name = name
+        self.model = model
+        """The name of the model it talks to (``%llm_load MODEL --as NAME``; ``None``: the unnamed model).
+        Its turns stay when it changes: the next reply comes from the new model."""
         self.system = system
         """The system prompt ('' or None: none)."""
         self.turns: list[Turn] = []
@@ -230,7 +284,13 @@ class Conversation:
 
     @property
     def engine(self) -> Engine:
-        return self._engine if self._engine is not None else get_engine()
+        if self._engine is not None:
+            return self._engine
+        if self.model is not None:
+            from .registry import engine_for
+
+            return engine_for(self.model)
+        return get_engine()
 
     # -- what it holds ---------------------------------------------------------------------------
     def messages(self) -> list[dict[str, str]]:
@@ -264,6 +324,10 @@ class Conversation:
         regenerate: bool = False,
         continue_: bool = False,
         system: str | None = None,
+        tools: Sequence[Any] | Mapping[str, Any] | None = None,
+        tool_choice: str = "auto",
+        max_tool_calls: int = 5,
+        on_tool_call: Callable[[ToolCall], None] | None = None,
         **kwargs: Any,
     ) -> Result:
         """The next reply, as a front end asks for it: to ``message`` (:meth:`send`: text, or text pieces and
@@ -271,7 +335,8 @@ class Conversation:
         written again (``regenerate``) or extended (``continue_``), which take no message.
 
         ``system`` sets the system prompt first ('' removes it; None keeps it). The chat magic and the
-        chat panel call this, so the rules are the same everywhere.
+        chat panel call this, so the rules are the same everywhere. ``tools`` and the arguments after it:
+        see :meth:`send`.
         """
         if regenerate and continue_:
             raise ChatError("regenerate and continue cannot be used together", "choose one of them")
@@ -282,14 +347,27 @@ class Conversation:
             if system is not None:
                 self._check_idle()
                 self.system = system
+            if tools and (regenerate or continue_):
+                raise ChatError("tools are used with a new message, not with regenerate or continue",
+                                "send a new message with the tools")
             if regenerate:
                 return self.regenerate(options, **kwargs)
             if continue_:
                 return self.continue_reply(options, **kwargs)
-            return self.send(message or "", options, **kwargs)
+            return self.send(message or "", options, tools=tools, tool_choice=tool_choice,
+                             max_tool_calls=max_tool_calls, on_tool_call=on_tool_call, **kwargs)
 
-    def send(self, text: str | Sequence[Any], options: GenerationOptions | Mapping[str, Any] | None = None,
-             **kwargs: Any) -> Result:
+    def send(
+        self,
+        text: str | Sequence[Any],
+        options: GenerationOptions | Mapping[str, Any] | None = None,
+        *,
+        tools: Sequence[Any] | Mapping[str, Any] | None = None,
+        tool_choice: str = "auto",
+        max_tool_calls: int = 5,
+        on_tool_call: Callable[[ToolCall], None] | None = None,
+        **kwargs: Any,
+    ) -> Result:
         """Send ``text`` as the user's next message; iterate the returned result to stream the reply.
 
         A message with images is a list of text pieces and images in order (``["What is in", img, "?"]``;
@@ -300,7 +378,18 @@ class Conversation:
         when the reply ends (kept as ``partial`` if interrupted; not added if generation fails). An
         empty message (or only spaces) is refused; so is a message after a user message that has no
         reply yet (a loaded file can end that way: :meth:`regenerate` answers it).
+
+        ``tools`` (functions, or ``{name: function}``) may be called by the model (:mod:`nbllm.tools`):
+        its template renders them; each reply that calls tools is read, the functions run here, their
+        results go back as ``tool`` messages and the model replies again, until a reply calls nothing or
+        ``max_tool_calls`` calls were made. ``on_tool_call`` sees each call with its result as it ends.
+        ``tool_choice``: ``auto``, ``none``, ``required`` or a tool's name (the first reply is then held to
+        one such call by the structured-output engine; the replies after it are ``auto``). The calls are
+        in the turn (``steps``, ``tool_calls``); the returned result is the final reply, already generated.
         """
+        if tools:
+            return self._send_with_tools(text, options, kwargs, tools_from(tools), tool_choice, max_tool_calls,
+                                         on_tool_call)
         with self._lock:
             self._check_idle()
             if not _has_content(text):
@@ -375,20 +464,24 @@ class Conversation:
         number: int,
         open_reply: bool,
         on_reply: Callable[[Reply], None],
+        tools: Sequence[Tool] | None = None,
+        tool_choice: str | None = None,
     ) -> Result:
         """Render ``turns`` (the last one is being answered), start the generation and arrange for
         ``on_reply`` to receive the reply when it ends well or is interrupted."""
         engine = self.engine
         opts = engine.generation_options(options, **kwargs)
         _hold_images(turns)
-        prompt = self._prompt(engine, turns, open_reply=open_reply, max_new_tokens=opts.max_new_tokens)
+        prompt = self._prompt(engine, turns, open_reply=open_reply, max_new_tokens=opts.max_new_tokens,
+                              tools=[t.schema for t in tools] if tools else None)
         self.notes = [note for note in prompt.notes if note not in self._said]
         self.left_out = prompt.left_out
         self._said.update(self.notes)
         for note in self.notes:
             warnings.warn(note, ChatNote, stacklevel=3)
         result = engine.stream_prompt(
-            Prompt(prompt.text, prompt.ids, prompt.messages, prompt.images), opts,
+            Prompt(prompt.text, prompt.ids, prompt.messages, prompt.images,
+                   tools=[t.schema for t in tools] if tools else None, tool_choice=tool_choice), opts,
             conversation={"name": self.name, "turn": number}, reuse_prefix=True, continue_final=open_reply,
         )
         self._pending = result
@@ -405,7 +498,67 @@ class Conversation:
         result.on_done(finished)
         return result
 
-    def _prompt(self, engine: Engine, turns: list[Turn], *, open_reply: bool, max_new_tokens: int) -> _Prompt:
+    def _send_with_tools(
+        self,
+        text: str | Sequence[Any],
+        options: GenerationOptions | Mapping[str, Any] | None,
+        kwargs: Mapping[str, Any],
+        tools: list[Tool],
+        tool_choice: str,
+        max_tool_calls: int,
+        on_tool_call: Callable[[ToolCall], None] | None,
+    ) -> Result:
+        """:meth:`send` with tools: the loop of replies, calls and results (see there)."""
+        with self._lock:
+            self._check_idle()
+            if not _has_content(text):
+                raise ChatError("the message is empty", "write the message to send")
+            if self.turns and self.turns[-1].reply is None:
+                raise ChatError(f"the last message of conversation {self.name!r} has no reply yet",
+                                f"answer it first with regenerate (%llm_chat {self.name} --regenerate)")
+            if isinstance(max_tool_calls, bool) or not isinstance(max_tool_calls, int) or max_tool_calls < 0:
+                raise ChatError(f"max_tool_calls is {max_tool_calls!r}", "give a whole number, 0 or more")
+            choice = check_choice(tool_choice, tools)
+            loader = self.engine.loader
+            if loader.renders_chat and loader.tool_calls_as is None:
+                raise ChatError(f"the {loader.name} loader does not pass tools on",
+                                "chat with tools on a model loaded with the transformers or llama.cpp loader")
+            # a server renders the tools and holds a forced call itself; its calls come back in one format
+            fmt = loader.tool_calls_as or require_format(loader.chat_template, "the loaded model")
+            turn = _user_turn(text)
+            number, made = len(self.turns) + 1, 0
+            while True:
+                forced = choice not in ("auto", "none") and made == 0
+                at_server = loader.renders_chat
+                extra = ({**kwargs, "grammar": call_grammar(fmt, tools, choice)} if forced and not at_server
+                         else dict(kwargs))
+                got: list[Reply] = []
+                result = self._start([*self.turns, turn], options, extra, number=number, open_reply=False,
+                                     on_reply=got.append, tools=None if choice == "none" else tools,
+                                     tool_choice=(choice if forced else "auto") if at_server else None)
+                _ = result.text
+                if not got:  # failed or never started: no broken turn
+                    return result
+                reply = got[0]
+                content, calls = ((reply.content, []) if choice == "none" or reply.partial
+                                  else parse_tool_calls(reply.content, fmt))
+                if not calls or made >= max_tool_calls:
+                    if calls:
+                        note = (f"the reply calls tools after the {max_tool_calls} calls allowed (max_tool_calls): "
+                                "they were not run")
+                        self.notes.append(note)
+                        warnings.warn(note, ChatNote, stacklevel=3)
+                    self.turns.append(_with(turn, reply))
+                    return result
+                for call in calls:
+                    run_call(call, tools)
+                    made += 1
+                    if on_tool_call is not None:
+                        on_tool_call(call)
+                turn.steps.append(ToolStep(content, calls, reply.records))
+
+    def _prompt(self, engine: Engine, turns: list[Turn], *, open_reply: bool, max_new_tokens: int,
+                tools: list[dict[str, Any]] | None = None) -> _Prompt:
         """The prompt for ``turns``, leaving out the oldest ones while it would leave less than
         ``max_new_tokens`` of the context free (the system prompt and the last turn always stay)."""
         loader = engine.loader
@@ -419,7 +572,7 @@ class Conversation:
                 images = engine.images_for(messages)
                 ids = engine.prompt_ids(text, add_special=not starts_with_bos(text, loader.special_tokens), images=images)
                 return _Prompt(text, ids, messages, start, notes, images)
-            ready = engine.prompt_for(messages, chat=True, warn_fallback=False)
+            ready = engine.prompt_for(messages, chat=True, warn_fallback=False, tools=tools)
             return _Prompt(ready.text, ready.ids, messages, start, notes, ready.images)
 
         context = loader.context_length
@@ -540,7 +693,9 @@ class Conversation:
             else:
                 what = {"system": "a system message that is not the first message",
                         "user": "a user message right after another user message",
-                        "assistant": "an assistant message that answers no user message"}[role]
+                        "assistant": "an assistant message that answers no user message",
+                        "tool": "a tool result outside a saved turn (a chat with tools is read from its 'turns')",
+                        }[role]
                 raise ChatError(
                     f"message {i} is {what}",
                     "fix the file: an optional system message first, then user and assistant messages alternating",
@@ -662,7 +817,7 @@ def _with(turn: Turn, reply: Reply) -> Turn:
 
 
 _FILE_FIX = "correct the file (its format is in docs/chat.md), or save the conversation again"
-_ROLES = ("system", "user", "assistant")
+_ROLES = ("system", "user", "assistant", "tool")
 
 
 def _kind(value: Any) -> str:
@@ -698,7 +853,9 @@ def _field(data: Mapping[str, Any], key: str, where: str, kind: type, default: A
 
 
 def _message(value: Any, number: int) -> dict[str, Any]:
-    """Message ``number`` of a file: ``{"role", "content"}`` with a known role and text content."""
+    """Message ``number`` of a file: ``{"role", "content"}`` with a known role and text content, or (a user
+    message with images) content parts (and a tool chat's ``tool_calls`` / ``tool_call_id`` / ``name``, kept as
+    they are)."""
     where = f"message {number}"
     data = _object(value, where)
     role = _field(data, "role", where, str)
@@ -706,7 +863,8 @@ def _message(value: Any, number: int) -> dict[str, Any]:
         raise ChatError(f"{where}: 'role' is {role!r}, not one of {', '.join(_ROLES)}", _FILE_FIX)
     if role == "user" and isinstance(data.get("content"), list):  # a message with images: content parts
         return {"role": role, "content": _parts(data["content"], where)}
-    return {"role": role, "content": _field(data, "content", where, str)}
+    return {"role": role, "content": _field(data, "content", where, str),
+            **{k: data[k] for k in ("tool_calls", "tool_call_id", "name") if k in data}}
 
 
 def _record(data: Mapping[str, Any], where: str) -> Record:
@@ -777,6 +935,6 @@ def forget(name: str) -> bool:
 
 
 __all__ = [
-    "FORMAT", "ChatNote", "ContextFullError", "Conversation", "Reply", "Turn", "conversation", "conversations", "forget",
+    "FORMAT", "ChatNote", "ContextFullError", "Conversation", "Reply", "ToolStep", "Turn", "conversation", "conversations", "forget",
     "load_conversation", "render_continuation",
 ]

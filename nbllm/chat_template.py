@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import json
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from functools import lru_cache
 from typing import Any
 
@@ -79,14 +79,16 @@ def _compile(template: str) -> Any:
 
 def render_chat(
     template: str | None,
-    messages: Sequence[dict[str, str]],
+    messages: Sequence[Mapping[str, Any]],
     *,
     special_tokens: dict[str, str],
     add_generation_prompt: bool = True,
+    tools: Sequence[Mapping[str, Any]] | None = None,
 ) -> str:
     """The prompt text for ``messages`` (dicts with ``role`` and ``content``) under ``template``.
 
-    ``template=None`` uses :data:`FALLBACK_TEMPLATE`.
+    ``template=None`` uses :data:`FALLBACK_TEMPLATE`. ``tools``: the JSON schemas of the functions the
+    model may call (:mod:`nbllm.tools`), passed to the template as transformers' ``apply_chat_template`` does.
     """
     from jinja2 import TemplateError, TemplateSyntaxError
 
@@ -100,7 +102,8 @@ def render_chat(
         ) from None
     try:
         return str(
-            compiled.render(messages=list(messages), add_generation_prompt=add_generation_prompt, **special_tokens)
+            compiled.render(messages=list(messages), add_generation_prompt=add_generation_prompt,
+                            **({"tools": list(tools)} if tools else {}), **special_tokens)
         )
     except TemplateError as exc:
         raise ChatError(

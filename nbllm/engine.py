@@ -44,6 +44,7 @@ from .memory import drop_frames, format_memory, process_rss
 from .options import GenerationOptions, LoadOptions
 from .result import Record, Result, Timings, clock, library_versions
 from .source import ModelSource
+from .speculative import refuse_unspeculative
 from .store import weights_sha256
 from .streaming import IncrementalDecoder, StopHoldback, TokenStream
 from .tokens import logprobs_refusal
@@ -113,6 +114,9 @@ class Prompt:
     messages: list[dict[str, Any]] | None = None
     images: list[Any] = field(default_factory=list)
     """The :class:`~nbllm.images.ChatImage` of each image part of ``messages``, in order."""
+    tools: list[dict[str, Any]] | None = None
+    """Chat mode: the tools' JSON schemas, for a loader that renders chats (others have them rendered)."""
+    tool_choice: Any = None
 
 
 class Engine:
@@ -141,6 +145,9 @@ class Engine:
         its stand-in loader records the model asked for and loads nothing); ``None`` from it: as usual."""
         self._listeners: list[Callable[[Result], None]] = []
         self._waiting = threading.local()
+        self.name: str | None = None
+        """The name this model was loaded as (``--as NAME``, :mod:`nbllm.registry`); ``None`` for the
+        kernel's unnamed model. Records carry it (``Record.model_name``)."""
         self.stood_in_by: Loader | None = None
         """The stand-in (replay) whose miss loaded the model now loaded (``--fallback run``), else ``None``:
         a sweep goes on across that change, and stops at any other."""
@@ -419,13 +426,15 @@ class Engine:
         chat: bool = False,
         system: str | None = None,
         warn_fallback: bool = True,
+        tools: Sequence[Mapping[str, Any]] | None = None,
     ) -> Prompt:
         """The prompt for ``prompt``: raw text, or (``chat`` or a list of messages) rendered through
         the model's chat template. An empty ``system`` means none.
 
         A model without a chat template gets :data:`FALLBACK_TEMPLATE` and a :class:`ChatNote`
         warning (conversations say it once themselves: ``warn_fallback=False``). A loader that
-        renders chats itself (a server) gets the messages."""
+        renders chats itself (a server) gets the messages. ``tools``: JSON schemas of functions the
+        template renders (:mod:`nbllm.tools`)."""
         loader = self.loader
         if isinstance(prompt, str) and not chat:
             return Prompt(prompt, self.prompt_ids(prompt, add_special=True))
@@ -436,10 +445,11 @@ class Engine:
                 messages.insert(0, {"role": "system", "content": system})
         images = self.images_for(messages)
         if loader.renders_chat:
-            return Prompt("", None, messages, images)
+            return Prompt("", None, messages, images, tools=[dict(t) for t in tools] if tools else None)
         if loader.chat_template is None and warn_fallback:
             warnings.warn(FALLBACK_NOTE, ChatNote, stacklevel=3)
-        text = render_chat(loader.chat_template, loader.template_messages(messages), special_tokens=loader.special_tokens)
+        text = render_chat(loader.chat_template, loader.template_messages(messages), special_tokens=loader.special_tokens,
+                           tools=tools)
         add_special = not starts_with_bos(text, loader.special_tokens)
         return Prompt(text, self.prompt_ids(text, add_special=add_special, images=images), messages, images)
 
@@ -546,6 +556,7 @@ class Engine:
                             NbllmWarning, stacklevel=2,
                         )
             refuse_unconstrained(loader, opts)
+            refuse_unspeculative(loader, opts)
             seed = opts.seed if opts.seed is not None else secrets.randbelow(2**32)
             result = Result(prompt.text, seed, self._record(loader, prompt, opts, seed, conversation))
             result.prompt_tokens = len(ids) if ids is not None else 0
@@ -553,6 +564,7 @@ class Engine:
                 prompt=prompt.text, prompt_ids=ids, options=capped, seed=seed, cancel=result.cancel_event,
                 messages=prompt.messages, continue_final=continue_final,
                 reuse_prefix=reuse_prefix and self.reuse_prefix, images=list(prompt.images),
+                tools=prompt.tools, tool_choice=prompt.tool_choice,
             )
             try:
                 answered = loader.answer(request)
@@ -608,6 +620,7 @@ class Engine:
             versions=library_versions(loader.libraries),
             seed_drawn=opts.seed is None,
             batch=batch,
+            model_name=self.name,
         )
         if self._hashes is not None:
             record.complete_later("sha256", self._hashes)
@@ -708,12 +721,17 @@ class Engine:
         finally:
             stream.close()
             if request.options.logprobs is not None:
-                record.logprobs = request.logprobs[: len(result.token_ids) or produced]
+                # a server's entries are per token, not per text piece: all of them
+                record.logprobs = request.logprobs if isinstance(loader, TextLoader) else \
+                    request.logprobs[: len(result.token_ids) or produced]
             end = clock()
             timings.total_seconds = end - start
             record.reused_prefix_tokens = loader.reused_tokens
             timings.compile_seconds = loader.compile_seconds
             timings.grammar_seconds = loader.grammar_seconds
+            if getattr(loader, "draft_counts", None) is not None:  # speculative decoding (nbllm/speculative.py)
+                counts = loader.draft_counts
+                timings.draft_tokens, timings.accepted_tokens, timings.speculative = counts.drafted, counts.accepted, counts.method
             if isinstance(loader, TextLoader):  # counts the engine behind did not give stay unknown (None)
                 result.prompt_tokens, result.counted_tokens = loader.usage
                 result.counts_unknown = result.counted_tokens is None
@@ -765,6 +783,7 @@ class Engine:
             self._settle()
             loader = self.loader
             refuse_unconstrained(loader, opts)
+            refuse_unspeculative(loader, opts)
             size = loader.batch_size if isinstance(loader, TokenLoader) else 1
             limit = loader.context_length
             for start in range(0, len(prompts), max(size, 1)):
@@ -957,10 +976,12 @@ def _messages(prompt: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
 
             out.append({"role": "user", "content": parts(content)})
             continue
-        if role not in ("system", "user", "assistant") or not isinstance(content, str):
+        if role not in ("system", "user", "assistant", "tool") or not isinstance(content, str):
             raise OptionError(f"message {i + 1} needs a role (system, user or assistant) and text content",
                               'write it as {"role": "user", "content": "..."}')
-        out.append({"role": str(role), "content": content})
+        # a tool chat's messages keep their calls and call ids (nbllm.tools)
+        out.append({"role": str(role), "content": content,
+                    **{k: m[k] for k in ("tool_calls", "tool_call_id", "name") if k in m}})
     return out
 
 

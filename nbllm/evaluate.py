@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from ._callable import callable_as
 from .errors import OptionError, missing_dependency
 from .result import Record
 
@@ -165,3 +166,6 @@ def _sample_row(sample: dict[str, Any]) -> dict[str, Any]:
 def _plain(value: Any) -> Any:
     """lm-eval's values as plain JSON ones (numpy numbers, tuples)."""
     return json.loads(json.dumps(value, default=lambda v: v.item() if hasattr(v, "item") else str(v)))
+
+
+callable_as(__name__, evaluate)  # nbllm.evaluate(...) whether the attribute is this function or this module

@@ -395,6 +395,7 @@ class LoadOptions(_Schema):
         "rope": "RoPE (longer context)",
         "advanced": "Advanced",
         "remote": "Model at a server",
+        "speculative": "Speculative decoding",
     }
 
     loader: str = option(
@@ -532,6 +533,17 @@ class LoadOptions(_Schema):
         "(keep-alive comments are no answer); raise it for prompts the server takes longer to read.",
         group="remote", minimum=0.1, metavar="SECONDS",
     )
+    # Speculative decoding with a draft model (docs/speculative.md): its own block, apart from the others.
+    draft_model: str | None = option(
+        None, "A small model with the same tokenizer that drafts tokens for the loaded one to check in one step "
+        "(speculative decoding: same text, faster decoding when the draft guesses well). A path or a models-folder "
+        "name, of the loaded model's format (a GGUF file for llama.cpp, a model folder for Transformers).",
+        group="speculative", metavar="PATH", panel=False,
+    )
+    draft_max: int = option(
+        4, "With --draft-model: most tokens the draft model proposes per step (text-generation-webui's draft_max).",
+        group="speculative", minimum=1, maximum=64, metavar="N",
+    )
 
     def validate(self) -> None:
         """Field checks, then impossible combinations (raise) and ineffective ones (warn)."""
@@ -598,7 +610,7 @@ class GenerationOptions(_Schema):
     """How text is sampled. The defaults are nbllm's, documented in the README."""
 
     GROUPS: ClassVar[dict[str, str]] = {"sampling": "Sampling", "length": "Length and stopping",
-                                        "structured": "Structured output"}
+                                        "structured": "Structured output", "speculative": "Speculative decoding"}
 
     max_new_tokens: int = option(
         512, "Most tokens to generate.", group="length", minimum=1, flag="--max-new-tokens", metavar="N"
@@ -640,6 +652,14 @@ class GenerationOptions(_Schema):
         False, "With --logprobs: the probabilities after the samplers (temperature, top-k, top-p, min-p, typical-p), "
         "as the token was drawn, instead of the model's own (text-generation-webui's Logits tab offers both).",
         group="sampling", panel=False,
+    )
+
+    # Speculative decoding (docs/speculative.md): its own block, apart from the samplers.
+    prompt_lookup: int = option(
+        0, "Prompt lookup decoding: draft up to N tokens per step by finding the last words again in the prompt and "
+        "the reply, and check them in one step (same text; faster when the reply repeats its input: rewrites, "
+        "edits of code, extraction). 0 disables; 10 suits most rewrites.", group="speculative", minimum=0,
+        maximum=64, metavar="N", example="10",
     )
 
     seed: int | None = option(
@@ -729,6 +749,10 @@ class GenerationOptions(_Schema):
             from .constraints import check_options
 
             check_options(self)
+        if self.prompt_lookup:
+            from .speculative import check_options as check_speculation
+
+            check_speculation(self)
         if any(s == "" for s in self.stop):
             raise OptionError("--stop '' is empty", "give the text to stop at")
         if self.greedy:

@@ -286,6 +286,13 @@ class Replay:
             self.engine.route = None
         if self.engine.loaded and self.engine.loader.name == ReplayLoader.name:
             self.engine.unload()
+        from .registry import models
+
+        for name, engine in models().named().items():  # models loaded --as NAME while it was on
+            if engine.route == self._route:
+                engine.route = None
+                if engine.loaded and engine.loader.name == ReplayLoader.name:
+                    models().unload(name)
         if _ACTIVE is self:
             _ACTIVE = None
 

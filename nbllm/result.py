@@ -74,6 +74,9 @@ class Record:
     """For a row generated in a padded batch: the batch's ``id``, its ``size`` and this ``row``."""
     replayed: dict[str, Any] | None = None
     """For a result answered from a recording instead of a model: the ``source`` and the ``run`` in it."""
+    model_name: str | None = None
+    """The name the model was loaded as (``%llm_load MODEL --as NAME``, ``nbllm.load(..., name=)``), so each
+    output of a comparison says whose it is; ``None`` for the unnamed model. Not part of the request's identity."""
     logprobs: list[dict[str, Any]] | None = None
     """What came out, with ``--logprobs K``: one entry per new token (``id``, ``token``, ``logprob`` and the
     ``top`` K alternatives as ``[token, id, logprob]``), so the run log and a replay keep them
@@ -139,6 +142,18 @@ class Timings:
     grammar_seconds: float | None = None
     """Seconds spent compiling the output's constraint (structured output) for this model's tokenizer; 0
     when it came from the cache, ``None`` without a constraint. Included in ``time_to_first_token``."""
+    draft_tokens: int | None = None
+    """Speculative decoding (``--prompt-lookup``, ``--draft-model``): tokens drafted for the model to check;
+    ``None`` without it."""
+    accepted_tokens: int | None = None
+    """Of :attr:`draft_tokens`, the ones the model accepted (it would have produced them itself)."""
+    speculative: str | None = None
+    """How the tokens were drafted: ``prompt lookup`` or ``draft model``."""
+
+    @property
+    def acceptance_rate(self) -> float | None:
+        """Accepted over drafted tokens (``None`` when nothing was drafted)."""
+        return (self.accepted_tokens or 0) / self.draft_tokens if self.draft_tokens else None
 
 
 class Result:
@@ -375,6 +390,8 @@ class Result:
             parts.append(f"first token {t.time_to_first_token * 1000:.0f} ms")
         if t.compile_seconds is not None:
             parts.append(f"compiled in {t.compile_seconds:.1f} s")
+        if t.draft_tokens is not None:
+            parts.append(f"{t.speculative}: accepted {t.accepted_tokens} of {t.draft_tokens} drafted")
         parts.append(f"seed {self.seed}")
         parts.append(f"ended: {self.finish_reason or 'running'}")
         if self.replayed:

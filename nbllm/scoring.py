@@ -196,13 +196,15 @@ class Tokens:
 
 # -- the functions -----------------------------------------------------------------------------------
 
-def score(context: str, continuations: Sequence[str] | str, *, engine: Engine | None = None) -> Scores:
+def score(context: str, continuations: Sequence[str] | str, *, engine: Engine | None = None,
+          model: str | None = None) -> Scores:
     """The log-likelihood of each continuation after ``context`` on the loaded model (``nbllm.score``): the
     sum and per-token log-probabilities, whether it is the greedy continuation, and the normalised forms
     lm-eval reports (per token, per byte, per character). All continuations run in one batched forward
     pass (the llama.cpp loader computes their shared prefix once). Tokenized as lm-eval does: the
-    continuation's tokens are those the context + continuation adds after the context's own."""
-    engine = engine or get_engine()
+    continuation's tokens are those the context + continuation adds after the context's own. ``model``: the
+    name of the model to score with (``%llm_load MODEL --as NAME``; ``None``: the unnamed one)."""
+    engine = engine or _engine_of(model)
     items = [continuations] if isinstance(continuations, str) else list(continuations)
     _check_texts(context, items)
     inputs = {"continuations": items}
@@ -237,13 +239,14 @@ def score(context: str, continuations: Sequence[str] | str, *, engine: Engine | 
 
 
 def perplexity(text: str | Path | Sequence[str], *, max_length: int | None = None, stride: int = 512,
-               progress: bool = True, engine: Engine | None = None) -> Perplexity:
+               progress: bool = True, engine: Engine | None = None, model: str | None = None) -> Perplexity:
     """The loaded model's perplexity on ``text`` (a string, a text file's path, or a list of texts joined
     by blank lines), with the sliding-window method of transformers' perplexity guide (which
     text-generation-webui uses): windows of ``max_length`` tokens (default: the model's context) moved by
     ``stride``, each scoring only the tokens it adds; a text longer than a window is windowed, never cut.
-    The mean is weighted as the guide weights it, so the number equals the guide's own loop."""
-    engine = engine or get_engine()
+    The mean is weighted as the guide weights it, so the number equals the guide's own loop. ``model``: as in
+    :func:`score`."""
+    engine = engine or _engine_of(model)
     content = _text_of(text)
     if stride < 1:
         raise OptionError(f"stride {stride} is below 1", "use a stride of at least 1, e.g. 512")
@@ -273,9 +276,10 @@ def perplexity(text: str | Path | Sequence[str], *, max_length: int | None = Non
             for begin, end, targets in plan:
                 part = ids[begin:end]
                 first = max(1, len(part) - targets)  # the guide's labels: the last `targets` tokens (never the first)
-                got = scorer.token_scores([part], [first])[0]
+                unscorable = max(0, _first_scored(scorer) - first)  # a server's echo: none for the first token
+                got = scorer.token_scores([part], [first + unscorable])[0]
                 mean = -sum(got.logprobs) / len(got.logprobs)
-                weight = targets - 1  # the guide: valid labels less the batch's one (its label shift)
+                weight = targets - 1 - unscorable  # the guide: valid labels less the batch's one (its label shift)
                 nll_sum += mean * weight
                 counted += weight
                 windows += 1
@@ -308,11 +312,27 @@ def tokenize(text: str, *, chat: bool = False, system: str | None = None, engine
 
 # -- helpers -----------------------------------------------------------------------------------------
 
-def _scorer(loader: Loader) -> TokenLoader:
-    if not isinstance(loader, TokenLoader) or not loader.scores_tokens:
-        raise GenerationError(f"the {loader.name} loader does not give the log-probabilities of given tokens",
+def _engine_of(model: str | None) -> Engine:
+    if model is None:
+        return get_engine()
+    from .registry import engine_for
+
+    return engine_for(model)
+
+
+def _scorer(loader: Loader) -> Any:
+    """The loader, when it gives the log-probabilities of given tokens (a local one, or the remote loader at
+    a server that gives them): ``tokenize``, ``decode``, ``token_scores`` and ``context_length``."""
+    if not loader.scores_tokens:
+        why = getattr(loader, "scores_why", None)  # the remote loader says why its server cannot
+        raise GenerationError(why or f"the {loader.name} loader does not give the log-probabilities of given tokens",
                               "load the model with the transformers or llama.cpp loader to score it")
     return loader
+
+
+def _first_scored(scorer: Any) -> int:
+    """The first position of a row the loader scores (1; a server's echo may give none for the first token)."""
+    return int(getattr(scorer, "first_scored", 1))
 
 
 def _check_texts(context: str, items: list[str]) -> None:

@@ -36,6 +36,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
 
+from ._callable import callable_as
 from .errors import NbllmError, NoModelLoadedError, OptionError, missing_dependency
 from .options import GenerationOptions, _Schema, option
 from .result import Result
@@ -96,6 +97,7 @@ def chat_messages(request: ChatRequest) -> list[dict[str, Any]]:
     ``developer`` role is a system prompt; a user message with ``image_url`` parts keeps its parts, each
     image as nbllm's ``{"type": "image", "sha256"}``: :func:`image_message`)."""
     from .serve_requests import RequestError
+    from .serve_tools import message_fields
 
     if not request.messages:
         raise RequestError("messages", "messages must be a non-empty list", 'send [{"role": "user", "content": "..."}]')
@@ -111,10 +113,14 @@ def chat_messages(request: ChatRequest) -> list[dict[str, Any]]:
         else:
             content = m.content
         role = "system" if m.role == "developer" else m.role
-        if role not in ("system", "user", "assistant") or content is None:
-            raise RequestError("messages", f"message {i + 1} needs a role (system, user or assistant) and text content",
-                               "nbllm's server takes text messages only")
-        out.append({"role": role, "content": content})
+        extra = message_fields(m)  # a tool chat's calls and results (nbllm.serve_tools)
+        if role == "assistant" and content is None and extra.get("tool_calls"):
+            content = ""
+        if (role not in ("system", "user", "assistant", "tool") or content is None
+                or (role == "tool" and "tool_call_id" not in extra)):
+            raise RequestError("messages", f"message {i + 1} needs a role (system, user, assistant, or tool with its "
+                               "tool_call_id) and text content", "nbllm's server takes text messages only")
+        out.append({"role": role, "content": content, **extra})
     return out
 
 
@@ -253,6 +259,8 @@ def create_app(engine: Engine | None = None, *, api_key: str | None = None, work
         if _extends(given, chat):  # logprobs, echo, n > 1, token-id or listed prompts
             return await _extended(given, options, meta, chat, prompt if chat else None, bool(body.stream))
         continue_final = bool(getattr(body, "continue_final_message", False))
+        if chat and isinstance(body, ChatRequest) and body.tools:
+            return await _with_tools(body, prompt, options, meta)
         start = _starter(eng, prompt, options, continue_final)
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         if body.stream:
@@ -271,6 +279,41 @@ def create_app(engine: Engine | None = None, *, api_key: str | None = None, work
             choice["text"] = text
         return JSONResponse({**meta, "object": "chat.completion" if chat else "text_completion",
                              "choices": [choice], "usage": _usage(result)})
+
+    async def _with_tools(body: ChatRequest, messages: Any, options: GenerationOptions, meta: dict[str, Any]) -> Any:
+        """A chat completion with tools (:mod:`nbllm.serve_tools`): whole, or streamed once whole."""
+        from .serve_tools import reply_message, request_tools, tool_starter
+
+        try:
+            tools, choice = request_tools(body) or ([], "auto")
+            start, fmt = tool_starter(eng, messages, options, tools, choice)
+        except NbllmError as exc:
+            return error(400, exc.message, param=param_of(exc))
+        loop = asyncio.get_running_loop()
+        try:
+            result = await loop.run_in_executor(pool, _read, start, live)
+        except NbllmError as exc:
+            return _nbllm_error(exc, error)
+        message, finish = reply_message("".join(result.chunks), fmt, choice)
+        finish = finish or _finish(result)
+        if not body.stream:
+            return JSONResponse({**meta, "object": "chat.completion", "usage": _usage(result),
+                                 "choices": [{"index": 0, "logprobs": None, "finish_reason": finish, "message": message}]})
+        delta = {k: v for k, v in message.items() if k != "role" and v is not None}
+        if "tool_calls" in delta:
+            delta["tool_calls"] = [{"index": i, **c} for i, c in enumerate(delta["tool_calls"])]
+        chunks = [{"role": "assistant", "content": ""}, delta]
+
+        async def events() -> AsyncIterator[str]:
+            for i, d in enumerate([*chunks, {}]):
+                choice = {"index": 0, "delta": d, "logprobs": None, "finish_reason": finish if i == len(chunks) else None}
+                yield f"data: {json.dumps({**meta, 'object': 'chat.completion.chunk', 'choices': [choice]}, ensure_ascii=False)}\n\n"
+            if body.stream_options and body.stream_options.include_usage:
+                yield f"data: {json.dumps({**meta, 'object': 'chat.completion.chunk', 'choices': [], 'usage': _usage(result)})}\n\n"
+            yield "data: [DONE]\n\n"
+
+        return StreamingResponse(events(), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
     async def _extended(body: dict[str, Any], options: GenerationOptions, meta: dict[str, Any], chat: bool,
                         messages: Any, stream: bool) -> Any:
@@ -592,3 +635,6 @@ def generation_options(body: Mapping[str, Any], defaults: GenerationOptions, *, 
 
 __all__ = ["ABORTED", "ServeOptions", "Server", "chat_messages", "create_app", "current", "generation_options",
            "is_loopback", "serve", "stop"]
+
+
+callable_as(__name__, serve)  # nbllm.serve(...) whether the attribute is this function or this module

@@ -120,8 +120,6 @@ class ChatRequest(_Request):
 UNSUPPORTED: dict[str, Callable[[Any], bool]] = {  # n, echo, logprobs, top_logprobs: nbllm.serve_logprobs
     "best_of": lambda v: v not in (None, 1),
     "suffix": bool,
-    "tools": bool,
-    "tool_choice": lambda v: v not in (None, "none"),
     "functions": bool,
     "function_call": lambda v: v not in (None, "none"),
     "logit_bias": bool,

@@ -42,6 +42,9 @@ def parse_grid(text: str) -> dict[str, list[str]]:
         if not sep or not name or not values:
             raise OptionError(f"--sweep {part!r} is not NAME=VALUE,VALUE",
                               'write it as --sweep "temperature=0,0.7 seed=1,2,3"')
+        if name == "model":  # the models loaded as these names (nbllm.registry), not a generation option
+            grid[name] = values.split(",")
+            continue
         spec = GenerationOptions.spec(name)
         if name in grid:
             raise OptionError(f"--sweep names {name} twice ({part!r} after {name}={','.join(grid[name])})",
@@ -72,8 +75,15 @@ def sweep(
     the options the grid varies from (the engine's defaults otherwise). ``batch=False`` runs every row
     alone. ``progress``: a progress bar (default: shown when the sweep lasts over two seconds).
     ``results``: a list that receives the finished results of the rows, in row order.
+
+    ``model``: the names of models loaded side by side (``%llm_load MODEL --as NAME``; ``default`` is the
+    unnamed one), a list or ``"a,b"``: the sweep runs on each in turn and the table has a ``model``
+    column (one block of rows per model; ``frame.pivot(...)`` puts them in columns).
     """
     pd = pandas_module()
+    if "model" in grid:
+        return _sweep_models(grid.pop("model"), prompts, options, chat=chat, system=system, batch=batch,
+                             progress=progress, engine=engine, results=results, grid=grid)
     engine = engine if engine is not None else get_engine()
     items = _prompts(prompts)
     base = engine.generation_options(options)
@@ -199,6 +209,33 @@ def _progress_bar() -> Any:
             super().close()
 
     return SweepBar
+
+
+def _sweep_models(names: Any, prompts: PromptLike | Sequence[PromptLike], options: Any, *, engine: Engine | None,
+                  grid: dict[str, Any], **kwargs: Any) -> pandas.DataFrame:
+    """A sweep whose ``model`` axis names models side by side: one sweep per model, one table."""
+    from .registry import engine_for
+
+    pd = pandas_module()
+    if engine is not None:
+        raise OptionError("a sweep gets either engine= or a model axis, not both", "give model=['a', 'b'] alone")
+    listed = [n.strip() for n in (names.split(",") if isinstance(names, str) else list(names)) if n.strip()]
+    if not listed:
+        raise OptionError("the sweep gives model no value", "give the names of loaded models: model=['a', 'b']")
+    engines = {name: engine_for(name) for name in listed}  # an unknown name: one line before anything runs
+    frames: list[pandas.DataFrame] = []
+    interrupted, stopped, runs = False, None, 0
+    for name, each in engines.items():
+        frame = sweep(prompts, options, engine=each, **kwargs, **grid)
+        frame.insert(0, "model", name)
+        frames.append(frame)
+        runs = frame.attrs["runs"] * len(engines)
+        if frame.attrs["interrupted"]:
+            interrupted, stopped = True, frame.attrs["stopped"] and f"{name}: {frame.attrs['stopped']}"
+            break
+    out = pd.concat(frames, ignore_index=True)
+    out.attrs.update(interrupted=interrupted, stopped=stopped, runs=runs)
+    return out
 
 
 class _ModelGone(Exception):

@@ -42,6 +42,7 @@ if TYPE_CHECKING:  # pragma: no cover
 
 __all__ = [
     "TINY_CHAT_TEMPLATE",
+    "TINY_TOOLS_TEMPLATE",
     "build_tokenizer",
     "count_params",
     "model_for_params",
@@ -79,6 +80,37 @@ TINY_CHAT_TEMPLATE = (
     "{%- endfor %}"
     "{%- if add_generation_prompt %}{{- '<|assistant|>\\n' }}{%- endif %}"
 )
+
+TINY_TOOLS_TEMPLATE = (
+    "{{- bos_token }}"
+    "{%- if tools %}"
+    "{{- '<|system|>\\nCall a tool as <tool_call>\\n{\"name\": ..., \"arguments\": ...}\\n</tool_call>. Tools:\\n' }}"
+    "{%- for tool in tools %}{{- tool | tojson }}{{- '\\n' }}{%- endfor %}"
+    "{{- eos_token + '\\n' }}"
+    "{%- endif %}"
+    "{%- for message in messages %}"
+    "{%- if message['role'] == 'assistant' and message.tool_calls %}"
+    "{{- '<|assistant|>\\n' + message['content'] }}"
+    "{%- for call in message.tool_calls %}"
+    "{{- '<tool_call>\\n' + {'name': call.function.name, 'arguments': call.function.arguments} | tojson + '\\n</tool_call>' }}"
+    "{%- endfor %}"
+    "{{- eos_token + '\\n' }}"
+    "{%- elif message['role'] == 'tool' %}"
+    "{{- '<|tool|>\\n<tool_response>\\n' + message['content'] + '\\n</tool_response>' + eos_token + '\\n' }}"
+    "{%- else %}"
+    "{{- '<|' + message['role'] + '|>\\n' + message['content'] + eos_token + '\\n' }}"
+    "{%- endif %}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|assistant|>\\n' }}{%- endif %}"
+)
+"""A Hermes/Qwen-style template that takes tools (``chat_template="tools"``): calls as
+``<tool_call>{json}</tool_call>``, results as ``tool`` messages."""
+
+
+def _template(spec: dict[str, Any]) -> str | None:
+    if spec["chat_template"] == "tools":
+        return TINY_TOOLS_TEMPLATE
+    return TINY_CHAT_TEMPLATE if spec["chat_template"] else None
 
 # A small, fixed training corpus for the tokenizer: English, Portuguese, code, JSON, chat markup, numbers.
 _CORPUS = r"""
@@ -192,7 +224,7 @@ def _spec(
     vocab_size: int,
     max_position_embeddings: int,
     seed: int,
-    chat_template: bool,
+    chat_template: bool | str,
 ) -> dict[str, Any]:
     """Validate the size arguments; return them normalized (defaults filled in), in a fixed order."""
     _check_int("hidden_size", hidden_size, 64)
@@ -217,8 +249,8 @@ def _spec(
     _check_int("vocab_size", vocab_size, _MIN_VOCAB)
     _check_int("max_position_embeddings", max_position_embeddings, 16)
     _check_int("seed", seed, 0)
-    if not isinstance(chat_template, bool):
-        raise OptionError(f"chat_template must be True or False, got {chat_template!r}")
+    if not isinstance(chat_template, bool) and chat_template != "tools":
+        raise OptionError(f"chat_template must be True, False or 'tools', got {chat_template!r}")
     return {
         "hidden_size": hidden_size,
         "num_layers": num_layers,
@@ -236,7 +268,7 @@ def _spec(
 def _name(spec: dict[str, Any], suffix: str) -> str:
     """A readable name derived from every parameter, plus a short hash of them."""
     digest = hashlib.sha256(json.dumps({**spec, "suffix": suffix}, sort_keys=True).encode()).hexdigest()[:8]
-    chat = "" if spec["chat_template"] else "-nochat"
+    chat = {True: "", False: "-nochat"}.get(spec["chat_template"], f"-{spec['chat_template']}")
     return (
         f"tiny-llama-h{spec['hidden_size']}-l{spec['num_layers']}-a{spec['num_heads']}-kv{spec['num_kv_heads']}"
         f"-i{spec['intermediate_size']}-v{spec['vocab_size']}-ctx{spec['max_position_embeddings']}"
@@ -519,7 +551,7 @@ def _write_transformers(folder: Path, spec: dict[str, Any], dtype: str) -> None:
         unk_token=UNK,
         pad_token=PAD,
         model_max_length=spec["max_position_embeddings"],
-        chat_template=TINY_CHAT_TEMPLATE if spec["chat_template"] else None,
+        chat_template=_template(spec),
         clean_up_tokenization_spaces=False,
     )
     tokenizer.save_pretrained(folder)
@@ -537,7 +569,7 @@ def tiny_transformers_model(
     max_position_embeddings: int = 2048,
     seed: int = 0,
     dtype: str = "float32",
-    chat_template: bool = True,
+    chat_template: bool | str = True,
 ) -> Path:
     """Build (or reuse) a random Llama model with a real tokenizer, in Hugging Face format; return its folder.
 
@@ -649,8 +681,9 @@ def _write_gguf(file: Path, spec: dict[str, Any], name: str, file_type: str) -> 
     w.add_pad_token_id(3)
     w.add_add_bos_token(True)
     w.add_add_eos_token(False)
-    if spec["chat_template"]:
-        w.add_chat_template(TINY_CHAT_TEMPLATE)
+    template = _template(spec)
+    if template is not None:
+        w.add_chat_template(template)
 
     hf_to_gguf = _HF_TO_GGUF
     for hf_name, tensor in _weights(spec).items():
@@ -689,7 +722,7 @@ def tiny_gguf_model(
     vocab_size: int = 512,
     max_position_embeddings: int = 2048,
     seed: int = 0,
-    chat_template: bool = True,
+    chat_template: bool | str = True,
     file_type: Literal["f32", "f16"] = "f32",
 ) -> Path:
     """Build (or reuse) the GGUF form of :func:`tiny_transformers_model` (same weights, same tokenizer).

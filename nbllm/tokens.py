@@ -21,6 +21,9 @@ if TYPE_CHECKING:  # pragma: no cover
 
 def logprobs_refusal(loader: Any) -> tuple[str, str]:
     """Why ``loader`` gives no logprobs, and what to do (one line, cause and fix)."""
+    why = getattr(loader, "logprobs_why", None)
+    if why:
+        return why, "drop --logprobs, or load the model with the transformers or llama.cpp loader"
     return (f"the {loader.name} loader gives no token log-probabilities",
             "load the model with the transformers or llama.cpp loader, or drop --logprobs")
 
@@ -197,8 +200,8 @@ class TokenLogprobs(Sequence[dict[str, Any]]):
 
 def _rank(e: dict[str, Any]) -> int | None:
     """The token's rank among the alternatives kept (1: the most likely), ``None`` when not among them."""
-    for n, (_t, i, _lp) in enumerate(e.get("top") or [], start=1):
-        if i == e["id"]:
+    for n, (t, i, _lp) in enumerate(e.get("top") or [], start=1):
+        if (i == e["id"]) if e["id"] is not None else (t == e["token"]):  # a server's entries: texts, no ids
             return n
     return None
 

@@ -54,7 +54,7 @@ class LlamaCppServer:
     """``python -m llama_cpp.server --model F.gguf`` on a free loopback port."""
 
     def __init__(self, model: Path, *, alias: str = "tiny", api_key: str | None = None,
-                 interrupt_requests: bool = False) -> None:
+                 interrupt_requests: bool = False, chat_format: str | None = None) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}/v1"
         self.log_path = Path(os.environ.get("TMPDIR", "/tmp")) / f"llama-cpp-server-{self.port}.log"
@@ -64,6 +64,8 @@ class LlamaCppServer:
                 "--interrupt_requests", str(interrupt_requests)]
         if api_key is not None:
             args += ["--api_key", api_key]
+        if chat_format is not None:
+            args += ["--chat_format", chat_format]
         self._log = open(self.log_path, "wb")  # noqa: SIM115 - closed in stop()
         self.proc = subprocess.Popen(args, stdout=self._log, stderr=subprocess.STDOUT)
         try:

@@ -434,6 +434,18 @@ def test_settings_and_chat_panels_in_jupyterlab(lab: Lab, page: Any, tmp_path: P
     assert box.input_value() == "First line\nsecond line"
     assert page.locator(".nbllm-msg-user").count() == users and page.locator(".nbllm-send").is_enabled()
 
+    # -- logprobs set in the settings panel: the reply shows its token view, alternatives in each title ----
+    _set_number(page, ".nbllm-opt-max_new_tokens input", 8)
+    _set_number(page, ".nbllm-opt-logprobs input", 3)
+    box.fill("Hi")
+    page.locator(".nbllm-send").click()
+    page.wait_for_function("() => !document.querySelector('.nbllm-send').disabled", timeout=2 * TIMEOUT_MS)
+    tokens = page.locator(".nbllm-msg-assistant").last.locator(".nbllm-token")
+    tokens.first.wait_for()
+    title = tokens.first.get_attribute("title") or ""
+    assert "logprob" in title and title.count("\n") == 3, title  # the token, then its 3 alternatives
+    assert tokens.first.evaluate("e => getComputedStyle(e).backgroundColor") not in ("", "rgba(0, 0, 0, 0)")
+
     # -- the kernel restarts: the panels left on the page say that their kernel is gone ---------------
     assert page.locator(".nbllm-dead").count() == 0
     beat = page.evaluate("() => document.querySelector('.nbllm-heartbeat').textContent")

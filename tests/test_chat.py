@@ -440,7 +440,7 @@ def test_load_plain_messages_and_bad_files(tmp_path: Path) -> None:
          "message 2: 'content' is null, not text"),
         ([{"role": "user", "content": 5}], "message 1: 'content' is a number, not text"),
         ([{"role": "user"}], "message 1 has no 'content'"),
-        ([{"role": "robot", "content": "x"}], "message 1: 'role' is 'robot', not one of system, user, assistant"),
+        ([{"role": "robot", "content": "x"}], "message 1: 'role' is 'robot', not one of system, user, assistant, tool"),
         ([{"role": "user", "content": "a"}, {"role": "system", "content": "s"}],
          "message 2 is a system message that is not the first message"),
         (["hello"], "message 1 is text, not an object"),

@@ -237,6 +237,43 @@ def test_the_remote_loader_sends_images_as_image_url_parts() -> None:
     assert ollama["content"] == "See " and ollama["images"] == [image.data_url().partition(",")[2]]
 
 
+
+def test_the_remote_body_carries_image_parts_and_tools_together() -> None:
+    import threading
+
+    from nbllm.loaders.base import Request
+    from nbllm.loaders.openai import SERVERS, request_body
+    from nbllm.options import GenerationOptions
+
+    image = as_image(_picture(12))
+    call = {"type": "function", "function": {"name": "weather", "arguments": {"city": "Lisbon"}}}
+    messages = [{"role": "user", "content": [{"type": "text", "text": "Rain here? "}, image.part()]},
+                {"role": "assistant", "content": "", "tool_calls": [call]},
+                {"role": "tool", "content": '{"sky": "grey"}', "tool_call_id": "c1", "name": "weather"}]
+    tool = {"type": "function", "function": {"name": "weather", "parameters": {"type": "object"}}}
+    request = Request(prompt="", prompt_ids=None, options=GenerationOptions(), seed=1, cancel=threading.Event(),
+                      messages=messages, images=[image], tools=[tool], tool_choice="weather")
+    body = request_body(SERVERS["llama.cpp"], "m", request)[1]
+    assert body["messages"][0]["content"][1] == {"type": "image_url", "image_url": {"url": image.data_url()}}
+    assert body["messages"][1]["tool_calls"][0]["function"]["arguments"] == '{"city": "Lisbon"}'
+    assert body["messages"][2] == messages[2]
+    assert body["tools"] == [tool] and body["tool_choice"] == {"type": "function", "function": {"name": "weather"}}
+
+
+def test_a_turn_carries_images_and_tool_steps_and_saves_both() -> None:
+    from nbllm.chat import Reply, ToolStep, Turn
+    from nbllm.tools import ToolCall
+
+    image = as_image(_picture(13))
+    call = ToolCall("weather", {"city": "Lisbon"}, id="c1", result='{"sky": "grey"}')
+    turn = Turn(user="Rain here? ", parts=parts(["Rain here? ", image]), images=[image],
+                steps=[ToolStep("", [call])], reply=Reply("Yes.", False, "stop", []))
+    roles = [m["role"] for m in turn.messages()]
+    assert roles == ["user", "assistant", "tool", "assistant"]
+    assert turn.messages()[0]["content"][1] == image.part() and turn.tool_calls == [call]
+    back = Turn.from_dict(json.loads(json.dumps(turn.to_dict())), "turn 1")
+    assert back.parts == turn.parts and back.messages() == turn.messages() and back.images == []
+
 # -- llama.cpp: a GGUF model and its projector -----------------------------------------------------------
 @pytest.fixture(scope="session")
 def tiny_gguf_vision() -> Path:

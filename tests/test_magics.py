@@ -10,7 +10,7 @@ import sys
 import threading
 
 import pytest
-from hypothesis import assume, given
+from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 from IPython.core.error import UsageError
 
@@ -46,6 +46,24 @@ def test_load_ext_imports_no_heavy_library():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]", out.stdout + out.stderr
+
+
+def test_load_ext_imports_no_schema_result_or_server_module():
+    # the options' schemas, results, the server and evaluation modules are imported when first used (a magic's
+    # parser, nbllm.GenerationOptions...), and nbllm.serve / nbllm.evaluate stay callable whichever came first
+    code = (
+        "import sys\n"
+        "from IPython.core.interactiveshell import InteractiveShell\n"
+        "InteractiveShell.instance().run_line_magic('load_ext', 'nbllm')\n"
+        "print(sorted(m for m in ('nbllm.options', 'nbllm.result', 'nbllm.identity', 'nbllm.serve', 'nbllm.evaluate',"
+        " 'nbllm.lora', 'nbllm.download.options', 'nbllm.serve_guard') if m in sys.modules))\n"
+        "import nbllm, nbllm.serve, nbllm.evaluate\n"
+        "from nbllm.evaluate import Evaluation\n"
+        "print(callable(nbllm.serve), callable(nbllm.evaluate), nbllm.evaluate_tasks.__module__,"
+        " nbllm.GenerationOptions.__module__)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.split("\n")[:2] == ["[]", "True True nbllm.evaluate nbllm.options"], out.stdout + out.stderr
 
 
 def test_greedy_cell_output_equals_model_generate(shell, tiny_model, capsys):
@@ -113,6 +131,7 @@ _NAMES = st.from_regex(r"[A-Za-z_][A-Za-z0-9_]{0,6}", fullmatch=True)
 _NO_OPEN_BRACE = st.text(st.characters(blacklist_characters="{", blacklist_categories=("Cs",)))
 
 
+@settings(suppress_health_check=[HealthCheck.too_slow])  # a busy machine generates inputs slowly: not a failure
 @given(st.lists(st.tuples(st.sampled_from(["text", "var", "escaped"]), _NO_OPEN_BRACE, _NAMES)),
        st.dictionaries(_NAMES, st.text()))
 def test_interpolation_inserts_variables_writes_escaped_names_and_keeps_every_other_brace(parts, namespace):

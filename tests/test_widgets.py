@@ -455,6 +455,35 @@ def test_reply_streams_into_the_panel_and_joins_the_conversation(chat: ChatPanel
     assert chat.view.children == () and len(chat.chat) == 0
 
 
+def test_logprobs_set_in_the_settings_panel_show_the_token_view_in_the_chat(
+        settings: SettingsPanel, chat: ChatPanel, engine: Any, tiny_model: Path) -> None:
+    """The settings panel's logprobs field (beside its structured-output fields) makes the chat panel's
+    replies carry their tokens, coloured by probability with the alternatives on hover."""
+    assert {"logprobs", "schema", "choice"} <= set(settings.gen_fields)
+    engine.load(tiny_model)
+    settings.gen_fields["temperature"].value = 0.0
+    settings.gen_fields["max_new_tokens"].value = 6
+    settings.gen_fields["logprobs"].value = "3"
+    assert engine.defaults.logprobs == 3
+    chat.input.value = "Hello there"
+    chat.send_button.click()
+    assert chat.wait(60) and chat.messages.error_text == ""
+    reply = chat.chat.turns[-1].reply
+    assert reply is not None and reply.record is not None
+    entries = reply.record.logprobs
+    assert entries and all(len(e["top"]) == 3 for e in entries)
+    shown = chat.view.children[-1].value
+    assert shown.count("class='nbllm-token'") == len(entries) and "hover for the alternatives" in shown
+    assert shown.count("title='") == len(entries) and "&#x27;" in shown  # each alternative list, escaped
+    # without logprobs a reply has no token view
+    settings.gen_fields["logprobs"].value = ""
+    assert engine.defaults.logprobs is None
+    chat.send("Again")
+    assert chat.wait(60)
+    assert "nbllm-token" not in chat.view.children[-1].value
+    assert chat.view.children[1].value.count("class='nbllm-token'") == len(entries)  # the first reply keeps its view
+
+
 def test_stop_during_a_long_reply_keeps_the_partial_reply(chat: ChatPanel, engine: Any, long_model: Path) -> None:
     engine.load(long_model)
     engine.defaults = GenerationOptions(temperature=0, max_new_tokens=4000)

@@ -57,7 +57,7 @@ class Request:
     cancel: threading.Event
     """Set when the generation must stop (Stop, an interrupt, another request taking the model):
     check it at every step."""
-    messages: list[dict[str, str]] | None = None
+    messages: list[dict[str, Any]] | None = None
     """Chat mode: the messages the prompt was rendered from."""
     continue_final: bool = False
     """Chat mode: the last message is the assistant's, to be extended rather than answered."""
@@ -67,6 +67,10 @@ class Request:
     images: list[Any] = field(default_factory=list)
     """The :class:`~nbllm.images.ChatImage` of each image part of ``messages``, in order (a loader whose
     :attr:`Loader.takes_images`)."""
+    tools: list[dict[str, Any]] | None = None
+    """Chat mode at a loader that renders chats (:attr:`Loader.tool_calls_as`): the JSON schemas of the
+    functions the model may call, and ``tool_choice`` in OpenAI's form."""
+    tool_choice: Any = None
     logprobs: list[dict[str, Any]] = field(default_factory=list)
     """With ``options.logprobs`` set (a loader whose :attr:`Loader.gives_logprobs`): the loader appends
     one entry per token it yields, before yielding it (:func:`nbllm.tokens.entry`)."""
@@ -103,6 +107,9 @@ class Loader(ABC):
     renders_chat: ClassVar[bool] = False
     """True when the engine behind the loader applies the chat template itself (a server's chat
     endpoint): the engine then passes messages, not rendered text."""
+    tool_calls_as: ClassVar[str | None] = None
+    """A loader that renders chats and passes ``tools`` on (a server's): the tool-call format
+    (:mod:`nbllm.tools`) its text gives the server's tool calls in."""
     adapters: ClassVar[frozenset[str]] = frozenset()
     """The adapter formats (:attr:`nbllm.adapters.Adapter.format`: ``peft``, ``gguf``) this loader applies
     to a loaded model with :meth:`set_adapters`; empty: none."""
@@ -112,11 +119,17 @@ class Loader(ABC):
     batch_size: ClassVar[int] = 1
     """How many prompts the loader generates at once (:meth:`TokenLoader.generate_batch`); 1: one
     after another. Sweeps ask the engine for batches of up to this many rows."""
-    gives_logprobs: ClassVar[bool] = False
-    """Whether the loader fills :attr:`Request.logprobs` when ``--logprobs`` asks for them."""
-    scores_tokens: ClassVar[bool] = False
-    """Whether the loader gives the log-probabilities of given tokens (:meth:`TokenLoader.token_scores`):
-    scoring, perplexity and evaluation need it."""
+    gives_logprobs: bool = False
+    """Whether the loader fills :attr:`Request.logprobs` when ``--logprobs`` asks for them (the remote
+    loader: per server, set when it loads)."""
+    scores_tokens: bool = False
+    """Whether the loader gives the log-probabilities of given tokens (:meth:`TokenLoader.token_scores`;
+    the remote loader: at a server that gives them, with ``tokenize``, ``decode`` and ``token_scores`` of
+    its own): scoring, perplexity and evaluation need it."""
+    speculation: ClassVar[bool] = False
+    """Whether the loader drafts tokens and checks them in one step (``--prompt-lookup``, and the load option
+    ``--draft-model`` when it lists it): :mod:`nbllm.speculative`. The engine refuses ``--prompt-lookup``
+    for any other in one line."""
     parallel_requests: int = 1
     """How many requests the loaded model serves side by side (a server: up to ``--max-concurrency``).
     Above 1, :func:`nbllm.generate_many` runs that many at once, and the per-generation facts a
@@ -134,6 +147,9 @@ class Loader(ABC):
         """Seconds the last generation spent compiling its constraint (structured output; 0 when it came
         from the cache), ``None`` without one."""
         self.constraints: Any = None
+        self.draft_counts: Any = None
+        """Tokens drafted and accepted by the last generation (:class:`nbllm.speculative.DraftCounts`), ``None``
+        when it drafted nothing (no speculative decoding asked for)."""
         """The loaded model's compiled constraints (:class:`nbllm.constraints.Compiler`), made on first use."""
 
     # -- what a user typed, before anything is released --------------------------------------------

@@ -314,15 +314,21 @@ class LlamaCppLoader(TokenLoader):
     load_options: ClassVar[frozenset[str]] = frozenset({
         "revision", "file", "flash_attn", "gpu_split", "alpha_value", "compress_pos_emb", "rope_freq_base",
         "n_gpu_layers", "n_ctx", "n_batch", "threads", "threads_batch", "cache_type", "no_mmap", "mlock", "verbose",
+        "draft_model", "draft_max",
     })
     libraries: ClassVar[tuple[str, ...]] = ("llama_cpp_python", "huggingface_hub")
     adapters: ClassVar[frozenset[str]] = frozenset({"gguf"})
-    gives_logprobs: ClassVar[bool] = True
-    scores_tokens: ClassVar[bool] = True
+    gives_logprobs: bool = True
+    scores_tokens: bool = True
+    speculation: ClassVar[bool] = True
 
     def __init__(self) -> None:
         super().__init__()
         self.llm: Any = None
+        self.draft: Any = None
+        """The ``--draft-model`` (a :class:`~nbllm.loaders._speculative.GGUFDraftModel`), if one is loaded."""
+        self._drafts: Any = None
+        """The ``Llama``'s ``draft_model`` (a counting wrapper) when it was built with one."""
         self.header: GGUFHeader | None = None
         self.kwargs: dict[str, Any] = {}
         """What ``Llama(...)`` was called with."""
@@ -357,6 +363,17 @@ class LlamaCppLoader(TokenLoader):
                 raise ModelNotFoundError(f"{part.name}, a part of {path.name}, is missing", "download the missing parts")
             read_gguf_header(part)
         kwargs = llama_kwargs(source, options, header.metadata)  # raises on contradictory RoPE options
+        if options.draft_model:
+            from ._speculative import check_gguf_draft
+
+            LOG.install(llama_cpp)
+            mode, LOG.mode = LOG.mode, "quiet"
+            try:
+                check_gguf_draft(source, options)
+            finally:
+                LOG.mode = mode
+        elif options.draft_max != LoadOptions.spec("draft_max").default:
+            warnings.warn("--draft-max has no effect without --draft-model", NbllmWarning, stacklevel=2)
         split = options.gpu_split_values
         gpu = bool(llama_cpp.llama_supports_gpu_offload())
         for note in machine_notes(options, gpu=gpu, cores=os.cpu_count() or 1):
@@ -403,8 +420,20 @@ class LlamaCppLoader(TokenLoader):
         LOG.clear()
         try:
             flash = flash_attention_type(options, bool(llama_cpp.llama_supports_gpu_offload()))
+            drafting: dict[str, Any] = {}
+            if options.draft_model:  # checked by check(); the same Llama keyword for both models
+                from ._speculative import draft_classes, draft_source
+
+                counting, drafter = draft_classes()
+                draft = draft_source(options.draft_model, "gguf", self.name)
+                self._drafts = counting()
+                # logits_all: llama-cpp-python sizes its logits array by it, not by draft_model
+                drafting = {"draft_model": self._drafts, "logits_all": True}
             with _tolerant_chat_templates(llama_cpp) as broken, _flash_attention(llama_cpp, flash):
-                self.llm = llama_cpp.Llama(**self.kwargs)
+                self.llm = llama_cpp.Llama(**self.kwargs, **drafting)
+                if drafting:
+                    small = {**llama_kwargs(draft, options, read_gguf_header(draft.files).metadata), "n_ctx": self.kwargs["n_ctx"]}
+                    self.draft = drafter(llama_cpp.Llama(**small), options.draft_max)
         except MemoryError:
             self.unload()
             raise self._memory_error() from None
@@ -522,6 +551,9 @@ class LlamaCppLoader(TokenLoader):
 
             mtmd.mtmd_free(self._mtmd)
             self._mtmd = None
+        draft, self.draft, self._drafts = self.draft, None, None
+        if draft is not None:
+            draft.llm.close()
         llm, self.llm = self.llm, None
         if llm is not None:
             close = getattr(llm, "close", None)
@@ -730,6 +762,7 @@ class LlamaCppLoader(TokenLoader):
         assert prompt_ids is not None
         limit = min(request.options.max_new_tokens, (self.context_length or 0) - len(prompt_ids))
         self.reused_tokens = 0
+        self.draft_counts = None
         if limit <= 0:
             return
         if request.images:  # computed here, images and all; generate() goes on from it
@@ -747,21 +780,60 @@ class LlamaCppLoader(TokenLoader):
         eos = self._eos
         produced = 0
         logprobs = llamacpp_recorder(self, request)
-        tokens = llm.generate(prompt_ids, reset=True, **self.sampling_kwargs(request.options),
-                              **self._constraint_processor(request))
+        constraint = self._constraint_processor(request)
+        with self._speculating(request, bool(constraint) or logprobs is not None) as counts:
+            tokens = llm.generate(prompt_ids, reset=True, **self.sampling_kwargs(request.options), **constraint)
+            try:
+                for token in tokens:
+                    if cancel.is_set():
+                        return
+                    if logprobs is not None:  # the logits the token was just sampled from
+                        logprobs.keep(llamacpp_last_logits(llm))
+                        logprobs.add(int(token))
+                    if counts is not None:
+                        counts.produced(int(token))
+                    yield int(token)
+                    produced += 1
+                    if token in eos or produced >= limit or cancel.is_set():
+                        return
+            finally:
+                tokens.close()
+
+    @contextlib.contextmanager
+    def _speculating(self, request: Request, exact_steps: bool) -> Iterator[Any]:
+        """The drafter of this generation set on the ``Llama`` (``--prompt-lookup``: llama-cpp-python's
+        ``LlamaPromptLookupDecoding``; else the ``--draft-model``), yielding its counts; ``None`` and no
+        drafting when neither is asked for, or when the request needs one token a step (a constraint or
+        --logprobs with a draft model: a note says it runs without drafting)."""
+        from ..speculative import DraftCounts
+
+        n = request.options.prompt_lookup
+        self.draft_counts = None
+        if not n and (self.draft is None or exact_steps):
+            if self.draft is not None:
+                warnings.warn("--draft-model sits out this request: a constraint or --logprobs needs one token a step",
+                              NbllmWarning, stacklevel=4)
+            yield None
+            return
+        from llama_cpp.llama_speculative import LlamaPromptLookupDecoding
+
+        from ._speculative import draft_classes, llama_logits_all
+
+        if n and self.draft is not None:
+            warnings.warn("--prompt-lookup drafts this request; the --draft-model sits it out", NbllmWarning, stacklevel=4)
+        drafter = LlamaPromptLookupDecoding(num_pred_tokens=n) if n else self.draft
+        counts = DraftCounts("prompt lookup" if n else "draft model")
+        wrapper = self._drafts if self._drafts is not None else draft_classes()[0]()
+        wrapper.drafter, wrapper.counts = drafter, counts
+        llm, kept = self.llm, self.llm.draft_model
+        llm.draft_model = wrapper
         try:
-            for token in tokens:
-                if cancel.is_set():
-                    return
-                if logprobs is not None:  # the logits the token was just sampled from
-                    logprobs.keep(llamacpp_last_logits(llm))
-                    logprobs.add(int(token))
-                yield int(token)
-                produced += 1
-                if token in eos or produced >= limit or cancel.is_set():
-                    return
+            with llama_logits_all(llm):
+                yield counts
         finally:
-            tokens.close()
+            wrapper.drafter, wrapper.counts = None, None
+            llm.draft_model = kept
+            self.draft_counts = counts
 
     def _constraint_processor(self, request: Request) -> dict[str, Any]:
         """``logits_processor`` for a request with a constraint (structured output): the same llguidance

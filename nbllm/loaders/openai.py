@@ -43,6 +43,7 @@ from urllib.parse import urlsplit
 from ..errors import GenerationError, LoadError, MissingDependencyError, NbllmError, NbllmWarning, OptionError
 from ..options import GenerationOptions, LoadOptions
 from ..source import ModelSource
+from ._remote_scores import NO_STREAMED_LOGPROBS, SCORING_SERVERS, ServerScorer, entries, logprobs_fields
 from .base import Request, TextLoader
 
 T = TypeVar("T")
@@ -234,6 +235,10 @@ def request_body(kind: ServerKind, model_id: str, request: Request) -> tuple[str
     if kind.name == "llama.cpp":
         body["repeat_last_n"] = -1  # the whole context, as vLLM's and Transformers' penalties (default: 64)
     body.update(_constraint_fields(kind, request))
+    if opts.logprobs is not None:
+        body.update(logprobs_fields(opts.logprobs, chat=chat))
+    if chat and request.tools:
+        body.update(_tool_fields(request, body["messages"]))
     return path, body, unsent
 
 
@@ -256,6 +261,25 @@ def wire_messages(messages: Sequence[Mapping[str, Any]], images: Sequence[Any], 
                 {"type": "text", "text": p["text"]} if p["type"] == "text"
                 else {"type": "image_url", "image_url": {"url": next(pixels).data_url()}} for p in content]})
     return out
+
+
+def _tool_fields(request: Request, wired: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """OpenAI's ``tools`` / ``tool_choice``, and the ``wired`` messages (:func:`wire_messages`: images already
+    inline) with their tool calls' arguments as JSON text (nbllm keeps them as objects, as chat templates
+    render them)."""
+    messages = []
+    for m in wired:
+        if m.get("tool_calls"):
+            m = {**m, "content": m.get("content") or "", "tool_calls": [  # "" not null: llama-cpp-python's wants text
+                {**c, "function": {**c["function"], "arguments": c["function"]["arguments"]
+                                   if isinstance(c["function"].get("arguments"), str)
+                                   else json.dumps(c["function"].get("arguments"), ensure_ascii=False)}}
+                for c in m["tool_calls"]]}
+        messages.append(m)
+    choice = request.tool_choice or "auto"
+    if choice not in ("auto", "none", "required"):
+        choice = {"type": "function", "function": {"name": choice}}
+    return {"messages": messages, "tools": list(request.tools or ()), "tool_choice": choice}
 
 
 def _constraint_fields(kind: ServerKind, request: Request) -> dict[str, Any]:
@@ -364,6 +388,7 @@ class OpenAILoader(TextLoader):
     load_options: ClassVar[frozenset[str]] = frozenset({"remote_model", "api_key_env", "max_concurrency", "timeout"})
     libraries: ClassVar[tuple[str, ...]] = ("httpx",)
     renders_chat: ClassVar[bool] = True
+    tool_calls_as: ClassVar[str | None] = "hermes"  # the server's tool_calls, as text conversations read
     structured_output: ClassVar[bool] = True  # passed on in the server's dialect, or refused by kind
 
     def __init__(self) -> None:
@@ -378,6 +403,10 @@ class OpenAILoader(TextLoader):
         self._slots = threading.BoundedSemaphore(1)
         self._said_seed = False
         self._said_repetition = False
+        self.scorer: ServerScorer | None = None
+        """The server's tokenizer and prompt log-probabilities (scoring), where nbllm uses them."""
+        self.logprobs_why: str | None = None
+        """Why the server gives no ``--logprobs`` (``None``: it gives them)."""
 
     # per-generation facts, per thread (several requests may run side by side)
     finish_reason = _PerThread[str | None]()
@@ -442,6 +471,10 @@ class OpenAILoader(TextLoader):
                 info = self._probe("get_server_info") or self._probe("server_info") or {}
                 if not info.get("enable_deterministic_inference"):
                     self.kind = replace(self.kind, seed_applies=False)
+            self.logprobs_why = NO_STREAMED_LOGPROBS.get(kind)
+            self.gives_logprobs = self.logprobs_why is None
+            self.scores_tokens = kind in SCORING_SERVERS
+            self.scorer = ServerScorer(self.client, self.url, self._root(), model_id) if self.scores_tokens else None
             if kind == "llama-cpp-python":
                 # it runs one request at a time, and by default a new request cuts the running stream short
                 self.parallel_requests = 1
@@ -587,6 +620,37 @@ class OpenAILoader(TextLoader):
         """``text`` without the API key (a server may echo it in an error)."""
         return text.replace(self._key, "***") if self._key else text
 
+    # -- token log-probabilities of given tokens (scoring), where the server gives them -------------------
+    @property
+    def scores_why(self) -> str | None:
+        """Why the server gives no log-probabilities of given tokens (``None``: it gives them)."""
+        if self.scorer is not None:
+            return None
+        return (f"{self.kind.label} gives nbllm no log-probabilities of given tokens (nbllm scores at "
+                "llama-cpp-python's server only: its echo of a prompt's logprobs and its tokenizer)")
+
+    def _scoring(self) -> ServerScorer:
+        if self.scorer is None:
+            raise GenerationError(self.scores_why or "", "load the model with the transformers or llama.cpp loader to score it")
+        return self.scorer
+
+    @property
+    def first_scored(self) -> int:
+        """The first position of a row the server can score (:attr:`ServerScorer.first_scored`)."""
+        return self._scoring().first_scored
+
+    def tokenize(self, text: str, *, add_special: bool) -> list[int]:
+        """Token ids of ``text`` by the server's own tokenizer."""
+        return self._scoring().tokenize(text, add_special=add_special)
+
+    def decode(self, ids: Any) -> str:
+        return self._scoring().decode(ids)
+
+    def token_scores(self, rows: Any, starts: Any, top: int = 0) -> list[Any]:
+        """:meth:`TokenLoader.token_scores`, from the server's echo of each row's text."""
+        with self._slots:
+            return self._scoring().token_scores(rows, starts, top)
+
     # -- generation ------------------------------------------------------------------------------
     def generate_text(self, request: Request) -> Iterator[str]:
         import httpx
@@ -600,6 +664,11 @@ class OpenAILoader(TextLoader):
                           NbllmWarning, stacklevel=2)
         self._note_what_does_not_apply(request)
         reply = _Reply(native=self.kind.native, chat=request.messages is not None)
+        if request.options.logprobs is not None:
+            if request.options.logprobs_after_samplers:
+                raise OptionError("a server gives the model's own log-probabilities, not those after the samplers",
+                                  "drop --logprobs-after-samplers")
+            reply.logprobs, reply.top = request.logprobs, request.options.logprobs
         watch: _Watch | None = None
         timeout = self.options.timeout if self.options is not None else 60.0
         with self._slots:
@@ -634,6 +703,9 @@ class OpenAILoader(TextLoader):
                             f"({'[DONE] came first' if reply.done else 'the stream just ended'})",
                             "the partial text is kept; the server may have cut it short for another request: "
                             "check the server's log, then run the prompt again")
+                if reply.logprobs is not None and reply.pieces and not reply.logprobs:
+                    warnings.warn(f"the server at {self.url} sent no token log-probabilities with the reply",
+                                  NbllmWarning, stacklevel=2)
                 self._count(request, reply)  # once the reply's connection is back (a server may hold its model till then)
             except httpx.HTTPError as exc:
                 if request.cancel.is_set():
@@ -706,6 +778,12 @@ class OpenAILoader(TextLoader):
             delta = (choice.get("delta") or {}) if reply.chat else choice
             thought = delta.get("reasoning_content") or delta.get("reasoning")
             texts += reply.take(thought, delta.get("content") if reply.chat else choice.get("text"), at)
+            if reply.logprobs is not None:
+                reply.logprobs.extend(entries(choice, reply.top, chat=reply.chat))
+            if reply.chat and isinstance(delta.get("tool_calls"), list):
+                reply.add_calls(delta["tool_calls"])
+            if choice.get("finish_reason") and reply.calls:
+                texts += reply.take(None, reply.calls_text(), at)
             if choice.get("finish_reason"):
                 self._finished(str(choice["finish_reason"]), reply)
         return texts
@@ -802,6 +880,35 @@ class _Reply:
         self.reasoning: list[str] = []
         self.first_at: float | None = None
         self.last_at: float | None = None
+        self.logprobs: list[dict[str, Any]] | None = None
+        """With ``--logprobs``: where each token's entry goes (:attr:`Request.logprobs`)."""
+        self.top = 0
+        self.calls: dict[int, dict[str, Any]] = {}
+        """The server's tool calls, put together from their streamed pieces, by index."""
+
+    def add_calls(self, pieces: list[Any]) -> None:
+        """One event's ``tool_calls`` deltas (the id and name come once, the arguments' text in pieces)."""
+        for piece in pieces:
+            if not isinstance(piece, dict):
+                continue
+            call = self.calls.setdefault(int(piece.get("index") or 0), {"id": None, "name": "", "arguments": ""})
+            function = piece.get("function") or {}
+            call["id"] = piece.get("id") or call["id"]
+            call["name"] = call["name"] or function.get("name") or ""  # llama-cpp-python's repeats it
+            call["arguments"] += function.get("arguments") or ""
+
+    def calls_text(self) -> str:
+        """The tool calls as Hermes text (:attr:`OpenAILoader.tool_calls_as`), which conversations read."""
+        out = []
+        for _, call in sorted(self.calls.items()):
+            try:
+                arguments: Any = json.loads(call["arguments"] or "{}")
+            except ValueError:
+                arguments = call["arguments"]
+            body = {"name": call["name"], "arguments": arguments, **({"id": call["id"]} if call["id"] else {})}
+            out.append("<tool_call>\n" + json.dumps(body, ensure_ascii=False) + "\n</tool_call>")
+        self.calls = {}
+        return "".join(out)
 
     def stamp(self, at: float) -> None:
         if self.first_at is None:

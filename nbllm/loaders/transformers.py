@@ -187,19 +187,22 @@ class TransformersLoader(TokenLoader):
     load_options: ClassVar[frozenset[str]] = frozenset({
         "revision", "device", "dtype", "load_in_8bit", "load_in_4bit", "quant_type", "compute_dtype", "double_quant",
         "attn", "flash_attn", "compile", "trust_remote_code", "cpu_memory", "gpu_split", "disk_offload",
-        "alpha_value", "compress_pos_emb",
+        "alpha_value", "compress_pos_emb", "draft_model", "draft_max",
     })
     libraries: ClassVar[tuple[str, ...]] = (
         "transformers", "torch", "accelerate", "bitsandbytes", "huggingface_hub", "tokenizers", "peft",
     )
     adapters: ClassVar[frozenset[str]] = frozenset({"peft"})
     structured_output: ClassVar[bool] = True
-    gives_logprobs: ClassVar[bool] = True
-    scores_tokens: ClassVar[bool] = True
+    gives_logprobs: bool = True
+    scores_tokens: bool = True
+    speculation: ClassVar[bool] = True
 
     def __init__(self) -> None:
         super().__init__()
         self.model: Any = None
+        self.draft: Any = None
+        """The ``--draft-model`` (transformers' ``assistant_model``), if one is loaded."""
         self.tokenizer: Any = None
         self._attention: str | None = None
         self._device_kwargs: dict[str, Any] = {}
@@ -227,6 +230,12 @@ class TransformersLoader(TokenLoader):
             raise missing_dependency("bitsandbytes (needed by --load-in-4bit/--load-in-8bit)", "gpu")
         _quiet_library_noise()
         cls._device_arguments(options)
+        if options.draft_model:
+            from ._speculative import check_transformers_draft
+
+            check_transformers_draft(source, options)
+        elif options.draft_max != LoadOptions.spec("draft_max").default:
+            warnings.warn("--draft-max has no effect without --draft-model", NbllmWarning, stacklevel=2)
         gpus = cuda_devices() if options.device != "cpu" else []  # what load() will use, not every GPU there is
         if source.format == "gguf":
             attention_for(options, {}, gpus)
@@ -352,6 +361,12 @@ class TransformersLoader(TokenLoader):
                 self.tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=remote,
                                                                revision=options.revision, **gguf)
             self._rust_decode = _plain_rust_decode(self.tokenizer)
+            if options.draft_model:
+                from ._speculative import draft_source, load_transformers_draft
+
+                with _no_progress_bars():
+                    self.draft = load_transformers_draft(draft_source(options.draft_model, "transformers", self.name),
+                                                         self.model, options)
         except (OptionError, LoadError):
             self.unload()
             raise
@@ -437,6 +452,7 @@ class TransformersLoader(TokenLoader):
 
     def unload(self) -> None:
         self.model = None
+        self.draft = None
         self.tokenizer = None
         self.processor = None
         self._cache, self._cache_ids = None, []
@@ -557,6 +573,7 @@ class TransformersLoader(TokenLoader):
         prompt_ids, seed, cancel, reuse_prefix = request.prompt_ids, request.seed, request.cancel, request.reuse_prefix
         assert prompt_ids is not None
         self.compile_seconds = None
+        self.draft_counts = None
         pixels: dict[str, Any] = {}  # a vision model's image inputs (pixel values...), beside the ids
         if request.images:
             from ..chat_template import starts_with_bos
@@ -567,8 +584,9 @@ class TransformersLoader(TokenLoader):
             pixels = {k: v for k, v in inputs.items() if k not in ("input_ids", "attention_mask")}
             reuse_prefix = False  # the kept state is of other pixels, perhaps: compute it all
         constrained = self._constraint_processors(request, rows=1, width=len(prompt_ids))
-        compiled = self._compiled is not None and not constrained and request.options.logprobs is None
-        if compiled and not pixels:  # else generate's path
+        speculative = self._speculation(request, exact_steps=bool(constrained) or request.options.logprobs is not None)
+        if (self._compiled is not None and not constrained and request.options.logprobs is None
+                and not speculative and not pixels):  # else generate's path
             return self._compiled_tokens(request)
         logprobs = transformers_recorder(self, request)
         processors: list[Any] = list(constrained)
@@ -615,7 +633,14 @@ class TransformersLoader(TokenLoader):
             self._cache, self._cache_ids = None, []
             set_seed(seed)
             input_ids = torch.tensor([prompt_ids], device=device)
-            with torch.inference_mode():
+            counted: contextlib.AbstractContextManager[None] = contextlib.nullcontext()
+            if speculative:
+                from ..speculative import DraftCounts
+                from ._speculative import counted_candidates
+
+                self.draft_counts = DraftCounts("prompt lookup" if "prompt_lookup_num_tokens" in speculative else "draft model")
+                counted = counted_candidates(model, self.draft_counts)
+            with torch.inference_mode(), counted:
                 model.generate(
                     input_ids=input_ids,
                     attention_mask=torch.ones_like(input_ids),
@@ -625,11 +650,33 @@ class TransformersLoader(TokenLoader):
                     cache=cache,
                     **({"logits_processor": LogitsProcessorList(processors)} if processors else {}),
                     **kwargs,
+                    **speculative,
                 )
-            if reuse_prefix:
+            if reuse_prefix and not speculative:  # (a drafted generation's cache was cut back step by step: not kept)
                 self._cache, self._cache_ids = cache, (prompt_ids + produced)[: cache.get_seq_length()]
 
         return threaded_tokens(run, cancel)
+
+    def _speculation(self, request: Request, *, exact_steps: bool) -> dict[str, Any]:
+        """``generate`` keywords for speculative decoding: ``prompt_lookup_num_tokens`` (``--prompt-lookup``,
+        which wins over a loaded draft model) or ``assistant_model`` (``--draft-model``); none without them,
+        nor for a request that needs one token a step (a constraint, --logprobs: the draft model sits out,
+        a note says so). ``--compile``'s decode step checks no drafts: such a request runs eagerly."""
+        n = request.options.prompt_lookup
+        if not n and (self.draft is None or exact_steps):
+            if self.draft is not None:
+                warnings.warn("--draft-model sits out this request: a constraint or --logprobs needs one token a step",
+                              NbllmWarning, stacklevel=4)
+            return {}
+        if self._compiled is not None:
+            warnings.warn("--compile: a request with speculative decoding runs without the compiled step",
+                          NbllmWarning, stacklevel=4)
+        if n:
+            if self.draft is not None:
+                warnings.warn("--prompt-lookup drafts this request; the --draft-model sits it out", NbllmWarning,
+                              stacklevel=4)
+            return {"prompt_lookup_num_tokens": n}
+        return {"assistant_model": self.draft}
 
     def _constraint_processors(self, request: Request, *, rows: int, width: int) -> list[Any]:
         """The logits processor that holds the output to the request's constraint (structured output:
@@ -925,15 +972,18 @@ def _read_adapter_weights(adapter: Adapter) -> dict[str, Any]:
 class _DropLibraryNoise(logging.Filter):
     """bitsandbytes logs two harmless lines into the cell: "Failed to load CPU gemm_4bit_forward from
     kernels-community" (an optional kernel package is absent; it falls back) on import, and "MatMul8bitLt:
-    inputs will be cast ... to float16" on every 8-bit matmul. Neither asks anything of the user."""
+    inputs will be cast ... to float16" on every 8-bit matmul. Neither asks anything of the user. Nor does
+    transformers' own draft model call (``--draft-model``), which logs "Passing `generation_config` together with
+    generation-related arguments ... is deprecated" about its own call."""
 
-    NOISE = ("Failed to load CPU gemm_4bit_forward", "MatMul8bitLt: inputs will be cast")
+    NOISE = ("Failed to load CPU gemm_4bit_forward", "MatMul8bitLt: inputs will be cast",
+             "Passing `generation_config` together with generation-related")
 
     def filter(self, record: logging.LogRecord) -> bool:
         return not str(record.msg).startswith(self.NOISE)
 
 
-_NOISY_LOGGERS = ("bitsandbytes.backends.cpu.ops", "bitsandbytes.autograd._functions")
+_NOISY_LOGGERS = ("bitsandbytes.backends.cpu.ops", "bitsandbytes.autograd._functions", "transformers.generation.utils")
 
 
 def _quiet_library_noise() -> None:

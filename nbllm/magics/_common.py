@@ -19,11 +19,11 @@ from IPython.core import magic_arguments
 from IPython.core.error import UsageError
 
 from ..errors import NbllmError, NbllmWarning
-from ..options import GenerationOptions, _Schema
-from ..result import Result
 
 if TYPE_CHECKING:
     from ..engine import Engine
+    from ..options import GenerationOptions, _Schema
+    from ..result import Result
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -61,18 +61,38 @@ def _show_note(original: Callable[..., None], message: Warning | str, category: 
         original(message, category, *args, **kwargs)
 
 
-def schema_arguments(*schemas: type[_Schema], skip: Iterable[str] = ()) -> Callable[[F], F]:
-    """``magic_arguments`` flags for every field of ``schemas`` (so ``%magic?`` lists them all)."""
+def schema_arguments(*schemas: type[_Schema] | str, skip: Iterable[str] = ()) -> Callable[[F], F]:
+    """``magic_arguments`` flags for every field of ``schemas`` (so ``%magic?`` lists them all). A schema may
+    be named (``"options.LoadOptions"``, below ``nbllm``): its module is imported, and its flags made, when
+    the parser is built (:func:`lazy_arguments`), not when the magics are registered."""
     skipped = set(skip)
 
-    def decorate(func: F) -> F:
-        for schema in reversed(schemas):
-            for flags, kwargs in reversed(schema.argparse_arguments()):
-                if kwargs["dest"] not in skipped:
-                    func = magic_arguments.argument(*flags, **kwargs)(func)
-        return func
+    def add(target: Any) -> None:
+        for schema in schemas:
+            for flags, kwargs in _schema(schema).argparse_arguments():
+                if kwargs.get("dest") not in skipped:
+                    target.add_argument(*flags, **kwargs)
 
-    return decorate
+    return _Deferred(add)
+
+
+def _schema(schema: type[_Schema] | str) -> type[_Schema]:
+    if not isinstance(schema, str):
+        return schema
+    import importlib
+
+    module, name = schema.rsplit(".", 1)
+    return getattr(importlib.import_module(f"..{module}", __package__), name)
+
+
+class _Deferred(magic_arguments.ArgDecorator):
+    """A decorator whose arguments are added when the parser is built (their schema imported then)."""
+
+    def __init__(self, add: Callable[[Any], None]) -> None:
+        self.add = add
+
+    def add_to_parser(self, parser: Any, group: Any) -> None:
+        self.add(group if group is not None else parser)
 
 
 def lazy_arguments(name: str | None = None) -> Any:
@@ -137,16 +157,22 @@ output_argument = magic_arguments.argument(
 
 def generation_arguments(func: F) -> F:
     """The generation flags (every :class:`GenerationOptions` field) and ``--preset NAME``."""
-    func = schema_arguments(GenerationOptions)(func)
-    return magic_arguments.argument(
-        "--preset", metavar="NAME",
-        help=f"Start from a named preset ({', '.join(GenerationOptions.presets())}); options typed on the line "
-             "win over it.",
-    )(func)
+    func = schema_arguments("options.GenerationOptions")(func)
+
+    def preset(target: Any) -> None:
+        from ..options import GenerationOptions
+
+        target.add_argument("--preset", metavar="NAME",
+                            help=f"Start from a named preset ({', '.join(GenerationOptions.presets())}); options "
+                                 "typed on the line win over it.")
+
+    return _Deferred(preset)(func)
 
 
 def generation_options(args: argparse.Namespace, base: GenerationOptions) -> GenerationOptions:
     """The options of one cell: the flags typed on the line, over ``--preset`` (if any), over ``base``."""
+    from ..options import GenerationOptions
+
     if args.preset is None:
         return GenerationOptions.from_namespace(args, base)
     return GenerationOptions.preset(args.preset, base, **GenerationOptions.typed(args))
@@ -288,12 +314,12 @@ def owner_of(result: Result | None) -> str:
 
 
 @contextlib.contextmanager
-def waiting_shown(view: StreamView) -> Iterator[None]:
+def waiting_shown(view: StreamView, engine: Engine | None = None) -> Iterator[None]:
     """Start a generation inside this block: if the engine has to wait for a reply being written on
     another thread (a served request's, the chat panel's), ``view`` says so; interrupting that wait is
     one line (nothing was generated; the model stays loaded), and stops the chat panel's reply (a served
     request is another client's: it goes on)."""
-    with get_engine().on_wait(view.waiting):
+    with (engine if engine is not None else get_engine()).on_wait(view.waiting):
         try:
             yield
         except KeyboardInterrupt:

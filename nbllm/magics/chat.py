@@ -12,7 +12,6 @@ from ._common import (
     StreamView,
     generation_arguments,
     generation_options,
-    get_engine,
     interpolate,
     interpolate_message,
     lazy_arguments,
@@ -42,6 +41,17 @@ class ChatMagics(Magics):
                               help="Generate the last reply again (the earlier versions are kept); no message.")
     @magic_arguments.argument("--continue", dest="continue_", action="store_true",
                               help="Extend the last reply from where it ended; no message.")
+    @magic_arguments.argument("--tools", metavar="F,G",
+                              help="Notebook functions the model may call (names separated by commas); each call "
+                                   "runs here and its result goes back to the model.")
+    @magic_arguments.argument("--tool-choice", metavar="CHOICE", default="auto",
+                              help="auto (default), none, required, or a function's name: the first reply is held "
+                                   "to a call of it.")
+    @magic_arguments.argument("--max-tool-calls", metavar="N", type=int, default=5,
+                              help="Stop running calls after N of them in one message (default 5).")
+    @magic_arguments.argument("--model", metavar="NAME",
+                              help="Talk to the model loaded as NAME (%%llm_load MODEL --as NAME; default: the "
+                                   "unnamed one); the conversation keeps it for later cells.")
     @output_argument
     @user_errors
     def llm_chat(self, line: str, cell: str | None = None) -> None:
@@ -58,6 +68,9 @@ class ChatMagics(Magics):
 
             %llm_chat tutor --regenerate
             %llm_chat tutor --continue
+
+            %%llm_chat --tools add,search --tool-choice required
+            What is 2 + 3?
         """
         from ..chat import (
             conversation,  # the conversations (and the engine) load at first use, not at %load_ext
@@ -67,12 +80,24 @@ class ChatMagics(Magics):
         shell = self.shell
         assert shell is not None
         message = interpolate_message((cell or "").strip("\n"), shell.user_ns)
-        options = generation_options(args, get_engine().defaults)
+        conv = conversation(args.name)
+        if args.model is not None:
+            from ..registry import DEFAULT, engine_for
+
+            engine_for(args.model)  # an unknown name: one line, the conversation unchanged
+            conv.model = None if args.model == DEFAULT else args.model
+        options = generation_options(args, conv.engine.defaults)
         system = interpolate(args.system, shell.user_ns) if args.system is not None else None
+        tools = None
+        if args.tools is not None:
+            from ..tools import tools_named
+
+            tools = tools_named(args.tools, shell.user_ns)
         view = StreamView(shell)
-        with waiting_shown(view):
-            result = conversation(args.name).reply(message, options, regenerate=args.regenerate,
-                                                   continue_=args.continue_, system=system)
+        with waiting_shown(view, conv.engine):
+            result = conv.reply(message, options, regenerate=args.regenerate, continue_=args.continue_, system=system,
+                                tools=tools, tool_choice=args.tool_choice, max_tool_calls=args.max_tool_calls,
+                                on_tool_call=lambda call: print(f"[tool] {call}"))
         if args.output:
             shell.user_ns[args.output] = result
         show_stream(shell, result, view)

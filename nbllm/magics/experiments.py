@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 from collections.abc import MutableMapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from IPython.core import magic_arguments
 from IPython.core.error import UsageError
 from IPython.core.magic import Magics, line_magic, magics_class
 
-from ..options import GenerationOptions
-from ..result import Result
 from ._common import lazy_arguments, parse_line, user_errors
+
+if TYPE_CHECKING:
+    from ..options import GenerationOptions
+    from ..result import Result
 
 # the run log, the replay and sweeps (and the engine under them) are imported when a magic runs, not by %load_ext
 
@@ -78,7 +80,7 @@ class ExperimentMagics(Magics):
 
 
 def show_sweep(prompt: str, options: GenerationOptions, grid: str, *, chat: bool, system: str | None,
-               output: str | None, namespace: MutableMapping[str, Any]) -> None:
+               output: str | None, namespace: MutableMapping[str, Any], model: str | None = None) -> None:
     """``%%llm --sweep GRID``: run the sweep, show its table (the rows' records and outcomes in the
     output's metadata, for replay), store the DataFrame in ``output``."""
     from IPython.display import display
@@ -87,6 +89,8 @@ def show_sweep(prompt: str, options: GenerationOptions, grid: str, *, chat: bool
 
     values: dict[str, Any] = dict(parse_grid(grid))
     results: list[Result] = []
+    if model is not None and "model" not in values:
+        values["model"] = model
     frame = sweep(prompt, options, chat=chat, system=system, results=results, **values)
     if output:
         namespace[output] = frame

@@ -7,7 +7,6 @@ from typing import Any
 from IPython.core.magic import Magics, line_magic, magics_class
 from IPython.core.magic_arguments import argument
 
-from .. import lora
 from ..errors import OptionError
 from ._common import get_engine, lazy_arguments, parse_line, schema_arguments, user_errors
 
@@ -26,12 +25,14 @@ class LoraMagics(Magics):
     @argument("adapter", nargs="?", metavar="PATH|NAME|HUB_ID",
               help="add: a path, a name in the adapters folder (loras/ beside the models folder) or a hub id "
                    "organization/adapter[:revision] (downloaded first); remove: the name of an applied adapter.")
-    @schema_arguments(lora.LoraOptions)
+    @schema_arguments("lora.LoraOptions")
     @user_errors
     def llm_lora(self, line: str) -> Any:
         """LoRA adapters on the loaded model, without reloading it: %llm_lora add PATH|NAME|HUB_ID [--scale S],
         %llm_lora remove NAME, %llm_lora list, %llm_lora clear."""
         args = parse_line(self.llm_lora, line)
+        from .. import lora
+
         typed = lora.LoraOptions.typed(args)
         if args.action == "list":
             return lora.lora_list()

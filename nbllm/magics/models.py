@@ -11,11 +11,9 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from IPython.core.magic import Magics, line_magic, magics_class
-from IPython.core.magic_arguments import argument
 from traitlets import Unicode, observe
 
-from ..download.options import DownloadOptions  # the download package itself is imported when it downloads
-from ._common import lazy_arguments, parse_line, user_errors
+from ._common import lazy_arguments, parse_line, schema_arguments, user_errors
 
 if TYPE_CHECKING:
     from ..models import ModelList
@@ -25,9 +23,7 @@ F = TypeVar("F", bound=Callable[..., Any])
 
 def _download_flags(func: F) -> F:
     """``magic_arguments`` for every field of :class:`DownloadOptions` (so ``%llm_download?`` lists them)."""
-    for flags, kwargs in reversed(DownloadOptions.argparse_arguments()):
-        func = argument(*flags, **kwargs)(func)
-    return func
+    return schema_arguments("download.options.DownloadOptions")(func)  # imported when the parser is built
 
 
 @magics_class
@@ -76,4 +72,8 @@ class ModelMagics(Magics):
         Config and tokenizer files always; safetensors over .bin; in a GGUF repository the Q4_K_M file
         unless --file chooses. Run it again after an interruption to continue where it stopped.
         """
+        from ..download.options import (
+            DownloadOptions,  # the download package itself is imported when it downloads
+        )
+
         DownloadOptions.from_namespace(parse_line(self.llm_download, line)).run()

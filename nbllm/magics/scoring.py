@@ -24,14 +24,15 @@ def split_choices(text: str) -> list[str]:
     return choices
 
 
-def show_choices(prompt: str, choices: str, *, output: str | None, namespace: MutableMapping[str, Any]) -> Scores:
+def show_choices(prompt: str, choices: str, *, output: str | None, namespace: MutableMapping[str, Any],
+                 model: str | None = None) -> Scores:
     """Score ``choices`` after ``prompt`` and show the ranked table; its output carries the record and the
     scores, so a saved notebook replays it."""
     from IPython.display import display
 
     from ..scoring import score
 
-    scores = score(prompt, split_choices(choices))
+    scores = score(prompt, split_choices(choices), model=model)
     if output:
         namespace[output] = scores
     metadata = {}

@@ -5,7 +5,6 @@ from __future__ import annotations
 from IPython.core import magic_arguments
 from IPython.core.magic import Magics, line_magic, magics_class
 
-from ..serve import ServeOptions, serve, stop
 from ._common import get_engine, lazy_arguments, parse_line, schema_arguments, user_errors
 
 
@@ -15,7 +14,7 @@ class ServeMagics(Magics):
 
     @line_magic
     @lazy_arguments()
-    @schema_arguments(ServeOptions)
+    @schema_arguments("serve.ServeOptions")
     @magic_arguments.argument("--stop", action="store_true", help="Stop the server.")
     @user_errors
     def llm_serve(self, line: str) -> None:
@@ -30,6 +29,8 @@ class ServeMagics(Magics):
             %llm_serve --stop
         """
         args = parse_line(self.llm_serve, line)
+        from ..serve import ServeOptions, serve, stop
+
         if args.stop:
             url = stop()
             print(f"Stopped serving at {url}." if url else "No server was running.")

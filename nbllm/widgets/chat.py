@@ -91,7 +91,8 @@ def chat_html(text: str) -> str:
 class MessageView(W.HTML):
     """One message of the chat, its markdown rendered to HTML in the kernel (:func:`chat_html`)."""
 
-    def __init__(self, role: str, text: str = "", note: str = "", images: list[Any] | None = None) -> None:
+    def __init__(self, role: str, text: str = "", note: str = "", tokens: list[dict[str, Any]] | None = None,
+                 images: list[Any] | None = None) -> None:
         super().__init__(layout=W.Layout(width="auto"))
         self.role = role
         self.add_class("nbllm-msg")
@@ -100,18 +101,26 @@ class MessageView(W.HTML):
         self.note = ""
         self.images = list(images or [])
         """The message's images (:class:`~nbllm.images.ChatImage`), shown small under its text."""
-        self.show(text, note)
+        self.show(text, note, tokens)
 
-    def show(self, text: str, note: str = "") -> None:
-        """Replace the message's text (safe from any thread: it only sets a trait)."""
+    def show(self, text: str, note: str = "", tokens: list[dict[str, Any]] | None = None) -> None:
+        """Replace the message's text (safe from any thread: it only sets a trait). ``tokens``: the reply's
+        ``--logprobs`` entries, shown under it as the token view (coloured by probability, the
+        alternatives on hover: :meth:`nbllm.tokens.TokenLogprobs.html`)."""
         self.text, self.note = text, note
         label = {"user": "You", "assistant": "Assistant"}.get(self.role, self.role)
         head = f"<b>{html.escape(label)}</b>" + (f" <small><i>{html.escape(note)}</i></small>" if note else "")
         body = chat_html(text) if text else "<p>…</p>"
         pictures = "".join(f"<img class='nbllm-msg-image' src='{image.data_url()}' title='sha256 {image.sha256}' "
                            "style='max-height: 128px; margin: 2px 4px 4px 0'>" for image in self.images)
+        view = ""
+        if tokens:
+            from ..tokens import TokenLogprobs
+
+            view = (f"<details class='nbllm-tokens' open><summary><small>tokens ({len(tokens)}, coloured by "
+                    f"probability; hover for the alternatives)</small></summary>{TokenLogprobs(tokens).html()}</details>")
         self.value = (f"<div class='jp-RenderedHTMLCommon nbllm-md'><div class='nbllm-msg-head'>{head}</div>"
-                      f"{body}{pictures}</div>")
+                      f"{body}{pictures}{view}</div>")
 
 
 def words(exc: NbllmError) -> str:
@@ -162,6 +171,14 @@ def stop_replies_on_interrupt() -> None:
     _hooked_kernel = kernel
 
 
+def _reply_tokens(turn: Turn) -> list[dict[str, Any]] | None:
+    """The reply's ``--logprobs`` entries (each generation's, for a continued reply), when it has them."""
+    if turn.reply is None:
+        return None
+    entries = [e for r in turn.reply.records for e in (r.logprobs or ())]
+    return entries or None
+
+
 def _reply_note(turn: Turn) -> str:
     return " · ".join(turn.notes)
 
@@ -179,7 +196,7 @@ class ChatPanel(W.VBox):
         self._result: Result | None = None
         self._worker: threading.Thread | None = None
         self._busy = False
-        self._shown: list[tuple[str, str | None, str]] | None = None
+        self._shown: list[tuple[str, str | None, str, int]] | None = None
         self._render_lock = threading.RLock()
 
         self.system = W.Textarea(value=self.chat.system or "", placeholder="System prompt (optional)",
@@ -209,11 +226,16 @@ class ChatPanel(W.VBox):
         self.clear_button = button("Clear", "clear", icon="trash")
         self.status = W.HTML()
         self.status.add_class("nbllm-chat-status")
+        self.model = W.Dropdown(description="Model", options=["default"], value="default",
+                                tooltip="The model that replies: the unnamed one (default), or one loaded --as NAME",
+                                style={"description_width": "initial"}, layout=W.Layout(width="auto"))
+        self.model.add_class("nbllm-chat-model")
 
         self._parts: list[W.Widget] = [
             W.HTML(_CSS),
             heartbeat(),
             title(f"nbllm · chat “{self.chat.name}”"),
+            self.model,
             self.system,
             self.scroller,
             self.input,
@@ -233,6 +255,7 @@ class ChatPanel(W.VBox):
         self.continue_button.on_click(lambda _b: self.continue_reply())
         self.clear_button.on_click(lambda _b: self.clear())
         self.system.observe(self._system_changed, names="value")
+        self.model.observe(self._model_changed, names="value")
 
         self.refresh()
         track(self)
@@ -252,14 +275,36 @@ class ChatPanel(W.VBox):
         numbers line, which was about the panel's last reply, goes)."""
         self._redraw(ours=False)
 
+    def _models_shown(self) -> None:
+        """The model list: the unnamed model and every model loaded --as NAME; the conversation's own chosen."""
+        from ..registry import DEFAULT, models
+
+        names = [DEFAULT, *models().named_loaded()]
+        chosen = self.chat.model or DEFAULT
+        if chosen not in names:
+            names.append(chosen)  # unloaded since: shown, and a send says so in one line
+        if list(self.model.options) != names:
+            self.model.options = names
+        if self.model.value != chosen:
+            self.model.value = chosen
+
+    def _model_changed(self, change: dict[str, Any]) -> None:
+        from ..registry import DEFAULT
+
+        new = change["new"]
+        if new is not None:
+            self.chat.model = None if new == DEFAULT else new
+
     def _redraw(self, *, ours: bool) -> None:
         if self.generating:
             return
+        self._models_shown()
         with self._render_lock:
             if (self.chat.system or "") != self.system.value:
                 self.system.value = self.chat.system or ""
-            shown = [(t.shown, t.reply.content if t.reply else None, _reply_note(t)) for t in self.chat.turns]
-            if shown == self._shown and len(self.view.children) == sum(1 + (r is not None) for _u, r, _n in shown):
+            shown = [(t.shown, t.reply.content if t.reply else None, _reply_note(t), len(_reply_tokens(t) or ()))
+                     for t in self.chat.turns]
+            if shown == self._shown and len(self.view.children) == sum(1 + (r is not None) for _u, r, _n, _t in shown):
                 self._set_buttons(generating=False)
                 return  # unchanged since last shown: no redraw after every cell
             if not ours and self._shown is not None and shown != self._shown:
@@ -269,7 +314,7 @@ class ChatPanel(W.VBox):
             for turn in self.chat.turns:
                 views.append(MessageView("user", turn.shown, images=turn.images))
                 if turn.reply is not None:
-                    views.append(MessageView("assistant", turn.reply.content, _reply_note(turn)))
+                    views.append(MessageView("assistant", turn.reply.content, _reply_note(turn), _reply_tokens(turn)))
             old = self.view.children
             self.view.children = views
             for v in old:

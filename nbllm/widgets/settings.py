@@ -47,7 +47,7 @@ from ._common import (
 log = logging.getLogger("nbllm.widgets")
 
 GENERATION_FIELDS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty", "max_new_tokens", "seed", "stop",
-                     "schema", "choice")
+                     "logprobs", "schema", "choice")
 """The generation options the panel shows (the others keep the engine's defaults). Presets are the
 library's (:meth:`GenerationOptions.presets`)."""
 
@@ -331,6 +331,11 @@ class SettingsPanel(W.VBox):
         self.effective_loader.add_class("nbllm-effective-loader")
 
         self.load_button = button("Load", "load", style="primary", icon="play")
+        self.load_as = W.Text(description="as", placeholder="(the unnamed model)", layout=W.Layout(width="16em"),
+                              tooltip="Load beside the models loaded, under this name (%llm_load MODEL --as NAME); "
+                                      "empty: replace the unnamed model",
+                              style={"description_width": "initial"})
+        self.load_as.add_class("nbllm-load-as")
         self.unload_button = button("Unload", "unload", icon="eject")
         self.save_button = button("Save settings", "save-settings", icon="save",
                                   tooltip="Save these load options and generation defaults for the selected model "
@@ -371,7 +376,7 @@ class SettingsPanel(W.VBox):
             self.server_row,
             W.HBox([self.download_id, self.download_button], layout=W.Layout(width="100%")),
             self.download_output,
-            W.HBox([self.load_button, self.unload_button, self.save_button, self.stop_reply_button],
+            W.HBox([self.load_button, self.load_as, self.unload_button, self.save_button, self.stop_reply_button],
                    layout=W.Layout(flex_flow="row wrap")),
             self.status,
             self.messages,
@@ -513,6 +518,10 @@ class SettingsPanel(W.VBox):
                     "correct it as the message under the field says, then click Load",
                 )
             model = self.server_url.value.strip() if self.remote else str(self.model.value)
+            if self.load_as.value.strip():
+                from ..registry import check_name
+
+                check_name(self.load_as.value.strip())
             return model, self.load_options()
 
         prepared = guarded(self.messages, prepare)
@@ -532,7 +541,13 @@ class SettingsPanel(W.VBox):
         try:
             with collected_notes() as notes, self.engine.on_wait(self._waiting_for_reply):
                 try:
-                    status = self.engine.load(model, options)
+                    name = self.load_as.value.strip()
+                    if name:  # beside the others, under that name (this panel's status stays the unnamed model's)
+                        from ..registry import models
+
+                        status = models().load(model, options, name=name)
+                    else:
+                        status = self.engine.load(model, options)
                 except NbllmError as exc:
                     error = exc.message
                 except Exception as exc:  # a bug: one line in the panel, the traceback in the log
@@ -548,6 +563,9 @@ class SettingsPanel(W.VBox):
             warned, said = [checked, *notes], []
             if status is not None and status.already_loaded:
                 said.append(f"{status.model} is already loaded with these options; nothing was done")
+            elif status is not None and self.load_as.value.strip():
+                said.append(f"{status.model} is loaded as {self.load_as.value.strip()}")
+                said.extend(status.placement.notes)
             elif status is not None:
                 said.extend(status.placement.notes)
             self.messages.show_note("; ".join(panel_words(n) for n in dict.fromkeys(warned) if n),

@@ -1,0 +1,373 @@
+"""Tools in chat (nbllm.tools): schemas, the template's rendering, parsing each format, running calls, and
+the call loop end to end on real tiny models through both loaders, from Python and from the magic."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any, Literal
+
+import pytest
+from IPython.core.error import UsageError
+
+import nbllm.chat as chatlib
+from nbllm.chat import Conversation
+from nbllm.errors import ChatError, NbllmWarning
+from nbllm.testing import TINY_CHAT_TEMPLATE, TINY_TOOLS_TEMPLATE, tiny_gguf_model, tiny_transformers_model
+from nbllm.tools import (
+    Tool,
+    ToolCall,
+    ToolError,
+    call_grammar,
+    check_choice,
+    parse_tool_calls,
+    run_call,
+    tool_format,
+    tools_from,
+    tools_named,
+)
+
+CALLS: list[Any] = []
+
+
+def add(a: int, b: int) -> int:
+    """Add two numbers.
+
+    Args:
+        a: the first number
+        b: the second number
+    """
+    CALLS.append((a, b))
+    return a + b
+
+
+def weather(city: Literal["Paris", "Lisbon"]) -> dict[str, Any]:
+    """The weather in a city.
+
+    Args:
+        city: where
+    """
+    CALLS.append(city)  # type: ignore[arg-type]
+    return {"city": city, "sky": "sunny"}
+
+
+def fail(reason: Literal["timeout"]) -> str:
+    """Always fails.
+
+    Args:
+        reason: why
+    """
+    raise RuntimeError("the service is down\nsecond line")
+
+
+@pytest.fixture(autouse=True)
+def _clean() -> Iterator[None]:
+    CALLS.clear()
+    yield
+    for name in list(chatlib.conversations()):
+        chatlib.forget(name)
+
+
+# -- schemas and the template ------------------------------------------------------------------------
+
+
+def test_a_function_becomes_transformers_own_schema() -> None:
+    from transformers.utils import get_json_schema
+
+    tool = Tool.of(add)
+    assert tool.name == "add" and tool.schema == get_json_schema(add)
+    assert tool.parameters["required"] == ["a", "b"]
+
+
+def test_what_cannot_be_a_tool_is_one_line() -> None:
+    def bare(x):  # type: ignore[no-untyped-def]
+        return x
+
+    with pytest.raises(ToolError, match="cannot be described to the model") as info:
+        Tool.of(bare)
+    assert "\n" not in str(info.value)
+    with pytest.raises(ToolError, match="not a function"):
+        tools_named("x", {"x": 3})
+    with pytest.raises(ToolError, match="not defined in the notebook"):
+        tools_named("nothere", {})
+    with pytest.raises(ToolError, match="two tools are called 'add'"):
+        tools_from([add, add])
+    with pytest.raises(ToolError, match="neither auto, none, required"):
+        check_choice("sub", [Tool.of(add)])
+
+
+def test_template_formats_are_detected() -> None:
+    assert tool_format(TINY_TOOLS_TEMPLATE) == "hermes"
+    assert tool_format(TINY_CHAT_TEMPLATE) is None
+    assert tool_format(None) is None
+    assert tool_format("{% if tools %}{{ tools }}{% endif %}[TOOL_CALLS]") == "mistral"
+    assert tool_format('{% if tools %}{"name": x, "parameters": y}<|python_tag|>{% endif %}') == "llama3"
+
+
+def test_our_render_with_tools_equals_the_tokenizers_own() -> None:
+    from transformers import AutoTokenizer
+
+    from nbllm.chat_template import render_chat
+
+    tok = AutoTokenizer.from_pretrained(tiny_transformers_model(chat_template="tools"))
+    call = ToolCall("add", {"a": 1, "b": 2}, "call_1", "3")
+    messages = [{"role": "user", "content": "1+2?"},
+                {"role": "assistant", "content": "", "tool_calls": [call.message()]}, call.result_message()]
+    ours = render_chat(tok.chat_template, messages, tools=[Tool.of(add).schema],
+                       special_tokens={"bos_token": tok.bos_token, "eos_token": tok.eos_token})
+    assert ours == tok.apply_chat_template(messages, tools=[add], tokenize=False, add_generation_prompt=True)
+    assert '"name": "add"' in ours and "<tool_response>\n3\n</tool_response>" in ours
+
+
+# -- parsing each format ----------------------------------------------------------------------------
+
+
+def test_hermes_calls_are_parsed() -> None:
+    text = 'Let me add.\n<tool_call>\n{"name": "add", "arguments": {"a": 1, "b": 2}}\n</tool_call>' \
+           '<tool_call>{"name": "add", "arguments": "{\\"a\\": 3, \\"b\\": 4}"}</tool_call>'
+    content, calls = parse_tool_calls(text, "hermes")
+    assert content == "Let me add."
+    assert [(c.name, c.arguments) for c in calls] == [("add", {"a": 1, "b": 2}), ("add", {"a": 3, "b": 4})]
+    assert parse_tool_calls("no call here", "hermes") == ("no call here", [])
+    # cut off before the closing tag: the JSON is still read
+    _, cut = parse_tool_calls('<tool_call>\n{"name":"add","arguments":{"a":0,"b":0}}\n</to', "hermes")
+    assert cut[0].name == "add" and cut[0].arguments == {"a": 0, "b": 0}
+
+
+def test_llama3_and_mistral_calls_are_parsed() -> None:
+    content, calls = parse_tool_calls('<|python_tag|>{"name": "add", "parameters": {"a": 1, "b": 2}}', "llama3")
+    assert content == "" and (calls[0].name, calls[0].arguments) == ("add", {"a": 1, "b": 2})
+    assert parse_tool_calls("Paris is the capital.", "llama3") == ("Paris is the capital.", [])
+    content, calls = parse_tool_calls(
+        'ok [TOOL_CALLS][{"name": "add", "arguments": {"a": 5, "b": 6}, "id": "abc123xyz"}]', "mistral")
+    assert content == "ok" and (calls[0].name, calls[0].arguments, calls[0].id) == ("add", {"a": 5, "b": 6}, "abc123xyz")
+
+
+def test_unreadable_call_becomes_an_error_for_the_model() -> None:
+    _, calls = parse_tool_calls("<tool_call>{not json</tool_call>", "hermes")
+    run_call(calls[0], [Tool.of(add)])
+    assert calls[0].error and "not JSON with a name" in calls[0].result  # type: ignore[operator]
+
+
+# -- running calls ------------------------------------------------------------------------------------
+
+
+def test_calls_run_and_bad_ones_answer_with_one_line() -> None:
+    tools = tools_from([add, fail])
+    good = run_call(ToolCall("add", {"a": 2, "b": 3}), tools)
+    assert (good.result, good.error, CALLS) == ("5", False, [(2, 3)])
+    unknown = run_call(ToolCall("sub", {"a": 1}), tools)
+    assert unknown.error and unknown.result == "there is no tool named 'sub' (tools: add, fail)"
+    wrong = run_call(ToolCall("add", {"a": "two", "b": 3}), tools)
+    assert wrong.error and "do not fit its schema" in wrong.result and "'two' is not of type 'integer'" in wrong.result  # type: ignore[operator]
+    raised = run_call(ToolCall("fail", {"reason": "timeout"}), tools)
+    assert raised.error and raised.result == "RuntimeError: the service is down second line"
+    assert CALLS == [(2, 3)]  # the bad calls ran nothing
+
+
+def test_the_forced_call_grammar_holds_the_arguments_to_the_schema() -> None:
+    from nbllm.constraints import Constraint
+
+    grammar = call_grammar("hermes", tools_from([add, fail]), "required")
+    Constraint("grammar", grammar).check()  # llguidance accepts it
+    assert grammar.startswith('start: "<tool_call>\\n" call "\\n</tool_call>"')
+    assert '"anyOf"' in grammar and '"additionalProperties": false' in grammar
+    with pytest.raises(ToolError, match="cannot be enforced for the mistral"):
+        call_grammar("mistral", tools_from([add]), "add")
+
+
+# -- the loop, on real tiny models ----------------------------------------------------------------
+
+
+@pytest.fixture(params=["transformers", "llama.cpp"])
+def tools_model(request: pytest.FixtureRequest, engine: Any) -> Any:
+    if request.param == "llama.cpp":
+        pytest.importorskip("llama_cpp")
+        engine.load(tiny_gguf_model(chat_template="tools"))
+    else:
+        engine.load(tiny_transformers_model(chat_template="tools"))
+    return engine
+
+
+def test_a_forced_call_runs_and_its_result_goes_back(tools_model: Any) -> None:
+    seen: list[ToolCall] = []
+    conv = Conversation("t")
+    result = conv.send("Weather in Paris?", tools=[add, weather], tool_choice="weather", temperature=0,
+                       max_new_tokens=60, on_tool_call=seen.append)
+    final = result.text
+    assert len(CALLS) == 1 and len(seen) == 1, (seen, CALLS)  # the function ran once, with the model's arguments
+    call = seen[0]
+    assert call.name == "weather" and call.arguments == {"city": CALLS[0]} and CALLS[0] in ("Paris", "Lisbon")
+    assert json.loads(call.result) == {"city": CALLS[0], "sky": "sunny"} and not call.error  # type: ignore[arg-type]
+    turn = conv.turns[0]
+    assert turn.tool_calls == [call] and turn.reply is not None and turn.reply.content == final
+    messages = conv.messages()
+    assert [m["role"] for m in messages] == ["user", "assistant", "tool", "assistant"]
+    assert messages[1]["tool_calls"][0]["function"] == {"name": "weather", "arguments": call.arguments}
+    assert messages[2] == {"role": "tool", "tool_call_id": call.id, "name": "weather", "content": call.result}
+    # the final reply was generated from a prompt holding the call and its result
+    assert turn.reply.record is not None
+    assert f"<tool_response>\n{call.result}\n</tool_response>" in turn.reply.record.prompt
+    assert '"name": "weather"' in turn.reply.record.prompt and '"name": "add"' in turn.reply.record.prompt
+    assert turn.steps[0].records[0].generation_options["grammar"].startswith("start:")
+
+
+def test_a_tool_error_goes_back_and_the_chat_goes_on(tools_model: Any) -> None:
+    conv = Conversation("t")
+    _ = conv.send("Fail please", tools=[add, fail], tool_choice="fail", temperature=0, max_new_tokens=60).text
+    call = conv.turns[0].tool_calls[0]
+    assert call.error and call.result == "RuntimeError: the service is down second line"
+    assert "RuntimeError: the service is down" in conv.turns[0].reply.record.prompt  # type: ignore[union-attr]
+    _ = conv.send("And now?", max_new_tokens=5, temperature=0).text  # the conversation goes on
+    assert len(conv.turns) == 2
+
+
+def test_max_tool_calls_stops_running_calls(tools_model: Any) -> None:
+    conv = Conversation("t")
+    with pytest.warns(NbllmWarning, match="after the 0 calls allowed"):
+        text = conv.send("Paris?", tools=[weather], tool_choice="weather", max_tool_calls=0, temperature=0,
+                         max_new_tokens=60).text
+    assert CALLS == [] and text.startswith("<tool_call>") and conv.turns[0].steps == []
+
+
+def test_a_chat_with_tools_saves_and_loads(tools_model: Any, tmp_path: Path) -> None:
+    conv = Conversation("t")
+    _ = conv.send("Paris?", tools=[weather], tool_choice="required", temperature=0, max_new_tokens=60).text
+    back = Conversation.load(conv.save(tmp_path / "c.json"))
+    assert back.messages() == conv.messages()
+    assert back.turns[0].tool_calls[0].to_dict() == conv.turns[0].tool_calls[0].to_dict()
+
+
+def test_a_template_without_tools_says_so_in_one_line(engine: Any, tiny_model: Path) -> None:
+    engine.load(tiny_model)
+    conv = Conversation("t")
+    with pytest.raises(ChatError, match="has no tool format, so it cannot call tools") as info:
+        conv.send("2+3?", tools=[add])
+    assert "\n" not in str(info.value) and conv.turns == [] and not conv.generating
+    assert conv.send("hello", max_new_tokens=3).text is not None  # the engine keeps its model
+
+
+# -- the magic ------------------------------------------------------------------------------------
+
+
+def test_the_magic_runs_notebook_functions(shell: Any, capsys: pytest.CaptureFixture[str]) -> None:
+    shell.run_line_magic("llm_load", str(tiny_transformers_model(chat_template="tools")))
+    shell.user_ns["weather"] = weather
+    shell.user_ns["x"] = 3
+    capsys.readouterr()
+    shell.run_cell_magic("llm_chat", "w --tools weather --tool-choice required --temperature 0 --max-new-tokens 60 -o r",
+                         "Weather in Paris?")
+    out = capsys.readouterr().out
+    city = CALLS[0]
+    assert f'[tool] weather(city={city!r}) → {{"city": "{city}", "sky": "sunny"}}' in out
+    assert shell.user_ns["r"].text in out
+    assert chatlib.conversation("w").turns[0].tool_calls[0].arguments == {"city": city}
+    with pytest.raises(UsageError, match="'x' is int, not a function"):
+        shell.run_cell_magic("llm_chat", "w --tools x", "hi")
+    with pytest.raises(UsageError, match="not defined in the notebook"):
+        shell.run_cell_magic("llm_chat", "w --tools nothere", "hi")
+
+
+# -- %llm_serve ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["whole", "streamed"])
+def test_serve_takes_tools_and_returns_tool_calls(engine: Any, stream: bool) -> None:
+    openai = pytest.importorskip("openai")
+    import nbllm
+    from nbllm.serve import stop
+
+    nbllm.load(tiny_gguf_model(chat_template="tools"))
+    server = nbllm.serve(port=0)
+    try:
+        client = openai.OpenAI(base_url=server.url, api_key="unused", max_retries=0, timeout=60)
+        schema, model = Tool.of(weather).schema, nbllm.status().model
+        messages: list[dict[str, Any]] = [{"role": "user", "content": "Weather in Paris?"}]
+        answer = client.chat.completions.create(model=model, messages=messages, tools=[schema], tool_choice="required",
+                                                temperature=0, max_tokens=60, stream=stream)
+        if stream:
+            calls, finish = [], None
+            for chunk in answer:
+                for choice in chunk.choices:
+                    calls.extend(choice.delta.tool_calls or [])
+                    finish = choice.finish_reason or finish
+        else:
+            calls, finish = answer.choices[0].message.tool_calls, answer.choices[0].finish_reason
+        assert finish == "tool_calls" and len(calls) == 1
+        call = calls[0]
+        args = json.loads(call.function.arguments)
+        assert call.function.name == "weather" and args["city"] in ("Paris", "Lisbon")
+        # the same request in the kernel: the same call
+        local = Conversation("t")
+        with pytest.warns(NbllmWarning, match="after the 0 calls allowed"):
+            _ = local.send("Weather in Paris?", tools=[weather], tool_choice="required", temperature=0, max_new_tokens=60,
+                       max_tool_calls=0).text
+        assert json.loads(local.turns[0].reply.content.split("\n")[1])["arguments"] == args  # type: ignore[union-attr]
+        # the client runs it and sends the result back: a final answer
+        messages += [{"role": "assistant", "content": None, "tool_calls": [
+            {"id": call.id, "type": "function", "function": {"name": "weather", "arguments": call.function.arguments}}]},
+            {"role": "tool", "tool_call_id": call.id, "content": json.dumps(weather(**args))}]
+        final = client.chat.completions.create(model=model, messages=messages, tools=[schema], temperature=0, max_tokens=8)
+        assert final.choices[0].finish_reason in ("length", "stop", "tool_calls")
+        with pytest.raises(openai.BadRequestError, match="tool_choice 'nope' is neither"):
+            client.chat.completions.create(model=model, messages=messages, tools=[schema], tool_choice={
+                "type": "function", "function": {"name": "nope"}})
+    finally:
+        stop()
+
+
+def test_the_remote_loader_passes_tools_to_a_server_and_reads_its_calls(engine: Any) -> None:
+    """A chat with tools on a model at a server (here nbllm's own, serving a second engine): the tools
+    and tool_choice travel in the request, the server's tool_calls come back as calls that run here."""
+    pytest.importorskip("llama_cpp")
+    from nbllm.engine import Engine
+    from nbllm.serve import stop
+
+    served = Engine()
+    served.load(tiny_gguf_model(chat_template="tools"))
+    server = __import__("nbllm").serve(port=0, engine=served)
+    try:
+        engine.load(server.url)
+        conv = Conversation("t", engine=engine)
+        seen: list[ToolCall] = []
+        _ = conv.send("Weather in Paris?", tools=[weather], tool_choice="weather", temperature=0, max_new_tokens=60,
+                  on_tool_call=seen.append).text
+        assert len(seen) == 1 and seen[0].name == "weather" and not seen[0].error
+        assert CALLS == [seen[0].arguments["city"]]
+        assert [m["role"] for m in conv.messages()] == ["user", "assistant", "tool", "assistant"]
+        # the server held the first reply to the call as it does in the kernel: the same arguments
+        local = Conversation("l", engine=served)
+        with pytest.warns(NbllmWarning, match="after the 0 calls allowed"):
+            _ = local.send("Weather in Paris?", tools=[weather], tool_choice="weather", temperature=0, max_new_tokens=60,
+                       max_tool_calls=0).text
+        assert parse_tool_calls(local.turns[0].reply.content, "hermes")[1][0].arguments == seen[0].arguments  # type: ignore[union-attr]
+    finally:
+        stop()
+        served.unload()
+
+
+def test_the_remote_loader_against_llama_cpp_pythons_server(engine: Any) -> None:
+    """llama-cpp-python's server with its ``chatml-function-calling`` format: the tools and a forced
+    tool_choice reach it, and its streamed ``tool_calls`` (the name repeated in every piece) come back as
+    one call that runs here. (Its streamed ``auto`` reply after a tool result ends with no data on this
+    version, so the whole loop is tested against nbllm's own server above.)"""
+    pytest.importorskip("llama_cpp.server")
+    try:
+        from servers import LlamaCppServer
+    except ImportError:
+        from tests.servers import LlamaCppServer
+    from nbllm.engine import Prompt
+
+    server = LlamaCppServer(tiny_gguf_model(chat_template="tools"), chat_format="chatml-function-calling")
+    try:
+        engine.load(server.url)
+        messages = [{"role": "user", "content": "Weather in Paris?"}]
+        text = engine.stream_prompt(Prompt("", None, messages, tools=[Tool.of(weather).schema], tool_choice="weather"),
+                                    {"temperature": 0, "max_new_tokens": 40}).text
+        content, calls = parse_tool_calls(text, engine.loader.tool_calls_as)
+        assert content == "" and len(calls) == 1 and calls[0].name == "weather", text
+        run_call(calls[0], [Tool.of(weather)])
+        assert not calls[0].error and CALLS == [calls[0].arguments["city"]] and CALLS[0] in ("Paris", "Lisbon")
+    finally:
+        server.stop()
