@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from .errors import LoadError, ModelNotFoundError
+from .frontend import command
 from .gguf_file import GGUFError, GGUFHeader, gguf_files, read_gguf_header
 from .models import ModelsFolder, folder_name, models_dir
 from .safetensors_file import check_safetensors
@@ -124,7 +125,7 @@ def _peft_config(folder: Path) -> dict[str, Any]:
 def _gguf_adapter_header(path: Path) -> GGUFHeader:
     header = read_gguf_header(path)  # a damaged file: GGUFError (one line)
     if not header.is_adapter:
-        raise LoadError(f"{path.name} is a model, not a LoRA adapter", "load it with %llm_load")
+        raise LoadError(f"{path.name} is a model, not a LoRA adapter", f"load it with {command('load', path.name)}")
     return header
 
 
@@ -136,7 +137,7 @@ def adapter_from_path(path: Path, *, scale: float = 1.0) -> Adapter:
     if books.unfinished:
         repo = books.record().get("repo_id")
         raise ModelNotFoundError(f"{path.name} is an unfinished download",
-                                 f"run %llm_download {repo} to finish it" if repo else "download it again")
+                                 f"run {command('download', repo)} to finish it" if repo else "download it again")
     if path.is_dir() and not (path / _CONFIG).is_file():
         found = [g for g in gguf_files(path) if _is_gguf_adapter(g)]
         if len(found) != 1:
@@ -355,7 +356,7 @@ class LorasFolder:
         close = difflib.get_close_matches(name, [e.name for e in entries], n=3)
         hint = f" (did you mean {' or '.join(close)}?)" if close else ""
         raise ModelNotFoundError(f"no adapter {name!r} in {self.path}{hint}",
-                                 "run %llm_lora list to see what is there, or give a path or a hub id")
+                                 f"run {command('lora list')} to see what is there, or give a path or a hub id")
 
     def find_download(self, repo_id: str, revision: str | None = None) -> Path | None:
         """A complete local copy of the hub adapter ``repo_id``: one nbllm downloaded (its records say so),

@@ -25,6 +25,7 @@ from typing import Any
 from .chat_template import FALLBACK_NOTE, ChatNote, render_chat, starts_with_bos
 from .engine import Engine, Prompt, get_engine
 from .errors import ChatError, GenerationError
+from .frontend import command
 from .options import GenerationOptions
 from .result import Record, Result
 from .tools import (
@@ -230,7 +231,7 @@ class ContextFullError(ChatError, GenerationError):
             super().__init__(
                 f"the last reply and its message are {tokens} tokens: the model's context ({context} tokens) is full, "
                 "so the reply cannot be continued",
-                f"regenerate it with a lower max_new_tokens, or start over with %llm_chat_reset {name}",
+                f"regenerate it with a lower max_new_tokens, or start over with {command('chat reset', name)}",
             )
         else:
             super().__init__(
@@ -398,7 +399,7 @@ class Conversation:
                 raise ChatError(
                     f"the last message of conversation {self.name!r} has no reply yet, so a new one would make two "
                     "user messages in a row",
-                    f"answer it first with regenerate (%llm_chat {self.name} --regenerate)",
+                    f"answer it first with regenerate ({command('chat regenerate', self.name)})",
                 )
             turn = _user_turn(text)
             return self._start([*self.turns, turn], options, kwargs, number=len(self.turns) + 1,
@@ -515,7 +516,7 @@ class Conversation:
                 raise ChatError("the message is empty", "write the message to send")
             if self.turns and self.turns[-1].reply is None:
                 raise ChatError(f"the last message of conversation {self.name!r} has no reply yet",
-                                f"answer it first with regenerate (%llm_chat {self.name} --regenerate)")
+                                f"answer it first with regenerate ({command('chat regenerate', self.name)})")
             if isinstance(max_tool_calls, bool) or not isinstance(max_tool_calls, int) or max_tool_calls < 0:
                 raise ChatError(f"max_tool_calls is {max_tool_calls!r}", "give a whole number, 0 or more")
             choice = check_choice(tool_choice, tools)
@@ -648,7 +649,7 @@ class Conversation:
         data = _object(data, "the file")
         if data.get("format", FORMAT) != FORMAT:
             raise ChatError(f"this is not an nbllm conversation (format {data.get('format')!r})",
-                            "load a file written by %llm_history --save or Conversation.save")
+                            f"load a file written by {command('history save', 'FILE')}")
         version = data.get("version", FORMAT_VERSION)
         if isinstance(version, bool) or not isinstance(version, int) or version < 1:
             raise ChatError(f"'version' is {version!r}, not a format version", f"this nbllm writes version {FORMAT_VERSION}")
@@ -711,7 +712,7 @@ class Conversation:
         except OSError as exc:
             raise ChatError(f"cannot read {source}: {exc.strerror or exc}", "check the path") from None
         except ValueError as exc:
-            raise ChatError(f"{source} is not valid JSON ({exc})", "load a file written by %llm_history --save") from None
+            raise ChatError(f"{source} is not valid JSON ({exc})", f"load a file written by {command('history save', 'FILE')}") from None
         try:
             return cls.from_dict(data, name=name)
         except ChatError as exc:
@@ -905,7 +906,7 @@ def conversation(name: str = "default", *, create: bool = True) -> Conversation:
             if not create:
                 existing = ", ".join(sorted(_CONVERSATIONS)) or "none yet"
                 raise ChatError(f"there is no conversation named {name!r} (existing: {existing})",
-                                f"start it with %%llm_chat {name}, or load it with %llm_history {name} --load FILE")
+                                f"start it with {command('chat', name)}, or load it with {command('history load', name, 'FILE')}")
             _CONVERSATIONS[name] = Conversation(name)
         return _CONVERSATIONS[name]
 

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 from ._callable import callable_as
 from .engine import Engine
 from .errors import NbllmError, OptionError, pandas_module
+from .frontend import command
 from .loaders import TextLoader
 from .options import GenerationOptions
 from .registry import NotEnoughMemoryError
@@ -63,7 +64,8 @@ def split_names(text: str | Sequence[str]) -> list[str]:
     names = [n for n in names if n]
     if len(names) < 2:
         raise OptionError(f"a comparison needs at least two models, got {', '.join(names) or 'none'}",
-                          "name them comma-separated: --compare base,tuned (loaded with %llm_load MODEL --as NAME)")
+                          f"name them comma-separated: {command('compare', 'base,tuned')} (loaded with "
+                          f"{command('load as', 'MODEL', 'NAME')})")
     twice = sorted({n for n in names if names.count(n) > 1})
     if twice:
         raise OptionError(f"the comparison names {', '.join(twice)} twice", "name each model once: --compare a,b")

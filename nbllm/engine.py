@@ -32,13 +32,16 @@ import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .adapters import Adapter, adapters_line, check_format
 from .chat_template import FALLBACK_NOTE, ChatNote, render_chat, starts_with_bos
 from .constraints import refuse_unconstrained
+from .decode import Row, decode_steps, generation_error, single, text_loader_facts
 from .errors import GenerationError, LoadError, NbllmError, NbllmWarning, NoModelLoadedError, OptionError
+from .frontend import command
 from .loaders import Loader, Placement, Request, TextLoader, TokenLoader, choose_loader, resolve_source
+from .loaders._samplers import refuse_samplers
 from .loaders.base import LoadInstead
 from .memory import drop_frames, format_memory, process_rss
 from .options import GenerationOptions, LoadOptions
@@ -46,8 +49,10 @@ from .result import Record, Result, Timings, clock, library_versions
 from .source import ModelSource
 from .speculative import refuse_unspeculative
 from .store import weights_sha256
-from .streaming import IncrementalDecoder, StopHoldback, TokenStream
 from .tokens import logprobs_refusal
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .scheduler import Scheduler
 
 
 @dataclass
@@ -72,7 +77,7 @@ class Status:
 
     def lines(self) -> list[str]:
         if not self.loaded:
-            return ["No model loaded. Load one with %llm_load MODEL (or nbllm.load(...))."]
+            return [f"No model loaded. Load one with {command('load', 'MODEL')}."]
         opts = " ".join(LoadOptions.spec(k).flag if v is True else "--no-" + LoadOptions.spec(k).flag[2:]
                         if v is False else f"{LoadOptions.spec(k).flag} {v}"
                         for k, v in self.options.items()) or "defaults"
@@ -144,6 +149,7 @@ class Engine:
         """While set, decides what a load loads before the loaders' registry is asked (replay sets it:
         its stand-in loader records the model asked for and loads nothing); ``None`` from it: as usual."""
         self._listeners: list[Callable[[Result], None]] = []
+        self._scheduler: Scheduler | None = None
         self._waiting = threading.local()
         self.name: str | None = None
         """The name this model was loaded as (``--as NAME``, :mod:`nbllm.registry`); ``None`` for the
@@ -330,7 +336,7 @@ class Engine:
         with self._cond:
             loader = self._loader
         if loader is None:
-            raise NoModelLoadedError("no model is loaded", "load one first: %llm_load MODEL or nbllm.load(MODEL)")
+            raise NoModelLoadedError("no model is loaded", f"load one first: {command('load', 'MODEL')}")
         return loader
 
     def status(self) -> Status:
@@ -555,17 +561,9 @@ class Engine:
                             "if the reply reaches the end)",
                             NbllmWarning, stacklevel=2,
                         )
-            refuse_unconstrained(loader, opts)
-            refuse_unspeculative(loader, opts)
-            seed = opts.seed if opts.seed is not None else secrets.randbelow(2**32)
-            result = Result(prompt.text, seed, self._record(loader, prompt, opts, seed, conversation))
-            result.prompt_tokens = len(ids) if ids is not None else 0
-            request = Request(
-                prompt=prompt.text, prompt_ids=ids, options=capped, seed=seed, cancel=result.cancel_event,
-                messages=prompt.messages, continue_final=continue_final,
-                reuse_prefix=reuse_prefix and self.reuse_prefix, images=list(prompt.images),
-                tools=prompt.tools, tool_choice=prompt.tool_choice,
-            )
+            refuse_what_it_cannot_do(loader, opts)
+            result, request = self._begin(loader, prompt, opts, capped=capped, conversation=conversation,
+                                          continue_final=continue_final, reuse_prefix=reuse_prefix and self.reuse_prefix)
             try:
                 answered = loader.answer(request)
             except LoadInstead as instead:  # a stand-in (replay) gave up: the real model from here on
@@ -647,108 +645,95 @@ class Engine:
         return result
 
     def _run(self, loader: Loader, request: Request, result: Result, *, context_capped: bool) -> Iterator[str]:
-        """The generation itself: the loader's token ids or text → safe text pieces, with timings
-        and the end reason. Runs while the result is iterated; holds no lock between pieces."""
+        """The generation itself, a batch of one through the one decode loop (:mod:`nbllm.decode`): the
+        loader's token ids or text pieces → safe text pieces, with timings and the end reason. Runs
+        while the result is iterated; holds no lock between pieces."""
         record = result.pending_record
         if self._loader is not loader:
             result.finish("error", Timings())  # finished, so waiters and on_done callbacks see it
             raise NoModelLoadedError("the model this prompt was prepared for has been unloaded", "run the prompt again")
-        holdback = StopHoldback(request.options.stop)
-        timings = Timings()
-        reason = "length"
-        start = clock()
-        first = last = None
-        produced = 0
-        stream: Any  # the loader's generator: token ids or text pieces
         if isinstance(loader, TokenLoader):
-            decoder: IncrementalDecoder | None = IncrementalDecoder(loader.decode, context=request.prompt_ids or ())
-            eos = loader.eos_token_ids
-            stream = loader.generate_tokens(request)
+            row = Row(result, request, loader.decode, loader.eos_token_ids)
+            stream: Any = loader.generate_tokens(request)
         else:
             assert isinstance(loader, TextLoader)
-            decoder, eos = None, frozenset()
+            row = Row(result, request, None)
             stream = loader.generate_text(request)
-        stamped = isinstance(stream, TokenStream)  # it hands over tokens in batches, each stamped when made
+        start = clock()
         try:
-            for item in stream:
-                last = stream.emitted_at if stamped else clock()
-                if first is None:
-                    first = last
-                produced += 1
-                if decoder is not None:
-                    result.token_ids.append(item)
-                    if item in eos:
-                        reason = "eos"
-                        break
-                    text = decoder.add(item)
-                else:
-                    text = item
-                piece = holdback.feed(text)
+            for _, piece in decode_steps((row,), single(stream), stamps=stream):
                 if piece:
                     yield piece
-                if holdback.stopped:
-                    reason = "stop"
-                    break
-            else:
-                if isinstance(loader, TextLoader) and loader.finish_reason:
-                    reason = loader.finish_reason
-            if result.cancel_event.is_set() and reason == "length":
-                reason = "cancelled"
-            elif context_capped and reason == "length" and produced >= request.options.max_new_tokens:
-                reason = "context"
-            tail = holdback.feed(decoder.flush() if decoder is not None else "") + holdback.flush()
+            if row.reason is None:
+                own, _ = text_loader_facts(loader)
+                row.reason = own or "length"
+            if result.cancel_event.is_set() and row.reason == "length":
+                row.reason = "cancelled"
+            elif context_capped and row.reason == "length" and row.produced >= request.options.max_new_tokens:
+                row.reason = "context"
+            tail = row.tail()
             if tail:
                 yield tail
         except (KeyboardInterrupt, GeneratorExit):
-            reason = "superseded" if result.superseded else "interrupted"
-            tail = holdback.feed(decoder.flush() if decoder is not None else "") + holdback.flush()
+            row.reason = "superseded" if result.superseded else "interrupted"
+            tail = row.tail()
             if tail:
                 result.chunks.append(tail)
             raise
         except NbllmError:
-            reason = "error"
+            row.reason = "error"
             raise
         except Exception as exc:
-            reason = "error"
-            from .fit import plan
-
-            mapped = plan.explained(exc, self._source, self._options, during="generation")
-            drop_frames(exc)  # its frames hold the KV cache and activations; IPython keeps the error after the cell
-            raise (mapped or GenerationError(
-                f"generation failed in {loader.name}: {type(exc).__name__}: {exc}".splitlines()[0],
-                "the model is still loaded; check the options, or reload the model if this repeats",
-            )) from exc
+            row.reason = "error"
+            raise self._failure(exc, loader, "the model is still loaded; check the options, or reload the model "
+                                             "if this repeats") from exc
         finally:
             stream.close()
             if request.options.logprobs is not None:
                 # a server's entries are per token, not per text piece: all of them
                 record.logprobs = request.logprobs if isinstance(loader, TextLoader) else \
-                    request.logprobs[: len(result.token_ids) or produced]
-            end = clock()
-            timings.total_seconds = end - start
-            record.reused_prefix_tokens = loader.reused_tokens
-            timings.compile_seconds = loader.compile_seconds
-            timings.grammar_seconds = loader.grammar_seconds
+                    request.logprobs[: len(result.token_ids) or row.produced]
+            timings = row.timings(start, clock(), text_loader_facts(loader)[1])
+            timings.compile_seconds, timings.grammar_seconds = loader.compile_seconds, loader.grammar_seconds
             if getattr(loader, "draft_counts", None) is not None:  # speculative decoding (nbllm/speculative.py)
                 counts = loader.draft_counts
                 timings.draft_tokens, timings.accepted_tokens, timings.speculative = counts.drafted, counts.accepted, counts.method
-            if isinstance(loader, TextLoader):  # counts the engine behind did not give stay unknown (None)
-                result.prompt_tokens, result.counted_tokens = loader.usage
-                result.counts_unknown = result.counted_tokens is None
-                result.reasoning = loader.reasoning
-                record.model.update(loader.notes)
-                if loader.fingerprint:
-                    record.model["system_fingerprint"] = loader.fingerprint
-            if first is not None:
-                timings.time_to_first_token = first - start
-                n = result.completion_tokens
-                if isinstance(loader, TextLoader):
-                    timings.decode_tokens_per_second = loader.decode_rate
-                elif last is not None and n is not None and n > 1 and last > first:
-                    timings.decode_tokens_per_second = (n - 1) / (last - first)
-            result.finish(reason, timings)
+            self._loader_facts(loader, result)
+            result.finish(row.reason or "length", timings)
+
+    def _failure(self, exc: Exception, loader: Loader, fix: str) -> NbllmError:
+        """A loader's failure while generating, as one line (an out-of-memory explained by the fit plan)."""
+        from .fit import plan
+
+        mapped = plan.explained(exc, self._source, self._options, during="generation")
+        drop_frames(exc)  # its frames hold the KV cache and activations; IPython keeps the error after the cell
+        return mapped or generation_error(exc, loader, fix)
+
+    @staticmethod
+    def _loader_facts(loader: Loader, result: Result) -> None:
+        """What the loader says about the generation that just ended, into its result and record."""
+        record = result.pending_record
+        record.reused_prefix_tokens = loader.reused_tokens
+        if isinstance(loader, TextLoader):  # counts the engine behind did not give stay unknown (None)
+            result.prompt_tokens, result.counted_tokens = loader.usage
+            result.counts_unknown = result.counted_tokens is None
+            result.reasoning = loader.reasoning
+            record.model.update(loader.notes)
+            if loader.fingerprint:
+                record.model["system_fingerprint"] = loader.fingerprint
 
     # -- several prompts at once -------------------------------------------------------------------
+    @property
+    def scheduler(self) -> Scheduler:
+        """This model's queue of requests from callers that may run beside one another (``%llm_serve``'s
+        clients, threads): concurrent requests are batched where the loader can (:mod:`nbllm.scheduler`)."""
+        with self._cond:
+            if self._scheduler is None:
+                from .scheduler import Scheduler
+
+                self._scheduler = Scheduler(self)
+            return self._scheduler
+
     def generate_batch(
         self,
         prompts: Sequence[Prompt],
@@ -782,9 +767,8 @@ class Engine:
         with self._cond, _finished_on_interrupt(results):
             self._settle()
             loader = self.loader
-            refuse_unconstrained(loader, opts)
-            refuse_unspeculative(loader, opts)
-            size = loader.batch_size if isinstance(loader, TokenLoader) else 1
+            refuse_what_it_cannot_do(loader, opts)
+            size = loader.batch_size if isinstance(loader, TokenLoader) and not opts.active_samplers() else 1
             limit = loader.context_length
             for start in range(0, len(prompts), max(size, 1)):
                 rows = list(zip(prompts[start : start + size], row_seeds[start : start + size]))
@@ -869,80 +853,125 @@ class Engine:
         return [r for r in results if r is not None]
 
     def _run_batch(self, loader: TokenLoader, rows: list[tuple[Prompt, int | None]], opts: GenerationOptions) -> list[Result]:
-        """One padded batch: the loader's steps → each row's text, stop strings, end reason and timings,
-        as :meth:`_run` makes them for one prompt. Called holding the lock."""
+        """One padded batch through the one decode loop: each row's text, stop strings, end reason and
+        timings, as :meth:`_run` makes them for one prompt. Called holding the lock."""
         batch = {"id": uuid.uuid4().hex[:12], "size": len(rows)}
         cancel = threading.Event()
-        results, requests = [], []
-        for row, (prompt, seed) in enumerate(rows):
-            row_opts = opts if seed is None else opts.with_valid(seed=seed)
-            used = seed if seed is not None else secrets.randbelow(2**32)
-            result = Result(prompt.text, used, self._record(loader, prompt, row_opts, used, None, {**batch, "row": row}))
-            result.prompt_tokens = len(prompt.ids or ())
+        begun = [self._begin(loader, prompt, opts if seed is None else opts.with_valid(seed=seed),
+                             batch={**batch, "row": i}, cancel=cancel)
+                 for i, (prompt, seed) in enumerate(rows)]
+        results = [result for result, _ in begun]
+        for result in results:
             result.on_done(self._notify)
-            results.append(result)
-            requests.append(Request(prompt=prompt.text, prompt_ids=prompt.ids, options=row_opts, seed=used,
-                                    cancel=cancel, messages=prompt.messages))
-        eos = loader.eos_token_ids
-        decoders = [IncrementalDecoder(loader.decode, context=r.prompt_ids or ()) for r in requests]
-        holdbacks = [StopHoldback(opts.stop) for _ in rows]
-        reasons: list[str | None] = [None] * len(rows)
-        ends = [0.0] * len(rows)
 
-        start = clock()
-        first: float | None = None
-        steps = loader.generate_batch(requests)
-        try:
-            for step in steps:
-                now = clock()
-                first = now if first is None else first
-                for row, token in enumerate(step):
-                    if reasons[row] is not None:
-                        continue
-                    result, holdback = results[row], holdbacks[row]
-                    result.token_ids.append(token)
-                    ends[row] = now
-                    if token in eos:
-                        reasons[row] = "eos"
-                        continue
-                    piece = holdback.feed(decoders[row].add(token))
-                    if piece:
-                        result.chunks.append(piece)
-                    if holdback.stopped:
-                        reasons[row] = "stop"
-                    elif len(result.token_ids) >= opts.max_new_tokens:
-                        reasons[row] = "length"
-                if all(reasons):
-                    break
-        except KeyboardInterrupt:
-            reasons = [reason or "interrupted" for reason in reasons]
-            raise
-        except NbllmError:
-            reasons = [reason or "error" for reason in reasons]
-            raise
-        except Exception as exc:
-            reasons = [reason or "error" for reason in reasons]
-            raise GenerationError(
-                f"batched generation failed in {loader.name}: {type(exc).__name__}: {exc}".splitlines()[0],
-                "the model is still loaded; run the rows one by one (batch=False) if this repeats",
-            ) from exc
-        finally:
-            if hasattr(steps, "close"):
-                steps.close()
-            for row, result in enumerate(results):
-                tail = holdbacks[row].feed(decoders[row].flush()) + holdbacks[row].flush()
-                if tail:
-                    result.chunks.append(tail)
-                timings = Timings(total_seconds=(ends[row] or clock()) - start, grammar_seconds=loader.grammar_seconds)
-                n = len(result.token_ids)
-                if first is not None and n:
-                    timings.time_to_first_token = first - start
-                    if n > 1 and ends[row] > first:
-                        timings.decode_tokens_per_second = (n - 1) / (ends[row] - first)
-                result.pending_record.reused_prefix_tokens = 0
-                result.finish(reasons[row] or "length", timings)
+        def deliver(row: int, piece: str) -> None:
+            results[row].chunks.append(piece)
+
+        self.decode_batch(loader, [request for _, request in begun], results, deliver,
+                          fix="the model is still loaded; run the rows one by one (batch=False) if this repeats")
         self.last_result = results[-1]
         return results
+
+    def _begin(self, loader: Loader, prompt: Prompt, opts: GenerationOptions, *, capped: GenerationOptions | None = None,
+               conversation: dict[str, Any] | None = None, batch: dict[str, Any] | None = None,
+               cancel: threading.Event | None = None, **fields: Any) -> tuple[Result, Request]:
+        """A generation about to start: its seed (``opts.seed``, else drawn), its result with its record,
+        and the request for the loader (``capped``: the options after the context's cap; ``cancel``: the
+        event the loader watches, the result's own unless the request runs in a batch)."""
+        seed = opts.seed if opts.seed is not None else secrets.randbelow(2**32)
+        result = Result(prompt.text, seed, self._record(loader, prompt, opts, seed, conversation, batch))
+        result.prompt_tokens = len(prompt.ids) if prompt.ids is not None else 0
+        request = Request(prompt=prompt.text, prompt_ids=prompt.ids, options=capped or opts, seed=seed,
+                          cancel=cancel if cancel is not None else result.cancel_event, messages=prompt.messages,
+                          images=list(prompt.images), tools=prompt.tools, tool_choice=prompt.tool_choice, **fields)
+        return result, request
+
+    def queued(self, loader: Loader, prompt: Prompt, opts: GenerationOptions) -> tuple[Result, Request]:
+        """A request about to join the scheduler's queue: its result (the run log hears when it ends) and
+        its request for the loader."""
+        refuse_what_it_cannot_do(loader, opts)
+        with self._cond:
+            result, request = self._begin(loader, prompt, opts)
+        result.on_done(self._notify)
+        self.last_result = result
+        return result, request
+
+    def take_turn(self, loader: Loader, results: Sequence[Result]) -> None:
+        """Let ``results`` (a batch the scheduler is about to run) own the model, once the results that own
+        it now are settled (see the module). Raises when ``loader`` is no longer the loaded model."""
+        with self._cond:
+            self._settle()  # a reply being read elsewhere (a cell, the chat panel) ends first
+            if self._loader is not loader:
+                raise NoModelLoadedError("the model this request was prepared for has been unloaded",
+                                         "send the request again")
+            for result in results:
+                self._owners.append(result)
+                result.on_done(self._released_by)
+
+    def decode_batch(self, loader: TokenLoader, requests: Sequence[Request], results: Sequence[Result],
+                     deliver: Callable[[int, str], None], *, fix: str,
+                     cancelled: Callable[[int], str] | None = None, ended: Callable[[int], None] | None = None) -> None:
+        """Run ``requests`` (same options but the seed, one cancel event) as one batch of the loader and
+        decode it (:mod:`nbllm.decode`): ``deliver(row, piece)`` gets each row's text as it comes, and each
+        result is finished as soon as its row ends (then ``ended(row)`` is called), the others when the
+        batch ends. A row whose own result is cancelled ends ``cancelled`` (or what ``cancelled(row)``
+        says) while the others go on; the batch stops once every row has ended. One request alone runs as
+        the loader runs one (``generate_tokens``)."""
+        rows = [Row(result, request, loader.decode, loader.eos_token_ids, limit=request.options.max_new_tokens,
+                    watch_cancel=True) for result, request in zip(results, requests)]
+        start = clock()
+        steps: Any = None
+
+        def end(i: int) -> None:
+            row = rows[i]
+            tail = row.tail()
+            if tail:
+                deliver(i, tail)
+            timings = row.timings(start)
+            timings.grammar_seconds = loader.grammar_seconds
+            row.result.pending_record.reused_prefix_tokens = 0
+            reason = row.reason or ("cancelled" if row.result.cancel_event.is_set() else "length")
+            row.result.finish(cancelled(i) if cancelled is not None and reason == "cancelled" else reason, timings)
+            if ended is not None:
+                ended(i)
+
+        try:
+            if len(requests) == 1:
+                steps = loader.generate_tokens(requests[0])
+                stepped: Iterable[Sequence[int]] = single(steps)
+            else:
+                steps = stepped = loader.generate_batch(requests)
+            for index, piece in decode_steps(rows, stepped, stamps=steps):
+                if piece:
+                    deliver(index, piece)
+                if rows[index].reason is not None:
+                    end(index)
+        except KeyboardInterrupt:
+            for row in rows:
+                row.reason = row.reason or "interrupted"
+            raise
+        except NbllmError:
+            for row in rows:
+                row.reason = row.reason or "error"
+            raise
+        except Exception as exc:
+            for row in rows:
+                row.reason = row.reason or "error"
+            raise self._failure(exc, loader, fix) from exc
+        finally:
+            if steps is not None and hasattr(steps, "close"):
+                steps.close()
+            for i, row in enumerate(rows):
+                if not row.result.done:
+                    end(i)
+
+
+def refuse_what_it_cannot_do(loader: Loader, opts: GenerationOptions) -> None:
+    """Refuse, in one line, options the loaded model cannot honour: output constraints, speculation, samplers
+    (each loader declares what it can do). Every path that starts a generation asks here first."""
+    refuse_unconstrained(loader, opts)
+    refuse_unspeculative(loader, opts)
+    refuse_samplers(loader, opts)
 
 
 @contextlib.contextmanager

@@ -221,7 +221,7 @@ def inspect_gguf(model: Path) -> tuple[GGUFHeader | None, str | None]:
 def adapter_not_model(path: Path) -> GGUFError:
     """The error for a GGUF adapter given where a model is expected (the listing shows its ``problem``)."""
     return GGUFError(path, "a LoRA adapter, not a model",
-                     "load the model it was made for, then apply the adapter with %llm_lora add")
+                     f"load the model it was made for, then apply the adapter with {command('lora add', path.name)}")
 
 
 class _Truncated(Exception):

@@ -13,7 +13,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .errors import LoadError, ModelNotFoundError, OptionError
+from .errors import LoadError, OptionError
+from .frontend import command
 from .options import _Schema, option
 
 if TYPE_CHECKING:  # %load_ext imports this module for %llm_lora's flags: the rest comes when an adapter does
@@ -43,33 +44,10 @@ def resolve_adapter(spec: str | Path, *, revision: str | None = None, scale: flo
     In order: an existing path; a name in the adapters folder; a hub id ``organization/adapter[:revision]``
     — a complete local copy is used as is, otherwise it is downloaded into the adapters folder first.
     """
-    from .adapters import LorasFolder, adapter_from_path
-    from .models import parse_hub_id, requested_revision
+    from .adapters import adapter_from_path
+    from .resolve import locate
 
-    text = str(spec).strip()
-    if not text:
-        raise OptionError("no adapter given", "give a path, a name from %llm_lora list, or a hub id organization/adapter")
-    path = Path(text).expanduser()
-    if path.exists():
-        return adapter_from_path(path, scale=scale)
-    folder = LorasFolder(models)
-    if "/" not in text and "\\" not in text:
-        return adapter_from_path(folder.get(text).path, scale=scale)
-    hub = parse_hub_id(text)
-    if hub is None:
-        raise ModelNotFoundError(f"no adapter at {text}",
-                                 "give an existing path, a name from %llm_lora list, or a hub id organization/adapter")
-    repo_id, rev = hub[0], requested_revision(text, hub[1], revision)
-    local = folder.find_download(repo_id, rev)
-    if local is None:
-        from .download import download  # lazy: huggingface_hub is imported only when a download happens
-
-        result = download(repo_id, revision=rev, models_dir=folder.models)
-        if result.path.parent != folder.path:
-            raise LoadError(f"{repo_id} is a model, not a LoRA adapter (it was downloaded into the models folder)",
-                            f"load it with %llm_load {result.name}")
-        local = result.path
-    return adapter_from_path(local, scale=scale)
+    return adapter_from_path(locate(spec, kind="adapter", revision=revision, models=models), scale=scale)
 
 
 @dataclass(frozen=True)
@@ -107,8 +85,8 @@ class LoraList:
     def text(self) -> str:
         if not self.entries:
             where = f"{self.folder}" + ("" if self.folder.is_dir() else " (does not exist yet)")
-            return (f"{self.applied_line()}\nNo adapters in {where}. Download one with %llm_download "
-                    "organization/adapter, or give %llm_lora add a path.")
+            return (f"{self.applied_line()}\nNo adapters in {where}. Download one with "
+                    f"{command('download', 'organization/adapter')}, or give {command('lora add', 'PATH')} a path.")
         rows = [self._HEADER, *self.rows()]
         widths = [max(len(r[i]) for r in rows) for i in range(len(self._HEADER))]
         lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows]
@@ -166,7 +144,7 @@ def lora_remove(name: str, *, engine: Engine | None = None) -> tuple[Adapter, ..
     current = eng.adapters
     if not any(a.name == name for a in current):
         applied = ", ".join(a.name for a in current) or "none"
-        raise OptionError(f"no adapter {name!r} is applied (applied: {applied})", "give a name %llm_lora list shows as applied")
+        raise OptionError(f"no adapter {name!r} is applied (applied: {applied})", f"give a name {command('lora list')} shows as applied")
     eng.set_adapters([a for a in current if a.name != name])
     return eng.adapters
 
@@ -198,7 +176,7 @@ def lora_restore(recorded: Sequence[Mapping[str, Any]], *, engine: Engine | None
         adapter = resolve_adapter(spec, scale=float(item.get("scale", 1.0)))
         if item.get("sha256") and dict(adapter.sha256) != dict(item["sha256"]):
             raise LoadError(f"{adapter.name}'s weights are not the recorded ones (their sha256 differs)",
-                            "put the recorded files back, or apply the adapter as it is now with %llm_lora add")
+                            f"put the recorded files back, or apply the adapter as it is now with {command('lora add', adapter.name)}")
         wanted.append(adapter)
     eng.set_adapters(wanted)
     return eng.adapters

@@ -28,12 +28,11 @@ import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, TypedDict
+from typing import Any, TypedDict
 
 from .errors import ModelNotFoundError, OptionError
 from .frontend import command
 from .gguf_file import (
-    gguf_files,
     gguf_models,
     inspect_gguf,
     is_projector,
@@ -41,16 +40,26 @@ from .gguf_file import (
     quantization_from_name,
     split_gguf_parts,
 )
+from .loaders.registry import (
+    GGUF_FORMAT,
+    auto_loader,
+    file_format,
+    folder_format,
+    loader_names,
+    model_file_endings,
+    model_files,
+    path_kinds,
+)
 from .source import ModelSource
 from .store import Bookkeeping, pending_downloads, read_record, read_revision
 
-LoaderName = Literal["transformers", "llama.cpp"]
+LoaderName = str
+"""A registered loader's name (:func:`nbllm.loaders.loader_names`)."""
 
 ENV_VAR = "NBLLM_MODELS_DIR"
 """Environment variable naming the models folder."""
 
-# Files whose presence makes a folder a Transformers model.
-_TRANSFORMERS_MARKERS = ("config.json",)
+# Which format a file or folder is, and so its loader, is the loaders' to say (nbllm.loaders.path_format).
 _SAFETENSORS = (".safetensors",)
 _PYTORCH = (".bin", ".pt", ".pth")
 _WEIGHT_FORMATS = (("safetensors", _SAFETENSORS), ("bin", _PYTORCH))
@@ -115,7 +124,7 @@ _HUB_ID = re.compile(r"^(?P<repo>[A-Za-z0-9][\w.-]*/[\w.-]+)(?::(?P<rev>[\w./-]+
 def parse_hub_id(spec: str) -> tuple[str, str | None] | None:
     """``"org/model:rev"`` → ``("org/model", "rev")``; ``None`` when ``spec`` is not shaped like a hub id."""
     m = _HUB_ID.match(spec.strip())
-    if m is None or m["repo"].endswith((".gguf", ".safetensors")):
+    if m is None or m["repo"].lower().endswith((*model_file_endings(), *_SAFETENSORS)):
         return None
     return m["repo"], m["rev"]
 
@@ -140,8 +149,9 @@ def incomplete_reason(folder: Path) -> str | None:
     if books.started:
         return "download not finished" if books.unfinished else None
     names = {p.name for p in folder.iterdir() if p.is_file()}
-    if any(n.lower().endswith(".gguf") for n in names):
-        for first in (folder / n for n in sorted(names) if n.lower().endswith(".gguf")):
+    files = model_files(folder)
+    if files:
+        for first in files:
             parts = split_gguf_parts(first)
             if parts and any(not p.is_file() for p in parts):
                 return f"missing parts of {first.name}"
@@ -176,11 +186,9 @@ def source_from_path(path: Path, *, file: str | None = None) -> ModelSource:
             f"no model at {path}", f"check the path, or run {command('models')} to list the models folder"
         )
     if path.is_file():
-        if path.suffix.lower() != ".gguf":
-            raise ModelNotFoundError(
-                f"{path} is a file but not a .gguf model",
-                "give a .gguf file or the folder of a Transformers model (the one holding config.json)",
-            )
+        fmt = file_format(path)
+        if fmt is None:
+            raise ModelNotFoundError(f"{path} is a file but not a model file", f"give {path_kinds()}")
         if file is not None and file != path.name and not fnmatch.fnmatch(path.name, file):
             raise OptionError(
                 f"--file {file!r} does not name {path.name}, and {path.name} is a file, not a folder to choose in",
@@ -196,31 +204,29 @@ def source_from_path(path: Path, *, file: str | None = None) -> ModelSource:
                 )
             path = parts[0]
         projector = projector_for(path)
-        return ModelSource(path=path.resolve(), format="gguf", name=path.name,
+        return ModelSource(path=path.resolve(), format=fmt, name=path.name,
                            projector=projector.resolve() if projector else None, **_provenance(path))
     _refuse_incomplete(path)
-    ggufs = gguf_files(path)
+    files = model_files(path)
     if file is not None:
         chosen = path / file
         if not chosen.is_file():
-            matches = [p for p in ggufs if fnmatch.fnmatch(p.name, file)]
+            matches = [p for p in files if fnmatch.fnmatch(p.name, file)]
             if len(gguf_models(matches)) != 1:
-                names = ", ".join(p.name for p in ggufs) or "none"
+                names = ", ".join(p.name for p in files) or "none"
                 raise ModelNotFoundError(f"no file {file!r} in {path}", f"pick one of: {names}")
             chosen = gguf_models(matches)[0]
         return dataclasses.replace(source_from_path(chosen), **_provenance(path))
-    if any((path / m).is_file() for m in _TRANSFORMERS_MARKERS) and not ggufs:
-        return ModelSource(path=path.resolve(), format="transformers", name=path.name, **_provenance(path))
-    models = gguf_models(ggufs)
+    fmt = folder_format(path)
+    if fmt is not None and not files:  # a folder that is a model (its markers say so), not a folder of model files
+        return ModelSource(path=path.resolve(), format=fmt, name=path.name, **_provenance(path))
+    models = gguf_models(files)
     if len(models) == 1:
         return dataclasses.replace(source_from_path(models[0]), **_provenance(path))
     if len(models) > 1:
         names = ", ".join(p.name for p in models)
-        raise OptionError(f"{path} holds {len(models)} GGUF models ({names})", "choose one with --file NAME")
-    raise ModelNotFoundError(
-        f"{path} is neither a Transformers model (no config.json) nor a folder with a .gguf file",
-        "point at the folder holding config.json, or at a .gguf file",
-    )
+        raise OptionError(f"{path} holds {len(models)} models ({names})", "choose one with --file NAME")
+    raise ModelNotFoundError(f"{path} is not a model folder, nor a folder holding a model file", f"give {path_kinds()}")
 
 
 class _Provenance(TypedDict):
@@ -375,9 +381,12 @@ class ModelList:
         return f"<table class='nbllm-models'>{caption}<thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
 
 
-def _gguf_facts(model: Path) -> tuple[str | None, str | None]:
-    """A GGUF model's quantization (its header's ``general.file_type``, else its name) and what makes
-    it unloadable, from the same header checks the llama.cpp loader runs (cheap: headers only)."""
+def _file_facts(model: Path) -> tuple[str | None, str | None]:
+    """A model file's quantization and what makes it unloadable. For a GGUF file: its header's
+    ``general.file_type`` (else its name) and the same header checks the llama.cpp loader runs (cheap:
+    headers only); a file of another loader's format is left to that loader's own check at load."""
+    if file_format(model) != GGUF_FORMAT:
+        return quantization_from_name(model.name), None
     header, problem = inspect_gguf(model)
     return (header.file_type if header else None) or quantization_from_name(model.name), problem
 
@@ -459,14 +468,11 @@ class ModelsFolder:
             record = read_record(folder) or {}
             same_repo = record.get("repo_id", repo_id) == repo_id
             if entry is not None and not entry.unfinished and same_repo and _revision_matches(record, revision):
-                if (
-                    file is None
-                    or entry.loader != "llama.cpp"
-                    or any(fnmatch.fnmatch(p.name, file) for p in gguf_files(folder))
-                ):
+                files = model_files(folder)
+                if file is None or not files or any(fnmatch.fnmatch(p.name, file) for p in files):
                     return entry
         candidates: list[ModelEntry] = []
-        for gguf in gguf_files(self.path) if self.path.is_dir() else []:
+        for gguf in model_files(self.path):
             record = read_record(gguf) or {}
             if record.get("repo_id") != repo_id or not _revision_matches(record, revision):
                 continue
@@ -497,7 +503,8 @@ class ModelsFolder:
         return None
 
     def _file_entry(self, path: Path) -> ModelEntry | None:
-        if path.suffix.lower() != ".gguf" or is_projector(path.name):
+        fmt = file_format(path)
+        if fmt is None or is_projector(path.name):
             return None
         parts = split_gguf_parts(path)
         if parts is not None and path != parts[0]:
@@ -506,12 +513,12 @@ class ModelsFolder:
         present = [p for p in files if p.is_file()]
         missing = len(files) - len(present)
         record = read_record(path) or {}
-        quant, damage = _gguf_facts(path) if not missing else (quantization_from_name(path.name), None)
+        quant, damage = _file_facts(path) if not missing else (quantization_from_name(path.name), None)
         return ModelEntry(
             name=path.name,
             path=path,
-            loader="llama.cpp",
-            format="GGUF",
+            loader=auto_loader(fmt).name,
+            format=fmt.upper(),
             quantization=quant,
             size=sum(p.stat().st_size for p in present),
             revision=read_revision(path),
@@ -525,25 +532,25 @@ class ModelsFolder:
     def _folder_entry(self, folder: Path) -> ModelEntry | None:
         names = {p.name for p in folder.iterdir() if p.is_file()}
         record = read_record(folder) or {}
-        ggufs = sorted(n for n in names if n.lower().endswith(".gguf"))
+        files = [folder / n for n in sorted(names) if file_format(n) is not None]
         is_download = Bookkeeping.of_folder(folder).started
-        has_config = any(m in names for m in _TRANSFORMERS_MARKERS)
-        if not (ggufs or has_config or is_download):
+        planned = [str(f) for f in record.get("files") or {}] if is_download else []
+        found = folder_format(folder, names) or folder_format(folder, planned)
+        if found is None and not is_download:
             return None  # not a model (a LoRA folder, notes, ...)
         problem = incomplete_reason(folder)
         damage = None
-        planned = [str(f) for f in record.get("files") or {}]
-        if ggufs or (is_download and any(f.endswith(".gguf") for f in planned)):
-            loader: LoaderName = "llama.cpp"
-            fmt = "GGUF"
-            facts = {m.name: _gguf_facts(m) for m in gguf_models([folder / n for n in ggufs])}
+        if files or any(file_format(f) is not None for f in planned):  # a folder of model files
+            loader: LoaderName = auto_loader(found).name if found else loader_names()[0]
+            fmt = (found or "").upper()
+            facts = {m.name: _file_facts(m) for m in gguf_models(files)}
             quant = ", ".join(sorted({q for q, _ in facts.values() if q})) or None
             if problem is None:
                 damage = next((f"{name}: {bad}" for name, (_, bad) in facts.items() if bad), None)
-        else:
-            loader = "transformers"
-            files = [*names, *planned]
-            fmt = next((f for f, s in _WEIGHT_FORMATS if any(n.endswith(s) for n in files)), "none")
+        else:  # a model folder (its markers say which), or a download that has no file yet
+            loader = auto_loader(found).name if found else loader_names()[0]
+            listed = [*names, *planned]
+            fmt = next((f for f, s in _WEIGHT_FORMATS if any(n.endswith(s) for n in listed)), "none")
             quant = _checkpoint_quantization(folder)
         return ModelEntry(
             name=folder.name,
@@ -557,7 +564,7 @@ class ModelsFolder:
             complete=problem is None and damage is None,
             problem=problem or damage,
             damaged=damage is not None,
-            projector=next((name for m in gguf_models([folder / n for n in ggufs]) if (name := _projector_name(m))),
+            projector=next((name for m in gguf_models(files) if (name := _projector_name(m))),
                            None),
         )
 
@@ -566,11 +573,12 @@ class ModelsFolder:
         for pending in pending_downloads(self.path):
             if pending.name in listed or (self.path / pending.name).exists():
                 continue
+            fmt = file_format(pending.name) or ""
             yield ModelEntry(
                 name=pending.name,
                 path=self.path / pending.name,
-                loader="llama.cpp",
-                format="GGUF",
+                loader=auto_loader(fmt).name if fmt else loader_names()[0],
+                format=fmt.upper(),
                 quantization=quantization_from_name(pending.name),
                 size=pending.size,
                 revision=pending.record.get("revision"),

@@ -17,6 +17,7 @@ import unicodedata
 import warnings
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, ClassVar, TypeVar
 
 from .errors import NbllmWarning, OptionError
@@ -605,11 +606,21 @@ class LoadOptions(_Schema):
         return "sdpa" if self.flash_attn is False and self.attn == "auto" else self.attn
 
 
+SAMPLER_ORDER: tuple[str, ...] = (
+    "repetition_penalty", "presence_penalty", "frequency_penalty", "dry", "top_n_sigma", "temperature",
+    "dynamic_temperature", "quadratic_sampling", "top_k", "top_p", "typical_p", "epsilon_cutoff", "eta_cutoff",
+    "top_a", "min_p", "mirostat", "xtc", "no_repeat_ngram",
+)
+"""text-generation-webui's default sampler order (its ``sampler_priority``, less tfs and the encoder
+repetition penalty, which nbllm does not have): what ``--sampler-priority`` names and reorders."""
+
+
 @dataclass(frozen=True)
 class GenerationOptions(_Schema):
     """How text is sampled. The defaults are nbllm's, documented in the README."""
 
     GROUPS: ClassVar[dict[str, str]] = {"sampling": "Sampling", "length": "Length and stopping",
+                                        "samplers": "Samplers (text-generation-webui's)",
                                         "structured": "Structured output", "speculative": "Speculative decoding"}
 
     max_new_tokens: int = option(
@@ -654,6 +665,118 @@ class GenerationOptions(_Schema):
         group="sampling", panel=False,
     )
 
+    # ---- samplers from text-generation-webui (issue 25; nbllm/loaders/_samplers.py; docs/samplers.md) ----
+    # Each default is text-generation-webui's neutral ("off") value, so a request that sets none of them is
+    # the request it was before they existed (identities and records carry only changed values).
+    frequency_penalty: float = option(
+        0.0, "Penalty that grows with how many times a token already appeared: subtracted from its logit once per "
+        "occurrence (0 disables).", group="samplers", minimum=-2.0, maximum=2.0,
+    )
+    presence_penalty: float = option(
+        0.0, "Flat penalty subtracted from the logit of every token that already appeared (0 disables).",
+        group="samplers", minimum=-2.0, maximum=2.0,
+    )
+    repetition_penalty_range: int = option(
+        0, "How many of the last tokens the repetition, presence and frequency penalties look at (0: all of them).",
+        group="samplers", minimum=0, metavar="N",
+    )
+    no_repeat_ngram_size: int = option(
+        0, "Never repeat a sequence of this many tokens (0 disables; small values such as 2 cripple the text).",
+        group="samplers", minimum=0, metavar="N",
+    )
+    dry_multiplier: float = option(
+        0.0, "DRY: penalize a token that would extend a sequence already in the text; strength (0 disables, 0.8 "
+        "is typical).", group="samplers", minimum=0.0,
+    )
+    dry_base: float = option(
+        1.75, "DRY: how fast the penalty grows with the length of the repeated sequence.", group="samplers",
+        minimum=1.0, maximum=10.0,
+    )
+    dry_allowed_length: int = option(
+        2, "DRY: the longest sequence repeated without penalty.", group="samplers", minimum=1, metavar="N",
+    )
+    dry_sequence_breakers: str = option(
+        '"\\n", ":", "\\"", "*"', "DRY: strings that end a repeated sequence, as quoted strings separated by commas "
+        "(text-generation-webui's format).", group="samplers", metavar="TEXT",
+    )
+    xtc_threshold: float = option(
+        0.1, "XTC: tokens at least this likely count as top choices; all but the least likely of them are removed.",
+        group="samplers", minimum=0.0, maximum=0.5,
+    )
+    xtc_probability: float = option(
+        0.0, "XTC: the chance that the top choices are removed at a step (0 disables).", group="samplers",
+        minimum=0.0, maximum=1.0,
+    )
+    mirostat_mode: int = option(
+        0, "Mirostat: 1 or 2 replaces the other truncation samplers and keeps the text's surprise near "
+        "mirostat_tau (0 disables; llama.cpp's two versions).", group="samplers", choices=(0, 1, 2),
+    )
+    mirostat_tau: float = option(5.0, "Mirostat: the target surprise (entropy); lower is more focused.",
+                                 group="samplers", minimum=0.0)
+    mirostat_eta: float = option(0.1, "Mirostat: the learning rate.", group="samplers", minimum=0.0, maximum=1.0)
+    top_n_sigma: float = option(
+        0.0, "Keep only tokens whose logit is within n standard deviations of the top one (0 disables).",
+        group="samplers", minimum=0.0,
+    )
+    dynamic_temperature: bool = option(
+        False, "Dynamic temperature: the temperature of each step is between dynatemp_low and dynatemp_high, "
+        "higher when the model is unsure (replaces --temperature).", group="samplers",
+    )
+    dynatemp_low: float = option(1.0, "Dynamic temperature: the lowest temperature.", group="samplers",
+                                 minimum=0.0, maximum=5.0)
+    dynatemp_high: float = option(1.0, "Dynamic temperature: the highest temperature.", group="samplers",
+                                  minimum=0.0, maximum=5.0)
+    dynatemp_exponent: float = option(1.0, "Dynamic temperature: the exponent of the curve between low and high.",
+                                      group="samplers", minimum=0.0)
+    smoothing_factor: float = option(
+        0.0, "Quadratic sampling: makes the distribution smoother around the top tokens (0 disables).",
+        group="samplers", minimum=0.0,
+    )
+    smoothing_curve: float = option(
+        1.0, "Quadratic sampling: the curve (1 is plain quadratic, higher curbs the unlikely tokens more).",
+        group="samplers", minimum=1.0,
+    )
+    epsilon_cutoff: float = option(
+        0.0, "Drop tokens less likely than this, in units of 1e-4 (0 disables; 3 is typical).", group="samplers",
+        minimum=0.0, maximum=9.0,
+    )
+    eta_cutoff: float = option(
+        0.0, "Eta sampling: an entropy-dependent epsilon, in units of 1e-4 (0 disables; 3 is typical).",
+        group="samplers", minimum=0.0, maximum=20.0,
+    )
+    top_a: float = option(
+        0.0, "Drop tokens less likely than top_a times the square of the top probability (0 disables).",
+        group="samplers", minimum=0.0, maximum=1.0,
+    )
+    custom_token_bans: str = option(
+        "", "Token ids that are never generated, separated by commas (text-generation-webui's format).",
+        group="samplers", metavar="IDS",
+    )
+    logit_bias: tuple[str, ...] = option(
+        (), "Add a bias to one token's logit: TOKEN_ID:BIAS (repeat the flag for several; -100 bans it).",
+        group="samplers", metavar="ID:BIAS",
+    )
+    ban_eos_token: bool = option(
+        False, "Never end the text with the end-of-sequence token (it goes on to --max-new-tokens).",
+        group="samplers",
+    )
+    guidance_scale: float = option(
+        1.0, "CFG (classifier-free guidance): how strongly the text is pushed away from --negative-prompt "
+        "(1 disables; 1.5 is typical).", group="samplers", minimum=0.0,
+    )
+    negative_prompt: str = option(
+        "", "CFG: the prompt the text is pushed away from (empty: none, which guides against no context).",
+        group="samplers", metavar="TEXT", escapes=True,
+    )
+    sampler_priority: tuple[str, ...] = option(
+        (), "The order the samplers run in, by name (repeat the flag; empty: text-generation-webui's order). "
+        "Names: " + ", ".join(SAMPLER_ORDER) + ".", group="samplers", metavar="NAME", panel=False,
+    )
+    temperature_last: bool = option(
+        False, "Apply temperature (and dynamic temperature) after the other samplers instead of in its place in "
+        "the order.", group="samplers",
+    )
+    # ---- end of text-generation-webui's samplers ----
     # Speculative decoding (docs/speculative.md): its own block, apart from the samplers.
     prompt_lookup: int = option(
         0, "Prompt lookup decoding: draft up to N tokens per step by finding the last words again in the prompt and "
@@ -692,31 +815,24 @@ class GenerationOptions(_Schema):
         group="structured", metavar="GBNF", panel=False,
     )
 
-    PRESETS: ClassVar[dict[str, dict[str, Any]]] = {
-        "deterministic": {"temperature": 0.0, "top_p": 0.9, "top_k": 0, "min_p": 0.0, "repetition_penalty": 1.0},
-        "balanced": {"temperature": 0.7, "top_p": 0.9, "top_k": 0, "min_p": 0.0, "repetition_penalty": 1.0},
-        "creative": {"temperature": 1.0, "top_p": 0.95, "top_k": 0, "min_p": 0.05, "repetition_penalty": 1.1},
-    }
-    """Named sampling settings. deterministic is greedy decoding (same prompt, same reply; the samplers
-    greedy decoding ignores stay at their defaults, so nothing warns); balanced is nbllm's default;
-    creative samples more widely and curbs repetition. None touches max_new_tokens, stop or seed."""
-
     @classmethod
     def presets(cls) -> dict[str, dict[str, Any]]:
-        """Every preset by name: the option values it sets."""
-        return {name: dict(values) for name, values in cls.PRESETS.items()}
+        """Every preset by name: the option values its file sets (text-generation-webui's YAML format:
+        nbllm's own, then the user's from ``presets/`` beside the models folder; :mod:`nbllm.presets`).
+        deterministic is greedy decoding; balanced is nbllm's default; creative samples more widely and
+        curbs repetition."""
+        return all_presets()
 
     @classmethod
     def preset(cls, name: str, base: GenerationOptions | None = None, **overrides: Any) -> GenerationOptions:
         """``base`` (or the defaults) with preset ``name`` applied, then ``overrides`` on top (validated).
 
         ``%%llm --preset creative --temperature 0.8`` is ``preset("creative", engine.defaults,
-        temperature=0.8)``: what the user typed wins over the preset, the preset over the defaults.
+        temperature=0.8)``: what the user typed wins over the preset, the preset over the defaults. As in
+        text-generation-webui, the samplers the preset's file does not name go to their neutral values
+        (temperature 1, top_p 1, the others off); max_new_tokens, stop, the seed and constraints stay.
         """
-        if name not in cls.PRESETS:
-            raise OptionError(f"unknown preset {name!r}", f"use one of: {', '.join(cls.PRESETS)}")
-        start = base.to_dict() if base is not None else {}
-        return cls.from_dict({**start, **cls.PRESETS[name], **overrides})
+        return apply_preset(name, base, **overrides)
 
     def __post_init__(self) -> None:
         if self.json_schema is not None or self.grammar is not None:  # a dict, a model class, a file → text
@@ -765,9 +881,133 @@ class GenerationOptions(_Schema):
                     stacklevel=3,
                 )
 
+        check_samplers(self)
+
     @property
     def greedy(self) -> bool:
         return self.temperature == 0.0
+
+    # -- text-generation-webui's samplers, read (validated by check_samplers) --
+    @property
+    def sequence_breakers(self) -> list[str]:
+        """``dry_sequence_breakers`` as a list of strings."""
+        return parse_sequence_breakers(self.dry_sequence_breakers)
+
+    @property
+    def token_bans(self) -> list[int]:
+        """``custom_token_bans`` as token ids."""
+        return parse_token_bans(self.custom_token_bans)
+
+    @property
+    def logit_biases(self) -> dict[int, float]:
+        """``logit_bias`` as token id → bias."""
+        return parse_logit_bias(self.logit_bias)
+
+    @property
+    def sampler_order(self) -> list[str]:
+        """The samplers' order: ``sampler_priority`` (its missing names after it, in the default order),
+        with temperature and dynamic temperature moved to the end under ``temperature_last``."""
+        given = list(self.sampler_priority)
+        order = given + [n for n in SAMPLER_ORDER if n not in given]
+        if self.temperature_last:
+            order = [n for n in order if n not in ("temperature", "dynamic_temperature")]
+            order += ["temperature", "dynamic_temperature"]
+        return order
+
+    def active_samplers(self) -> list[str]:
+        """The text-generation-webui sampler options that change this request (the switch of each sampler:
+        ``dry_multiplier``, not ``dry_base``, which does nothing while DRY is off)."""
+        return [n for n in SAMPLER_SWITCHES if getattr(self, n) != self.spec(n).default]
+
+    def samplers_set(self) -> list[str]:
+        """The text-generation-webui sampler options set away from their off values (their names)."""
+        return [n for n in SAMPLER_OPTIONS if getattr(self, n) != self.spec(n).default]
+
+
+SAMPLER_OPTIONS: tuple[str, ...] = (
+    "frequency_penalty", "presence_penalty", "repetition_penalty_range", "no_repeat_ngram_size", "dry_multiplier",
+    "dry_base", "dry_allowed_length", "dry_sequence_breakers", "xtc_threshold", "xtc_probability", "mirostat_mode",
+    "mirostat_tau", "mirostat_eta", "top_n_sigma", "dynamic_temperature", "dynatemp_low", "dynatemp_high",
+    "dynatemp_exponent", "smoothing_factor", "smoothing_curve", "epsilon_cutoff", "eta_cutoff", "top_a",
+    "custom_token_bans", "logit_bias", "ban_eos_token", "guidance_scale", "negative_prompt", "sampler_priority",
+    "temperature_last",
+)
+"""The options text-generation-webui's samplers added (issue 25), in schema order."""
+
+
+SAMPLER_SWITCHES: tuple[str, ...] = (
+    "frequency_penalty", "presence_penalty", "repetition_penalty_range", "no_repeat_ngram_size", "dry_multiplier",
+    "xtc_probability", "mirostat_mode", "top_n_sigma", "dynamic_temperature", "smoothing_factor", "epsilon_cutoff",
+    "eta_cutoff", "top_a", "custom_token_bans", "logit_bias", "ban_eos_token", "guidance_scale", "sampler_priority",
+    "temperature_last",
+)
+"""The option that turns each of those samplers on (the others only tune one that is on)."""
+
+
+def parse_sequence_breakers(text: str) -> list[str]:
+    """text-generation-webui's ``dry_sequence_breakers``: quoted strings separated by commas
+    (``"\\n", ":"``), read as the items of a JSON list; an empty text is no breakers."""
+    import json
+
+    if not text.strip():
+        return []
+    try:
+        items = json.loads(f"[{text}]")
+    except json.JSONDecodeError:
+        items = None
+    if not isinstance(items, list) or not all(isinstance(i, str) and i for i in items):
+        raise OptionError(f"--dry-sequence-breakers {text!r} is not a list of quoted strings",
+                          'write them as text-generation-webui does: --dry-sequence-breakers \'"\\n", ":", "*"\'')
+    return items
+
+
+def parse_token_bans(text: str) -> list[int]:
+    """``custom_token_bans``: token ids separated by commas."""
+    parts = [p.strip() for p in text.split(",") if p.strip()]
+    if not all(p.isdigit() for p in parts):
+        raise OptionError(f"--custom-token-bans {text!r} is not a list of token ids",
+                          "give token ids separated by commas: --custom-token-bans 13,198")
+    return [int(p) for p in parts]
+
+
+def parse_logit_bias(entries: Iterable[str]) -> dict[int, float]:
+    """``logit_bias`` entries ``TOKEN_ID:BIAS`` → ``{id: bias}`` (a later entry for a token wins)."""
+    out: dict[int, float] = {}
+    for entry in entries:
+        token, sep, bias = str(entry).partition(":")
+        try:
+            if not sep or not token.strip().isdigit():
+                raise ValueError(entry)
+            value = float(bias)
+            if not math.isfinite(value):
+                raise ValueError(entry)
+        except ValueError:
+            raise OptionError(f"--logit-bias {entry!r} is not TOKEN_ID:BIAS",
+                              "give a token id and a number: --logit-bias 13:-5") from None
+        out[int(token)] = value
+    return out
+
+
+def check_samplers(opts: GenerationOptions) -> None:
+    """The text-generation-webui sampler options checked together (each alone is checked by its field)."""
+    opts.sequence_breakers, opts.token_bans, opts.logit_biases  # noqa: B018 - parsing is the check
+    unknown = [n for n in opts.sampler_priority if n not in SAMPLER_ORDER]
+    if unknown:
+        raise OptionError(f"--sampler-priority {unknown[0]!r} is not a sampler nbllm knows",
+                          f"use names from: {', '.join(SAMPLER_ORDER)}")
+    if opts.dynatemp_low > opts.dynatemp_high:
+        raise OptionError(f"--dynatemp-low {opts.dynatemp_low:g} is above --dynatemp-high {opts.dynatemp_high:g}",
+                          "give a low temperature at most the high one")
+    if opts.negative_prompt and opts.guidance_scale == 1.0:
+        warnings.warn("--negative-prompt has no effect with --guidance-scale 1; set a guidance scale such as 1.5",
+                      NbllmWarning, stacklevel=4)
+    if opts.greedy:
+        ignored = [n for n in ("xtc_probability", "mirostat_mode", "top_n_sigma", "dynamic_temperature",
+                               "smoothing_factor", "epsilon_cutoff", "eta_cutoff", "top_a")
+                   if getattr(opts, n) != opts.spec(n).default]
+        if ignored:
+            warnings.warn(f"temperature 0 is greedy decoding; {', '.join(ignored)} "
+                          f"{'has' if len(ignored) == 1 else 'have'} no effect", NbllmWarning, stacklevel=4)
 
 
 def markdown_table(schema: type[_Schema], loaders: Callable[[str], Iterable[str]] | None = None) -> str:
@@ -783,3 +1023,145 @@ def markdown_table(schema: type[_Schema], loaders: Callable[[str], Iterable[str]
         rows.append(f"| `{s.flag}` | {default} |{column} {s.help}{choices} |")
     return "\n".join(rows)
 
+
+# ---- presets in text-generation-webui's format (nbllm.presets re-exports these; docs/samplers.md) ----
+# nbllm's own (deterministic, balanced, creative) ship as YAML files (nbllm/data/presets); a user's are read
+# from presets/ beside the models folder, as text-generation-webui keeps user_data/presets beside
+# user_data/models. As in text-generation-webui, a preset sets every sampler: those its file names, the
+# others neutral (temperature 1, top_p 1, every other sampler off); never max_new_tokens, stop, the seed,
+# logprobs or a constraint.
+
+BUILTIN_PRESETS = ("deterministic", "balanced", "creative")
+"""nbllm's own presets, in the order they are shown."""
+
+PRESETS_BUILTIN_DIR = Path(__file__).parent / "data" / "presets"
+"""Where nbllm's own preset files are."""
+
+NOT_PRESET = frozenset({"seed", "logprobs", "logprobs_after_samplers"})
+"""Options of the sampling groups that a preset never sets."""
+
+TGW_ONLY = frozenset({
+    "tfs", "encoder_repetition_penalty", "penalty_alpha", "grammar_string", "auto_max_new_tokens", "max_tokens_second",
+    "add_bos_token", "skip_special_tokens", "truncation_length", "static_cache", "num_beams", "length_penalty",
+    "early_stopping", "min_length", "prompt_lookup_num_tokens", "show_after", "max_updates_second",
+})
+"""text-generation-webui preset keys nbllm has no option for: left out with a warning (when not neutral)."""
+
+TGW_NEUTRAL: dict[str, Any] = {"tfs": 1, "encoder_repetition_penalty": 1, "penalty_alpha": 0, "grammar_string": "",
+                               "num_beams": 1, "length_penalty": 1, "early_stopping": False, "min_length": 0}
+
+
+def presets_dir(models: str | Path | None = None) -> Path:
+    """The user's presets folder: ``presets`` beside the models folder ``models`` (default: the one in effect)."""
+    from .models import models_dir
+
+    return (Path(models).expanduser() if models is not None else models_dir()).parent / "presets"
+
+
+def neutral() -> dict[str, Any]:
+    """What a preset starts from: every sampling option off (text-generation-webui's neutral values)."""
+    out = {s.name: s.default for s in GenerationOptions.specs()
+           if s.group in ("sampling", "samplers") and s.name not in NOT_PRESET}
+    out.update(temperature=1.0, top_p=1.0)
+    return out
+
+
+def _with_neutral(values: dict[str, Any]) -> dict[str, Any]:
+    """``values`` over the neutral ones; greedy (temperature 0) leaves the samplers it ignores at nbllm's
+    defaults, where they do not warn."""
+    start = neutral()
+    if values.get("temperature") == 0.0:
+        start.update({n: GenerationOptions.spec(n).default for n in ("top_p", "top_k", "min_p", "typical_p")})
+    return {**start, **values}
+
+
+def read_preset(path: str | Path) -> dict[str, Any]:
+    """The option values of one preset file (text-generation-webui's YAML). Keys text-generation-webui has
+    and nbllm lacks are left out with one warning; any other key, or a value the schema refuses, is an
+    :class:`OptionError` naming the file."""
+    import yaml
+
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except (OSError, yaml.YAMLError) as exc:
+        raise OptionError(f"preset {path.name} cannot be read ({str(exc).splitlines()[0]})",
+                          "fix the file: one 'option: value' per line") from None
+    if not isinstance(data, dict):
+        raise OptionError(f"preset {path.name} is not a list of 'option: value' lines", "fix the file")
+    known = set(GenerationOptions.names()) - NOT_PRESET
+    values: dict[str, Any] = {}
+    lacking = []
+    for key, value in data.items():
+        key = str(key)
+        if key in TGW_ONLY:
+            if TGW_NEUTRAL.get(key, object()) != value:
+                lacking.append(key)
+        elif key == "do_sample":  # text-generation-webui's greedy switch
+            if value is False:
+                values["temperature"] = 0.0
+        elif key == "sampler_priority":
+            names = value.split() if isinstance(value, str) else [str(v) for v in value or ()]
+            values[key] = tuple(n for n in names if n in SAMPLER_ORDER)  # tfs, encoder_repetition_penalty: absent
+        elif key in known:
+            values[key] = value
+        else:
+            raise OptionError(f"preset {path.name} has an unknown option {key!r}",
+                              f"remove it, or use an option of --preset files: {', '.join(sorted(known))}")
+    if lacking:
+        warnings.warn(f"preset {path.stem}: nbllm has no {', '.join(lacking)}; left out", NbllmWarning, stacklevel=3)
+    try:
+        GenerationOptions.from_dict(_with_neutral(values))
+    except OptionError as exc:
+        raise OptionError(f"preset {path.name}: {exc.cause}", exc.fix) from None
+    return values
+
+
+def preset_files(models: str | Path | None = None) -> dict[str, Path]:
+    """Every preset's file by name: nbllm's, then the user's (which replace nbllm's of the same name)."""
+    files = {name: PRESETS_BUILTIN_DIR / f"{name}.yaml" for name in BUILTIN_PRESETS}
+    folder = presets_dir(models)
+    if folder.is_dir():
+        for path in sorted(folder.glob("*.yaml")):
+            files[path.stem] = path
+    return files
+
+
+def all_presets(models: str | Path | None = None) -> dict[str, dict[str, Any]]:
+    """Every preset by name: the option values its file sets. A user's file that cannot be used is left
+    out with a warning saying why (``--preset`` with its name says it again, as an error)."""
+    out = {}
+    for name, path in preset_files(models).items():
+        try:
+            out[name] = read_preset(path)
+        except OptionError as exc:
+            warnings.warn(f"{exc.message} (left out of the presets)", NbllmWarning, stacklevel=2)
+    return out
+
+
+def apply_preset(name: str, base: GenerationOptions | None = None, **overrides: Any) -> GenerationOptions:
+    """``base`` (or the defaults) with preset ``name`` applied (every sampler: its file's values, the
+    others neutral), then ``overrides`` on top (validated)."""
+    files = preset_files()
+    if name not in files:
+        raise OptionError(f"unknown preset {name!r}", f"use one of: {', '.join(files)}")
+    start = base.to_dict() if base is not None else {}
+    return GenerationOptions.from_dict({**start, **_with_neutral(read_preset(files[name])), **overrides})
+
+
+def save_preset(name: str, options: GenerationOptions, models: str | Path | None = None) -> Path:
+    """Write ``options``' samplers as preset ``name`` in the user's presets folder, in text-generation-webui's
+    format (the values away from neutral, as its "Save preset" writes them); returns the file."""
+    import yaml
+
+    start = neutral()
+    values: dict[str, Any] = {}
+    for key, off in start.items():
+        value = getattr(options, key)
+        if value != off:
+            values[key] = list(value) if isinstance(value, tuple) else value
+    folder = presets_dir(models)
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(values, sort_keys=False, allow_unicode=True), encoding="utf-8")
+    return path

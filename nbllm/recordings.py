@@ -19,6 +19,7 @@ from typing import Any, cast
 
 from .engine import Engine, get_engine
 from .errors import OptionError, ReplayError, missing_dependency
+from .frontend import command
 from .identity import differences, identity_key, record_identity
 from .loaders.replay import FORMAT, ReplayLoader, Run
 from .options import LoadOptions
@@ -61,7 +62,7 @@ class Recording:
                 sessions = log.sessions()
                 listed = ", ".join(sessions[-5:]) if sessions else "none"
                 raise ReplayError(f"the run log {path} has no runs of session {session!r} (its latest sessions: "
-                                  f"{listed})", "give one of its sessions (%llm_runs shows them), or drop --session")
+                                  f"{listed})", f"give one of its sessions ({command('runs')} shows them), or drop --session")
         else:
             if session is not None:
                 raise OptionError("--session picks runs of a run log, not of a notebook", "drop --session")

@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any
 
 from .engine import Engine, Status, get_engine
 from .errors import LoadError, NbllmError, OptionError
+from .frontend import command
 from .memory import format_memory
 from .options import LoadOptions
 
@@ -106,7 +107,7 @@ class Models:
         loaded = self.names()
         return UnknownModelError(
             f"no model is loaded as {name!r}" + (f" (loaded: {', '.join(loaded)})" if loaded else " (none is loaded)"),
-            f"load it first: %llm_load MODEL --as {name} (nbllm.load(MODEL, name={name!r}))",
+            f"load it first: {command('load as', 'MODEL', name)}",
         )
 
     def _slot(self, name: str) -> Engine:
@@ -201,12 +202,12 @@ class Models:
             holders = sorted(beside, key=beside.__getitem__, reverse=True)
             what = ", ".join(f"{n} {format_memory(beside[n])}" for n in holders) or "nothing"
             first = holders[0] if holders else next(iter(others))
-            as_name = f" --as {target}" if target != DEFAULT else ""
+            in_place = (command("load in place as", str(model), target, first) if target != DEFAULT
+                        else command("load in place", str(model), first))
             raise NotEnoughMemoryError(
                 f"{Path(str(model)).name} needs about {format_memory(memory.total)} of {device} and does not fit "
                 f"beside {what} (budget {format_memory(budget)})",
-                f"unload one first (%llm_unload {first}), or load it in its place: "
-                f"%llm_load {model}{as_name} --replace {first}",
+                f"unload one first ({command('unload', first)}), or load it in its place: {in_place}",
             )
 
 

@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 from .errors import NbllmError, OptionError, pandas_module
+from .frontend import command
 from .identity import identity_key, record_identity
 from .options import GenerationOptions, LoadOptions
 from .result import Result
@@ -114,7 +115,7 @@ class RunLog:
                 if getattr(exc, "sqlite_errorname", "") not in ("SQLITE_NOTADB", "SQLITE_CORRUPT"):
                     raise
                 raise NbllmError(f"{self.path} is not a run log (not an SQLite file: {exc})",
-                                 "give the run log's file (runs.sqlite), or a saved notebook to %llm_replay") from None
+                                 f"give the run log's file (runs.sqlite), or a saved notebook to {command('replay', 'FILE')}") from None
             yield db
 
     def _prepare(self, db: sqlite3.Connection) -> None:

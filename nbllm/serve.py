@@ -2,9 +2,10 @@
 
 A Starlette app (:func:`create_app`) run by uvicorn on a background thread of the kernel answers
 ``/v1/models``, ``/v1/completions`` and ``/v1/chat/completions``, streamed (server-sent events, as the
-OpenAI API streams) or not. Each request becomes the same ``Engine.stream`` call a cell makes, on a
-worker thread, so it waits its turn behind the engine (an unfinished result owns the model): cells and
-the chat panel keep working, and a client that goes away stops its generation.
+OpenAI API streams) or not. Each request joins the model's queue (:mod:`nbllm.scheduler`) from a worker
+thread: concurrent clients of a model that batches (Transformers) run together in one batch, each reply
+its one-by-one text; other models take them in turn, behind the engine (an unfinished result owns the
+model), so cells and the chat panel keep working; a client that goes away stops its own reply only.
 
 Requests take the generation options of ``%%llm`` under the API's names (``max_tokens``,
 ``temperature``, ``top_p``, ``seed``, ``stop``) and the extra ones vLLM and llama.cpp's server read
@@ -38,6 +39,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 from ._callable import callable_as
 from .errors import NbllmError, NoModelLoadedError, OptionError, missing_dependency
+from .frontend import command
 from .options import GenerationOptions, _Schema, option
 from .result import Result
 from .serve_guard import Guard, Refused, is_loopback
@@ -242,7 +244,7 @@ def create_app(engine: Engine | None = None, *, api_key: str | None = None, work
             return error(400, exc.message, param=exc.param)
         model, fingerprint = served()
         if model is None:
-            return error(503, "no model is loaded in the kernel; load one with %llm_load", "server_error")
+            return error(503, f"no model is loaded in the kernel; load one with {command('load', 'MODEL')}", "server_error")
         if body.model not in (None, "", model):
             return error(404, f"the model {body.model!r} is not served here; it serves {model!r}",
                          code="model_not_found", param="model")
@@ -378,7 +380,7 @@ def create_app(engine: Engine | None = None, *, api_key: str | None = None, work
                 else:  # end
                     result: Result = value
                     if _finish(result) == ABORTED:  # cut short: the client must not take it for a whole reply
-                        why = ("the server was stopped (%llm_serve --stop)" if stopping.is_set()
+                        why = (f"the server was stopped ({command('serve stop')})" if stopping.is_set()
                                else f"the generation ended early ({result.finish_reason})")
                         message = f"the reply was cut short after {len(result.chunks)} pieces: {why}"
                         yield f"data: {json.dumps({'error': {'message': message, 'type': 'server_error', 'code': ABORTED}})}\n\n"
@@ -424,9 +426,10 @@ def _finish(result: Result) -> str:
 
 def _starter(engine: Engine, prompt: str | list[dict[str, Any]], options: GenerationOptions,
              continue_final: bool) -> Callable[[], Result]:
-    """The call that starts the generation on a worker thread (it waits there for the engine)."""
+    """The call that starts the generation on a worker thread: the request joins the model's queue
+    (:mod:`nbllm.scheduler`), where concurrent clients are batched if the loader can."""
     if isinstance(prompt, str) or not continue_final:
-        return lambda: engine.stream(prompt, options)
+        return lambda: engine.scheduler.stream(prompt, options)
 
     def start() -> Result:  # go on with the last (assistant) message, as vLLM's continue_final_message does
         from .chat import render_continuation
@@ -439,7 +442,7 @@ def _starter(engine: Engine, prompt: str | list[dict[str, Any]], options: Genera
         else:
             text = render_continuation(loader.chat_template, prompt, special_tokens=loader.special_tokens)
             ready = Prompt(text, engine.tokenize(text, add_special=not starts_with_bos(text, loader.special_tokens)), prompt)
-        return engine.stream_prompt(ready, options, continue_final=True)
+        return engine.scheduler.stream_prompt(ready, options, continue_final=True)
 
     return start
 
@@ -603,7 +606,7 @@ def serve(options: ServeOptions | Mapping[str, Any] | None = None, *, engine: En
     with _SERVER_LOCK:
         if _SERVER is not None and _SERVER.running:
             raise OptionError(f"the kernel's model is already served at {_SERVER.url}",
-                              "stop it first: %llm_serve --stop (or .stop() on the server nbllm.serve returned)")
+                              f"stop it first: {command('serve stop')}")
         _SERVER = Server(opts, engine)
         return _SERVER
 

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from urllib.parse import urlsplit
 
 from .errors import NbllmError
+from .frontend import command
 
 
 class Refused(NbllmError):
@@ -93,7 +94,7 @@ class Guard:
         origin = headers.get("origin")
         if origin is not None and not self.allows_origin(origin):
             raise Refused(403, f"requests from web pages of {origin} are refused by a server without a key",
-                          f"allow that page with %llm_serve --allow-origin {origin}, or serve with --api-key-env NAME")
+                          f"allow that page with {command('serve allow origin', origin)}, or serve with --api-key-env NAME")
         if method == "POST":
             kind = headers.get("content-type", "").partition(";")[0].strip().lower()
             if kind != "application/json":

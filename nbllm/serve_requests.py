@@ -83,6 +83,23 @@ class _Request(_Model):
     typical_p: float | None = None
     repetition_penalty: float | None = None
     repeat_penalty: float | None = None
+    # llama.cpp's server's samplers (text-generation-webui's; docs/samplers.md): the loaded model's loader
+    # refuses those it cannot apply
+    repeat_last_n: int | None = None
+    dry_multiplier: float | None = None
+    dry_base: float | None = None
+    dry_allowed_length: int | None = None
+    dry_penalty_last_n: int | None = None
+    dry_sequence_breakers: list[str] | None = None
+    xtc_probability: float | None = None
+    xtc_threshold: float | None = None
+    mirostat: int | None = None
+    mirostat_tau: float | None = None
+    mirostat_eta: float | None = None
+    top_n_sigma: float | None = None
+    dynatemp_range: float | None = None
+    dynatemp_exponent: float | None = None
+    ignore_eos: bool | None = None
     # structured output (nbllm/constraints.py): OpenAI's response_format; nbllm's (and vLLM's) grammar,
     # regex and choice
     response_format: dict[str, Any] | None = None
@@ -122,9 +139,6 @@ UNSUPPORTED: dict[str, Callable[[Any], bool]] = {  # n, echo, logprobs, top_logp
     "suffix": bool,
     "functions": bool,
     "function_call": lambda v: v not in (None, "none"),
-    "logit_bias": bool,
-    "frequency_penalty": bool,
-    "presence_penalty": bool,
 }
 """Fields the API has that nbllm cannot honour, and when a value asks for them (``n: 1`` does not)."""
 
@@ -132,6 +146,11 @@ OPTION_NAMES = {
     "max_tokens": "max_new_tokens", "max_completion_tokens": "max_new_tokens", "temperature": "temperature",
     "top_p": "top_p", "top_k": "top_k", "min_p": "min_p", "typical_p": "typical_p",
     "repetition_penalty": "repetition_penalty", "repeat_penalty": "repetition_penalty", "seed": "seed",
+    "frequency_penalty": "frequency_penalty", "presence_penalty": "presence_penalty",
+    "repeat_last_n": "repetition_penalty_range", "dry_multiplier": "dry_multiplier", "dry_base": "dry_base",
+    "dry_allowed_length": "dry_allowed_length", "xtc_probability": "xtc_probability", "xtc_threshold": "xtc_threshold",
+    "mirostat": "mirostat_mode", "mirostat_tau": "mirostat_tau", "mirostat_eta": "mirostat_eta",
+    "top_n_sigma": "top_n_sigma", "dynatemp_exponent": "dynatemp_exponent", "ignore_eos": "ban_eos_token",
 }
 """A request field → the :class:`GenerationOptions` field it sets."""
 
@@ -176,6 +195,8 @@ def generation_options(request: CompletionRequest | ChatRequest, defaults: Gener
         value = given[key]
         if name == "top_k" and value < 0:  # vLLM's "disabled"
             value = 0
+        if name == "repetition_penalty_range" and value < 0:  # llama.cpp's -1: the whole context
+            value = 0
         spec = GenerationOptions.spec(name)
         if isinstance(value, float) and not math.isfinite(value):
             raise RequestError(key, f"{key} must be a finite number, not {value}", _bounds_fix(spec))
@@ -183,6 +204,7 @@ def generation_options(request: CompletionRequest | ChatRequest, defaults: Gener
         if problem:
             raise RequestError(key, f"{key} {value} {problem}", _bounds_fix(spec))
         values[name] = value
+    values.update(_llama_server_samplers(request, float(values["temperature"])))
     if request.stop is not None:
         stop = (request.stop,) if isinstance(request.stop, str) else tuple(request.stop)
         if "" in stop:
@@ -196,6 +218,31 @@ def generation_options(request: CompletionRequest | ChatRequest, defaults: Gener
         return GenerationOptions.from_dict(_with_constraint(values, request))
     except OptionError as exc:  # a combination of values: said in the options' words
         raise RequestError(None, exc.cause, exc.fix) from None
+
+
+def _llama_server_samplers(request: CompletionRequest | ChatRequest, temperature: float) -> dict[str, Any]:
+    """llama.cpp's server's sampler fields that are not one option each: its dynamic temperature (a range
+    around temperature), DRY's breakers (a list) and logit_bias (token id → bias)."""
+    import json
+
+    out: dict[str, Any] = {}
+    if request.dynatemp_range:
+        if request.dynatemp_range < 0 or not math.isfinite(request.dynatemp_range):
+            raise RequestError("dynatemp_range", f"dynatemp_range {request.dynatemp_range} is below 0",
+                               "send a value of at least 0")
+        out.update(dynamic_temperature=True, dynatemp_low=max(0.0, temperature - request.dynatemp_range),
+                   dynatemp_high=temperature + request.dynatemp_range)
+    if request.dry_sequence_breakers is not None:
+        out["dry_sequence_breakers"] = ", ".join(json.dumps(b) for b in request.dry_sequence_breakers)
+    if request.logit_bias:
+        bias = []
+        for token, value in request.logit_bias.items():
+            if not str(token).isdigit():
+                raise RequestError("logit_bias", f"logit_bias key {token!r} is not a token id",
+                                   "send token ids as keys: {\"13\": -5}")
+            bias.append(f"{token}:{value}")
+        out["logit_bias"] = tuple(bias)
+    return out
 
 
 def _words(annotation: Any) -> str:

@@ -172,3 +172,130 @@ def test_the_graph_reader_sees_what_python_runs(tmp_path: Path, files: dict[str,
         (root / rel).parent.mkdir(parents=True, exist_ok=True)
         (root / rel).write_text(text)
     assert find_cycle(import_graph(root)) == cycle
+
+
+# ------------------------------------------------------------------ what only one place may decide
+
+
+def _strings(file: Path) -> list[ast.Constant]:
+    """The string literals of ``file`` that are not docstrings (f-strings' literal parts included)."""
+    tree = ast.parse(file.read_text(encoding="utf-8"), str(file))
+    docstrings = set()
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
+            for statement in node.body:
+                if isinstance(statement, ast.Expr) and isinstance(statement.value, ast.Constant):
+                    docstrings.add(id(statement.value))
+    return [n for n in ast.walk(tree) if isinstance(n, ast.Constant) and isinstance(n.value, str)
+            and id(n) not in docstrings]
+
+
+def _library_files(*, outside: tuple[str, ...]) -> list[Path]:
+    return [f for f in sorted(PACKAGE.rglob("*.py"))
+            if not any(f.relative_to(PACKAGE).as_posix().startswith(prefix) for prefix in outside)]
+
+
+def test_no_library_message_names_a_magic() -> None:
+    """A message names a command through ``frontend.command`` (a Python or CLI user is told their own
+    form); only the magics, the panels and the command table itself spell ``%llm_...``."""
+    found = [f"{f.relative_to(PACKAGE.parent)}:{n.lineno}: {n.value[:80]!r}"
+             for f in _library_files(outside=("magics/", "widgets/", "frontend.py"))
+             for n in _strings(f) if "%llm_" in n.value]
+    assert not found, "use nbllm.frontend.command(...) instead of spelling the magic:\n" + "\n".join(found)
+
+
+# Files outside nbllm/loaders/ that may spell a model file's ending or a marker file in a test of a path,
+# and why: they read a format's insides, or are about something else than a model to load.
+FORMAT_READERS = {
+    "gguf_file.py": "the GGUF reader itself: lists a folder's GGUF files and the parts of a split one",
+    "adapters.py": "LoRA adapters' formats (a PEFT folder, a GGUF adapter file), not models",
+    "testing.py": "writes the models the tests load",
+    "download/select.py": "which files of a hub repository to fetch (GGUF quantization rules), before any is local",
+}
+# (file, literal) pairs that spell a loader's or a format's name outside nbllm/loaders/ for another meaning.
+OTHER_MEANINGS = {
+    ("constraints.py", "llama.cpp"): "the kind of server at the other end (its dialect), not a loader",
+    ("constraints.py", "openai"): "the kind of server at the other end (its dialect), not a loader",
+    ("download/select.py", "transformers"): "the kind of a hub repository's files, before any is local",
+    ("download/select.py", "gguf"): "the kind of a hub repository's files, before any is local",
+    ("download/transfer.py", "gguf"): "the kind of a hub repository's files, before any is local",
+    ("fit/machine.py", "transformers"): "a Python package whose version is reported",
+    ("fit/machine.py", "gguf"): "a Python package whose version is reported",
+    ("fit/failures.py", "transformers"): "a Python module's pip package",
+    ("fit/recommend.py", "transformers"): "a Python package that must be installed",
+    ("fit/settings.py", "transformers"): "text-generation-webui's own loader names in config-user.yaml",
+    ("fit/settings.py", "llama.cpp"): "text-generation-webui's own loader names in config-user.yaml",
+    ("adapters.py", "gguf"): "the GGUF adapter format",
+}
+
+
+def _declarations() -> tuple[tuple[str, ...], tuple[str, ...], set[str]]:
+    from nbllm.loaders import loader_classes
+
+    classes = loader_classes()
+    endings = tuple(e for cls in classes for e in cls.model_files)
+    markers = tuple(m for cls in classes for m in cls.model_markers)
+    names = {cls.name for cls in classes} | {fmt for cls in classes for fmt in cls.formats}
+    return endings, markers, names
+
+
+def _decides_format(node: ast.AST, endings: tuple[str, ...], markers: tuple[str, ...]) -> bool:
+    """Whether ``node`` tests a path against a model file's ending or a marker file: ``x.suffix == '.gguf'``,
+    ``name.endswith('.gguf')``, ``'config.json' in names``, ``(folder / 'config.json').is_file()``."""
+
+    def spells(n: ast.AST) -> bool:
+        if isinstance(n, ast.Tuple):
+            return any(spells(e) for e in n.elts)
+        return isinstance(n, ast.Constant) and isinstance(n.value, str) and (
+            n.value.lower().endswith(endings) or n.value in markers)
+
+    if isinstance(node, ast.Compare):
+        return any(spells(n) for n in [node.left, *node.comparators])
+    if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute):
+        if node.func.attr in ("endswith", "match", "fullmatch", "glob", "rglob"):
+            return any(spells(a) for a in node.args)
+        target = node.func.value
+        if node.func.attr in ("is_file", "exists", "is_dir") and isinstance(target, ast.BinOp):
+            return spells(target.right)
+    return False
+
+
+def test_which_format_a_path_is_is_decided_by_the_loaders_only() -> None:
+    """Outside nbllm/loaders/ nothing tests a path against ``.gguf`` or ``config.json``: it asks
+    ``nbllm.loaders.path_format`` (file_format, folder_format, model_files), which asks the loader classes'
+    ``model_files`` and ``model_markers``. A new file format is one loader's declaration."""
+    endings, markers, _ = _declarations()
+    assert ".gguf" in endings and "config.json" in markers  # the declarations this test reads
+    found = []
+    for file in _library_files(outside=("loaders/", *FORMAT_READERS)):
+        tree = ast.parse(file.read_text(encoding="utf-8"), str(file))
+        found += [f"{file.relative_to(PACKAGE.parent)}:{n.lineno}" for n in ast.walk(tree)
+                  if _decides_format(n, endings, markers)]
+    assert not found, "ask nbllm.loaders (path_format, file_format, model_files) instead:\n" + "\n".join(found)
+
+
+def test_no_loader_or_format_name_is_spelled_outside_the_loaders() -> None:
+    """A loader's name (``llama.cpp``) or a format's (``gguf``) outside nbllm/loaders/ comes from the
+    loaders (``LLAMACPP``, ``GGUF_FORMAT``, ``auto_loader(fmt).name``), never a literal: the engine, the
+    models folder and the fit estimate ask, they do not know."""
+    _, _, names = _declarations()
+    assert {"llama.cpp", "transformers", "openai", "gguf"} <= names
+    found = []
+    for file in _library_files(outside=("loaders/", "testing.py")):
+        relative = file.relative_to(PACKAGE).as_posix()
+        found += [f"{relative}:{n.lineno}: {n.value!r}" for n in _strings(file)
+                  if n.value in names and (relative, n.value) not in OTHER_MEANINGS]
+    assert not found, "take the name from nbllm.loaders instead:\n" + "\n".join(found)
+
+
+def test_the_checks_above_see_what_they_look_for(tmp_path: Path) -> None:
+    """The scans find each thing they forbid (a test that cannot fail is a defect)."""
+    endings, markers, _ = _declarations()
+    for code in ("p.suffix.lower() == '.gguf'", "n.endswith(('.gguf', '.bin'))", "'config.json' in names",
+                 "(folder / 'config.json').is_file()"):
+        assert any(_decides_format(n, endings, markers) for n in ast.walk(ast.parse(code))), code
+    for code in ("(folder / 'config.json').read_text()", "p.suffix == '.txt'", "x == 'auto'"):
+        assert not any(_decides_format(n, endings, markers) for n in ast.walk(ast.parse(code))), code
+    sample = tmp_path / "m.py"
+    sample.write_text('"""Run %llm_load here."""\ndef f():\n    """%llm_x"""\n    raise E("run %llm_models")\n')
+    assert [n.value for n in _strings(sample) if "%llm_" in n.value] == ["run %llm_models"]

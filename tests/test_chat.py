@@ -19,6 +19,7 @@ from nbllm import chat as chatlib
 from nbllm.chat import ChatNote, Conversation, conversation, render_continuation
 from nbllm.chat_template import FALLBACK_TEMPLATE
 from nbllm.errors import ChatError, GenerationError
+from nbllm.frontend import using
 
 try:
     from stepping import count_steps, steps_once_the_generation_thread_is_free, stop_at_step
@@ -485,7 +486,7 @@ def test_a_file_ending_in_a_user_message_is_answered_never_doubled(either_loaded
     path = tmp_path / "open.json"
     path.write_text(json.dumps(CONVERSATIONS[1]), encoding="utf-8")
     conv = chatlib.load_conversation(path, "open")
-    with pytest.raises(ChatError, match=r"has no reply yet, so a new one would make two user messages in a row\. "
+    with using("notebook"), pytest.raises(ChatError, match=r"has no reply yet, so a new one would make two user messages in a row\. "
                                         r"Answer it first with regenerate \(%llm_chat open --regenerate\)"):
         conv.send("Another question", **GREEDY)
     assert len(conv) == 2 and not conv.generating

@@ -21,6 +21,7 @@ from conftest import need
 from nbllm import models
 from nbllm.download import DEFAULT_QUANTIZATION, download, select_files
 from nbllm.errors import DownloadError, ModelNotFoundError, OptionError
+from nbllm.frontend import command
 from nbllm.resolve import resolve
 from nbllm.store import read_revision
 
@@ -193,7 +194,7 @@ def test_downloads_a_transformers_model(
     out = capsys.readouterr().out.splitlines()
     assert "skipping 2 PyTorch" not in out[0] and "skipping 1 PyTorch" in out[0]  # training_args.bin ignored
     assert out[-1] == result.summary and result.summary.startswith(f"Downloaded org/tiny at {commit[:10]} (")
-    assert "Load it with %llm_load org_tiny." in result.summary
+    assert f"Load it with {command('load', 'org_tiny')}." in result.summary
 
     source = resolve("org_tiny")
     assert (source.format, source.revision, source.repo_id) == ("transformers", commit, "org/tiny")
@@ -265,7 +266,7 @@ def test_interrupted_download_continues_on_the_next_call(
     assert kept == 3 * CHUNK
     assert "Run the same command again" in capsys.readouterr().out
     entry = models.ModelsFolder().get("org_tiny")
-    assert not entry.complete and "%llm_download org/tiny" in entry.status
+    assert not entry.complete and command("download", "org/tiny") in entry.status
     with pytest.raises(ModelNotFoundError, match="org/tiny"):
         resolve("org_tiny")
 
@@ -339,7 +340,7 @@ def test_check_finds_a_damaged_file_and_the_next_download_fetches_only_it(
     with pytest.raises(DownloadError) as err:
         download("org/tiny", check=True, **_quiet())
     assert (
-        "1 of 7 file(s) of org_tiny" in _one_line(err) and "Run %llm_download org/tiny" in err.value.message
+        "1 of 7 file(s) of org_tiny" in _one_line(err) and f"Run {command('download', 'org/tiny')}" in err.value.message
     )
     assert not weights.exists() and not models.ModelsFolder().get("org_tiny").complete
     hub.requests.clear()

@@ -40,6 +40,7 @@ from nbllm.fit import (
     what_worked,
 )
 from nbllm.fit.estimate import GPU_USABLE, RAM_USABLE
+from nbllm.frontend import using
 from nbllm.options import GenerationOptions, LoadOptions
 from nbllm.resolve import resolve
 
@@ -268,7 +269,7 @@ def test_a_missing_model_is_one_line_with_a_fix(tmp_path):
         model_shape(tmp_path / "nothing-here")
     models.set_models_dir(tmp_path)
     try:  # offline (the tests' HF_HUB_OFFLINE=1): the Hub cannot be asked
-        with pytest.raises(ModelNotFoundError, match="config.json could not be fetched.*%llm_download org/model"):
+        with using("notebook"), pytest.raises(ModelNotFoundError, match="config.json could not be fetched.*%llm_download org/model"):
             model_shape("org/model")
     finally:
         models.set_models_dir(None)
@@ -776,7 +777,7 @@ def test_llm_doctor_with_a_model(shell, models_dir, tiny_model_64):
 def test_llm_doctor_errors_are_one_line(shell, tmp_path):
     from IPython.core.error import UsageError
 
-    with pytest.raises(UsageError, match=r"^no model at .*\. Give a model folder"):
+    with pytest.raises(UsageError, match=r"^no model at .*\. Give an existing path, a name from %llm_models"):
         shell.run_line_magic("llm_doctor", str(tmp_path / "missing"))
 
 

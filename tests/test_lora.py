@@ -17,6 +17,7 @@ from IPython.core.error import UsageError
 import nbllm
 from nbllm import adapters, models, testing
 from nbllm.errors import LoadError, ModelNotFoundError, NbllmError, NoModelLoadedError, OptionError
+from nbllm.frontend import command
 from nbllm.gguf_file import read_gguf_header
 
 try:
@@ -345,7 +346,7 @@ def test_a_gguf_adapter_is_not_loaded_as_a_model_and_the_listing_says_why(engine
     engine.load(tiny_gguf)
     with pytest.raises(LoadError, match="a LoRA adapter, not a model") as err:
         engine.load(gguf_a)
-    assert "%llm_lora add" in one_line(err.value)
+    assert command("lora add", gguf_a.name) in one_line(err.value)
     assert engine.status().model == tiny_gguf.name
     isolated.mkdir()
     shutil.copy(gguf_a, isolated / gguf_a.name)
@@ -545,7 +546,7 @@ def test_an_adapter_repository_downloads_into_loras_checked_and_applies(engine, 
     hub.add_folder("org/tiny-lora", peft_a)
     result = download("org/tiny-lora", echo=None)
     assert result.path == adapters.loras_dir() / "org_tiny-lora" and result.adapter
-    assert result.summary.endswith("Apply it with %llm_lora add org_tiny-lora.")
+    assert result.summary.endswith(f"Apply it with {command('lora add', 'org_tiny-lora')}.")
     assert not (isolated / "org_tiny-lora").exists()
     assert download("org/tiny-lora", echo=None).downloaded == ()  # complete: nothing fetched again
     assert download("org/tiny-lora", check=True, echo=None).checked
@@ -591,4 +592,4 @@ def test_a_model_given_as_an_adapter_hub_id_says_so(engine, tiny_model, hub):
     engine.load(tiny_model)
     with pytest.raises(LoadError, match="org/tiny is a model, not a LoRA adapter") as err:
         nbllm.lora_add("org/tiny")
-    assert "%llm_load org_tiny" in one_line(err.value)
+    assert command("load", "org_tiny") in one_line(err.value)

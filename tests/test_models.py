@@ -16,6 +16,7 @@ from conftest import need
 
 from nbllm import models
 from nbllm.errors import DownloadError, ModelNotFoundError, OptionError
+from nbllm.frontend import command
 from nbllm.gguf_file import file_type_name, quantization_from_name, read_gguf_header
 from nbllm.models import ModelsFolder
 from nbllm.resolve import resolve
@@ -130,7 +131,7 @@ def test_lists_a_text_generation_webui_folder(webui_folder: Path) -> None:
     assert not by_name["org_sharded"].complete and "missing 1 of 2" in (by_name["org_sharded"].problem or "")
     unfinished = by_name["org_partial"]
     assert not unfinished.complete and unfinished.repo_id == "org/partial"
-    assert "%llm_download org/partial" in unfinished.status
+    assert command("download", "org/partial") in unfinished.status
     loadable = {e.name for e in listing.loadable}
     assert not loadable & {"org_partial", "org_sharded", "lost-Q8_0-00001-of-00003.gguf"}
 
@@ -149,7 +150,7 @@ def test_listing_renders_as_text_and_html(webui_folder: Path) -> None:
 def test_empty_or_missing_folder_says_what_to_do(models_home: Path) -> None:
     listing = ModelsFolder().list()
     assert len(listing) == 0
-    assert "does not exist yet" in listing.text() and "%llm_download organization/model" in listing.text()
+    assert "does not exist yet" in listing.text() and command("download", "organization/model") in listing.text()
 
 
 def test_models_dir_precedence(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -183,7 +184,7 @@ def test_resolve_names_from_the_models_folder(webui_folder: Path) -> None:
 def test_incomplete_models_are_never_resolved(webui_folder: Path) -> None:
     with pytest.raises(ModelNotFoundError) as err:
         resolve("org_partial")
-    assert "%llm_download org/partial" in err.value.message and "\n" not in err.value.message
+    assert command("download", "org/partial") in err.value.message and "\n" not in err.value.message
     with pytest.raises(ModelNotFoundError, match="unfinished download"):
         resolve(str(webui_folder / "org_partial"))  # not even by path
     with pytest.raises(ModelNotFoundError, match="missing 1 of 2"):

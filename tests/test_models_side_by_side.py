@@ -17,6 +17,7 @@ from servers import CountingProxy, LlamaCppServer
 import nbllm
 from nbllm.fit.estimate import RAM_USABLE, estimate
 from nbllm.fit.machine import Machine
+from nbllm.frontend import using
 from nbllm.registry import NotEnoughMemoryError, UnknownModelError, models
 from nbllm.runlog import flush
 
@@ -51,7 +52,7 @@ def test_named_models_answer_by_name_and_their_records_say_which(tiny_model: Pat
 
 def test_unknown_bad_and_busy_names_are_one_line(tiny_model: Path) -> None:
     nbllm.load(tiny_model, name="base")
-    with pytest.raises(UnknownModelError, match=r"no model is loaded as 'tuned' \(loaded: base\)\. Load it first: "
+    with using("notebook"), pytest.raises(UnknownModelError, match=r"no model is loaded as 'tuned' \(loaded: base\)\. Load it first: "
                                                 r"%llm_load MODEL --as tuned"):
         nbllm.generate("Hi", model="tuned")
     with pytest.raises(nbllm.NbllmError, match="'no good' is not a model name"):
@@ -72,7 +73,7 @@ def test_a_model_that_does_not_fit_beside_the_others_is_refused_before_loading(t
     needed = estimate(tiny_gguf).on("cpu")
     # room for either alone, not for both
     models().machine = Machine(ram_bytes=int((used + needed - 1) / RAM_USABLE))
-    with pytest.raises(NotEnoughMemoryError) as caught:
+    with using("notebook"), pytest.raises(NotEnoughMemoryError) as caught:
         nbllm.load(tiny_gguf, name="quant")
     message = caught.value.message
     assert "does not fit beside base" in message and "%llm_unload base" in message and "--replace base" in message

@@ -20,7 +20,14 @@ from nbllm.loaders import (
     loader_refusals,
     option_loaders,
 )
-from nbllm.options import GenerationOptions, LoadOptions, decode_escapes, encode_escapes, parse_gpu_split
+from nbllm.options import (
+    SAMPLER_SWITCHES,
+    GenerationOptions,
+    LoadOptions,
+    decode_escapes,
+    encode_escapes,
+    parse_gpu_split,
+)
 
 GUIDE_OPTIONS = [  # every load option the user's guide names, with text-generation-webui's flag
     "loader", "gpu_split", "load_in_8bit", "load_in_4bit", "compile", "flash_attn", "trust_remote_code",
@@ -209,8 +216,17 @@ def test_every_value_the_schema_accepts_generates_in_both_loaders(any_loaded):
     extremes = _extremes()
     assert {name for name, _ in extremes} >= {"temperature", "top_p", "top_k", "min_p", "typical_p",
                                               "repetition_penalty", "seed", "max_new_tokens"}
+    pairs = {"dynatemp_low": ("dynatemp_high", 5.0), "dynatemp_high": ("dynatemp_low", 0.0)}  # low <= high
+    applies = any_loaded.loader.sampler_options
     for name, value in extremes:
-        result = any_loaded.generate("Hello", {"temperature": 1.0, "max_new_tokens": 2, name: value})
+        values = {"temperature": 1.0, "max_new_tokens": 2, name: value}
+        if name in pairs:
+            values[pairs[name][0]] = pairs[name][1]
+        if name in SAMPLER_SWITCHES and name not in applies and value != GenerationOptions.spec(name).default:
+            with pytest.raises(OptionError, match=f"cannot apply {GenerationOptions.spec(name).flag}"):
+                any_loaded.generate("Hello", values)
+            continue
+        result = any_loaded.generate("Hello", values)
         assert result.finish_reason in ("length", "eos"), (name, value)
 
 

@@ -20,6 +20,7 @@ from IPython.core.error import UsageError
 import nbllm
 import nbllm.loaders
 from nbllm.engine import Engine
+from nbllm.frontend import command
 from nbllm.serve import current, stop
 
 try:  # the slow loader and its fixtures are test_serve's (the same served engine and server clean-up)
@@ -182,7 +183,7 @@ def test_a_keyless_server_refuses_what_a_web_page_sends(slow: Engine, stop_servi
     status, reply, _ = _urllib(url, body, {"Content-Type": "application/json", "Origin": "http://evil.example"})
     assert status == 403 and reply["error"]["message"] == (
         "requests from web pages of http://evil.example are refused by a server without a key. Allow that page with "
-        "%llm_serve --allow-origin http://evil.example, or serve with --api-key-env NAME.")
+        f"{command('serve allow origin', 'http://evil.example')}, or serve with --api-key-env NAME.")
     # DNS rebinding: a page on evil.example, which resolves to 127.0.0.1, sends its own name as Host
     for host in (f"evil.example:{port}", "evil.example", f"127.0.0.1.evil.example:{port}"):
         status, reply, _ = _urllib(url, body, {"Content-Type": "application/json", "Host": host})

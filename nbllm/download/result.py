@@ -6,6 +6,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..frontend import command
 from ..models import format_size
 
 Echo = Callable[[str], None]
@@ -36,7 +37,7 @@ class DownloadResult:
     @property
     def next_step(self) -> str:
         """What to run next: load the model, or apply the adapter."""
-        return f"Apply it with %llm_lora add {self.name}." if self.adapter else f"Load it with %llm_load {self.name}."
+        return f"Apply it with {command('lora add', self.name)}." if self.adapter else f"Load it with {command('load', self.name)}."
 
     @property
     def summary(self) -> str:

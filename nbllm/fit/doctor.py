@@ -10,6 +10,7 @@ from typing import Any
 
 from .. import models
 from ..errors import ModelNotFoundError
+from ..frontend import command
 from ..source import ModelSource
 from .estimate import probe_cached
 from .machine import Machine
@@ -33,7 +34,7 @@ class DoctorReport:
         out.extend(f"  {line}" for line in self.machine.findings())
         if self.shape is None:
             out.append("")
-            out.append("Give a model for its memory estimate and recommended options: %llm_doctor MODEL")
+            out.append(f"Give a model for its memory estimate and recommended options: {command('doctor', 'MODEL')}")
             return out
         out += ["", f"Model: {self.shape.describe()}"]
         out.extend(f"  note: {n}" for n in self.shape.notes)

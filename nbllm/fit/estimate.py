@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..loaders import LLAMACPP, TRANSFORMERS
+from ..loaders import GGUF_FORMAT, LLAMACPP, TRANSFORMERS, auto_loader
 from ..loaders._gpu import GPU_RESERVE
 from ..loaders.llamacpp import N_CTX_CAP, default_n_ctx, kv_cache_bytes
 from ..memory import format_memory
@@ -182,7 +182,7 @@ def estimate(
     opts = as_options(options)
     if machine is None:
         machine = probe_cached()
-    loader = opts.loader if opts.loader != "auto" else (LLAMACPP if shape.format == "gguf" else TRANSFORMERS)
+    loader = opts.loader if opts.loader != "auto" else auto_loader(shape.format).name
     if loader == LLAMACPP:
         return _llamacpp(shape, opts, machine, context)
     return _transformers(shape, opts, machine, context)
@@ -370,7 +370,7 @@ def llamacpp_gpu_layers(shape: ModelShape, opts: LoadOptions, machine: Machine) 
 
 
 def _llamacpp(shape: ModelShape, opts: LoadOptions, machine: Machine, context: int | None) -> Estimate:
-    if shape.format != "gguf":
+    if shape.format != GGUF_FORMAT:
         raise_not_gguf(shape)
     n_ctx = int(context or opts.n_ctx or default_n_ctx(shape.metadata, opts))
     gpu_layers, output_on_gpu = llamacpp_gpu_layers(shape, opts, machine)

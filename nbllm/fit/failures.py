@@ -20,7 +20,8 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import GenerationError, LoadError, NbllmError, NbllmWarning
-from ..loaders import LLAMACPP
+from ..frontend import command
+from ..loaders import LLAMACPP, auto_loader
 from ..memory import format_memory
 from ..options import LoadOptions
 from ..source import ModelSource
@@ -141,7 +142,7 @@ def failure_error(
                    f"install it: {PIP_INSTALL['bitsandbytes']}")
     if kind == "bnb_offload":
         return cls(f"the quantized model does not fit on the GPU {verb}",
-                   "offload the rest: add --gpu-split GIB and --cpu-memory GIB (%llm_doctor MODEL computes them)")
+                   f"offload the rest: add --gpu-split GIB and --cpu-memory GIB ({command('doctor', 'MODEL')} computes them)")
     if kind == "flash_missing":
         return cls("flash-attention 2 was asked for but the flash-attn package is not installed",
                    f"install it: {PIP_INSTALL['flash-attn']} (needs an NVIDIA GPU and CUDA); or use --attn sdpa")
@@ -167,7 +168,7 @@ def failure_error(
         why = machine.why_no_gpu or _first_line(exc)
         return cls(f"the GPU is not usable: {why}",
                    "load on the CPU with --device cpu, or install a CUDA build of torch and the NVIDIA driver "
-                   "(%llm_doctor shows what is missing)")
+                   f"({command('doctor')} shows what is missing)")
     module = _module_name(exc) or "a module"
     top = module.split(".")[0]
     pip = _IMPORT_TO_PIP.get(top, top.replace("_", "-"))
@@ -254,7 +255,7 @@ def _memory_options(shape: ModelShape, opts: LoadOptions, machine: Machine, duri
     if during == "generation":
         fixes.append(f"a shorter prompt or fewer --max-new-tokens (every 1000 tokens hold {format_memory(per_1k)} of "
                      "KV cache)")
-    loader = LLAMACPP if shape.format == "gguf" or opts.loader == LLAMACPP else "transformers"
+    loader = opts.loader if opts.loader != "auto" else auto_loader(shape.format).name
     if loader == LLAMACPP:
         if gpu:
             layers = _layers_that_fit(shape, opts, machine)
@@ -282,7 +283,7 @@ def _memory_options(shape: ModelShape, opts: LoadOptions, machine: Machine, duri
             frees(f"planning for {half} tokens of context instead of {now.context}", {}, context=half)
     if not fixes:
         return ""
-    return "; ".join(fixes) + (f" (%llm_doctor {shape.name} shows a plan that fits)" if during != "generation" else "")
+    return "; ".join(fixes) + (f" ({command('doctor', shape.name)} shows a plan that fits)" if during != "generation" else "")
 
 
 def _layers_that_fit(shape: ModelShape, opts: LoadOptions, machine: Machine) -> int | None:

@@ -25,7 +25,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..loaders import LLAMACPP, TRANSFORMERS
+from ..frontend import command
+from ..loaders import GGUF_FORMAT, LLAMACPP, TRANSFORMERS
 from ..loaders.llamacpp import N_CTX_CAP
 from ..options import LoadOptions
 from ..source import ModelSource
@@ -131,7 +132,7 @@ def recommend(
     """
     shape = model_shape(model)
     machine = machine if machine is not None else probe_cached()
-    if shape.format == "gguf":
+    if shape.format == GGUF_FORMAT:
         return _gguf(shape, machine, context, [])
     return _transformers(shape, machine, context)
 
@@ -428,7 +429,7 @@ def gguf_like(shape: ModelShape, quantization: str = "Q4_K_M") -> ModelShape:
         "llama.attention.value_length": shape.head_dim,
         "llama.context_length": shape.trained_context or 4096,
     }
-    return dataclasses.replace(shape, name=f"a {quantization} GGUF of {shape.name}", format="gguf",
+    return dataclasses.replace(shape, name=f"a {quantization} GGUF of {shape.name}", format=GGUF_FORMAT,
                                source=f"{shape.source}, at {bpw} bits per weight", blocks=blocks, metadata=metadata,
                                quantization=quantization, dtype=None, prequantized=None, needs_remote_code=False)
 
@@ -446,7 +447,7 @@ def _gguf_alternative(shape: ModelShape, machine: Machine, ctx: int, why: str) -
             break
     assert choice is not None
     choice.needs = (f"a {choice.estimate.precision} GGUF of this model (search the Hub for '<model> GGUF'), e.g. "
-                    f"%llm_download ORG/MODEL-GGUF --file '*{choice.estimate.precision}*'")
+                    f"{command('download file', 'ORG/MODEL-GGUF', f'*{choice.estimate.precision}*')}")
     return choice
 
 

@@ -39,7 +39,7 @@ from typing import Any
 
 from .. import models
 from ..errors import NbllmError, NbllmWarning, OptionError
-from ..loaders import LLAMACPP, TRANSFORMERS, option_loaders
+from ..loaders import LLAMACPP, TRANSFORMERS, auto_loader, file_format, folder_format, option_loaders
 from ..options import GenerationOptions, LoadOptions
 from ..source import ModelSource
 from ..store import read_worked, write_worked
@@ -230,16 +230,9 @@ def _matches(pattern: str, name: str) -> bool:
 
 def _loader_for(name: str, folder: Path) -> str | None:
     """The loader --loader auto would use for the model called ``name`` in ``folder`` (None if unknown)."""
-    if name.lower().endswith(".gguf"):
-        return LLAMACPP
     path = folder / name
-    if path.is_dir():
-        if (path / "config.json").is_file() and not models.gguf_files(path):
-            return TRANSFORMERS
-        if models.gguf_files(path):
-            return LLAMACPP
-        return TRANSFORMERS if (path / "config.json").is_file() else None
-    return None
+    fmt = folder_format(path) if path.is_dir() else file_format(name)
+    return auto_loader(fmt).name if fmt is not None else None
 
 
 # -------------------------------------------------------------------------------------------- reading

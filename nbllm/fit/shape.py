@@ -20,7 +20,17 @@ from typing import Any
 
 from .. import models
 from ..errors import LoadError, ModelNotFoundError
+from ..frontend import command
 from ..gguf_file import file_type_name, quantization_from_name, read_gguf_header
+from ..loaders import (
+    GGUF_FORMAT,
+    TRANSFORMERS_FORMAT,
+    file_format,
+    folder_format,
+    model_files,
+    path_format,
+    path_kinds,
+)
 from ..source import ModelSource
 
 DTYPE_BYTES: dict[str, float] = {"float32": 4, "float16": 2, "bfloat16": 2, "float8": 1, "int8": 1}
@@ -134,36 +144,18 @@ def _count(n: int) -> str:
 
 def locate(model: str | Path | ModelSource) -> Path:
     """The files of ``model``: an existing path, a name in the models folder, or a hub id already
-    downloaded there (nothing is downloaded: a shape is read from files on disk)."""
+    downloaded there (nothing is downloaded: a shape is read from files on disk, and a folder holding
+    only a config.json will do) — :func:`nbllm.resolve.locate`, as a load finds them."""
+    from ..resolve import NotDownloaded
+    from ..resolve import locate as find
+
     if isinstance(model, ModelSource):
         return model.files
-    text = str(model).strip()
-    path = Path(text).expanduser()
-    if text and path.exists():
-        return path
-    folder = models.ModelsFolder()
-    if text and (folder.path / text).exists():
-        return folder.path / text
-    hub = models.parse_hub_id(text)
-    if hub is not None:
-        repo, revision = hub
-        local = folder.path / models.folder_name(repo, revision)
-        if (local / "config.json").is_file() or (local.is_dir() and models.gguf_files(local)):
-            return local
-        try:
-            entry = folder.find_download(repo, revision)
-        except Exception:
-            entry = None
-        if entry is not None:
-            return entry.path
-        raise ModelNotFoundError(
-            f"{text} is not in the models folder",
-            f"download it first: %llm_download {text} (--file config.json is enough for an estimate)",
-        )
-    raise ModelNotFoundError(
-        f"no model at {text!r}",
-        "give a model folder (the one holding config.json), a .gguf file, or a name from %llm_models",
-    )
+    try:
+        return find(model, download=False, whole=False)
+    except NotDownloaded as exc:
+        raise ModelNotFoundError(exc.cause, f"download it first: {command('download file', str(model).strip(), 'config.json')} "
+                                 "(config.json is enough for an estimate)") from None
 
 
 def model_shape(model: str | Path | ModelSource | ModelShape, *, file: str | None = None) -> ModelShape:
@@ -178,26 +170,24 @@ def model_shape(model: str | Path | ModelSource | ModelShape, *, file: str | Non
         if hub is None:
             raise
         return hub_shape(*hub)
+    if not path.is_dir() and file_format(path) is None and folder_format(path.parent, [path.name]) is not None:
+        path = path.parent  # a folder's marker file (config.json) stands for its folder
+    fmt = path_format(path)
     if path.is_dir():
-        ggufs = models.gguf_files(path)
+        files = model_files(path)
         if file is not None:
-            chosen = [p for p in ggufs if p.name == file] or [p for p in ggufs if re.fullmatch(
+            chosen = [p for p in files if p.name == file] or [p for p in files if re.fullmatch(
                 re.escape(file).replace(r"\*", ".*"), p.name)]
             if chosen:
                 return gguf_shape(chosen[0])
-        if ggufs:  # as models.source_from_path decides: a folder with a .gguf loads with llama.cpp
-            firsts = [p for p in ggufs if (models.split_gguf_parts(p) or [p])[0] == p]
+        if files:  # as models.source_from_path decides: a folder's model files win over its markers
+            firsts = [p for p in files if (models.split_gguf_parts(p) or [p])[0] == p]
             return gguf_shape(firsts[0])
-        if (path / "config.json").is_file():
-            return transformers_shape(path)
-        raise ModelNotFoundError(f"{path} holds neither config.json nor a .gguf file",
-                                 "point at the folder holding config.json, or at a .gguf file")
-    if path.suffix.lower() == ".gguf":
+    if fmt == TRANSFORMERS_FORMAT and path.is_dir():
+        return transformers_shape(path)
+    if fmt == GGUF_FORMAT and path.is_file():
         return gguf_shape(path)
-    if path.name == "config.json":
-        return transformers_shape(path.parent)
-    raise ModelNotFoundError(f"{path} is neither a model folder nor a .gguf file",
-                             "give the folder holding config.json, or a .gguf file")
+    raise ModelNotFoundError(f"{path} is not a model whose shape can be read", f"give {path_kinds()}")
 
 
 # ------------------------------------------------------------------------------- Transformers models
@@ -300,7 +290,7 @@ def shape_from_config(config: Mapping[str, Any], name: str = "model", path: Path
     if experts:
         notes = ("mixture of experts: every expert counted, as all of them sit in memory",)
     return ModelShape(
-        name=name, format="transformers", source="config.json", layers=layers, hidden_size=h, heads=heads,
+        name=name, format=TRANSFORMERS_FORMAT, source="config.json", layers=layers, hidden_size=h, heads=heads,
         kv_heads=kv, head_dim=head_dim, intermediate_size=inter, vocab_size=vocab, blocks=blocks,
         model_type=model_type, trained_context=trained_context_of(cfg), dtype=config_dtype(cfg),
         needs_remote_code=_needs_remote_code(config), prequantized=prequantized, path=path, notes=notes,
@@ -455,7 +445,7 @@ def gguf_shape(path: Path) -> ModelShape:
     code = meta.get("general.file_type")
     quant = file_type_name(code)
     return dataclasses.replace(
-        base, format="gguf", source="GGUF header", blocks=blocks, dtype=None, metadata=dict(meta),
+        base, format=GGUF_FORMAT, source="GGUF header", blocks=blocks, dtype=None, metadata=dict(meta),
         quantization=quant or quantization_from_name(path.name), needs_remote_code=False, prequantized=None,
     )
 
@@ -476,7 +466,7 @@ def hub_shape(repo_id: str, revision: str | None = None) -> ModelShape:
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         raise ModelNotFoundError(
             f"{repo_id}'s config.json could not be fetched from the Hub ({type(exc).__name__}: {first[:160]})",
-            f"check the name and the network, or download the model first: %llm_download {repo_id}",
+            f"check the name and the network, or download the model first: {command('download', repo_id)}",
         ) from None
     base = dataclasses.replace(shape_from_config(config, repo_id), source="config.json from the Hub")
     try:

@@ -8,61 +8,47 @@ as a class. Adding a loader is one module and one line::
 
 from __future__ import annotations
 
-import importlib
 from collections.abc import Iterable
 
 from ..errors import OptionError
 from ..options import LoadOptions
 from ..source import ModelSource
+from . import registry
 from .base import Loader, LoadInstead, Placement, Request, TextLoader, TokenLoader
-
-TRANSFORMERS = "transformers"
-LLAMACPP = "llama.cpp"
-
-_REGISTRY: dict[str, str | type[Loader]] = {
-    TRANSFORMERS: "nbllm.loaders.transformers:TransformersLoader",
-    LLAMACPP: "nbllm.loaders.llamacpp:LlamaCppLoader",
-    "openai": "nbllm.loaders.openai:OpenAILoader",
-}
-
-
-def register(loader: type[Loader] | str, target: str | None = None) -> None:
-    """Register a loader: a :class:`Loader` subclass, or a name and ``"module:Class"`` (imported when
-    first used). A name registered again is replaced."""
-    if isinstance(loader, str):
-        if target is None:
-            raise TypeError("register(name, 'module:Class') needs the class's import path")
-        _REGISTRY[loader] = target
-    else:
-        _REGISTRY[loader.name] = loader
-
-
-def unregister(name: str) -> None:
-    """Remove a registered loader (tests, plugins that step back)."""
-    _REGISTRY.pop(name, None)
-
-
-def loader_names() -> list[str]:
-    """The registered loaders' names, in registration order (the order ``--loader auto`` tries)."""
-    return list(_REGISTRY)
+from .registry import (
+    _REGISTRY,
+    GGUF_FORMAT,
+    LLAMACPP,
+    TRANSFORMERS,
+    TRANSFORMERS_FORMAT,
+    _made_for,
+    file_format,
+    folder_format,
+    format_words,
+    loader_names,
+    model_file_endings,
+    model_files,
+    path_format,
+    path_kinds,
+    register,
+    unregister,
+)
 
 
 def loader_class(name: str) -> type[Loader]:
     """The class registered for ``name`` (its module is imported now, not before)."""
-    try:
-        target = _REGISTRY[name]
-    except KeyError:
-        raise OptionError(f"unknown loader {name!r}", f"use one of: auto, {', '.join(_REGISTRY)}") from None
-    if isinstance(target, str):
-        module, _, cls = target.partition(":")
-        target = getattr(importlib.import_module(module), cls)
-        assert isinstance(target, type) and issubclass(target, Loader)
-        _REGISTRY[name] = target
-    return target
+    cls: type[Loader] = registry.loader_class(name)
+    return cls
 
 
 def loader_classes() -> list[type[Loader]]:
-    return [loader_class(name) for name in _REGISTRY]
+    return list(registry.loader_classes())
+
+
+def auto_loader(fmt: str) -> type[Loader]:
+    """The loader ``--loader auto`` gives a model of format ``fmt``: the first registered one made for it."""
+    cls: type[Loader] = registry.auto_loader(fmt)
+    return cls
 
 
 def option_loaders(option: str) -> list[str]:
@@ -105,17 +91,16 @@ def resolve_source(spec: str, options: LoadOptions) -> ModelSource:
 def choose_loader(source: ModelSource, options: LoadOptions) -> type[Loader]:
     """The loader for this model and these options; refuses options the loader does not understand."""
     if options.loader == "auto":
-        candidates = [cls for cls in loader_classes() if source.format in cls.formats]
-        if not candidates:
+        cls = _made_for(source.format)
+        if cls is None:
             raise OptionError(f"no loader loads {source.name} (format {source.format})",
                               f"register a loader for it, or choose one of: {', '.join(_REGISTRY)}")
-        cls = candidates[0]
     else:
         cls = loader_class(options.loader)
         if source.format not in cls.formats | cls.formats_when_asked:
             able = [c.name for c in loader_classes() if source.format in c.formats | c.formats_when_asked]
             raise OptionError(
-                f"{source.name} is {_format_words(source.format)}, which the {cls.name} loader does not load",
+                f"{source.name} is {format_words(source.format)}, which the {cls.name} loader does not load",
                 f"use {_either(able)} (or --loader auto)" if able else "choose another model",
             )
     refused = loader_refusals(options, cls)
@@ -124,17 +109,15 @@ def choose_loader(source: ModelSource, options: LoadOptions) -> type[Loader]:
     return cls
 
 
-def _format_words(fmt: str) -> str:
-    return {"gguf": "a GGUF file", "transformers": "a Transformers model folder",
-            "openai": "a model at an OpenAI-compatible server"}.get(fmt, f"a {fmt} model")
-
-
 def _either(names: Iterable[str]) -> str:
     return " or ".join(f"--loader {n}" for n in names)
 
 
+
+
 __all__ = [
-    "LLAMACPP", "TRANSFORMERS", "LoadInstead", "Loader", "Placement", "Request", "TextLoader", "TokenLoader", "choose_loader",
-    "loader_class", "loader_classes", "loader_names", "loader_refusals", "option_loaders", "register",
+    "GGUF_FORMAT", "LLAMACPP", "TRANSFORMERS", "TRANSFORMERS_FORMAT", "LoadInstead", "Loader", "Placement", "Request", "TextLoader", "TokenLoader", "auto_loader",
+    "choose_loader", "file_format", "folder_format", "format_words", "loader_class", "loader_classes", "loader_names",
+    "loader_refusals", "model_file_endings", "model_files", "option_loaders", "path_format", "path_kinds", "register",
     "resolve_source", "unregister",
 ]

@@ -25,7 +25,7 @@ SCORING_SERVERS = frozenset({"llama-cpp-python"})
 """Server kinds whose prompt log-probabilities (echo) and tokenizer nbllm uses to score given tokens."""
 
 NO_STREAMED_LOGPROBS = {
-    "nbllm": "nbllm's %llm_serve gives logprobs only in replies that are not streamed",
+    "nbllm": "nbllm's own server gives logprobs only in replies that are not streamed",
     "ollama": "Ollama's own API, which nbllm speaks to it, gives no token log-probabilities",
     "tgi": "TGI's OpenAI layer gives no token log-probabilities in streamed completions",
 }

@@ -96,6 +96,16 @@ class Loader(ABC):
     """The name users type after ``--loader``."""
     formats: ClassVar[frozenset[str]] = frozenset()
     """The :attr:`ModelSource.format` values this loader loads (``--loader auto`` picks by these)."""
+    format_words: ClassVar[str] = ""
+    """What a model of this loader's format is, in a user's words (``a GGUF file``), for messages."""
+    model_files: ClassVar[tuple[str, ...]] = ()
+    """How the names of the files holding a model of this loader's format end (``.gguf``, lower case): such a
+    file is of this loader's format, and so is a folder holding one (model files win over markers). A
+    loader that declares them has one format."""
+    model_markers: ClassVar[tuple[str, ...]] = ()
+    """Files whose presence makes a folder a model of this loader's format (``config.json``). This and
+    :attr:`model_files` are the one place that decides which format a path is
+    (:func:`nbllm.loaders.path_format`), and so which loader ``--loader auto`` gives it."""
     formats_when_asked: ClassVar[frozenset[str]] = frozenset()
     """Formats this loader also loads when it is named (``--loader NAME``) but that ``--loader auto``
     leaves to a loader made for them (Transformers dequantizes a GGUF file that llama.cpp runs as is)."""
@@ -116,6 +126,12 @@ class Loader(ABC):
     structured_output: ClassVar[bool] = False
     """True when the loader holds its output to a request's constraint (``--json-schema``, ``--regex``...:
     :mod:`nbllm.constraints`); the engine refuses a constrained request for any other in one line."""
+    sampler_options: frozenset[str] = frozenset()
+    """The text-generation-webui sampler switches (:data:`nbllm.options.SAMPLER_SWITCHES`) this loader
+    applies; a request that sets another is refused in one line
+    (:func:`nbllm.loaders._samplers.refuse_samplers`). A remote loader's depends on its server."""
+    sampler_refusal: str | None = None
+    """What to do instead, for that refusal (default: load the model with the transformers loader)."""
     batch_size: ClassVar[int] = 1
     """How many prompts the loader generates at once (:meth:`TokenLoader.generate_batch`); 1: one
     after another. Sweeps ask the engine for batches of up to this many rows."""

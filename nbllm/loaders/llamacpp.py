@@ -47,6 +47,7 @@ from ..errors import (
     OptionError,
     missing_dependency,
 )
+from ..frontend import command
 from ..gguf_file import (
     GGUFHeader,
     adapter_not_model,
@@ -57,6 +58,7 @@ from ..gguf_file import (
 from ..options import GenerationOptions, LoadOptions
 from ..source import ModelSource
 from ._logprobs import llamacpp_last_logits, llamacpp_recorder, llamacpp_scores
+from ._samplers import LLAMACPP_SAMPLERS, llamacpp_chain
 from .base import Placement, Request, TokenLoader
 
 N_CTX_CAP = 8192
@@ -311,6 +313,8 @@ class LlamaCppLoader(TokenLoader):
 
     name: ClassVar[str] = "llama.cpp"
     formats: ClassVar[frozenset[str]] = frozenset({"gguf"})
+    format_words: ClassVar[str] = "a GGUF file"
+    model_files: ClassVar[tuple[str, ...]] = (".gguf",)
     load_options: ClassVar[frozenset[str]] = frozenset({
         "revision", "file", "flash_attn", "gpu_split", "alpha_value", "compress_pos_emb", "rope_freq_base",
         "n_gpu_layers", "n_ctx", "n_batch", "threads", "threads_batch", "cache_type", "no_mmap", "mlock", "verbose",
@@ -321,6 +325,7 @@ class LlamaCppLoader(TokenLoader):
     gives_logprobs: bool = True
     scores_tokens: bool = True
     speculation: ClassVar[bool] = True
+    sampler_options = LLAMACPP_SAMPLERS
 
     def __init__(self) -> None:
         super().__init__()
@@ -353,7 +358,7 @@ class LlamaCppLoader(TokenLoader):
         llama_cpp = _import_llama_cpp()
         path = source.files
         if not path.is_file():
-            raise ModelNotFoundError(f"no GGUF file at {path}", "check the path, or run %llm_models to list models")
+            raise ModelNotFoundError(f"no GGUF file at {path}", f"check the path, or run {command('models')} to list models")
         header = read_gguf_header(path)
         if header.is_adapter:
             raise adapter_not_model(path)
@@ -781,6 +786,9 @@ class LlamaCppLoader(TokenLoader):
         produced = 0
         logprobs = llamacpp_recorder(self, request)
         constraint = self._constraint_processor(request)
+        if request.options.active_samplers():  # text-generation-webui's samplers: llama.cpp's chain, in its order
+            chain = llamacpp_chain(llm, request.options, prompt_ids, sorted(eos), constraint.get("logits_processor"))
+            llm._init_sampler = lambda **_: chain  # what generate() builds its sampler with, for this call
         with self._speculating(request, bool(constraint) or logprobs is not None) as counts:
             tokens = llm.generate(prompt_ids, reset=True, **self.sampling_kwargs(request.options), **constraint)
             try:
@@ -798,6 +806,7 @@ class LlamaCppLoader(TokenLoader):
                         return
             finally:
                 tokens.close()
+                llm.__dict__.pop("_init_sampler", None)
 
     @contextlib.contextmanager
     def _speculating(self, request: Request, exact_steps: bool) -> Iterator[Any]:

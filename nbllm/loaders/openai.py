@@ -41,9 +41,11 @@ from typing import Any, ClassVar, Generic, TypeVar
 from urllib.parse import urlsplit
 
 from ..errors import GenerationError, LoadError, MissingDependencyError, NbllmError, NbllmWarning, OptionError
+from ..frontend import command
 from ..options import GenerationOptions, LoadOptions
 from ..source import ModelSource
 from ._remote_scores import NO_STREAMED_LOGPROBS, SCORING_SERVERS, ServerScorer, entries, logprobs_fields
+from ._samplers import SERVER_SAMPLERS, server_sampler_fields
 from .base import Request, TextLoader
 
 T = TypeVar("T")
@@ -235,6 +237,7 @@ def request_body(kind: ServerKind, model_id: str, request: Request) -> tuple[str
     if kind.name == "llama.cpp":
         body["repeat_last_n"] = -1  # the whole context, as vLLM's and Transformers' penalties (default: 64)
     body.update(_constraint_fields(kind, request))
+    body.update(server_sampler_fields(kind.name, opts))
     if opts.logprobs is not None:
         body.update(logprobs_fields(opts.logprobs, chat=chat))
     if chat and request.tools:
@@ -296,6 +299,7 @@ def _native_body(kind: ServerKind, model_id: str, request: Request) -> tuple[str
         "num_predict": opts.max_new_tokens, "temperature": opts.temperature, "seed": request.seed,
         "top_p": opts.top_p, "top_k": opts.top_k, "min_p": opts.min_p, "typical_p": opts.typical_p,
         "repeat_penalty": opts.repetition_penalty, "repeat_last_n": -1,
+        **server_sampler_fields(kind.name, opts),
     }
     body: dict[str, Any] = {"model": model_id, "stream": True, "options": options, **_constraint_fields(kind, request)}
     if request.messages is not None:  # a final assistant message is continued by Ollama itself
@@ -385,11 +389,21 @@ class OpenAILoader(TextLoader):
 
     name: ClassVar[str] = "openai"
     formats: ClassVar[frozenset[str]] = frozenset({FORMAT})
+    format_words: ClassVar[str] = "a model at an OpenAI-compatible server"
     load_options: ClassVar[frozenset[str]] = frozenset({"remote_model", "api_key_env", "max_concurrency", "timeout"})
     libraries: ClassVar[tuple[str, ...]] = ("httpx",)
     renders_chat: ClassVar[bool] = True
     tool_calls_as: ClassVar[str | None] = "hermes"  # the server's tool_calls, as text conversations read
     structured_output: ClassVar[bool] = True  # passed on in the server's dialect, or refused by kind
+
+    @property
+    def sampler_options(self) -> frozenset[str]:  # type: ignore[override]
+        """The text-generation-webui samplers this server reads (:data:`SERVER_SAMPLERS`)."""
+        return SERVER_SAMPLERS.get(self.kind.name, frozenset())
+
+    @property
+    def sampler_refusal(self) -> str:  # type: ignore[override]
+        return f"serve the model from text-generation-webui or llama.cpp's server ({self.kind.label} does not read them)"
 
     def __init__(self) -> None:
         self._local = _Facts()
@@ -591,7 +605,7 @@ class OpenAILoader(TextLoader):
                          "check the key in that variable, or name another with --api-key-env")
         if code == 404 and "model" in said.lower():
             return error(f"the server at {self.url} no longer serves {self.source.model_id if self.source else 'the model'!r} "
-                         f"(404: {said})", "load it again: %llm_load with the server's URL")
+                         f"(404: {said})", f"load it again: {command('load', 'URL')} with the server's URL")
         return error(f"the server at {self.url} answered {code}" + (f": {said}" if said else ""),
                      "check the request's options against what the server supports, and the server's log")
 

@@ -18,8 +18,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
 from ..errors import GenerationError, NbllmWarning, ReplayError
+from ..frontend import command
 from ..identity import request_identity
-from ..options import LoadOptions
+from ..options import SAMPLER_SWITCHES, LoadOptions
 from ..result import Record, Result, Timings
 from ..source import ModelSource
 from .base import LoadInstead, Request, TextLoader
@@ -75,10 +76,12 @@ class ReplayLoader(TextLoader):
 
     name: ClassVar[str] = "replay"
     formats: ClassVar[frozenset[str]] = frozenset({FORMAT})
+    format_words: ClassVar[str] = "a recorded run"
     load_options: ClassVar[frozenset[str]] = frozenset(LoadOptions.names())
     adapters: ClassVar[frozenset[str]] = frozenset({"peft", "gguf"})  # noted, as the model is: nothing is applied
     renders_chat: ClassVar[bool] = True  # requests carry the messages, as the recorded identities do
     structured_output: ClassVar[bool] = True  # a constraint is part of the identity a recorded run matches
+    sampler_options = frozenset(SAMPLER_SWITCHES)  # so are the samplers
     replay: ClassVar[Replaying]
 
     def __init__(self) -> None:
@@ -131,7 +134,7 @@ class ReplayLoader(TextLoader):
         names = self.replay.recording.adapter_names()
         raise ReplayError(f"no recorded run in {self.replay.recording.source} used an adapter {spec!r} (recorded: "
                           f"{', '.join(names) or 'none'})",
-                          "apply an adapter the recording used, or turn the replay off (%llm_replay off) to apply others")
+                          f"apply an adapter the recording used, or turn the replay off ({command('replay off')}) to apply others")
 
     def describe(self) -> dict[str, Any]:
         return {"replaying": str(self.replay.recording.source), "recorded runs": len(self.replay.recording)}

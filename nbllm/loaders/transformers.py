@@ -29,6 +29,7 @@ from ..source import ModelSource
 from ..streaming import threaded_tokens
 from ._logprobs import transformers_recorder, transformers_scores
 from ._quiet import quiet_library_noise
+from ._samplers import TRANSFORMERS_SAMPLERS, transformers_processors
 from .base import Placement, Request, TokenLoader
 from .transformers_gguf import check_gguf, dequantized, gguf_arguments
 
@@ -183,6 +184,8 @@ class TransformersLoader(TokenLoader):
 
     name: ClassVar[str] = "transformers"
     formats: ClassVar[frozenset[str]] = frozenset({"transformers"})
+    format_words: ClassVar[str] = "a Transformers model folder (the one holding config.json)"
+    model_markers: ClassVar[tuple[str, ...]] = ("config.json",)
     formats_when_asked: ClassVar[frozenset[str]] = frozenset({"gguf"})  # dequantized: see transformers_gguf
     load_options: ClassVar[frozenset[str]] = frozenset({
         "revision", "device", "dtype", "load_in_8bit", "load_in_4bit", "quant_type", "compute_dtype", "double_quant",
@@ -197,6 +200,7 @@ class TransformersLoader(TokenLoader):
     gives_logprobs: bool = True
     scores_tokens: bool = True
     speculation: ClassVar[bool] = True
+    sampler_options = TRANSFORMERS_SAMPLERS
 
     def __init__(self) -> None:
         super().__init__()
@@ -529,7 +533,21 @@ class TransformersLoader(TokenLoader):
             if self.tokenizer.pad_token_id is not None
             else next(iter(sorted(self.eos_token_ids)), None),
         }
-        if options.greedy:
+        if options.active_samplers():  # text-generation-webui's samplers: every processor from sampler_processors
+            kwargs.update(do_sample=not options.greedy, repetition_penalty=1.0)
+            if options.greedy:
+                kwargs.update(temperature=None, top_p=None, top_k=None, min_p=None, typical_p=None)
+            else:
+                kwargs.update(temperature=1.0, top_p=1.0, top_k=0, min_p=None, typical_p=1.0)
+            if options.guidance_scale != 1.0:  # transformers' UnbatchedClassifierFreeGuidanceLogitsProcessor
+                import torch
+
+                kwargs["guidance_scale"] = options.guidance_scale
+                if options.negative_prompt:
+                    negative = self.tokenize(options.negative_prompt, add_special=True)
+                    kwargs["negative_prompt_ids"] = torch.tensor([negative], device=self._input_device())
+                    kwargs["negative_prompt_attention_mask"] = torch.ones_like(kwargs["negative_prompt_ids"])
+        elif options.greedy:
             kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None, min_p=None, typical_p=None)
         else:
             kwargs.update(
@@ -541,6 +559,19 @@ class TransformersLoader(TokenLoader):
                 typical_p=options.typical_p,
             )
         return kwargs
+
+    def sampler_processors(self, options: GenerationOptions) -> list[Any]:
+        """text-generation-webui's samplers as logits processors, in its order (none unless one is set)."""
+        if not options.active_samplers():
+            return []
+
+        def last_id(text: str) -> list[int]:  # the token a text ends in after other text (TGW's "a" + text)
+            ids = self.tokenizer.encode("a" + text, add_special_tokens=False)
+            return ids[-1:]
+
+        breakers = [t for b in options.sequence_breakers for t in last_id(b)]
+        return transformers_processors(options, eos=sorted(self.eos_token_ids), newline=last_id("\n"),
+                                       breakers=breakers, device=self._input_device())
 
     def _input_device(self) -> Any:
         """Where the prompt goes: the model's device, or the CPU when offloading left it on meta."""
@@ -584,12 +615,13 @@ class TransformersLoader(TokenLoader):
             pixels = {k: v for k, v in inputs.items() if k not in ("input_ids", "attention_mask")}
             reuse_prefix = False  # the kept state is of other pixels, perhaps: compute it all
         constrained = self._constraint_processors(request, rows=1, width=len(prompt_ids))
+        samplers = self.sampler_processors(request.options)
         speculative = self._speculation(request, exact_steps=bool(constrained) or request.options.logprobs is not None)
-        if (self._compiled is not None and not constrained and request.options.logprobs is None
+        if (self._compiled is not None and not constrained and not samplers and request.options.logprobs is None
                 and not speculative and not pixels):  # else generate's path
             return self._compiled_tokens(request)
         logprobs = transformers_recorder(self, request)
-        processors: list[Any] = list(constrained)
+        processors: list[Any] = [*constrained, *samplers]
         if logprobs is not None:  # the model's own probabilities: before the constraint's mask, unless after samplers
             after = request.options.logprobs_after_samplers
             processors = [*processors, logprobs.processor()] if after else [logprobs.processor(), *processors]

@@ -160,11 +160,12 @@ def generation_arguments(func: F) -> F:
     func = schema_arguments("options.GenerationOptions")(func)
 
     def preset(target: Any) -> None:
-        from ..options import GenerationOptions
+        from ..options import BUILTIN_PRESETS
 
         target.add_argument("--preset", metavar="NAME",
-                            help=f"Start from a named preset ({', '.join(GenerationOptions.presets())}); options "
-                                 "typed on the line win over it.")
+                            help=f"Start from a named preset ({', '.join(BUILTIN_PRESETS)}, or NAME.yaml in presets/ beside "
+                                 "the models folder, text-generation-webui's format); options typed on the line win "
+                                 "over it.")
 
     return _Deferred(preset)(func)
 

@@ -649,11 +649,12 @@ class SettingsPanel(W.VBox):
 
     def apply_preset(self, name: str) -> None:
         """Set the generation fields (and so the engine's defaults) to a preset of the library."""
-        preset = GenerationOptions.presets()[name]
+        preset = GenerationOptions.preset(name, self.engine.defaults).to_dict()  # every sampler, as in TGW
         self._syncing = True
         try:
-            for key, value in preset.items():
-                self.gen_fields[key].value = value
+            for key, field in self.gen_fields.items():
+                if field.value != preset[key]:
+                    field.value = preset[key]
         finally:
             self._syncing = False
 

@@ -1,0 +1,195 @@
+"""The scheduler: concurrent requests to one model, batched where the loader can, each reply its
+one-by-one text, delivered to its own caller (threads, and ``openai`` clients of a real ``nbllm.serve``).
+
+Batching is seen through ``Scheduler.batch_sizes``, never through timings: the tests hold the queue
+(``Scheduler.hold``), wait until every request is in it (``wait_queued``), then let it go.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+import nbllm
+from nbllm.engine import Engine
+from nbllm.errors import GenerationError
+from nbllm.serve import stop
+
+pytest.importorskip("torch")
+
+PROMPTS = ["Once upon a time", "The capital of", "Hello there, how", "In the beginning"]
+
+
+@pytest.fixture
+def model(engine: Any, tiny_model: Path) -> Iterator[Engine]:
+    engine.load(tiny_model)
+    yield engine
+
+
+def _together(calls: list[Callable[[], Any]], scheduler: Any, *, queued: int | None = None) -> list[Any]:
+    """Run ``calls`` on threads while the queue is held, wait until ``queued`` requests are in it (all by
+    default), let it go, and return what each call returned (or raised), in order."""
+    out: list[Any] = [None] * len(calls)
+
+    def run(i: int) -> None:
+        try:
+            out[i] = calls[i]()
+        except BaseException as exc:  # noqa: BLE001 - handed to the test
+            out[i] = exc
+
+    with scheduler.hold():
+        threads = [threading.Thread(target=run, args=(i,)) for i in range(len(calls))]
+        for t in threads:
+            t.start()
+        assert scheduler.wait_queued(len(calls) if queued is None else queued, 60)
+    for t in threads:
+        t.join(120)
+        assert not t.is_alive()
+    return out
+
+
+def test_concurrent_greedy_requests_are_batched_and_equal_their_one_by_one_texts(model: Engine) -> None:
+    alone = [model.generate(p, temperature=0, max_new_tokens=12) for p in PROMPTS]
+    scheduler = model.scheduler
+    before = list(scheduler.batch_sizes)
+    results = _together([lambda p=p: scheduler.stream(p, temperature=0, max_new_tokens=12).text for p in PROMPTS],
+                        scheduler)
+    assert results == [r.text for r in alone]
+    assert scheduler.batch_sizes[len(before):] == [len(PROMPTS)]
+    last = model.last_result
+    assert last is not None and last.record is not None and last.record.batch["size"] == len(PROMPTS)
+
+
+def test_seeded_sampling_reproduces_each_request_and_other_options_run_in_their_own_batch(model: Engine) -> None:
+    sampled = {"temperature": 0.9, "top_k": 20, "max_new_tokens": 10}
+    alone = [model.generate(p, seed=100 + i, **sampled).text for i, p in enumerate(PROMPTS[:3])]
+    greedy = model.generate(PROMPTS[3], temperature=0, max_new_tokens=6).text
+    scheduler = model.scheduler
+    before = len(scheduler.batch_sizes)
+    calls = [lambda i=i, p=p: scheduler.stream(p, seed=100 + i, **sampled).text for i, p in enumerate(PROMPTS[:3])]
+    calls.append(lambda: scheduler.stream(PROMPTS[3], temperature=0, max_new_tokens=6).text)
+    results = _together(calls, scheduler)
+    assert results == [*alone, greedy]
+    assert sorted(scheduler.batch_sizes[before:]) == [1, 3]  # the greedy request could not share the batch
+
+
+def test_a_cancelled_request_ends_with_its_reason_while_the_others_finish(model: Engine) -> None:
+    scheduler = model.scheduler
+    alone = [model.generate(p, temperature=0, max_new_tokens=40).text for p in PROMPTS[:3]]
+    results: list[Any] = []
+    first_piece = threading.Event()
+    before = len(scheduler.batch_sizes)
+
+    def cancelled_after_its_first_piece() -> Any:
+        result = scheduler.stream(PROMPTS[0], temperature=0, max_new_tokens=40)
+        results.append(result)
+        for _ in result:
+            first_piece.set()
+            result.cancel()
+        return result
+
+    calls: list[Callable[[], Any]] = [cancelled_after_its_first_piece]
+    calls += [lambda p=p: scheduler.stream(p, temperature=0, max_new_tokens=40) for p in PROMPTS[1:3]]
+    out = _together(calls, scheduler)
+    assert first_piece.is_set()
+    cancelled = out[0]
+    assert cancelled.finish_reason == "cancelled" and alone[0].startswith(cancelled.text)
+    assert len(cancelled.token_ids) < 40
+    assert [r.text for r in out[1:]] == alone[1:]
+    assert all(r.finish_reason in ("length", "eos") for r in out[1:])
+    assert scheduler.batch_sizes[before:] == [3]
+
+
+def test_an_interrupted_reader_stops_its_own_row_only(model: Engine) -> None:
+    scheduler = model.scheduler
+    alone = model.generate(PROMPTS[1], temperature=0, max_new_tokens=30).text
+
+    def interrupted() -> Any:
+        result = scheduler.stream(PROMPTS[0], temperature=0, max_new_tokens=30)
+        pieces = iter(result)
+        next(pieces)
+        result.close()  # what a cell does after an interrupt between two pieces, and the server when a client left
+        return result
+
+    out = _together([interrupted, lambda: scheduler.stream(PROMPTS[1], temperature=0, max_new_tokens=30).text],
+                    scheduler)
+    assert out[0].finish_reason == "interrupted" and out[0].done
+    assert out[1] == alone
+
+
+def test_an_error_reaches_only_its_caller(model: Engine) -> None:
+    scheduler = model.scheduler
+    limit = model.loader.context_length
+    assert limit is not None
+    too_long = " ".join(["word"] * (limit + 10))
+    alone = model.generate(PROMPTS[0], temperature=0, max_new_tokens=8).text
+    out = _together([lambda: scheduler.stream(too_long, temperature=0, max_new_tokens=8).text,
+                     lambda: scheduler.stream(PROMPTS[0], temperature=0, max_new_tokens=8).text],
+                    scheduler, queued=1)
+    assert isinstance(out[0], GenerationError) and "context holds" in str(out[0])
+    assert out[1] == alone
+    assert model.generate(PROMPTS[0], temperature=0, max_new_tokens=8).text == alone  # the model stays usable
+
+
+def test_a_failing_batch_reaches_its_callers_only(model: Engine, monkeypatch: Any) -> None:
+    scheduler = model.scheduler
+    loader = model.loader
+    real = type(loader).generate_batch
+    alone = model.generate(PROMPTS[2], temperature=0, max_new_tokens=8).text
+
+    def failing_for_sampled_rows(self: Any, requests: Any) -> Any:
+        if requests[0].options.temperature > 0:
+            raise RuntimeError("the sampled batch broke")
+        return real(self, requests)
+
+    monkeypatch.setattr(type(loader), "generate_batch", failing_for_sampled_rows)
+    out = _together([lambda p=p: scheduler.stream(p, temperature=0.7, seed=1, max_new_tokens=8).text for p in PROMPTS[:2]]
+                    + [lambda: scheduler.stream(PROMPTS[2], temperature=0, max_new_tokens=8).text], scheduler)
+    assert all(isinstance(o, GenerationError) and "the sampled batch broke" in str(o) for o in out[:2])
+    assert out[2] == alone
+
+
+def test_requests_for_a_loader_that_cannot_batch_run_one_at_a_time(engine: Any, tiny_gguf: Path) -> None:
+    engine.load(tiny_gguf)
+    scheduler = engine.scheduler
+    before = list(scheduler.batch_sizes)
+    alone = [engine.generate(p, temperature=0, max_new_tokens=10).text for p in PROMPTS[:3]]
+    threads_out: list[Any] = [None] * 3
+
+    def run(i: int) -> None:
+        threads_out[i] = scheduler.stream(PROMPTS[i], temperature=0, max_new_tokens=10).text
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert threads_out == alone and scheduler.batch_sizes == before  # never queued: each took its turn at the model
+
+
+def test_serve_with_concurrent_openai_clients_batches_and_returns_one_by_one_texts(model: Engine) -> None:
+    openai = pytest.importorskip("openai")
+    pytest.importorskip("uvicorn")
+    server = nbllm.serve(port=0)
+    try:
+        alone = [model.generate(p, temperature=0, max_new_tokens=12).text for p in PROMPTS]
+        client = openai.OpenAI(base_url=server.url, api_key="unused", max_retries=0, timeout=120)
+        name = nbllm.status().model
+        scheduler = model.scheduler
+        before = len(scheduler.batch_sizes)
+
+        def ask(prompt: str, stream: bool) -> str:
+            answer = client.completions.create(model=name, prompt=prompt, temperature=0, max_tokens=12, stream=stream)
+            if stream:
+                return "".join(chunk.choices[0].text for chunk in answer if chunk.choices)
+            return str(answer.choices[0].text)
+
+        out = _together([lambda p=p, i=i: ask(p, stream=i % 2 == 0) for i, p in enumerate(PROMPTS)], scheduler)
+        assert out == alone
+        assert scheduler.batch_sizes[before:] == [len(PROMPTS)]
+    finally:
+        stop()
