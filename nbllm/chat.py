@@ -150,8 +150,21 @@ class Turn:
     reply: Reply | None = None
     earlier: list[Reply] = field(default_factory=list)
     """Replies this one replaced, oldest first."""
+    parts: list[dict[str, str]] | None = None
+    """A message with images: its content parts (text, and images by sha256: :mod:`nbllm.images`);
+    ``user`` then holds its text alone. ``None``: a text message."""
+    images: list[Any] = field(default_factory=list, repr=False, compare=False)
+    """The pixels of its images (:class:`~nbllm.images.ChatImage`), held while the conversation lives;
+    never saved (a loaded conversation has the hashes only)."""
     steps: list[ToolStep] = field(default_factory=list)
     """In a chat with tools: the replies that called tools, with the calls' results, before ``reply``."""
+
+    @property
+    def shown(self) -> str:
+        """The user message as text, each image as ``[image <first digits of its sha256>]``."""
+        if not self.parts:
+            return self.user
+        return "".join(p["text"] if p["type"] == "text" else f"[image {p['sha256'][:12]}]" for p in self.parts)
 
     @property
     def tool_calls(self) -> list[ToolCall]:
@@ -174,7 +187,7 @@ class Turn:
         return notes
 
     def messages(self, *, reply: bool = True) -> list[dict[str, Any]]:
-        out: list[dict[str, Any]] = [{"role": "user", "content": self.user}]
+        out: list[dict[str, Any]] = [{"role": "user", "content": [dict(p) for p in self.parts] if self.parts else self.user}]
         for step in self.steps:
             out.extend(step.messages())
         if reply and self.reply is not None:
@@ -184,6 +197,7 @@ class Turn:
     def to_dict(self) -> dict[str, Any]:
         return {
             "user": self.user,
+            **({"parts": [dict(p) for p in self.parts]} if self.parts else {}),
             "reply": self.reply.to_dict() if self.reply is not None else None,
             "earlier": [r.to_dict() for r in self.earlier],
             **({"steps": [s.to_dict() for s in self.steps]} if self.steps else {}),
@@ -195,10 +209,12 @@ class Turn:
         data = _object(data, where)
         reply = _field(data, "reply", where, dict, default=None)
         earlier = _field(data, "earlier", where, list, default=[])
+        parts = _parts(_field(data, "parts", where, list, default=None), where)
         steps = _field(data, "steps", where, list, default=[])
         return cls(
             steps=[ToolStep.from_dict(s, f"{where}, tool step {i}") for i, s in enumerate(steps, 1)],
             user=_field(data, "user", where, str),
+            parts=parts,
             reply=Reply.from_dict(reply, f"{where}, reply") if reply is not None else None,
             earlier=[Reply.from_dict(r, f"{where}, earlier reply {i}") for i, r in enumerate(earlier, 1)],
         )
@@ -228,9 +244,10 @@ class ContextFullError(ChatError, GenerationError):
 class _Prompt:
     text: str
     ids: list[int] | None
-    messages: list[dict[str, str]]
+    messages: list[dict[str, Any]]
     left_out: int
     notes: list[str]
+    images: list[Any] = field(default_factory=list)
 
 
 class Conversation:
@@ -282,8 +299,8 @@ class Conversation:
         with self._lock:
             return self._messages(self.turns)
 
-    def _messages(self, turns: Sequence[Turn], *, last_reply: bool = True) -> list[dict[str, str]]:
-        out = [{"role": "system", "content": self.system}] if self.system else []
+    def _messages(self, turns: Sequence[Turn], *, last_reply: bool = True) -> list[dict[str, Any]]:
+        out: list[dict[str, Any]] = [{"role": "system", "content": self.system}] if self.system else []
         for i, turn in enumerate(turns):
             out.extend(turn.messages(reply=last_reply or i < len(turns) - 1))
         return out
@@ -302,7 +319,7 @@ class Conversation:
     # -- talking ---------------------------------------------------------------------------------
     def reply(
         self,
-        message: str | None = None,
+        message: str | Sequence[Any] | None = None,
         options: GenerationOptions | Mapping[str, Any] | None = None,
         *,
         regenerate: bool = False,
@@ -314,7 +331,8 @@ class Conversation:
         on_tool_call: Callable[[ToolCall], None] | None = None,
         **kwargs: Any,
     ) -> Result:
-        """The next reply, as a front end asks for it: to ``message`` (:meth:`send`), or the last reply
+        """The next reply, as a front end asks for it: to ``message`` (:meth:`send`: text, or text pieces and
+        images), or the last reply
         written again (``regenerate``) or extended (``continue_``), which take no message.
 
         ``system`` sets the system prompt first ('' removes it; None keeps it). The chat magic and the
@@ -323,7 +341,7 @@ class Conversation:
         """
         if regenerate and continue_:
             raise ChatError("regenerate and continue cannot be used together", "choose one of them")
-        if (regenerate or continue_) and message is not None and message.strip():
+        if (regenerate or continue_) and message is not None and _has_content(message):
             what = "regenerate" if regenerate else "continue"
             raise ChatError(f"{what} takes no message (it works on the last reply)", "leave the message out")
         with self._lock:
@@ -342,7 +360,7 @@ class Conversation:
 
     def send(
         self,
-        text: str,
+        text: str | Sequence[Any],
         options: GenerationOptions | Mapping[str, Any] | None = None,
         *,
         tools: Sequence[Any] | Mapping[str, Any] | None = None,
@@ -352,6 +370,10 @@ class Conversation:
         **kwargs: Any,
     ) -> Result:
         """Send ``text`` as the user's next message; iterate the returned result to stream the reply.
+
+        A message with images is a list of text pieces and images in order (``["What is in", img, "?"]``;
+        an image is a PIL image, a numpy array or a ``pathlib.Path``: :func:`nbllm.images.as_image`); the
+        model must take images (a vision model), else :class:`~nbllm.errors.ImageError` says so in one line.
 
         Keyword arguments are :class:`~nbllm.options.GenerationOptions` fields. The turn is added
         when the reply ends (kept as ``partial`` if interrupted; not added if generation fails). An
@@ -371,7 +393,7 @@ class Conversation:
                                          on_tool_call)
         with self._lock:
             self._check_idle()
-            if not text.strip():
+            if not _has_content(text):
                 raise ChatError("the message is empty", "write the message to send")
             if self.turns and self.turns[-1].reply is None:
                 raise ChatError(
@@ -379,7 +401,7 @@ class Conversation:
                     "user messages in a row",
                     f"answer it first with regenerate ({command('chat regenerate', self.name)})",
                 )
-            turn = Turn(user=text)
+            turn = _user_turn(text)
             return self._start([*self.turns, turn], options, kwargs, number=len(self.turns) + 1,
                                open_reply=False, on_reply=lambda reply: self.turns.append(_with(turn, reply)))
 
@@ -396,7 +418,7 @@ class Conversation:
                     last.earlier.append(last.reply)
                 last.reply = reply
 
-            return self._start([*self.turns[:-1], Turn(user=last.user)], options, kwargs, number=len(self.turns),
+            return self._start([*self.turns[:-1], Turn(user=last.user, parts=last.parts, images=last.images)], options, kwargs, number=len(self.turns),
                                open_reply=False, on_reply=replace)
 
     def continue_reply(self, options: GenerationOptions | Mapping[str, Any] | None = None, **kwargs: Any) -> Result:
@@ -450,6 +472,7 @@ class Conversation:
         ``on_reply`` to receive the reply when it ends well or is interrupted."""
         engine = self.engine
         opts = engine.generation_options(options, **kwargs)
+        _hold_images(turns)
         prompt = self._prompt(engine, turns, open_reply=open_reply, max_new_tokens=opts.max_new_tokens,
                               tools=[t.schema for t in tools] if tools else None)
         self.notes = [note for note in prompt.notes if note not in self._said]
@@ -458,8 +481,8 @@ class Conversation:
         for note in self.notes:
             warnings.warn(note, ChatNote, stacklevel=3)
         result = engine.stream_prompt(
-            Prompt(prompt.text, prompt.ids, prompt.messages, tools=[t.schema for t in tools] if tools else None,
-                   tool_choice=tool_choice), opts,
+            Prompt(prompt.text, prompt.ids, prompt.messages, prompt.images,
+                   tools=[t.schema for t in tools] if tools else None, tool_choice=tool_choice), opts,
             conversation={"name": self.name, "turn": number}, reuse_prefix=True, continue_final=open_reply,
         )
         self._pending = result
@@ -478,7 +501,7 @@ class Conversation:
 
     def _send_with_tools(
         self,
-        text: str,
+        text: str | Sequence[Any],
         options: GenerationOptions | Mapping[str, Any] | None,
         kwargs: Mapping[str, Any],
         tools: list[Tool],
@@ -489,7 +512,7 @@ class Conversation:
         """:meth:`send` with tools: the loop of replies, calls and results (see there)."""
         with self._lock:
             self._check_idle()
-            if not text.strip():
+            if not _has_content(text):
                 raise ChatError("the message is empty", "write the message to send")
             if self.turns and self.turns[-1].reply is None:
                 raise ChatError(f"the last message of conversation {self.name!r} has no reply yet",
@@ -503,7 +526,7 @@ class Conversation:
                                 "chat with tools on a model loaded with the transformers or llama.cpp loader")
             # a server renders the tools and holds a forced call itself; its calls come back in one format
             fmt = loader.tool_calls_as or require_format(loader.chat_template, "the loaded model")
-            turn = Turn(user=text)
+            turn = _user_turn(text)
             number, made = len(self.turns) + 1, 0
             while True:
                 forced = choice not in ("auto", "none") and made == 0
@@ -545,11 +568,13 @@ class Conversation:
         def render(start: int) -> _Prompt:
             messages = self._messages(turns[start:], last_reply=open_reply)
             if open_reply and not loader.renders_chat:
-                text = render_continuation(loader.chat_template, messages, special_tokens=loader.special_tokens)
-                ids = engine.tokenize(text, add_special=not starts_with_bos(text, loader.special_tokens))
-                return _Prompt(text, ids, messages, start, notes)
+                text = render_continuation(loader.chat_template, loader.template_messages(messages),
+                                           special_tokens=loader.special_tokens)
+                images = engine.images_for(messages)
+                ids = engine.prompt_ids(text, add_special=not starts_with_bos(text, loader.special_tokens), images=images)
+                return _Prompt(text, ids, messages, start, notes, images)
             ready = engine.prompt_for(messages, chat=True, warn_fallback=False, tools=tools)
-            return _Prompt(ready.text, ready.ids, messages, start, notes)
+            return _Prompt(ready.text, ready.ids, messages, start, notes, ready.images)
 
         context = loader.context_length
         budget = None if context is None else context - max_new_tokens
@@ -658,7 +683,12 @@ class Conversation:
             if role == "system" and i == 1:
                 conv.system = content
             elif role == "user" and (last is None or last.reply is not None):
-                conv.turns.append(Turn(user=content))
+                if isinstance(content, list):
+                    from .images import content_text
+
+                    conv.turns.append(Turn(user=content_text(content), parts=content))
+                else:
+                    conv.turns.append(Turn(user=content))
             elif role == "assistant" and last is not None and last.reply is None:
                 last.reply = Reply(content)
             else:
@@ -698,7 +728,7 @@ class Conversation:
             if self.system:
                 lines.append(_block("system", self.system))
             for turn in self.turns:
-                lines.append(_block("user", turn.user))
+                lines.append(_block("user", turn.shown))
                 if turn.reply is not None:
                     lines.append(_block("assistant", turn.reply.content, _marks(turn)))
             return "\n".join(lines)
@@ -726,11 +756,60 @@ class Conversation:
             if self.system:
                 parts.append(box("system", self.system))
             for turn in self.turns:
-                parts.append(box("user", turn.user))
+                parts.append(box("user", turn.shown) + _thumbnails(turn))
                 if turn.reply is not None:
                     parts.append(box("assistant", turn.reply.content, _marks(turn)))
             parts.append("</div>")
             return "".join(parts)
+
+
+def _thumbnails(turn: Turn) -> str:
+    """The images a turn still holds, small, under its message (HTML)."""
+    return "".join(f"<img src='{image.data_url()}' title='sha256 {image.sha256}' style='max-height: 96px; "
+                   "margin: 0 0 6px 15%; image-rendering: pixelated'>" for image in turn.images)
+
+
+def _has_content(message: str | Sequence[Any]) -> bool:
+    """Whether a message says anything: text beyond spaces, or an image."""
+    if isinstance(message, str):
+        return bool(message.strip())
+    return any(not isinstance(piece, str) or piece.strip() for piece in message)
+
+
+def _user_turn(message: str | Sequence[Any]) -> Turn:
+    """The turn of a user message: text, or text pieces and images (content parts, the pixels held)."""
+    if isinstance(message, str):
+        return Turn(user=message)
+    from .images import as_image, content_text, parts
+
+    pieces = [piece if isinstance(piece, (str, Mapping)) else as_image(piece, f"image {i}")
+              for i, piece in enumerate(message, 1)]
+    content = parts(pieces)
+    images = [piece for piece in pieces if not isinstance(piece, (str, Mapping))]
+    if not images:
+        return Turn(user=content_text(content))
+    return Turn(user=content_text(content), parts=content, images=images)
+
+
+def _hold_images(turns: Sequence[Turn]) -> None:
+    """Put the pixels the turns hold back in the image store (a long session may have let them go)."""
+    from .images import remember
+
+    for turn in turns:
+        for image in turn.images:
+            remember(image)
+
+
+def _parts(value: list[Any] | None, where: str) -> list[dict[str, str]] | None:
+    if value is None:
+        return None
+    from .errors import ImageError
+    from .images import check_part
+
+    try:
+        return [check_part(p, f"{where}, part {i}") for i, p in enumerate(value, 1)]
+    except ImageError as exc:
+        raise ChatError(exc.cause, _FILE_FIX) from None
 
 
 def _with(turn: Turn, reply: Reply) -> Turn:
@@ -775,13 +854,16 @@ def _field(data: Mapping[str, Any], key: str, where: str, kind: type, default: A
 
 
 def _message(value: Any, number: int) -> dict[str, Any]:
-    """Message ``number`` of a file: ``{"role", "content"}`` with a known role and text content (and a tool
-    chat's ``tool_calls`` / ``tool_call_id`` / ``name``, kept as they are)."""
+    """Message ``number`` of a file: ``{"role", "content"}`` with a known role and text content, or (a user
+    message with images) content parts (and a tool chat's ``tool_calls`` / ``tool_call_id`` / ``name``, kept as
+    they are)."""
     where = f"message {number}"
     data = _object(value, where)
     role = _field(data, "role", where, str)
     if role not in _ROLES:
         raise ChatError(f"{where}: 'role' is {role!r}, not one of {', '.join(_ROLES)}", _FILE_FIX)
+    if role == "user" and isinstance(data.get("content"), list):  # a message with images: content parts
+        return {"role": role, "content": _parts(data["content"], where)}
     return {"role": role, "content": _field(data, "content", where, str),
             **{k: data[k] for k in ("tool_calls", "tool_call_id", "name") if k in data}}
 

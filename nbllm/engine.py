@@ -117,6 +117,8 @@ class Prompt:
     text: str
     ids: list[int] | None
     messages: list[dict[str, Any]] | None = None
+    images: list[Any] = field(default_factory=list)
+    """The :class:`~nbllm.images.ChatImage` of each image part of ``messages``, in order."""
     tools: list[dict[str, Any]] | None = None
     """Chat mode: the tools' JSON schemas, for a loader that renders chats (others have them rendered)."""
     tool_choice: Any = None
@@ -441,21 +443,49 @@ class Engine:
         template renders (:mod:`nbllm.tools`)."""
         loader = self.loader
         if isinstance(prompt, str) and not chat:
-            return Prompt(prompt, self._ids(prompt, add_special=True))
+            return Prompt(prompt, self.prompt_ids(prompt, add_special=True))
         messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else _messages(prompt)
         if system is not None:
             messages = [m for m in messages if m["role"] != "system"]
             if system:
                 messages.insert(0, {"role": "system", "content": system})
+        images = self.images_for(messages)
         if loader.renders_chat:
-            return Prompt("", None, messages, tools=[dict(t) for t in tools] if tools else None)
+            return Prompt("", None, messages, images, tools=[dict(t) for t in tools] if tools else None)
         if loader.chat_template is None and warn_fallback:
             warnings.warn(FALLBACK_NOTE, ChatNote, stacklevel=3)
-        text = render_chat(loader.chat_template, messages, special_tokens=loader.special_tokens, tools=tools)
-        return Prompt(text, self._ids(text, add_special=not starts_with_bos(text, loader.special_tokens)), messages)
+        text = render_chat(loader.chat_template, loader.template_messages(messages), special_tokens=loader.special_tokens,
+                           tools=tools)
+        add_special = not starts_with_bos(text, loader.special_tokens)
+        return Prompt(text, self.prompt_ids(text, add_special=add_special, images=images), messages, images)
 
-    def _ids(self, text: str, *, add_special: bool) -> list[int] | None:
-        return self.tokenize(text, add_special=add_special) if isinstance(self.loader, TokenLoader) else None
+    def images_for(self, messages: Sequence[Mapping[str, Any]]) -> list[Any]:
+        """The images of ``messages``' image parts, in order; a loaded model that takes no images, or an
+        image no longer held in memory, raises :class:`~nbllm.errors.ImageError` in one line."""
+        from .images import image_hashes, recall
+
+        hashes = image_hashes(messages)
+        if not hashes:
+            return []
+        loader = self.loader
+        if not loader.takes_images:
+            from .errors import ImageError
+
+            name = self._source.name if self._source is not None else "the loaded model"
+            raise ImageError(f"{name} takes no images (a text-only model); the message has {len(hashes)}",
+                             "load a vision model (an image-text-to-text model folder, or a GGUF with its mmproj "
+                             "projector), or send text only")
+        return [recall(h) for h in hashes]
+
+    def prompt_ids(self, text: str, *, add_special: bool, images: Sequence[Any] = ()) -> list[int] | None:
+        """The token ids of ``text``; with ``images``, as the loader's processor expands their placeholders."""
+        if not isinstance(self.loader, TokenLoader):
+            return None
+        if not images:
+            return self.tokenize(text, add_special=add_special)
+        with self._cond:
+            self._settle()
+            return self.loader.tokenize_with_images(text, images, add_special=add_special)
 
     def stream(
         self,
@@ -743,7 +773,7 @@ class Engine:
             for start in range(0, len(prompts), max(size, 1)):
                 rows = list(zip(prompts[start : start + size], row_seeds[start : start + size]))
                 fits = all(p.ids is not None and (limit is None or len(p.ids) + opts.max_new_tokens <= limit)
-                           for p, _ in rows)
+                           and not p.images for p, _ in rows)  # images: one by one, each with its pixels
                 if size > 1 and len(rows) > 1 and fits and opts.logprobs is None:  # logprobs: one by one
                     assert isinstance(loader, TokenLoader)
                     results.extend(self._run_batch(loader, rows, opts))
@@ -853,7 +883,7 @@ class Engine:
         result.prompt_tokens = len(prompt.ids) if prompt.ids is not None else 0
         request = Request(prompt=prompt.text, prompt_ids=prompt.ids, options=capped or opts, seed=seed,
                           cancel=cancel if cancel is not None else result.cancel_event, messages=prompt.messages,
-                          tools=prompt.tools, tool_choice=prompt.tool_choice, **fields)
+                          images=list(prompt.images), tools=prompt.tools, tool_choice=prompt.tool_choice, **fields)
         return result, request
 
     def queued(self, loader: Loader, prompt: Prompt, opts: GenerationOptions) -> tuple[Result, Request]:
@@ -965,10 +995,16 @@ def _load_error(failure: Exception, cls: type[Loader], source: ModelSource) -> N
 
 
 def _messages(prompt: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
-    """Chat messages as plain dicts, checked: each a role and text content."""
-    out = []
+    """Chat messages as plain dicts, checked: each a role and text content, or (a user message) a list of
+    content parts where images may stand (:mod:`nbllm.images`)."""
+    out: list[dict[str, Any]] = []
     for i, m in enumerate(prompt):
         role, content = m.get("role"), m.get("content")
+        if role == "user" and isinstance(content, list):  # text and images: nbllm.images.parts
+            from .images import parts
+
+            out.append({"role": "user", "content": parts(content)})
+            continue
         if role not in ("system", "user", "assistant", "tool") or not isinstance(content, str):
             raise OptionError(f"message {i + 1} needs a role (system, user or assistant) and text content",
                               'write it as {"role": "user", "content": "..."}')

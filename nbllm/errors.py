@@ -60,6 +60,10 @@ class ChatError(NbllmError):
     """A conversation cannot do what was asked (nothing to regenerate, a bad file...)."""
 
 
+class ImageError(NbllmError, ValueError):
+    """An image cannot be used: unreadable, missing, or given to a model that takes no images."""
+
+
 class ReplayError(NbllmError):
     """A replay cannot answer: no recorded run matches the request, or the recording cannot be read."""
 

@@ -64,8 +64,37 @@ def unsplit_name(name: str) -> str:
 
 
 def gguf_models(files: Sequence[Path]) -> list[Path]:
-    """GGUF files grouped into models: a split model counts once, by its first part."""
-    return [p for p in files if (parts := split_gguf_parts(p)) is None or p == parts[0]]
+    """GGUF files grouped into models: a split model counts once, by its first part; a multimodal
+    projector (:func:`is_projector`) is not a model."""
+    return [p for p in files if ((parts := split_gguf_parts(p)) is None or p == parts[0]) and not is_projector(p.name)]
+
+
+def is_projector(name: str) -> bool:
+    """Whether a GGUF file name is a multimodal projector (the vision encoder llama.cpp's libmtmd loads
+    beside a model: ``mmproj-*.gguf``, as llama.cpp's ``convert_hf_to_gguf.py --mmproj`` names it, and as
+    text-generation-webui finds it in a model's folder)."""
+    return "mmproj" in name.lower() and name.lower().endswith(".gguf")
+
+
+def projector_for(model: Path) -> Path | None:
+    """The projector beside a GGUF model: a ``mmproj*.gguf`` file in its folder when the folder holds
+    this one model (several projectors: the F16 one, else the first by name); ``None`` otherwise."""
+    folder = model.parent
+    try:
+        files = gguf_files(folder)
+    except OSError:
+        return None
+    projectors = [p for p in files if is_projector(p.name)]
+    if not projectors or [m.name for m in gguf_models(files)] != [model.name]:
+        return None
+    return next((p for p in projectors if "f16" in p.name.lower()), projectors[0])
+
+
+def pick_projector(paths: Sequence[str]) -> str | None:
+    """The projector to download with a GGUF model from a repository's file paths (the F16 one, else the
+    first by name), or ``None`` when the repository has none."""
+    projectors = sorted(p for p in paths if is_projector(p.rsplit("/", 1)[-1]))
+    return next((p for p in projectors if "f16" in p.lower()), projectors[0] if projectors else None)
 
 
 def quantization_from_name(name: str) -> str | None:

@@ -32,7 +32,14 @@ from typing import Any, TypedDict
 
 from .errors import ModelNotFoundError, OptionError
 from .frontend import command
-from .gguf_file import gguf_models, inspect_gguf, quantization_from_name, split_gguf_parts
+from .gguf_file import (
+    gguf_models,
+    inspect_gguf,
+    is_projector,
+    projector_for,
+    quantization_from_name,
+    split_gguf_parts,
+)
 from .loaders.registry import (
     GGUF_FORMAT,
     auto_loader,
@@ -196,7 +203,9 @@ def source_from_path(path: Path, *, file: str | None = None) -> ModelSource:
                     "download the missing parts into the same folder",
                 )
             path = parts[0]
-        return ModelSource(path=path.resolve(), format=fmt, name=path.name, **_provenance(path))
+        projector = projector_for(path)
+        return ModelSource(path=path.resolve(), format=fmt, name=path.name,
+                           projector=projector.resolve() if projector else None, **_provenance(path))
     _refuse_incomplete(path)
     files = model_files(path)
     if file is not None:
@@ -265,11 +274,14 @@ class ModelEntry:
     """Why it is not complete."""
     damaged: bool = False
     """The files are all there but cannot load (not a GGUF file, truncated...): ``problem`` says why."""
+    projector: str | None = None
+    """A GGUF model's multimodal projector file (``mmproj*.gguf`` beside it), loaded with it: images."""
 
     @property
     def format_label(self) -> str:
-        """Format and quantization in one cell: ``GGUF Q4_K_M``, ``safetensors``."""
-        return f"{self.format} {self.quantization}" if self.quantization else self.format
+        """Format and quantization in one cell: ``GGUF Q4_K_M``, ``safetensors``; ``+ mmproj`` with a projector."""
+        label = f"{self.format} {self.quantization}" if self.quantization else self.format
+        return f"{label} + mmproj" if self.projector else label
 
     @property
     def unfinished(self) -> bool:
@@ -492,7 +504,7 @@ class ModelsFolder:
 
     def _file_entry(self, path: Path) -> ModelEntry | None:
         fmt = file_format(path)
-        if fmt is None:
+        if fmt is None or is_projector(path.name):
             return None
         parts = split_gguf_parts(path)
         if parts is not None and path != parts[0]:
@@ -514,6 +526,7 @@ class ModelsFolder:
             complete=not missing and damage is None,
             problem=f"missing {missing} of {len(files)} parts" if missing else damage,
             damaged=damage is not None,
+            projector=_projector_name(path),
         )
 
     def _folder_entry(self, folder: Path) -> ModelEntry | None:
@@ -551,6 +564,8 @@ class ModelsFolder:
             complete=problem is None and damage is None,
             problem=problem or damage,
             damaged=damage is not None,
+            projector=next((name for m in gguf_models(files) if (name := _projector_name(m))),
+                           None),
         )
 
     def _pending_root_downloads(self, listed: set[str]) -> Iterator[ModelEntry]:
@@ -571,6 +586,11 @@ class ModelsFolder:
                 complete=False,
                 problem="download not finished",
             )
+
+
+def _projector_name(model: Path) -> str | None:
+    projector = projector_for(model)
+    return projector.name if projector is not None else None
 
 
 def _revision_matches(record: dict[str, Any], revision: str | None) -> bool:

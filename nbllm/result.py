@@ -89,13 +89,13 @@ class Record:
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> Record:
         """A record as :meth:`to_dict` wrote it (keys this version does not know are left out; JSON's
-        lists of stop strings and choices become tuples again). A missing required field raises ``KeyError``."""
+        lists of options become tuples again: stop, choice, logit_bias, sampler_priority, every option that is a
+        tuple). A missing required field raises ``KeyError``."""
         known = {f.name for f in fields(cls)}
         values = {k: v for k, v in data.items() if k in known}
-        options = dict(values.get("generation_options") or {})
-        for name in ("stop", "choice"):  # the options that are tuples
-            if isinstance(options.get(name), list):
-                values["generation_options"] = options = {**options, name: tuple(options[name])}
+        options = values.get("generation_options")
+        if isinstance(options, Mapping) and any(isinstance(v, list) for v in options.values()):
+            values["generation_options"] = {k: tuple(v) if isinstance(v, list) else v for k, v in options.items()}
         return cls(**values)
 
     def complete_later(self, key: str, value: concurrent.futures.Future[Any]) -> None:

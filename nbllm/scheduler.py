@@ -14,7 +14,7 @@ loader declares, never by its name:
   above 1: a server) runs up to that many side by side, each on its caller's thread;
 - any other loader (llama.cpp) runs them one at a time, each waiting its turn behind the model.
 
-A request the batch cannot take (logprobs, a continued reply, a prompt that leaves less room in the context
+A request the batch cannot take (logprobs, images, a continued reply, a prompt that leaves less room in the context
 than it asks for, a loader that does not tokenize) runs alone on its caller's thread. The batches wait their
 turn behind the model like any request (see :mod:`nbllm.engine`): a cell's reply being read is waited for,
 and a cell waits while a batch is read. Cancelling one request (its client left, its reader was interrupted,
@@ -134,7 +134,8 @@ class Scheduler:
             return False
         limit = loader.context_length
         speculative = bool(getattr(opts, "prompt_lookup", None) or getattr(opts, "draft_model", None))
-        alone = opts.logprobs is not None or speculative or bool(opts.active_samplers())
+        alone = (opts.logprobs is not None or speculative or bool(opts.active_samplers())
+                 or bool(getattr(prompt, "images", None)))  # a batch row carries no pixels
         return not alone and (limit is None or len(prompt.ids) + opts.max_new_tokens <= limit)
 
     def _beside(self, loader: Loader, prompt: Any, opts: GenerationOptions, continue_final: bool) -> Result:

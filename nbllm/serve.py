@@ -94,17 +94,21 @@ class ServeOptions(_Schema):
 
 
 # ------------------------------------------------------------------------------------- requests → prompts
-def chat_messages(request: ChatRequest) -> list[dict[str, str]]:
+def chat_messages(request: ChatRequest) -> list[dict[str, Any]]:
     """The request's messages as nbllm's ``{"role", "content"}`` dicts (text parts joined; the API's
-    ``developer`` role is a system prompt)."""
+    ``developer`` role is a system prompt; a user message with ``image_url`` parts keeps its parts, each
+    image as nbllm's ``{"type": "image", "sha256"}``: :func:`image_message`)."""
     from .serve_requests import RequestError
     from .serve_tools import message_fields
 
     if not request.messages:
         raise RequestError("messages", "messages must be a non-empty list", 'send [{"role": "user", "content": "..."}]')
-    out = []
+    out: list[dict[str, Any]] = []
     for i, m in enumerate(request.messages):
         content: str | None = None
+        if m.role == "user" and isinstance(m.content, list) and any(p.type == "image_url" for p in m.content):
+            out.append(image_message(m.content, i + 1))
+            continue
         if isinstance(m.content, list):
             if all(p.type == "text" and isinstance(p.text, str) for p in m.content):
                 content = "".join(p.text or "" for p in m.content)
@@ -120,6 +124,31 @@ def chat_messages(request: ChatRequest) -> list[dict[str, str]]:
                                "tool_call_id) and text content", "nbllm's server takes text messages only")
         out.append({"role": role, "content": content, **extra})
     return out
+
+
+def image_message(content: list[Any], number: int) -> dict[str, Any]:
+    """A user message of text and ``image_url`` parts (OpenAI's form: an inline ``data:image/...;base64``
+    URL) as nbllm's content parts; the images go to the image store, named by their sha256."""
+    from .errors import ImageError
+    from .images import from_data_url
+    from .serve_requests import RequestError
+
+    parts: list[dict[str, str]] = []
+    for j, part in enumerate(content, 1):
+        where = f"message {number}, part {j}"
+        if part.type == "text" and isinstance(part.text, str):
+            parts.append({"type": "text", "text": part.text})
+            continue
+        url = getattr(part, "image_url", None)
+        url = url.get("url") if isinstance(url, dict) else url
+        if part.type != "image_url" or not isinstance(url, str):
+            raise RequestError("messages", f"{where} is neither a text part nor an image_url part with a url",
+                               'send {"type": "image_url", "image_url": {"url": "data:image/png;base64,..."}}')
+        try:
+            parts.append(from_data_url(url, where).part())
+        except ImageError as exc:
+            raise RequestError("messages", exc.cause, exc.fix or "") from None
+    return {"role": "user", "content": parts}
 
 
 def completion_prompt(request: CompletionRequest) -> str:
@@ -221,7 +250,7 @@ def create_app(engine: Engine | None = None, *, api_key: str | None = None, work
                          code="model_not_found", param="model")
         try:
             options = generation_options(body, eng.defaults)
-            prompt: str | list[dict[str, str]] = (chat_messages(body) if isinstance(body, ChatRequest) else
+            prompt: str | list[dict[str, Any]] = (chat_messages(body) if isinstance(body, ChatRequest) else
                                                   "" if _extends(body.model_dump(exclude_none=True), chat)
                                                   else completion_prompt(body))
         except NbllmError as exc:
@@ -395,7 +424,7 @@ def _finish(result: Result) -> str:
     return _FINISH.get(result.finish_reason or "", ABORTED)
 
 
-def _starter(engine: Engine, prompt: str | list[dict[str, str]], options: GenerationOptions,
+def _starter(engine: Engine, prompt: str | list[dict[str, Any]], options: GenerationOptions,
              continue_final: bool) -> Callable[[], Result]:
     """The call that starts the generation on a worker thread: the request joins the model's queue
     (:mod:`nbllm.scheduler`), where concurrent clients are batched if the loader can."""

@@ -35,6 +35,9 @@ class ModelSource:
     """The hub repository the files came from, when known."""
     server: str | None = None
     """The software (and version) of the server holding the model, as it says (e.g. ``vllm 0.9.2``)."""
+    projector: Path | None = None
+    """A GGUF model's multimodal projector (``mmproj*.gguf`` beside it: :func:`nbllm.gguf_file.projector_for`),
+    which lets llama.cpp take images."""
     dequantized: str | None = None
     """Set by a loader that dequantized the file to load it (Transformers on a GGUF file): from what to
     what, and the memory it took."""
@@ -68,4 +71,6 @@ class ModelSource:
             out["revision"] = self.revision
         if self.dequantized:
             out["dequantized"] = self.dequantized
+        if self.projector is not None:
+            out["projector"] = str(self.projector)
         return out

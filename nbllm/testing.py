@@ -50,8 +50,10 @@ __all__ = [
     "real_model_transformers",
     "tiny_gguf_adapter",
     "tiny_gguf_model",
+    "tiny_gguf_vision_model",
     "tiny_peft_adapter",
     "tiny_transformers_model",
+    "tiny_vision_model",
 ]
 
 #: Bump when the bytes a build produces change (name of cached models, so old caches are not reused).
@@ -767,6 +769,233 @@ def tiny_gguf_model(
         file = tmp / target.name
         _write_gguf(file, spec, name, file_type)
         os.replace(file, target)
+    return target
+
+
+# ------------------------------------------------------------------------------------------- vision form
+
+#: The vision model's image placeholder token (one more id after the text vocabulary).
+IMAGE_TOKEN = "<image>"
+
+#: The vision model's chat template: the tiny template, with each image part of a message as ``<image>``.
+TINY_VISION_CHAT_TEMPLATE = (
+    "{{- bos_token }}"
+    "{%- for message in messages %}"
+    "{{- '<|' + message['role'] + '|>\\n' }}"
+    "{%- if message['content'] is string %}{{- message['content'] }}"
+    "{%- else %}{%- for part in message['content'] %}"
+    "{%- if part['type'] == 'image' %}{{- '<image>' }}{%- elif part['type'] == 'text' %}{{- part['text'] }}{%- endif %}"
+    "{%- endfor %}{%- endif %}"
+    "{{- eos_token + '\\n' }}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|assistant|>\\n' }}{%- endif %}"
+)
+
+
+def _write_vision(folder: Path, spec: dict[str, Any]) -> None:
+    import torch
+    from tokenizers import AddedToken
+    from transformers import (
+        CLIPVisionConfig,
+        GenerationConfig,
+        LlamaConfig,
+        LlavaConfig,
+        LlavaForConditionalGeneration,
+        LlavaProcessor,
+        PreTrainedTokenizerFast,
+    )
+    from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
+    from transformers.utils import logging as hf_logging
+
+    h, vocab, size, patch = spec["hidden_size"], spec["vocab_size"], spec["image_size"], spec["patch_size"]
+    text = LlamaConfig(
+        vocab_size=vocab + 1, hidden_size=h, intermediate_size=spec["intermediate_size"],
+        num_hidden_layers=spec["num_layers"], num_attention_heads=spec["num_heads"],
+        num_key_value_heads=spec["num_kv_heads"], head_dim=h // spec["num_heads"],
+        max_position_embeddings=spec["max_position_embeddings"], rms_norm_eps=_RMS_NORM_EPS,
+        rope_parameters={"rope_type": "default", "rope_theta": _ROPE_THETA}, initializer_range=_INIT_STD,
+        tie_word_embeddings=False, bos_token_id=1, eos_token_id=2, pad_token_id=3,
+    )
+    vision = CLIPVisionConfig(hidden_size=spec["vision_hidden_size"], intermediate_size=2 * spec["vision_hidden_size"],
+                              num_hidden_layers=1, num_attention_heads=4, image_size=size, patch_size=patch,
+                              projection_dim=spec["vision_hidden_size"])
+    tokens = (size // patch) ** 2
+    config = LlavaConfig(vision_config=vision, text_config=text, image_token_index=vocab, projector_hidden_act="gelu",
+                         vision_feature_select_strategy="default", vision_feature_layer=-1, image_seq_length=tokens,
+                         dtype="float32")
+    with torch.random.fork_rng(devices=[]):  # the vision tower and projector: random from the seed
+        torch.manual_seed(spec["seed"])
+        model = LlavaForConditionalGeneration(config).eval()
+    # The language model: the tiny Llama's own weights, with one more row for <image> (its output row zero).
+    text_weights = _weights(spec)
+    state = model.state_dict()
+    for name, tensor in text_weights.items():
+        key = "lm_head.weight" if name == "lm_head.weight" else "model.language_model." + name.removeprefix("model.")
+        if key in ("lm_head.weight", "model.language_model.embed_tokens.weight"):
+            extra = torch.zeros(1, h) if key == "lm_head.weight" else state[key][vocab:].clone()
+            tensor = torch.cat([tensor, extra])
+        state[key] = tensor
+    model.load_state_dict(state, strict=True)
+    model.generation_config = GenerationConfig(bos_token_id=1, eos_token_id=2, pad_token_id=3)
+
+    tok = build_tokenizer(vocab)
+    tok.add_special_tokens([AddedToken(IMAGE_TOKEN, special=True, normalized=False)])
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token=BOS, eos_token=EOS, unk_token=UNK, pad_token=PAD,
+        model_max_length=spec["max_position_embeddings"], chat_template=TINY_VISION_CHAT_TEMPLATE,
+        clean_up_tokenization_spaces=False, extra_special_tokens={"image_token": IMAGE_TOKEN},
+    )
+    images = CLIPImageProcessorPil(size={"shortest_edge": size}, crop_size={"height": size, "width": size})
+    processor = LlavaProcessor(image_processor=images, tokenizer=tokenizer, patch_size=patch,
+                               vision_feature_select_strategy="default", chat_template=TINY_VISION_CHAT_TEMPLATE,
+                               num_additional_image_tokens=1)
+    bars = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        model.save_pretrained(folder)
+        processor.save_pretrained(folder)
+    finally:
+        if bars:
+            hf_logging.enable_progress_bar()
+
+
+def tiny_vision_model(
+    path: str | Path | None = None,
+    *,
+    hidden_size: int = 64,
+    num_layers: int = 2,
+    num_heads: int = 4,
+    vision_hidden_size: int = 64,
+    image_size: int = 32,
+    patch_size: int = 8,
+    vocab_size: int = 512,
+    max_position_embeddings: int = 2048,
+    seed: int = 0,
+) -> Path:
+    """Build (or reuse) a random LLaVA model (``LlavaForConditionalGeneration``: a one-layer CLIP vision tower,
+    a projector and the tiny Llama as its language model) with a real ``LlavaProcessor`` (CLIP image
+    processor, the tiny tokenizer plus an ``<image>`` token, a chat template that renders image parts as
+    ``<image>``); return its folder. Loadable with ``AutoModelForImageTextToText`` / ``AutoProcessor``.
+
+    Each image becomes ``(image_size / patch_size) ** 2`` tokens (16 by default). The language model's
+    weights are those of :func:`tiny_transformers_model` with the same sizes and seed. Same arguments,
+    the same model (``path=None``: cached as for the other tiny models).
+    """
+    spec = _spec(
+        hidden_size=hidden_size, num_layers=num_layers, num_heads=num_heads, num_kv_heads=None,
+        intermediate_size=None, vocab_size=vocab_size, max_position_embeddings=max_position_embeddings, seed=seed,
+        chat_template=True,
+    )
+    _check_int("vision_hidden_size", vision_hidden_size, 64)
+    if vision_hidden_size % 64:
+        raise OptionError(f"vision_hidden_size must be a multiple of 64, got {vision_hidden_size}")
+    _check_int("patch_size", patch_size, 1)
+    _check_int("image_size", image_size, patch_size)
+    if image_size % patch_size:
+        raise OptionError(f"image_size ({image_size}) must be a multiple of patch_size ({patch_size})")
+    spec = {**spec, "format": "transformers-vision", "vision_hidden_size": vision_hidden_size,
+            "image_size": image_size, "patch_size": patch_size}
+    target = Path(path).expanduser() if path is not None else _cache_root() / _name(spec, "llava")
+    if _check_target_dir(target, spec):
+        return target
+    with _temp_dir(target.parent) as tmp:
+        folder = tmp / "model"
+        folder.mkdir()
+        _write_vision(folder, spec)
+        (folder / _MARKER).write_text(json.dumps(spec, sort_keys=True, indent=1) + "\n", encoding="utf-8")
+        _install_dir(folder, target, spec)
+    return target
+
+
+def _write_projector(file: Path, spec: dict[str, Any]) -> None:
+    """A LLaVA-style projector GGUF (``clip.projector_type = "mlp"``: a CLIP vision tower and a two-layer
+    MLP into the language model's width), with llama.cpp's ``clip.cpp`` tensor names and keys."""
+    import numpy as np
+    from gguf import GGUFWriter
+
+    n_embd, image, patch, width = spec["vision_hidden_size"], spec["image_size"], spec["patch_size"], spec["hidden_size"]
+    ff = 2 * n_embd
+    rng = np.random.default_rng(spec["seed"])
+    writer = GGUFWriter(str(file), "clip")
+    writer.add_name("nbllm tiny projector")
+    writer.add_file_type(0)  # all float32
+    writer.add_bool("clip.has_vision_encoder", True)
+    writer.add_bool("clip.has_llava_projector", True)
+    writer.add_string("clip.projector_type", "mlp")
+    writer.add_bool("clip.use_gelu", True)
+    for key, value in (("image_size", image), ("patch_size", patch), ("embedding_length", n_embd),
+                       ("feed_forward_length", ff), ("projection_dim", width), ("block_count", 1),
+                       ("attention.head_count", 4)):
+        writer.add_uint32(f"clip.vision.{key}", value)
+    writer.add_float32("clip.vision.attention.layer_norm_epsilon", 1e-5)
+    writer.add_array("clip.vision.image_mean", [0.48145466, 0.4578275, 0.40821073])  # CLIP's
+    writer.add_array("clip.vision.image_std", [0.26862954, 0.26130258, 0.27577711])
+
+    def tensor(name: str, *shape: int, ones: bool = False) -> None:
+        value = np.ones(shape, np.float32) if ones else rng.standard_normal(shape).astype(np.float32) * 0.1
+        writer.add_tensor(name, value)
+
+    tensor("v.patch_embd.weight", n_embd, 3, patch, patch)
+    tensor("v.class_embd", n_embd)
+    tensor("v.position_embd.weight", (image // patch) ** 2 + 1, n_embd)
+    tensor("v.pre_ln.weight", n_embd, ones=True)
+    tensor("v.pre_ln.bias", n_embd)
+    for part in ("attn_q", "attn_k", "attn_v", "attn_out"):
+        tensor(f"v.blk.0.{part}.weight", n_embd, n_embd)
+        tensor(f"v.blk.0.{part}.bias", n_embd)
+    for norm in ("ln1", "ln2"):
+        tensor(f"v.blk.0.{norm}.weight", n_embd, ones=True)
+        tensor(f"v.blk.0.{norm}.bias", n_embd)
+    tensor("v.blk.0.ffn_up.weight", ff, n_embd)
+    tensor("v.blk.0.ffn_up.bias", ff)
+    tensor("v.blk.0.ffn_down.weight", n_embd, ff)
+    tensor("v.blk.0.ffn_down.bias", n_embd)
+    tensor("mm.0.weight", width, n_embd)
+    tensor("mm.0.bias", width)
+    tensor("mm.2.weight", width, width)
+    tensor("mm.2.bias", width)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+
+def tiny_gguf_vision_model(
+    path: str | Path | None = None,
+    *,
+    hidden_size: int = 64,
+    vision_hidden_size: int = 64,
+    image_size: int = 32,
+    patch_size: int = 8,
+    seed: int = 0,
+) -> Path:
+    """Build (or reuse) a folder holding the tiny GGUF model (:func:`tiny_gguf_model`) and a random
+    projector beside it, ``mmproj-tiny-f32.gguf`` (LLaVA's MLP projector over a one-layer CLIP tower, as
+    llama.cpp's ``convert_hf_to_gguf.py --mmproj`` writes one); return the folder. llama.cpp loads the
+    model with its projector through libmtmd, and each image becomes ``(image_size / patch_size) ** 2``
+    positions. ``path=None``: cached as the other tiny models are.
+    """
+    _check_int("vision_hidden_size", vision_hidden_size, 64)
+    if vision_hidden_size % 64:
+        raise OptionError(f"vision_hidden_size must be a multiple of 64, got {vision_hidden_size}")
+    _check_int("patch_size", patch_size, 1)
+    _check_int("image_size", image_size, patch_size)
+    if image_size % patch_size:
+        raise OptionError(f"image_size ({image_size}) must be a multiple of patch_size ({patch_size})")
+    spec = {**_spec(hidden_size=hidden_size, num_layers=2, num_heads=4, num_kv_heads=None, intermediate_size=None,
+                    vocab_size=512, max_position_embeddings=2048, seed=seed, chat_template=True),
+            "format": "gguf-vision", "vision_hidden_size": vision_hidden_size, "image_size": image_size,
+            "patch_size": patch_size}
+    target = Path(path).expanduser() if path is not None else _cache_root() / _name(spec, "mmproj")
+    if _check_target_dir(target, spec):
+        return target
+    with _temp_dir(target.parent) as tmp:
+        folder = tmp / "model"
+        folder.mkdir()
+        tiny_gguf_model(folder / "tiny.gguf", hidden_size=hidden_size, seed=seed)
+        _write_projector(folder / "mmproj-tiny-f32.gguf", spec)
+        (folder / _MARKER).write_text(json.dumps(spec, sort_keys=True, indent=1) + "\n", encoding="utf-8")
+        _install_dir(folder, target, spec)
     return target
 
 

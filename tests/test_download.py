@@ -138,7 +138,8 @@ def test_gguf_repo_gets_the_default_quantization_and_says_what_else_exists() -> 
 def test_gguf_fallbacks_split_files_and_projectors() -> None:
     assert select_files(["m.Q2_K.gguf", "m.Q5_K_M.gguf", "m.Q8_0.gguf"]).files == ("m.Q5_K_M.gguf",)
     smallest = select_files({"m.IQ2_XXS.gguf": 50, "m.IQ3_M.gguf": 70, "mmproj-f16.gguf": 10})
-    assert smallest.files == ("m.IQ2_XXS.gguf",) and "no Q4_K_M" in (smallest.note or "")
+    assert smallest.files == ("m.IQ2_XXS.gguf", "mmproj-f16.gguf") and "no Q4_K_M" in (smallest.note or "")
+    assert (smallest.note or "").endswith("With its projector mmproj-f16.gguf (images).")
     split = select_files(
         [
             "Q4_K_M/m-Q4_K_M-00001-of-00002.gguf",

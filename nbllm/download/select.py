@@ -10,7 +10,7 @@ from pathlib import PurePosixPath
 from typing import Literal
 
 from ..errors import DownloadError
-from ..gguf_file import quantization_from_name, unsplit_name
+from ..gguf_file import is_projector, pick_projector, quantization_from_name, unsplit_name
 from ..store import WEIGHT_SUFFIXES
 
 DEFAULT_QUANTIZATION = "Q4_K_M"
@@ -101,9 +101,7 @@ def select_files(
     elif ggufs:
         kind = "gguf"
         groups = _gguf_groups(ggufs)
-        candidates = {
-            k: v for k, v in groups.items() if not PurePosixPath(k).name.lower().startswith("mmproj")
-        }
+        candidates = {k: v for k, v in groups.items() if not is_projector(PurePosixPath(k).name)}
         candidates = candidates or groups
         quant = {k: quantization_from_name(PurePosixPath(k).name) for k in candidates}
         pick = None
@@ -128,6 +126,13 @@ def select_files(
             "the repository has no model weights (safetensors, bin or GGUF) at its root",
             "choose files with --file PATTERN",
         )
+
+    if kind == "gguf" and not any(is_projector(PurePosixPath(p).name) for p in selected):
+        projector = pick_projector(ggufs)
+        if projector is not None:
+            selected = [*selected, projector]  # llama.cpp takes images with it (gguf_file.projector_for)
+            with_it = f"With its projector {PurePosixPath(projector).name} (images)."
+            note = f"{note} {with_it}" if note else with_it
 
     if exclude:
         selected = [p for p in selected if not _matches(p, exclude)]

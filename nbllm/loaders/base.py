@@ -64,6 +64,9 @@ class Request:
     reuse_prefix: bool = False
     """May the loader serve the part of the prompt it shares with its kept state (a conversation's
     history) from that state? Without it the whole prompt is computed, so a seed reproduces exactly."""
+    images: list[Any] = field(default_factory=list)
+    """The :class:`~nbllm.images.ChatImage` of each image part of ``messages``, in order (a loader whose
+    :attr:`Loader.takes_images`)."""
     tools: list[dict[str, Any]] | None = None
     """Chat mode at a loader that renders chats (:attr:`Loader.tool_calls_as`): the JSON schemas of the
     functions the model may call, and ``tool_choice`` in OpenAI's form."""
@@ -190,6 +193,17 @@ class Loader(ABC):
 
     # -- facts about the loaded model --------------------------------------------------------------
     @property
+    def takes_images(self) -> bool:
+        """Whether the loaded model takes images in chat messages (:attr:`Request.images`); the engine
+        refuses an image for any other model in one line."""
+        return False
+
+    def template_messages(self, messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """``messages`` as the chat template renders them: as they are, unless the loader marks images its
+        own way (llama.cpp: a media marker in the text)."""
+        return messages
+
+    @property
     def chat_template(self) -> str | None:
         """The model's own chat template (jinja source), if it has one."""
         return None
@@ -228,6 +242,11 @@ class TokenLoader(Loader):
     @abstractmethod
     def tokenize(self, text: str, *, add_special: bool) -> list[int]:
         """Token ids of ``text``; ``add_special`` adds the model's BOS when it expects one."""
+
+    def tokenize_with_images(self, text: str, images: Sequence[Any], *, add_special: bool) -> list[int]:
+        """Token ids of ``text`` holding the chat template's image placeholders, expanded as the model's
+        processor expands them for ``images`` (a loader whose :attr:`takes_images`)."""
+        raise NotImplementedError(f"the {self.name} loader takes no images")
 
     @abstractmethod
     def decode(self, ids: Sequence[int]) -> str:

@@ -35,10 +35,18 @@ import sys
 import warnings
 from collections import deque
 from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
 from typing import Any, ClassVar
 
 from ..adapters import Adapter, check_gguf_adapter
-from ..errors import LoadError, ModelNotFoundError, NbllmWarning, OptionError, missing_dependency
+from ..errors import (
+    GenerationError,
+    LoadError,
+    ModelNotFoundError,
+    NbllmWarning,
+    OptionError,
+    missing_dependency,
+)
 from ..frontend import command
 from ..gguf_file import (
     GGUFHeader,
@@ -233,6 +241,7 @@ class LlamaLog:
         self.lines: deque[tuple[int, str]] = deque(maxlen=200)
         self._callback: Any = None
         self._partial = ""
+        self._mtmd_routed = False
 
     def install(self, llama_cpp: Any) -> None:
         """Route llama.cpp's log through this object (once per process)."""
@@ -258,6 +267,13 @@ class LlamaLog:
 
         self._callback = callback  # keep a reference: C holds only the pointer
         llama_cpp.llama_log_set(callback, ctypes.c_void_p(0))
+
+    def install_mtmd(self, mtmd: Any) -> None:
+        """Route libmtmd's log (the projector's loading and each image's encoding) through this object too."""
+        if self._callback is not None and not self._mtmd_routed:
+            mtmd.mtmd_log_set(self._callback, ctypes.c_void_p(0))
+            mtmd.mtmd_helper_log_set(self._callback, ctypes.c_void_p(0))
+            self._mtmd_routed = True
 
     def errors(self) -> list[str]:
         """The error lines llama.cpp logged since :meth:`clear` (level ERROR = 4 in ggml.h)."""
@@ -333,6 +349,8 @@ class LlamaCppLoader(TokenLoader):
         """Why the GGUF's chat template does not compile, if it does not."""
         self._lora: dict[str, tuple[Any, Adapter]] = {}
         """Applied adapter's name → (llama.cpp's handle, the adapter)."""
+        self._mtmd: Any = None
+        """libmtmd's context for the model's projector (``source.projector``): the model takes images."""
 
     # -- before anything is released ------------------------------------------------------------
     @classmethod
@@ -448,8 +466,39 @@ class LlamaCppLoader(TokenLoader):
         eos.update(i for i in range(self._n_vocab) if llama_cpp.llama_vocab_is_eog(self._vocab, i))
         self._eos = frozenset(e for e in eos if e >= 0)
         self._gpu_offload = bool(llama_cpp.llama_supports_gpu_offload())
+        if source.projector is not None:
+            self._load_projector(source.projector)
         self._notes = self._load_notes()
         self.placement = self._placement(llama_cpp)
+
+    def _load_projector(self, projector: Path) -> None:
+        """Open the multimodal projector with libmtmd (as llama-cpp-python's ``MTMDChatHandler`` does),
+        so the model takes images; a projector that does not load is a one-line :class:`LoadError`."""
+        import llama_cpp
+        import llama_cpp.mtmd_cpp as mtmd
+
+        params = mtmd.mtmd_context_params_default()
+        params.use_gpu = self._gpu_offload and self.kwargs.get("n_gpu_layers", 0) != 0
+        params.print_timings = False
+        params.n_threads = self.llm.n_threads
+        enabled = self.llm.context_params.flash_attn_type == llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED  # as the model's
+        params.flash_attn_type = llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED if enabled else llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED
+        LOG.install_mtmd(mtmd)
+        LOG.clear()
+        context = mtmd.mtmd_init_from_file(str(projector).encode(), self.llm.model, params)
+        if not context or not mtmd.mtmd_support_vision(context):
+            said = _llama_reason(LOG.errors())
+            if context:
+                mtmd.mtmd_free(context)
+            name = self.source.name if self.source else "the model"
+            self.unload()
+            raise LoadError(
+                f"llama.cpp could not load the projector {projector.name} beside {name}"
+                + (f": it says {said!r}" if said else " (not a vision projector for this model?)"),
+                f"move {projector.name} out of the model's folder to load the model without images, or get the "
+                "projector made for this model",
+            )
+        self._mtmd = context
 
     def _memory_error(self) -> LoadError:
         n_ctx = self.kwargs.get("n_ctx")
@@ -502,6 +551,11 @@ class LlamaCppLoader(TokenLoader):
 
     def unload(self) -> None:
         self._free_adapters()
+        if self._mtmd is not None:
+            import llama_cpp.mtmd_cpp as mtmd
+
+            mtmd.mtmd_free(self._mtmd)
+            self._mtmd = None
         draft, self.draft, self._drafts = self.draft, None, None
         if draft is not None:
             draft.llm.close()
@@ -543,6 +597,107 @@ class LlamaCppLoader(TokenLoader):
     @property
     def eos_token_ids(self) -> frozenset[int]:
         return self._eos
+
+    @property
+    def takes_images(self) -> bool:
+        return self._mtmd is not None
+
+    def template_messages(self, messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """Each message with images as text holding libmtmd's media marker where each image stands (any
+        GGUF chat template renders text; libmtmd finds the markers when it tokenizes)."""
+        if self._mtmd is None:
+            return messages
+        import llama_cpp.mtmd_cpp as mtmd
+
+        marker = mtmd.mtmd_default_marker().decode("utf-8")
+        return [m if isinstance(m["content"], str) else {**m, "content": "".join(
+            p["text"] if p["type"] == "text" else marker for p in m["content"])} for m in messages]
+
+    def _image_chunks(self, text: str, images: Sequence[Any], *, add_special: bool) -> Any:
+        """libmtmd's chunks (text tokens and image embeddings to come) for ``text`` and ``images``."""
+        import ctypes
+
+        import llama_cpp.mtmd_cpp as mtmd
+
+        bitmaps = []
+        for image in images:
+            data = (ctypes.c_uint8 * len(image.png)).from_buffer(bytearray(image.png))
+            bitmap = mtmd.mtmd_helper_bitmap_init_from_buf(self._mtmd, data, len(image.png), False)
+            if not bitmap:
+                raise GenerationError(f"llama.cpp could not read the image {image.sha256[:12]}", "send it as a PNG")
+            bitmaps.append(bitmap)
+        chunks = mtmd.mtmd_input_chunks_init()
+        try:
+            given = mtmd.mtmd_input_text()
+            encoded = text.encode("utf-8")
+            given.text, given.text_len, given.add_special, given.parse_special = encoded, len(encoded), add_special, True
+            array = (mtmd.mtmd_bitmap_p_ctypes * len(bitmaps))(*bitmaps)
+            said = mtmd.mtmd_tokenize(self._mtmd, chunks, ctypes.byref(given), array, len(bitmaps))
+            if said != 0:
+                mtmd.mtmd_input_chunks_free(chunks)
+                raise GenerationError(f"llama.cpp could not place the images in the prompt (mtmd_tokenize said {said})",
+                                      "give as many images as the message has image places")
+            return chunks
+        finally:
+            for bitmap in bitmaps:
+                mtmd.mtmd_bitmap_free(bitmap)
+
+    def _chunk_ids(self, chunks: Any) -> Iterator[tuple[Any, list[int] | None, int]]:
+        """Each chunk, its text tokens (``None`` for an image) and how many positions it takes."""
+        import ctypes
+
+        import llama_cpp.mtmd_cpp as mtmd
+
+        for i in range(mtmd.mtmd_input_chunks_size(chunks)):
+            chunk = mtmd.mtmd_input_chunks_get(chunks, i)
+            if mtmd.mtmd_input_chunk_get_type(chunk) == mtmd.MTMD_INPUT_CHUNK_TYPE_TEXT:
+                n = ctypes.c_size_t()
+                pointer = mtmd.mtmd_input_chunk_get_tokens_text(chunk, ctypes.byref(n))
+                tokens = [int(pointer[j]) for j in range(n.value)]
+                yield chunk, tokens, len(tokens)
+            else:
+                yield chunk, None, int(mtmd.mtmd_input_chunk_get_n_tokens(chunk))
+
+    def tokenize_with_images(self, text: str, images: Sequence[Any], *, add_special: bool) -> list[int]:
+        import llama_cpp.mtmd_cpp as mtmd
+
+        chunks = self._image_chunks(text, images, add_special=add_special)
+        try:  # an image's positions hold no token: -1 stands there (never a vocabulary id)
+            return [t for _, tokens, n in self._chunk_ids(chunks) for t in (tokens if tokens is not None else [-1] * n)]
+        finally:
+            mtmd.mtmd_input_chunks_free(chunks)
+
+    def _evaluate_images(self, request: Request) -> list[int]:
+        """Compute the prompt with its images into the context (as ``MTMDChatHandler`` does), from empty;
+        returns the ids ``Llama.generate`` then continues from (all of the prompt but its last token is kept)."""
+        import ctypes
+
+        import llama_cpp
+        import llama_cpp.mtmd_cpp as mtmd
+
+        from ..chat_template import starts_with_bos
+
+        llm = self.llm
+        add_special = not starts_with_bos(request.prompt, self.special_tokens)
+        chunks = self._image_chunks(request.prompt, request.images, add_special=add_special)
+        try:
+            llm.reset()
+            llm._ctx.kv_cache_clear()
+            for chunk, tokens, _n in self._chunk_ids(chunks):
+                if tokens is not None:
+                    llm.eval(tokens)
+                    continue
+                n_past = llama_cpp.llama_pos(0)
+                said = mtmd.mtmd_helper_eval_chunk_single(self._mtmd, llm._ctx.ctx, chunk, llama_cpp.llama_pos(llm.n_tokens),
+                                                          llama_cpp.llama_seq_id(0), llm.n_batch, False,
+                                                          ctypes.byref(n_past))
+                if said != 0:
+                    raise GenerationError(f"llama.cpp could not compute an image (mtmd said {said})",
+                                          "check the projector matches the model")
+                llm.n_tokens = n_past.value
+        finally:
+            mtmd.mtmd_input_chunks_free(chunks)
+        return [int(t) for t in llm.input_ids[: llm.n_tokens]]
 
     @property
     def chat_template(self) -> str | None:
@@ -615,7 +770,9 @@ class LlamaCppLoader(TokenLoader):
         self.draft_counts = None
         if limit <= 0:
             return
-        if request.reuse_prefix:  # generate(reset=True) keeps the longest prefix the context shares with the prompt
+        if request.images:  # computed here, images and all; generate() goes on from it
+            prompt_ids = self._evaluate_images(request)
+        elif request.reuse_prefix:  # generate(reset=True) keeps the longest prefix the context shares with the prompt
             kept = list(llm._input_ids[: llm.n_tokens])
             self.reused_tokens = next(
                 (i for i, (a, b) in enumerate(zip(kept, prompt_ids[:-1], strict=False)) if a != b),

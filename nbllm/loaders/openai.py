@@ -35,7 +35,7 @@ import socket
 import threading
 import time
 import warnings
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any, ClassVar, Generic, TypeVar
 from urllib.parse import urlsplit
@@ -204,7 +204,7 @@ def request_body(kind: ServerKind, model_id: str, request: Request) -> tuple[str
     body: dict[str, Any] = {"model": model_id, "stream": True, "stream_options": {"include_usage": True}}
     if chat:
         path = "chat/completions"
-        body["messages"] = [dict(m) for m in request.messages or ()]
+        body["messages"] = wire_messages(request.messages or (), request.images)
         if request.continue_final:  # llama.cpp's server continues a final assistant message by itself
             body.update(kind.continue_fields)
     else:
@@ -241,15 +241,37 @@ def request_body(kind: ServerKind, model_id: str, request: Request) -> tuple[str
     if opts.logprobs is not None:
         body.update(logprobs_fields(opts.logprobs, chat=chat))
     if chat and request.tools:
-        body.update(_tool_fields(request))
+        body.update(_tool_fields(request, body["messages"]))
     return path, body, unsent
 
 
-def _tool_fields(request: Request) -> dict[str, Any]:
-    """OpenAI's ``tools`` / ``tool_choice``, and the messages' tool calls with their arguments as JSON text
-    (nbllm keeps them as objects, as chat templates render them)."""
+def wire_messages(messages: Sequence[Mapping[str, Any]], images: Sequence[Any], *, native: bool = False) -> list[dict[str, Any]]:
+    """The messages as a server takes them: nbllm's image parts (by sha256) become OpenAI's ``image_url``
+    parts with the image inline (``data:image/png;base64``), or, for Ollama's own API (``native``), the
+    message's text with the images in its ``images`` list (base64)."""
+    pixels = iter(images)
+    out = []
+    for m in messages:
+        content = m["content"]
+        if isinstance(content, str):
+            out.append(dict(m))
+        elif native:
+            text = "".join(p["text"] for p in content if p["type"] == "text")
+            shown = [next(pixels).data_url().partition(",")[2] for p in content if p["type"] == "image"]
+            out.append({"role": m["role"], "content": text, "images": shown})
+        else:
+            out.append({"role": m["role"], "content": [
+                {"type": "text", "text": p["text"]} if p["type"] == "text"
+                else {"type": "image_url", "image_url": {"url": next(pixels).data_url()}} for p in content]})
+    return out
+
+
+def _tool_fields(request: Request, wired: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """OpenAI's ``tools`` / ``tool_choice``, and the ``wired`` messages (:func:`wire_messages`: images already
+    inline) with their tool calls' arguments as JSON text (nbllm keeps them as objects, as chat templates
+    render them)."""
     messages = []
-    for m in request.messages or ():
+    for m in wired:
         if m.get("tool_calls"):
             m = {**m, "content": m.get("content") or "", "tool_calls": [  # "" not null: llama-cpp-python's wants text
                 {**c, "function": {**c["function"], "arguments": c["function"]["arguments"]
@@ -281,7 +303,7 @@ def _native_body(kind: ServerKind, model_id: str, request: Request) -> tuple[str
     }
     body: dict[str, Any] = {"model": model_id, "stream": True, "options": options, **_constraint_fields(kind, request)}
     if request.messages is not None:  # a final assistant message is continued by Ollama itself
-        body["messages"] = [dict(m) for m in request.messages]
+        body["messages"] = wire_messages(request.messages, request.images, native=True)
         return "api/chat", body, []
     body["prompt"], body["raw"] = request.prompt, True
     return "api/generate", body, []
@@ -481,6 +503,10 @@ class OpenAILoader(TextLoader):
         self.placement.notes.append(
             f"served by {server if kind != 'unknown' else 'an OpenAI-compatible server'} at {self.url}"
             + (f"; it also serves: {', '.join(others)}" if others else ""))
+
+    @property
+    def takes_images(self) -> bool:
+        return True  # passed on as image_url parts: the server says whether its model takes them
 
     def unload(self) -> None:
         client, self.client = self.client, None

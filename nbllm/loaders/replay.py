@@ -111,6 +111,10 @@ class ReplayLoader(TextLoader):
         self.source = None
         self.applied = []
 
+    @property
+    def takes_images(self) -> bool:
+        return True  # a request's images are in its messages by sha256: they match as the messages do
+
     def set_adapters(self, adapters: Sequence[Adapter]) -> None:
         self.applied = list(adapters)
 

@@ -148,6 +148,13 @@ def _config_json(source: ModelSource) -> dict[str, Any]:
     return config if isinstance(config, dict) else {}
 
 
+def is_vision_model(config: dict[str, Any]) -> bool:
+    """Whether a folder's config.json describes an image-text-to-text model (a vision tower beside its
+    language model: LLaVA, Idefics3/SmolVLM, Gemma 3, Qwen2-VL...): loaded with ``AutoModelForImageTextToText``
+    and its ``AutoProcessor``."""
+    return isinstance(config.get("vision_config"), dict)
+
+
 def needs_remote_code(config: dict[str, Any]) -> bool:
     """Whether the model's architecture exists only in code shipped with it (config.json auto_map)."""
     if not config.get("auto_map"):
@@ -214,6 +221,8 @@ class TransformersLoader(TokenLoader):
         """The tokenizers library's own decode, where ``tokenizer.decode`` adds nothing to it."""
         self._dequantized: str | None = None
         """A GGUF file's load, in words (see :mod:`nbllm.loaders.transformers_gguf`)."""
+        self.processor: Any = None
+        """A vision model's processor (``AutoProcessor``: its image processor and tokenizer), else ``None``."""
 
     # -- before anything is released ------------------------------------------------------------
     @classmethod
@@ -301,7 +310,13 @@ class TransformersLoader(TokenLoader):
     def load(self, source: ModelSource, options: LoadOptions) -> None:
         quiet_library_noise()  # bitsandbytes' import (--load-in-4bit) says nothing a user can act on
         import torch
-        from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+        from transformers import (
+            AutoConfig,
+            AutoModelForCausalLM,
+            AutoModelForImageTextToText,
+            AutoProcessor,
+            AutoTokenizer,
+        )
 
         from . import _gpu
 
@@ -335,14 +350,20 @@ class TransformersLoader(TokenLoader):
                                                         quantized)
                 del empty
                 notes += _gpu.empty_gpus(kwargs["device_map"], memory)
+            vision = not gguf and is_vision_model(config_json)
+            model_class = AutoModelForImageTextToText if vision else AutoModelForCausalLM
             with _no_progress_bars():  # transformers' "Loading weights" bar: nbllm's own line says it loaded
-                self.model = AutoModelForCausalLM.from_pretrained(
+                self.model = model_class.from_pretrained(
                     path, attn_implementation=attention, trust_remote_code=remote, revision=options.revision,
                     **gguf, **kwargs
                 )
             self.model.eval()
-            self.tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=remote, revision=options.revision,
-                                                           **gguf)
+            if vision:
+                self.processor = AutoProcessor.from_pretrained(path, trust_remote_code=remote, revision=options.revision)
+                self.tokenizer = self.processor.tokenizer
+            else:
+                self.tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=remote,
+                                                               revision=options.revision, **gguf)
             self._rust_decode = _plain_rust_decode(self.tokenizer)
             if options.draft_model:
                 from ._speculative import draft_source, load_transformers_draft
@@ -414,7 +435,7 @@ class TransformersLoader(TokenLoader):
         if device_map:
             devices = Counter(_device_name(d) for d in device_map.values())
         else:
-            devices = Counter({dev: self.model.config.num_hidden_layers for dev in memory})
+            devices = Counter({dev: self.model.config.get_text_config().num_hidden_layers for dev in memory})
         return Placement(dict(devices), dict(memory), [note] if note else [])
 
     def _prepare_compile(self) -> str:
@@ -437,6 +458,7 @@ class TransformersLoader(TokenLoader):
         self.model = None
         self.draft = None
         self.tokenizer = None
+        self.processor = None
         self._cache, self._cache_ids = None, []
         if self._compiled is not None:
             self._compiled.release()
@@ -445,6 +467,14 @@ class TransformersLoader(TokenLoader):
     # -- text ------------------------------------------------------------------------------------
     def tokenize(self, text: str, *, add_special: bool) -> list[int]:
         return list(self.tokenizer(text, add_special_tokens=add_special)["input_ids"])
+
+    def tokenize_with_images(self, text: str, images: Sequence[Any], *, add_special: bool) -> list[int]:
+        return list(self._image_inputs(text, images, add_special=add_special)["input_ids"][0].tolist())
+
+    def _image_inputs(self, text: str, images: Sequence[Any], *, add_special: bool) -> Any:
+        """The processor's inputs for ``text`` (its image placeholders expanded) and ``images`` (pixels)."""
+        return self.processor(text=text, images=[image.pil() for image in images], return_tensors="pt",
+                              add_special_tokens=add_special)
 
     def decode(self, ids: Sequence[int]) -> str:
         if self._rust_decode is not None:  # called twice per new token: the wrapper's own work shows
@@ -459,8 +489,12 @@ class TransformersLoader(TokenLoader):
         return frozenset([eos] if isinstance(eos, int) else (eos or []))
 
     @property
+    def takes_images(self) -> bool:
+        return self.processor is not None
+
+    @property
     def chat_template(self) -> str | None:
-        template = getattr(self.tokenizer, "chat_template", None)
+        template = getattr(self.processor, "chat_template", None) or getattr(self.tokenizer, "chat_template", None)
         if isinstance(template, dict):
             template = template.get("default")
         return template or None
@@ -471,10 +505,11 @@ class TransformersLoader(TokenLoader):
 
     @property
     def context_length(self) -> int | None:
-        n = getattr(self.model.config, "max_position_embeddings", None)
+        config = self.model.config.get_text_config()  # a vision model's language model holds it
+        n = getattr(config, "max_position_embeddings", None)
         if n is None:
             return None
-        factor = (getattr(self.model.config, "rope_parameters", None) or {}).get("factor") or 1.0
+        factor = (getattr(config, "rope_parameters", None) or {}).get("factor") or 1.0
         return int(n * factor)
 
     def describe(self) -> dict[str, Any]:
@@ -570,11 +605,20 @@ class TransformersLoader(TokenLoader):
         assert prompt_ids is not None
         self.compile_seconds = None
         self.draft_counts = None
+        pixels: dict[str, Any] = {}  # a vision model's image inputs (pixel values...), beside the ids
+        if request.images:
+            from ..chat_template import starts_with_bos
+
+            add_special = not starts_with_bos(request.prompt, self.special_tokens)
+            inputs = self._image_inputs(request.prompt, request.images, add_special=add_special)
+            prompt_ids = inputs["input_ids"][0].tolist()
+            pixels = {k: v for k, v in inputs.items() if k not in ("input_ids", "attention_mask")}
+            reuse_prefix = False  # the kept state is of other pixels, perhaps: compute it all
         constrained = self._constraint_processors(request, rows=1, width=len(prompt_ids))
         samplers = self.sampler_processors(request.options)
         speculative = self._speculation(request, exact_steps=bool(constrained) or request.options.logprobs is not None)
         if (self._compiled is not None and not constrained and not samplers and request.options.logprobs is None
-                and not speculative):  # else generate's path
+                and not speculative and not pixels):  # else generate's path
             return self._compiled_tokens(request)
         logprobs = transformers_recorder(self, request)
         processors: list[Any] = [*constrained, *samplers]
@@ -632,6 +676,7 @@ class TransformersLoader(TokenLoader):
                 model.generate(
                     input_ids=input_ids,
                     attention_mask=torch.ones_like(input_ids),
+                    **{k: v.to(device) for k, v in pixels.items()},
                     streamer=Emit(),
                     stopping_criteria=StoppingCriteriaList([Cancelled()]),
                     cache=cache,

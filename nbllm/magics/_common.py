@@ -200,6 +200,24 @@ def interpolate(text: str, namespace: Mapping[str, Any]) -> str:
     return _NAME.sub(substitute, text)
 
 
+def interpolate_message(text: str, namespace: Mapping[str, Any]) -> str | list[Any]:
+    """:func:`interpolate` for a chat message, where ``{name}`` may also be an image (a PIL image, a numpy
+    array, a ``pathlib.Path``: :func:`nbllm.images.is_image`): then the message is a list of text pieces
+    and images, in order; without images it is the same text :func:`interpolate` gives."""
+    from ..images import is_image
+
+    pieces: list[Any] = []
+    at = 0
+    for match in _NAME.finditer(text):
+        name = match.group(2)
+        if name is not None and name in namespace and is_image(namespace[name]):
+            pieces += [interpolate(text[at:match.start()], namespace), namespace[name]]
+            at = match.end()
+    if not pieces:
+        return interpolate(text, namespace)
+    return [*pieces, interpolate(text[at:], namespace)]
+
+
 class StreamView:
     """Shows a streamed result: one display updated at most every ``interval`` seconds in a
     notebook; plain writes to stdout in a terminal. The last update carries the record as metadata."""

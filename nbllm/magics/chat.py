@@ -13,6 +13,7 @@ from ._common import (
     generation_arguments,
     generation_options,
     interpolate,
+    interpolate_message,
     lazy_arguments,
     output_argument,
     parse_line,
@@ -57,7 +58,8 @@ class ChatMagics(Magics):
         """Send the cell as your next message in conversation NAME; the reply streams into the output.
 
         The conversation goes on across cells and is rendered through the model's own chat template.
-        ``{name}`` inserts the value of the variable ``name``. When the history no longer fits the
+        ``{name}`` inserts the value of the variable ``name``; an image there (a PIL image, a numpy array,
+        a ``pathlib.Path``) goes to a vision model as an image. When the history no longer fits the
         context, its oldest turns are left out (never the system prompt) and a note says so.
         Examples::
 
@@ -77,7 +79,7 @@ class ChatMagics(Magics):
         args = parse_line(self.llm_chat, line)
         shell = self.shell
         assert shell is not None
-        message = interpolate((cell or "").strip("\n"), shell.user_ns)
+        message = interpolate_message((cell or "").strip("\n"), shell.user_ns)
         conv = conversation(args.name)
         if args.model is not None:
             from ..registry import DEFAULT, engine_for

@@ -91,13 +91,16 @@ def chat_html(text: str) -> str:
 class MessageView(W.HTML):
     """One message of the chat, its markdown rendered to HTML in the kernel (:func:`chat_html`)."""
 
-    def __init__(self, role: str, text: str = "", note: str = "", tokens: list[dict[str, Any]] | None = None) -> None:
+    def __init__(self, role: str, text: str = "", note: str = "", tokens: list[dict[str, Any]] | None = None,
+                 images: list[Any] | None = None) -> None:
         super().__init__(layout=W.Layout(width="auto"))
         self.role = role
         self.add_class("nbllm-msg")
         self.add_class(f"nbllm-msg-{role}")
         self.text = ""
         self.note = ""
+        self.images = list(images or [])
+        """The message's images (:class:`~nbllm.images.ChatImage`), shown small under its text."""
         self.show(text, note, tokens)
 
     def show(self, text: str, note: str = "", tokens: list[dict[str, Any]] | None = None) -> None:
@@ -108,6 +111,8 @@ class MessageView(W.HTML):
         label = {"user": "You", "assistant": "Assistant"}.get(self.role, self.role)
         head = f"<b>{html.escape(label)}</b>" + (f" <small><i>{html.escape(note)}</i></small>" if note else "")
         body = chat_html(text) if text else "<p>…</p>"
+        pictures = "".join(f"<img class='nbllm-msg-image' src='{image.data_url()}' title='sha256 {image.sha256}' "
+                           "style='max-height: 128px; margin: 2px 4px 4px 0'>" for image in self.images)
         view = ""
         if tokens:
             from ..tokens import TokenLogprobs
@@ -115,7 +120,7 @@ class MessageView(W.HTML):
             view = (f"<details class='nbllm-tokens' open><summary><small>tokens ({len(tokens)}, coloured by "
                     f"probability; hover for the alternatives)</small></summary>{TokenLogprobs(tokens).html()}</details>")
         self.value = (f"<div class='jp-RenderedHTMLCommon nbllm-md'><div class='nbllm-msg-head'>{head}</div>"
-                      f"{body}{view}</div>")
+                      f"{body}{pictures}{view}</div>")
 
 
 def words(exc: NbllmError) -> str:
@@ -211,6 +216,9 @@ class ChatPanel(W.VBox):
         self.input = W.Textarea(placeholder="Message (the Send button sends it; Enter starts a new line)", rows=3,
                                 layout=W.Layout(width="auto"))
         self.input.add_class("nbllm-input")
+        self.upload = W.FileUpload(accept="image/*", multiple=True, description="Image",
+                                   tooltip="Images to send with the next message (a vision model takes them)")
+        self.upload.add_class("nbllm-upload")
         self.send_button = button("Send", "send", style="primary", icon="paper-plane")
         self.stop_button = button("Stop", "stop", style="warning", icon="stop")
         self.regenerate_button = button("Regenerate", "regenerate", icon="redo")
@@ -232,7 +240,7 @@ class ChatPanel(W.VBox):
             self.scroller,
             self.input,
             W.HBox([self.send_button, self.stop_button, self.regenerate_button, self.continue_button,
-                    self.clear_button]),
+                    self.clear_button, self.upload]),
             self.status,
             self.messages,
         ]
@@ -294,7 +302,7 @@ class ChatPanel(W.VBox):
         with self._render_lock:
             if (self.chat.system or "") != self.system.value:
                 self.system.value = self.chat.system or ""
-            shown = [(t.user, t.reply.content if t.reply else None, _reply_note(t), len(_reply_tokens(t) or ()))
+            shown = [(t.shown, t.reply.content if t.reply else None, _reply_note(t), len(_reply_tokens(t) or ()))
                      for t in self.chat.turns]
             if shown == self._shown and len(self.view.children) == sum(1 + (r is not None) for _u, r, _n, _t in shown):
                 self._set_buttons(generating=False)
@@ -304,7 +312,7 @@ class ChatPanel(W.VBox):
             self._shown = shown
             views: list[W.Widget] = []
             for turn in self.chat.turns:
-                views.append(MessageView("user", turn.user))
+                views.append(MessageView("user", turn.shown, images=turn.images))
                 if turn.reply is not None:
                     views.append(MessageView("assistant", turn.reply.content, _reply_note(turn), _reply_tokens(turn)))
             old = self.view.children
@@ -325,9 +333,22 @@ class ChatPanel(W.VBox):
 
     # -- actions -------------------------------------------------------------------------------------
     def send(self, text: str | None = None) -> None:
-        """Send the input box's text (or ``text``) as the next user message and stream the reply."""
+        """Send the input box's text (or ``text``) as the next user message, with the uploaded images
+        before it (then the upload is emptied), and stream the reply."""
         message = (self.input.value if text is None else text).strip()
-        self._start(lambda: self.chat.reply(message), user=message, restore_input=message)
+        uploads = list(self.upload.value)
+        if not uploads:
+            self._start(lambda: self.chat.reply(message), user=message, restore_input=message)
+            return
+        from ..images import as_image
+
+        images = guarded(self.messages, lambda: [as_image(bytes(f["content"]), f["name"]) for f in uploads], words)
+        if images is None:
+            return  # an unreadable upload: said in one line; the upload stays to be replaced
+        pieces: list[Any] = [*images, message] if message else images
+        shown = "".join(f"[image {image.sha256[:12]}]" for image in images) + message
+        if self._start(lambda: self.chat.reply(pieces), user=shown, restore_input=message, images=images):
+            self.upload.value = ()
 
     def regenerate(self) -> None:
         """Write the last reply again (the earlier version is kept in the conversation)."""
@@ -374,7 +395,8 @@ class ChatPanel(W.VBox):
         restore_input: str | None = None,
         replace_last: bool = False,
         continue_last: bool = False,
-    ) -> None:
+        images: list[Any] | None = None,
+    ) -> bool:
         """Start a generation (on this thread, so its errors show at once) and stream it on a worker.
 
         After Stop, the stopped reply ends within a token: a Send right after it waits for that (the
@@ -384,11 +406,11 @@ class ChatPanel(W.VBox):
             self.wait(STOP_WAIT_SECONDS)
         if self.generating:
             self.messages.show_error(BUSY)
-            return
+            return False
         self.chat.system = self.system.value or None
         result = guarded(self.messages, start, words)
         if result is None:
-            return
+            return False
         self._result = result
         self._busy = True
         with self._render_lock:
@@ -403,7 +425,7 @@ class ChatPanel(W.VBox):
                     views[-1].close()
                     views = views[:-1]
                 if not replace_last and user is not None:
-                    views.append(MessageView("user", user))
+                    views.append(MessageView("user", user, images=images))
                     self._to_the_end()
                 reply_view = MessageView("assistant")
                 views.append(reply_view)
@@ -419,6 +441,7 @@ class ChatPanel(W.VBox):
         _writing.add(result)
         stop_replies_on_interrupt()
         self._worker.start()
+        return True
 
     def _stream(self, result: Result, view: MessageView, prefix: str, restore_input: str | None) -> None:
         """The worker: read the result and show its text every UPDATE_INTERVAL seconds."""
