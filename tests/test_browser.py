@@ -282,6 +282,23 @@ def test_settings_and_chat_panels_in_jupyterlab(lab: Lab, page: Any, tmp_path: P
     _set_number(page, ".nbllm-opt-top_k input", "0")
     page.wait_for_function("() => !document.querySelector('.nbllm-option .nbllm-opt-top_k.nbllm-invalid')")
 
+    # -- the samplers: a closed section opens on a click; a value set in it is the kernel's default -----
+    dry = page.locator(".nbllm-opt-dry_multiplier input")
+    assert not dry.is_visible()  # closed until opened
+    page.locator(".nbllm-samplers-repetition .jupyter-widget-Collapse-header").click()
+    dry.wait_for()
+    assert page.locator(".nbllm-opt-presence_penalty input").is_visible()  # its group's fields with it
+    assert not page.locator(".nbllm-opt-mirostat_mode").is_visible()  # another group's stay closed
+    assert _sideways_scrollers(page, ".nbllm-settings") == []
+    _set_number(page, ".nbllm-opt-dry_multiplier input", "0.8")
+    page.wait_for_function("() => document.querySelector('.nbllm-preset').innerText.includes('custom')")
+    assert _kernel_output(page, "from nbllm import get_engine; print(get_engine().defaults.dry_multiplier)") == "0.8"
+    _set_number(page, ".nbllm-opt-dry_multiplier input", "0")  # (the replies below are checked greedy)
+    page.wait_for_function("() => document.querySelector('.nbllm-preset').innerText.includes('deterministic')")
+    assert _kernel_output(page, "from nbllm import get_engine; print(get_engine().defaults.dry_multiplier)") == "0.0"
+    page.locator(".nbllm-samplers-repetition .jupyter-widget-Collapse-header").click()
+    dry.wait_for(state="hidden")
+
     # -- Load: busy and disabled while the model loads (a second click cannot be lost), then back -----
     page.evaluate(_WATCH_BUSY)
     page.locator(".nbllm-load").click()
@@ -321,7 +338,11 @@ def test_settings_and_chat_panels_in_jupyterlab(lab: Lab, page: Any, tmp_path: P
     page.locator(".nbllm-opt-loader select").select_option("auto")
     model.wait_for()
     shots.mkdir(parents=True, exist_ok=True)
-    _screenshot(settings, shots / "settings-panel.png")
+    # (the samplers' closed sections make the panel ~2500 px tall: a taller view to take it whole)
+    page.set_viewport_size({"width": 1280, "height": 3000})
+    page.wait_for_function("() => window.innerHeight === 3000")
+    _screenshot(settings, shots / "settings-panel.png", fits=2800)
+    page.set_viewport_size({"width": 1280, "height": 2400})
 
     # -- chat panel: a short reply streams in ---------------------------------------------------------
     chat = page.locator(".nbllm-chat-panel")
@@ -532,11 +553,11 @@ def _sideways_scrollers(page: Any, selector: str) -> list[str]:
     ))
 
 
-def _screenshot(panel: Any, path: Path) -> None:
+def _screenshot(panel: Any, path: Path, fits: int = 2200) -> None:
     """A screenshot of one panel, its top scrolled to the top of the notebook (under no toolbar)."""
     panel.evaluate("el => el.scrollIntoView({block: 'start'})")
     box = panel.bounding_box()
-    assert box is not None and box["height"] < 2200, f"the panel is {box} tall: it does not fit the viewport"
+    assert box is not None and box["height"] < fits, f"the panel is {box} tall: it does not fit the viewport"
     panel.screenshot(path=str(path))
 
 
@@ -592,6 +613,22 @@ def _wait_last_length(page: Any, selector: str, minimum: int, count: int = 1) ->
         arg=[selector, minimum, count],
     )
     return int(handle.json_value())
+
+
+def _kernel_output(page: Any, code: str) -> str:
+    """What ``code`` prints, run in the notebook's kernel through JupyterLab's own kernel connection
+    (after the widget messages sent before it: one channel, in order)."""
+    return str(page.evaluate("""async (code) => {
+        const kernel = window.jupyterapp.shell.currentWidget.sessionContext.session.kernel;
+        const future = kernel.requestExecute({code, store_history: false});
+        let out = '';
+        future.onIOPub = (msg) => {
+            if (msg.header.msg_type === 'stream') out += msg.content.text;
+            if (msg.header.msg_type === 'error') out += msg.content.ename + ': ' + msg.content.evalue;
+        };
+        await future.done;
+        return out;
+    }""", code)).strip()
 
 
 def _set_number(page: Any, selector: str, value: int | str) -> None:

@@ -96,11 +96,99 @@ def shown(panel: SettingsPanel) -> set[str]:
 def test_every_panel_option_comes_from_the_schema_with_its_help(settings: SettingsPanel) -> None:
     from nbllm.options import LoadOptions
 
-    assert list(settings.load_fields) == [s.name for s in LoadOptions.specs() if s.panel]
+    assert list(settings.load_fields) == [s.name for s in LoadOptions.specs() if s.panel or s.name == "draft_model"]
     for name, field in settings.load_fields.items():
         assert html.escape(LoadOptions.spec(name).help) in field.help.value  # help shown under it
         assert field.spec.group in LoadOptions.GROUPS
     assert [b.description for b in settings.preset_buttons.values()] == list(GenerationOptions.presets())
+
+
+def _descendants(widget: Any) -> Iterator[Any]:
+    yield widget
+    for child in getattr(widget, "children", ()):
+        yield from _descendants(child)
+
+
+def test_every_generation_option_with_a_panel_flag_is_in_the_panel_in_its_samplers_section(
+        settings: SettingsPanel) -> None:
+    """A generation option added to the schema with a panel flag shows in the panel without a line here:
+    in the open fields or in one of the samplers' sections (text-generation-webui's groups), with its help."""
+    from nbllm.options import SAMPLER_OPTIONS
+    from nbllm.widgets.settings import GENERATION_FIELDS, SAMPLER_SECTIONS
+
+    in_panel = {id(w) for w in _descendants(settings)}
+    for spec in GenerationOptions.specs():
+        if spec.panel:
+            assert spec.name in settings.gen_fields, spec.name
+    for name, field in settings.gen_fields.items():
+        assert id(field) in in_panel, name
+        assert html.escape(GenerationOptions.spec(name).help) in field.help.value
+    assert set(SAMPLER_OPTIONS) <= set(settings.gen_fields)  # sampler_priority too, though no panel option
+    assert "prompt_lookup" in GENERATION_FIELDS and "draft_model" in settings.load_fields
+    # Each section holds its group's fields, closed until opened; titles are text-generation-webui's.
+    for key, (section_title, names) in SAMPLER_SECTIONS.items():
+        box = settings.sampler_sections[key]
+        assert box.titles == (section_title,) and box.selected_index is None
+        inside = {id(w) for w in _descendants(box)}
+        assert all(id(settings.gen_fields[n]) in inside for n in names), key
+    # docs/panels.md's table of the sections says the same
+    rows = {line.split("|")[1].strip(): line.split("|")[2] for line in
+            (Path(__file__).parent.parent / "docs" / "panels.md").read_text().splitlines() if line.count("|") == 3}
+    for section_title, names in SAMPLER_SECTIONS.values():
+        assert [n for n in rows[section_title].replace(",", " ").split() if n in settings.gen_fields] == list(names)
+    assert [f.spec.name for f in settings.gen_fields.values() if f.slider is not None and
+            any(id(f) in {id(w) for w in _descendants(b)} for b in settings.sampler_sections.values())]
+
+
+def test_dry_set_in_the_panel_reaches_the_next_cell_and_a_bad_value_is_one_line(
+        settings: SettingsPanel, engine: Any, shell: Any, tiny_model: Path) -> None:
+    engine.load(tiny_model)
+    dry = settings.gen_fields["dry_multiplier"]
+    dry.input.value = "0.8"  # typed in the Repetition suppression section
+    settings.gen_fields["dry_allowed_length"].input.value = "3"
+    assert engine.defaults.dry_multiplier == 0.8 and engine.defaults.dry_allowed_length == 3
+    assert "custom" in settings.preset_label.value
+    shell.run_cell("%%llm --max-new-tokens 4 --seed 1\nHello").raise_error()
+    record = engine.last_result.record
+    assert record.generation_options["dry_multiplier"] == 0.8
+    assert record.generation_options["dry_allowed_length"] == 3
+    # What the schema refuses stays in the field, red, with one line; the default in use stays.
+    breakers = settings.gen_fields["dry_sequence_breakers"]
+    dry.input.value = "-1"
+    assert dry.messages.error_text == "dry_multiplier -1 is below 0.0. Use a value at least 0.0. In use: 0.8."
+    assert engine.defaults.dry_multiplier == 0.8
+    breakers.input.value = "not quoted"
+    assert breakers.messages.error_text.startswith("dry_sequence_breakers 'not quoted' is not a list of quoted")
+    assert "\n" not in breakers.messages.error_text and engine.defaults.dry_sequence_breakers == (
+        GenerationOptions.spec("dry_sequence_breakers").default)
+    assert not breakers.valid and breakers.messages.error_text.endswith('In use: "\\n", ":", "\\"", "*".')
+    priority = settings.gen_fields["sampler_priority"]  # the other fields still work, their errors their own
+    priority.input.value = "temperature\nnot_a_sampler"
+    assert "not_a_sampler" in priority.messages.error_text and "breakers" not in priority.messages.error_text
+    assert engine.defaults.sampler_priority == ()
+    priority.input.value = "temperature\ndry"
+    assert engine.defaults.sampler_priority == ("temperature", "dry") and priority.messages.error_text == ""
+
+
+def test_a_user_preset_fills_the_samplers_fields(in_folder: Path, engine: Any) -> None:
+    presets = in_folder.parent / "presets"
+    presets.mkdir()
+    (presets / "dry-mirostat.yaml").write_text("temperature: 0.9\ndry_multiplier: 0.8\ndry_base: 2\n"
+                                               "mirostat_mode: 2\nmirostat_tau: 4\nsampler_priority:\n"
+                                               "- temperature\n- dry\n")
+    panel = SettingsPanel(models_dir=in_folder)
+    try:
+        panel.gen_fields["xtc_probability"].value = 0.5  # a sampler the preset does not name: off after it
+        panel.preset_buttons["dry-mirostat"].click()
+        fields = panel.gen_fields
+        assert (fields["dry_multiplier"].value, fields["dry_base"].value, fields["mirostat_mode"].value) == (0.8, 2.0, 2)
+        assert fields["mirostat_tau"].input.value == "4" and fields["temperature"].value == 0.9
+        assert fields["sampler_priority"].input.value == "temperature\ndry"
+        assert fields["xtc_probability"].value == 0.0 and fields["top_p"].value == 1.0  # neutral, as in TGW
+        assert engine.defaults.dry_multiplier == 0.8 and engine.defaults.mirostat_mode == 2
+        assert "dry-mirostat" in panel.preset_label.value
+    finally:
+        panel.close()
 
 
 def test_models_folder_listing_and_loader_auto_shows_only_its_options(settings: SettingsPanel, folder: Path) -> None:

@@ -47,9 +47,43 @@ from ._common import (
 log = logging.getLogger("nbllm.widgets")
 
 GENERATION_FIELDS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty", "max_new_tokens", "seed", "stop",
-                     "logprobs", "schema", "choice")
-"""The generation options the panel shows (the others keep the engine's defaults). Presets are the
-library's (:meth:`GenerationOptions.presets`)."""
+                     "logprobs", "schema", "choice", "prompt_lookup")
+"""The generation options the panel shows first, open (logprobs too, though it is no panel option of
+the schema: the chat panel shows the tokens it gives). Every other generation option with a panel
+flag shows in the samplers' sections (:data:`SAMPLER_SECTIONS`). Presets are the library's
+(:meth:`GenerationOptions.presets`)."""
+
+SAMPLER_SECTIONS: dict[str, tuple[str, tuple[str, ...]]] = {
+    "curve-shape": ("Curve shape", ("dynamic_temperature", "dynatemp_low", "dynatemp_high", "dynatemp_exponent",
+                                    "smoothing_factor", "smoothing_curve")),
+    "curve-cutoff": ("Curve cutoff", ("top_n_sigma", "typical_p", "xtc_threshold", "xtc_probability",
+                                      "epsilon_cutoff", "eta_cutoff", "top_a")),
+    "repetition": ("Repetition suppression", ("dry_multiplier", "dry_allowed_length", "dry_base",
+                                              "dry_sequence_breakers", "repetition_penalty_range", "presence_penalty",
+                                              "frequency_penalty", "no_repeat_ngram_size")),
+    "alternative": ("Alternative sampling methods", ("mirostat_mode", "mirostat_tau", "mirostat_eta",
+                                                     "guidance_scale", "negative_prompt")),
+    "other": ("Other options", ("temperature_last", "sampler_priority", "ban_eos_token", "custom_token_bans",
+                                "logit_bias")),
+}
+"""The samplers' collapsible sections, as text-generation-webui's Parameters tab groups them (its
+temperature, top_p, top_k, min_p and repetition_penalty are among :data:`GENERATION_FIELDS`, open
+above). Only names: each field's widget, help and checks come from the schema. sampler_priority is
+shown though the schema marks it no panel option (text-generation-webui's tab has it); a panel
+generation option no section names lands in "Other options", so none is ever left out."""
+
+PANEL_LOAD_EXTRA = ("draft_model",)
+"""Load options shown though the schema marks them no panel option: the draft model of speculative
+decoding (a path or a models-folder name, typed), beside draft_max."""
+
+
+def generation_sections() -> dict[str, tuple[str, list[str]]]:
+    """Each samplers' section's title and its fields: :data:`SAMPLER_SECTIONS`, and in "other" every
+    panel generation option shown nowhere else."""
+    sections = {key: (t, list(names)) for key, (t, names) in SAMPLER_SECTIONS.items()}
+    placed = set(GENERATION_FIELDS).union(*(names for _t, names in sections.values()))
+    sections["other"][1].extend(s.name for s in GenerationOptions.specs() if s.panel and s.name not in placed)
+    return sections
 
 _NO_MODEL = "(no model in the models folder)"
 
@@ -240,6 +274,16 @@ class OptionField(W.VBox):
         for callback in self._listeners:
             callback(self)
 
+    def refuse(self, message: str, in_use: Any) -> None:
+        """The whole set refused what the field holds (a format the field alone cannot check, such as
+        DRY's sequence breakers, or an impossible combination): mark it invalid with ``message`` under
+        it, as a value the field refused, and keep ``in_use``, so the other fields keep working."""
+        self._valid = False
+        self._value = in_use
+        self.input.add_class("nbllm-invalid")
+        shown = "unset" if in_use is None else field_text(self.spec, in_use)
+        self.messages.show_error(f"{message} In use: {shown}.")
+
     def _slid(self, change: dict[str, Any]) -> None:
         if not self._moving:
             self.input.value = field_text(self.spec, round(change["new"], 6))
@@ -325,7 +369,7 @@ class SettingsPanel(W.VBox):
         self.download_output = W.Output(layout=W.Layout(width="auto"))
         self.download_output.add_class("nbllm-download-progress")
 
-        load_specs = [s for s in LoadOptions.specs() if s.panel]
+        load_specs = [s for s in LoadOptions.specs() if s.panel or s.name in PANEL_LOAD_EXTRA]
         self.load_fields: dict[str, OptionField] = {s.name: OptionField(s) for s in load_specs}
         self.effective_loader = W.HTML()
         self.effective_loader.add_class("nbllm-effective-loader")
@@ -359,9 +403,19 @@ class SettingsPanel(W.VBox):
 
         # -- generation defaults -------------------------------------------------------------------
         defaults = self.engine.defaults
+        sections = generation_sections()
+        names = [*GENERATION_FIELDS, *(n for _t, section in sections.values() for n in section)]
         self.gen_fields: dict[str, OptionField] = {
-            n: OptionField(GenerationOptions.spec(n), getattr(defaults, n)) for n in GENERATION_FIELDS
+            n: OptionField(GenerationOptions.spec(n), getattr(defaults, n)) for n in names
         }
+        # The samplers: one collapsible section per text-generation-webui group, closed until opened
+        # (each opens on its own: several can be open at once).
+        self.sampler_sections: dict[str, W.Accordion] = {}
+        for key, (section_title, section) in sections.items():
+            box = W.Accordion(children=[_grid([self.gen_fields[n] for n in section])], titles=(section_title,),
+                              selected_index=None, layout=W.Layout(width="auto"))  # (100% and its margins: sideways)
+            box.add_class(f"nbllm-samplers-{key}")
+            self.sampler_sections[key] = box
         self.preset_buttons = {name: button(name, f"preset-{name}") for name in GenerationOptions.presets()}
         self.preset_label = W.HTML()
         self.preset_label.add_class("nbllm-preset")
@@ -391,7 +445,11 @@ class SettingsPanel(W.VBox):
             W.HBox([W.HTML("Preset:"), *self.preset_buttons.values(), self.preset_label],
                    layout=W.Layout(flex_flow="row wrap")),
             self.preset_messages,
-            _grid(list(self.gen_fields.values())),
+            _grid([self.gen_fields[n] for n in GENERATION_FIELDS]),
+            W.HTML(f"<div style='{WRAP}; margin-top: 6px'><b>{html.escape(GenerationOptions.GROUPS['samplers'])}</b> "
+                   f"<span style='{HELP_STYLE}'>(grouped as in its Parameters tab; click a section to open it)"
+                   "</span></div>"),
+            *self.sampler_sections.values(),
         ], layout=W.Layout(width="100%", max_width="980px", border="1px solid var(--jp-border-color2, #ccc)",
                            padding="8px"))
         self.add_class("nbllm-settings")
@@ -764,8 +822,11 @@ class SettingsPanel(W.VBox):
         self._show_preset(defaults)
 
     def _show_preset(self, defaults: GenerationOptions) -> None:
+        # A preset matches when applying it changes nothing: its file's values, and the samplers it
+        # leaves neutral (a DRY set on top of balanced is custom, not balanced).
         presets = GenerationOptions.presets()
-        matching = [n for n, p in presets.items() if all(getattr(defaults, k) == v for k, v in p.items())]
+        matching = [n for n, p in presets.items() if all(getattr(defaults, k) == v for k, v in p.items())
+                    and GenerationOptions.preset(n, defaults) == defaults]
         self.preset_label.value = f"<i>{matching[0] if matching else 'custom'}</i>"
         for name, b in self.preset_buttons.items():
             b.button_style = "info" if name in matching[:1] else ""
@@ -779,6 +840,9 @@ class SettingsPanel(W.VBox):
             self.engine.defaults = self.generation_options()
 
         _check_set(self.gen_fields, field, run)
+        in_use = getattr(self.engine.defaults, field.spec.name)
+        if field.value != in_use:  # the set refused it: the field says so and the value in use stays
+            field.refuse(field.messages.error_text, in_use)
         self._show_preset(self.engine.defaults)
 
     def _load_field_changed(self, field: OptionField) -> None:
