@@ -553,7 +553,7 @@ class LoadOptions(_Schema):
         None, "A small model with the same tokenizer that drafts tokens for the loaded one to check in one step "
         "(speculative decoding: same text, faster decoding when the draft guesses well). A path or a models-folder "
         "name, of the loaded model's format (a GGUF file for llama.cpp, a model folder for Transformers).",
-        group="speculative", metavar="PATH", panel=False,
+        group="speculative", metavar="PATH",
     )
     draft_max: int = option(
         4, "With --draft-model: most tokens the draft model proposes per step (text-generation-webui's draft_max).",
@@ -784,7 +784,7 @@ class GenerationOptions(_Schema):
     )
     sampler_priority: tuple[str, ...] = option(
         (), "The order the samplers run in, by name (repeat the flag; empty: text-generation-webui's order). "
-        "Names: " + ", ".join(SAMPLER_ORDER) + ".", group="samplers", metavar="NAME", panel=False,
+        "Names: " + ", ".join(SAMPLER_ORDER) + ".", group="samplers", metavar="NAME",
     )
     temperature_last: bool = option(
         False, "Apply temperature (and dynamic temperature) after the other samplers instead of in its place in "

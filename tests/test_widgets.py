@@ -96,7 +96,7 @@ def shown(panel: SettingsPanel) -> set[str]:
 def test_every_panel_option_comes_from_the_schema_with_its_help(settings: SettingsPanel) -> None:
     from nbllm.options import LoadOptions
 
-    assert list(settings.load_fields) == [s.name for s in LoadOptions.specs() if s.panel or s.name == "draft_model"]
+    assert list(settings.load_fields) == [s.name for s in LoadOptions.specs() if s.panel]
     for name, field in settings.load_fields.items():
         assert html.escape(LoadOptions.spec(name).help) in field.help.value  # help shown under it
         assert field.spec.group in LoadOptions.GROUPS
@@ -123,7 +123,7 @@ def test_every_generation_option_with_a_panel_flag_is_in_the_panel_in_its_sample
     for name, field in settings.gen_fields.items():
         assert id(field) in in_panel, name
         assert html.escape(GenerationOptions.spec(name).help) in field.help.value
-    assert set(SAMPLER_OPTIONS) <= set(settings.gen_fields)  # sampler_priority too, though no panel option
+    assert set(SAMPLER_OPTIONS) <= set(settings.gen_fields)
     assert "prompt_lookup" in GENERATION_FIELDS and "draft_model" in settings.load_fields
     # Each section holds its group's fields, closed until opened; titles are text-generation-webui's.
     for key, (section_title, names) in SAMPLER_SECTIONS.items():

@@ -68,14 +68,8 @@ SAMPLER_SECTIONS: dict[str, tuple[str, tuple[str, ...]]] = {
 }
 """The samplers' collapsible sections, as text-generation-webui's Parameters tab groups them (its
 temperature, top_p, top_k, min_p and repetition_penalty are among :data:`GENERATION_FIELDS`, open
-above). Only names: each field's widget, help and checks come from the schema. sampler_priority is
-shown though the schema marks it no panel option (text-generation-webui's tab has it); a panel
-generation option no section names lands in "Other options", so none is ever left out."""
-
-PANEL_LOAD_EXTRA = ("draft_model",)
-"""Load options shown though the schema marks them no panel option: the draft model of speculative
-decoding (a path or a models-folder name, typed), beside draft_max."""
-
+above). Only names: each field's widget, help and checks come from the schema. A panel generation option no
+section names lands in "Other options", so none is ever left out."""
 
 def generation_sections() -> dict[str, tuple[str, list[str]]]:
     """Each samplers' section's title and its fields: :data:`SAMPLER_SECTIONS`, and in "other" every
@@ -369,7 +363,7 @@ class SettingsPanel(W.VBox):
         self.download_output = W.Output(layout=W.Layout(width="auto"))
         self.download_output.add_class("nbllm-download-progress")
 
-        load_specs = [s for s in LoadOptions.specs() if s.panel or s.name in PANEL_LOAD_EXTRA]
+        load_specs = [s for s in LoadOptions.specs() if s.panel]
         self.load_fields: dict[str, OptionField] = {s.name: OptionField(s) for s in load_specs}
         self.effective_loader = W.HTML()
         self.effective_loader.add_class("nbllm-effective-loader")
