@@ -21,7 +21,6 @@ import concurrent.futures
 import contextlib
 import datetime as _dt
 import gc
-import html
 import os
 import secrets
 import sys
@@ -46,6 +45,7 @@ from .loaders.base import LoadInstead
 from .memory import drop_frames, format_memory, process_rss
 from .options import GenerationOptions, LoadOptions
 from .result import Record, Result, Timings, clock, library_versions
+from .shown import ShownAsLines
 from .source import ModelSource
 from .speculative import refuse_unspeculative
 from .store import weights_sha256
@@ -56,7 +56,7 @@ if TYPE_CHECKING:  # pragma: no cover
 
 
 @dataclass
-class Status:
+class Status(ShownAsLines):
     """What is loaded, how, and where it lives."""
 
     loaded: bool
@@ -98,14 +98,6 @@ class Status:
             out.append(f"loaded in: {self.load_seconds:.2f} s at {self.loaded_at}")
         return out
 
-    def __str__(self) -> str:
-        return "\n".join(self.lines())
-
-    def _repr_html_(self) -> str:
-        return "<pre>" + html.escape(str(self)) + "</pre>"
-
-    def _repr_pretty_(self, p: Any, cycle: bool) -> None:
-        p.text(str(self))
 
 
 

@@ -29,6 +29,7 @@ from .errors import LoadError, NbllmError, OptionError
 from .frontend import command
 from .memory import format_memory
 from .options import LoadOptions
+from .shown import ShownAsLines
 
 if TYPE_CHECKING:
     from .fit.machine import Machine
@@ -211,7 +212,7 @@ class Models:
             )
 
 
-class Listing:
+class Listing(ShownAsLines):
     """``%llm_status`` with several models: each model's name, what it is and the memory it uses, then
     each one's full status."""
 
@@ -229,16 +230,6 @@ class Listing:
             out.extend(status.lines())
         return out
 
-    def __str__(self) -> str:
-        return "\n".join(self.lines())
-
-    def _repr_pretty_(self, p: Any, cycle: bool) -> None:
-        p.text(str(self))
-
-    def _repr_html_(self) -> str:
-        import html
-
-        return "<pre>" + html.escape(str(self)) + "</pre>"
 
 
 def _device(name: str) -> str:

@@ -3,14 +3,13 @@ saved settings and what worked here."""
 
 from __future__ import annotations
 
-import html
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from .. import models
 from ..errors import ModelNotFoundError
 from ..frontend import command
+from ..shown import ShownAsLines
 from ..source import ModelSource
 from .estimate import probe_cached
 from .machine import Machine
@@ -20,7 +19,7 @@ from .shape import ModelShape, locate, model_shape
 
 
 @dataclass
-class DoctorReport:
+class DoctorReport(ShownAsLines):
     """What ``%llm_doctor`` shows: printable (``str``), and each part an attribute for code."""
 
     machine: Machine
@@ -48,14 +47,6 @@ class DoctorReport:
             out += ["", self.worked.line()]
         return out
 
-    def __str__(self) -> str:
-        return "\n".join(self.lines())
-
-    def _repr_pretty_(self, p: Any, cycle: bool) -> None:
-        p.text(str(self))
-
-    def _repr_html_(self) -> str:
-        return "<pre>" + html.escape(str(self)) + "</pre>"
 
 
 def doctor(

@@ -33,6 +33,7 @@ from ..loaders._gpu import GPU_RESERVE
 from ..loaders.llamacpp import N_CTX_CAP, default_n_ctx, kv_cache_bytes
 from ..memory import format_memory
 from ..options import LoadOptions
+from ..shown import ShownAsLines
 from ..source import ModelSource
 from .machine import GiB, Machine
 from .shape import DTYPE_BYTES, Block, ModelShape, model_shape
@@ -72,7 +73,7 @@ class DeviceMemory:
 
 
 @dataclass
-class Estimate:
+class Estimate(ShownAsLines):
     """The memory a model needs with some load options, per device (``cuda:0``, ``cpu``, ``disk``)."""
 
     model: str
@@ -137,11 +138,6 @@ class Estimate:
         out.extend(f"  note: {n}" for n in self.notes)
         return out
 
-    def __str__(self) -> str:
-        return "\n".join(self.lines())
-
-    def _repr_pretty_(self, p: Any, cycle: bool) -> None:
-        p.text(str(self))
 
 
 def device_budget(machine: Machine, device: str) -> int | None:

@@ -29,6 +29,7 @@ from ..frontend import command
 from ..loaders import GGUF_FORMAT, LLAMACPP, TRANSFORMERS
 from ..loaders.llamacpp import N_CTX_CAP
 from ..options import LoadOptions
+from ..shown import ShownAsLines
 from ..source import ModelSource
 from .estimate import (
     CUDA_RUNTIME_BYTES,
@@ -58,7 +59,7 @@ GGUF_BETTER_PARAMS = 500_000_000
 
 
 @dataclass
-class Recommendation:
+class Recommendation(ShownAsLines):
     """Load options for one model on one machine, why each was chosen, and the memory they need."""
 
     model: str
@@ -96,11 +97,6 @@ class Recommendation:
             out.extend(self.better.lines()[1:])
         return out
 
-    def __str__(self) -> str:
-        return "\n".join(self.lines())
-
-    def _repr_pretty_(self, p: Any, cycle: bool) -> None:
-        p.text(str(self))
 
 
 def flags(options: Mapping[str, Any]) -> str:
