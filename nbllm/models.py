@@ -45,6 +45,7 @@ from .loaders.registry import (
     auto_loader,
     file_format,
     folder_format,
+    format_words,
     loader_names,
     model_file_endings,
     model_files,
@@ -225,7 +226,8 @@ def source_from_path(path: Path, *, file: str | None = None) -> ModelSource:
         return dataclasses.replace(source_from_path(models[0]), **_provenance(path))
     if len(models) > 1:
         names = ", ".join(p.name for p in models)
-        raise OptionError(f"{path} holds {len(models)} models ({names})", "choose one with --file NAME")
+        each = format_words(file_format(models[0]) or "")
+        raise OptionError(f"{path} holds {len(models)} models ({names}), each {each}", "choose one with --file NAME")
     raise ModelNotFoundError(f"{path} is not a model folder, nor a folder holding a model file", f"give {path_kinds()}")
 
 

@@ -161,7 +161,8 @@ def test_each_option_maps_to_its_llama_argument(options, expected):
 
 def test_every_llamacpp_option_changes_the_llama_arguments():
     """No option of the schema that applies to llama.cpp is silently dropped by the mapping."""
-    not_load_arguments = {"loader", "revision", "file"}  # they choose the file, checked elsewhere
+    not_load_arguments = {"loader", "revision", "file",  # they choose the file, checked elsewhere
+                          "draft_model", "draft_max"}  # a second Llama, built in load() (tests/test_speculative.py)
     other_value = {"gpu_split": "1,1", "cache_type": "q4_0", "n_gpu_layers": 0, "n_ctx": 256}
     base = kwargs_for()
     for spec in LoadOptions.specs():
@@ -546,7 +547,7 @@ def test_forcing_the_wrong_loader_is_one_line(shell, engine, tiny_gguf, tiny_mod
     # (a GGUF file with --loader transformers is not wrong: transformers dequantizes it, see test_real_model.py)
     with pytest.raises(UsageError) as err:
         shell.run_line_magic("llm_load", f"{tiny_model} --loader llama.cpp")
-    assert "is a Transformers model folder, which the llama.cpp loader does not load" in one_line(err.value)
+    assert "is a Transformers model folder (the one holding config.json), which the llama.cpp loader does not load" in one_line(err.value)
     shell.run_line_magic("llm_load", f"{tiny_gguf} --loader llama.cpp")
     assert engine.status().loader == "llama.cpp"
 
@@ -617,7 +618,7 @@ def _two_ggufs(tiny_gguf: Path, tmp: Path) -> Path:
         (_html_page, ["model.Q4_K_M.gguf is not a GGUF file", "HTML page", "error page"]),
         (_lfs_pointer, ["not a GGUF file", "Git LFS pointer"]),
         (_missing, ["no model at", "missing.gguf"]),
-        (_two_ggufs, ["2 GGUF models", "--file"]),
+        (_two_ggufs, ["holds 2 models", "each a GGUF file", "--file"]),
     ],
     ids=["truncated", "header-cut", "text-file", "html-page", "lfs-pointer", "missing", "two-ggufs"],
 )
