@@ -509,7 +509,8 @@ def _check_target_dir(target: Path, spec: dict[str, Any]) -> bool:
 def _write_transformers(folder: Path, spec: dict[str, Any], dtype: str) -> None:
     import torch
     from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
-    from transformers.utils import logging as hf_logging
+
+    from .loaders.transformers import no_progress_bars
 
     h = spec["hidden_size"]
     config = LlamaConfig(
@@ -536,13 +537,8 @@ def _write_transformers(folder: Path, spec: dict[str, Any], dtype: str) -> None:
         model = LlamaForCausalLM(config)
     model.load_state_dict(weights, strict=True, assign=True)
     model.generation_config = GenerationConfig(bos_token_id=1, eos_token_id=2, pad_token_id=3)
-    bars = hf_logging.is_progress_bar_enabled()
-    hf_logging.disable_progress_bar()  # no "Writing model shards" bar for a tiny model
-    try:
+    with no_progress_bars():  # no "Writing model shards" bar for a tiny model
         model.save_pretrained(folder)
-    finally:
-        if bars:
-            hf_logging.enable_progress_bar()
 
     tokenizer = PreTrainedTokenizerFast(
         tokenizer_object=build_tokenizer(spec["vocab_size"]),
@@ -805,7 +801,8 @@ def _write_vision(folder: Path, spec: dict[str, Any]) -> None:
         PreTrainedTokenizerFast,
     )
     from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
-    from transformers.utils import logging as hf_logging
+
+    from .loaders.transformers import no_progress_bars
 
     h, vocab, size, patch = spec["hidden_size"], spec["vocab_size"], spec["image_size"], spec["patch_size"]
     text = LlamaConfig(
@@ -849,14 +846,9 @@ def _write_vision(folder: Path, spec: dict[str, Any]) -> None:
     processor = LlavaProcessor(image_processor=images, tokenizer=tokenizer, patch_size=patch,
                                vision_feature_select_strategy="default", chat_template=TINY_VISION_CHAT_TEMPLATE,
                                num_additional_image_tokens=1)
-    bars = hf_logging.is_progress_bar_enabled()
-    hf_logging.disable_progress_bar()
-    try:
+    with no_progress_bars():
         model.save_pretrained(folder)
         processor.save_pretrained(folder)
-    finally:
-        if bars:
-            hf_logging.enable_progress_bar()
 
 
 def tiny_vision_model(
@@ -1078,16 +1070,12 @@ def _write_dequantized(gguf: Path, folder: Path) -> None:
     import torch
     from safetensors.torch import save_file
     from transformers import AutoModelForCausalLM, AutoTokenizer
-    from transformers.utils import logging as hf_logging
+
+    from .loaders.transformers import no_progress_bars
 
     where, name = str(gguf.parent), gguf.name
-    bars = hf_logging.is_progress_bar_enabled()
-    hf_logging.disable_progress_bar()  # no "Loading weights" bar (transformers' own dequantizing bar stays: it is long)
-    try:
+    with no_progress_bars():  # no "Loading weights" bar (transformers' own dequantizing bar stays: it is long)
         model = AutoModelForCausalLM.from_pretrained(where, gguf_file=name, dtype=torch.float32)
-    finally:
-        if bars:
-            hf_logging.enable_progress_bar()
     tokenizer = AutoTokenizer.from_pretrained(where, gguf_file=name)
     state = model.state_dict()
     if model.config.tie_word_embeddings:  # one tensor in the file: safetensors refuses shared tensors

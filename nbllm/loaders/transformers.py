@@ -352,7 +352,7 @@ class TransformersLoader(TokenLoader):
                 notes += _gpu.empty_gpus(kwargs["device_map"], memory)
             vision = not gguf and is_vision_model(config_json)
             model_class = AutoModelForImageTextToText if vision else AutoModelForCausalLM
-            with _no_progress_bars():  # transformers' "Loading weights" bar: nbllm's own line says it loaded
+            with no_progress_bars():  # transformers' "Loading weights" bar: nbllm's own line says it loaded
                 self.model = model_class.from_pretrained(
                     path, attn_implementation=attention, trust_remote_code=remote, revision=options.revision,
                     **gguf, **kwargs
@@ -368,7 +368,7 @@ class TransformersLoader(TokenLoader):
             if options.draft_model:
                 from ._speculative import draft_source, load_transformers_draft
 
-                with _no_progress_bars():
+                with no_progress_bars():
                     self.draft = load_transformers_draft(draft_source(options.draft_model, "transformers", self.name),
                                                          self.model, options)
         except (OptionError, LoadError):
@@ -1027,7 +1027,8 @@ def _quiet_library_noise() -> None:
 
 
 @contextlib.contextmanager
-def _no_progress_bars() -> Iterator[None]:
+def no_progress_bars() -> Iterator[None]:
+    """transformers' progress bars off in the block (and back on after, if they were on)."""
     from transformers.utils import logging as hf_logging
 
     was_enabled = hf_logging.is_progress_bar_enabled()
