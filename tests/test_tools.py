@@ -379,6 +379,52 @@ def test_call_ids_follow_what_the_reply_answered() -> None:
     assert parse_tool_calls(given, "hermes", context="messages A")[1][0].id == "srv_7"  # a server's id is kept
 
 
+def test_a_changed_tool_result_falls_back_to_the_model_midway(engine: Any, tmp_path: Path,
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """A local model's chat with tools, replayed from the run log with ``fallback="run"``: the call's
+    request (with its grammar) replays; a tool result that changed misses, the model is loaded there and
+    writes the answer from the new result."""
+    import nbllm
+    from nbllm.runlog import flush
+
+    model = tiny_transformers_model(chat_template="tools")
+    flush()
+    monkeypatch.setenv("NBLLM_RUN_LOG", str(tmp_path / "runs.sqlite"))
+    engine.load(model)
+    recorded = Conversation("t")
+    final = recorded.send("Paris?", tools=[weather], tool_choice="weather", temperature=0, max_new_tokens=40).text
+    flush()
+    monkeypatch.setenv("NBLLM_RUN_LOG", "off")
+    engine.unload()
+    city = CALLS[0]
+
+    def make(sky: str) -> Any:
+        def weather(city: Literal["Paris", "Lisbon"]) -> dict[str, Any]:
+            """The weather in a city.
+
+            Args:
+                city: where
+            """
+            return {"city": city, "sky": sky}
+        return weather
+
+    rainy = make("rainy")  # the same tool, another result
+    assert Tool.of(rainy).schema == Tool.of(weather).schema
+    with nbllm.replay(tmp_path / "runs.sqlite", fallback="run") as replay:
+        engine.load(model)
+        same = Conversation("same").send("Paris?", tools=[weather], tool_choice="weather", temperature=0,
+                                         max_new_tokens=40)
+        assert same.replayed and same.text == final and replay.answered == 2
+        changed = Conversation("changed")
+        with pytest.warns(NbllmWarning, match=r"differs in the result of tool call weather"):
+            answer = changed.send("Paris?", tools=[rainy], tool_choice="weather", temperature=0, max_new_tokens=40)
+        assert replay.answered == 3 and replay.fell_back  # the call replayed; the answer did not
+    assert changed.turns[0].steps[0].records[0].replayed is not None
+    assert not answer.replayed and answer.record.loader == "transformers" and answer.completion_tokens
+    assert f'<tool_response>\n{{"city": "{city}", "sky": "rainy"}}\n</tool_response>' in answer.record.prompt
+    assert '"name": "weather"' in answer.record.prompt  # the tools went on to the model loaded midway
+
+
 def test_a_chat_with_tools_at_a_server_replays_from_the_run_log(engine: Any, tmp_path: Path,
                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
     """Recorded through the remote loader (the server holds the forced call: ``tool_choice`` goes with the
