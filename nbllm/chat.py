@@ -351,7 +351,7 @@ class Conversation:
             if tools and (regenerate or continue_):
                 raise ChatError("tools are used with a new message, not with regenerate or continue",
                                 "send a new message with the tools")
-            if tools and not (regenerate or continue_):  # the loop hands each of its replies to on_reply
+            if tools:  # a new message: the loop hands each of its replies to on_reply itself
                 return self.send(message or "", options, tools=tools, tool_choice=tool_choice,
                                  max_tool_calls=max_tool_calls, on_tool_call=on_tool_call, on_reply=on_reply, **kwargs)
             if regenerate:

@@ -145,7 +145,7 @@ class Recording:
 def distance(recorded: Mapping[str, Any], requested: Mapping[str, Any]) -> int:
     """How far apart two identities are, for naming the closest recorded run: another model weighs most,
     then another prompt (or messages, or mode: the same cell run otherwise is what a user looks for),
-    other adapters, another loader, then each option that differs; the seed least (a sweep cell that
+    other adapters, another loader or other tools, then each option that differs; the seed least (a sweep cell that
     differs only in its seed is nearer than one with another prompt)."""
     def without_adapters(model: Any) -> Any:
         return {k: v for k, v in model.items() if k != "adapters"} if isinstance(model, Mapping) else model

@@ -5,7 +5,9 @@ options a notebook asks for are noted and nothing is loaded (no torch is importe
 then answered by :meth:`ReplayLoader.answer` with the run whose identity (:mod:`nbllm.identity`)
 equals the request's, streamed as it was shown, with its original record marked ``replayed``. A
 request with no match fails with one line naming the closest recorded run and what differs; with
-``--fallback run`` the engine loads the real model instead.
+``--fallback run`` the engine loads the real model instead. A chat with tools asks the stand-in how the
+recorded model took them (:meth:`ReplayLoader.tool_calling`, from the records), so it sends the requests
+it sent then.
 """
 
 from __future__ import annotations
@@ -93,7 +95,7 @@ class ReplayLoader(TextLoader):
         self.spec = ""
         self.applied: list[Adapter] = []
         """The adapters ``%llm_lora`` applied to the stand-in: part of each request's identity."""
-        self.tools: dict[str, Any] | None = None
+        self.recorded_tool_calling: dict[str, Any] | None = None
         """How the recorded model took tools (a record's ``tool_calling``), when a recorded chat used them."""
 
     def load(self, source: ModelSource, options: LoadOptions) -> None:
@@ -107,7 +109,7 @@ class ReplayLoader(TextLoader):
             return
         model, self.loader_name = recorded
         self.model = {k: v for k, v in model.items() if k != "adapters"}  # adapters come from %llm_lora, as recorded
-        self.tools = self.replay.recording.tool_calling_for(self.model)
+        self.recorded_tool_calling = self.replay.recording.tool_calling_for(self.model)
         if options.loader != "auto":
             self.loader_name = options.loader
         self.placement.notes.append(f"replay: nothing was loaded; outputs come from {self.replay.recording.source}")
@@ -128,12 +130,12 @@ class ReplayLoader(TextLoader):
         grammar), so a chat with tools sends the requests it sent when recorded."""
         from ..tools import ToolCalling, ToolError
 
-        if self.tools is None:
+        if self.recorded_tool_calling is None:
             raise ToolError(f"no recorded run of {self.spec or 'this model'} in {self.replay.recording.source} "
                             "chatted with tools, so there is nothing to replay them from",
                             f"run the cell as it was recorded, or turn the replay off ({command('replay off')}) "
                             "to chat with tools on the model")
-        return ToolCalling.from_dict(self.tools)
+        return ToolCalling.from_dict(self.recorded_tool_calling)
 
     def adapter(self, spec: str, *, scale: float) -> Adapter:
         """The adapter ``%llm_lora add SPEC`` names, as the recording holds it (its path, hub revision and
