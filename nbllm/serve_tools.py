@@ -80,7 +80,8 @@ def tool_starter(engine: Engine, messages: list[dict[str, Any]], options: Genera
     format to read the reply with. The loaded loader says how it takes tools
     (:meth:`~nbllm.loaders.base.Loader.tool_calling`), as it does for a chat in the kernel: the model's
     template renders them and a grammar holds a forced call, or a server's loader passes them on with the
-    ``tool_choice`` (a replay's stand-in answers as the recorded model took them)."""
+    ``tool_choice`` (a replay's stand-in answers as the recorded model took them). Each ``tool`` message of
+    ``messages`` that names no function is given its call's name, in place."""
     _name_results(messages)
     try:
         calling = engine.loader.tool_calling()
