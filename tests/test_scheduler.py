@@ -203,6 +203,8 @@ def test_a_thread_generate_and_a_served_client_share_one_batch(model: Engine) ->
     scheduler = model.scheduler
     before = len(scheduler.batch_sizes)
     assert scheduler.idle
+    at_finish: list[str] = []  # what the run log hears: each text as it is when its result finishes
+    forget = model.on_result(lambda result: at_finish.append("".join(result.chunks)))
     server = nbllm.serve(port=0)
     try:
         client = openai.OpenAI(base_url=server.url, api_key="unused", max_retries=0, timeout=120)
@@ -215,7 +217,9 @@ def test_a_thread_generate_and_a_served_client_share_one_batch(model: Engine) ->
         out = _together([lambda: nbllm.generate(PROMPTS[0], temperature=0, max_new_tokens=12), served], scheduler)
     finally:
         stop()
+        forget()
     assert [out[0].text, out[1]] == alone
+    assert sorted(at_finish) == sorted(alone)  # whole, though finished before their readers had read them
     assert scheduler.batch_sizes[before:] == [2]
     assert out[0].record.batch["size"] == 2 and out[0].finish_reason == "length"
     assert scheduler.idle  # and the next one alone runs directly again, as before
