@@ -7,6 +7,7 @@ Batching is seen through ``Scheduler.batch_sizes``, never through timings: the t
 
 from __future__ import annotations
 
+import signal
 import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -299,3 +300,47 @@ def test_a_front_end_request_in_a_batch_is_cancelled_or_interrupted_alone(model:
     assert out[2].text == alone and out[2].finish_reason in ("length", "eos")
     assert model.loaded and scheduler.idle
     assert model.generate(PROMPTS[1], temperature=0, max_new_tokens=40).text == alone  # the model stays usable
+
+
+def test_an_interrupt_stops_a_cell_read_from_a_batch_and_the_model_stays(shell: Any, model: Engine) -> None:
+    from IPython.core.error import UsageError
+
+    scheduler = model.scheduler
+    before = len(scheduler.batch_sizes)
+    long = {"temperature": 0, "max_new_tokens": 2000}
+    held, other = threading.Event(), []
+
+    def beside_the_cell() -> None:  # holds the queue until the cell and this request are in it
+        with scheduler.hold():
+            held.set()
+            other.append(scheduler.stream(PROMPTS[1], **long))
+            assert scheduler.wait_queued(2, 60)
+
+    helper = threading.Thread(target=beside_the_cell)
+    helper.start()
+    assert held.wait(60)
+    main, stop_polling = threading.get_ident(), threading.Event()
+
+    def interrupt_once_the_cell_has_text() -> None:
+        while not stop_polling.wait(0.01):
+            result = shell.user_ns.get("cut")
+            if result is not None and result.chunks:
+                signal.pthread_kill(main, signal.SIGINT)  # what the kernel's interrupt does
+                return
+
+    interrupter = threading.Thread(target=interrupt_once_the_cell_has_text)
+    interrupter.start()
+    try:
+        with pytest.raises(UsageError, match="Generation interrupted after .* tokens; the partial text is kept"):
+            shell.run_cell_magic("llm", "--temperature 0 --max-new-tokens 2000 -o cut", PROMPTS[0])
+    finally:
+        stop_polling.set()
+        interrupter.join(30)
+        helper.join(60)
+    r = shell.user_ns["cut"]
+    assert r.finish_reason == "interrupted" and r.record.batch["size"] == 2 and 0 < len(r.token_ids) < 2000
+    other[0].cancel()
+    assert other[0].wait(120) and other[0].finish_reason == "cancelled"  # the other row went on until told
+    assert scheduler.batch_sizes[before:] == [2]
+    alone = model.generate(PROMPTS[0], temperature=0, max_new_tokens=len(r.token_ids))
+    assert model.loaded and alone.token_ids == r.token_ids  # the model stays, and answers
