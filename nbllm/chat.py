@@ -36,7 +36,6 @@ from .tools import (
     call_grammar,
     check_choice,
     parse_tool_calls,
-    require_format,
     run_call,
     tools_from,
 )
@@ -331,6 +330,7 @@ class Conversation:
         tool_choice: str = "auto",
         max_tool_calls: int = 5,
         on_tool_call: Callable[[ToolCall], None] | None = None,
+        on_reply: Callable[[Result], None] | None = None,
         **kwargs: Any,
     ) -> Result:
         """The next reply, as a front end asks for it: to ``message`` (:meth:`send`: text, or text pieces and
@@ -353,12 +353,16 @@ class Conversation:
             if tools and (regenerate or continue_):
                 raise ChatError("tools are used with a new message, not with regenerate or continue",
                                 "send a new message with the tools")
+            if tools:  # a new message: the loop hands each of its replies to on_reply itself
+                return self.send(message or "", options, tools=tools, tool_choice=tool_choice,
+                                 max_tool_calls=max_tool_calls, on_tool_call=on_tool_call, on_reply=on_reply, **kwargs)
             if regenerate:
-                return self.regenerate(options, **kwargs)
-            if continue_:
-                return self.continue_reply(options, **kwargs)
-            return self.send(message or "", options, tools=tools, tool_choice=tool_choice,
-                             max_tool_calls=max_tool_calls, on_tool_call=on_tool_call, **kwargs)
+                result = self.regenerate(options, **kwargs)
+            elif continue_:
+                result = self.continue_reply(options, **kwargs)
+            else:
+                result = self.send(message or "", options, **kwargs)
+        return _handed(result, on_reply)
 
     def send(
         self,
@@ -369,6 +373,7 @@ class Conversation:
         tool_choice: str = "auto",
         max_tool_calls: int = 5,
         on_tool_call: Callable[[ToolCall], None] | None = None,
+        on_reply: Callable[[Result], None] | None = None,
         **kwargs: Any,
     ) -> Result:
         """Send ``text`` as the user's next message; iterate the returned result to stream the reply.
@@ -389,10 +394,16 @@ class Conversation:
         ``tool_choice``: ``auto``, ``none``, ``required`` or a tool's name (the first reply is then held to
         one such call by the structured-output engine; the replies after it are ``auto``). The calls are
         in the turn (``steps``, ``tool_calls``); the returned result is the final reply, already generated.
+
+        ``on_reply`` (a front end's way to stream): each reply is passed to it as it starts, before it is
+        read, so it can iterate it as it is generated; the reply is then read to its end. With tools that is
+        every reply of the loop: those that call tools (then ``on_tool_call`` sees their calls) and the final
+        one. The returned result is then already read. An error or interrupt raised by ``on_reply`` ends the
+        loop: what the turn had (its calls, and the reply so far, marked ``partial``) is kept.
         """
         if tools:
             return self._send_with_tools(text, options, kwargs, tools_from(tools), tool_choice, max_tool_calls,
-                                         on_tool_call)
+                                         on_tool_call, on_reply)
         with self._lock:
             self._check_idle()
             if not _has_content(text):
@@ -404,8 +415,9 @@ class Conversation:
                     f"answer it first with regenerate ({command('chat regenerate', self.name)})",
                 )
             turn = _user_turn(text)
-            return self._start([*self.turns, turn], options, kwargs, number=len(self.turns) + 1,
-                               open_reply=False, on_reply=lambda reply: self.turns.append(_with(turn, reply)))
+            result = self._start([*self.turns, turn], options, kwargs, number=len(self.turns) + 1,
+                                 open_reply=False, on_reply=lambda reply: self.turns.append(_with(turn, reply)))
+        return _handed(result, on_reply)
 
     def regenerate(self, options: GenerationOptions | Mapping[str, Any] | None = None, **kwargs: Any) -> Result:
         """Generate the last reply again; it replaces the current one, which is kept in ``earlier``."""
@@ -511,6 +523,7 @@ class Conversation:
         tool_choice: str,
         max_tool_calls: int,
         on_tool_call: Callable[[ToolCall], None] | None,
+        on_reply: Callable[[Result], None] | None = None,
     ) -> Result:
         """:meth:`send` with tools: the loop of replies, calls and results (see there)."""
         with self._lock:
@@ -523,29 +536,34 @@ class Conversation:
             if isinstance(max_tool_calls, bool) or not isinstance(max_tool_calls, int) or max_tool_calls < 0:
                 raise ChatError(f"max_tool_calls is {max_tool_calls!r}", "give a whole number, 0 or more")
             choice = check_choice(tool_choice, tools)
-            loader = self.engine.loader
-            if loader.renders_chat and loader.tool_calls_as is None:
-                raise ChatError(f"the {loader.name} loader does not pass tools on",
-                                "chat with tools on a model loaded with the transformers or llama.cpp loader")
-            # a server renders the tools and holds a forced call itself; its calls come back in one format
-            fmt = loader.tool_calls_as or require_format(loader.chat_template, "the loaded model")
+            self.engine.loader.tool_calling()  # a model that cannot take tools: one line, before anything runs
             turn = _user_turn(text)
             number, made = len(self.turns) + 1, 0
             while True:
+                # asked each round: a replay that misses with fallback "run" loads the real model midway
+                calling = self.engine.loader.tool_calling()
                 forced = choice not in ("auto", "none") and made == 0
-                at_server = loader.renders_chat
-                extra = ({**kwargs, "grammar": call_grammar(fmt, tools, choice)} if forced and not at_server
-                         else dict(kwargs))
+                # a server renders the tools and holds a forced call itself; a local model gets a grammar
+                extra = ({**kwargs, "grammar": call_grammar(calling.format, tools, choice)}
+                         if forced and not calling.server else dict(kwargs))
                 got: list[Reply] = []
+                sent = self._messages([*self.turns, turn], last_reply=False)
                 result = self._start([*self.turns, turn], options, extra, number=number, open_reply=False,
                                      on_reply=got.append, tools=None if choice == "none" else tools,
-                                     tool_choice=(choice if forced else "auto") if at_server else None)
-                _ = result.text
+                                     tool_choice=(choice if forced else "auto") if calling.server else None)
+                try:
+                    _ = _handed(result, on_reply).text
+                except BaseException:
+                    result.close()  # a front end that stopped reading (an interrupt): the reply ends where it is
+                    if got:  # kept, marked partial, with the calls before it, as a reply without tools is
+                        self.turns.append(_with(turn, got[0]))
+                    raise
                 if not got:  # failed or never started: no broken turn
                     return result
                 reply = got[0]
                 content, calls = ((reply.content, []) if choice == "none" or reply.partial
-                                  else parse_tool_calls(reply.content, fmt))
+                                  else parse_tool_calls(reply.content, calling.format,
+                                                        context=json.dumps(sent, sort_keys=True, default=str)))
                 if not calls or made >= max_tool_calls:
                     if calls:
                         note = (f"the reply calls tools after the {max_tool_calls} calls allowed (max_tool_calls): "
@@ -813,6 +831,15 @@ def _parts(value: list[Any] | None, where: str) -> list[dict[str, str]] | None:
         return [check_part(p, f"{where}, part {i}") for i, p in enumerate(value, 1)]
     except ImageError as exc:
         raise ChatError(exc.cause, _FILE_FIX) from None
+
+
+def _handed(result: Result, on_reply: Callable[[Result], None] | None) -> Result:
+    """``result`` passed to ``on_reply`` (a front end streams it there), then read to its end; as it is
+    without ``on_reply``."""
+    if on_reply is not None:
+        on_reply(result)
+        _ = result.text
+    return result
 
 
 def _with(turn: Turn, reply: Reply) -> Turn:

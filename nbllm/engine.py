@@ -112,8 +112,10 @@ class Prompt:
     images: list[Any] = field(default_factory=list)
     """The :class:`~nbllm.images.ChatImage` of each image part of ``messages``, in order."""
     tools: list[dict[str, Any]] | None = None
-    """Chat mode: the tools' JSON schemas, for a loader that renders chats (others have them rendered)."""
+    """Chat mode: the tools' JSON schemas (rendered in ``text`` already, except for a loader that renders chats,
+    which passes them on), kept in the record."""
     tool_choice: Any = None
+    """Chat mode at a loader that renders chats: the ``tool_choice`` it passes on."""
 
 
 class Engine:
@@ -442,14 +444,16 @@ class Engine:
             if system:
                 messages.insert(0, {"role": "system", "content": system})
         images = self.images_for(messages)
+        schemas = [dict(t) for t in tools] if tools else None  # in the record (and passed on by a server's loader)
         if loader.renders_chat:
-            return Prompt("", None, messages, images, tools=[dict(t) for t in tools] if tools else None)
+            return Prompt("", None, messages, images, tools=schemas)
         if loader.chat_template is None and warn_fallback:
             warnings.warn(FALLBACK_NOTE, ChatNote, stacklevel=3)
         text = render_chat(loader.chat_template, loader.template_messages(messages), special_tokens=loader.special_tokens,
                            tools=tools)
         add_special = not starts_with_bos(text, loader.special_tokens)
-        return Prompt(text, self.prompt_ids(text, add_special=add_special, images=images), messages, images)
+        return Prompt(text, self.prompt_ids(text, add_special=add_special, images=images), messages, images,
+                      tools=schemas)
 
     def images_for(self, messages: Sequence[Mapping[str, Any]]) -> list[Any]:
         """The images of ``messages``' image parts, in order; a loaded model that takes no images, or an
@@ -615,6 +619,9 @@ class Engine:
             seed_drawn=opts.seed is None,
             batch=batch,
             model_name=self.name,
+            tools=prompt.tools,
+            tool_choice=prompt.tool_choice,
+            tool_calling=_tool_calling(loader) if prompt.tools else None,
         )
         if self._hashes is not None:
             record.complete_later("sha256", self._hashes)
@@ -627,7 +634,9 @@ class Engine:
                                   "the model is loaded now: run the cell again")
         if prompt.messages is None:
             return self.prompt_for(prompt.text)
-        return self.prompt_for(prompt.messages, chat=True)
+        again = self.prompt_for(prompt.messages, chat=True, tools=prompt.tools)
+        again.tool_choice = prompt.tool_choice
+        return again
 
     def generate(
         self,
@@ -980,6 +989,16 @@ def _finished_on_interrupt(results: Sequence[Result | None]) -> Iterator[None]:
     except KeyboardInterrupt as exc:
         exc.finished = [r if r is not None and not r.interrupted else None for r in results]  # type: ignore[attr-defined]
         raise
+
+
+def _tool_calling(loader: Loader) -> dict[str, Any] | None:
+    """How ``loader``'s model took the tools of a request, for its record (``None`` if it cannot say)."""
+    from .tools import ToolError
+
+    try:
+        return loader.tool_calling().to_dict()
+    except ToolError:
+        return None
 
 
 def _load_error(failure: Exception, cls: type[Loader], source: ModelSource) -> NbllmError:

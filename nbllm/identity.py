@@ -10,7 +10,10 @@ run log (its ``identity`` column), replay matching and sweeps alike. It holds
   — are left out);
 - the **generation options** set away from their defaults, and the **seed** when the request gave
   one (``None`` when it was drawn: a request without a seed is the same request whatever was drawn);
-- the **prompt** (raw text) or the **messages** (chat).
+- the **prompt** (raw text) or the **messages** (chat);
+- in a chat with tools, the **tools** (their JSON schemas), the ``tool_choice`` a server was given, and each
+  message's tool calls and call ids. A request without tools has none of these keys, so its identity (and
+  its hash) is what it was before tools existed.
 """
 
 from __future__ import annotations
@@ -34,7 +37,9 @@ def request_identity(
     generation_options: Mapping[str, Any],
     seed: int | None,
     prompt: str,
-    messages: Sequence[Mapping[str, str]] | None = None,
+    messages: Sequence[Mapping[str, Any]] | None = None,
+    tools: Sequence[Mapping[str, Any]] | None = None,
+    tool_choice: Any = None,
 ) -> dict[str, Any]:
     """The identity of one request (plain JSON values; equal requests give equal dicts)."""
     out: dict[str, Any] = {
@@ -45,10 +50,27 @@ def request_identity(
         "seed": seed,
     }
     if messages is not None:
-        out["messages"] = [{"role": m["role"], "content": m["content"]} for m in messages]
+        out["messages"] = [{"role": m["role"], "content": m["content"], **_tool_keys(m)} for m in messages]
     else:
         out["prompt"] = prompt
+    if tools:
+        out["tools"] = _plain(list(tools))
+    if tool_choice is not None:
+        out["tool_choice"] = _plain(tool_choice)
     return out
+
+
+def _tool_keys(message: Mapping[str, Any]) -> dict[str, Any]:
+    """What a chat-with-tools message holds besides its role and content: an assistant message's
+    ``tool_calls``, a ``tool`` message's ``tool_call_id`` and ``name``. Nothing for any other message (a
+    ``name`` on a user message stays out, as it always was)."""
+    keys = {"assistant": ("tool_calls",), "tool": ("tool_call_id", "name")}.get(str(message.get("role")), ())
+    return {k: _plain(message[k]) for k in keys if message.get(k) is not None}
+
+
+def _plain(value: Any) -> Any:
+    """``value`` as JSON has it (tuples as lists), so an identity read back from a record equals the request's."""
+    return json.loads(json.dumps(value, ensure_ascii=False, default=str))
 
 
 def record_identity(record: Any, *, seed_drawn: bool | None = None) -> dict[str, Any]:
@@ -64,6 +86,8 @@ def record_identity(record: Any, *, seed_drawn: bool | None = None) -> dict[str,
         seed=None if drawn else data.get("seed"),
         prompt=data.get("prompt", ""),
         messages=data.get("messages") if data.get("mode") == "chat" else None,
+        tools=data.get("tools"),
+        tool_choice=data.get("tool_choice"),
     )
 
 
@@ -112,14 +136,55 @@ def differences(recorded: Mapping[str, Any], requested: Mapping[str, Any]) -> li
                 out.append(f"{name} ({_shown(there, name)} there, {_shown(here, name)} here)")
     if recorded.get("seed") != requested.get("seed"):
         out.append(f"the seed ({_seed(recorded.get('seed'))} there, {_seed(requested.get('seed'))} here)")
+    if recorded.get("tools") != requested.get("tools"):
+        out.append(_tools_differ(recorded.get("tools"), requested.get("tools")))
+    if recorded.get("tool_choice") != requested.get("tool_choice"):
+        out.append(f"tool_choice ({_choice(recorded.get('tool_choice'))} there, "
+                   f"{_choice(requested.get('tool_choice'))} here)")
     if "messages" in recorded or "messages" in requested:
         if "messages" not in recorded or "messages" not in requested:
             out.append("the mode (chat in one, raw text in the other)")
         elif recorded["messages"] != requested["messages"]:
-            out.append("the messages")
+            out.append(_messages_differ(recorded["messages"], requested["messages"]))
     elif recorded.get("prompt") != requested.get("prompt"):
         out.append("the prompt")
     return out
+
+
+def _messages_differ(there: Sequence[Mapping[str, Any]], here: Sequence[Mapping[str, Any]]) -> str:
+    """``the messages``, or, where the first message that differs is a tool's result or a reply's tool calls,
+    which one and how (a tool that returns something else when the notebook runs again)."""
+    at = next((i for i, (a, b) in enumerate(zip(there, here)) if a != b), None)
+    if at is None:
+        return "the messages"
+    a, b = there[at], here[at]
+    if a.get("role") == b.get("role") == "tool" and a.get("tool_call_id") == b.get("tool_call_id"):
+        return (f"the result of tool call {b.get('name') or b.get('tool_call_id')} ({_clipped(a.get('content'))} "
+                f"there, {_clipped(b.get('content'))} here)")
+    if a.get("tool_calls") != b.get("tool_calls") and (a.get("tool_calls") or b.get("tool_calls")):
+        return f"the tool calls of message {at + 1}"
+    return "the messages"
+
+
+def _tools_differ(there: Any, here: Any) -> str:
+    names = [_tool_names(there), _tool_names(here)]
+    if names[0] == names[1]:
+        return f"the tools' schemas ({names[0]})"
+    return f"the tools ({names[0]} there, {names[1]} here)"
+
+
+def _tool_names(tools: Any) -> str:
+    listed = [str((t.get("function") or {}).get("name")) for t in tools or () if isinstance(t, Mapping)]
+    return ", ".join(listed) or "none"
+
+
+def _choice(choice: Any) -> str:
+    return "none given" if choice is None else repr(choice)
+
+
+def _clipped(text: Any, limit: int = 60) -> str:
+    shown = repr(text)
+    return shown if len(shown) <= limit else shown[: limit - 1] + "…"
 
 
 def _changed(schema: type[_Schema], values: Mapping[str, Any], skip: frozenset[str]) -> dict[str, Any]:

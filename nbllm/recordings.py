@@ -20,7 +20,7 @@ from typing import Any, cast
 from .engine import Engine, get_engine
 from .errors import OptionError, ReplayError, missing_dependency
 from .frontend import command
-from .identity import differences, identity_key, record_identity
+from .identity import differences, identity_key, model_identity, record_identity
 from .loaders.replay import FORMAT, ReplayLoader, Run
 from .options import LoadOptions
 from .runlog import RunLog
@@ -86,6 +86,17 @@ class Recording:
                 return dict(model), str(run.record.get("loader", ""))
         return None
 
+    def tool_calling_for(self, model: Mapping[str, Any]) -> dict[str, Any] | None:
+        """How the recorded ``model`` (a record's ``model`` dict, less its adapters) took tools in a chat with
+        tools (a record's ``tool_calling``: :class:`nbllm.tools.ToolCalling`); the latest such run's."""
+        wanted = model_identity({k: v for k, v in model.items() if k != "adapters"})
+        for run in reversed(self.runs):
+            calling = run.record.get("tool_calling")
+            recorded = {k: v for k, v in (run.record.get("model") or {}).items() if k != "adapters"}
+            if isinstance(calling, Mapping) and model_identity(recorded) == wanted:
+                return dict(calling)
+        return None
+
     def adapter_for(self, spec: str) -> dict[str, Any] | None:
         """The recorded adapter (an entry of a record's ``model["adapters"]``) that ``spec``, as typed after
         ``%llm_lora add``, names: its path, its folder or file name, or its hub id (with or without its
@@ -134,7 +145,7 @@ class Recording:
 def distance(recorded: Mapping[str, Any], requested: Mapping[str, Any]) -> int:
     """How far apart two identities are, for naming the closest recorded run: another model weighs most,
     then another prompt (or messages, or mode: the same cell run otherwise is what a user looks for),
-    other adapters, another loader, then each option that differs; the seed least (a sweep cell that
+    other adapters, another loader or other tools, then each option that differs; the seed least (a sweep cell that
     differs only in its seed is nearer than one with another prompt)."""
     def without_adapters(model: Any) -> Any:
         return {k: v for k, v in model.items() if k != "adapters"} if isinstance(model, Mapping) else model
@@ -148,6 +159,8 @@ def distance(recorded: Mapping[str, Any], requested: Mapping[str, Any]) -> int:
     if there_model.get("adapters") != here_model.get("adapters"):
         score += 1_000
     if recorded.get("loader") != requested.get("loader"):
+        score += 500
+    if (recorded.get("tools"), recorded.get("tool_choice")) != (requested.get("tools"), requested.get("tool_choice")):
         score += 500
     for group in ("load_options", "generation_options"):
         there, here = recorded.get(group) or {}, requested.get(group) or {}

@@ -81,6 +81,14 @@ class Record:
     """What came out, with ``--logprobs K``: one entry per new token (``id``, ``token``, ``logprob`` and the
     ``top`` K alternatives as ``[token, id, logprob]``), so the run log and a replay keep them
     (:mod:`nbllm.tokens`). Not part of the request's identity."""
+    tools: list[dict[str, Any]] | None = None
+    """In a chat with tools: the JSON schemas of the functions the model could call (part of the identity)."""
+    tool_choice: Any = None
+    """In a chat with tools at a server: the ``tool_choice`` passed on (part of the identity). A local
+    model's forced call is its ``grammar`` generation option instead."""
+    tool_calling: dict[str, Any] | None = None
+    """In a chat with tools: how the model took them (:class:`nbllm.tools.ToolCalling`: the call format, and
+    whether a server held them), so a replay sends the same requests. Not part of the identity."""
 
     def __post_init__(self) -> None:
         self._later: dict[str, concurrent.futures.Future[Any]] = {}

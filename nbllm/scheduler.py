@@ -106,10 +106,16 @@ class Scheduler:
     """The queue of one model's requests and the worker that batches them (see the module)."""
 
     GATHER_SECONDS = 0.05
-    """After batches of several rows, the worker waits up to this long for as many requests as the largest
-    of them to queue again before starting the next batch (their clients send them as their replies end);
+    """After batches of several rows, the worker waits for as many requests as the largest of them to queue
+    again before starting the next batch (their clients send them as their replies end): up to this long, or
+    :attr:`GATHER_SHARE` of the last batch's time when that is longer (at most :attr:`GATHER_MAX_SECONDS`);
     when fewer come in time it expects that many from then on, so one client alone never waits for others
     that are not coming (it waits once, after they left)."""
+    GATHER_SHARE = 0.1
+    """A server's replies go out, and its next requests come in, on threads that wait for the interpreter
+    while a batch computes: a long batch delays them more (on 2 cores, 4 of 6 clients came back 2 s late
+    after 50 ms), so the wait grows with the batch, costing at most this share of the throughput."""
+    GATHER_MAX_SECONDS = 0.5
 
     def __init__(self, engine: Engine) -> None:
         self._engine = engine
@@ -121,6 +127,10 @@ class Scheduler:
         self._expected = 1
         self._taken: set[Result] = set()
         """The unfinished results of requests taken here: queued, in a batch, or running beside others."""
+        self._last_seconds = 0.0
+        """How long the last batch took."""
+        self._running = 0
+        """The rows of the batch running now."""
         self.batch_sizes: list[int] = []
         """The size of every batch the worker ran, in order (1: a request that ran alone in the queue's turn)."""
 
@@ -165,6 +175,8 @@ class Scheduler:
         with self._cond:
             self._taken.add(result)
             self._queue.append(ticket)
+            # as many clients as requests in flight at once: expect them back together
+            self._expected = max(self._expected, self._running + len(self._queue))
             if self._worker is None or not self._worker.is_alive():
                 self._worker = threading.Thread(target=self._work, daemon=True, name="nbllm-scheduler")
                 self._worker.start()
@@ -282,7 +294,8 @@ class Scheduler:
         """The next batch: the oldest request and those waiting with the same options, up to the batch size.
         Called holding the queue's lock."""
         size = max(getattr(self._queue[0].loader, "batch_size", 1), 1)
-        deadline = time.monotonic() + self.GATHER_SECONDS
+        patience = max(self.GATHER_SECONDS, min(self.GATHER_MAX_SECONDS, self.GATHER_SHARE * self._last_seconds))
+        deadline = time.monotonic() + patience
         while len(self._queue) < min(self._expected, size) and not self._held:
             left = deadline - time.monotonic()
             if left <= 0 or not self._cond.wait(left):
@@ -326,10 +339,16 @@ class Scheduler:
             def ended(row: int) -> None:
                 self._ended(group[row])
 
-            eng.decode_batch(loader, requests, [t.result for t in group], deliver,
-                             fix="the model is still loaded; send the request again, or alone, if this repeats",
-                             cancelled=lambda row: group[row].why,
-                             ended=ended)
+            started = time.monotonic()
+            self._running = len(group)
+            try:
+                eng.decode_batch(loader, requests, [t.result for t in group], deliver,
+                                 fix="the model is still loaded; send the request again, or alone, if this repeats",
+                                 cancelled=lambda row: group[row].why,
+                                 ended=ended)
+            finally:
+                self._running = 0
+                self._last_seconds = time.monotonic() - started
         except BaseException as exc:  # to each caller of the batch, never to the worker
             for ticket in group:
                 if not ticket.result.done:

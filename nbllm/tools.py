@@ -17,6 +17,7 @@ built-in models nor GGUF files carry, so the three formats are read here.)
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 import secrets
@@ -114,6 +115,25 @@ def tool_format(template: str | None) -> str | None:
     return None
 
 
+@dataclass(frozen=True)
+class ToolCalling:
+    """How a loaded model takes tools (:meth:`nbllm.loaders.base.Loader.tool_calling`): the ``format`` its
+    replies carry calls in (one of :data:`FORMATS`), and whether its ``server`` renders the tools and holds a
+    forced call itself (the loader passes ``tools`` / ``tool_choice`` on) or the chat renders them with the
+    model's template and holds a forced call with a grammar (:func:`call_grammar`). Records of a chat with
+    tools keep it, so a replay sends the requests the recorded chat sent."""
+
+    format: str
+    server: bool = False
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"format": self.format, "server": self.server}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> ToolCalling:
+        return cls(str(data["format"]), bool(data.get("server", False)))
+
+
 def require_format(template: str | None, model: str) -> str:
     """:func:`tool_format`, or one line saying the model cannot take tools."""
     fmt = tool_format(template)
@@ -164,11 +184,23 @@ class ToolCall:
 _HERMES = re.compile(r"<tool_call>\s*(.*?)\s*(?:</tool_call>|$)", re.S)
 
 
-def parse_tool_calls(text: str, fmt: str) -> tuple[str, list[ToolCall]]:
+def parse_tool_calls(text: str, fmt: str, *, context: str | None = None) -> tuple[str, list[ToolCall]]:
     """The text of a reply outside its tool calls, and the calls (in ``fmt``, one of :data:`FORMATS`).
 
     A call whose JSON cannot be read becomes a call named ``""`` with the text as its arguments: it is
-    answered with an error, so the model hears what was wrong."""
+    answered with an error, so the model hears what was wrong. A call the text gives no ``id`` gets a
+    random one, or, with ``context`` (what the reply answered), one derived from ``context``, the text and
+    the call's place: the same reply to the same messages names its calls alike, so the requests after it
+    are the same (a seeded run again, a replay)."""
+    content, calls = _parsed(text, fmt)
+    for i, call in enumerate(calls):
+        if not call.id:
+            call.id = "call_" + (secrets.token_hex(6) if context is None else
+                                 hashlib.sha256(f"{context}\0{text}\0{i}".encode()).hexdigest()[:12])
+    return content, calls
+
+
+def _parsed(text: str, fmt: str) -> tuple[str, list[ToolCall]]:
     if fmt == "hermes":
         bodies = _HERMES.findall(text)
         content = _HERMES.sub("", text).strip()
@@ -201,12 +233,13 @@ def json_or_text(text: str) -> Any:
 
 
 def _call(value: Any, key: str) -> ToolCall:
+    """The call ``value`` (a parsed JSON object) names; its ``id`` is empty when the text gives none."""
     if not isinstance(value, dict) or not isinstance(value.get("name"), str):
-        return ToolCall("", value if isinstance(value, str) else json.dumps(value))
+        return ToolCall("", value if isinstance(value, str) else json.dumps(value), "")
     args = value.get(key, value.get("arguments", value.get("parameters", {})))
     if isinstance(args, str):  # some models write the arguments as a JSON string
         args = json_or_text(args)
-    return ToolCall(value["name"], args, str(value.get("id") or "call_" + secrets.token_hex(6)))
+    return ToolCall(value["name"], args, str(value.get("id") or ""))
 
 
 def run_call(call: ToolCall, tools: Sequence[Tool]) -> ToolCall:
@@ -271,6 +304,6 @@ def call_grammar(fmt: str, tools: Sequence[Tool], choice: str) -> str:
 
 
 __all__ = [
-    "CHOICES", "FORMATS", "Tool", "ToolCall", "ToolError", "call_grammar", "check_choice", "parse_tool_calls",
+    "CHOICES", "FORMATS", "Tool", "ToolCall", "ToolCalling", "ToolError", "call_grammar", "check_choice", "parse_tool_calls",
     "require_format", "run_call", "tool_format", "tools_from", "tools_named",
 ]

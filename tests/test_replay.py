@@ -248,3 +248,83 @@ def test_records_without_seed_drawn_answer_both_kinds_of_request(tmp_path: Path,
         assert json.loads(nbllm.get_engine().last_result.record.to_json())["replayed"]["run"] == "run 1"
     finally:
         nbllm.replay(None)
+
+
+# -- a chat with tools ----------------------------------------------------------------------------------
+
+
+def test_tools_under_a_replay_that_never_chatted_with_them_is_one_line(tiny_model: Path, replay_log: Path) -> None:
+    def add(a: int, b: int) -> int:
+        """Add.
+
+        Args:
+            a: one
+            b: two
+        """
+        return a + b
+
+    nbllm.replay(replay_log)
+    nbllm.load(tiny_model, dtype="float32")
+    chat = nbllm.Chat("no-tools")
+    with pytest.raises(nbllm.NbllmError, match=rf"^no recorded run of {tiny_model} in {replay_log} chatted with "
+                                              "tools, so there is nothing to replay them from") as info:
+        chat.send("1+2?", tools=[add])
+    assert "\n" not in str(info.value) and chat.turns == [] and not chat.generating
+    assert nbllm.generate("Greedy", temperature=0, max_new_tokens=10).replayed  # the replay goes on
+
+
+TOOLS_STUDY = [
+    'from typing import Literal\nSKY = "sunny"\n\n'
+    'def weather(city: Literal["Paris", "Lisbon"]) -> dict:\n'
+    '    """The weather in a city.\n\n    Args:\n        city: where\n    """\n'
+    '    return {"city": city, "sky": SKY}',
+    "%%llm_chat trip --tools weather --tool-choice weather --temperature 0 --max-new-tokens 40 -o r\nWeather in Paris?",
+    "import nbllm.chat\nprint([str(c) for c in nbllm.chat.conversation('trip').turns[0].tool_calls], r.text == "
+    "nbllm.chat.conversation('trip').turns[0].reply.content)",
+]
+
+
+def test_a_notebook_that_chatted_with_tools_replays_its_calls(tmp_path: Path) -> None:
+    """Recorded in a real kernel (each reply of the loop is an output with its record), saved, replayed in
+    another kernel with the model's files gone: the same streamed step, the tool run again with the same
+    result, the same answer; a tool that now returns something else misses, naming its result."""
+    from nbllm.testing import tiny_transformers_model
+
+    model = tmp_path / "tools-model"
+    shutil.copytree(tiny_transformers_model(chat_template="tools"), model)
+    setup = ["import os\nos.environ['NBLLM_RUN_LOG'] = 'off'\n%load_ext nbllm", f"%llm_load {model}"]
+    nb = _run(_notebook(setup + TOOLS_STUDY), tmp_path)
+    saved = tmp_path / "tools.ipynb"
+    nbformat.write(nb, saved)
+    shutil.rmtree(model)
+
+    chat = nb.cells[3].outputs
+    assert [o["output_type"] for o in chat] == ["display_data", "stream", "display_data"]  # step, call, answer
+    step, call, answer = chat
+    assert step["data"]["text/plain"].startswith('<tool_call>\n{"name":"weather"') and "nbllm" in step["metadata"]
+    assert step["metadata"]["nbllm"]["tool_calling"] == {"format": "hermes", "server": False}
+    assert call["text"].startswith("[tool] weather(city=") and '"sky": "sunny"' in call["text"]
+    assert "nbllm" in answer["metadata"] and answer["metadata"]["nbllm"]["messages"][-1]["role"] == "tool"
+    assert len(Recording.read(saved).runs) == 2
+
+    miss = ('SKY = "rainy"\n%llm_chat_reset trip', TOOLS_STUDY[1])
+    again = _notebook([setup[0], f"%llm_replay {saved}\n%llm_load {model}", *TOOLS_STUDY, *miss])
+    again.cells[-1].metadata["tags"] = ["raises-exception"]  # the miss
+    NotebookClient(again, timeout=300, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}).execute()
+    assert not [o for c in again.cells for o in c.outputs if o["output_type"] == "error"]  # a UsageError: a line
+    for before, after in zip(nb.cells[2:], again.cells[2:5]):
+        assert _shown(after) == _shown(before)
+    for o1, o2 in zip(chat, again.cells[3].outputs):
+        if "nbllm" in o1.get("metadata", {}):
+            replayed = dict(o2["metadata"]["nbllm"])
+            assert replayed.pop("replayed")["source"] == str(saved)
+            assert replayed == o1["metadata"]["nbllm"]
+    said = "".join(o.get("text", "") for o in again.cells[6].outputs if o.get("name") == "stderr")
+    assert said.startswith(f"UsageError: no recorded run in {saved} matches this request; the closest, cell 4, differs in the "
+                           "result of tool call weather"), said
+    assert """('{"city": "Lisbon", "sky": "sunny"}' there, '{"city": "Lisbon", "sky": "rainy"}' here)""".replace(
+        "Lisbon", _city(call["text"])) in said
+
+
+def _city(line: str) -> str:
+    return line.split("city='")[1].split("'")[0]

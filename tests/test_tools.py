@@ -269,6 +269,203 @@ def test_the_magic_runs_notebook_functions(shell: Any, capsys: pytest.CaptureFix
         shell.run_cell_magic("llm_chat", "w --tools nothere", "hi")
 
 
+# -- each reply of the loop streams -----------------------------------------------------------------
+
+
+def test_on_reply_streams_each_reply_of_the_loop(tools_model: Any) -> None:
+    """``on_reply`` gets each reply before it is read: the one that calls the tool, then (after the call ran)
+    the final one; iterating each there streams it piece by piece."""
+    events: list[Any] = []
+
+    def on_reply(result: Any) -> None:
+        assert not result.done  # handed over before it is read
+        events.append(("reply", result, list(result)))
+
+    conv = Conversation("t")
+    final = conv.send("Weather in Paris?", tools=[weather], tool_choice="weather", temperature=0, max_new_tokens=60,
+                      on_reply=on_reply, on_tool_call=lambda call: events.append(("call", call)))
+    assert [e[0] for e in events] == ["reply", "call", "reply"]
+    (_, step, step_pieces), (_, call), (_, last, last_pieces) = events
+    assert len(step_pieces) > 1 and len(last_pieces) > 1  # streamed, not one block
+    assert parse_tool_calls("".join(step_pieces), "hermes")[1][0].arguments == call.arguments == {"city": CALLS[0]}
+    assert step.text == "".join(step_pieces) and step.record is conv.turns[0].steps[0].records[0]
+    assert last is final and final.done and final.text == "".join(last_pieces) == conv.turns[0].reply.content  # type: ignore[union-attr]
+
+
+def test_an_interrupted_reply_of_the_loop_is_kept_partial(tools_model: Any) -> None:
+    def stop_after_two(result: Any) -> None:
+        for i, _ in enumerate(result):
+            if i == 1:
+                raise KeyboardInterrupt
+
+    conv = Conversation("t")
+    with pytest.raises(KeyboardInterrupt):
+        conv.send("Weather in Paris?", tools=[weather], tool_choice="weather", temperature=0, max_new_tokens=60,
+                  on_reply=stop_after_two)
+    turn = conv.turns[0]
+    assert turn.reply is not None and turn.reply.partial and turn.reply.finish_reason == "interrupted"
+    assert CALLS == [] and not conv.generating
+    assert conv.send("Paris?", max_new_tokens=3, temperature=0).text is not None  # the chat goes on
+
+
+def test_the_magic_streams_each_reply_then_its_call_then_the_answer(shell: Any, capsys: pytest.CaptureFixture[str]) -> None:
+    shell.run_line_magic("llm_load", str(tiny_transformers_model(chat_template="tools")))
+    shell.user_ns["weather"] = weather
+    capsys.readouterr()
+    shell.run_cell_magic("llm_chat", "w --tools weather --tool-choice weather --temperature 0 --max-new-tokens 60 -o r",
+                         "Weather in Paris?")
+    out = capsys.readouterr().out
+    turn = chatlib.conversation("w").turns[0]
+    call, final = turn.tool_calls[0], shell.user_ns["r"]
+    step = f'<tool_call>\n{{"name":"weather","arguments":{{"city":"{CALLS[0]}"}}}}'  # the forced call, compact
+    assert out.startswith(step)
+    shown_step = out[: out.index("\n[tool] ")]
+    assert parse_tool_calls(shown_step, "hermes")[1][0].arguments == call.arguments
+    assert out == f"{shown_step}\n[tool] {call}\n{final.text}\n"  # the step, its call and result, the answer
+
+
+# -- request identity and replay of a chat with tools ------------------------------------------------
+
+
+def test_identities_of_requests_without_tools_are_unchanged() -> None:
+    """Old recordings keep matching: these keys were computed by the identity code before tools existed
+    (a user message's ``name`` stayed out then, and still does)."""
+    from nbllm.identity import identity_key, record_identity
+
+    raw = {"model": {"name": "m", "format": "transformers", "sha256": {"model.safetensors": "ab"}},
+           "loader": "transformers", "load_options": {"dtype": "float32"},
+           "generation_options": {"temperature": 0.0, "max_new_tokens": 16, "seed": 3}, "seed": 3,
+           "seed_drawn": True, "prompt": "Hello", "mode": "raw"}
+    chat = {"model": {"name": "m", "format": "gguf"}, "loader": "llama.cpp", "load_options": {},
+            "generation_options": {"temperature": 0.7, "stop": ["\n"]}, "seed": 5, "seed_drawn": False,
+            "prompt": "<s>x", "mode": "chat",
+            "messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi", "name": "ana"},
+                         {"role": "assistant", "content": "Hello"}, {"role": "user", "content": "And?"}]}
+    assert identity_key(record_identity(raw)) == "8f602ff6466bca7cb2b9"
+    assert identity_key(record_identity(chat)) == "46d7ae98d77abf245204"
+    assert set(record_identity(chat)) == {"model", "loader", "load_options", "generation_options", "seed", "messages"}
+
+
+def test_identities_tell_tools_calls_and_results_apart() -> None:
+    from nbllm.identity import differences, request_identity
+
+    call = ToolCall("weather", {"city": "Paris"}, "call_1", "sunny")
+    messages = [{"role": "user", "content": "Paris?"},
+                {"role": "assistant", "content": "", "tool_calls": [call.message()]}, call.result_message()]
+    schemas = [Tool.of(weather).schema]
+
+    def identity(messages: Any = messages, tools: Any = schemas, tool_choice: Any = None) -> dict[str, Any]:
+        return request_identity(model={"name": "m"}, loader="openai", load_options={}, generation_options={},
+                                seed=None, prompt="", messages=messages, tools=tools, tool_choice=tool_choice)
+
+    base = identity()
+    assert base["tools"] == json.loads(json.dumps(schemas)) and "tool_choice" not in base
+    assert base["messages"][1]["tool_calls"][0]["id"] == "call_1" and base["messages"][2]["tool_call_id"] == "call_1"
+    other_result = [*messages[:2], {**messages[2], "content": "rainy"}]
+    assert differences(base, identity(other_result)) == ["the result of tool call weather ('sunny' there, 'rainy' here)"]
+    other_id = [messages[0], {**messages[1], "tool_calls": [{**call.message(), "id": "call_2"}]}, messages[2]]
+    assert differences(base, identity(other_id)) == ["the tool calls of message 2"]
+    assert differences(base, identity(tools=[Tool.of(add).schema])) == ["the tools (weather there, add here)"]
+    assert differences(base, identity(tool_choice="weather")) == ["tool_choice (none given there, 'weather' here)"]
+
+
+def test_call_ids_follow_what_the_reply_answered() -> None:
+    text = '<tool_call>{"name": "add", "arguments": {"a": 1, "b": 2}}</tool_call>' * 2
+    first = [c.id for c in parse_tool_calls(text, "hermes", context="messages A")[1]]
+    assert first == [c.id for c in parse_tool_calls(text, "hermes", context="messages A")[1]]
+    assert first[0] != first[1] and first[0].startswith("call_")
+    assert first != [c.id for c in parse_tool_calls(text, "hermes", context="messages B")[1]]
+    given = '<tool_call>{"name": "add", "arguments": {}, "id": "srv_7"}</tool_call>'
+    assert parse_tool_calls(given, "hermes", context="messages A")[1][0].id == "srv_7"  # a server's id is kept
+
+
+def test_a_changed_tool_result_falls_back_to_the_model_midway(engine: Any, tmp_path: Path,
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """A local model's chat with tools, replayed from the run log with ``fallback="run"``: the call's
+    request (with its grammar) replays; a tool result that changed misses, the model is loaded there and
+    writes the answer from the new result."""
+    import nbllm
+    from nbllm.runlog import flush
+
+    model = tiny_transformers_model(chat_template="tools")
+    flush()
+    monkeypatch.setenv("NBLLM_RUN_LOG", str(tmp_path / "runs.sqlite"))
+    engine.load(model)
+    recorded = Conversation("t")
+    final = recorded.send("Paris?", tools=[weather], tool_choice="weather", temperature=0, max_new_tokens=40).text
+    flush()
+    monkeypatch.setenv("NBLLM_RUN_LOG", "off")
+    engine.unload()
+    city = CALLS[0]
+
+    def make(sky: str) -> Any:
+        def weather(city: Literal["Paris", "Lisbon"]) -> dict[str, Any]:
+            """The weather in a city.
+
+            Args:
+                city: where
+            """
+            return {"city": city, "sky": sky}
+        return weather
+
+    rainy = make("rainy")  # the same tool, another result
+    assert Tool.of(rainy).schema == Tool.of(weather).schema
+    with nbllm.replay(tmp_path / "runs.sqlite", fallback="run") as replay:
+        engine.load(model)
+        same = Conversation("same").send("Paris?", tools=[weather], tool_choice="weather", temperature=0,
+                                         max_new_tokens=40)
+        assert same.replayed and same.text == final and replay.answered == 2
+        changed = Conversation("changed")
+        with pytest.warns(NbllmWarning, match=r"differs in the result of tool call weather"):
+            answer = changed.send("Paris?", tools=[rainy], tool_choice="weather", temperature=0, max_new_tokens=40)
+        assert replay.answered == 3 and replay.fell_back  # the call replayed; the answer did not
+    assert changed.turns[0].steps[0].records[0].replayed is not None
+    assert not answer.replayed and answer.record.loader == "transformers" and answer.completion_tokens
+    assert f'<tool_response>\n{{"city": "{city}", "sky": "rainy"}}\n</tool_response>' in answer.record.prompt
+    assert '"name": "weather"' in answer.record.prompt  # the tools went on to the model loaded midway
+
+
+def test_a_chat_with_tools_at_a_server_replays_from_the_run_log(engine: Any, tmp_path: Path,
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """Recorded through the remote loader (the server holds the forced call: ``tool_choice`` goes with the
+    request), replayed with the server gone: the same calls run again, the same answer comes back."""
+    pytest.importorskip("llama_cpp")
+    import nbllm
+    from nbllm.engine import Engine
+    from nbllm.runlog import flush
+    from nbllm.serve import stop
+
+    flush()
+    monkeypatch.setenv("NBLLM_RUN_LOG", str(tmp_path / "runs.sqlite"))
+    served = Engine()
+    served.load(tiny_gguf_model(chat_template="tools"))
+    server = nbllm.serve(port=0, engine=served)
+    try:
+        engine.load(server.url)
+        conv = Conversation("t", engine=engine)
+        final = conv.send("Weather in Paris?", tools=[weather], tool_choice="weather", temperature=0,
+                          max_new_tokens=60).text
+        recorded = conv.turns[0]
+        flush()
+    finally:
+        stop()
+        served.unload()
+    monkeypatch.setenv("NBLLM_RUN_LOG", "off")
+    first = recorded.steps[0].records[0]
+    assert first.tool_choice == "weather" and first.tool_calling == {"format": "hermes", "server": True}
+    assert first.generation_options.get("grammar") is None and recorded.reply.record.tool_choice == "auto"  # type: ignore[union-attr]
+    engine.unload()
+    CALLS.clear()
+    with nbllm.replay(tmp_path / "runs.sqlite") as replay:
+        engine.load(server.url)  # nothing is loaded: the recording stands in for the server
+        again = Conversation("t", engine=engine)
+        reply = again.send("Weather in Paris?", tools=[weather], tool_choice="weather", temperature=0,
+                           max_new_tokens=60)
+        assert reply.replayed and reply.text == final and replay.answered == 2
+        assert [c.to_dict() for c in again.turns[0].tool_calls] == [c.to_dict() for c in recorded.tool_calls]
+        assert CALLS == [recorded.tool_calls[0].arguments["city"]]  # the function ran again, here
+
+
 # -- %llm_serve ------------------------------------------------------------------------------------
 
 

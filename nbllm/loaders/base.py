@@ -28,6 +28,7 @@ from ..source import ModelSource
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..adapters import Adapter
+    from ..tools import ToolCalling
 
 
 @dataclass
@@ -217,6 +218,20 @@ class Loader(ABC):
     def context_length(self) -> int | None:
         """How many tokens the loaded model can attend to, when known."""
         return None
+
+    def tool_calling(self) -> ToolCalling:
+        """How the loaded model takes tools (:class:`~nbllm.tools.ToolCalling`), the one thing a chat with
+        tools asks: a loader that renders chats passes them on to its server when it declares
+        :attr:`tool_calls_as`; any other renders them with the model's own template, in its tool format.
+        A model that cannot take tools raises :class:`~nbllm.tools.ToolError` in one line."""
+        from ..tools import ToolCalling, ToolError, require_format
+
+        if self.renders_chat:
+            if self.tool_calls_as is None:
+                raise ToolError(f"the {self.name} loader does not pass tools on",
+                                "chat with tools on a model loaded with the transformers or llama.cpp loader")
+            return ToolCalling(self.tool_calls_as, server=True)
+        return ToolCalling(require_format(self.chat_template, "the loaded model"))
 
     def describe(self) -> dict[str, Any]:
         """Loader-specific facts for status and records (e.g. the attention implementation used)."""

@@ -5,7 +5,9 @@ options a notebook asks for are noted and nothing is loaded (no torch is importe
 then answered by :meth:`ReplayLoader.answer` with the run whose identity (:mod:`nbllm.identity`)
 equals the request's, streamed as it was shown, with its original record marked ``replayed``. A
 request with no match fails with one line naming the closest recorded run and what differs; with
-``--fallback run`` the engine loads the real model instead.
+``--fallback run`` the engine loads the real model instead. A chat with tools asks the stand-in how the
+recorded model took them (:meth:`ReplayLoader.tool_calling`, from the records), so it sends the requests
+it sent then.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from .base import LoadInstead, Request, TextLoader
 
 if TYPE_CHECKING:
     from ..adapters import Adapter
+    from ..tools import ToolCalling
 
 FORMAT = "replay"
 
@@ -52,6 +55,7 @@ class Recorded(Protocol):
 
     def __len__(self) -> int: ...
     def model_for(self, spec: str) -> tuple[dict[str, Any], str] | None: ...
+    def tool_calling_for(self, model: Mapping[str, Any]) -> dict[str, Any] | None: ...
     def take(self, identity: Mapping[str, Any]) -> Run | None: ...
     def closest(self, identity: Mapping[str, Any]) -> tuple[Run, list[str]] | None: ...
     def adapter_for(self, spec: str) -> dict[str, Any] | None: ...
@@ -91,6 +95,8 @@ class ReplayLoader(TextLoader):
         self.spec = ""
         self.applied: list[Adapter] = []
         """The adapters ``%llm_lora`` applied to the stand-in: part of each request's identity."""
+        self.recorded_tool_calling: dict[str, Any] | None = None
+        """How the recorded model took tools (a record's ``tool_calling``), when a recorded chat used them."""
 
     def load(self, source: ModelSource, options: LoadOptions) -> None:
         self.source, self.options, self.spec = source, options, source.name
@@ -103,6 +109,7 @@ class ReplayLoader(TextLoader):
             return
         model, self.loader_name = recorded
         self.model = {k: v for k, v in model.items() if k != "adapters"}  # adapters come from %llm_lora, as recorded
+        self.recorded_tool_calling = self.replay.recording.tool_calling_for(self.model)
         if options.loader != "auto":
             self.loader_name = options.loader
         self.placement.notes.append(f"replay: nothing was loaded; outputs come from {self.replay.recording.source}")
@@ -117,6 +124,18 @@ class ReplayLoader(TextLoader):
 
     def set_adapters(self, adapters: Sequence[Adapter]) -> None:
         self.applied = list(adapters)
+
+    def tool_calling(self) -> ToolCalling:
+        """The recorded model's way of taking tools (its format; a server that held a forced call, or a
+        grammar), so a chat with tools sends the requests it sent when recorded."""
+        from ..tools import ToolCalling, ToolError
+
+        if self.recorded_tool_calling is None:
+            raise ToolError(f"no recorded run of {self.spec or 'this model'} in {self.replay.recording.source} "
+                            "chatted with tools, so there is nothing to replay them from",
+                            f"run the cell as it was recorded, or turn the replay off ({command('replay off')}) "
+                            "to chat with tools on the model")
+        return ToolCalling.from_dict(self.recorded_tool_calling)
 
     def adapter(self, spec: str, *, scale: float) -> Adapter:
         """The adapter ``%llm_lora add SPEC`` names, as the recording holds it (its path, hub revision and
@@ -153,6 +172,8 @@ class ReplayLoader(TextLoader):
             seed=request.options.seed,
             prompt=request.prompt,
             messages=request.messages,
+            tools=request.tools,
+            tool_choice=request.tool_choice,
         )
         recording = self.replay.recording
         run = recording.take(wanted)

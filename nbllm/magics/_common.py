@@ -239,6 +239,12 @@ class StreamView:
 
             self._handle = display({"text/plain": ""}, raw=True, display_id=True)
 
+    def next(self) -> None:
+        """Show the next result in a display of its own below (the one shown stays as it is): a chat with
+        tools shows each reply of its loop in turn."""
+        self._handle, self._text, self._shown_at = None, "", 0.0
+        self.waited_for, self.waited_on = None, None
+
     def waiting(self, result: Result | None = None) -> None:
         """Say that the model is busy with a reply another thread is writing (a served request's, the chat
         panel's): the output is not empty while the cell waits for it (the text replaces this line)."""

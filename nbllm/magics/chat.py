@@ -24,6 +24,7 @@ from ._common import (
 
 if TYPE_CHECKING:
     from ..chat import Conversation
+    from ..result import Result
 
 
 @magics_class
@@ -94,13 +95,17 @@ class ChatMagics(Magics):
 
             tools = tools_named(args.tools, shell.user_ns)
         view = StreamView(shell)
+
+        def stream(reply: Result) -> None:  # each reply as it is written (with tools: each of the loop's)
+            if args.output:  # set first: an interrupted reply is kept there too
+                shell.user_ns[args.output] = reply
+            show_stream(shell, reply, view)
+            view.next()
+
         with waiting_shown(view, conv.engine):
-            result = conv.reply(message, options, regenerate=args.regenerate, continue_=args.continue_, system=system,
-                                tools=tools, tool_choice=args.tool_choice, max_tool_calls=args.max_tool_calls,
-                                on_tool_call=lambda call: print(f"[tool] {call}"))
-        if args.output:
-            shell.user_ns[args.output] = result
-        show_stream(shell, result, view)
+            conv.reply(message, options, regenerate=args.regenerate, continue_=args.continue_, system=system,
+                       tools=tools, tool_choice=args.tool_choice, max_tool_calls=args.max_tool_calls,
+                       on_tool_call=lambda call: print(f"[tool] {call}"), on_reply=stream)
 
     @line_magic
     @lazy_arguments()
