@@ -31,9 +31,10 @@ from .frontend import command
 from .options import GenerationOptions
 from .result import Record, Result
 from .tools import (
+    INTERRUPTED,
+    NOT_RUN,
     Tool,
     ToolCall,
-    call_grammar,
     check_choice,
     parse_tool_calls,
     run_call,
@@ -171,6 +172,12 @@ class Turn:
     def tool_calls(self) -> list[ToolCall]:
         """Every tool call of this turn, in order, with its result."""
         return [call for step in self.steps for call in step.calls]
+
+    @property
+    def interrupted_call(self) -> ToolCall | None:
+        """The call whose function a kernel interrupt stopped (the turn then ends with an empty reply marked
+        partial), if any."""
+        return next((call for call in self.tool_calls if call.interrupted), None)
 
     @property
     def versions(self) -> list[Reply]:
@@ -542,15 +549,15 @@ class Conversation:
             while True:
                 # asked each round: a replay that misses with fallback "run" loads the real model midway
                 calling = self.engine.loader.tool_calling()
-                forced = choice not in ("auto", "none") and made == 0
                 # a server renders the tools and holds a forced call itself; a local model gets a grammar
-                extra = ({**kwargs, "grammar": call_grammar(calling.format, tools, choice)}
-                         if forced and not calling.server else dict(kwargs))
+                # (only the first reply is forced: the replies after the results are auto)
+                grammar, passed = calling.holding(tools, choice if made == 0 else "auto")
+                extra = {**kwargs, "grammar": grammar} if grammar is not None else dict(kwargs)
                 got: list[Reply] = []
                 sent = self._messages([*self.turns, turn], last_reply=False)
                 result = self._start([*self.turns, turn], options, extra, number=number, open_reply=False,
                                      on_reply=got.append, tools=None if choice == "none" else tools,
-                                     tool_choice=(choice if forced else "auto") if calling.server else None)
+                                     tool_choice=passed)
                 try:
                     _ = _handed(result, on_reply).text
                 except BaseException:
@@ -572,11 +579,26 @@ class Conversation:
                         warnings.warn(note, ChatNote, stacklevel=3)
                     self.turns.append(_with(turn, reply))
                     return result
-                for call in calls:
-                    run_call(call, tools)
-                    made += 1
-                    if on_tool_call is not None:
-                        on_tool_call(call)
+                running: ToolCall | None = None
+                try:
+                    for call in calls:
+                        running = call
+                        run_call(call, tools)
+                        running = None
+                        made += 1
+                        if on_tool_call is not None:
+                            on_tool_call(call)
+                except BaseException:
+                    # an interrupt while a function ran (or a front end's error): the turn is kept, its calls
+                    # all answered (the one running marked interrupted, those after it not run) so the next
+                    # message, or continue, renders a whole conversation; its reply is empty, marked partial
+                    for call in calls:
+                        if call.result is None:
+                            call.interrupted = call is running
+                            call.result, call.error = (INTERRUPTED if call is running else NOT_RUN), True
+                    turn.steps.append(ToolStep(content, calls, reply.records))
+                    self.turns.append(_with(turn, Reply("", True, "interrupted")))
+                    raise
                 turn.steps.append(ToolStep(content, calls, reply.records))
 
     def _prompt(self, engine: Engine, turns: list[Turn], *, open_reply: bool, max_new_tokens: int,

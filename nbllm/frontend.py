@@ -52,6 +52,7 @@ _COMMANDS: dict[str, Forms] = {
     "chat": Forms("%%llm_chat {0}", "nbllm.Chat({0})"),
     "chat reset": Forms("%llm_chat_reset {0}", "Conversation.reset()"),
     "chat regenerate": Forms("%llm_chat {0} --regenerate", "Conversation.regenerate()"),
+    "chat continue": Forms("%llm_chat {0} --continue", "Conversation.continue_reply()"),
     "history save": Forms("%llm_history --save {0}", "Conversation.save({0})"),
     "history load": Forms("%llm_history {0} --load {1}", "nbllm.Conversation.load({1})"),
     "replay": Forms("%llm_replay {0}", "nbllm.replay({0})"),

@@ -328,7 +328,7 @@ def create_app(engine: Engine | None = None, *, api_key: str | None = None, work
             result = await loop.run_in_executor(pool, _read, start, live)
         except NbllmError as exc:
             return _nbllm_error(exc, error)
-        message, finish = reply_message("".join(result.chunks), fmt, choice)
+        message, finish = reply_message("".join(result.chunks), fmt, choice, messages)
         finish = finish or _finish(result)
         if not body.stream:
             return JSONResponse({**meta, "object": "chat.completion", "usage": _usage(result),

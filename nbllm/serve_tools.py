@@ -1,6 +1,7 @@
-"""Tools at ``%llm_serve``: OpenAI's ``tools`` / ``tool_choice`` in chat completions, rendered by the model's
-own template, and ``tool_calls`` in the reply (``finish_reason: "tool_calls"``), as :mod:`nbllm.tools` reads
-them. The client runs the functions and sends their results back as ``tool`` messages, as OpenAI's API does.
+"""Tools at ``%llm_serve``: OpenAI's ``tools`` / ``tool_choice`` in chat completions, taken as the loaded
+loader says (:meth:`~nbllm.loaders.base.Loader.tool_calling`, as a chat in the kernel asks: rendered by the
+model's own template, passed on by a server's loader, answered from its recording by a replay), and
+``tool_calls`` in the reply (``finish_reason: "tool_calls"``), as :mod:`nbllm.tools` reads them. The client runs the functions and sends their results back as ``tool`` messages, as OpenAI's API does.
 
 A streamed reply with tools is sent when it is whole (its text cannot be told apart from a tool call
 until it ends): one content or ``tool_calls`` delta, then the finish reason.
@@ -10,13 +11,14 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable, Mapping
+from dataclasses import replace
 from typing import Any
 
 from .engine import Engine, Prompt
 from .options import GenerationOptions
 from .result import Result
 from .serve_requests import ChatRequest, RequestError
-from .tools import Tool, ToolError, call_grammar, check_choice, parse_tool_calls, require_format
+from .tools import Tool, ToolError, check_choice, parse_tool_calls
 
 
 def _no_function(**_: Any) -> Any:  # a served tool runs at the client
@@ -74,30 +76,48 @@ def message_fields(message: Any) -> dict[str, Any]:
 
 def tool_starter(engine: Engine, messages: list[dict[str, Any]], options: GenerationOptions,
                  tools: list[Tool], choice: str) -> tuple[Callable[[], Result], str]:
-    """The call that starts a generation with ``tools`` rendered (a forced ``choice`` held to a call), and
-    the template's tool format to read the reply with."""
-    loader = engine.loader
-    if loader.renders_chat:
-        raise RequestError("tools", f"the {loader.name} loader does not pass tools on", "leave tools out")
+    """The call that starts a generation with ``tools`` (a forced ``choice`` held to a call), and the tool
+    format to read the reply with. The loaded loader says how it takes tools
+    (:meth:`~nbllm.loaders.base.Loader.tool_calling`), as it does for a chat in the kernel: the model's
+    template renders them and a grammar holds a forced call, or a server's loader passes them on with the
+    ``tool_choice`` (a replay's stand-in answers as the recorded model took them). Each ``tool`` message of
+    ``messages`` that names no function is given its call's name, in place."""
+    _name_results(messages)
     try:
-        fmt = require_format(loader.chat_template, "the served model")
-        if choice not in ("auto", "none"):
-            options = options.replace(grammar=call_grammar(fmt, tools, choice))
+        calling = engine.loader.tool_calling()
+        grammar, passed = calling.holding(tools, choice)
     except ToolError as exc:
         raise RequestError("tools", exc.cause, exc.fix) from None
+    if grammar is not None:
+        options = options.replace(grammar=grammar)
     schemas = [t.schema for t in tools] if choice != "none" else None
 
     def start() -> Result:
         ready: Prompt = engine.prompt_for(messages, chat=True, tools=schemas)
-        return engine.stream_prompt(ready, options)
+        return engine.stream_prompt(replace(ready, tool_choice=passed), options)
 
-    return start, fmt
+    return start, calling.format
 
 
-def reply_message(text: str, fmt: str, choice: str) -> tuple[dict[str, Any], str | None]:
+def _name_results(messages: list[dict[str, Any]]) -> None:
+    """Give each ``tool`` message that names no function the name of the call it answers (OpenAI's
+    clients send the call's id alone), as a chat in the kernel holds it: templates that show the name
+    render it, and the request is the one the same chat in the kernel sends (its identity, for a replay)."""
+    names = {c.get("id"): (c.get("function") or {}).get("name")
+             for m in messages if m["role"] == "assistant" for c in m.get("tool_calls") or ()}
+    for m in messages:
+        if m["role"] == "tool" and not m.get("name") and isinstance(names.get(m.get("tool_call_id")), str):
+            m["name"] = names[m["tool_call_id"]]
+
+
+def reply_message(text: str, fmt: str, choice: str,
+                  messages: list[dict[str, Any]] | None = None) -> tuple[dict[str, Any], str | None]:
     """The assistant message for a reply's ``text`` (``tool_calls`` when it calls tools) and the finish
-    reason ``tool_calls`` (or ``None``: the usual one)."""
-    content, calls = (text, []) if choice == "none" else parse_tool_calls(text, fmt)
+    reason ``tool_calls`` (or ``None``: the usual one). A call the text gives no id is named from the
+    ``messages`` the reply answered, as a chat in the kernel names it: the same reply to the same messages
+    names its calls alike, so the client's next request is the same too (a seeded run again, a replay)."""
+    context = None if messages is None else json.dumps(messages, sort_keys=True, default=str)
+    content, calls = (text, []) if choice == "none" else parse_tool_calls(text, fmt, context=context)
     calls = [c for c in calls if c.name]
     if not calls:
         return {"role": "assistant", "content": text}, None

@@ -126,6 +126,16 @@ class ToolCalling:
     format: str
     server: bool = False
 
+    def holding(self, tools: Sequence[Tool], choice: str) -> tuple[str | None, str | None]:
+        """What a request with ``tools`` under ``choice`` carries to hold a forced call (``required`` or a
+        name): the grammar of one call for a model nbllm renders tools for, or the ``tool_choice`` passed on
+        to a server (``auto`` when not forced). Returns ``(grammar, tool_choice)``, either ``None`` where it
+        does not apply. The one place the chat loop and ``%llm_serve`` decide it."""
+        forced = choice not in ("auto", "none")
+        if self.server:
+            return None, choice if forced else "auto"
+        return (call_grammar(self.format, tools, choice) if forced else None), None
+
     def to_dict(self) -> dict[str, Any]:
         return {"format": self.format, "server": self.server}
 
@@ -147,16 +157,25 @@ def require_format(template: str | None, model: str) -> str:
 # -- calls -------------------------------------------------------------------------------------------
 
 
+INTERRUPTED = "interrupted: the kernel was interrupted while the function ran, so it returned nothing"
+"""The result of a call whose function a kernel interrupt stopped (:attr:`ToolCall.interrupted`)."""
+
+NOT_RUN = "not run: the kernel was interrupted before this call"
+"""The result of a call after it in the same reply: it never ran."""
+
+
 @dataclass
 class ToolCall:
     """One call the model made, and what came back (``result``: the function's value as text, or the
-    one-line error sent back; ``error``: whether it is an error)."""
+    one-line error sent back; ``error``: whether it is an error; ``interrupted``: a kernel interrupt
+    stopped its function, and ``result`` says so)."""
 
     name: str
     arguments: Any
     id: str = field(default_factory=lambda: "call_" + secrets.token_hex(6))
     result: str | None = None
     error: bool = False
+    interrupted: bool = False
 
     def message(self) -> dict[str, Any]:
         """The call as an assistant message's ``tool_calls`` entry (OpenAI's and transformers' shape)."""
@@ -173,12 +192,13 @@ class ToolCall:
         return f"{self.name}({shown}){tail}"
 
     def to_dict(self) -> dict[str, Any]:
-        return {"id": self.id, "name": self.name, "arguments": self.arguments, "result": self.result, "error": self.error}
+        return {"id": self.id, "name": self.name, "arguments": self.arguments, "result": self.result, "error": self.error,
+                **({"interrupted": True} if self.interrupted else {})}
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> ToolCall:
         return cls(str(data["name"]), data.get("arguments"), str(data.get("id") or ""), data.get("result"),
-                   bool(data.get("error", False)))
+                   bool(data.get("error", False)), bool(data.get("interrupted", False)))
 
 
 _HERMES = re.compile(r"<tool_call>\s*(.*?)\s*(?:</tool_call>|$)", re.S)
@@ -304,6 +324,6 @@ def call_grammar(fmt: str, tools: Sequence[Tool], choice: str) -> str:
 
 
 __all__ = [
-    "CHOICES", "FORMATS", "Tool", "ToolCall", "ToolCalling", "ToolError", "call_grammar", "check_choice", "parse_tool_calls",
+    "CHOICES", "FORMATS", "INTERRUPTED", "NOT_RUN", "Tool", "ToolCall", "ToolCalling", "ToolError", "call_grammar", "check_choice", "parse_tool_calls",
     "require_format", "run_call", "tool_format", "tools_from", "tools_named",
 ]

@@ -4,6 +4,8 @@ the call loop end to end on real tiny models through both loaders, from Python a
 from __future__ import annotations
 
 import json
+import signal
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Literal
@@ -16,6 +18,8 @@ from nbllm.chat import Conversation
 from nbllm.errors import ChatError, NbllmWarning
 from nbllm.testing import TINY_CHAT_TEMPLATE, TINY_TOOLS_TEMPLATE, tiny_gguf_model, tiny_transformers_model
 from nbllm.tools import (
+    INTERRUPTED,
+    NOT_RUN,
     Tool,
     ToolCall,
     ToolError,
@@ -59,6 +63,19 @@ def fail(reason: Literal["timeout"]) -> str:
         reason: why
     """
     raise RuntimeError("the service is down\nsecond line")
+
+
+def lookup(city: Literal["Paris", "Lisbon"]) -> str:
+    """Looks the weather up, slowly: the kernel is interrupted while it runs.
+
+    Args:
+        city: where
+    """
+    CALLS.append(city)  # type: ignore[arg-type]
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # a kernel's (and pytest's) handler
+    signal.raise_signal(signal.SIGINT)  # what interrupting the kernel sends while the function runs
+    threading.Event().wait(60)
+    raise AssertionError("the interrupt never came")
 
 
 @pytest.fixture(autouse=True)
@@ -308,6 +325,66 @@ def test_an_interrupted_reply_of_the_loop_is_kept_partial(tools_model: Any) -> N
     assert conv.send("Paris?", max_new_tokens=3, temperature=0).text is not None  # the chat goes on
 
 
+def _three_calls(first: str, second: str, third: str) -> str:
+    """A grammar (GBNF) holding the reply to three Hermes calls in order: weather in ``first``, ``second`` in
+    Lisbon, weather in ``third``."""
+    call = '<tool_call>\\n{{\\"name\\": \\"{}\\", \\"arguments\\": {{\\"city\\": \\"{}\\"}}}}\\n</tool_call>'
+    return 'root ::= "' + "\\n".join(call.format(n, c) for n, c in [("weather", first), (second, "Lisbon"),
+                                                                   ("weather", third)]) + '"'
+
+
+def test_an_interrupt_while_a_tool_runs_keeps_the_turn(tools_model: Any, tmp_path: Path) -> None:
+    """A kernel interrupt while a function runs (not while the model writes): the turn is kept, the calls
+    before answered, the running one answered as interrupted, the one after as not run, and an empty reply
+    marked partial; the conversation goes on (continue answers from the results, a next message too)."""
+    seen: list[ToolCall] = []
+    conv = Conversation("t")
+    with pytest.raises(KeyboardInterrupt):
+        conv.send("Weather in Paris?", tools=[weather, lookup], temperature=0, max_new_tokens=200,
+                  grammar=_three_calls("Paris", "lookup", "Lisbon"), on_tool_call=seen.append)
+    assert CALLS == ["Paris", "Lisbon"] and not conv.generating  # weather ran, lookup started, the last did not
+    turn = conv.turns[0]
+    done, stopped, after = turn.tool_calls
+    assert seen == [done] and not done.error and json.loads(done.result or "") == {"city": "Paris", "sky": "sunny"}
+    assert turn.interrupted_call is stopped and stopped.name == "lookup" and stopped.arguments == {"city": "Lisbon"}
+    assert stopped.error and stopped.result == INTERRUPTED and str(stopped).endswith("→ error: " + INTERRUPTED)
+    assert after.error and not after.interrupted and after.result == NOT_RUN and after.arguments == {"city": "Lisbon"}
+    assert turn.reply is not None and turn.reply.content == "" and turn.reply.partial
+    assert turn.reply.finish_reason == "interrupted" and turn.notes == ["partial: interrupted"]
+    messages = conv.messages()
+    assert [m["role"] for m in messages] == ["user", "assistant", "tool", "tool", "tool", "assistant"]
+    assert [m["content"] for m in messages[2:5]] == [done.result, INTERRUPTED, NOT_RUN]
+    back = Conversation.load(conv.save(tmp_path / "c.json"))  # saved and loaded with its marks
+    assert back.messages() == messages and back.turns[0].interrupted_call.to_dict() == stopped.to_dict()  # type: ignore[union-attr]
+    more = conv.continue_reply(temperature=0, max_new_tokens=5)  # the model answers from the results
+    _ = more.text
+    assert f"<tool_response>\n{INTERRUPTED}\n</tool_response>" in more.record.prompt  # type: ignore[union-attr]
+    assert turn.reply.content == more.text
+    _ = conv.send("And now?", max_new_tokens=3, temperature=0).text
+    assert len(conv.turns) == 2
+
+
+def test_the_magic_says_a_tool_was_interrupted_and_keeps_the_turn(shell: Any, capsys: pytest.CaptureFixture[str]) -> None:
+    shell.run_line_magic("llm_load", str(tiny_transformers_model(chat_template="tools")))
+    shell.user_ns["lookup"] = lookup
+    capsys.readouterr()
+    with pytest.raises(UsageError) as info:
+        shell.run_cell_magic("llm_chat", "w --tools lookup --tool-choice lookup --temperature 0 --max-new-tokens 60",
+                             "Weather in Paris?")
+    message = str(info.value)
+    assert message.startswith("Interrupted while the tool lookup ran: the turn is kept") and "\n" not in message
+    assert "nothing was generated" not in message and "%llm_chat w --continue" in message
+    turn = chatlib.conversation("w").turns[0]
+    call = turn.interrupted_call
+    assert call is not None and call.arguments == {"city": CALLS[0]} and turn.reply is not None and turn.reply.partial
+    out = capsys.readouterr().out
+    assert out.startswith("<tool_call>") and out.endswith(f"\n[tool] lookup(city={CALLS[0]!r}) → error: {INTERRUPTED}\n")
+    shell.run_line_magic("llm_chat", "w --continue --temperature 0 --max-new-tokens 5 -o more")
+    assert turn.reply.content == shell.user_ns["more"].text  # the model answered from the results
+    shell.run_cell_magic("llm_chat", "w --temperature 0 --max-new-tokens 3", "And now?")
+    assert len(chatlib.conversation("w").turns) == 2
+
+
 def test_the_magic_streams_each_reply_then_its_call_then_the_answer(shell: Any, capsys: pytest.CaptureFixture[str]) -> None:
     shell.run_line_magic("llm_load", str(tiny_transformers_model(chat_template="tools")))
     shell.user_ns["weather"] = weather
@@ -512,6 +589,82 @@ def test_serve_takes_tools_and_returns_tool_calls(engine: Any, stream: bool) -> 
                 "type": "function", "function": {"name": "nope"}})
     finally:
         stop()
+
+
+def test_serve_answers_a_chat_with_tools_from_a_replay(engine: Any, tmp_path: Path,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """A chat with tools recorded in the kernel, then replayed: a client of ``%llm_serve`` sending the same
+    requests (the tools, the forced call, then the call's result) is answered from the recording, call ids
+    included, as the chat in the kernel is; nothing is loaded."""
+    openai = pytest.importorskip("openai")
+    import nbllm
+    from nbllm.runlog import flush
+    from nbllm.serve import stop
+
+    model = tiny_transformers_model(chat_template="tools")
+    flush()
+    monkeypatch.setenv("NBLLM_RUN_LOG", str(tmp_path / "runs.sqlite"))
+    engine.load(model)
+    recorded = Conversation("t")
+    final = recorded.send("Weather in Paris?", tools=[weather], tool_choice="weather", temperature=0,
+                          max_new_tokens=40).text
+    flush()
+    monkeypatch.setenv("NBLLM_RUN_LOG", "off")
+    engine.unload()
+    call = recorded.turns[0].tool_calls[0]
+    with nbllm.replay(tmp_path / "runs.sqlite") as replay:
+        engine.load(model)
+        server = nbllm.serve(port=0)
+        try:
+            client = openai.OpenAI(base_url=server.url, api_key="unused", max_retries=0, timeout=60)
+            ask = {"model": nbllm.status().model, "tools": [Tool.of(weather).schema], "temperature": 0, "max_tokens": 40}
+            messages: list[dict[str, Any]] = [{"role": "user", "content": "Weather in Paris?"}]
+            first = client.chat.completions.create(messages=messages, tool_choice={
+                "type": "function", "function": {"name": "weather"}}, **ask)
+            got = first.choices[0].message.tool_calls or []
+            assert first.choices[0].finish_reason == "tool_calls" and replay.answered == 1
+            assert [(c.id, c.function.name, json.loads(c.function.arguments)) for c in got] == [
+                (call.id, "weather", call.arguments)]
+            messages += [{"role": "assistant", "content": None, "tool_calls": [
+                {"id": got[0].id, "type": "function",
+                 "function": {"name": "weather", "arguments": got[0].function.arguments}}]},
+                {"role": "tool", "tool_call_id": got[0].id, "content": call.result}]  # no name, as clients send it
+            answer = client.chat.completions.create(messages=messages, **ask)
+            assert answer.choices[0].message.content == final and replay.answered == 2
+        finally:
+            stop()
+    assert not replay.fell_back and CALLS == [call.arguments["city"]]  # the recorded run only: none at the server
+
+
+def test_serve_passes_tools_on_for_a_model_loaded_from_a_server(engine: Any) -> None:
+    """``%llm_serve`` of a model loaded from a server (llama-cpp-python's, ``chatml-function-calling``): the
+    remote loader says it passes tools on (``tool_calling()``), so a client's tools and forced call reach the
+    upstream server and its call comes back as ``tool_calls``."""
+    openai = pytest.importorskip("openai")
+    pytest.importorskip("llama_cpp.server")
+    try:
+        from servers import LlamaCppServer
+    except ImportError:
+        from tests.servers import LlamaCppServer
+    import nbllm
+    from nbllm.serve import stop
+
+    upstream = LlamaCppServer(tiny_gguf_model(chat_template="tools"), chat_format="chatml-function-calling")
+    try:
+        engine.load(upstream.url)
+        assert engine.loader.tool_calling().server
+        server = nbllm.serve(port=0)
+        client = openai.OpenAI(base_url=server.url, api_key="unused", max_retries=0, timeout=60)
+        answer = client.chat.completions.create(
+            model=nbllm.status().model, messages=[{"role": "user", "content": "Weather in Paris?"}],
+            tools=[Tool.of(weather).schema], tool_choice={"type": "function", "function": {"name": "weather"}},
+            temperature=0, max_tokens=40)
+        calls = answer.choices[0].message.tool_calls or []
+        assert answer.choices[0].finish_reason == "tool_calls" and [c.function.name for c in calls] == ["weather"]
+        assert json.loads(calls[0].function.arguments)["city"] in ("Paris", "Lisbon")
+    finally:
+        stop()
+        upstream.stop()
 
 
 def test_the_remote_loader_passes_tools_to_a_server_and_reads_its_calls(engine: Any) -> None:

@@ -8,6 +8,7 @@ from IPython.core import magic_arguments
 from IPython.core.error import UsageError
 from IPython.core.magic import Magics, line_cell_magic, line_magic, magics_class
 
+from ..frontend import command
 from ._common import (
     StreamView,
     generation_arguments,
@@ -102,10 +103,24 @@ class ChatMagics(Magics):
             show_stream(shell, reply, view)
             view.next()
 
+        before = len(conv.turns)
         with waiting_shown(view, conv.engine):
-            conv.reply(message, options, regenerate=args.regenerate, continue_=args.continue_, system=system,
-                       tools=tools, tool_choice=args.tool_choice, max_tool_calls=args.max_tool_calls,
-                       on_tool_call=lambda call: print(f"[tool] {call}"), on_reply=stream)
+            try:
+                conv.reply(message, options, regenerate=args.regenerate, continue_=args.continue_, system=system,
+                           tools=tools, tool_choice=args.tool_choice, max_tool_calls=args.max_tool_calls,
+                           on_tool_call=lambda call: print(f"[tool] {call}"), on_reply=stream)
+            except KeyboardInterrupt:
+                if len(conv.turns) == before:
+                    raise  # nothing was kept: waiting_shown says what was interrupted
+                call = conv.turns[-1].interrupted_call  # the loop kept the turn, its calls all answered
+                if call is not None:
+                    print(f"[tool] {call}")
+                    what = (f"Interrupted while the tool {call.name} ran: the turn is kept with its calls (this one "
+                            "answered as interrupted) and an empty reply marked partial")
+                else:
+                    what = "Interrupted: the turn is kept as far as it got (its calls, the reply marked partial)"
+                raise UsageError(f"{what}; the model is still loaded. {command('chat continue', args.name)} lets the "
+                                 "model answer from the results, or send the next message.") from None
 
     @line_magic
     @lazy_arguments()
