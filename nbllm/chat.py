@@ -4,7 +4,9 @@ A :class:`Conversation` keeps a system prompt and the turns (a user message and 
 the earlier versions of a regenerated reply). Each call renders the whole history through the
 model's chat template (the same rendering as ``%%llm --chat``), so a reply is exactly what the
 model would give to that conversation; the loaders keep the computed state of the previous prompt
-and reply (``Engine.stream_prompt(..., reuse_prefix=True)``), so turn N only computes what is new.
+and reply (``Engine.stream_prompt(..., reuse_prefix=True)``), so turn N only computes what is new. A reply
+asked while other callers' requests run (``%llm_serve``'s clients) joins their batch instead
+(:mod:`nbllm.scheduler`): it computes its whole prompt, and its text is the same.
 
 Conversations live in a registry by name (:func:`conversation`), shared by the magics and the chat
 panel. ``nbllm.Chat`` is :class:`Conversation`.
@@ -499,10 +501,11 @@ class Conversation:
         self._said.update(self.notes)
         for note in self.notes:
             warnings.warn(note, ChatNote, stacklevel=3)
-        result = engine.stream_prompt(
+        result = engine.scheduler.stream_prompt(  # alone: as the engine runs it; beside others: batched with them
             Prompt(prompt.text, prompt.ids, prompt.messages, prompt.images,
                    tools=[t.schema for t in tools] if tools else None, tool_choice=tool_choice), opts,
             conversation={"name": self.name, "turn": number}, reuse_prefix=True, continue_final=open_reply,
+            direct_when_idle=True,
         )
         self._pending = result
 

@@ -498,6 +498,10 @@ class Engine:
         ``prompt`` is raw text, or (with ``chat=True``, a ``system`` prompt, or a list of
         ``{"role", "content"}`` messages) rendered through the model's chat template. Nothing runs
         until iteration starts; the result owns the model until it finishes (see the module).
+
+        The request goes through the model's :attr:`scheduler`: alone, it runs as :meth:`stream_prompt`
+        runs it; beside requests of other callers (``%llm_serve``'s clients, other threads) it joins
+        them, batched where the loader can batch (:mod:`nbllm.scheduler`).
         """
         if not isinstance(prompt, str) and not (isinstance(prompt, Sequence) and all(isinstance(m, Mapping) for m in prompt)):
             raise OptionError(f"the prompt must be text or a list of messages, not {type(prompt).__name__}",
@@ -506,7 +510,7 @@ class Engine:
             raise OptionError("the prompt is empty", "write the text to continue (or the message, with chat=True)")
         opts = self.generation_options(options, **kwargs)
         ready = self.prompt_for(prompt, chat=chat or system is not None, system=system)
-        return self.stream_prompt(ready, opts, conversation=conversation)
+        return self.scheduler.stream_prompt(ready, opts, conversation=conversation, direct_when_idle=True)
 
     def stream_prompt(
         self,
@@ -887,12 +891,13 @@ class Engine:
                           images=list(prompt.images), tools=prompt.tools, tool_choice=prompt.tool_choice, **fields)
         return result, request
 
-    def queued(self, loader: Loader, prompt: Prompt, opts: GenerationOptions) -> tuple[Result, Request]:
+    def queued(self, loader: Loader, prompt: Prompt, opts: GenerationOptions, *,
+               conversation: dict[str, Any] | None = None) -> tuple[Result, Request]:
         """A request about to join the scheduler's queue: its result (the run log hears when it ends) and
-        its request for the loader."""
+        its request for the loader (``conversation``: a chat's name and turn, for the record)."""
         refuse_what_it_cannot_do(loader, opts)
         with self._cond:
-            result, request = self._begin(loader, prompt, opts)
+            result, request = self._begin(loader, prompt, opts, conversation=conversation)
         result.on_done(self._notify)
         self.last_result = result
         return result, request

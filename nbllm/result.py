@@ -197,6 +197,7 @@ class Result:
         self.cancel_event = threading.Event()
         self.superseded = False
         self._source: Iterator[str] | None = None
+        self._filled = False
         self._running: Iterator[str] | None = None
         self._done = threading.Event()
         self._on_done: list[Callable[[Result], None]] = []
@@ -206,15 +207,21 @@ class Result:
         self._touched = time.monotonic()
 
     # -- streaming -------------------------------------------------------------------------------
-    def attach(self, source: Iterator[str]) -> Result:
-        self._source = source
+    def attach(self, source: Iterator[str], *, filled: bool = False) -> Result:
+        """Take the text from ``source`` as it is read. ``filled``: the source's producer (the scheduler's
+        worker, on another thread) adds each piece to :attr:`chunks` as it makes it, and the source then
+        yields it to the reader: the text is whole when the result finishes, read or not (the run log and a
+        chat's turn take it then)."""
+        self._source, self._filled = source, filled
         return self
 
     def __iter__(self) -> Iterator[str]:
-        yield from list(self.chunks)
+        replayed = list(self.chunks)
+        yield from replayed
         if self._source is None:
             return
         source, self._source = self._source, None
+        skip = len(replayed) if self._filled else 0  # a filled source yields those again
         self._running = source
         self._reader = threading.current_thread()
         try:
@@ -226,7 +233,11 @@ class Result:
                     return
                 finally:
                     self._reading, self._touched = False, time.monotonic()
-                self.chunks.append(chunk)
+                if skip:
+                    skip -= 1
+                    continue
+                if not self._filled:
+                    self.chunks.append(chunk)
                 yield chunk
         finally:
             self._running = None

@@ -15,7 +15,15 @@ loader declares, never by its name:
 - any other loader (llama.cpp) runs them one at a time, each waiting its turn behind the model.
 
 A request the batch cannot take (logprobs, images, a continued reply, a prompt that leaves less room in the context
-than it asks for, a loader that does not tokenize) runs alone on its caller's thread. The batches wait their
+than it asks for, a loader that does not tokenize) runs alone on its caller's thread.
+
+The front ends (a cell's ``%%llm``, :func:`nbllm.generate` / :func:`nbllm.stream`, the chat magics and the chat
+panel) send their requests here too, with ``direct_when_idle``: while nothing else is queued, running through
+the queue or held, such a request runs exactly as :meth:`nbllm.engine.Engine.stream_prompt` runs it (on its
+caller's thread, once read; a chat reusing the computed state of its history), so one user alone sees no
+change; while others are (``%llm_serve``'s clients, other threads), it joins them: queued, and batched with
+those of the same options. A chat that joins a batch computes its whole prompt (the batch keeps no history's
+state): its text is the same. The batches wait their
 turn behind the model like any request (see :mod:`nbllm.engine`): a cell's reply being read is waited for,
 and a cell waits while a batch is read. Cancelling one request (its client left, its reader was interrupted,
 ``Result.cancel()``) ends that row, with its reason, while the others go on; an error in a batch reaches the
@@ -47,9 +55,10 @@ class Engine(Protocol):
     def loader(self) -> Loader: ...
     def generation_options(self, options: Any = None, **kwargs: Any) -> GenerationOptions: ...
     def prompt_for(self, prompt: Any, *, chat: bool = False, system: str | None = None) -> Any: ...
-    def stream_prompt(self, prompt: Any, options: Any = None, *, continue_final: bool = False,
-                      beside: bool = False) -> Result: ...
-    def queued(self, loader: Loader, prompt: Any, opts: GenerationOptions) -> tuple[Result, Request]: ...
+    def stream_prompt(self, prompt: Any, options: Any = None, *, conversation: dict[str, Any] | None = None,
+                      reuse_prefix: bool = False, continue_final: bool = False, beside: bool = False) -> Result: ...
+    def queued(self, loader: Loader, prompt: Any, opts: GenerationOptions, *,
+               conversation: dict[str, Any] | None = None) -> tuple[Result, Request]: ...
     def take_turn(self, loader: Loader, results: Sequence[Result]) -> None: ...
     def decode_batch(self, loader: TokenLoader, requests: Sequence[Request], results: Sequence[Result],
                      deliver: Callable[[int, str], None], *, fix: str,
@@ -65,10 +74,32 @@ class _Ticket:
     request: Request
     key: GenerationOptions
     """The options that must be equal for two requests to share a batch (all but the seed)."""
-    pieces: queue.SimpleQueue[tuple[str, Any]] = field(default_factory=queue.SimpleQueue)
+    pieces: _Pieces = field(init=False)
     why: str = "cancelled"
     """Why the request stops if it is cancelled: ``cancelled``, or ``interrupted`` / ``superseded`` when
     its reader stopped reading."""
+
+    def __post_init__(self) -> None:
+        self.pieces = _Pieces(self.result)
+
+
+class _Pieces:
+    """A queued request's pieces on their way to its reader (``("piece", text)``, then ``("end", None)`` or
+    ``("error", exc)``). Each piece joins the result's text as it is delivered (its result is
+    :meth:`~nbllm.result.Result.attach`-ed ``filled``): the text is whole when the row finishes, before
+    its reader has read it all, so what hears of the end (the run log, a chat's turn) gets all of it."""
+
+    def __init__(self, result: Result) -> None:
+        self._result = result
+        self._queue: queue.SimpleQueue[tuple[str, Any]] = queue.SimpleQueue()
+
+    def put(self, item: tuple[str, Any]) -> None:
+        if item[0] == "piece":
+            self._result.chunks.append(item[1])
+        self._queue.put(item)
+
+    def get(self) -> tuple[str, Any]:
+        return self._queue.get()
 
 
 class Scheduler:
@@ -94,6 +125,8 @@ class Scheduler:
         self._worker: threading.Thread | None = None
         self._side: tuple[int, threading.BoundedSemaphore] | None = None
         self._expected = 1
+        self._taken: set[Result] = set()
+        """The unfinished results of requests taken here: queued, in a batch, or running beside others."""
         self._last_seconds = 0.0
         """How long the last batch took."""
         self._running = 0
@@ -118,19 +151,29 @@ class Scheduler:
         return self.stream_prompt(eng.prompt_for(prompt, chat=chat or system is not None, system=system), opts)
 
     def stream_prompt(self, prompt: Any, options: GenerationOptions | Mapping[str, Any] | None = None, *,
-                      continue_final: bool = False) -> Result:
-        """Like :meth:`nbllm.engine.Engine.stream_prompt`, through the queue (see the module)."""
+                      continue_final: bool = False, conversation: dict[str, Any] | None = None,
+                      reuse_prefix: bool = False, direct_when_idle: bool = False) -> Result:
+        """Like :meth:`nbllm.engine.Engine.stream_prompt`, through the queue (see the module).
+
+        ``direct_when_idle`` (the front ends): while :attr:`idle`, the request runs as
+        :meth:`~nbllm.engine.Engine.stream_prompt` runs it, ``reuse_prefix`` included; else it joins the
+        others. ``conversation``: the chat's name and turn, for the record."""
         eng = self._engine
         opts = eng.generation_options(options)
+        if direct_when_idle and self.idle:
+            return eng.stream_prompt(prompt, opts, conversation=conversation, reuse_prefix=reuse_prefix,
+                                     continue_final=continue_final)
         loader = eng.loader
         if not self._batchable(loader, prompt, opts, continue_final):
             if loader.parallel_requests > 1:
-                return self._beside(loader, prompt, opts, continue_final)
-            return eng.stream_prompt(prompt, opts, continue_final=continue_final)
-        result, request = eng.queued(loader, prompt, opts)
+                return self._beside(loader, prompt, opts, continue_final, conversation)
+            return eng.stream_prompt(prompt, opts, conversation=conversation, reuse_prefix=reuse_prefix,
+                                     continue_final=continue_final)
+        result, request = eng.queued(loader, prompt, opts, conversation=conversation)
         ticket = _Ticket(loader, result, request, opts.with_valid(seed=None))
-        result.attach(self._read(ticket))
+        result.attach(self._read(ticket), filled=True)
         with self._cond:
+            self._taken.add(result)
             self._queue.append(ticket)
             # as many clients as requests in flight at once: expect them back together
             self._expected = max(self._expected, self._running + len(self._queue))
@@ -138,7 +181,19 @@ class Scheduler:
                 self._worker = threading.Thread(target=self._work, daemon=True, name="nbllm-scheduler")
                 self._worker.start()
             self._cond.notify_all()
+        result.on_done(self._given_back)
         return result
+
+    @property
+    def idle(self) -> bool:
+        """Whether no request taken here is unfinished (queued, in a batch, beside others) and the queue
+        is not held: a front end's request then runs directly (see the module)."""
+        with self._cond:
+            return not self._held and not self._taken
+
+    def _given_back(self, result: Result) -> None:
+        with self._cond:
+            self._taken.discard(result)
 
     @staticmethod
     def _batchable(loader: Loader, prompt: Any, opts: GenerationOptions, continue_final: bool) -> bool:
@@ -150,7 +205,8 @@ class Scheduler:
                  or bool(getattr(prompt, "images", None)))  # a batch row carries no pixels
         return not alone and (limit is None or len(prompt.ids) + opts.max_new_tokens <= limit)
 
-    def _beside(self, loader: Loader, prompt: Any, opts: GenerationOptions, continue_final: bool) -> Result:
+    def _beside(self, loader: Loader, prompt: Any, opts: GenerationOptions, continue_final: bool,
+                conversation: dict[str, Any] | None = None) -> Result:
         """A request for a loader that serves several at once: up to ``parallel_requests`` run side by side."""
         with self._cond:
             if self._side is None or self._side[0] != loader.parallel_requests:
@@ -158,10 +214,14 @@ class Scheduler:
             slots = self._side[1]
         slots.acquire()
         try:
-            result = self._engine.stream_prompt(prompt, opts, continue_final=continue_final, beside=True)
+            result = self._engine.stream_prompt(prompt, opts, conversation=conversation, continue_final=continue_final,
+                                                beside=True)
         except BaseException:
             slots.release()
             raise
+        with self._cond:
+            self._taken.add(result)
+        result.on_done(self._given_back)
         result.on_done(lambda _: slots.release())
         return result
 

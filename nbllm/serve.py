@@ -1,8 +1,11 @@
-"""``%llm_serve`` and :func:`serve`: the kernel's model as an OpenAI-compatible server.
+"""``%llm_serve`` and :func:`serve`: the kernel's models as an OpenAI-compatible server.
 
 A Starlette app (:func:`create_app`) run by uvicorn on a background thread of the kernel answers
 ``/v1/models``, ``/v1/completions`` and ``/v1/chat/completions``, streamed (server-sent events, as the
-OpenAI API streams) or not. Each request joins the model's queue (:mod:`nbllm.scheduler`) from a worker
+OpenAI API streams) or not. Every loaded model is served (:func:`served_models`): the unnamed one by its
+model's id, each model loaded as a name (``%llm_load MODEL --as NAME``) by that name; a request's ``model``
+picks which answers (none: the unnamed one), an unknown one is 404 ``model_not_found`` naming the served ones.
+Each request joins its model's queue (:mod:`nbllm.scheduler`) from a worker
 thread: concurrent clients of a model that batches (Transformers) run together in one batch, each reply
 its one-by-one text; other models take them in turn, behind the engine (an unfinished result owns the
 model), so cells and the chat panel keep working; a client that goes away stops its own reply only.
@@ -164,9 +167,21 @@ def completion_prompt(request: CompletionRequest) -> str:
 
 
 # ------------------------------------------------------------------------------------- the app
+def served_models(engine: Engine | None = None) -> dict[str, Engine]:
+    """The loaded models a server answers for, by the id a request's ``model`` gives: ``engine``'s alone
+    (by its model's id) when given; else every model of the kernel (:mod:`nbllm.registry`): the unnamed one
+    by its model's id, each model loaded as a name by that name."""
+    if engine is not None:
+        return {engine.status().model or "": engine} if engine.loaded else {}
+    from .registry import DEFAULT, models
+
+    return {(e.status().model or "") if name == DEFAULT else name: e for name, e in models().engines().items()}
+
+
 def create_app(engine: Engine | None = None, *, api_key: str | None = None, workers: int = 32,
                host: str = "127.0.0.1", port: int = 0, allow_origins: tuple[str, ...] = ()) -> Any:
-    """The ASGI app serving ``engine``'s model (the kernel's by default). ``api_key``: the key clients
+    """The ASGI app serving ``engine``'s model, or (``None``) every model of the kernel by its name
+    (:func:`served_models`). ``api_key``: the key clients
     must send as a bearer token (``None``: none; then requests a web page may have sent are refused,
     except from ``allow_origins``, for a server bound to ``host``:``port``)."""
     try:
@@ -185,7 +200,6 @@ def create_app(engine: Engine | None = None, *, api_key: str | None = None, work
     from ._version import __version__
     from .engine import get_engine
 
-    eng = engine if engine is not None else get_engine()
     pool = ThreadPoolExecutor(workers, thread_name_prefix=THREAD_NAME)
     live: set[Result] = set()
     guard = Guard(host, port, allow_origins) if api_key is None else None
@@ -211,22 +225,40 @@ def create_app(engine: Engine | None = None, *, api_key: str | None = None, work
             return None
         return error(401, "invalid or missing API key (send Authorization: Bearer KEY)", code="invalid_api_key")
 
-    def served() -> tuple[str | None, str]:
-        """The served model's id, and a fingerprint of what serves it (model, loader, load options)."""
-        if not eng.loaded:
-            return None, ""
+    def fingerprint_of(eng: Engine) -> str:
+        """A fingerprint of what serves a model (model, loader, load options)."""
         status = eng.status()
         facts = json.dumps([status.model, status.path, status.loader, status.options], sort_keys=True, default=str)
-        return status.model, f"nbllm-{__version__}-{hashlib.sha256(facts.encode()).hexdigest()[:10]}"
+        return f"nbllm-{__version__}-{hashlib.sha256(facts.encode()).hexdigest()[:10]}"
+
+    def pick(wanted: str | None) -> tuple[str, Engine] | Any:
+        """The served model a request names (``None`` or empty: the unnamed one), or the error to answer."""
+        from .registry import DEFAULT
+
+        served = served_models(engine)
+        if not served:
+            return error(503, f"no model is loaded in the kernel; load one with {command('load', 'MODEL')}",
+                         "server_error")
+        ids = ", ".join(repr(m) for m in served)
+        if wanted in served:
+            return wanted, served[wanted]
+        default = engine if engine is not None else get_engine()
+        if wanted in (None, "", DEFAULT) and default.loaded:
+            return next(m for m, e in served.items() if e is default), default
+        if wanted in (None, ""):
+            return error(400, f"no unnamed model is loaded here: name one of the served models ({ids}) in the "
+                              "request's model field", param="model", code="model_not_found")
+        return error(404, f"the model {wanted!r} is not served here; it serves {ids}", code="model_not_found",
+                     param="model")
 
     async def models(request: Request) -> Any:
         if (no := refused(request)) is not None:
             return no
-        model, _ = served()
-        data = [{"id": model, "object": "model", "created": 0, "owned_by": "nbllm"}] if model else []
+        data = [{"id": model, "object": "model", "created": 0, "owned_by": "nbllm"} for model in served_models(engine)]
         wanted = request.path_params.get("model")
         if wanted is not None:
-            return JSONResponse(data[0]) if model == wanted else error(404, f"the model {wanted!r} is not served here",
+            entry = next((d for d in data if d["id"] == wanted), None)
+            return JSONResponse(entry) if entry is not None else error(404, f"the model {wanted!r} is not served here",
                                                                         code="model_not_found")
         return JSONResponse({"object": "list", "data": data})
 
@@ -242,12 +274,11 @@ def create_app(engine: Engine | None = None, *, api_key: str | None = None, work
             body = parse_request(await request.body(), chat)
         except RequestError as exc:
             return error(400, exc.message, param=exc.param)
-        model, fingerprint = served()
-        if model is None:
-            return error(503, f"no model is loaded in the kernel; load one with {command('load', 'MODEL')}", "server_error")
-        if body.model not in (None, "", model):
-            return error(404, f"the model {body.model!r} is not served here; it serves {model!r}",
-                         code="model_not_found", param="model")
+        picked = pick(body.model)
+        if not isinstance(picked, tuple):
+            return picked
+        model, eng = picked
+        fingerprint = fingerprint_of(eng)
         try:
             options = generation_options(body, eng.defaults)
             prompt: str | list[dict[str, Any]] = (chat_messages(body) if isinstance(body, ChatRequest) else
@@ -259,10 +290,10 @@ def create_app(engine: Engine | None = None, *, api_key: str | None = None, work
                 "model": model, "system_fingerprint": fingerprint}
         given = body.model_dump(exclude_none=True)
         if _extends(given, chat):  # logprobs, echo, n > 1, token-id or listed prompts
-            return await _extended(given, options, meta, chat, prompt if chat else None, bool(body.stream))
+            return await _extended(eng, given, options, meta, chat, prompt if chat else None, bool(body.stream))
         continue_final = bool(getattr(body, "continue_final_message", False))
         if chat and isinstance(body, ChatRequest) and body.tools:
-            return await _with_tools(body, prompt, options, meta)
+            return await _with_tools(eng, body, prompt, options, meta)
         start = _starter(eng, prompt, options, continue_final)
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         if body.stream:
@@ -282,7 +313,8 @@ def create_app(engine: Engine | None = None, *, api_key: str | None = None, work
         return JSONResponse({**meta, "object": "chat.completion" if chat else "text_completion",
                              "choices": [choice], "usage": _usage(result)})
 
-    async def _with_tools(body: ChatRequest, messages: Any, options: GenerationOptions, meta: dict[str, Any]) -> Any:
+    async def _with_tools(eng: Engine, body: ChatRequest, messages: Any, options: GenerationOptions,
+                          meta: dict[str, Any]) -> Any:
         """A chat completion with tools (:mod:`nbllm.serve_tools`): whole, or streamed once whole."""
         from .serve_tools import reply_message, request_tools, tool_starter
 
@@ -317,7 +349,7 @@ def create_app(engine: Engine | None = None, *, api_key: str | None = None, work
         return StreamingResponse(events(), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
-    async def _extended(body: dict[str, Any], options: GenerationOptions, meta: dict[str, Any], chat: bool,
+    async def _extended(eng: Engine, body: dict[str, Any], options: GenerationOptions, meta: dict[str, Any], chat: bool,
                         messages: Any, stream: bool) -> Any:
         if stream:
             return error(400, "logprobs, echo, n > 1 and token-id or listed prompts are answered whole: leave "
@@ -595,9 +627,11 @@ _SERVER_LOCK = threading.Lock()
 
 def serve(options: ServeOptions | Mapping[str, Any] | None = None, *, engine: Engine | None = None,
           **kwargs: Any) -> Server:
-    """Serve the kernel's model (whichever is loaded, by either loader) as an OpenAI-compatible API at
-    ``http://HOST:PORT/v1`` from a background thread; keyword arguments are :class:`ServeOptions`
-    fields (``host``, ``port``, ``api_key_env``). One server per kernel: stop it with :func:`stop`."""
+    """Serve the kernel's models (whichever are loaded, by any loader: the unnamed one, and each loaded as a
+    name by that name, :func:`served_models`) as an OpenAI-compatible API at ``http://HOST:PORT/v1`` from a
+    background thread; ``engine``: serve that engine's model alone. Keyword arguments are
+    :class:`ServeOptions` fields (``host``, ``port``, ``api_key_env``). One server per kernel: stop it with
+    :func:`stop`."""
     global _SERVER
     if isinstance(options, ServeOptions):
         opts = options.replace(**kwargs) if kwargs else options
@@ -637,7 +671,7 @@ def generation_options(body: Mapping[str, Any], defaults: GenerationOptions, *, 
 
 
 __all__ = ["ABORTED", "ServeOptions", "Server", "chat_messages", "create_app", "current", "generation_options",
-           "is_loopback", "serve", "stop"]
+           "is_loopback", "serve", "served_models", "stop"]
 
 
 callable_as(__name__, serve)  # nbllm.serve(...) whether the attribute is this function or this module

@@ -7,6 +7,7 @@ Batching is seen through ``Scheduler.batch_sizes``, never through timings: the t
 
 from __future__ import annotations
 
+import signal
 import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -193,3 +194,153 @@ def test_serve_with_concurrent_openai_clients_batches_and_returns_one_by_one_tex
         assert scheduler.batch_sizes[before:] == [len(PROMPTS)]
     finally:
         stop()
+
+
+# -------------------------------------------------------------------------------------------- the front ends
+def test_a_thread_generate_and_a_served_client_share_one_batch(model: Engine) -> None:
+    openai = pytest.importorskip("openai")
+    pytest.importorskip("uvicorn")
+    alone = [model.generate(p, temperature=0, max_new_tokens=12).text for p in PROMPTS[:2]]
+    scheduler = model.scheduler
+    before = len(scheduler.batch_sizes)
+    assert scheduler.idle
+    at_finish: list[str] = []  # what the run log hears: each text as it is when its result finishes
+    forget = model.on_result(lambda result: at_finish.append("".join(result.chunks)))
+    server = nbllm.serve(port=0)
+    try:
+        client = openai.OpenAI(base_url=server.url, api_key="unused", max_retries=0, timeout=120)
+        name = nbllm.status().model
+
+        def served() -> str:
+            return str(client.completions.create(model=name, prompt=PROMPTS[1], temperature=0, max_tokens=12)
+                       .choices[0].text)
+
+        out = _together([lambda: nbllm.generate(PROMPTS[0], temperature=0, max_new_tokens=12), served], scheduler)
+    finally:
+        stop()
+        forget()
+    assert [out[0].text, out[1]] == alone
+    assert sorted(at_finish) == sorted(alone)  # whole, though finished before their readers had read them
+    assert scheduler.batch_sizes[before:] == [2]
+    assert out[0].record.batch["size"] == 2 and out[0].finish_reason == "length"
+    assert scheduler.idle  # and the next one alone runs directly again, as before
+    assert model.generate(PROMPTS[0], temperature=0, max_new_tokens=12).text == alone[0]
+    assert scheduler.batch_sizes[before:] == [2]
+
+
+def test_a_cell_joins_the_batch_of_other_callers_and_alone_runs_as_before(shell: Any, model: Engine) -> None:
+    alone = [model.generate(p, temperature=0, max_new_tokens=10).text for p in PROMPTS[:2]]
+    scheduler = model.scheduler
+    before = len(scheduler.batch_sizes)
+    shell.run_cell_magic("llm", "--temperature 0 --max-new-tokens 10 -o r", PROMPTS[0])
+    assert shell.user_ns["r"].text == alone[0] and shell.user_ns["r"].record.batch is None
+    assert len(scheduler.batch_sizes) == before  # a cell alone: never queued
+
+    def cell() -> Any:
+        shell.run_cell_magic("llm", "--temperature 0 --max-new-tokens 10 -o joined", PROMPTS[0])
+        return shell.user_ns["joined"]
+
+    out = _together([cell, lambda: scheduler.stream(PROMPTS[1], temperature=0, max_new_tokens=10).text], scheduler)
+    assert [out[0].text, out[1]] == alone
+    assert scheduler.batch_sizes[before:] == [2] and out[0].record.batch["size"] == 2
+
+
+def test_a_chat_reuses_its_history_alone_and_joins_a_batch_beside_others(model: Engine) -> None:
+    chat = nbllm.Chat("beside", system="Be brief.")
+    first = chat.send("Hello there", temperature=0, max_new_tokens=8).text
+    second = chat.send("And then?", temperature=0, max_new_tokens=8)
+    assert second.text and second.record.reused_prefix_tokens > 0  # alone: the history's state reused, as before
+    scheduler = model.scheduler
+    before = len(scheduler.batch_sizes)
+    again = nbllm.Chat("again", system="Be brief.")
+    assert again.send("Hello there", temperature=0, max_new_tokens=8).text == first
+
+    def turn_two() -> Any:
+        result = again.send("And then?", temperature=0, max_new_tokens=8)
+        _ = result.text
+        return result
+
+    out = _together([turn_two, lambda: scheduler.stream(PROMPTS[0], temperature=0, max_new_tokens=8).text], scheduler)
+    joined = out[0]
+    assert joined.text == second.text and out[1] == model.generate(PROMPTS[0], temperature=0, max_new_tokens=8).text
+    assert scheduler.batch_sizes[before:] == [2]
+    record = joined.record
+    assert record.batch["size"] == 2 and record.conversation == {"name": "again", "turn": 2}
+    assert record.mode == "chat" and record.reused_prefix_tokens == 0  # a batch computes the whole prompt
+    def replies(c: Any) -> list[Any]:
+        return [(t.user, t.reply.content, t.reply.finish_reason) for t in c.turns if t.reply is not None]
+
+    assert replies(again) == replies(chat) and len(again.turns) == 2  # the turn kept as the lone chat's
+
+
+def test_a_front_end_request_in_a_batch_is_cancelled_or_interrupted_alone(model: Engine) -> None:
+    scheduler = model.scheduler
+    alone = model.generate(PROMPTS[1], temperature=0, max_new_tokens=40).text
+    before = len(scheduler.batch_sizes)
+    first_piece = threading.Event()
+
+    def cancelled() -> Any:
+        result = model.stream(PROMPTS[0], temperature=0, max_new_tokens=40)
+        for _ in result:
+            first_piece.set()
+            result.cancel()
+        return result
+
+    def interrupted() -> Any:
+        result = nbllm.stream(PROMPTS[2], temperature=0, max_new_tokens=40)
+        next(iter(result))
+        result.close()  # what a cell does after an interrupt between two pieces
+        return result
+
+    out = _together([cancelled, interrupted, lambda: model.stream(PROMPTS[1], temperature=0, max_new_tokens=40)],
+                    scheduler)
+    assert first_piece.is_set() and scheduler.batch_sizes[before:] == [3]
+    assert out[0].finish_reason == "cancelled" and len(out[0].token_ids) < 40
+    assert out[1].finish_reason == "interrupted" and out[1].done
+    assert out[2].text == alone and out[2].finish_reason in ("length", "eos")
+    assert model.loaded and scheduler.idle
+    assert model.generate(PROMPTS[1], temperature=0, max_new_tokens=40).text == alone  # the model stays usable
+
+
+def test_an_interrupt_stops_a_cell_read_from_a_batch_and_the_model_stays(shell: Any, model: Engine) -> None:
+    from IPython.core.error import UsageError
+
+    scheduler = model.scheduler
+    before = len(scheduler.batch_sizes)
+    long = {"temperature": 0, "max_new_tokens": 2000}
+    held, other = threading.Event(), []
+
+    def beside_the_cell() -> None:  # holds the queue until the cell and this request are in it
+        with scheduler.hold():
+            held.set()
+            other.append(scheduler.stream(PROMPTS[1], **long))
+            assert scheduler.wait_queued(2, 60)
+
+    helper = threading.Thread(target=beside_the_cell)
+    helper.start()
+    assert held.wait(60)
+    main, stop_polling = threading.get_ident(), threading.Event()
+
+    def interrupt_once_the_cell_has_text() -> None:
+        while not stop_polling.wait(0.01):
+            result = shell.user_ns.get("cut")
+            if result is not None and result.chunks:
+                signal.pthread_kill(main, signal.SIGINT)  # what the kernel's interrupt does
+                return
+
+    interrupter = threading.Thread(target=interrupt_once_the_cell_has_text)
+    interrupter.start()
+    try:
+        with pytest.raises(UsageError, match="Generation interrupted after .* tokens; the partial text is kept"):
+            shell.run_cell_magic("llm", "--temperature 0 --max-new-tokens 2000 -o cut", PROMPTS[0])
+    finally:
+        stop_polling.set()
+        interrupter.join(30)
+        helper.join(60)
+    r = shell.user_ns["cut"]
+    assert r.finish_reason == "interrupted" and r.record.batch["size"] == 2 and 0 < len(r.token_ids) < 2000
+    other[0].cancel()
+    assert other[0].wait(120) and other[0].finish_reason == "cancelled"  # the other row went on until told
+    assert scheduler.batch_sizes[before:] == [2]
+    alone = model.generate(PROMPTS[0], temperature=0, max_new_tokens=len(r.token_ids))
+    assert model.loaded and alone.token_ids == r.token_ids  # the model stays, and answers

@@ -176,6 +176,55 @@ def test_bad_requests_are_refused_with_the_apis_errors(engine: Any, tiny_gguf: P
         client.chat.completions.create(model=model, messages=[{"role": "tool", "content": "x"}])  # type: ignore[list-item]
 
 
+def test_every_named_model_is_served_by_its_name(shell: Any, tiny_model: Path, tiny_gguf: Path, capsys: Any,
+                                                 stop_serving: None) -> None:
+    pytest.importorskip("torch")
+    from nbllm.registry import models
+
+    greedy = {"temperature": 0, "max_new_tokens": 10}
+    try:
+        shell.run_line_magic("llm_load", f"{tiny_model} --as a")
+        shell.run_line_magic("llm_load", f"{tiny_gguf} --as b")
+        capsys.readouterr()
+        shell.run_line_magic("llm_serve", "--port 0")
+        server = current()
+        assert server is not None
+        assert capsys.readouterr().out == f"Serving a, b at {server.url} (OpenAI-compatible). Stop with %llm_serve --stop.\n"
+        client = _client(server.url)
+        assert [m.id for m in client.models.list().data] == ["a", "b"]
+        assert client.models.retrieve("b").id == "b"
+        a, b = models().engine("a"), models().engine("b")
+        batches = len(a.scheduler.batch_sizes)
+        for name, engine in (("a", a), ("b", b)):
+            local = nbllm.generate("Once upon a time", model=name, **greedy)
+            answer = client.completions.create(model=name, prompt="Once upon a time", temperature=0, max_tokens=10)
+            assert answer.model == name and answer.choices[0].text == local.text
+            served = engine.last_result
+            assert served is not None and served.record is not None and served.record.model_name == name
+            assert served.record.loader == ("transformers" if name == "a" else "llama.cpp")
+            chat = [{"role": "user", "content": "Hi there"}]
+            streamed = client.chat.completions.create(model=name, messages=chat, temperature=0, max_tokens=10, stream=True)
+            assert _stream_text(streamed, chat=True)[0] == nbllm.generate(chat, model=name, **greedy).text
+        assert len(a.scheduler.batch_sizes) == batches + 2  # a's requests went through a's queue
+        with pytest.raises(openai.NotFoundError, match="the model 'c' is not served here; it serves 'a', 'b'"):
+            client.completions.create(model="c", prompt="Hi")
+        with pytest.raises(openai.BadRequestError, match=r"no unnamed model is loaded here: name one of the served "
+                                                         r"models \('a', 'b'\) in the request's model field"):
+            client.completions.create(model="", prompt="Hi")
+        shell.run_line_magic("llm_load", str(tiny_gguf))  # the unnamed model joins, under its id
+        default = nbllm.status().model
+        assert [m.id for m in client.models.list().data] == [default, "a", "b"]
+        answer = client.completions.create(model="", prompt="Hello", temperature=0, max_tokens=10)
+        assert answer.model == default and answer.choices[0].text == nbllm.generate("Hello", **greedy).text
+        served = nbllm.get_engine().last_result
+        assert served is not None and served.record is not None and served.record.model_name is None
+        models().unload("a")
+        with pytest.raises(openai.NotFoundError, match=f"it serves '{default}', 'b'"):
+            client.completions.create(model="a", prompt="Hi")
+    finally:
+        models().unload_all()
+
+
 # -------------------------------------------------------------------------------------------- %llm_serve
 def test_llm_serve_starts_says_where_and_stops(shell: Any, tiny_gguf: Path, capsys: Any, stop_serving: None) -> None:
     shell.run_line_magic("llm_load", str(tiny_gguf))
