@@ -68,7 +68,10 @@ class Row:
 
     def tail(self) -> str:
         """The text held back at the end (an incomplete character, the start of a stop string that never came)."""
-        return self._holdback.feed(self._decoder.flush() if self._decoder is not None else "") + self._holdback.flush()
+        text = self._holdback.feed(self._decoder.flush() if self._decoder is not None else "") + self._holdback.flush()
+        if self._holdback.stopped and self.reason in (None, "length", "eos", "context"):  # the held text held a stop
+            self.reason = "stop"
+        return text
 
     def timings(self, start: float, end: float | None = None, rate: float | None = None) -> Timings:
         """The row's timings: from ``start`` to ``end`` (its last item when not given); ``rate``: tokens/s

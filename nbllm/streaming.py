@@ -80,19 +80,30 @@ class StopHoldback:
         if self.stopped or not self._stops:
             return "" if self.stopped else text
         self._buffer += text
-        first = min((i for i in (self._buffer.find(s) for s in self._stops) if i >= 0), default=-1)
-        if first >= 0:
+        first = self._first_stop()
+        keep = self._partial_match_length()
+        start = len(self._buffer) - keep  # where the earliest stop that may still complete would begin
+        if first >= 0 and first <= start:  # no stop can begin before the one found
             out, self._buffer, self.stopped = self._buffer[:first], "", True
             return out
-        keep = self._partial_match_length()
-        out = self._buffer[: len(self._buffer) - keep]
-        self._buffer = self._buffer[len(self._buffer) - keep :]
+        # (a stop found after the start of a longer one still being written waits: stops '<' and '><<',
+        # text '><' then '<' is cut at '><<', before the '<' inside it)
+        out, self._buffer = self._buffer[:start], self._buffer[start:]
         return out
 
     def flush(self) -> str:
-        """At the end of generation, held-back text that never became a stop string is shown."""
-        out, self._buffer = ("" if self.stopped else self._buffer), ""
+        """At the end of generation, held-back text is shown up to the first stop string it holds (it
+        ends ``stopped`` then), or whole."""
+        if self.stopped:
+            self._buffer = ""
+            return ""
+        first = self._first_stop()
+        out, self._buffer = (self._buffer[:first] if first >= 0 else self._buffer), ""
+        self.stopped = first >= 0
         return out
+
+    def _first_stop(self) -> int:
+        return min((i for i in (self._buffer.find(s) for s in self._stops) if i >= 0), default=-1)
 
     def _partial_match_length(self) -> int:
         """Length of the longest end of the buffer that is the beginning of some stop string."""

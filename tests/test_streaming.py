@@ -129,3 +129,11 @@ def test_normal_end_does_not_set_cancel():
     cancel = threading.Event()
     assert list(threaded_tokens(lambda emit: [emit(i) for i in range(3)], cancel)) == [0, 1, 2]
     assert not cancel.is_set()
+
+
+def test_a_stop_found_inside_a_longer_stop_still_being_written_waits_for_it():
+    # hypothesis found it: '<' was cut at once although '><<', which begins earlier, was still being written
+    assert _run_holdback(["<", "><<"], ["><", "<"]) == ("", True)
+    assert _run_holdback(["<", "><<"], ["><", "x"]) == (">", True)
+    h = StopHoldback(["<", "><<"])
+    assert (h.feed("><"), h.flush(), h.stopped) == ("", ">", True)  # the end of the text settles it
