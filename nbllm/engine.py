@@ -768,6 +768,10 @@ class Engine:
 
         if self.loaded and self.loader.parallel_requests > 1 and len(prompts) > 1:
             return self.generate_rows(seeded(zip(prompts, row_seeds)))
+        scheduler = self._scheduler
+        if (scheduler is not None and self.loaded and not scheduler.idle
+                and all(scheduler.takes(self.loader, p, opts) for p in prompts)):
+            return self._beside_others(scheduler, seeded(zip(prompts, row_seeds)))
         results: list[Result] = []
         with self._cond, _finished_on_interrupt(results):
             self._settle()
@@ -785,6 +789,27 @@ class Engine:
                 else:
                     self._one_after_another(seeded(rows), results)
         return results
+
+    @staticmethod
+    def _beside_others(scheduler: Scheduler, rows: Sequence[tuple[Prompt, GenerationOptions]]) -> list[Result]:
+        """:meth:`generate_batch` while other requests are queued or running on the model (``%llm_serve``'s
+        clients, other threads): the rows join the scheduler's queue and are batched with those of the same
+        options, then read in order. An interrupt cancels the rows not yet finished and propagates as the
+        batch path's does (``finished``)."""
+        results: list[Result | None] = [None] * len(rows)
+        started: list[Result] = []
+        with _finished_on_interrupt(results):
+            try:
+                started = [scheduler.stream_prompt(prompt, opts) for prompt, opts in rows]
+                for i, result in enumerate(started):
+                    _ = result.text
+                    results[i] = result
+            except KeyboardInterrupt:
+                for result in started:
+                    if not result.done:
+                        result.cancel()
+                raise
+        return [r for r in results if r is not None]
 
     def generate_rows(self, rows: Sequence[tuple[Prompt, GenerationOptions]]) -> list[Result]:
         """Generate each ``(prompt, options)`` row, each with its own options, and return the finished

@@ -195,6 +195,10 @@ class Scheduler:
         with self._cond:
             self._taken.discard(result)
 
+    def takes(self, loader: Loader, prompt: Any, opts: GenerationOptions) -> bool:
+        """Whether a request of ``prompt`` with ``opts`` would join a batch here (see the module)."""
+        return self._batchable(loader, prompt, opts, False)
+
     @staticmethod
     def _batchable(loader: Loader, prompt: Any, opts: GenerationOptions, continue_final: bool) -> bool:
         if not isinstance(loader, TokenLoader) or loader.batch_size <= 1 or prompt.ids is None or continue_final:

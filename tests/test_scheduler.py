@@ -344,3 +344,17 @@ def test_an_interrupt_stops_a_cell_read_from_a_batch_and_the_model_stays(shell: 
     assert scheduler.batch_sizes[before:] == [2]
     alone = model.generate(PROMPTS[0], temperature=0, max_new_tokens=len(r.token_ids))
     assert model.loaded and alone.token_ids == r.token_ids  # the model stays, and answers
+
+
+def test_a_sweep_beside_other_callers_joins_their_batch(model: Engine) -> None:
+    prompts = [model.prompt_for(p) for p in PROMPTS[:2]]
+    alone = [model.generate(p, temperature=0, max_new_tokens=10).text for p in PROMPTS[:3]]
+    scheduler = model.scheduler
+    before = len(scheduler.batch_sizes)
+    rows = model.generate_batch(prompts, {"temperature": 0, "max_new_tokens": 10})  # alone: its own batch, as before
+    assert [r.text for r in rows] == alone[:2] and len(scheduler.batch_sizes) == before
+    out = _together([lambda: model.generate_batch(prompts, {"temperature": 0, "max_new_tokens": 10}),
+                     lambda: scheduler.stream(PROMPTS[2], temperature=0, max_new_tokens=10).text], scheduler, queued=3)
+    assert [r.text for r in out[0]] == alone[:2] and out[1] == alone[2]
+    assert scheduler.batch_sizes[before:] == [3]
+    assert {r.record.batch["size"] for r in out[0]} == {3}
