@@ -501,11 +501,10 @@ class Conversation:
         self._said.update(self.notes)
         for note in self.notes:
             warnings.warn(note, ChatNote, stacklevel=3)
-        result = engine.scheduler.stream_prompt(  # alone: as the engine runs it; beside others: batched with them
+        result = engine.stream_front(  # alone: as the engine runs it; beside others: batched with them
             Prompt(prompt.text, prompt.ids, prompt.messages, prompt.images,
                    tools=[t.schema for t in tools] if tools else None, tool_choice=tool_choice), opts,
             conversation={"name": self.name, "turn": number}, reuse_prefix=True, continue_final=open_reply,
-            direct_when_idle=True,
         )
         self._pending = result
 

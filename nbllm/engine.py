@@ -510,7 +510,15 @@ class Engine:
             raise OptionError("the prompt is empty", "write the text to continue (or the message, with chat=True)")
         opts = self.generation_options(options, **kwargs)
         ready = self.prompt_for(prompt, chat=chat or system is not None, system=system)
-        return self.scheduler.stream_prompt(ready, opts, conversation=conversation, direct_when_idle=True)
+        return self.stream_front(ready, opts, conversation=conversation)
+
+    def stream_front(self, prompt: Prompt, opts: GenerationOptions, **kwargs: Any) -> Result:
+        """A front end's request (a cell, ``nbllm.generate``, a chat): through the model's :attr:`scheduler`,
+        which runs it as :meth:`stream_prompt` does while it is idle; before anything made the scheduler
+        (the usual cell alone), directly, without importing it on a first prompt."""
+        if self._scheduler is None:
+            return self.stream_prompt(prompt, opts, **kwargs)
+        return self._scheduler.stream_prompt(prompt, opts, direct_when_idle=True, **kwargs)
 
     def stream_prompt(
         self,

@@ -129,8 +129,6 @@ class Scheduler:
         """The unfinished results of requests taken here: queued, in a batch, or running beside others."""
         self._last_seconds = 0.0
         """How long the last batch took."""
-        self._running = 0
-        """The rows of the batch running now."""
         self.batch_sizes: list[int] = []
         """The size of every batch the worker ran, in order (1: a request that ran alone in the queue's turn)."""
 
@@ -175,8 +173,8 @@ class Scheduler:
         with self._cond:
             self._taken.add(result)
             self._queue.append(ticket)
-            # as many clients as requests in flight at once: expect them back together
-            self._expected = max(self._expected, self._running + len(self._queue))
+            # as many clients as requests in flight at once (queued or in the batch): expect them back together
+            self._expected = max(self._expected, len(self._taken))
             if self._worker is None or not self._worker.is_alive():
                 self._worker = threading.Thread(target=self._work, daemon=True, name="nbllm-scheduler")
                 self._worker.start()
@@ -344,14 +342,12 @@ class Scheduler:
                 self._ended(group[row])
 
             started = time.monotonic()
-            self._running = len(group)
             try:
                 eng.decode_batch(loader, requests, [t.result for t in group], deliver,
                                  fix="the model is still loaded; send the request again, or alone, if this repeats",
                                  cancelled=lambda row: group[row].why,
                                  ended=ended)
             finally:
-                self._running = 0
                 self._last_seconds = time.monotonic() - started
         except BaseException as exc:  # to each caller of the batch, never to the worker
             for ticket in group:
